@@ -19,18 +19,16 @@ import torch
 
 import vlm_efficient
 
-from .runner import _FirstTokenClock, _peak_memory, _sync
+from .runner import _FirstTokenClock, _peak_memory, _sync, batch_inputs
 
 
-def _inputs(processor, image_size: int, batch_size: int, device, dtype):
+def _inputs(processor, image_size: int, batch_size: int, model):
     from vlm_efficient.models import build_prompt
     from vlm_efficient.testing import tiny_image
 
     prompt = build_prompt(processor, "Please describe this image in detail.")
-    images = [tiny_image(i, size=(image_size, image_size)) for i in range(batch_size)]
-    inputs = processor(images=images, text=[prompt] * batch_size, padding=True, return_tensors="pt").to(device)
-    inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
-    return inputs
+    images = [[tiny_image(i, size=(image_size, image_size))] for i in range(batch_size)]
+    return batch_inputs(processor, [prompt] * batch_size, images, model)
 
 
 def _measure(model, inputs, max_new_tokens: int, repeats: int) -> dict:
@@ -80,6 +78,23 @@ def _stats(model) -> dict:
     }
 
 
+def measure(model, inputs, spec: str, max_new_tokens: int, repeats: int) -> dict:
+    """Timings (medians) and engine statistics of `model` wrapped in `spec` on `inputs`. The base ("") is timed
+    unwrapped (plain SDPA); its token counts, KV bytes and FLOPs come from one more generate() under a no-op wrap,
+    which changes nothing in the computation."""
+    timed = _measure(model, inputs, max_new_tokens, repeats) if not spec else None
+    vlm_efficient.wrap(model, spec)
+    try:
+        timed = timed or _measure(model, inputs, max_new_tokens, repeats)
+        if not spec:
+            with torch.inference_mode():
+                model.generate(**inputs, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
+                               do_sample=False)  # fmt: skip
+        return {**timed, **_stats(model)}
+    finally:
+        vlm_efficient.unwrap(model)
+
+
 RATIOS = {  # name -> (measure, base / method when True: a speed-up; method / base otherwise)
     "prefill_speedup": ("prefill_ms", True),
     "ttft_speedup": ("ttft_ms", True),
@@ -88,6 +103,13 @@ RATIOS = {  # name -> (measure, base / method when True: a speed-up; method / ba
     "flops_ratio": ("prefill_flops", False),
     "memory_ratio": ("peak_memory_bytes", False),
 }
+
+
+def add_ratios(run: dict, base: dict) -> None:
+    """Add to `run` its RATIOS to the base's measures."""
+    for name, (key, inverse) in RATIOS.items():
+        a, b = (base[key], run[key]) if inverse else (run[key], base[key])
+        run[name] = a / b if b else float("nan")
 
 
 def bench(model_name: str, specs: list[str], *, device="cpu", dtype=torch.float32, layers=None, batch_size=1,
@@ -111,27 +133,13 @@ def bench(model_name: str, specs: list[str], *, device="cpu", dtype=torch.float3
     else:
         model, processor = load_eval_model(model_name, device, dtype)
     size = image_size or DEFAULT_IMAGE_SIZE.get(model_name, 336)
-    inputs = _inputs(processor, size, batch_size, next(model.parameters()).device, dtype)
-    runs = {}
-    for spec in specs:
-        # the base is timed unwrapped (plain SDPA); its token counts, KV bytes and FLOPs come from one more
-        # generate() under a no-op wrap, which changes nothing in the computation
-        timed = _measure(model, inputs, max_new_tokens, repeats) if not spec else None
-        vlm_efficient.wrap(model, spec)
-        try:
-            timed = timed or _measure(model, inputs, max_new_tokens, repeats)
-            if not spec:
-                with torch.inference_mode():
-                    model.generate(**inputs, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
-                                   do_sample=False)  # fmt: skip
-            runs[spec or "base"] = {**timed, **_stats(model)}
-        finally:
-            vlm_efficient.unwrap(model)
+    inputs = _inputs(processor, size, batch_size, model)
+    with torch.inference_mode():  # the first spec (the base) would otherwise pay for clocks and allocator warm-up
+        model.generate(**inputs, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False)
+    runs = {spec or "base": measure(model, inputs, spec, max_new_tokens, repeats) for spec in specs}
     base = runs[specs[0] or "base"]
     for run in runs.values():
-        for name, (key, inverse) in RATIOS.items():
-            a, b = (base[key], run[key]) if inverse else (run[key], base[key])
-            run[name] = a / b if b else float("nan")
+        add_ratios(run, base)
     result = {"model": model_name, "device": str(device), "dtype": str(dtype).replace("torch.", ""), "layers": layers,
               "batch_size": batch_size, "image_size": size, "max_new_tokens": max_new_tokens, "repeats": repeats,
               "parameters": sum(p.numel() for p in model.parameters()), "runs": runs}  # fmt: skip

@@ -69,8 +69,9 @@ def _sweep(args) -> int:
     ratios = [float(r) for r in args.ratios.split(",") if r.strip()]
     model, processor = _load(args)
     table = sweep(model, processor, tasks, args.output, methods=args.methods.split(";"), ratios=ratios,
-                  limit=args.limit, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                  data_dir=args.data_dir, model_name=args.model, progress=not args.no_progress)  # fmt: skip
+                  speed_repeats=args.speed_repeats, limit=args.limit, batch_size=args.batch_size,
+                  max_new_tokens=args.max_new_tokens, data_dir=args.data_dir, model_name=args.model,
+                  progress=not args.no_progress)  # fmt: skip
     if table is not None:
         print(table)
     return 0
@@ -100,8 +101,12 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("sweep", help="eval over methods x ratios: table (markdown + JSON) and plots")
     _common(p)
     p.add_argument("--methods", required=True,
-                   help="';'-separated specs; one with an open ratio runs at each --ratios, e.g. 'fastv:layer=2;pool'")
-    p.add_argument("--ratios", default="0.25,0.5,0.75", help="pruning ratios, comma-separated")
+                   help="';'-separated specs; one with an open ratio runs at each --ratios, e.g. 'fastv:layer=2;pool'; "
+                        "'all': every registered method (sweep.ALL)")  # fmt: skip
+    p.add_argument("--ratios", default="0.5,0.75,0.889",
+                   help="pruning ratios, comma-separated (default %(default)s: 576 -> 288 / 144 / 64 tokens)")
+    p.add_argument("--speed-repeats", type=int, default=3,
+                   help="batch-1 TTFT and decode timings per run, medians of this many (0: none; default %(default)s)")
     _eval_args(p)
     p.set_defaults(func=_sweep)
 

@@ -66,7 +66,7 @@ class VLMEfficient(_Base):
 
         from vlm_efficient.models import build_prompt
 
-        from .runner import generate_batch
+        from .runner import batch_inputs, generate_batch
 
         out: list[str | None] = [None] * len(requests)
         groups: dict[str, list[int]] = {}
@@ -83,7 +83,8 @@ class VLMEfficient(_Base):
                 images = [self._visuals(a) for a in args]
                 prompts = [build_prompt(self.processor, a[0], num_images=len(v)) for a, v in zip(args, images)]
                 tokens = int(kwargs.get("max_new_tokens") or self.max_new_tokens)
-                texts, _ = generate_batch(self.model, self.processor, prompts, images, tokens)
+                inputs = batch_inputs(self.processor, prompts, images, self.model)
+                texts, _ = generate_batch(self.model, self.processor, inputs, tokens)
                 for i, text in zip(chunk, texts):
                     for stop in until:  # lmms-eval's stop strings
                         text = text.split(stop)[0] if stop else text

@@ -74,16 +74,21 @@ def _peak_memory(device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # process peak RSS (Linux: KiB)
 
 
-def generate_batch(model, processor, prompts: list[str], images: list[list], max_new_tokens: int):
-    """Greedy answers for a left-padded batch, with timing and the engine's statistics of the call."""
+def batch_inputs(processor, prompts: list[str], images: list[list], model):
+    """The processor's left-padded batch of `prompts` and their images, on the model's device, pixels in its dtype."""
+    flat = [im for ims in images for im in ims]
+    inputs = processor(images=flat or None, text=prompts, padding=True, padding_side="left", return_tensors="pt")
+    inputs = inputs.to(next(model.parameters()).device)
+    if "pixel_values" in inputs:
+        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    return inputs
+
+
+def generate_batch(model, processor, inputs, max_new_tokens: int):
+    """Greedy answers for a batch of `batch_inputs`, with timing and the engine's statistics of the call."""
     from transformers import LogitsProcessorList
 
     device = next(model.parameters()).device
-    flat = [im for ims in images for im in ims]
-    inputs = processor(images=flat or None, text=prompts, padding=True, padding_side="left", return_tensors="pt")
-    inputs = inputs.to(device)
-    if "pixel_values" in inputs:
-        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
     clock = _FirstTokenClock(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -97,7 +102,7 @@ def generate_batch(model, processor, prompts: list[str], images: list[list], max
     n_in = inputs["input_ids"].shape[1]
     texts = [t.strip() for t in processor.batch_decode(out[:, n_in:], skip_special_tokens=True)]
     s = vlm_efficient.stats(model)
-    steps, batch = out.shape[1] - n_in, len(prompts)
+    steps, batch = out.shape[1] - n_in, out.shape[0]
     prefill_s, decode_s = clock.at - start, end - clock.at
     efficiency = {
         "batch_size": batch,
@@ -160,39 +165,66 @@ def _dist():
     return (state.process_index, state.num_processes, state) if state is not None else (0, 1, None)
 
 
-def run_task(model, processor, task: Task, out: Path, *, limit=None, batch_size=8, max_new_tokens=None,
-             progress=True, rank=0, world=1, state=None):  # fmt: skip
-    """Generate every missing batch of `task` owned by this process; returns all samples (main process) or None."""
+class Batches:
+    """A task's documents (the first `limit`) cut into batches of `batch_size`, each prepared when first asked for:
+    prompts built, images through the processor, on the model's device. With keep=True prepared batches are kept, so
+    that a sweep runs every method on the same inputs and prepares them once (the image processor costs more than
+    the testbed's forward)."""
+
+    def __init__(self, task: Task, processor, model, limit=None, batch_size=8, keep=False):
+        self.task, self.processor, self.model, self.keep = task, processor, model, keep
+        self.docs = task.load(limit)
+        n = len(self.docs)
+        self.ids = [list(range(s, min(s + batch_size, n))) for s in range(0, n, batch_size)]
+        self._kept: dict[int, tuple] = {}
+
+    def __getitem__(self, i: int) -> tuple[list[dict], list[str], dict]:
+        """(documents without their images, prompt texts, model inputs) of batch i."""
+        if i in self._kept:
+            return self._kept[i]
+        rows = [self.docs[d] for d in self.ids[i]]
+        batch = ([{key: v for key, v in row.items() if _jsonable(v)} for row in rows], *self.prepare(rows))
+        if self.keep:
+            self._kept[i] = batch
+        return batch
+
+    def prepare(self, rows) -> tuple[list[str], dict]:
+        """Prompt texts and model inputs of documents `rows`."""
+        from vlm_efficient.models import build_prompt
+
+        images = [self.task.images(r) for r in rows]
+        texts = [build_prompt(self.processor, self.task.prompt(r), num_images=len(im)) for r, im in zip(rows, images)]
+        return texts, batch_inputs(self.processor, texts, images, self.model)
+
+
+def run_task(model, processor, batches: Batches, out: Path, *, max_new_tokens=None, progress=True, rank=0, world=1,
+             state=None, warm_up=True):  # fmt: skip
+    """Generate every missing batch owned by this process (with `warm_up`, the first one also once before, untimed);
+    returns all samples (main process) or None."""
     from tqdm.auto import tqdm
 
-    from vlm_efficient.models import build_prompt
-
-    docs = task.load(limit)
-    n, tokens = len(docs), max_new_tokens or task.max_new_tokens
-    batches = [list(range(s, min(s + batch_size, n))) for s in range(0, n, batch_size)]
+    task = batches.task
+    n, tokens = len(batches.docs), max_new_tokens or task.max_new_tokens
     final = out / f"samples_{task.name}.jsonl"
     mine = final if world == 1 else out / f"samples_{task.name}.rank{rank}.jsonl"
     _trim_partial_line(mine)
     done = _read_samples(sorted(out.glob(f"samples_{task.name}*.jsonl")))
-    owned = [(i, b) for i, b in enumerate(batches) if i % world == rank]
+    owned = [(i, b) for i, b in enumerate(batches.ids) if i % world == rank]
     todo = [(i, b) for i, b in owned if not all(d in done for d in b)]
+    # leave=None: kept on screen unless nested under the bar of a sweep
     bar = tqdm(total=sum(len(b) for _, b in owned), initial=sum(len(b) for _, b in owned) - sum(len(b) for _, b in todo),
-               desc=task.name, unit="doc", disable=not progress or rank != 0)  # fmt: skip
+               desc=task.name, unit="doc", leave=None, disable=not progress or rank != 0)  # fmt: skip
     with open(mine, "a") as f:
         for k, (i, ids) in enumerate(todo):
-            rows = [docs[d] for d in ids]
-            prompts = [task.prompt(r) for r in rows]
-            images = [task.images(r) for r in rows]
-            texts = [build_prompt(processor, p, num_images=len(im)) for p, im in zip(prompts, images)]
-            if k == 0:  # untimed warm-up (allocator, kernel choice); greedy, so the answers do not change
-                generate_batch(model, processor, texts, images, 2)
-            preds, efficiency = generate_batch(model, processor, texts, images, tokens)
+            docs, texts, inputs = batches[i]
+            if k == 0 and warm_up:  # allocator, kernel choice, first calls; greedy, so the answers do not change
+                generate_batch(model, processor, inputs, 2)
+            preds, efficiency = generate_batch(model, processor, inputs, tokens)
             lines = []
-            for d, row, text, pred in zip(ids, rows, texts, preds):
-                doc = {key: v for key, v in row.items() if _jsonable(v)}  # images left out
-                record = {"doc_id": d, "doc": doc, "target": task.target(row),
+            for d, doc, text, pred in zip(ids, docs, texts, preds):
+                record = {"doc_id": d, "doc": doc, "target": task.target(doc),
                           "arguments": {"max_new_tokens": tokens, "do_sample": False}, "resps": [[pred]],
-                          "filtered_resps": [pred], "input": text, **task.score(row, pred),
+                          "filtered_resps": [pred], "input": text, **task.score(doc, pred),
                           "efficiency": {"batch": i, **efficiency}}  # fmt: skip
                 lines.append(json.dumps(record) + "\n")
             f.write("".join(lines))  # one write per batch, flushed: a kill loses at most the batch in flight
@@ -245,9 +277,11 @@ def _check_settings(out: Path, settings: dict) -> None:
 
 
 def evaluate(model, processor, tasks, output, *, methods: str = "", limit=None, batch_size: int = 8,
-             max_new_tokens=None, data_dir=None, model_name: str = "", progress: bool = True) -> dict | None:  # fmt: skip
+             max_new_tokens=None, data_dir=None, model_name: str = "", progress: bool = True,
+             batches: dict | None = None) -> dict | None:  # fmt: skip
     """Run `tasks` (names) with `model` wrapped in `methods` ("" = the base model); write and return the results
-    (None on processes other than the main one)."""
+    (None on processes other than the main one). `batches`: a dict shared by calls with the same model, tasks,
+    limit and batch size (a sweep); each task's prepared batches are kept in it and reused."""
     if batch_size < 1 or (limit is not None and limit < 1):
         raise ValueError("--batch-size and --limit must be at least 1")
     task_objs = [get_task(t, data_dir) for t in tasks]  # unknown names fail before any work
@@ -268,10 +302,14 @@ def evaluate(model, processor, tasks, output, *, methods: str = "", limit=None, 
         results.setdefault(key, {})
     vlm_efficient.wrap(model, methods)
     try:
-        for task in task_objs:
-            samples = run_task(model, processor, task, out, limit=limit, batch_size=batch_size,
-                               max_new_tokens=max_new_tokens, progress=progress, rank=rank, world=world,
-                               state=state)  # fmt: skip
+        kept = {} if batches is None else batches
+        for index, task in enumerate(task_objs):
+            if task.name not in kept:
+                kept[task.name] = Batches(task, processor, model, limit, batch_size, keep=batches is not None)
+            task = kept[task.name].task
+            # one warm-up per call: the model is warm for the later tasks
+            samples = run_task(model, processor, kept[task.name], out, max_new_tokens=max_new_tokens,
+                               progress=progress, rank=rank, world=world, state=state, warm_up=index == 0)  # fmt: skip
             if samples is None:
                 continue
             aggregated = task.aggregate(samples)

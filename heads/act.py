@@ -16,7 +16,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vlm_efficient.method import AttentionEdit, AttentionRequest, Method
+import torch
+
+from vlm_efficient.kernels import GroupSpec
+from vlm_efficient.method import UNSTRUCTURED, AttentionEdit, AttentionRequest, KernelEdit, Method
 
 from .common import check_range, head_mask, key_flags, parse_heads, parse_layers, redistribute, scatter_positions
 
@@ -65,3 +68,27 @@ class ACT(Method):
             return None
         source = key_flags(sinks, context.key_positions)[:, :, None, :]  # [B, H, 1, kv]
         return AttentionEdit(post_softmax=lambda probs: redistribute(probs, source, ~source, self.beta))
+
+    def kernel_edit(self, layer, run, prefill):
+        sinks = run.memory(self).get(layer)
+        if sinks is None:
+            return None
+        cache = run.memory(self).setdefault("kernel", {})
+        if layer not in cache:
+            cache[layer] = self._kernel_edit(sinks)
+        return cache[layer]
+
+    def _kernel_edit(self, sinks: torch.Tensor):
+        """Sink columns are per head: a key's group is the set of heads in which it is a sink (group 0: none), so the
+        tables keep beta of a group's mass in exactly those heads. Kernel 3 runs up to two such head sets."""
+        heads = sinks.shape[1]
+        if heads > 62:
+            return UNSTRUCTURED
+        bit = torch.arange(heads, device=sinks.device)
+        codes = (sinks.long() << bit[None, :, None]).sum(1)  # [B, N]
+        patterns, groups = torch.unique(torch.cat([codes.new_zeros(1), codes.flatten()]), return_inverse=True)
+        in_heads = ((patterns.cpu()[None, :] >> bit.cpu()[:, None]) & 1).bool()  # [H, G]
+        keep = torch.where(in_heads, self.beta, 1.0)
+        spec = GroupSpec(heads, len(patterns), keep=keep, receive=(~in_heads).float(),
+                         sink_group=1 if len(patterns) > 1 else None)
+        return KernelEdit(spec=spec, groups=groups[1:].view_as(codes))

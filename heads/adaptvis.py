@@ -15,9 +15,11 @@ from dataclasses import dataclass
 
 import torch
 
-from vlm_efficient.method import AttentionEdit, Method
+from vlm_efficient.kernels import GroupSpec
+from vlm_efficient.method import AttentionEdit, KernelEdit, Method
 
-from .common import before_prefill, check_range, has_image, last_prompt_rows, parse_layers, plain_calls, prompt_inputs
+from .common import (before_prefill, check_range, has_image, last_position, last_prompt_rows, parse_layers,
+                     plain_calls, prompt_inputs)
 
 
 @dataclass
@@ -38,6 +40,9 @@ class AdaptVis(Method):
         self.model = engine.model
         self.pending = None
         before_prefill(engine, self._probe)
+        # key groups: other, image of an unsure sample, image of a sure one
+        self.groups = GroupSpec(engine.text_config.num_attention_heads, 3,
+                                logit_scale=[1.0, self.smooth, self.sharpen])
 
     def confidence(self, inputs: dict) -> torch.Tensor:
         """[B]: the plain model's largest next-token probability after the prompt."""
@@ -49,15 +54,27 @@ class AdaptVis(Method):
         confidence = self.confidence(inputs)
         self.pending = torch.where(confidence < self.threshold, self.smooth, self.sharpen)
 
-    def attention_edit(self, layer, run, context):
+    def _weight(self, run) -> torch.Tensor:
         memory = run.memory(self)
         if "weight" not in memory:
             if self.pending is None:
                 raise RuntimeError("adaptvis: no probe ran before this prefill")
             memory["weight"], self.pending = self.pending, None
+        return memory["weight"]
+
+    def attention_edit(self, layer, run, context):
+        weight = self._weight(run)
         if layer not in self.chosen or not has_image(run):
             return None
         image = context.keys_where(run.layout.visual)
-        weight = memory["weight"].to(image.device)[:, None]
+        weight = weight.to(image.device)[:, None]
         scale = torch.where(image, weight, 1.0)[:, None, None, :]
         return AttentionEdit(logit_scale=scale, rows=last_prompt_rows(context))
+
+    def kernel_edit(self, layer, run, prefill):
+        weight = self._weight(run)
+        if layer not in self.chosen or not has_image(run):
+            return None
+        visual = run.layout.visual
+        sure = (weight.to(visual.device) != self.smooth).long()[:, None]
+        return KernelEdit(spec=self.groups, groups=torch.where(visual, 1 + sure, 0), rows=last_position(run.layout))

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import torch
 
-from vlm_efficient.method import AttentionEdit, Method
+from vlm_efficient.method import UNSTRUCTURED, AttentionEdit, KernelEdit, Method
 
 _PLAIN_DEPTH = [0]  # > 0 while a plain side pass runs: hooks of methods then stay out of it
 
@@ -84,6 +84,14 @@ def last_prompt_rows(context) -> torch.Tensor:
     rows = torch.ones_like(context.query_positions, dtype=torch.bool)
     if context.prefill:
         rows[:, :-1] = False
+    return rows
+
+
+def last_position(layout) -> torch.Tensor:
+    """[B, N]: the last prompt position (left padding: every sample's last token), last_prompt_rows' prefill row per
+    prompt position (kernel edits)."""
+    rows = torch.zeros_like(layout.valid)
+    rows[:, -1] = True
     return rows
 
 
@@ -180,6 +188,16 @@ def before_prefill(engine, fn) -> None:
     engine.add_handle(engine.model.register_forward_pre_hook(hook, with_kwargs=True))
 
 
+def refuse_static_cache(engine, message: str) -> None:
+    """Before each prefill, raise ValueError(message) when the call brings a static (fixed-length) KV cache."""
+
+    def check(inputs):
+        if getattr(inputs.get("past_key_values"), "is_compileable", False):
+            raise ValueError(message)
+
+    before_prefill(engine, check)
+
+
 def prompt_inputs(inputs: dict) -> dict:
     """A prefill's forward kwargs for a cache-free side pass over the same prompt."""
     side = {k: v for k, v in inputs.items() if k not in ("past_key_values", "use_cache", "cache_position")}
@@ -236,6 +254,16 @@ class PrefillMask(Method):
         if not context.prefill or layer not in self.chosen or not has_image(run):
             return None
         return AttentionEdit(mask=self.allowed(run, context)[:, None])
+
+    def mask_spec(self, run):
+        """The rule as a kernels.MaskSpec over kernel_plan.token_roles (kernel 1), or None where it has no such form."""
+        return None
+
+    def kernel_edit(self, layer, run, prefill):
+        if not prefill or layer not in self.chosen or not has_image(run):
+            return None
+        spec = self.mask_spec(run)
+        return UNSTRUCTURED if spec is None else KernelEdit(mask=spec)
 
 
 def same_token(context) -> torch.Tensor:

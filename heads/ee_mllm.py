@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from vlm_efficient.kernels import ROLE_IMAGE, ROLE_LAST, ROLE_MIDDLE, ROLE_PREFIX, ROLE_QUESTION, MaskSpec
+
 from .common import PrefillMask, same_token
 
 
@@ -19,3 +21,8 @@ class EEMLLM(PrefillMask):
 
     def allowed(self, run, context):
         return ~context.queries_where(run.layout.visual)[:, :, None] | same_token(context)
+
+    def mask_spec(self, run):
+        # no image -> other image edge (NAAViT's rule) and no image -> text edge
+        text = (ROLE_PREFIX, ROLE_MIDDLE, ROLE_QUESTION, ROLE_LAST)
+        return MaskSpec(image_image="none", knockout=tuple((ROLE_IMAGE, role) for role in text))

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vlm_efficient.method import AttentionEdit, Method
+from vlm_efficient.method import UNSTRUCTURED, AttentionEdit, Method
 
 from .common import check_range, has_image, key_values, last_prompt_rows, parse_layers, scaled_range, scatter_positions
 
@@ -89,6 +89,16 @@ class GIFT(Method):
             return torch.where(chosen, boosted, probs)
 
         return AttentionEdit(post_softmax=post_softmax, rows=last_prompt_rows(context))
+
+    def kernel_edit(self, layer, run, prefill):
+        """No structured form (the boost ranks the heads of each row and rescales the question by the row's image
+        mass: no per (head, key group) table expresses it), but None where attention_edit is None, so the engine
+        leaves the other layers alone without asking attention_edit at every decoding step."""
+        if prefill and layer == self.source and has_image(run):
+            return UNSTRUCTURED
+        if layer not in self.chosen or run.memory(self).get("saliency") is None:
+            return None
+        return UNSTRUCTURED
 
     def _observe(self, probs, run, context):
         question = context.queries_where(run.layout.after_visual_text)

@@ -14,9 +14,20 @@ from dataclasses import dataclass
 
 import torch
 
+from vlm_efficient.kernels import ROLE_IMAGE, ROLE_LAST, ROLE_MIDDLE, ROLE_PREFIX, ROLE_QUESTION, MaskSpec
+
 from .common import PrefillMask
 
 SPANS = ("image", "before", "question", "last", "text", "all")
+_TEXT_ROLES = (ROLE_PREFIX, ROLE_MIDDLE, ROLE_QUESTION, ROLE_LAST)
+SPAN_ROLES = {  # the spans as kernel_plan.token_roles (kernel 1's knockout rule)
+    "image": (ROLE_IMAGE,),
+    "before": (ROLE_PREFIX,),
+    "question": (ROLE_QUESTION,),
+    "last": (ROLE_LAST,),
+    "text": _TEXT_ROLES,
+    "all": (ROLE_IMAGE, *_TEXT_ROLES),
+}
 
 
 def span_positions(layout, span: str) -> torch.Tensor:
@@ -65,3 +76,12 @@ class Knockout(PrefillMask):
             keys_in = context.keys_where(span_positions(run.layout, keys))
             blocked |= rows_in[:, :, None] & keys_in[:, None, :]
         return ~blocked
+
+    def mask_spec(self, run):
+        memory = run.memory(self)
+        if "every_sample_has_image" not in memory:  # else "before" and "question" overlap: no role per token
+            memory["every_sample_has_image"] = bool(run.layout.visual.any(1).all())
+        if not memory["every_sample_has_image"]:
+            return None
+        edges = {(q, k) for rows, keys in self.pairs for q in SPAN_ROLES[rows] for k in SPAN_ROLES[keys]}
+        return MaskSpec(knockout=tuple(sorted(edges)))

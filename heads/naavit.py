@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from vlm_efficient.kernels import MaskSpec
+
 from .common import PrefillMask, same_token
 
 
@@ -20,3 +22,6 @@ class NAAViT(PrefillMask):
         visual = run.layout.visual
         among_images = context.queries_where(visual)[:, :, None] & context.keys_where(visual)[:, None, :]
         return ~(among_images & ~same_token(context))
+
+    def mask_spec(self, run):
+        return MaskSpec.naavit()

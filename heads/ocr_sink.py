@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from vlm_efficient.method import AttentionEdit, Method
+from vlm_efficient.kernels import GroupSpec
+from vlm_efficient.method import AttentionEdit, KernelEdit, Method
 
 from .common import check_range, head_mask, parse_heads, redistribute
 
@@ -34,6 +35,10 @@ class OCRSink(Method):
             )
         self.num_heads = engine.text_config.num_attention_heads
         self.heads_by_layer = parse_heads("ocr_sink", self.heads, engine.num_layers, self.num_heads)
+        self.groups = {  # key groups: others, token 0 (the sink)
+            layer: GroupSpec.act(self.num_heads, self.beta, sink_group=1, num_groups=2, heads=heads)
+            for layer, heads in self.heads_by_layer.items()
+        }
 
     def attention_edit(self, layer, run, context):
         if layer not in self.heads_by_layer:
@@ -48,3 +53,11 @@ class OCRSink(Method):
             return torch.where(heads, redistribute(probs, sink, ~sink, self.beta), probs)
 
         return AttentionEdit(post_softmax=post_softmax)
+
+    def kernel_edit(self, layer, run, prefill):
+        if layer not in self.heads_by_layer:
+            return None
+        valid = run.layout.valid
+        first = torch.zeros_like(valid, dtype=torch.long)
+        first.scatter_(1, valid.float().argmax(1, keepdim=True), 1)
+        return KernelEdit(spec=self.groups[layer], groups=first)

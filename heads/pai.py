@@ -23,9 +23,11 @@ from dataclasses import dataclass
 import torch
 from transformers import LogitsProcessor
 
-from vlm_efficient.method import AttentionEdit, Method
+from vlm_efficient.kernels import GroupSpec
+from vlm_efficient.method import AttentionEdit, KernelEdit, Method
 
-from .common import has_image, last_prompt_rows, pad_token_id, parse_layers, plain_calls, text_only_inputs
+from .common import (has_image, last_position, last_prompt_rows, pad_token_id, parse_layers, plain_calls,
+                     text_only_inputs)
 
 
 @dataclass
@@ -40,12 +42,18 @@ class PAI(Method):
         if self.alpha < 0:
             raise ValueError(f"pai: alpha={self.alpha} must be >= 0")
         self.chosen = parse_layers("pai", self.layers, engine.num_layers, range(2, engine.num_layers))
+        self.groups = GroupSpec.pai(engine.text_config.num_attention_heads, self.alpha, image_group=1)
 
     def attention_edit(self, layer, run, context):
         if layer not in self.chosen or not has_image(run):
             return None
         image = context.keys_where(run.layout.visual)[:, None, None, :]
         return AttentionEdit(logit_abs=image * self.alpha, rows=last_prompt_rows(context))
+
+    def kernel_edit(self, layer, run, prefill):
+        if layer not in self.chosen or not has_image(run):
+            return None
+        return KernelEdit(spec=self.groups, groups=run.layout.visual.long(), rows=last_position(run.layout))
 
 
 class PAIContrastive(LogitsProcessor):

@@ -19,9 +19,10 @@ from dataclasses import dataclass
 
 import torch
 
-from vlm_efficient.method import AttentionEdit, Method
+from vlm_efficient.kernels import GroupSpec
+from vlm_efficient.method import AttentionEdit, KernelEdit, Method
 
-from .common import has_image, key_values, last_prompt_rows, parse_layers
+from .common import has_image, key_values, last_position, last_prompt_rows, parse_layers
 
 
 def cls_attention(attention, hidden: torch.Tensor) -> torch.Tensor:
@@ -63,6 +64,8 @@ class PAINT(Method):
         if self.top < 0 or self.outlier < 0 or not 0 < self.top_ratio <= 1:
             raise ValueError("paint: top and outlier must be >= 0 and top_ratio in (0, 1]")
         self.chosen = parse_layers("paint", self.layers, engine.num_layers, range(2, engine.num_layers))
+        # key groups: other, top, outlier
+        self.groups = GroupSpec(engine.text_config.num_attention_heads, 3, logit_abs=[0.0, self.top, self.outlier])
         tower = engine.adapter.vision_tower(engine.model)
         vit_layers = getattr(tower, "vision_model", tower).encoder.layers  # transformers 5.17 nests it
         if len(vit_layers) < 2:
@@ -83,7 +86,8 @@ class PAINT(Method):
             engine.add_handle(handle)
 
     def _groups(self, run) -> torch.Tensor:
-        """[B, N] logit |a| coefficient per prompt position, from the last vision-tower call."""
+        """[B, N] logit |a| coefficient per prompt position, from the last vision-tower call (and, in memory["group"],
+        each position's group: 0 other, 1 top, 2 outlier)."""
         memory = run.memory(self)
         if "coefficient" in memory:
             return memory["coefficient"]
@@ -93,7 +97,9 @@ class PAINT(Method):
             raise RuntimeError(f"paint: the vision tower's [CLS] attention for the {images} images was not captured")
         top, outliers = token_groups(self.captured["first"], self.captured["late"], self.top_ratio)
         per_image = top.float() * self.top + outliers.float() * self.outlier
+        group_per_image = top.long() + 2 * outliers.long()  # top excludes the outliers
         coefficient = torch.zeros(layout.kind.shape, dtype=torch.float32)
+        group = torch.zeros(layout.kind.shape, dtype=torch.long)
         image = 0
         for b, items in enumerate(layout.images):
             for item in range(len(items)):
@@ -102,8 +108,9 @@ class PAINT(Method):
                 cell = coords[:, 0] == 0  # grid cells of the image (not a [CLS] feature)
                 patch = coords[cell, 1] * self.side + coords[cell, 2]
                 coefficient[b, positions[cell].cpu()] = per_image[image, patch].cpu()
+                group[b, positions[cell].cpu()] = group_per_image[image, patch].cpu()
                 image += 1
-        memory["coefficient"] = coefficient
+        memory["coefficient"], memory["group"] = coefficient, group
         return coefficient
 
     def attention_edit(self, layer, run, context):
@@ -112,3 +119,9 @@ class PAINT(Method):
         coefficient = self._groups(run)
         coefficient = key_values(coefficient, context.key_positions)[:, None, None, :]
         return AttentionEdit(logit_abs=coefficient, rows=last_prompt_rows(context))
+
+    def kernel_edit(self, layer, run, prefill):
+        if layer not in self.chosen or not has_image(run):
+            return None
+        self._groups(run)
+        return KernelEdit(spec=self.groups, groups=run.memory(self)["group"], rows=last_position(run.layout))

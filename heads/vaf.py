@@ -13,9 +13,10 @@ from dataclasses import dataclass
 
 import torch
 
-from vlm_efficient.method import AttentionEdit, Method
+from vlm_efficient.kernels import GroupSpec
+from vlm_efficient.method import AttentionEdit, KernelEdit, Method
 
-from .common import has_image, parse_layers, rows_after_image, scaled_range
+from .common import has_image, parse_layers, rows_after_image, scaled_range, text_after_image
 
 
 @dataclass
@@ -31,6 +32,8 @@ class VAF(Method):
         if self.image_scale <= 0 or self.system_scale <= 0:
             raise ValueError(f"vaf: image_scale={self.image_scale} and system_scale={self.system_scale} must be > 0")
         self.chosen = parse_layers("vaf", self.layers, engine.num_layers, scaled_range(9, 14, engine.num_layers))
+        heads = engine.text_config.num_attention_heads
+        self.groups = GroupSpec.vaf(heads, [1.0, self.image_scale, self.system_scale])  # other, image, system
 
     def attention_edit(self, layer, run, context):
         if layer not in self.chosen or not has_image(run):
@@ -39,3 +42,10 @@ class VAF(Method):
         system = context.keys_where(run.layout.before_visual_text)
         scale = torch.where(image, self.image_scale, torch.where(system, self.system_scale, 1.0))
         return AttentionEdit(logit_scale=scale[:, None, None, :], rows=rows_after_image(run, context))
+
+    def kernel_edit(self, layer, run, prefill):
+        if layer not in self.chosen or not has_image(run):
+            return None
+        layout = run.layout
+        groups = torch.where(layout.visual, 1, torch.where(layout.before_visual_text, 2, 0))
+        return KernelEdit(spec=self.groups, groups=groups, rows=text_after_image(layout))

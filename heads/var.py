@@ -24,9 +24,10 @@ from dataclasses import dataclass
 
 import torch
 
-from vlm_efficient.method import AttentionEdit, Method
+from vlm_efficient.kernels import GroupSpec
+from vlm_efficient.method import UNSTRUCTURED, AttentionEdit, KernelEdit, Method
 
-from .common import check_range, redistribute, rows_after_image, scatter_positions
+from .common import check_range, redistribute, rows_after_image, scatter_positions, text_after_image
 
 
 def rms_normalize(hidden: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -81,6 +82,9 @@ class VAR(Method):
         self.chosen = range(2, engine.num_layers - 1)
         if not self.chosen:
             raise ValueError("var: needs at least 4 layers (sinks from layer 2, last layer excluded)")
+        # key groups: text, non-sink image, visual sink (the paper's rule; the code's variant has no such form)
+        self.groups = GroupSpec.var(engine.text_config.num_attention_heads, p=self.p, rho=self.rho,
+                                    min_image_mass=self.min_image)
 
     def observes_hidden(self, layer: int) -> bool:
         return layer in self.chosen
@@ -118,3 +122,13 @@ class VAR(Method):
             return torch.where(centric[..., None], redistribute(probs, source, receivers, keep), probs)
 
         return AttentionEdit(post_softmax=post_softmax, rows=rows_after_image(run, context))
+
+    def kernel_edit(self, layer, run, prefill):
+        sinks = run.memory(self).get(layer)
+        if layer not in self.chosen or sinks is None:
+            return None
+        if self.variant != "paper":
+            return UNSTRUCTURED
+        visual = run.layout.visual.to(sinks.device)
+        groups = torch.where(visual & sinks, 2, visual.long())
+        return KernelEdit(spec=self.groups, groups=groups, rows=text_after_image(run.layout))

@@ -20,9 +20,9 @@ from dataclasses import dataclass
 import torch
 
 from vlm_efficient import get_adapter
-from vlm_efficient.method import AttentionEdit, Method
+from vlm_efficient.method import AttentionEdit, KernelEdit, Method
 
-from .common import before_prefill, parse_layers, plain_calls, prompt_inputs, text_only_inputs
+from .common import before_prefill, last_position, parse_layers, plain_calls, prompt_inputs, text_only_inputs
 
 
 def _last_head_outputs(model, inputs: dict) -> torch.Tensor:
@@ -118,6 +118,12 @@ class VHR(Method):
         rows[:, -1] = True
         # the output of a head is probs @ V: scaling the row's probabilities scales that head's output
         return AttentionEdit(post_softmax=lambda probs: probs * scale, rows=rows)
+
+    def kernel_edit(self, layer, run, prefill):
+        factors = self._factors(run)
+        if not prefill or layer not in self.chosen:
+            return None
+        return KernelEdit(head_scale=factors[:, layer], rows=last_position(run.layout))
 
     def head_output_scale(self, layer, run):
         if run.prefill or layer not in self.chosen:

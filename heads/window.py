@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from vlm_efficient.kernels import MaskSpec
+
 from .common import PrefillMask, same_token
 
 
@@ -51,3 +53,6 @@ class NeighbourWindow(PrefillMask):
         visual = layout.visual
         among_images = context.queries_where(visual)[:, :, None] & context.keys_where(visual)[:, None, :]
         return ~among_images | near | same_token(context)
+
+    def mask_spec(self, run):
+        return MaskSpec.neighbor_window(self.size, self.size, causal_window=True)

@@ -30,13 +30,15 @@ def use_triton(backend: str, *tensors: torch.Tensor) -> bool:
     auto: Triton on CUDA tensors when triton imports, the torch reference elsewhere.
     triton: always the kernel (on CPU tensors this needs TRITON_INTERPRET=1 set before triton is imported).
     reference: always the torch reference.
-    The environment variable VLM_EFFICIENT_KERNELS=triton|reference replaces "auto" (debugging, smoke runs)."""
+    The environment variable VLM_EFFICIENT_KERNELS=triton|reference replaces "auto" (debugging, smoke runs); "off"
+    (the engine's switch: no kernel routing, vlm_efficient/kernel_plan.py) makes "auto" the reference here."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        backend = os.environ.get("VLM_EFFICIENT_KERNELS", "auto") or "auto"
+        backend = (os.environ.get("VLM_EFFICIENT_KERNELS", "auto") or "auto").strip().lower()
+        backend = "reference" if backend == "off" else backend
         if backend not in BACKENDS:
-            raise ValueError(f"VLM_EFFICIENT_KERNELS must be one of {BACKENDS}")
+            raise ValueError(f"VLM_EFFICIENT_KERNELS must be one of {BACKENDS} or off")
     if backend == "reference":
         return False
     if backend == "triton":

@@ -462,15 +462,24 @@ def _config(head_dim: int, nq: int, device) -> tuple[int, int, int, int]:
     return 128, 64, 8, 3
 
 
-def _per_key(tables, key_group: torch.Tensor, device):
-    """[Hq, G] tables -> [B, Hq or 1, Nk] fp32 per-key vectors (one shared head stride)."""
-    uniform = all(bool((t == t[:1]).all()) for t in tables)
+def _folded_tables(spec: GroupSpec, scaling: float, device):
+    """The pre-softmax tables folded for the kernel, [(scale + abs) c, (scale - abs) c, bias log2e] with
+    c = scaling log2e, as [Hq or 1 (the same in every head), G] fp32 on `device`; cached on the spec, so a call copies
+    nothing from the host (a host-to-device copy waits for the stream: it would serialise decoding steps)."""
+    key = ("folded", float(scaling), str(device))
+    if key not in spec._cache:
+        scale, ab, bias, _, _ = spec.tables()
+        c = float(scaling) * LOG2E
+        tables = [(scale + ab) * c, (scale - ab) * c, bias * LOG2E]
+        uniform = all(bool((t == t[:1]).all()) for t in tables)
+        spec._cache[key] = [(t[:1] if uniform else t).to(device=device, dtype=torch.float32) for t in tables]
+    return spec._cache[key]
+
+
+def _per_key(tables, key_group: torch.Tensor):
+    """[Hq or 1, G] tables (on the device) -> [B, Hq or 1, Nk] fp32 per-key vectors (one shared head stride)."""
     g = key_group.long()
-    outs = []
-    for t in tables:
-        t = (t[:1] if uniform else t).to(device=device, dtype=torch.float32)
-        outs.append(t[:, g].permute(1, 0, 2).contiguous())  # [B, H', Nk]
-    return outs, uniform
+    return [t[:, g].permute(1, 0, 2).contiguous() for t in tables]  # [B, H', Nk]
 
 
 def group_attention_triton(query, key, value, *, key_group: torch.Tensor, spec: GroupSpec, key_valid=None,
@@ -499,12 +508,10 @@ def group_attention_triton(query, key, value, *, key_group: torch.Tensor, spec: 
     if qsel is not None or n_on < hq:
         skip = (qsel if qsel is not None else torch.ones(batch, nq, dtype=torch.int8, device=dev), head_on)
         launch_fwd(query, key, value, scaling=scaling, causal=causal, key_valid=key_valid, skip_sel=skip, out=out)
-    scale, ab, bias, _, _ = spec.tables()
-    c = float(scaling) * LOG2E
     has_pre = prep["has_pre"] or key_bias is not None
     pre_bias = prep["pre_bias"] or key_bias is not None
     if has_pre:
-        (fpos, fneg, fbias), _ = _per_key([(scale + ab) * c, (scale - ab) * c, bias * LOG2E], kgroup, dev)
+        fpos, fneg, fbias = _per_key(_folded_tables(spec, scaling, dev), kgroup)
         if key_bias is not None:
             fbias = (fbias + key_bias.to(device=dev, dtype=torch.float32)[:, None, :] * LOG2E).contiguous()
             if fbias.shape[1] != fpos.shape[1]:

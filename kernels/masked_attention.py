@@ -38,9 +38,13 @@ if triton_available():
 
     @triton.jit
     def mma(a, b, acc):
-        """tl.dot with fp32 accumulation (operands upcast under the interpreter only)."""
+        """tl.dot with fp32 accumulation (operands upcast under the interpreter only). fp32 operands multiply in full
+        precision, as torch's matmul does by default (Triton's default for them is TF32: fp32 models routed through
+        the kernels would otherwise differ from the torch path at the 1e-3 level)."""
         if _INTERP:
             return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+        if a.dtype == tl.float32:
+            return tl.dot(a, b, acc, input_precision="ieee")
         return tl.dot(a, b, acc)
 
     @triton.jit

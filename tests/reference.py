@@ -7,6 +7,7 @@ generated tokens, with the pruned positions masked out as keys from the pruning 
 from __future__ import annotations
 
 import contextlib
+import sys
 
 import torch
 from transformers import AttentionInterface
@@ -19,10 +20,12 @@ RECORDED: dict[int, dict[str, torch.Tensor]] = {}  # layer -> probabilities and 
 
 
 def dense_attention(query, key, value, attention_mask, scaling, *, logits=None, pairs=None, post=None,
-                    zero_blocked=False):
+                    zero_blocked=False, allow=None, unrotated=None):
     """The obviously-correct attention: float64 scores, the causal / padding mask, then optional edits in this
-    order: `logits(scores)`, `pairs` (bool, broadcast to [B, H, q, kv]) ANDed into the mask, softmax (blocked
-    entries zeroed if `zero_blocked`), `post(probs)`. Returns (output [B, q, H, d], probs before post, after)."""
+    order: `unrotated` = (marked, query0, key0): the marked pairs' scores (bool, broadcast to [B, H, q, kv]) from
+    the pre-rotary query0 [B, H, q, d] and key0 [B, Hkv, kv, d] (Vista-LLaMA); `logits(scores)`; `allow` (bool pairs
+    of valid keys) ORed into the mask; `pairs` (bool) ANDed into it; softmax (blocked entries zeroed if
+    `zero_blocked`); `post(probs)`. Returns (output [B, q, H, d], probs before post, after)."""
     groups = query.shape[1] // key.shape[1]
     key = key.repeat_interleave(groups, dim=1).double()
     value = value.repeat_interleave(groups, dim=1).double()
@@ -32,8 +35,14 @@ def dense_attention(query, key, value, attention_mask, scaling, *, logits=None, 
         allowed = torch.ones(q_len, kv_len, dtype=torch.bool).tril(kv_len - q_len)[None, None]
     else:
         allowed = attention_mask.bool()
+    if unrotated is not None:
+        marked, query0, key0 = unrotated
+        key0 = key0.repeat_interleave(groups, dim=1).double()
+        scores = torch.where(marked, (query0.double() @ key0.transpose(-1, -2)) * scaling, scores)
     if logits is not None:
         scores = logits(scores)
+    if allow is not None:
+        allowed = allowed | allow
     if pairs is not None:
         allowed = allowed & pairs
     probs = scores.masked_fill(~allowed, torch.finfo(torch.float64).min).softmax(-1)
@@ -41,6 +50,20 @@ def dense_attention(query, key, value, attention_mask, scaling, *, logits=None, 
         probs = probs * allowed
     final = probs if post is None else post(probs)
     return (final @ value).to(query.dtype).transpose(1, 2).contiguous(), probs, final
+
+
+def unrotate(module, query, key, position_embeddings):
+    """The query [B, H, q, d] and key [B, Hkv, kv, d] of a cache-free call before rotary position, by the inverse
+    rotation: the model's own rotary function with -sin (a rotation by -theta; default rope, no attention scaling).
+    Independent of how the engine gets them (hooks on the modules before rotary)."""
+    modeling = sys.modules[type(module).__module__]
+    cos, sin = (t.double() for t in position_embeddings)
+    query, key = query.double(), key.double()
+    multimodal = getattr(modeling, "apply_multimodal_rotary_pos_emb", None)
+    if multimodal is not None and cos.dim() == 4:  # transformers versions that assemble M-RoPE in the attention
+        section = module.config.rope_parameters["mrope_section"]
+        return multimodal(query, key, cos, -sin, section)
+    return modeling.apply_rotary_pos_emb(query, key, cos, -sin)
 
 
 @contextlib.contextmanager

@@ -74,8 +74,8 @@ def test_sweep_cli(tmp_path, monkeypatch, capsys):
     for name in ("sweep.md", "accuracy_vs_tokens.png", "latency_vs_accuracy.png", "base/results.json"):
         assert (out / name).exists(), name
     assert "| fastv:layer=2,ratio=0.75 |" in capsys.readouterr().out
-    assert specs_for(["fastv", "pool:size=2", "random:ratio=0.3"], [0.5, 0.9]) == [
-        "", "fastv:ratio=0.5", "fastv:ratio=0.9", "pool:size=2", "random:ratio=0.3"]  # fmt: skip
+    assert specs_for(["fastv", "pool:size=2", "random:ratio=0.3"], [0.5, 0.9]) == (
+        ["", "fastv:ratio=0.5", "fastv:ratio=0.9", "pool:size=2", "random:ratio=0.3"], {})  # fmt: skip
     with pytest.raises(ValueError, match="unknown parameter 'ratios'"):
         specs_for(["fastv:ratios=2"], [0.5])
     bad = ["sweep", "--model", "tiny:llava", "--methods", "fastv:layer=2", "--ratios", "0.5,1.5", "--tasks",

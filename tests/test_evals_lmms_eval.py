@@ -12,7 +12,7 @@ def test_plugin_answers_like_the_runner():
 
     import vlm_efficient
     from vlm_efficient.evals.lmms_eval_plugin import VLMEfficient, manifest
-    from vlm_efficient.evals.runner import generate_batch
+    from vlm_efficient.evals.runner import batch_inputs, generate_batch
     from vlm_efficient.models import build_prompt
     from vlm_efficient.testing import tiny_image
 
@@ -28,9 +28,11 @@ def test_plugin_answers_like_the_runner():
     requests = [Instance("generate_until", (d["q"], dict(gen), lambda doc: [doc["image"]], i, "toy", "test"), i,
                          {"task": "toy", "doc_id": i, "repeats": 1}) for i, d in enumerate(docs)]  # fmt: skip
     answers = model.generate_until(requests)
-    prompts = [build_prompt(model.processor, d["q"]) for d in docs]
-    expect = generate_batch(model.model, model.processor, prompts[:2], [[d["image"]] for d in docs[:2]], 3)[0]
-    expect += generate_batch(model.model, model.processor, prompts[2:], [[docs[2]["image"]]], 3)[0]
+    expect = []
+    for chunk in (docs[:2], docs[2:]):
+        inputs = batch_inputs(model.processor, [build_prompt(model.processor, d["q"]) for d in chunk],
+                              [[d["image"]] for d in chunk], model.model)  # fmt: skip
+        expect += generate_batch(model.model, model.processor, inputs, 3)[0]
     assert answers == [a.split("\n\n")[0] for a in expect]
     with pytest.raises(NotImplementedError):
         model.loglikelihood(requests)

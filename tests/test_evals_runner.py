@@ -79,12 +79,12 @@ def test_resume_after_kill_gives_identical_results(tiny, data_dir, tmp_path, mon
     calls = []
     real = runner.generate_batch
 
-    def dies_after_two(model, processor, prompts, images, max_new_tokens):
+    def dies_after_two(model, processor, inputs, max_new_tokens):
         if max_new_tokens == TOKENS:  # not the warm-up
-            calls.append(prompts)
+            calls.append(inputs)
             if len(calls) > 2:
                 raise KeyboardInterrupt("killed")
-        return real(model, processor, prompts, images, max_new_tokens)
+        return real(model, processor, inputs, max_new_tokens)
 
     monkeypatch.setattr(runner, "generate_batch", dies_after_two)
     out = tmp_path / "killed"

@@ -7,7 +7,7 @@ import torch
 
 import vlm_efficient as ve
 from test_engine import greedy, two_samples
-from vlm_efficient.testing import FAMILIES, tiny_model
+from vlm_efficient.testing import FAMILIES, tiny_image, tiny_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -65,3 +65,68 @@ def test_model_split_across_devices(family):
     out = greedy(model, batch.to("cuda")).sequences.cpu()
     ve.unwrap(model)
     assert torch.equal(out, reference)
+
+
+# ---- kernel routing (vlm_efficient/kernel_plan.py): the Triton kernels against the dense torch path ------------------
+ROUTED_SPECS = ["pai:alpha=0.5", "vaf", "var:tau=2", "ocr_sink:heads=1.0/2.1/2.3/3.2", "vhr", "naavit", "window",
+                "knockout:edges=question-image/image-last", "fastv:layer=2,ratio=0.5+pai:alpha=0.5",
+                "pdrop:layers=1/2/3,ratio=0.5+vaf", "visionzip+var:tau=2"]
+KERNEL_ROUTES = {"group", "mask", "stats", "group+scale", "sdpa+scale", "bias"}
+
+
+def _routed_and_dense(model, batch, spec, monkeypatch, **kw):
+    """generate() with VLM_EFFICIENT_KERNELS=off (dense torch path) and unset (auto: the Triton kernels on CUDA)."""
+    ve.wrap(model, spec)
+    engine = ve.engine_of(model)
+    try:
+        monkeypatch.setenv("VLM_EFFICIENT_KERNELS", "off")
+        dense = greedy(model, batch, **kw)
+        monkeypatch.delenv("VLM_EFFICIENT_KERNELS")
+        routed = greedy(model, batch, **kw)
+        routes = dict(engine.router.routes(engine.run))
+    finally:
+        ve.unwrap(model)
+    return dense, routed, routes
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next", "qwen2_vl"])
+@pytest.mark.parametrize("spec", ROUTED_SPECS)
+def test_triton_routes_match_dense_fp32(family, spec, monkeypatch):
+    """fp32 tiny models (head_dim 16, GQA, left-padded batch of two): the kernels' tokens and logits equal the dense
+    path's (the kernels multiply fp32 operands in full precision, not TF32)."""
+    model, processor = tiny_model(family)
+    model.cuda()
+    batch = two_samples(processor).to("cuda")
+    dense, routed, routes = _routed_and_dense(model, batch, spec, monkeypatch)
+    assert set(routes.values()) & KERNEL_ROUTES, routes
+    assert torch.equal(dense.sequences, routed.sequences)
+    torch.testing.assert_close(torch.stack(routed.logits), torch.stack(dense.logits), atol=1e-4, rtol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def llava_7b_shapes():
+    """LLaVA-1.5-7B shapes (32 heads, head_dim 128, 576 image tokens) with 4 layers and random weights, bf16, and a
+    left-padded batch of two prompts."""
+    from vlm_efficient.evals.archs import build_arch
+    from vlm_efficient.models import build_prompt
+
+    model, processor = build_arch("llava-1.5-7b", "cuda", torch.bfloat16, layers=4)
+    prompts = [build_prompt(processor, question) for question in ("Please describe this image in detail.", "What?")]
+    images = [tiny_image(i, size=(336, 336)) for i in range(2)]
+    inputs = processor(images=images, text=prompts, padding=True, return_tensors="pt").to("cuda")
+    inputs["pixel_values"] = inputs["pixel_values"].to(torch.bfloat16)
+    return model, inputs
+
+
+@pytest.mark.parametrize("spec", ["pai:alpha=0.5", "vaf", "var:tau=3,sink_dims=0/1/2/3", "ocr_sink:heads=2.0/2.5/3.31",
+                                  "vhr", "naavit", "window", "fastv:layer=2,ratio=0.5",
+                                  "fastv:layer=2,ratio=0.5+pai:alpha=0.5"])
+def test_triton_routes_on_7b_shapes_bf16(llava_7b_shapes, spec, monkeypatch):
+    """The kernels' first-token logits are the dense path's within bf16 rounding, at real shapes."""
+    model, inputs = llava_7b_shapes
+    dense, routed, routes = _routed_and_dense(model, inputs, spec, monkeypatch)
+    assert set(routes.values()) & KERNEL_ROUTES, routes
+    first_dense, first_routed = dense.logits[0].float(), routed.logits[0].float()
+    assert torch.isfinite(first_routed).all()
+    error = float((first_routed - first_dense).norm() / first_dense.norm())
+    assert error < 3e-2, f"{spec}: relative error {error:.2e}, routes {routes}"

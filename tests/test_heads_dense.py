@@ -3,7 +3,9 @@ computed from input_ids (not from the engine's layout).
 
 `dense(model, logits=..., probs=..., masks=..., head_scale=...)` runs the UNWRAPPED model over prompt + generated
 tokens with a float64 attention in which, per layer, `logits[l](scores)` changes the scaled logits [B, H, T, T],
-`masks[l]` [B, T, T] blocks pairs, and `probs[l](probs)` changes the probabilities after the softmax. It records
+`masks[l]` [B, T, T] blocks pairs, and `probs[l](probs)` changes the probabilities after the softmax;
+`allow[l]` [B, T, T] adds pairs to the causal mask and `unrotated[l]` [B, T, T] marks pairs whose logit uses the
+query and key before rotary position (undone with the layer's own cos / sin: reference.unrotate). It records
 each layer's unedited probabilities (after logit changes and masks, before `probs`) and the hidden state entering
 each layer. `head_scale[l]` [B, T, H] multiplies each head's output (the o_proj input)."""
 
@@ -16,7 +18,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 import vlm_efficient as ve
-from reference import attention_implementation, dense_attention, extend_inputs
+from reference import attention_implementation, dense_attention, extend_inputs, unrotate
 from test_engine import greedy, two_samples
 from vlm_efficient.testing import FAMILIES, tiny_model
 
@@ -26,10 +28,14 @@ _STATE: dict = {}
 
 def _dense_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     layer = module.layer_idx
-    mask = _STATE["masks"].get(layer)
+    mask, allow, marked = (_STATE[name].get(layer) for name in ("masks", "allow", "unrotated"))
+    unrotated = None
+    if marked is not None:
+        unrotated = (marked[:, None], *unrotate(module, query, key, _STATE["rotary"][layer]))
     out, probs, _ = dense_attention(
         query, key, value, attention_mask, scaling, logits=_STATE["logits"].get(layer),
         pairs=None if mask is None else mask[:, None], post=_STATE["probs"].get(layer), zero_blocked=True,
+        allow=None if allow is None else allow[:, None], unrotated=unrotated,
     )
     _STATE["recorded"][layer] = probs
     return out, None
@@ -40,12 +46,17 @@ AttentionMaskInterface.register(DENSE, sdpa_mask)
 
 
 @contextlib.contextmanager
-def dense(model, logits=None, probs=None, masks=None, head_scale=None):
+def dense(model, logits=None, probs=None, masks=None, head_scale=None, allow=None, unrotated=None):
     layers = model.model.language_model.layers
     hidden: dict[int, torch.Tensor] = {}
-    _STATE.update(logits=logits or {}, probs=probs or {}, masks=masks or {}, recorded={}, hidden=hidden)
+    rotary: dict[int, tuple] = {}
+    _STATE.update(logits=logits or {}, probs=probs or {}, masks=masks or {}, recorded={}, hidden=hidden,
+                  allow=allow or {}, unrotated=unrotated or {}, rotary=rotary)
     handles = [layer.register_forward_pre_hook(
         lambda m, args, kwargs, i=i: hidden.__setitem__(i, (args[0] if args else kwargs["hidden_states"]).detach()),
+        with_kwargs=True) for i, layer in enumerate(layers)]  # fmt: skip
+    handles += [layer.register_forward_pre_hook(
+        lambda m, args, kwargs, i=i: rotary.__setitem__(i, kwargs.get("position_embeddings")),
         with_kwargs=True) for i, layer in enumerate(layers)]  # fmt: skip
     for i, factors in (head_scale or {}).items():
         def scale(module, args, factors=factors):

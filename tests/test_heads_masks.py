@@ -1,6 +1,7 @@
 """Cross-modal masks on every model family: generate() with the KV cache on a left-padded batch against a dense,
 cache-free forward with the mask's rule written out pair by pair (prompt rows only; decoding rows keep the causal
-mask)."""
+mask). Also AKI (pairs added beyond causality) and Vista-LLaMA's equal distance (logits without rotary position,
+prompt and decoding rows), alone and composed with token pruning."""
 
 from __future__ import annotations
 
@@ -8,8 +9,11 @@ import pytest
 import torch
 
 import vlm_efficient as ve
+from reference import kept_key_masks
+from test_engine import greedy, two_samples
 from test_heads_dense import Prompt, assert_matches, reference_logits, run_wrapped
-from vlm_efficient.heads.aki import engine_supports
+from vlm_efficient.attention import edited_attention
+from vlm_efficient.method import AttentionEdit
 from vlm_efficient.testing import FAMILIES, tiny_model
 
 LAYERS = 4
@@ -103,17 +107,136 @@ def test_cmai(family):
     assert_matches(out, reference, plain)
 
 
-@pytest.mark.parametrize("spec, feature", [("aki", "allow"), ("equal_distance", "unrotated")])
-def test_methods_needing_an_engine_feature_say_so(spec, feature):
-    if engine_supports(feature):
-        pytest.skip(f"the engine has AttentionEdit.{feature}: covered by a reference test")
+# ---- AKI and equal distance ----------------------------------------------------------------------------------------
+def later(p):  # [1, T, T]: the key comes after the query row
+    return torch.ones(p.total, p.total, dtype=torch.bool).triu(1)[None]
+
+
+def check_edit(family, spec, edit, layers=range(LAYERS), with_pruning=False):
+    """edit(p, batch) -> {"allow": [B, T, T]} or {"unrotated": [B, T, T]}, the rule written out over prompt +
+    generated positions; with pruning, each layer's pruned keys are masked as well. Logits within 1e-4 and the same
+    greedy tokens."""
+    model, batch, out, plain, run, _ = run_wrapped(family, spec)
+    p = Prompt(model, batch, out.sequences.shape[1] - 1)
+    edits = {name: {layer: pairs_ for layer in layers} for name, pairs_ in edit(p, batch).items()}
+    if with_pruning:
+        kept = kept_key_masks(run, p.total, LAYERS)
+        assert any(bool((~m[:, : p.length] & p.valid[:, : p.length]).any()) for m in kept.values()), "nothing pruned"
+        edits["masks"] = {layer: m[:, None, :].expand(-1, p.total, -1) for layer, m in kept.items()}
+    reference, _ = reference_logits(model, batch, out, **edits)
+    assert_matches(out, reference, plain)
+    chosen = reference.clone()
+    chosen[..., list(model.generation_config.suppress_tokens or [])] = float("-inf")  # as generate() does
+    assert torch.equal(chosen.argmax(-1), out.sequences[:, p.length :]), "greedy tokens differ"
+
+
+def test_aki(family):
+    # paper: an image row also sees every text token of the prompt after it
+    check_edit(family, "aki", lambda p, batch: {"allow": pairs(p.visual, p.text) & later(p)})
+
+
+def aki_code_spans(p, input_ids, end_token):
+    """The public code's span, from input_ids: each run of image tokens also sees every prompt token after the
+    run, up to and including the first `end_token` after it (else to the prompt's end)."""
+    allow = torch.zeros(p.batch, p.total, p.total, dtype=torch.bool)
+    for b in range(p.batch):
+        visual = p.visual[b, : p.length].tolist()
+        start = 0
+        while start < p.length:
+            if not visual[start]:
+                start += 1
+                continue
+            end = start
+            while end < p.length and visual[end]:
+                end += 1
+            last = p.length - 1
+            for j in range(end, p.length):
+                if int(input_ids[b, j]) == end_token:
+                    last = j
+                    break
+            allow[b, start:end, end : last + 1] = p.valid[b, end : last + 1]
+            start = end
+    return allow
+
+
+def test_aki_code_variant(family):
+    _, processor = tiny_model(family)
+    ids = two_samples(processor)["input_ids"]
+    end_token = int(ids[1, -3])  # a token of the second prompt's question, after both images
+    check_edit(
+        family, f"aki:variant=code,end_token={end_token}",
+        lambda p, batch: {"allow": aki_code_spans(p, batch["input_ids"], end_token)},
+    )
+
+
+def vista_pairs(p, variant):
+    """Vista-LLaMA's unrotated pairs: paper = one visual and one text token (generated tokens are text), code =
+    every visual key."""
+    if variant == "code":
+        return p.visual[:, None, :].expand(-1, p.total, -1)
+    text = p.text | p.generated
+    return pairs(text, p.visual) | pairs(p.visual, text)
+
+
+@pytest.mark.parametrize("variant", ["paper", "code"])
+def test_equal_distance(family, variant):
+    check_edit(family, f"equal_distance:variant={variant}", lambda p, batch: {"unrotated": vista_pairs(p, variant)})
+
+
+@pytest.mark.parametrize("pruning", ["fastv:layer=2,ratio=0.5", "divprune:ratio=0.5"])
+def test_equal_distance_with_pruning(family, pruning):
+    # the pre-rotary prompt keys kept for decoding follow each layer's kept rows (layer 2, or before the LLM)
+    check_edit(family, f"equal_distance+{pruning}", lambda p, batch: {"unrotated": vista_pairs(p, "paper")},
+               with_pruning=True)
+
+
+def test_aki_with_pruning(family):
+    check_edit(family, "aki+fastv:layer=2,ratio=0.5",
+               lambda p, batch: {"allow": pairs(p.visual, p.text) & later(p)}, with_pruning=True)
+
+
+def test_edit_composition_order():
+    """edited_attention: an `allow` adds a pair beyond causality, a `mask` of any edit removes it whatever the
+    order; `unrotated` pairs take their logit from the pre-rotary q / k (and need them)."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 4)
+    future = torch.zeros(1, 1, 3, 3, dtype=torch.bool)
+    future[..., 0, 2] = True  # row 0 may see key 2
+    causal = edited_attention(q, k, v, None, 0.5, [AttentionEdit(logit_scale=torch.ones(1))])
+    added = edited_attention(q, k, v, None, 0.5, [AttentionEdit(allow=future)])
+    assert not torch.allclose(added[:, 0], causal[:, 0]) and torch.allclose(added[:, 1:], causal[:, 1:])
+    for edits in ([AttentionEdit(allow=future), AttentionEdit(mask=~future)],
+                  [AttentionEdit(mask=~future), AttentionEdit(allow=future)]):
+        assert torch.allclose(edited_attention(q, k, v, None, 0.5, edits), causal)
+    marked = torch.ones(1, 1, 3, 3, dtype=torch.bool)
+    with pytest.raises(ValueError, match="uses_unrotated"):
+        edited_attention(q, k, v, None, 0.5, [AttentionEdit(unrotated=marked)])
+    q0, k0 = torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 4)
+    unrot = edited_attention(q, k, v, None, 0.5, [AttentionEdit(unrotated=marked)], unrotated=(q0, k0))
+    same = edited_attention(q0, k0, v, None, 0.5, [AttentionEdit(logit_scale=torch.ones(1))])
+    assert torch.allclose(unrot, same)
+
+
+@pytest.mark.parametrize("spec", ["aki", "equal_distance"])
+def test_static_cache_is_refused(spec):
+    model, processor = tiny_model("llava")
+    ve.wrap(model, spec)
+    with pytest.raises(ValueError, match="static"):
+        greedy(model, two_samples(processor), cache_implementation="static")
+
+
+def test_equal_distance_needs_the_pre_rotary_modules(monkeypatch):
     model, _ = tiny_model("llava")
-    with pytest.raises(ValueError, match=f"AttentionEdit.{feature}"):
-        ve.wrap(model, spec)
+    monkeypatch.setattr(type(ve.get_adapter(model)), "pre_rotary_modules", lambda self, attention: attention.qkv)
+    with pytest.raises(ValueError, match="before rotary"):
+        ve.wrap(model, "equal_distance")
     assert not ve.is_wrapped(model)
 
 
-@pytest.mark.parametrize("spec", ["knockout:edges=question-pixels", "knockout:edges=", "window:size=-1"])
+@pytest.mark.parametrize("spec", [
+    "knockout:edges=question-pixels", "knockout:edges=", "window:size=-1", "aki:variant=both", "aki:end_token=5",
+    "equal_distance:variant=keys", "equal_distance:layers=9",
+])
 def test_bad_mask_parameters(spec):
     model, _ = tiny_model("llava")
     with pytest.raises(ValueError):

@@ -55,6 +55,11 @@ class ModelAdapter:
         """The module whose input is the per-head attention output (heads concatenated)."""
         return layer.self_attn.o_proj
 
+    def pre_rotary_modules(self, attention: nn.Module) -> tuple[nn.Module, nn.Module]:
+        """The modules whose outputs are the query and key right before rotary position is applied, [B, n, H * d]
+        or [B, n, H, d] (Llama-style attention: the projections)."""
+        return attention.q_proj, attention.k_proj
+
     def vision_tower(self, model: nn.Module) -> nn.Module:
         return model.model.vision_tower
 
@@ -227,6 +232,10 @@ class Qwen3VLAdapter(QwenVLAdapter):
     injection over and applies it to whichever visual tokens are still present."""
 
     model_types = ("qwen3_vl",)
+
+    def pre_rotary_modules(self, attention):
+        """Qwen3 normalises each head's query and key (q_norm / k_norm) after the projection and BEFORE rotary."""
+        return attention.q_norm, attention.k_norm
 
     def on_text_model_call(self, kwargs, run):
         memory = run.memory(self)

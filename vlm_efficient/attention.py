@@ -55,16 +55,48 @@ def received_attention(
     return received if per_head else received.mean(1)
 
 
-def edited_attention(query, key, value, attention_mask, scaling: float, edits) -> torch.Tensor:
+def _marked_pairs(edits, name: str) -> torch.Tensor | None:
+    """The union over edits of their boolean `name` pairs (each limited to the edit's rows), or None."""
+    union = None
+    for edit in edits:
+        pairs = getattr(edit, name, None)
+        if pairs is None:
+            continue
+        if edit.rows is not None:
+            pairs = pairs & edit.rows[:, None, :, None]
+        union = pairs if union is None else union | pairs
+    return union
+
+
+def edited_attention(query, key, value, attention_mask, scaling: float, edits, unrotated=None) -> torch.Tensor:
     """Dense attention with AttentionEdits applied in order; the torch reference of the group-attention kernel.
 
-    query [B, Hq, q, d], key/value [B, Hkv, kv, d]; returns [B, q, Hq, d] like HF attention functions."""
+    query [B, Hq, q, d], key/value [B, Hkv, kv, d]; returns [B, q, Hq, d] like HF attention functions.
+    `unrotated` = (query [B, Hq, q, d], key [B, Hkv, m, d]) before rotary position, m <= kv: the pre-rotary copies of
+    this call's query rows and of the FIRST m keys (the engine's: the prompt's keys in decoding). Pairs an edit marks
+    `unrotated` take their base logit from them; marked pairs on keys beyond m keep the rotated logit.
+    Order (AttentionEdit's docstring): base logits (unrotated pairs), scale / |a| / bias per edit, allowed =
+    (causal & padding | any `allow`) & every `mask`, fp32 softmax, post_softmax per edit. `allow` is trusted to name
+    valid keys only (the engine ANDs it with them)."""
     batch, heads, q_len, _ = query.shape
     kv_len = key.shape[2]
     groups = heads // key.shape[1]
     logits = (query.float() @ repeat_kv(key, groups).float().transpose(-1, -2)) * scaling
+    pre_rotary = _marked_pairs(edits, "unrotated")
+    if pre_rotary is not None:
+        if unrotated is None:
+            raise ValueError(
+                "an AttentionEdit marks unrotated pairs but no pre-rotary query and key were supplied: the method "
+                "must declare uses_unrotated(layer) for this layer so the engine captures them"
+            )
+        plain_query, plain_key = unrotated
+        known = plain_key.shape[2]
+        plain = (plain_query.float() @ repeat_kv(plain_key, groups).float().transpose(-1, -2)) * scaling
+        head = torch.where(pre_rotary[..., :known], plain, logits[..., :known])
+        logits = torch.cat([head, logits[..., known:]], dim=-1) if known < kv_len else head
     rows = torch.arange(q_len, device=query.device).expand(batch, -1)
     allowed = allowed_keys(attention_mask, rows, q_len, kv_len).expand(batch, heads, -1, -1)
+    blocked = None
     for edit in edits:
         edited = logits
         if edit.logit_scale is not None:
@@ -75,8 +107,13 @@ def edited_attention(query, key, value, attention_mask, scaling: float, edits) -
             edited = edited + edit.logit_bias
         logits = edited if edit.rows is None else torch.where(edit.rows[:, None, :, None], edited, logits)
         if edit.mask is not None:
-            blocked = ~edit.mask if edit.rows is None else ~edit.mask & edit.rows[:, None, :, None]
-            allowed = allowed & ~blocked
+            removed = ~edit.mask if edit.rows is None else ~edit.mask & edit.rows[:, None, :, None]
+            blocked = removed if blocked is None else blocked | removed
+    added = _marked_pairs(edits, "allow")
+    if added is not None:
+        allowed = allowed | added
+    if blocked is not None:
+        allowed = allowed & ~blocked
     probs = logits.masked_fill(~allowed, torch.finfo(torch.float32).min).softmax(-1) * allowed
     for edit in edits:
         if edit.post_softmax is not None:

@@ -12,7 +12,11 @@ import importlib
 DEFAULT_MODEL = "testbed"
 
 # Modules that add subcommands: each has `register(subparsers)` and imports heavy dependencies lazily.
-COMMAND_MODULES: tuple[str, ...] = ("vlm_efficient.evals.cli", "vlm_efficient.heads.inspect")
+COMMAND_MODULES: tuple[str, ...] = (
+    "vlm_efficient.evals.cli",
+    "vlm_efficient.heads.inspect",
+    "vlm_efficient.demos.cli",
+)
 
 
 def _compare(args) -> int:
@@ -41,11 +45,15 @@ def _sample(args):
 
     if args.image:
         return Image.open(args.image).convert("RGB"), args.question or "What is in the image?", None
+    image, question, answer = held_out_sample(args.scene)
+    return (image, args.question, None) if args.question else (image, question, answer)
+
+
+def held_out_sample(index: int):
+    """(image, question, expected answer): held-out testbed scene `index` and a counting question about it."""
     from .evals.testbed import tasks, world
 
-    scene = world.make_scene("test", args.scene)
-    if args.question:
-        return scene.image(), args.question, None
+    scene = world.make_scene("test", index)
     question, answer = tasks.question_count(scene, scene.objects[0].shape)
     return scene.image(), question + tasks.SHORT_SUFFIX, answer
 

@@ -8,7 +8,10 @@ No model's forward is replaced. The engine uses the hook points of transformers 
 - a pre-hook on every decoder layer runs the "probe" attention requests of that layer, shrinks the sequence where a
   method prunes, and gives layers on fewer tokens their own rotary tables, position ids and masks;
 - one registered attention implementation delegates to SDPA, untouched, and computes the extra statistics a method
-  asked for in that layer (only the query rows it needs).
+  asked for in that layer (only the query rows it needs); on CUDA (VLM_EFFICIENT_KERNELS) each call goes through the
+  kernel router (kernel_plan.py), which runs edited layers and statistics on the Triton kernels where it can;
+- where a method needs logits without rotary position (`uses_unrotated`), forward hooks on the modules that output
+  the pre-rotary query and key (the adapter names them) capture them for that layer's attention call.
 
 Positions: every row and every cached key is identified by its ORIGINAL position in the prompt (the column of the
 2-D attention mask). Pruned tokens keep their original positions, so rotary phases and decoding stay right.
@@ -17,6 +20,7 @@ Positions: every row and every cached key is identified by its ORIGINAL position
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import weakref
 from dataclasses import dataclass, field
 
@@ -28,6 +32,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .adapters import ModelAdapter, get_adapter
 from .attention import edited_attention, received_attention
+from .kernel_plan import KernelRouter
 from .layout import ModalityLayout, build_layout
 from .method import BEFORE_LLM, AttentionContext, AttentionRequest, AttentionStats, Method, Selection
 
@@ -43,14 +48,9 @@ def _engine_attention(module, query, key, value, attention_mask, **kwargs):
         # a probe wants this layer's attention statistics before the layer really runs: no output is needed
         engine.deliver_stats(engine.probing, module.layer_idx, query, key, attention_mask, kwargs.get("scaling"))
         return query.new_zeros(query.shape[0], query.shape[2], query.shape[1], value.shape[-1]), None
-    edits = engine.attention_edits(module.layer_idx, query, key) if engine is not None else []
-    if edits:
-        output = edited_attention(query, key, value, attention_mask, kwargs.get("scaling"), edits), None
-    else:
-        output = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    if engine is not None:
-        engine.after_attention(module, query, key, attention_mask, kwargs.get("scaling"))
-    return output
+    if engine is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    return engine.attend(module, query, key, value, attention_mask, kwargs)
 
 
 def register_attention() -> None:
@@ -132,6 +132,8 @@ class RunState:
     decode_steps: int = 0
     scratch: dict = field(default_factory=dict)  # per-method data for this run: see memory()
     layer_kwargs_cache: dict = field(default_factory=dict)
+    pre_rotary_keys: dict[int, torch.Tensor] = field(default_factory=dict)  # prompt keys before rotary, per layer
+    counts: dict = field(default_factory=dict)  # row_counts() of the current row set
 
     def memory(self, owner) -> dict:
         """A method's (or adapter's) private dict for this run; keyed by identity as methods are unhashable."""
@@ -164,6 +166,15 @@ class RunState:
     def current_valid(self) -> torch.Tensor:
         """[B, n_cur] rows that are real prompt tokens (not left padding, not slot padding)."""
         return self.current(self.layout.valid, fill=False)
+
+    def row_counts(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """([B] real rows, [B] visual rows) of the current rows; computed once per row set, since per-layer GPU
+        launches are what a pruned model's prefill spends its saved time on."""
+        key = (id(self.rows), id(self.input_positions))
+        if self.counts.get("key") != key:
+            self.counts = {"key": key, "value": (self.current_valid().sum(1),
+                                                 self.current(self.layout.visual, fill=False).sum(1))}  # fmt: skip
+        return self.counts["value"]
 
     def attention_positions(self, layer: int, q_len: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         """Original positions of this call's query rows [B, q] and of the layer's cached keys [B, kv]."""
@@ -211,9 +222,11 @@ class Engine:
         self.text_config = self.adapter.text_config(model)
         self.run: RunState | None = None
         self.probing: Method | None = None  # the method whose probe request is being computed
+        self.router = KernelRouter(self)  # attention calls on the Triton kernels (VLM_EFFICIENT_KERNELS)
         self._handles: list = []
         self._original_attention = self.text_config._attn_implementation
         self._captured_grids: list[torch.Tensor] = []  # grid_thw of vision-tower calls made before prefill
+        self._pre_rotary: dict[int, dict[str, torch.Tensor]] = {}  # this call's pre-rotary q / k, per layer
         try:
             for method in methods:
                 method.bind(self)
@@ -222,6 +235,10 @@ class Engine:
             raise
         self.prune_layers = {layer for m in methods for layer in m.prune_layers()}
         self.shrinks = bool(self.prune_layers)
+        self.probe_layers = {
+            idx for idx in range(self.num_layers)
+            if any((r := m.attention_request(idx)) is not None and r.probe for m in methods)
+        }  # fmt: skip
 
     # ---- installation -------------------------------------------------------------------------------------------
     def install(self) -> None:
@@ -238,10 +255,15 @@ class Engine:
         self._handles.append(text_model.register_forward_pre_hook(self._on_text_model_call, with_kwargs=True))
         for idx, layer in enumerate(self.layers):
             self._handles.append(layer.register_forward_pre_hook(self._layer_pre_hook(idx), with_kwargs=True))
-            self._handles.append(layer.register_forward_hook(self._layer_post_hook(idx)))
+            if type(self.adapter).after_decoder_layer is not ModelAdapter.after_decoder_layer:
+                self._handles.append(layer.register_forward_hook(self._layer_post_hook(idx)))
             if any(m.edits_head_outputs() for m in self.methods):
                 o_proj = self.adapter.head_output_module(layer)
                 self._handles.append(o_proj.register_forward_pre_hook(self._head_output_hook(idx)))
+            if any(m.uses_unrotated(idx) for m in self.methods):
+                modules = self.adapter.pre_rotary_modules(layer.self_attn)
+                for part, module in zip(("query", "key"), modules):
+                    self._handles.append(module.register_forward_hook(self._pre_rotary_hook(idx, part)))
             _ENGINE_OF_ATTENTION[layer.self_attn] = self
 
     def add_handle(self, handle) -> None:
@@ -339,12 +361,14 @@ class Engine:
                 return None
             hidden = args[0] if args else kwargs.pop("hidden_states")
             if run.prefill:
-                self._run_probes(idx, module, hidden, self._layer_kwargs(idx, kwargs, run, hidden.device), run)
+                if self.probe_layers and idx in self.probe_layers:
+                    self._run_probes(idx, module, hidden, self._layer_kwargs(idx, kwargs, run, hidden.device), run)
                 if idx in self.prune_layers and run.layout.has_visual:
                     hidden = self._apply_selections(idx, hidden, run)
                 run.layer_positions[idx] = run.positions
-                run.tokens_per_layer.append(run.current_valid().sum(1))
-                run.visual_per_layer.append(run.current(run.layout.visual, fill=False).sum(1))
+                tokens, visual = run.row_counts()
+                run.tokens_per_layer.append(tokens)
+                run.visual_per_layer.append(visual)
             for method in self.methods:
                 if method.observes_hidden(idx):
                     method.observe_hidden(idx, run, hidden)
@@ -458,7 +482,33 @@ class Engine:
             finally:
                 self.probing = None
 
-    def attention_edits(self, idx: int, query: torch.Tensor, key: torch.Tensor) -> list:
+    def attend(self, module, query, key, value, attention_mask, kwargs: dict):
+        """One attention call of a layer: through the kernel router where VLM_EFFICIENT_KERNELS selects it for this
+        call (kernel_plan.py), else SDPA untouched or, where a method edits the layer, the dense torch path; then the
+        statistics the methods asked for (except those the router's fused kernel already delivered)."""
+        idx, scaling = module.layer_idx, kwargs.get("scaling")
+        if self.router.backend(self.run, query.device) is not None:
+            unrotated = self.pre_rotary(idx, query, key)
+            output, delivered = self.router.attend(module, query, key, value, attention_mask, kwargs, unrotated)
+        else:
+            edits = self.attention_edits(idx, query, key)
+            unrotated = self.pre_rotary(idx, query, key)
+            if edits:
+                output = edited_attention(query, key, value, attention_mask, scaling, edits, unrotated), None
+            else:
+                output = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+            delivered = ()
+        self.after_attention(module, query, key, attention_mask, scaling, delivered)
+        return output
+
+    def attention_context(self, idx: int, query: torch.Tensor) -> AttentionContext:
+        """What attention_edit gets: original positions of this call's query rows and of layer idx's cached keys."""
+        queries, keys = self.run.attention_positions(idx, query.shape[2], query.device)
+        return AttentionContext(queries, keys, self.run.prefill, query.shape[1])
+
+    def attention_edits(self, idx: int, query: torch.Tensor, key: torch.Tensor, known: dict | None = None) -> list:
+        """The methods' AttentionEdits of this call of layer idx, in method order. `known`: {id(method): edit} of
+        methods already asked in this call (the kernel router), not asked again."""
         run = self.run
         if run is None:
             return []
@@ -467,21 +517,72 @@ class Engine:
         for method in self.methods:
             if type(method).attention_edit is Method.attention_edit:
                 continue
-            if context is None:
-                queries, keys = run.attention_positions(idx, query.shape[2], query.device)
-                context = AttentionContext(queries, keys, run.prefill, query.shape[1])
-            edit = method.attention_edit(idx, run, context)
+            if known is not None and id(method) in known:
+                edit = known[id(method)]
+            else:
+                if context is None:
+                    context = self.attention_context(idx, query)
+                edit = self.method_edit(method, idx, context)
             if edit is not None:
                 edits.append(edit)
         return edits
 
-    def after_attention(self, module, query, key, attention_mask, scaling) -> None:
+    def method_edit(self, method: Method, idx: int, context: AttentionContext):
+        """One method's AttentionEdit for this call (or None), as the dense path takes it."""
+        edit = method.attention_edit(idx, self.run, context)
+        if edit is not None and edit.allow is not None:  # added pairs never reach padding or slot-padding keys
+            edit = dataclasses.replace(edit, allow=edit.allow & self._valid_keys(self.run, context)[:, None, None])
+        return edit
+
+    @staticmethod
+    def _valid_keys(run: RunState, context: AttentionContext) -> torch.Tensor:
+        """[B, kv]: the cached keys that are real tokens (not left padding, not slot padding)."""
+        positions = context.key_positions
+        mask = run.attention_mask_2d.to(positions.device)
+        return (positions >= 0) & mask.gather(1, positions.clamp(0, mask.shape[1] - 1))
+
+    def _pre_rotary_hook(self, idx: int, part: str):
+        def hook(module, args, output):
+            if self.run is not None:
+                self._pre_rotary.setdefault(idx, {})[part] = output
+
+        return hook
+
+    def pre_rotary(self, idx: int, query: torch.Tensor, key: torch.Tensor):
+        """(query [B, Hq, q, d], key [B, Hkv, m, d]) before rotary position for this call of layer idx, or None where
+        no method declared uses_unrotated(idx). The adapter names the modules whose outputs they are (q_proj / k_proj,
+        or Qwen3's q_norm / k_norm, which act before rotary). The prefill keeps the prompt's pre-rotary keys of the
+        rows this layer caches (after any pruning, so they stay aligned with the cache); decoding gets them back as the
+        first m = (cached prompt keys) of the layer's keys. Keys of generated tokens are not kept: the base logit of
+        a pair on them stays rotated (generated tokens are text; no method needs them unrotated)."""
+        captured = self._pre_rotary.pop(idx, None)
+        run = self.run
+        if captured is None or run is None or not any(m.uses_unrotated(idx) for m in self.methods):
+            return None
+        batch, _, q_len, dim = query.shape
+        plain_query = captured["query"].reshape(batch, q_len, -1, dim).transpose(1, 2)
+        if run.prefill:
+            plain_key = captured["key"].reshape(batch, q_len, -1, dim).transpose(1, 2)
+            if plain_key.shape[2] != key.shape[2]:
+                raise ValueError(
+                    f"layer {idx}: the cache handed the attention {key.shape[2]} keys for a prefill of {q_len} rows. "
+                    "Pre-rotary keys are kept beside the KV cache, aligned with a dynamic cache: use the default "
+                    "cache (no cache_implementation='static', no prompt fed over several calls)."
+                )
+            run.pre_rotary_keys[idx] = plain_key
+            return plain_query, plain_key
+        plain_key = run.pre_rotary_keys.get(idx)
+        if plain_key is None or plain_key.shape[2] > key.shape[2]:
+            raise RuntimeError(f"layer {idx}: decoding without the prefill's pre-rotary keys of this layer's cache")
+        return plain_query, plain_key
+
+    def after_attention(self, module, query, key, attention_mask, scaling, delivered=()) -> None:
         run = self.run
         if run is None or not run.prefill:
             return
         for method in self.methods:
             request = method.attention_request(module.layer_idx)
-            if request is not None and not request.probe:
+            if request is not None and not request.probe and not any(method is m for m in delivered):
                 self.deliver_stats(method, module.layer_idx, query, key, attention_mask, scaling)
 
     def deliver_stats(self, method: Method, idx: int, query, key, attention_mask, scaling) -> None:

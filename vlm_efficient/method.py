@@ -6,8 +6,13 @@ Callbacks (all optional; the engine only calls what a method declares):
   head or head-averaged, the keys). The engine computes only those rows and hands them to `observe_attention`.
   A `probe` request is computed at the start of the layer, on its input, before the layer's own pruning.
 - `attention_edit(layer, run, context)`: a change to that layer's attention in this call (logit scaling, |a| terms,
-  biases, extra masks, a post-softmax function), in terms of the current query rows and cached keys. Layers where no
-  method edits stay on SDPA; edited layers run the dense torch reference (or a Triton kernel on CUDA).
+  biases, extra masks, added pairs, pre-rotary logits, a post-softmax function), in terms of the current query rows
+  and cached keys. Layers where no method edits stay on SDPA; edited layers run the dense torch reference (or a
+  Triton kernel on CUDA). `uses_unrotated(layer)` declares the layers whose edits need the pre-rotary q and k.
+- `kernel_edit(layer, run, prefill)`: the same change as attention_edit in structured form (a KernelEdit: key groups
+  with per (head, group) tables, a mask rule, per-head output factors), which the attention kernels consume; the
+  engine composes the methods' forms per layer (vlm_efficient/kernel_plan.py). Optional: without it the layer runs
+  the dense path.
 - `head_output_scale(layer, run)`: per-head factors on the attention output before o_proj (VHR-style).
 - `observe_hidden(layer, run, hidden)`: the hidden states entering a layer (sink detection), when
   `observes_hidden(layer)` says so.
@@ -27,6 +32,7 @@ import torch
 
 if typing.TYPE_CHECKING:
     from .engine import Engine, RunState
+    from .kernels import GroupSpec, MaskSpec
 
 
 BEFORE_LLM = -1  # the stage before decoder layer 0: inputs_embeds with the projected visual features
@@ -97,13 +103,64 @@ class AttentionEdit:
     per-key factor, [1, H, 1, 1] for a per-head one). Logits a (after scaling) become
         a * logit_scale + logit_abs * |a| + logit_bias
     then `mask` (False = blocked) is ANDed with the causal/padding mask, the softmax is taken in fp32, and
-    `post_softmax(probs)` may redistribute probability mass. `rows` [B, q] limits the edit to some query rows."""
+    `post_softmax(probs)` may redistribute probability mass. `rows` [B, q] limits the edit to some query rows.
+
+    Two more fields, for the methods that change what the causal attention is rather than reweighting it:
+    - `unrotated` (bool pairs): the base logit of these (query row, key) pairs is q . k * scaling of the query and
+      key BEFORE rotary position (Vista-LLaMA's equal distance). The engine supplies the pre-rotary q and k (the
+      method never sees them): only for layers where the method's `uses_unrotated(layer)` is True, and for cached
+      keys only those of the prompt (kept from the prefill); pairs on keys of generated tokens keep the rotated logit.
+    - `allow` (bool pairs): pairs ADDED to the causal/padding mask (AKI's image rows seeing the question after them).
+      The engine ANDs it with the valid keys (padding and slot padding stay blocked). It can only add something in a
+      call that holds future keys, i.e. the prefill: in decoding every cached key is already before the row.
+
+    Composition over all edits of a layer, in this order: (1) base logits, unrotated where ANY edit marks the pair;
+    (2) each edit's scale / |a| / bias, in the methods' order; (3) allowed = (causal & padding | any edit's `allow`)
+    & every edit's `mask`: a mask removes a pair even if another edit allows it, whatever the order of the methods;
+    (4) fp32 softmax; (5) each edit's `post_softmax`, in order."""
 
     logit_scale: torch.Tensor | None = None
     logit_abs: torch.Tensor | None = None
     logit_bias: torch.Tensor | None = None
     mask: torch.Tensor | None = None
     post_softmax: typing.Callable[[torch.Tensor], torch.Tensor] | None = None
+    rows: torch.Tensor | None = None
+    allow: torch.Tensor | None = None
+    unrotated: torch.Tensor | None = None
+
+
+class _Unstructured:
+    def __repr__(self) -> str:
+        return "UNSTRUCTURED"
+
+
+UNSTRUCTURED = _Unstructured()  # Method.kernel_edit: this edit has no structured form (the layer runs the dense path)
+
+
+@dataclass
+class KernelEdit:
+    """The structured form of a method's AttentionEdit: the same change in the terms the attention kernels take
+    (vlm_efficient.kernels). Described per ORIGINAL prompt position [B, N] rather than per current row and key, so one
+    description serves every layer's rows (pruned or not) and every decoding step: keys of generated tokens belong to
+    group 0, and decoding rows are always edited (as by every method's attention_edit here).
+
+    - `spec` + `groups` (kernel 3, group_attention): `groups` [B, N] int is each prompt position's key group, `spec` a
+      kernels.GroupSpec of per (query head, group) tables: a -> a * scale + abs * |a| + bias before the softmax (plus
+      `key_bias` [B, N] per key), then the exact keep / receive redistribution of the group masses, under an optional
+      row condition (GroupSpec's docstring has the formulas).
+    - `mask` (kernel 1, masked_attention; prefill only): a kernels.MaskSpec rule over the token roles and image grid
+      of the modality layout (kernel_plan.token_roles says which prompt position has which role). Applies to every row.
+    - `head_scale` [B, H]: each head's attention output multiplied by a factor: the same as multiplying the row's
+      probabilities after every redistribution (VHR).
+    - `rows` [B, N] bool: the prompt rows that `spec` / `head_scale` change in the prefill (None: every row).
+    The engine composes one group edit, or one mask, with at most one head_scale per layer; other combinations run the
+    dense path (vlm_efficient/kernel_plan.py)."""
+
+    spec: GroupSpec | None = None
+    groups: torch.Tensor | None = None
+    key_bias: torch.Tensor | None = None
+    mask: MaskSpec | None = None
+    head_scale: torch.Tensor | None = None
     rows: torch.Tensor | None = None
 
 
@@ -121,6 +178,7 @@ class Method:
         return set()
 
     def attention_request(self, layer: int) -> AttentionRequest | None:
+        """The statistics wanted from layer `layer`; fixed once bound (the engine plans its probes at wrap time)."""
         return None
 
     def observe_attention(self, layer: int, run: RunState, stats: AttentionStats) -> None:
@@ -133,11 +191,23 @@ class Method:
     def attention_edit(self, layer: int, run: RunState, context: AttentionContext) -> AttentionEdit | None:
         return None
 
+    def kernel_edit(self, layer: int, run: RunState, prefill: bool) -> KernelEdit | None | _Unstructured:
+        """attention_edit(layer, run, ...) in structured form, or None where attention_edit returns None. Asked once per
+        layer for the prefill (prefill=True) and once per layer for all decoding steps (prefill=False: the answer is
+        reused at every step). The default, UNSTRUCTURED, says there is none: the engine then calls attention_edit
+        and runs that layer's dense path."""
+        return UNSTRUCTURED
+
     def head_output_scale(self, layer: int, run: RunState) -> torch.Tensor | None:
         """Factors [H] or [B, H] for each head's output (the o_proj input), or None."""
         return None
 
     def edits_head_outputs(self) -> bool:
+        return False
+
+    def uses_unrotated(self, layer: int) -> bool:
+        """Whether this method's edits in `layer` mark `AttentionEdit.unrotated` pairs: the engine then captures the
+        layer's pre-rotary query and key (and keeps the prompt's pre-rotary keys for decoding)."""
         return False
 
     def observes_hidden(self, layer: int) -> bool:

@@ -1,0 +1,59 @@
+"""One markdown table from several `vlm-efficient bench` runs (evals/gpu_bench.sh): per model and method set, each
+method's prefill and per-token decode time with the kernels routed and without, against the unwrapped base of the
+same run, and the share of the FLOP-allowed prefill speed-up that the measured one reaches.
+
+    python -m vlm_efficient.evals.bench_summary DIR      # DIR/<model>_<set>_<kernels>/bench.json -> markdown on stdout
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def load_runs(root) -> dict:
+    """{(model, set): {kernels: bench result}} from root/<model>_<set>_<kernels>/bench.json."""
+    groups: dict = {}
+    for path in sorted(Path(root).glob("*/bench.json")):
+        model, group, kernels = path.parent.name.rsplit("_", 2)
+        groups.setdefault((model, group), {})[kernels] = json.loads(path.read_text())
+    return groups
+
+
+def _cell(result, name, fmt) -> str:
+    run = result["runs"].get(name) if result else None
+    return fmt(run, result["runs"]["base"]) if run else "-"
+
+
+def summary(root) -> str:
+    def ms_per_token(run):
+        return 1e3 / run["decode_tokens_per_s"]
+
+    columns = {
+        "prefill ms": lambda r, b: f"{r['prefill_ms']:.1f}",
+        "prefill speed-up": lambda r, b: f"{r['prefill_speedup']:.2f}x",
+        "of FLOP-allowed": lambda r, b: f"{r['prefill_speedup'] * r['flops_ratio']:.0%}",
+        "ms / token": lambda r, b: f"{ms_per_token(r):.2f}",
+        "x base per token": lambda r, b: f"{ms_per_token(r) / ms_per_token(b):.3f}",
+    }
+    out = []
+    for (model, group), by_kernels in load_runs(root).items():
+        first = next(iter(by_kernels.values()))
+        out += [f"### {model}, {group} ({first['device']}, {first['dtype']}, batch {first['batch_size']}, "
+                f"{first['max_new_tokens']} new tokens, medians of {first['repeats']})", ""]  # fmt: skip
+        order = [k for k in ("auto", "off") if k in by_kernels]
+        head = ["method", "visual tokens kept", "FLOPs ratio"] + [f"{c} ({k})" for c in columns for k in order]
+        out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for name, run in first["runs"].items():
+            row = [name, f"{run['visual_tokens_kept']:.0f} / {run['visual_tokens']:.0f}", f"{run['flops_ratio']:.2f}"]
+            row += [_cell(by_kernels[k], name, fmt) for fmt in columns.values() for k in order]
+            out.append("| " + " | ".join(row) + " |")
+        out.append("")
+    out.append("auto = Triton kernels routed by the engine (vlm_efficient/kernel_plan.py); off = SDPA plus the "
+               "engine's torch paths. 'of FLOP-allowed' = measured prefill speed-up x FLOPs ratio (1 = all of it).")  # fmt: skip
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    print(summary(sys.argv[1]))

@@ -1,0 +1,29 @@
+#!/bin/bash
+# The GPU speed tables of the README, in one run (device tool, one H100; from the repository root, package installed):
+#   OUT=DIR bash evals/gpu_bench.sh        -> DIR/<model>_<set>_<kernels>/bench.{json,md,png} and DIR/gpu_bench.md
+# Random-weight LLaVA-1.5-7B / LLaVA-NeXT-7B shapes, bf16, batch 1, 32 new tokens, medians of 3; each set is timed
+# with the Triton kernels routed (VLM_EFFICIENT_KERNELS=auto) and without (off); the unwrapped SDPA base is
+# measured in every run. BUDGET (seconds, default 240) bounds the whole script: sets are skipped once it is spent.
+# SETS restricts the runs, e.g. SETS="llava-1.5-7b_prune_auto llava-1.5-7b_heads_auto".
+set -u
+OUT=${OUT:-/tmp/vlm_gpu_bench}
+mkdir -p "$OUT"
+T0=$(date +%s)
+HEADS="var:tau=3,sink_dims=0/1/2/3;pai;vaf;gift;vhr;naavit;window"   # random weights have no massive dims: tau=3
+PRUNE="fastv:layer=2,ratio=0.5;fastv:layer=2,ratio=0.75;pdrop:ratio=0.5;pdrop:ratio=0.75;dart:layer=2,ratio=0.5;dart:layer=2,ratio=0.75;visionzip:ratio=0.5;visionzip:ratio=0.75"
+run() {  # model set kernels methods
+  [ -n "${SETS:-}" ] && [[ " $SETS " != *" ${1}_${2}_$3 "* ]] && return
+  local left=$(( ${BUDGET:-240} - ($(date +%s) - T0) ))
+  [ "$left" -lt 20 ] && { echo "skip $1 $2 $3: budget spent"; return; }
+  echo "== $1 $2 kernels=$3 (${left} s left)"
+  VLM_EFFICIENT_KERNELS=$3 timeout "$left" python3 -m vlm_efficient.cli bench --model "$1" --device cuda \
+    --dtype bfloat16 --max-new-tokens 32 --repeats 3 --methods "$4" --output "$OUT/${1}_${2}_$3" 2>&1 | grep -v Warning
+}
+run llava-1.5-7b prune auto "$PRUNE"
+run llava-1.5-7b heads auto "$HEADS"
+run llava-1.5-7b heads off "$HEADS"
+run llava-next-7b prune auto "$PRUNE"
+run llava-1.5-7b prune off "$PRUNE"
+python3 -m vlm_efficient.evals.bench_summary "$OUT" > "$OUT/gpu_bench.md"
+cat "$OUT/gpu_bench.md"
+echo "total: $(( $(date +%s) - T0 )) s"
