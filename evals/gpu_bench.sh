@@ -10,7 +10,8 @@ OUT=${OUT:-/tmp/vlm_gpu_bench}
 mkdir -p "$OUT"
 T0=$(date +%s)
 HEADS="var:tau=3,sink_dims=0/1/2/3;pai;vaf;gift;vhr;naavit;window"   # random weights have no massive dims: tau=3
-PRUNE="fastv:layer=2,ratio=0.5;fastv:layer=2,ratio=0.75;pdrop:ratio=0.5;pdrop:ratio=0.75;dart:layer=2,ratio=0.5;dart:layer=2,ratio=0.75;visionzip:ratio=0.5;visionzip:ratio=0.75"
+# pdrop ratio = share kept per stage (3 stages): 0.794 / 0.63 keep 288 / 144 of 576 after the last one
+PRUNE="fastv:layer=2,ratio=0.5;fastv:layer=2,ratio=0.75;pdrop:ratio=0.794;pdrop:ratio=0.63;dart:layer=2,ratio=0.5;dart:layer=2,ratio=0.75;visionzip:ratio=0.5;visionzip:ratio=0.75"
 run() {  # model set kernels methods
   [ -n "${SETS:-}" ] && [[ " $SETS " != *" ${1}_${2}_$3 "* ]] && return
   local left=$(( ${BUDGET:-240} - ($(date +%s) - T0) ))

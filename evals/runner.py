@@ -197,6 +197,12 @@ class Batches:
         return texts, batch_inputs(self.processor, texts, images, self.model)
 
 
+def _device_label(model) -> str:
+    """The model's device, with the GPU's name: "cuda:0 (NVIDIA H100 80GB HBM3)" or "cpu"."""
+    device = next(model.parameters()).device
+    return f"{device} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else str(device)
+
+
 def run_task(model, processor, batches: Batches, out: Path, *, max_new_tokens=None, progress=True, rank=0, world=1,
              state=None, warm_up=True):  # fmt: skip
     """Generate every missing batch owned by this process (with `warm_up`, the first one also once before, untimed);
@@ -225,7 +231,7 @@ def run_task(model, processor, batches: Batches, out: Path, *, max_new_tokens=No
                 record = {"doc_id": d, "doc": doc, "target": task.target(doc),
                           "arguments": {"max_new_tokens": tokens, "do_sample": False}, "resps": [[pred]],
                           "filtered_resps": [pred], "input": text, **task.score(doc, pred),
-                          "efficiency": {"batch": i, **efficiency}}  # fmt: skip
+                          "efficiency": {"batch": i, "device": _device_label(model), **efficiency}}  # fmt: skip
                 lines.append(json.dumps(record) + "\n")
             f.write("".join(lines))  # one write per batch, flushed: a kill loses at most the batch in flight
             f.flush()
@@ -297,6 +303,7 @@ def evaluate(model, processor, tasks, output, *, methods: str = "", limit=None, 
         state.wait_for_everyone()
     results_path = out / "results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
+    devices = set()  # where the samples were generated (a resumed run may have started elsewhere)
     for key in ("results", "group_subtasks", "configs", "versions", "n-shot", "higher_is_better", "n-samples",
                 "efficiency"):  # fmt: skip
         results.setdefault(key, {})
@@ -312,6 +319,8 @@ def evaluate(model, processor, tasks, output, *, methods: str = "", limit=None, 
                                progress=progress, rank=rank, world=world, state=state, warm_up=index == 0)  # fmt: skip
             if samples is None:
                 continue
+            recorded = results.get("config", {}).get("device", _device_label(model))  # samples older than the field
+            devices |= {s.get("efficiency", {}).get("device", recorded) for s in samples}
             aggregated = task.aggregate(samples)
             for name, values in aggregated.items():
                 entry = {"alias": name}
@@ -331,7 +340,8 @@ def evaluate(model, processor, tasks, output, *, methods: str = "", limit=None, 
     if rank != 0:
         return None
     results["config"] = {"model": "vlm_efficient", "model_args": f"pretrained={model_name},methods={methods}",
-                         **settings, "device": str(next(model.parameters()).device), "world_size": world}  # fmt: skip
+                         **settings, "device": ", ".join(sorted(devices)) or _device_label(model),
+                         "world_size": world}  # fmt: skip
     import transformers
 
     results["versions_software"] = {"vlm_efficient": _version(), "torch": torch.__version__,

@@ -176,7 +176,7 @@ def sweep(model, processor, tasks: list[str], output, *, methods: list[str], rat
         if speed_repeats:
             add_ratios(row["batch1"], base["batch1"])
     config = {**{k: v for k, v in base_results["config"].items() if k not in ("methods", "model_args")},
-              "device_name": _device_name(model), "kernels": os.environ.get("VLM_EFFICIENT_KERNELS", "auto"),
+              "device_name": base_results["config"]["device"], "kernels": os.environ.get("VLM_EFFICIENT_KERNELS", "auto"),
               "documents": {t: base_results["n-samples"][t]["effective"] for t in tasks},
               "max_new_tokens": {t: base_results["config"]["max_new_tokens"] or get_task(t).max_new_tokens
                                  for t in tasks},
@@ -189,13 +189,6 @@ def sweep(model, processor, tasks: list[str], output, *, methods: list[str], rat
     (out / "sweep.md").write_text(table + "\n")
     plot_sweep(rows, tasks, main, out)
     return table
-
-
-def _device_name(model) -> str:
-    import torch
-
-    device = next(model.parameters()).device
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
 
 
 def format_table(rows: list[dict], config: dict, not_run: dict[str, str]) -> str:

@@ -14,9 +14,19 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 SPECS = ["fastv:layer=2,ratio=0.5", "pdrop:layers=1/2/3", "dart:layer=2,ratio=0.5", "divprune:ratio=0.5"]
 
 
+@pytest.fixture
+def exact_fp32():
+    """cuDNN convolutions default to TF32 (Qwen's 3-D patch embedding is one): the H100 run of 2026-11-23 saw
+    pdrop on qwen2_vl keep the CPU's kept sets but drift to other tokens late in the sequence."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("spec", SPECS)
-def test_cuda_matches_cpu(family, spec):
+def test_cuda_matches_cpu(family, spec, exact_fp32):
     """fp32 on the GPU keeps the CPU's tokens (same kept sets, same greedy text)."""
     model, processor = tiny_model(family)
     batch = two_samples(processor)
