@@ -408,63 +408,56 @@ def _fmt(x, nd=3):
     return str(x)
 
 
+def _table(title, header, body):
+    """A markdown table block (title, header, separator, body rows, blank line); nothing when there are no rows."""
+    if not body:
+        return []
+    return [title, "", header, "|" + "---|" * (header.count("|") - 1)] + body + [""]
+
+
+def _k1_line(r):
+    if "flex_ms" in r:
+        base, ratio, tgt = f"Flex {_fmt(r['flex_ms'])}", r["speedup_vs_flex"], ">= 1.5x"
+    elif "sdpa_flash_ms" in r:
+        base, ratio, tgt = (f"SDPA flash {_fmt(r['sdpa_flash_ms'])} (default {_fmt(r['sdpa_default_ms'])})",
+                            r["ratio_vs_sdpa_flash"], ">= 0.9x")
+    else:
+        base, ratio, tgt = f"SDPA causal {_fmt(r['sdpa_causal_ms'])}", r["speedup_vs_sdpa_causal"], "-"
+    return (f"| {r['case']} | {_fmt(r['ours_ms'])} | {base} | {_fmt(ratio, 2)}x | {tgt} | "
+            f"{_fmt(r['useful_tflops'], 0)} | {_fmt(r['computed_tflops'], 0)} | {r.get('blocks', '-')} |")
+
+
 def write_markdown(res, path, command):
     info = res["info"]
     lines = [f"Device: {info.get('device')}; torch {info.get('torch')}, triton {info.get('triton')}; "
              f"measured copy {info.get('copy_TBps')} TB/s, bf16 matmul {info.get('bf16_matmul_TFLOPs')} TFLOP/s.",
              f"Command: `{command}`", ""]
-    rows = res["rows"]
-    k1 = [r for r in rows if r["section"] == "k1"]
-    if k1:
-        lines += ["### Kernel 1: structured-mask prefill (B=1, 32 heads, d=128, bf16)", "",
-                  "| case | ours ms | baseline ms | ratio | target | useful TFLOP/s | computed-block TFLOP/s | blocks |",
-                  "|---|---|---|---|---|---|---|---|"]
-        for r in k1:
-            if "flex_ms" in r:
-                base, ratio, tgt = f"Flex {_fmt(r['flex_ms'])}", r["speedup_vs_flex"], ">= 1.5x"
-            elif "sdpa_flash_ms" in r:
-                base, ratio, tgt = (f"SDPA flash {_fmt(r['sdpa_flash_ms'])} (default {_fmt(r['sdpa_default_ms'])})",
-                                    r["ratio_vs_sdpa_flash"], ">= 0.9x")
-            else:
-                base, ratio, tgt = f"SDPA causal {_fmt(r['sdpa_causal_ms'])}", r["speedup_vs_sdpa_causal"], "-"
-            lines.append(f"| {r['case']} | {_fmt(r['ours_ms'])} | {base} | {_fmt(ratio, 2)}x | {tgt} | "
-                         f"{_fmt(r['useful_tflops'], 0)} | {_fmt(r['computed_tflops'], 0)} | {r.get('blocks', '-')} |")
-        lines.append("")
-    k2 = [r for r in rows if r["section"] == "k2"]
-    if k2:
-        lines += ["### Kernel 2: attention + received-attention statistics (causal, 32 heads, d=128)", "",
-                  "| case | plain ms | with stats ms | overhead | target | rel err (norm) | max rel err (entries > 1e-3 max) |",
-                  "|---|---|---|---|---|---|---|"]
-        for r in k2:
-            lines.append(f"| {r['case']} | {_fmt(r['plain_ms'])} | {_fmt(r['stats_ms'])} | "
-                         f"{_fmt(100 * r['overhead'], 1)}% | <= 5%, err <= 1e-3 | {r['rel_err']:.1e} | "
-                         f"{r['max_rel_err_big']:.1e} |")
-        lines.append("")
-    k3 = [r for r in rows if r["section"] == "k3"]
-    if k3:
-        lines += ["### Kernel 3: group-reweighted attention (causal, 32 heads, d=128)", "",
-                  "| case | ours ms | SDPA flash ms | ours/SDPA | target | ours/plain ours | rel err vs ref |",
-                  "|---|---|---|---|---|---|---|"]
-        for r in k3:
-            lines.append(f"| {r['case']} | {_fmt(r['ours_ms'])} | {_fmt(r['sdpa_flash_ms'])} | "
-                         f"{_fmt(r['ratio_vs_sdpa_flash'], 2)} | <= 1.1 | {_fmt(r['vs_plain_ours'], 2)} | "
-                         f"{_fmt(r['rel_err'], 4)} |")
-        lines.append("")
-    k4 = [r for r in rows if r["section"] == "k4"]
-    if k4:
-        lines += ["### Kernel 4: ragged per-head decode (bf16, d=128; CUDA-graph replay, rotating caches > L2)", "",
-                  "| case | ms | effective KV TB/s | target | eager ms | splits | config (BN, stages, warps, target programs) | "
-                  "dense SDPA same tokens TB/s |", "|---|---|---|---|---|---|---|---|"]
-        for r in k4:
-            lines.append(f"| {r['case']} | {_fmt(r['graph_ms'], 4)} | {_fmt(r['TBps'], 2)} | >= 2.0 | "
-                         f"{_fmt(r['eager_ms'], 4)} | {r['splits']} | {r['config']} | {_fmt(r['sdpa_TBps'], 2)} |")
-        lines.append("")
-    sw = [r for r in rows if r["section"] == "sweep"]
-    if sw:
-        lines += ["### Launch-config sweep (kernel 1, N=8267)", "", "| mode | (BM, BN, warps, stages) | ms |",
-                  "|---|---|---|"]
-        lines += [f"| {r['mode']} | {r['config']} | {_fmt(r['ms'])} |" for r in sw]
-        lines.append("")
+
+    def section(name):
+        return [r for r in res["rows"] if r["section"] == name]
+
+    lines += _table("### Kernel 1: structured-mask prefill (B=1, 32 heads, d=128, bf16)",
+                    "| case | ours ms | baseline ms | ratio | target | useful TFLOP/s | computed-block TFLOP/s | blocks |",
+                    [_k1_line(r) for r in section("k1")])
+    lines += _table("### Kernel 2: attention + received-attention statistics (causal, 32 heads, d=128)",
+                    "| case | plain ms | with stats ms | overhead | target | rel err (norm) | "
+                    "max rel err (entries > 1e-3 max) |",
+                    [f"| {r['case']} | {_fmt(r['plain_ms'])} | {_fmt(r['stats_ms'])} | "
+                     f"{_fmt(100 * r['overhead'], 1)}% | <= 5%, err <= 1e-3 | {r['rel_err']:.1e} | "
+                     f"{r['max_rel_err_big']:.1e} |" for r in section("k2")])
+    lines += _table("### Kernel 3: group-reweighted attention (causal, 32 heads, d=128)",
+                    "| case | ours ms | SDPA flash ms | ours/SDPA | target | ours/plain ours | rel err vs ref |",
+                    [f"| {r['case']} | {_fmt(r['ours_ms'])} | {_fmt(r['sdpa_flash_ms'])} | "
+                     f"{_fmt(r['ratio_vs_sdpa_flash'], 2)} | <= 1.1 | {_fmt(r['vs_plain_ours'], 2)} | "
+                     f"{_fmt(r['rel_err'], 4)} |" for r in section("k3")])
+    lines += _table("### Kernel 4: ragged per-head decode (bf16, d=128; CUDA-graph replay, rotating caches > L2)",
+                    "| case | ms | effective KV TB/s | target | eager ms | splits | "
+                    "config (BN, stages, warps, target programs) | dense SDPA same tokens TB/s |",
+                    [f"| {r['case']} | {_fmt(r['graph_ms'], 4)} | {_fmt(r['TBps'], 2)} | >= 2.0 | "
+                     f"{_fmt(r['eager_ms'], 4)} | {r['splits']} | {r['config']} | {_fmt(r['sdpa_TBps'], 2)} |"
+                     for r in section("k4")])
+    lines += _table("### Launch-config sweep (kernel 1, N=8267)", "| mode | (BM, BN, warps, stages) | ms |",
+                    [f"| {r['mode']} | {r['config']} | {_fmt(r['ms'])} |" for r in section("sweep")])
     if res["errors"]:
         lines += ["Errors:", ""] + [f"- {e.splitlines()[0]}" for e in res["errors"]]
     with open(path, "w") as f:

@@ -150,6 +150,16 @@ class Checks:
                 self.record("masked naavit != causal (negative)", ew > 10 * TOL[dt], f"rel={ew:.2e}")
 
     # ------------------------------------------------------------------ kernel 2
+    def stats_vs_reference(self, name, dt, q, k, v, *, stats_impl="auto", show_shape=False, **kw):
+        """attention_with_received_stats, kernel vs reference: output within TOL[dt], statistics within STATS_TOL.
+        Returns the kernel's statistics."""
+        o, rec = attention_with_received_stats(q, k, v, backend=self.backend, stats_impl=stats_impl, **kw)
+        r, rr = attention_with_received_stats(q, k, v, backend="reference", **kw)
+        e, es = rel(o, r), rel(rec, rr)
+        detail = f"out rel={e:.2e} received rel={es:.2e}" + (f" shape={tuple(rec.shape)}" if show_shape else "")
+        self.record(name, e < TOL[dt] and es < STATS_TOL, detail)
+        return rec
+
     def stats(self):
         for i, (b, hq, hkv, n, d, dt) in enumerate(self.shapes[:3]):
             q, k, v = _qkv(b, hq, hkv, n, n, d, dt, self.device, self.gen)
@@ -161,13 +171,8 @@ class Checks:
             sq[-1, 1:3] = torch.tensor([1, n - 1])  # a padded (fully masked) row and a duplicate
             sq = sq.to(self.device)
             for per_head in (True, False, "kv"):
-                o, rec = attention_with_received_stats(q, k, v, key_valid=kv, causal=True, stat_queries=sq,
-                                                       per_head=per_head, backend=self.backend)
-                r, rr = attention_with_received_stats(q, k, v, key_valid=kv, causal=True, stat_queries=sq,
-                                                      per_head=per_head, backend="reference")
-                e, es = rel(o, r), rel(rec, rr)
-                self.record(f"stats[{i}] per_head={per_head}", e < TOL[dt] and es < STATS_TOL,
-                            f"out rel={e:.2e} received rel={es:.2e} shape={tuple(rec.shape)}")
+                self.stats_vs_reference(f"stats[{i}] per_head={per_head}", dt, q, k, v, key_valid=kv, causal=True,
+                                        stat_queries=sq, per_head=per_head, show_shape=True)
         # FastV: S = 1, last token, with a structured mask
         b, hq, hkv, _, d, dt = self.shapes[0]
         n = self.n_mask
@@ -175,10 +180,7 @@ class Checks:
         mask = StructuredMask(layout, MaskSpec.naavit())
         q, k, v = _qkv(2, hq, hkv, n, n, d, dt, self.device, self.gen)
         sq = torch.full((2, 1), n - 1, dtype=torch.long, device=self.device)
-        o, rec = attention_with_received_stats(q, k, v, stat_queries=sq, mask=mask, backend=self.backend)
-        r, rr = attention_with_received_stats(q, k, v, stat_queries=sq, mask=mask, backend="reference")
-        self.record("stats masked naavit S=1", rel(o, r) < TOL[dt] and rel(rec, rr) < STATS_TOL,
-                    f"out rel={rel(o, r):.2e} received rel={rel(rec, rr):.2e}")
+        rec = self.stats_vs_reference("stats masked naavit S=1", dt, q, k, v, stat_queries=sq, mask=mask)
         # negative: statistics of another row must differ
         _, wrong = attention_with_received_stats(q, k, v, stat_queries=sq - 3, mask=mask, backend="reference")
         self.record("stats other row differs (negative)", rel(rec, wrong) > 100 * STATS_TOL,
@@ -194,21 +196,14 @@ class Checks:
                                           ("logits S=150", n, True, 150, "logits")):
             qq = q[:, :, :nq]
             sq = torch.randint(-1, nq, (b, s), generator=self.gen).to(self.device)
-            o, rec = attention_with_received_stats(qq, k, v, causal=causal, stat_queries=sq, per_head=True,
-                                                   backend=self.backend, stats_impl=impl)
-            r, rr = attention_with_received_stats(qq, k, v, causal=causal, stat_queries=sq, per_head=True,
-                                                  backend="reference")
-            self.record(f"stats {name}", rel(o, r) < TOL[dt] and rel(rec, rr) < STATS_TOL,
-                        f"out rel={rel(o, r):.2e} received rel={rel(rec, rr):.2e}")
+            self.stats_vs_reference(f"stats {name}", dt, qq, k, v, causal=causal, stat_queries=sq, per_head=True,
+                                    stats_impl=impl)
         # many rows (split-per-block path), with duplicates
         b, hq, hkv, n, d, dt = self.shapes[0]
         q, k, v = _qkv(b, hq, hkv, n, n, d, dt, self.device, self.gen)
         s = 300
         sq = torch.randint(-1, n, (b, s), generator=self.gen).to(self.device)
-        o, rec = attention_with_received_stats(q, k, v, stat_queries=sq, per_head="kv", backend=self.backend)
-        r, rr = attention_with_received_stats(q, k, v, stat_queries=sq, per_head="kv", backend="reference")
-        self.record("stats S=300 split rows", rel(o, r) < TOL[dt] and rel(rec, rr) < STATS_TOL,
-                    f"out rel={rel(o, r):.2e} received rel={rel(rec, rr):.2e}")
+        self.stats_vs_reference("stats S=300 split rows", dt, q, k, v, stat_queries=sq, per_head="kv")
 
     # ------------------------------------------------------------------ kernel 3
     def group(self):
