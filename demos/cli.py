@@ -14,9 +14,11 @@ def _demo(args) -> int:
         raise ValueError(f"--port {args.port}: give a TCP port, 1 to 65535")
     if args.concurrency < 1:
         raise ValueError(f"--concurrency {args.concurrency}: serve at least one request at a time")
+    from vlm_efficient.models import default_device
+
     from .app import launch
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = args.device or default_device()
     print(f"loading {args.model} on {device}; the app will listen on http://{args.host}:{args.port}")
     launch(args.model, port=args.port, host=args.host, concurrency=args.concurrency, device=device,
            dtype=getattr(torch, args.dtype), block=True)  # fmt: skip

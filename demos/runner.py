@@ -31,7 +31,7 @@ from vlm_efficient import engine_of, is_wrapped, parse_methods, stats, unwrap, w
 from vlm_efficient.heads.common import scatter_positions
 from vlm_efficient.heads.var import first_token_dims, rms_normalize, sink_tokens
 from vlm_efficient.method import AttentionEdit, Method
-from vlm_efficient.models import build_prompt
+from vlm_efficient.models import build_inputs
 
 SINK_TAU = 20.0  # VAR's threshold on |RMSNorm(h)|, the default of `vlm-efficient inspect`
 
@@ -200,9 +200,7 @@ class DemoRunner:
         return self.config.num_attention_heads
 
     def inputs(self, image, question: str, max_new_tokens: int) -> dict:
-        prompt = build_prompt(self.processor, question)
-        inputs = self.processor(images=[image], text=[prompt], return_tensors="pt").to(self.device)
-        inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
+        inputs = build_inputs(self.processor, image, question, self.device, self.dtype)
         length, limit = inputs["input_ids"].shape[1], getattr(self.config, "max_position_embeddings", None)
         if limit is not None and length + max_new_tokens > limit:
             raise ValueError(

@@ -22,7 +22,7 @@ def load_runs(root) -> dict:
 
 
 def _cell(result, name, fmt) -> str:
-    run = result["runs"].get(name) if result else None
+    run = result["runs"].get(name)
     return fmt(run, result["runs"]["base"]) if run else "-"
 
 

@@ -3,12 +3,6 @@
 from __future__ import annotations
 
 
-def _device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def _common(p, model_default="testbed") -> None:
     p.add_argument("--model", default=model_default,
                    help="testbed, tiny:<family>, a model directory or a hub id (default %(default)s)")  # fmt: skip
@@ -31,10 +25,12 @@ def _eval_args(p) -> None:
 def _load(args):
     import torch
 
+    from vlm_efficient.models import default_device
+
     from .runner import dist_state, load_eval_model
 
     state = dist_state()  # one model per process under accelerate launch, on that process's device
-    args.device = args.device or (str(state.device) if state is not None else _device())
+    args.device = args.device or (str(state.device) if state is not None else default_device())
     return load_eval_model(args.model, args.device, getattr(torch, args.dtype))
 
 
@@ -80,9 +76,11 @@ def _sweep(args) -> int:
 def _bench(args) -> int:
     import torch
 
+    from vlm_efficient.models import default_device
+
     from .bench import bench, format_bench
 
-    args.device = args.device or _device()
+    args.device = args.device or default_device()
     result = bench(args.model, [""] + [m for m in args.methods.split(";") if m.strip()], device=args.device,
                    dtype=getattr(torch, args.dtype), layers=args.layers, batch_size=args.batch_size,
                    image_size=args.image_size, max_new_tokens=args.max_new_tokens, repeats=args.repeats,

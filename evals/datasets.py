@@ -173,6 +173,7 @@ def load_coco_chair(data_dir=None, path=None, n_images: int = 500, seed: int = 0
     for ann in instances["annotations"]:
         objects[ann["image_id"]].add(names[ann["category_id"]])
     ids = random.Random(seed).sample(sorted(objects), min(n_images, len(objects)))
+    columns = {"image_id": ids, "question": [prompt] * len(ids), "objects": [sorted(objects[i]) for i in ids]}
 
     if (folder / "val2014").is_dir():
         captions = _coco_json(folder, "captions_val2014.json")
@@ -181,13 +182,8 @@ def load_coco_chair(data_dir=None, path=None, n_images: int = 500, seed: int = 0
             if ann["image_id"] in refs:
                 refs[ann["image_id"]].append(ann["caption"].strip())
         files = {im["id"]: im["file_name"] for im in instances["images"]}
-        rows = {
-            "image_id": ids,
-            "question": [prompt] * len(ids),
-            "objects": [sorted(objects[i]) for i in ids],
-            "captions": [refs[i] for i in ids],
-            "image": [str(folder / "val2014" / files[i]) for i in ids],
-        }
+        rows = {**columns, "captions": [refs[i] for i in ids],
+                "image": [str(folder / "val2014" / files[i]) for i in ids]}  # fmt: skip
         return datasets.Dataset.from_dict(rows).cast_column("image", datasets.Image())
     table = load_table(SOURCES["coco_captions"], data_dir)
     where = {int(i): row for row, i in enumerate(table["id"])}
@@ -195,12 +191,5 @@ def load_coco_chair(data_dir=None, path=None, n_images: int = 500, seed: int = 0
     if missing:
         raise DataError(f"{len(missing)} sampled COCO images (e.g. {missing[0]}) are not in lmms-lab/COCO-Caption")
     table = table.select([where[i] for i in ids])
-    meta = datasets.Dataset.from_dict(
-        {
-            "image_id": ids,
-            "question": [prompt] * len(ids),
-            "objects": [sorted(objects[i]) for i in ids],
-            "captions": [list(c) for c in table["answer"]],
-        }
-    )
+    meta = datasets.Dataset.from_dict({**columns, "captions": [list(c) for c in table["answer"]]})
     return datasets.concatenate_datasets([meta, table.select_columns(["image"])], axis=1)  # images stay encoded

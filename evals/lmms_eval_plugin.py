@@ -31,6 +31,7 @@ class VLMEfficient(_Base):
         import torch
 
         import vlm_efficient
+        from vlm_efficient.models import default_device
 
         from .runner import dist_state, load_eval_model
 
@@ -40,7 +41,7 @@ class VLMEfficient(_Base):
             raise ValueError(f"vlm_efficient: unknown model_args {sorted(kwargs)} (a spec's commas must be quoted)")
         state = dist_state()
         self._rank, self._world_size = (state.process_index, state.num_processes) if state else (0, 1)
-        device = device or (str(state.device) if state else "cuda" if torch.cuda.is_available() else "cpu")
+        device = device or (str(state.device) if state else default_device())
         self.model, self.processor = load_eval_model(str(pretrained), device, getattr(torch, dtype))
         self.methods = str(methods).strip("\"'").replace(";", ",")
         vlm_efficient.wrap(self.model, self.methods)

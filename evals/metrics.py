@@ -235,10 +235,10 @@ _COMMA_STRIP = re.compile(r"(\d)(,)(\d)")
 
 
 def _punctuation(text: str) -> str:
-    out = text
+    out, digit_comma = text, _COMMA_STRIP.search(text) is not None
     for p in _PUNCT:
         # the official rule: a mark next to a space (or any digit,digit comma) disappears, elsewhere it splits words
-        if (p + " " in text or " " + p in text) or _COMMA_STRIP.search(text):
+        if (p + " " in text or " " + p in text) or digit_comma:
             out = out.replace(p, "")
         else:
             out = out.replace(p, " ")

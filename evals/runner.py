@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 import vlm_efficient
+from vlm_efficient.compare import synchronize as _sync
 
 from .tasks import Task, get_task
 
@@ -48,11 +49,6 @@ def load_eval_model(name: str, device: str = "cpu", dtype: torch.dtype = torch.f
     from vlm_efficient.models import load_model
 
     return load_model(name, device=device, dtype=dtype)
-
-
-def _sync(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class _FirstTokenClock:

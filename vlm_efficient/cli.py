@@ -9,6 +9,8 @@ from pathlib import Path
 
 import importlib
 
+from .models import default_device
+
 DEFAULT_MODEL = "testbed"
 
 # Modules that add subcommands: each has `register(subparsers)` and imports heavy dependencies lazily.
@@ -81,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--question", help="default: a counting question about the scene")
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--repeats", type=int, default=3, help="timed runs; the median is reported")
-    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    p.add_argument("--device", default=default_device())
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--json", help="also write the results to this JSON file")
     p.set_defaults(func=_compare)
@@ -91,12 +93,6 @@ def build_parser() -> argparse.ArgumentParser:
     for module in COMMAND_MODULES:
         importlib.import_module(module).register(sub)
     return parser
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def main(argv=None) -> int:

@@ -9,10 +9,11 @@ from dataclasses import dataclass
 import torch
 
 from . import stats, unwrap, wrap
-from .models import build_prompt
+from .models import build_inputs
 
 
-def _sync(device) -> None:
+def synchronize(device) -> None:
+    """Wait for the device's queued work (CUDA), so that a clock read after it times that work."""
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -38,14 +39,14 @@ def timed_generate(model, inputs, max_new_tokens: int, repeats: int = 3):
         for _ in range(2):
             output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
         for _ in range(repeats):
-            _sync(device)
+            synchronize(device)
             start = time.perf_counter()
             model.generate(**inputs, max_new_tokens=1, min_new_tokens=1, do_sample=False)
-            _sync(device)
+            synchronize(device)
             first.append((time.perf_counter() - start) * 1e3)
             start = time.perf_counter()
             output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-            _sync(device)
+            synchronize(device)
             total.append((time.perf_counter() - start) * 1e3)
     new_tokens = output.shape[1] - inputs["input_ids"].shape[1]
     return output, GenerationTiming(statistics.median(first), statistics.median(total), new_tokens)
@@ -55,10 +56,8 @@ def compare(model, processor, image, question: str, methods: list[str], *, max_n
             repeats: int = 3):
     """Run the base model and the model wrapped with each spec of `methods`; returns a JSON-ready dict whose
     "runs" are the base run first, then one per spec, each with its speed-up and FLOPs against the base."""
-    device = next(model.parameters()).device
-    prompt = build_prompt(processor, question)
-    inputs = processor(images=[image], text=[prompt], return_tensors="pt").to(device)
-    inputs["pixel_values"] = inputs["pixel_values"].to(next(model.parameters()).dtype)
+    parameter = next(model.parameters())
+    inputs = build_inputs(processor, image, question, parameter.device, parameter.dtype)
     runs = []
     for spec in ["", *methods]:
         wrap(model, spec)

@@ -7,6 +7,11 @@ from __future__ import annotations
 import torch
 
 
+def default_device() -> str:
+    """The default device: "cuda" when a GPU is available, else "cpu"."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def load_model(name: str, *, device: str = "cpu", dtype: torch.dtype = torch.float32):
     """-> (model, processor) in eval mode."""
     if name == "testbed":
@@ -45,3 +50,10 @@ def build_prompt(processor, question: str, num_images: int = 1) -> str:
     from .testing import image_placeholder
 
     return " ".join([image_placeholder(processor)] * num_images) + "\n" + question
+
+
+def build_inputs(processor, image, question: str, device, dtype):
+    """The processor's inputs for one image and `question` (its `build_prompt`), on `device`, pixels in `dtype`."""
+    inputs = processor(images=[image], text=[build_prompt(processor, question)], return_tensors="pt").to(device)
+    inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+    return inputs
