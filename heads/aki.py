@@ -32,10 +32,9 @@ from dataclasses import dataclass
 
 import torch
 
-from vlm_efficient.method import AttentionEdit
+from vlm_efficient.method import AttentionEdit, at_positions
 
-from .common import PrefillMask, before_prefill, has_image, refuse_static_cache
-from .window import at_positions
+from .common import PrefillMask, before_prefill, has_image
 
 VARIANTS = ("paper", "code")
 
@@ -54,11 +53,6 @@ class AKI(PrefillMask):
         if self.end_token != -1 and self.variant != "code":
             raise ValueError("aki: end_token ends the public code's span: add variant=code")
         super().bind(engine)
-        refuse_static_cache(
-            engine,
-            "aki: its edges are added in the prefill, on a dynamic KV cache; a static cache "
-            "(cache_implementation='static') has fixed lengths. Use the default cache.",
-        )
         self.pending_ids = None
         if self.variant == "code" and self.end_token >= 0:
             before_prefill(engine, self._remember_ids)
@@ -98,7 +92,7 @@ class AKI(PrefillMask):
             allow = rows & later & context.keys_where(layout.text)[:, None, :]
         else:
             start, end = self._code_spans(run)
-            first = at_positions(start, context.query_positions, -1)[:, :, None].to(keys.device)
-            last = at_positions(end, context.query_positions, -1)[:, :, None].to(keys.device)
+            first = at_positions(start, context.query_positions, -1)[:, :, None]
+            last = at_positions(end, context.query_positions, -1)[:, :, None]
             allow = rows & (keys >= first) & (keys <= last) & context.keys_where(layout.valid)[:, None, :]
         return AttentionEdit(allow=allow[:, None])

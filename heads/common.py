@@ -121,14 +121,6 @@ def key_flags(per_position: torch.Tensor, key_positions: torch.Tensor) -> torch.
     return per_position.gather(-1, index) & inside
 
 
-def key_values(per_position: torch.Tensor, key_positions: torch.Tensor) -> torch.Tensor:
-    """Float per-position values [B, N] at key positions [B, kv]; 0 for slot padding and generated keys."""
-    length = per_position.shape[1]
-    inside = (key_positions >= 0) & (key_positions < length)
-    values = per_position.to(key_positions.device).gather(1, key_positions.clamp(0, length - 1))
-    return torch.where(inside, values, 0.0)
-
-
 def scatter_positions(values: torch.Tensor, positions: torch.Tensor, length: int) -> torch.Tensor:
     """Per-row values [B, ..., n] of rows at original positions [B, n] (-1 = slot padding) -> [B, ..., length]."""
     batch = values.shape[0]
@@ -186,16 +178,6 @@ def before_prefill(engine, fn) -> None:
         return None
 
     engine.add_handle(engine.model.register_forward_pre_hook(hook, with_kwargs=True))
-
-
-def refuse_static_cache(engine, message: str) -> None:
-    """Before each prefill, raise ValueError(message) when the call brings a static (fixed-length) KV cache."""
-
-    def check(inputs):
-        if getattr(inputs.get("past_key_values"), "is_compileable", False):
-            raise ValueError(message)
-
-    before_prefill(engine, check)
 
 
 def prompt_inputs(inputs: dict) -> dict:

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 from vlm_efficient.method import AttentionEdit, Method
 
-from .common import has_image, parse_layers, refuse_static_cache
+from .common import has_image, parse_layers
 
 VARIANTS = ("paper", "code")
 
@@ -58,11 +58,6 @@ class EqualDistance(Method):
                     f"equal_distance: layer {layer}'s attention has no module giving the query and key before "
                     f"rotary position ({error}); its adapter must name them (ModelAdapter.pre_rotary_modules)"
                 ) from None
-        refuse_static_cache(
-            engine,
-            "equal_distance: the prompt's keys before rotary are kept beside a dynamic KV cache; a static cache "
-            "(cache_implementation='static') has fixed lengths. Use the default cache.",
-        )
 
     def uses_unrotated(self, layer: int) -> bool:
         return layer in self.chosen

@@ -20,9 +20,9 @@ from dataclasses import dataclass
 
 import torch
 
-from vlm_efficient.method import UNSTRUCTURED, AttentionEdit, Method
+from vlm_efficient.method import UNSTRUCTURED, AttentionEdit, Method, at_positions
 
-from .common import check_range, has_image, key_values, last_prompt_rows, parse_layers, scaled_range, scatter_positions
+from .common import check_range, has_image, last_prompt_rows, parse_layers, scaled_range, scatter_positions
 
 
 def gaze_shift_saliency(probs: torch.Tensor, question: torch.Tensor, image: torch.Tensor, head_ratio: float):
@@ -77,7 +77,7 @@ class GIFT(Method):
             return None
         image = context.keys_where(run.layout.visual)[:, None, None, :]
         question = context.keys_where(run.layout.after_visual_text)[:, None, None, :]
-        boost = torch.exp(self.alpha * key_values(saliency, context.key_positions))[:, None, None, :]
+        boost = torch.exp(self.alpha * at_positions(saliency, context.key_positions, 0.0))[:, None, None, :]
 
         def post_softmax(probs):
             visual = (probs * image).sum(-1, keepdim=True)

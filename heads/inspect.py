@@ -210,7 +210,7 @@ def write_heatmaps(report: dict, directory: Path) -> list[str]:
 def _inspect(args) -> int:
     from PIL import Image
 
-    from vlm_efficient.models import build_prompt, load_model
+    from vlm_efficient.models import build_inputs, load_model
 
     box = None
     if args.ocr_box:
@@ -229,7 +229,7 @@ def _inspect(args) -> int:
         from vlm_efficient.testing import tiny_image
 
         image = tiny_image(0)
-    inputs = processor(images=[image], text=[build_prompt(processor, args.question)], return_tensors="pt").to(device)
+    inputs = build_inputs(processor, image, args.question, device, getattr(torch, args.dtype))
     report = inspect_model(model, dict(inputs), tau=args.tau, ocr_box=box)
     report.update(model=args.model, question=args.question, image=args.image or "built-in sample")
     tokenizer = getattr(processor, "tokenizer", processor)

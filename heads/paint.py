@@ -20,9 +20,9 @@ from dataclasses import dataclass
 import torch
 
 from vlm_efficient.kernels import GroupSpec
-from vlm_efficient.method import AttentionEdit, KernelEdit, Method
+from vlm_efficient.method import AttentionEdit, KernelEdit, Method, at_positions
 
-from .common import has_image, key_values, last_position, last_prompt_rows, parse_layers
+from .common import has_image, last_position, last_prompt_rows, parse_layers
 
 
 def cls_attention(attention, hidden: torch.Tensor) -> torch.Tensor:
@@ -117,7 +117,7 @@ class PAINT(Method):
         if layer not in self.chosen or not has_image(run):
             return None
         coefficient = self._groups(run)
-        coefficient = key_values(coefficient, context.key_positions)[:, None, None, :]
+        coefficient = at_positions(coefficient, context.key_positions, 0.0)[:, None, None, :]
         return AttentionEdit(logit_abs=coefficient, rows=last_prompt_rows(context))
 
     def kernel_edit(self, layer, run, prefill):

@@ -12,18 +12,9 @@ from dataclasses import dataclass
 import torch
 
 from vlm_efficient.kernels import MaskSpec
+from vlm_efficient.method import at_positions
 
 from .common import PrefillMask, same_token
-
-
-def at_positions(per_position: torch.Tensor, positions: torch.Tensor, fill) -> torch.Tensor:
-    """per_position [B, N, ...] at positions [B, n] (out of the prompt -> fill)."""
-    length = per_position.shape[1]
-    inside = (positions >= 0) & (positions < length)
-    index = positions.clamp(0, length - 1).to(per_position.device)
-    shape = (*index.shape, *per_position.shape[2:])
-    values = per_position.gather(1, index.view(*index.shape, *[1] * (per_position.dim() - 2)).expand(shape))
-    return torch.where(inside.view(*index.shape, *[1] * (per_position.dim() - 2)).to(values.device), values, fill)
 
 
 @dataclass

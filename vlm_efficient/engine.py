@@ -34,7 +34,7 @@ from .adapters import ModelAdapter, get_adapter
 from .attention import edited_attention, received_attention
 from .kernel_plan import KernelRouter
 from .layout import ModalityLayout, build_layout
-from .method import BEFORE_LLM, AttentionContext, AttentionRequest, AttentionStats, Method, Selection
+from .method import BEFORE_LLM, AttentionContext, AttentionRequest, AttentionStats, Method, Selection, edits_attention
 
 ATTENTION_NAME = "vlm_efficient"
 
@@ -134,6 +134,7 @@ class RunState:
     layer_kwargs_cache: dict = field(default_factory=dict)
     pre_rotary_keys: dict[int, torch.Tensor] = field(default_factory=dict)  # prompt keys before rotary, per layer
     counts: dict = field(default_factory=dict)  # row_counts() of the current row set
+    gathered: tuple = ()  # (rows, input_positions, positions): `positions` of that row set, gathered once
 
     def memory(self, owner) -> dict:
         """A method's (or adapter's) private dict for this run; keyed by identity as methods are unhashable."""
@@ -150,7 +151,10 @@ class RunState:
             return self.input_positions
         if self.input_positions is None:
             return self.rows
-        return _gather_rows(self.input_positions, self.rows, fill=-1)
+        # once per row set: every layer then stores the same tensor (and shares one decoding mask, _layer_kwargs)
+        if not self.gathered or self.gathered[0] is not self.rows or self.gathered[1] is not self.input_positions:
+            self.gathered = (self.rows, self.input_positions, _gather_rows(self.input_positions, self.rows, fill=-1))
+        return self.gathered[2]
 
     def current_positions(self) -> torch.Tensor:
         positions = self.positions
@@ -307,11 +311,8 @@ class Engine:
         if past == 0:
             if input_ids is None:
                 raise ValueError("a wrapped model needs input_ids at prefill to locate the image tokens")
-            if self.shrinks and getattr(cache, "is_compileable", False):
-                raise ValueError(
-                    "token pruning needs a dynamic KV cache (layers of different lengths); a static cache has "
-                    "fixed per-layer lengths. Use the default cache (no cache_implementation='static')."
-                )
+            if getattr(cache, "is_compileable", False):
+                self._refuse_static_cache()
             encoded = kwargs.get("mm_encoder_outputs") or {}
             captured = iter(self._captured_grids)
             grids = {modality: next(captured, None) for modality in ("image", "video") if encoded.get(modality)}
@@ -336,6 +337,21 @@ class Engine:
             ones = torch.ones(run.layout.batch_size, step, dtype=torch.bool, device=run.attention_mask_2d.device)
             run.attention_mask_2d = torch.cat([run.attention_mask_2d, ones], dim=1)
         return None
+
+    def _refuse_static_cache(self) -> None:
+        """A static cache holds max_cache_len keys per layer whatever was fed: pruning needs layers of different
+        lengths, and attention edits are expressed over the keys actually cached (they would not match its shape)."""
+        if self.shrinks:
+            raise ValueError(
+                "token pruning needs a dynamic KV cache (layers of different lengths); a static cache has "
+                "fixed per-layer lengths. Use the default cache (no cache_implementation='static')."
+            )
+        editing = [m.name for m in self.methods if edits_attention(m)]
+        if editing:
+            raise ValueError(
+                f"{', '.join(editing)}: attention edits are expressed over the keys a dynamic KV cache holds; a static "
+                "cache (cache_implementation='static') has fixed lengths. Use the default cache."
+            )
 
     def _on_vision_call(self, module, args, kwargs):
         grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
@@ -493,13 +509,17 @@ class Engine:
         else:
             edits = self.attention_edits(idx, query, key)
             unrotated = self.pre_rotary(idx, query, key)
-            if edits:
-                output = edited_attention(query, key, value, attention_mask, scaling, edits, unrotated), None
-            else:
-                output = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+            output = self.dense_attention(module, query, key, value, attention_mask, kwargs, scaling, edits, unrotated)
             delivered = ()
         self.after_attention(module, query, key, attention_mask, scaling, delivered)
         return output
+
+    @staticmethod
+    def dense_attention(module, query, key, value, attention_mask, kwargs, scaling, edits, unrotated):
+        """The path with the kernels off: SDPA untouched, or the dense torch attention where `edits` edit the call."""
+        if not edits:
+            return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+        return edited_attention(query, key, value, attention_mask, scaling, edits, unrotated), None
 
     def attention_context(self, idx: int, query: torch.Tensor) -> AttentionContext:
         """What attention_edit gets: original positions of this call's query rows and of layer idx's cached keys."""
@@ -515,7 +535,7 @@ class Engine:
         context = None
         edits = []
         for method in self.methods:
-            if type(method).attention_edit is Method.attention_edit:
+            if not edits_attention(method):
                 continue
             if known is not None and id(method) in known:
                 edit = known[id(method)]

@@ -39,8 +39,7 @@ import torch
 import torch.nn.functional as F
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from .attention import edited_attention
-from .method import UNSTRUCTURED, AttentionStats, KernelEdit, Method
+from .method import UNSTRUCTURED, AttentionStats, KernelEdit, at_positions, edits_attention
 
 if typing.TYPE_CHECKING:
     from .engine import Engine, RunState
@@ -94,14 +93,6 @@ def _position_layout(layout) -> dict[str, torch.Tensor]:
         "grid_row": torch.where(visual, row, -1),
         "grid_col": torch.where(visual, col, -1),
     }
-
-
-def _gather(per_position: torch.Tensor, positions: torch.Tensor, fill) -> torch.Tensor:
-    """per_position [B, N] at positions [B, n]; positions outside the prompt (-1 slot padding, generated) -> fill."""
-    length = per_position.shape[1]
-    per_position = per_position.to(positions.device)
-    inside = (positions >= 0) & (positions < length)
-    return torch.where(inside, per_position.gather(1, positions.clamp(0, length - 1)), fill)
 
 
 # ---- composition -----------------------------------------------------------------------------------------------------
@@ -237,7 +228,7 @@ class KernelRouter:
             return cache[layer]
         parts, unstructured = [], []
         for method in self.engine.methods:
-            if type(method).attention_edit is Method.attention_edit:
+            if not edits_attention(method):
                 continue
             part = method.kernel_edit(layer, run, run.prefill)
             if part is UNSTRUCTURED:
@@ -277,9 +268,8 @@ class KernelRouter:
         if plan is None or edits or not ok or (plan.mask is not None and not run.prefill):
             self.routes(run)[(phase, layer)] = "dense"
             edits = edits or engine.attention_edits(layer, query, key)
-            if not edits:
-                return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs), ()
-            return (edited_attention(query, key, value, attention_mask, scaling, edits, unrotated), None), ()
+            return engine.dense_attention(module, query, key, value, attention_mask, kwargs, scaling, edits,
+                                          unrotated), ()
         kernels = _kernels()
         delivered = ()
         if plan.group is not None:
@@ -343,9 +333,9 @@ class KernelRouter:
         the layer's prompt keys (_decode_keys) for the generated keys (group 0, no bias; every row selected)."""
         if run.prefill:
             positions = run.current_positions().to(query.device)
-            group = _gather(edit.groups, positions, 0)
-            rows = None if edit.rows is None else _gather(edit.rows, positions, False)
-            bias = None if edit.key_bias is None else _gather(edit.key_bias.float(), positions, 0.0)
+            group = at_positions(edit.groups, positions, 0)
+            rows = None if edit.rows is None else at_positions(edit.rows, positions, False)
+            bias = None if edit.key_bias is None else at_positions(edit.key_bias.float(), positions, 0.0)
             return group, rows, bias
         group, bias = self._decode_keys(edit, layer, run, query.device, decode_cache)
         extra = kv_len - group.shape[1]
@@ -355,8 +345,8 @@ class KernelRouter:
         """(groups [B, m], key bias [B, m] or None) of the m prompt keys layer `layer` cached, once per decoding."""
         if "group" not in cache:
             prompt = self._prompt_keys(run, layer, device)
-            cache["group"] = _gather(edit.groups, prompt, 0)
-            cache["bias"] = None if edit.key_bias is None else _gather(edit.key_bias.float(), prompt, 0.0)
+            cache["group"] = at_positions(edit.groups, prompt, 0)
+            cache["bias"] = None if edit.key_bias is None else at_positions(edit.key_bias.float(), prompt, 0.0)
         return cache["group"], cache["bias"]
 
     @staticmethod
@@ -416,7 +406,7 @@ class KernelRouter:
         entry = cache.get(key)
         if entry is None or entry[0] is not rows:
             positions = run.current_positions().to(device)
-            fields = {name: _gather(values, positions, -1 if name != "is_image" else False)
+            fields = {name: at_positions(values, positions, -1 if name != "is_image" else False)
                       for name, values in memory["layout"].items()}
             fields["role"] = torch.where(positions >= 0, fields["role"], kernels.ROLE_PAD)
             valid = key_valid if key_valid is not None else torch.ones_like(fields["is_image"])
@@ -431,7 +421,7 @@ class KernelRouter:
         factors = edit.head_scale.to(device=device, dtype=output.dtype)[:, None, :, None]
         if edit.rows is None or not run.prefill:
             return output * factors
-        rows = _gather(edit.rows, run.current_positions().to(device), False)
+        rows = at_positions(edit.rows, run.current_positions().to(device), False)
         return torch.where(rows[:, :, None, None], output * factors, output)
 
 

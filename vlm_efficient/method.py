@@ -72,6 +72,18 @@ class Selection:
     hidden: torch.Tensor | None = None
 
 
+def at_positions(per_position: torch.Tensor, positions: torch.Tensor, fill) -> torch.Tensor:
+    """per_position [B, N, ...] (a prompt property, e.g. layout.visual) at original positions [B, n] -> [B, n, ...] on
+    positions' device; positions outside the prompt (-1 slot padding, generated tokens) get `fill`."""
+    per_position = per_position.to(positions.device)
+    length = per_position.shape[1]
+    trailing = [1] * (per_position.dim() - 2)
+    index = positions.clamp(0, length - 1).view(*positions.shape, *trailing)
+    values = per_position.gather(1, index.expand(*positions.shape, *per_position.shape[2:]))
+    inside = (positions >= 0) & (positions < length)
+    return torch.where(inside.view(*positions.shape, *trailing), values, fill)
+
+
 @dataclass
 class AttentionContext:
     """What an edit is expressed in: ORIGINAL positions of the query rows [B, q] and of the cached keys [B, kv]
@@ -82,19 +94,11 @@ class AttentionContext:
     prefill: bool
     num_heads: int
 
-    @staticmethod
-    def _lookup(per_position: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """per_position [B, N] (a prompt property, e.g. layout.visual) at `positions`; False for slot padding and
-        generated tokens."""
-        per_position = per_position.to(positions.device)
-        inside = (positions >= 0) & (positions < per_position.shape[1])
-        return per_position.gather(1, positions.clamp(0, per_position.shape[1] - 1)) & inside
-
     def keys_where(self, per_position: torch.Tensor) -> torch.Tensor:
-        return self._lookup(per_position, self.key_positions)
+        return at_positions(per_position, self.key_positions, False)
 
     def queries_where(self, per_position: torch.Tensor) -> torch.Tensor:
-        return self._lookup(per_position, self.query_positions)
+        return at_positions(per_position, self.query_positions, False)
 
 
 @dataclass
@@ -223,3 +227,8 @@ class Method:
 
         params = ",".join(f"{f.name}={text(getattr(self, f.name))}" for f in dataclasses.fields(self))
         return f"{self.name}:{params}" if params else self.name
+
+
+def edits_attention(method: Method) -> bool:
+    """Whether `method` may edit attention at all (it overrides attention_edit)."""
+    return type(method).attention_edit is not Method.attention_edit
