@@ -3,8 +3,9 @@
 Per method spec ("" = the base: the unwrapped model, SDPA): prefill ms (one forward over the prompt,
 vision tower included), time to first token (generate() until its first logits), decode tokens/s, peak memory,
 KV-cache bytes and FLOPs (from vlm_efficient.stats), and their ratios to the base measured in the same run.
-Medians over `repeats` timed runs after a warm-up. The model is a real checkpoint (a directory, a hub id,
-`testbed`, `tiny:<family>`) or a random-weight architecture of archs.ARCHS. Peak memory is CUDA's maximum
+Medians over `repeats` timed rounds after a warm-up round; each round times every spec once (interleaved). The
+model is a real checkpoint (a directory, a hub id, `testbed`, `tiny:<family>`) or a random-weight architecture of
+archs.ARCHS. Peak memory is CUDA's maximum
 allocated per method on GPU; on CPU it is the process's peak RSS, which never goes down (compare on GPU).
 """
 
@@ -16,6 +17,7 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 import vlm_efficient
 
@@ -31,41 +33,39 @@ def _inputs(processor, image_size: int, batch_size: int, model):
     return batch_inputs(processor, [prompt] * batch_size, images, model)
 
 
-def _measure(model, inputs, max_new_tokens: int, repeats: int) -> dict:
+def _time_once(model, inputs, max_new_tokens: int) -> tuple[float, float, float]:
+    """(prefill ms, time to first token ms, decode tokens/s) of one forward and one generate()."""
     from transformers import LogitsProcessorList
 
     device = next(model.parameters()).device
     batch, n_in = inputs["input_ids"].shape
     generate = dict(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False, num_beams=1)
-    prefill, first, decode = [], [], []
     with torch.inference_mode():
-        model(**inputs, logits_to_keep=1)  # warm-up (allocator, kernel choice, first-call work)
+        _sync(device)
+        start = time.perf_counter()
+        model(**inputs, logits_to_keep=1)
+        _sync(device)
+        prefill = 1e3 * (time.perf_counter() - start)
+        clock = _FirstTokenClock(device)
+        start = time.perf_counter()
+        out = model.generate(**inputs, **generate, logits_processor=LogitsProcessorList([clock]))
+        _sync(device)
+        end = time.perf_counter()
+    steps = out.shape[1] - n_in
+    decode = batch * (steps - 1) / (end - clock.at) if steps > 1 else float("nan")
+    return prefill, 1e3 * (clock.at - start), decode
+
+
+def _warm_and_count(model, inputs, spec: str, max_new_tokens: int) -> dict:
+    """A warm-up forward and generate() (allocator, kernel choice, Triton compilation), then one generate() under
+    the spec (the base under a no-op wrap, which changes nothing in the computation) for the engine's statistics."""
+    generate = dict(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False)
+    with torch.inference_mode():
+        model(**inputs, logits_to_keep=1)
         model.generate(**inputs, **{**generate, "max_new_tokens": 2, "min_new_tokens": 2})
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        for _ in range(repeats):
-            _sync(device)
-            start = time.perf_counter()
-            model(**inputs, logits_to_keep=1)
-            _sync(device)
-            prefill.append(1e3 * (time.perf_counter() - start))
-            clock = _FirstTokenClock(device)
-            start = time.perf_counter()
-            out = model.generate(**inputs, **generate, logits_processor=LogitsProcessorList([clock]))
-            _sync(device)
-            end = time.perf_counter()
-            steps = out.shape[1] - n_in
-            first.append(1e3 * (clock.at - start))
-            decode.append(batch * (steps - 1) / (end - clock.at) if steps > 1 else float("nan"))
-    return {
-        "prefill_ms": statistics.median(prefill),
-        "ttft_ms": statistics.median(first),
-        "decode_tokens_per_s": statistics.median(decode),
-        "peak_memory_bytes": _peak_memory(device),
-    }
-
-
-def _stats(model) -> dict:
+        if not spec:
+            vlm_efficient.wrap(model, "")
+        model.generate(**inputs, **generate)
     s = vlm_efficient.stats(model)
     return {
         "kv_cache_bytes": s.kv_cache_bytes,
@@ -78,21 +78,100 @@ def _stats(model) -> dict:
     }
 
 
+def measure_all(model, inputs, specs: list[str], max_new_tokens: int, repeats: int) -> dict:
+    """Timings (medians) and engine statistics of `model` under each spec ("" = the base: unwrapped, plain SDPA).
+    Round 0 warms every spec up and counts its tokens; rounds 1..repeats time every spec once each, interleaved, so
+    a drift of the machine during the run (clocks, other tenants) reaches every spec alike. Peak memory: the largest
+    over the spec's timed runs (CUDA's maximum allocated; on CPU the process's peak RSS, which never goes down)."""
+    device = next(model.parameters()).device
+    times = {spec: [] for spec in specs}
+    peaks = dict.fromkeys(specs, 0)
+    counts = {}
+    for round_ in tqdm(range(repeats + 1), desc="bench rounds", leave=False):
+        for spec in specs:
+            if spec:
+                vlm_efficient.wrap(model, spec)
+            try:
+                if round_ == 0:
+                    counts[spec] = _warm_and_count(model, inputs, spec, max_new_tokens)
+                    continue
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                times[spec].append(_time_once(model, inputs, max_new_tokens))
+                peaks[spec] = max(peaks[spec], _peak_memory(device))
+            finally:
+                if vlm_efficient.is_wrapped(model):
+                    vlm_efficient.unwrap(model)
+    result = {}
+    for spec in specs:
+        prefill, first, decode = zip(*times[spec])
+        result[spec] = {"prefill_ms": statistics.median(prefill), "ttft_ms": statistics.median(first),
+                        "decode_tokens_per_s": statistics.median(decode), "peak_memory_bytes": peaks[spec],
+                        **counts[spec]}  # fmt: skip
+    return result
+
+
 def measure(model, inputs, spec: str, max_new_tokens: int, repeats: int) -> dict:
-    """Timings (medians) and engine statistics of `model` wrapped in `spec` on `inputs`. The base ("") is timed
-    unwrapped (plain SDPA); its token counts, KV bytes and FLOPs come from one more generate() under a no-op wrap,
-    which changes nothing in the computation."""
-    timed = _measure(model, inputs, max_new_tokens, repeats) if not spec else None
-    vlm_efficient.wrap(model, spec)
+    """measure_all for one spec."""
+    return measure_all(model, inputs, [spec], max_new_tokens, repeats)[spec]
+
+
+# the host waits for the GPU: the CUDA runtime's waits, and the ops that read a device value on the host (.item(),
+# .tolist(), bool(tensor), nonzero), which also mark the would-be syncs of a CPU run
+SYNC_EVENTS = {"cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaMemcpy", "aten::_local_scalar_dense",
+               "aten::nonzero"}
+
+
+PROFILE_TOKENS = 4  # new tokens of the profiled generate(): the profiler's event processing grows with the steps
+
+
+def profile_spec(model, inputs, spec: str, max_new_tokens: int = PROFILE_TOKENS) -> dict:
+    """Where one prefill forward and one short generate() under `spec` spend their time (torch.profiler, after a warm-up):
+    wall ms, host-side aten ops, host syncs (SYNC_EVENTS: each one drains the GPU queue; on CPU the ops that would
+    sync on a GPU are counted), GPU kernels launched and their summed GPU time. GPU time well under the wall time
+    means the run is host-bound: fewer FLOPs then save nothing, fewer host ops and syncs do."""
+    from torch.profiler import ProfilerActivity, profile
+
+    device = next(model.parameters()).device
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    generate = dict(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False)
+    if spec:
+        vlm_efficient.wrap(model, spec)
     try:
-        timed = timed or _measure(model, inputs, max_new_tokens, repeats)
-        if not spec:
+        result = {}
+        for phase, call in (("prefill", lambda: model(**inputs, logits_to_keep=1)),
+                            ("generate", lambda: model.generate(**inputs, **generate))):
             with torch.inference_mode():
-                model.generate(**inputs, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
-                               do_sample=False)  # fmt: skip
-        return {**timed, **_stats(model)}
+                call()
+                _sync(device)
+                start = time.perf_counter()
+                with profile(activities=activities) as prof:
+                    call()
+                    _sync(device)
+                wall = 1e3 * (time.perf_counter() - start)
+            events = prof.events()
+            gpu = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+            result[phase] = {
+                "wall_ms_profiled": wall,
+                "aten_ops": sum(e.name.startswith("aten::") for e in events),
+                "host_syncs": sum(e.name in SYNC_EVENTS for e in events),
+                "gpu_kernels": sum(e.name not in ("Memcpy", "Memset") and not e.name.startswith("Mem") for e in gpu),
+                "gpu_ms": sum(e.device_time_total for e in gpu if not e.name.startswith("Mem")) / 1e3,
+            }
+        return result
     finally:
-        vlm_efficient.unwrap(model)
+        if vlm_efficient.is_wrapped(model):
+            vlm_efficient.unwrap(model)
+
+
+def format_profile(profiles: dict) -> str:
+    lines = ["| methods | phase | wall ms (profiled) | aten ops | host syncs | GPU kernels | GPU busy ms |",
+             "|---|---|---|---|---|---|---|"]
+    for name, phases in profiles.items():
+        for phase, p in phases.items():
+            lines.append(f"| {name} | {phase} | {p['wall_ms_profiled']:.1f} | {p['aten_ops']} | {p['host_syncs']} | "
+                         f"{p['gpu_kernels']} | {p['gpu_ms']:.1f} |")
+    return "\n".join(lines)
 
 
 RATIOS = {  # name -> (measure, base / method when True: a speed-up; method / base otherwise)
@@ -113,7 +192,7 @@ def add_ratios(run: dict, base: dict) -> None:
 
 
 def bench(model_name: str, specs: list[str], *, device="cpu", dtype=torch.float32, layers=None, batch_size=1,
-          image_size=None, max_new_tokens=32, repeats=3, output=None) -> dict:  # fmt: skip
+          image_size=None, max_new_tokens=32, repeats=3, output=None, profile=False) -> dict:  # fmt: skip
     """Measure each spec (the first should be "", the base) on `model_name`; write bench.json / .md / .png to
     `output` when given."""
     from vlm_efficient import parse_methods
@@ -136,20 +215,30 @@ def bench(model_name: str, specs: list[str], *, device="cpu", dtype=torch.float3
     inputs = _inputs(processor, size, batch_size, model)
     with torch.inference_mode():  # the first spec (the base) would otherwise pay for clocks and allocator warm-up
         model.generate(**inputs, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False)
-    runs = {spec or "base": measure(model, inputs, spec, max_new_tokens, repeats) for spec in specs}
+    runs = {spec or "base": run for spec, run in measure_all(model, inputs, specs, max_new_tokens, repeats).items()}
     base = runs[specs[0] or "base"]
     for run in runs.values():
         add_ratios(run, base)
     result = {"model": model_name, "device": str(device), "dtype": str(dtype).replace("torch.", ""), "layers": layers,
               "batch_size": batch_size, "image_size": size, "max_new_tokens": max_new_tokens, "repeats": repeats,
               "parameters": sum(p.numel() for p in model.parameters()), "runs": runs}  # fmt: skip
-    if output:
-        out = Path(output)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "bench.json").write_text(json.dumps(result, indent=2))
-        (out / "bench.md").write_text(format_bench(result) + "\n")
-        plot_bench(result, out / "bench.png")
+    _write(result, output)
+    if profile:  # after the timings are written: profiling a 7B model takes a while
+        result["profiles"] = {spec or "base": profile_spec(model, inputs, spec) for spec in specs}
+        _write(result, output)
     return result
+
+
+def _write(result: dict, output) -> None:
+    if not output:
+        return
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps(result, indent=2))
+    profiles = result.get("profiles")
+    profile_table = "\n" + format_profile(profiles) + "\n" if profiles else ""
+    (out / "bench.md").write_text(format_bench(result) + "\n" + profile_table)
+    plot_bench(result, out / "bench.png")
 
 
 def format_bench(result: dict) -> str:

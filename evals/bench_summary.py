@@ -11,6 +11,8 @@ import json
 import sys
 from pathlib import Path
 
+from .bench import PROFILE_TOKENS
+
 
 def load_runs(root) -> dict:
     """{(model, set): {kernels: bench result}} from root/<model>_<set>_<kernels>/bench.json."""
@@ -24,6 +26,16 @@ def load_runs(root) -> dict:
 def _cell(result, name, fmt) -> str:
     run = result["runs"].get(name)
     return fmt(run, result["runs"]["base"]) if run else "-"
+
+
+def _profile_table(profiles: dict) -> str:
+    lines = ["| method | prefill wall / GPU busy ms | prefill aten ops / host syncs | generate wall / GPU busy ms | "
+             "generate aten ops / host syncs |", "|---|---|---|---|---|"]  # fmt: skip
+    for name, p in profiles.items():
+        cells = [f"{p[phase]['wall_ms_profiled']:.1f} / {p[phase]['gpu_ms']:.1f} | "
+                 f"{p[phase]['aten_ops']} / {p[phase]['host_syncs']}" for phase in ("prefill", "generate")]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def summary(root) -> str:
@@ -50,6 +62,10 @@ def summary(root) -> str:
             row += [_cell(by_kernels[k], name, fmt) for fmt in columns.values() for k in order]
             out.append("| " + " | ".join(row) + " |")
         out.append("")
+        for kernels, result in by_kernels.items():
+            if result.get("profiles"):
+                out += [f"Profile ({kernels}): one prefill forward and one generate() of {PROFILE_TOKENS} tokens per "
+                        "method under torch.profiler", "", _profile_table(result["profiles"]), ""]
     out.append("auto = Triton kernels routed by the engine (vlm_efficient/kernel_plan.py); off = SDPA plus the "
                "engine's torch paths. 'of FLOP-allowed' = measured prefill speed-up x FLOPs ratio (1 = all of it).")  # fmt: skip
     return "\n".join(out)

@@ -78,14 +78,16 @@ def _bench(args) -> int:
 
     from vlm_efficient.models import default_device
 
-    from .bench import bench, format_bench
+    from .bench import bench, format_bench, format_profile
 
     args.device = args.device or default_device()
     result = bench(args.model, [""] + [m for m in args.methods.split(";") if m.strip()], device=args.device,
                    dtype=getattr(torch, args.dtype), layers=args.layers, batch_size=args.batch_size,
                    image_size=args.image_size, max_new_tokens=args.max_new_tokens, repeats=args.repeats,
-                   output=args.output)  # fmt: skip
+                   output=args.output, profile=args.profile)  # fmt: skip
     print(format_bench(result))
+    if args.profile:
+        print("\n" + format_profile(result["profiles"]))
     return 0
 
 
@@ -121,3 +123,5 @@ def register(subparsers) -> None:
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3, help="timed runs per method; medians are reported")
     p.add_argument("--output", default=None, help="directory for bench.json, bench.md and bench.png")
+    p.add_argument("--profile", action="store_true",
+                   help="also profile one prefill and one generate() per method: host ops, syncs, GPU busy time")

@@ -51,6 +51,12 @@ group_attention(query, key, value, *, key_group, spec: GroupSpec, key_valid=None
     Formulas: group_attention.py docstring. Specs the kernel cannot run (more than two distinct keep/receive columns
     besides the sink group) fall back to the reference with a warning under backend="auto".
 
+group_decode_attention(query [B, Hq, 1, d], key, value, *, key_group, spec: GroupSpec, key_valid=None, scaling=None,
+                       key_bias=None) -> [B, 1, Hq, d]
+    group_attention for one decoding row per sample (every row selected), up to 4 key groups, one launch.
+    key_group [B, >= Nk] int32 and key_bias [B, >= Nk] may be longer than the cache (a buffer for the coming steps:
+    the first Nk entries are read). group_decode.py docstring.
+
 ragged_decode_attention(query [B, Hq, 1, d], cache: RaggedKVCache, *, scaling=None, out=None) -> [B, 1, Hq, d]
     Decode over per-(batch, kv head) token subsets (PLPHP). Build once per layer after prefill pruning:
         cache = RaggedKVCache.from_dense(key, value, keep, max_new_tokens=T, key_valid=valid)
@@ -66,6 +72,8 @@ import warnings
 from ._common import triton_available, use_triton
 from .attention_stats import attention_with_received_stats_reference
 from .group_attention import GroupSpec, group_attention_reference
+from .group_decode import MAX_GROUPS as MAX_DECODE_GROUPS
+from .group_decode import group_decode_reference
 from .layout import (
     ROLE_IMAGE,
     ROLE_LAST,
@@ -89,7 +97,7 @@ __all__ = [
     "BlockLists", "GroupSpec", "MaskSpec", "RaggedKVCache", "StructuredMask", "TokenLayout",
     "attention_reference", "attention_with_received_stats", "attention_with_received_stats_reference",
     "build_block_lists", "build_mask", "dense_allowed", "dense_masked_decode", "flash_attention", "group_attention",
-    "group_attention_reference", "masked_attention", "masked_attention_reference", "ragged_decode_attention",
+    "group_attention_reference", "group_decode_attention", "group_decode_reference", "MAX_DECODE_GROUPS", "masked_attention", "masked_attention_reference", "ragged_decode_attention",
     "ragged_decode_attention_reference", "triton_available",
 ]
 
@@ -145,6 +153,16 @@ def group_attention(query, key, value, *, key_group, spec: GroupSpec, key_valid=
                 raise
             warnings.warn(f"group_attention: {err}; using the torch reference", stacklevel=2)
     return group_attention_reference(query, key, value, **kw)
+
+
+def group_decode_attention(query, key, value, *, key_group, spec: GroupSpec, key_valid=None, scaling=None,
+                           key_bias=None, backend="auto", force_reference=False):
+    scaling = default_scaling(query) if scaling is None else scaling
+    kw = dict(key_group=key_group, spec=spec, key_valid=key_valid, scaling=scaling, key_bias=key_bias)
+    if use_triton(_backend(backend, force_reference), query, key, value):
+        from .group_decode import group_decode_triton
+        return group_decode_triton(query, key, value, **kw)
+    return group_decode_reference(query, key, value, **kw)
 
 
 def ragged_decode_attention(query, cache: RaggedKVCache, *, scaling=None, out=None, backend="auto",

@@ -28,6 +28,7 @@ from . import (
     attention_with_received_stats,
     flash_attention,
     group_attention,
+    group_decode_attention,
     masked_attention,
     ragged_decode_attention,
 )
@@ -244,6 +245,43 @@ class Checks:
             self.record(f"group {name} {str(dt_j)[6:]}", e < TOL[dt_j] and ep > 3 * e and not torch.isnan(o).any(),
                         f"rel={e:.2e} (plain differs by {ep:.2e})")
 
+    def group_decode(self):
+        """The decoding form: one row per sample against the reference, group / bias buffers longer than the cache,
+        key padding given as a strided bool view (as the engine passes the attention mask's last row)."""
+        tiny = self.size == "tiny"
+        cfgs = [(2, 8, 2, 40, 64), (2, 4, 4, 37, 80), (1, 8, 1, 50, 128)] if tiny else \
+            [(2, 32, 32, 700, 128), (2, 28, 4, 3000, 128), (1, 32, 8, 1200, 64)]
+        presets = lambda hq: {  # noqa: E731
+            "pai": GroupSpec.pai(hq, 0.5, image_group=1, num_groups=3),
+            "vaf": GroupSpec.vaf(hq, [0.95, 1.15, 1.0, 1.3], heads=[0, 2]),
+            "var": GroupSpec.var(hq, p=0.6, rho=0.3, min_image_mass=0.05),
+            "act": GroupSpec.act(hq, 0.4, sink_group=2, num_groups=3),
+            "mixed+key_bias": GroupSpec(hq, 3, logit_abs=torch.rand(hq, 3, generator=self.gen),
+                                        logit_bias=torch.randn(hq, 3, generator=self.gen),
+                                        keep=torch.tensor([1.0, 1.0, 0.3]), receive=torch.tensor([0.0, 1.0, 0.0])),
+        }
+        for i, (b, hq, hkv, n, d) in enumerate(cfgs):
+            for j, (name, spec) in enumerate(presets(hq).items()):
+                dt = (torch.bfloat16, torch.float16, torch.float32)[(i + j) % 3]
+                q, k, v = _qkv(b, hq, hkv, 1, n, d, dt, self.device, self.gen)
+                q = q * 2
+                groups = torch.randint(0, spec.num_groups, (b, n + 9), generator=self.gen, dtype=torch.int32)
+                groups[:, 2:5] = spec.num_groups - 1  # a few sinks in the last group (var / act)
+                groups[:, n:] = 0  # the buffer beyond the cache: generated keys
+                mask = torch.ones(b, 1, 1, n, dtype=torch.bool)
+                mask[-1, ..., :3] = False
+                key_valid = mask.to(self.device)[:, 0, -1, :]  # a strided view, as the engine passes it
+                kbias = torch.randn(b, n + 9, generator=self.gen) if "key_bias" in name else None
+                kw = dict(key_group=groups.to(self.device), spec=spec, key_valid=key_valid,
+                          key_bias=None if kbias is None else kbias.to(self.device))
+                o = group_decode_attention(q, k, v, backend=self.backend, **kw)
+                r = group_decode_attention(q, k, v, backend="reference", **kw)
+                plain = flash_attention(q, k, v, key_valid=key_valid, causal=False, backend="reference")
+                e, ep = rel(o, r), rel(plain, r)
+                self.record(f"group_decode {name} {b}x{hq}/{hkv}x{n}x{d} {str(dt)[6:]}",
+                            e < TOL[dt] and ep > 3 * e and not torch.isnan(o).any(),
+                            f"rel={e:.2e} (plain differs by {ep:.2e})")
+
     # ------------------------------------------------------------------ kernel 4
     def ragged(self):
         tiny = self.size == "tiny"
@@ -315,7 +353,7 @@ class Checks:
         self.record("ragged cuda-graph replay (append + attention)", worst < TOL[dt], f"rel={worst:.2e}")
 
     def run(self, only=None):
-        for fn in (self.plain, self.masked, self.stats, self.group, self.ragged, self.ragged_graph):
+        for fn in (self.plain, self.masked, self.stats, self.group, self.group_decode, self.ragged, self.ragged_graph):
             if only and fn.__name__ not in only:
                 continue
             t = time.time()

@@ -15,7 +15,7 @@ export PYTHONPATH=/tmp/shim PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
 } > "$OUT/env.txt" 2>&1
 pids=()
 if [ "${CHECKS:-1}" = "1" ]; then
-  for sec in plain masked stats group "ragged ragged_graph"; do
+  for sec in plain masked stats group group_decode "ragged ragged_graph"; do
     python3 -m vlm_efficient.kernels.checks --size gpu --only $sec > "/tmp/chk_${sec// /_}.txt" 2>&1 &
     pids+=($!)
   done

@@ -24,20 +24,36 @@ def exact_fp32():
     torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
+def assert_same_up_to_near_ties(cpu, gpu, margin=1e-3):
+    """Greedy tokens equal, or the first difference falls where the CPU's two best logits were within `margin` (a
+    near tie that fp32 rounding on another device may break either way; after it the texts legitimately differ)."""
+    tokens_cpu, tokens_gpu = cpu.sequences, gpu.sequences.cpu()
+    steps = len(cpu.logits)
+    new_cpu, new_gpu = tokens_cpu[:, -steps:], tokens_gpu[:, -steps:]
+    assert torch.equal(tokens_cpu[:, :-steps], tokens_gpu[:, :-steps])
+    for sample in range(tokens_cpu.shape[0]):
+        differ = (new_cpu[sample] != new_gpu[sample]).nonzero()
+        if len(differ):
+            step = int(differ[0])
+            top2 = cpu.logits[step][sample].float().topk(2).values
+            gap = float(top2[0] - top2[1])
+            assert gap < margin, f"sample {sample} differs at step {step}, where the CPU's top-2 gap is {gap:.2e}"
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("spec", SPECS)
 def test_cuda_matches_cpu(family, spec, exact_fp32):
-    """fp32 on the GPU keeps the CPU's tokens (same kept sets, same greedy text)."""
+    """fp32 on the GPU keeps the CPU's kept sets and greedy tokens (up to near ties)."""
     model, processor = tiny_model(family)
     batch = two_samples(processor)
     ve.wrap(model, spec)
-    cpu = greedy(model, batch).sequences
+    cpu = greedy(model, batch)
     kept_cpu = ve.stats(model).tokens_per_layer_per_sample
     model.cuda()
-    gpu = greedy(model, batch.to("cuda")).sequences.cpu()
+    gpu = greedy(model, batch.to("cuda"))
     assert ve.stats(model).tokens_per_layer_per_sample == kept_cpu
     ve.unwrap(model)
-    assert torch.equal(cpu, gpu)
+    assert_same_up_to_near_ties(cpu, gpu)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -80,8 +96,8 @@ def test_model_split_across_devices(family):
 # ---- kernel routing (vlm_efficient/kernel_plan.py): the Triton kernels against the dense torch path ------------------
 ROUTED_SPECS = ["pai:alpha=0.5", "vaf", "var:tau=2", "ocr_sink:heads=1.0/2.1/2.3/3.2", "vhr", "naavit", "window",
                 "knockout:edges=question-image/image-last", "fastv:layer=2,ratio=0.5+pai:alpha=0.5",
-                "pdrop:layers=1/2/3,ratio=0.5+vaf", "visionzip+var:tau=2"]
-KERNEL_ROUTES = {"group", "mask", "stats", "group+scale", "sdpa+scale", "bias"}
+                "pdrop:layers=1/2/3,ratio=0.5+vaf", "visionzip+var:tau=1"]
+KERNEL_ROUTES = {"group", "mask", "stats", "group+scale", "sdpa+scale"}
 
 
 def _routed_and_dense(model, batch, spec, monkeypatch, **kw):

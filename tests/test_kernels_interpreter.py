@@ -14,7 +14,7 @@ import pytest
 
 pytest.importorskip("triton")
 
-SECTIONS = ["plain", "masked", "stats", "group", "ragged"]
+SECTIONS = ["plain", "masked", "stats", "group", "group_decode", "ragged"]
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,8 @@ def _section(results, prefixes):
     ("plain", ["plain"]),
     ("masked", ["masked"]),
     ("stats", ["stats"]),
-    ("group", ["group"]),
+    ("group", ["group "]),
+    ("group_decode", ["group_decode"]),
     ("ragged", ["ragged"]),
 ])
 def test_kernel_matches_reference_in_interpreter(results, section, prefixes):

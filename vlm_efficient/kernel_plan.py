@@ -9,14 +9,13 @@ MaskSpec, per-head output factors). The router composes a layer's kernel edits i
                no edit, statistics asked           kernel 2: attention + received attention, 1 call  "stats"
                one group edit                      kernel 3 (group_attention)                          "group"
                one mask                            kernel 1 (masked_attention)                         "mask"
-    decoding   group edit on logits only (group 0,  SDPA with the additive bias a*(scale-1) + abs|a| +   "bias"
-               the generated keys, untouched)      bias: exact; one matmul row, no fp32 K / V copies
-               group edit with redistribution      kernel 3 on the step's rows                         "group"
+    decoding   one group edit (up to 4 groups)     kernel 3's decoding form (group_decode): one launch  "group"
+                                                   over the layer's key-group buffer, no host work
     otherwise                                      the dense torch path (as with the kernels off)     "dense"
 
 "Otherwise": a method without a structured form edits the layer in this call, two group edits or a group edit and a
 mask in one layer, a mask outside the prefill, a GroupSpec kernel 3 cannot run (GroupSpec.prepare refuses it), or an
-attention mask that is not causal + key padding. A head_scale multiplies the output of whichever path runs ("+scale").
+attention mask that is not causal + key padding, a decoding group edit with more than 4 groups. A head_scale multiplies the output of whichever path runs ("+scale").
 Statistics requests other than the first of a layer, and probes, are computed after the call as with the kernels off.
 The route never depends on the backend, so the CPU tests with the torch references cover the GPU's routes.
 Decoding asks each layer's kernel edits once (methods fix their edits at prefill) and reuses them at every step.
@@ -40,6 +39,8 @@ import torch.nn.functional as F
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from .method import UNSTRUCTURED, AttentionStats, KernelEdit, at_positions, edits_attention
+
+DECODE_SLACK = 256  # generated keys the decoding key-group buffer holds before it grows
 
 if typing.TYPE_CHECKING:
     from .engine import Engine, RunState
@@ -118,17 +119,6 @@ def has_post(spec) -> bool:
     return spec._cache[key]
 
 
-def logits_only(spec) -> bool:
-    """Whether a GroupSpec only changes logits, group 0 (the keys of generated tokens) not at all: decoding rows then
-    take the "bias" route."""
-    key = ("kernel_plan", "logits_only")
-    if key not in spec._cache:
-        scale, absolute, bias, _, _ = spec.tables()
-        identity = bool((scale[:, 0] == 1).all() and (absolute[:, 0] == 0).all() and (bias[:, 0] == 0).all())
-        spec._cache[key] = identity and not has_post(spec)
-    return spec._cache[key]
-
-
 def kernel_runs(spec) -> bool:
     """Whether kernel 3 runs this GroupSpec (at most two keep / receive classes besides the sink group)."""
     key = ("kernel_plan", "runs")
@@ -187,16 +177,6 @@ def key_padding(attention_mask: torch.Tensor | None, q_len: int, kv_len: int) ->
     real_rows = key_valid[:, kv_len - q_len :, None]
     ok, everything = torch.stack([((allowed[:, 0] == expected) | ~real_rows).all(), key_valid.all()]).tolist()
     return bool(ok), (None if everything else key_valid)
-
-
-def _logits(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
-    """q . k [B, Hq, q, kv] from one matmul in the input dtype (grouped-query heads by a view: K is not repeated).
-    In bf16 the logits are rounded to bf16; the bias path only multiplies them by small factors (scale - 1, abs), so
-    the rounding reaches the bias at the level of the bias's own bf16 rounding."""
-    batch, heads, q_len, dim = query.shape
-    kv_heads, kv_len = key.shape[1], key.shape[2]
-    grouped = query.reshape(batch, kv_heads, (heads // kv_heads) * q_len, dim)
-    return torch.matmul(grouped, key.transpose(-1, -2)).view(batch, heads, q_len, kv_len)
 
 
 # ---- the router ------------------------------------------------------------------------------------------------------
@@ -265,24 +245,27 @@ class KernelRouter:
         if plan is not None and not edits and not plan.empty:
             ok, key_valid = self._padding(run, attention_mask, q_len, kv_len)
         phase = "prefill" if run.prefill else "decode"
-        if plan is None or edits or not ok or (plan.mask is not None and not run.prefill):
+        decode_group = plan is not None and plan.group is not None and not run.prefill
+        if (plan is None or edits or not ok or (plan.mask is not None and not run.prefill)
+                or (decode_group and plan.group.spec.num_groups > _kernels().MAX_DECODE_GROUPS)):
             self.routes(run)[(phase, layer)] = "dense"
             edits = edits or engine.attention_edits(layer, query, key)
             return engine.dense_attention(module, query, key, value, attention_mask, kwargs, scaling, edits,
                                           unrotated), ()
         kernels = _kernels()
         delivered = ()
-        if plan.group is not None:
-            if not run.prefill and logits_only(plan.group.spec):
-                route = "bias"
-                output = self._bias_attention(module, query, key, value, attention_mask, scaling, plan.group, layer,
-                                              run, decode_cache)
-            else:
-                route = "group"
-                group, rows, key_bias = self._group_inputs(plan.group, layer, run, query, kv_len, decode_cache)
-                output = kernels.group_attention(query, key, value, key_group=group, spec=plan.group.spec,
-                                                 key_valid=key_valid, causal=True, scaling=scaling,
-                                                 query_select=rows, key_bias=key_bias, backend=backend)
+        if decode_group:
+            route = "group"
+            group, key_bias = self._decode_keys(plan.group, layer, run, query.device, kv_len, decode_cache)
+            output = kernels.group_decode_attention(query, key, value, key_group=group, spec=plan.group.spec,
+                                                    key_valid=key_valid, scaling=scaling, key_bias=key_bias,
+                                                    backend=backend)
+        elif plan.group is not None:
+            route = "group"
+            group, rows, key_bias = self._group_inputs(plan.group, run, query)
+            output = kernels.group_attention(query, key, value, key_group=group, spec=plan.group.spec,
+                                             key_valid=key_valid, causal=True, scaling=scaling,
+                                             query_select=rows, key_bias=key_bias, backend=backend)
         elif plan.mask is not None:
             route = "mask"
             mask = self._structured_mask(run, plan.mask, key_valid, query.device)
@@ -290,7 +273,7 @@ class KernelRouter:
         else:
             route, output, delivered = self._plain(module, query, key, value, attention_mask, kwargs, scaling)
         if plan.scale is not None:
-            output = self._scale(output, plan.scale, run, query.device)
+            output = self._scale(output, plan.scale, run, query.device, decode_cache)
             route += "+scale"
         self.routes(run)[(phase, layer)] = route
         return (output, None), delivered
@@ -328,26 +311,30 @@ class KernelRouter:
             entry = cache[id(attention_mask)] = (attention_mask, key_padding(attention_mask, q_len, kv_len))
         return entry[1]
 
-    def _group_inputs(self, edit: KernelEdit, layer: int, run: RunState, query, kv_len: int, decode_cache: dict):
-        """(key groups [B, kv], selected rows [B, q] or None, key bias [B, kv] or None) for this call; decoding pads
-        the layer's prompt keys (_decode_keys) for the generated keys (group 0, no bias; every row selected)."""
-        if run.prefill:
-            positions = run.current_positions().to(query.device)
-            group = at_positions(edit.groups, positions, 0)
-            rows = None if edit.rows is None else at_positions(edit.rows, positions, False)
-            bias = None if edit.key_bias is None else at_positions(edit.key_bias.float(), positions, 0.0)
-            return group, rows, bias
-        group, bias = self._decode_keys(edit, layer, run, query.device, decode_cache)
-        extra = kv_len - group.shape[1]
-        return F.pad(group, (0, extra)), None, None if bias is None else F.pad(bias, (0, extra))
+    @staticmethod
+    def _group_inputs(edit: KernelEdit, run: RunState, query):
+        """(key groups [B, kv], selected rows [B, q] or None, key bias [B, kv] or None) of a prefill call."""
+        positions = run.current_positions().to(query.device)
+        group = at_positions(edit.groups, positions, 0)
+        rows = None if edit.rows is None else at_positions(edit.rows, positions, False)
+        bias = None if edit.key_bias is None else at_positions(edit.key_bias.float(), positions, 0.0)
+        return group, rows, bias
 
-    def _decode_keys(self, edit: KernelEdit, layer: int, run: RunState, device, cache: dict):
-        """(groups [B, m], key bias [B, m] or None) of the m prompt keys layer `layer` cached, once per decoding."""
-        if "group" not in cache:
-            prompt = self._prompt_keys(run, layer, device)
-            cache["group"] = at_positions(edit.groups, prompt, 0)
-            cache["bias"] = None if edit.key_bias is None else at_positions(edit.key_bias.float(), prompt, 0.0)
-        return cache["group"], cache["bias"]
+    def _decode_keys(self, edit: KernelEdit, layer: int, run: RunState, device, kv_len: int, cache: dict):
+        """(groups int32 [B, >= kv_len], key bias [B, >= kv_len] or None) of a decoding call: the groups of the prompt
+        keys layer `layer` cached, then group 0 (and bias 0) for the generated keys, in buffers DECODE_SLACK keys
+        longer than the cache that grow (double) only when the cache outgrows them."""
+        if "groups" not in cache or cache["groups"].shape[1] < kv_len:
+            if "prompt" not in cache:
+                prompt = self._prompt_keys(run, layer, device)
+                bias = None if edit.key_bias is None else at_positions(edit.key_bias.float(), prompt, 0.0)
+                cache["prompt"] = (at_positions(edit.groups, prompt, 0).to(torch.int32), bias)
+            groups, bias = cache["prompt"]
+            extra = max(kv_len + DECODE_SLACK, 2 * cache.get("capacity", 0)) - groups.shape[1]
+            cache["groups"] = F.pad(groups, (0, extra))
+            cache["bias"] = None if bias is None else F.pad(bias, (0, extra))
+            cache["capacity"] = cache["groups"].shape[1]
+        return cache["groups"], cache["bias"]
 
     @staticmethod
     def _prompt_keys(run: RunState, layer: int, device) -> torch.Tensor:
@@ -356,42 +343,6 @@ class KernelRouter:
         if prompt is None:
             prompt = torch.arange(run.prompt_length).expand(run.layout.batch_size, -1)
         return prompt.to(device)
-
-    def _bias_attention(self, module, query, key, value, attention_mask, scaling, edit, layer, run, cache):
-        """Decoding rows with a logit-only group edit: SDPA with the additive bias a * (scale - 1) + abs * |a| + bias
-        (+ key_bias), which is exact. The per-key vectors of the layer's cached prompt keys are gathered once (in the
-        input dtype, scale and |a| folded with the scaling); each step pads them for the generated keys and, where
-        scale or abs is not the identity, computes the logits a with one matmul."""
-        if "vectors" not in cache:
-            group, key_bias = self._decode_keys(edit, layer, run, query.device, cache)
-            scale, absolute, bias, _, _ = edit.spec.tables()
-            tables = {"scale": (scale - 1) * scaling, "abs": absolute * scaling, "bias": bias}
-            vectors = {}
-            for name, table in tables.items():
-                if bool((table != 0).any()):
-                    table = (table[:1] if bool((table == table[:1]).all()) else table).to(query.device)
-                    vectors[name] = table[:, group].permute(1, 0, 2)[:, :, None, :]  # [B, Hq or 1, 1, m]
-            if key_bias is not None:
-                vectors["bias"] = vectors.get("bias", 0) + key_bias[:, None, None, :]
-            cache["vectors"] = {name: v.to(query.dtype) for name, v in vectors.items()}
-        extra = key.shape[2] - cache["group"].shape[1]
-        vectors = {name: F.pad(v, (0, extra)) for name, v in cache["vectors"].items()}
-        delta = vectors.get("bias")
-        if "scale" in vectors or "abs" in vectors:
-            logits = _logits(query, key)  # q . k, the scaling is folded into the vectors
-            for name, term in (("scale", logits), ("abs", logits.abs())):
-                if name in vectors:
-                    term = term * vectors[name]
-                    delta = term if delta is None else delta + term
-        if delta is None:
-            return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling)[0]
-        q_len, kv_len = query.shape[2], key.shape[2]
-        if attention_mask is not None:
-            delta = delta.masked_fill(~_allowed(attention_mask, kv_len), torch.finfo(query.dtype).min)
-        elif q_len > 1:
-            causal = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device).tril(kv_len - q_len)
-            delta = delta.masked_fill(~causal, torch.finfo(query.dtype).min)
-        return sdpa_attention_forward(module, query, key, value, delta, scaling=scaling)[0]
 
     def _structured_mask(self, run: RunState, spec, key_valid, device):
         """The kernels.StructuredMask of `spec` on the current rows, built once per rows (its block lists are cached on
@@ -416,10 +367,15 @@ class KernelRouter:
             entry = cache[key] = (rows, kernels.StructuredMask(layout, spec))
         return entry[1]
 
-    def _scale(self, output: torch.Tensor, edit: KernelEdit, run: RunState, device) -> torch.Tensor:
-        """output [B, q, H, d] x head_scale [B, H] on the edit's rows (every decoding row)."""
+    def _scale(self, output: torch.Tensor, edit: KernelEdit, run: RunState, device, decode_cache: dict):
+        """output [B, q, H, d] x head_scale [B, H] on the edit's rows (every decoding row; the factors of a decoding
+        call are converted once)."""
+        if not run.prefill:
+            if "scale" not in decode_cache:
+                decode_cache["scale"] = edit.head_scale.to(device=device, dtype=output.dtype)[:, None, :, None]
+            return output * decode_cache["scale"]
         factors = edit.head_scale.to(device=device, dtype=output.dtype)[:, None, :, None]
-        if edit.rows is None or not run.prefill:
+        if edit.rows is None:
             return output * factors
         rows = at_positions(edit.rows, run.current_positions().to(device), False)
         return torch.where(rows[:, :, None, None], output * factors, output)
@@ -429,3 +385,4 @@ def _kernels():
     from . import kernels
 
     return kernels
+
