@@ -5,7 +5,7 @@
 # interleaved rounds; each set is timed with the Triton kernels routed (VLM_EFFICIENT_KERNELS=auto) or without (off);
 # the unwrapped SDPA base is measured in every run. The "profile" set profiles one prefill and one short generate()
 # of a few methods (host ops, syncs, GPU busy time: bench.md's second table). BUDGET (seconds, default 240) bounds the whole script: sets are skipped once it is
-# spent. SETS restricts the runs, e.g. SETS="llava-1.5-7b_prune_auto llava-1.5-7b_heads_auto".
+# spent; MAX_SET caps one set. SETS restricts the runs, e.g. SETS="llava-1.5-7b_prune_auto llava-1.5-7b_heads_auto".
 set -u
 OUT=${OUT:-/tmp/vlm_gpu_bench}
 mkdir -p "$OUT"
@@ -17,13 +17,14 @@ run() {  # model set kernels methods [batch size]
   [ -n "${SETS:-}" ] && [[ " $SETS " != *" ${1}_${2}_$3 "* ]] && return
   local left=$(( ${BUDGET:-240} - ($(date +%s) - T0) ))
   [ "$left" -lt 20 ] && { echo "skip $1 $2 $3: budget spent"; return; }
-  echo "== $1 $2 kernels=$3 (${left} s left)"
+  [ "$left" -gt "${MAX_SET:-600}" ] && left=${MAX_SET:-600}
+  echo "== $1 $2 kernels=$3 (${left} s for it) at $(( $(date +%s) - T0 )) s"
   VLM_EFFICIENT_KERNELS=$3 timeout "$left" python3 -m vlm_efficient.cli bench --model "$1" --device cuda \
     --dtype bfloat16 --max-new-tokens 32 --repeats 3 --batch-size "${5:-1}" ${6:-} --methods "$4" \
-    --output "$OUT/${1}_${2}_$3" 2>&1 | grep -v "Warning\|warn"
+    --output "$OUT/${1}_${2}_$3" 2>&1 | grep -v "Warning\|warn\|it/s\|s/it"
 }
-run llava-1.5-7b prune auto "$PRUNE"
 run llava-1.5-7b heads auto "$HEADS"
+run llava-1.5-7b prune auto "$PRUNE"
 run llava-1.5-7b prune-b8 auto "$PRUNE" 8
 run llava-1.5-7b profile auto "fastv:layer=2,ratio=0.5;pai;var:tau=3,sink_dims=0/1/2/3" 1 --profile
 run llava-1.5-7b heads off "$HEADS"

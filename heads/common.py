@@ -173,6 +173,7 @@ def before_prefill(engine, fn) -> None:
         cache = inputs.get("past_key_values")
         if cache is not None and cache.get_seq_length() > 0:
             return None
+        engine.check_cache(cache)  # before the side pass, which a static cache would break
         with torch.no_grad():
             fn(inputs)
         return None

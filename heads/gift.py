@@ -62,7 +62,10 @@ class GIFT(Method):
             raise ValueError(f"gift: beta={self.beta} must be > 0")
         n = engine.num_layers
         self.source = int(11 * n / 32 + 0.5) if self.saliency_layer < 0 else self.saliency_layer
-        self.chosen = parse_layers("gift", self.layers, n, scaled_range(12, 22, n))
+        boosted = scaled_range(12, 22, n)
+        if self.saliency_layer < 0:  # scaled, the paper's 11 / 12 may round to one layer: boost the later ones
+            boosted = range(max(boosted.start, self.source + 1), max(boosted.stop, self.source + 2))
+        self.chosen = parse_layers("gift", self.layers, n, boosted)
         if not 0 <= self.source < min(self.chosen):
             raise ValueError(
                 f"gift: saliency_layer={self.source} must come before the boosted layers {self.chosen[0]}.."

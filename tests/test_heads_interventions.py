@@ -393,3 +393,16 @@ def test_unwrap_removes_the_hooks_methods_add():
     assert not model._forward_pre_hooks
     assert not any(layer.self_attn._forward_pre_hooks for layer in vision_layers)
     assert torch.equal(greedy(model, batch).sequences, before.sequences)
+
+
+@pytest.mark.parametrize("layers,source,boosted", [(32, 11, tuple(range(12, 23))), (6, 2, (3, 4)), (4, 1, (2, 3))])
+def test_gift_default_layers_keep_the_saliency_layer_first(layers, source, boosted):
+    """The paper's layers 11 / 12..22 of 32, scaled: on shallow models (the 6-layer testbed) 11 and 12 round to one
+    layer; the saliency layer must stay before the boosted ones."""
+    from types import SimpleNamespace
+
+    from vlm_efficient.heads.gift import GIFT
+
+    gift = GIFT()
+    gift.bind(SimpleNamespace(num_layers=layers))
+    assert (gift.source, gift.chosen) == (source, boosted)

@@ -217,8 +217,9 @@ def test_edit_composition_order():
     assert torch.allclose(unrot, same)
 
 
-@pytest.mark.parametrize("spec", ["aki", "equal_distance"])
+@pytest.mark.parametrize("spec", ["aki", "equal_distance", "pai", "vhr", "adaptvis"])
 def test_static_cache_is_refused(spec):
+    """With a clear message, also where a method's side pass runs before the prefill (VHR, AdaptVis)."""
     model, processor = tiny_model("llava")
     ve.wrap(model, spec)
     with pytest.raises(ValueError, match="static"):

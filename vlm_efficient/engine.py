@@ -311,8 +311,7 @@ class Engine:
         if past == 0:
             if input_ids is None:
                 raise ValueError("a wrapped model needs input_ids at prefill to locate the image tokens")
-            if getattr(cache, "is_compileable", False):
-                self._refuse_static_cache()
+            self.check_cache(cache)
             encoded = kwargs.get("mm_encoder_outputs") or {}
             captured = iter(self._captured_grids)
             grids = {modality: next(captured, None) for modality in ("image", "video") if encoded.get(modality)}
@@ -338,9 +337,12 @@ class Engine:
             run.attention_mask_2d = torch.cat([run.attention_mask_2d, ones], dim=1)
         return None
 
-    def _refuse_static_cache(self) -> None:
-        """A static cache holds max_cache_len keys per layer whatever was fed: pruning needs layers of different
-        lengths, and attention edits are expressed over the keys actually cached (they would not match its shape)."""
+    def check_cache(self, cache) -> None:
+        """Refuse a static cache at prefill (also called by methods' side passes that run before the prefill): it
+        holds max_cache_len keys per layer whatever was fed, while pruning needs layers of different lengths and
+        attention edits are expressed over the keys actually cached (they would not match its shape)."""
+        if not getattr(cache, "is_compileable", False):
+            return
         if self.shrinks:
             raise ValueError(
                 "token pruning needs a dynamic KV cache (layers of different lengths); a static cache has "
