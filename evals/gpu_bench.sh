@@ -26,9 +26,9 @@ run() {  # model set kernels methods [batch size]
 run llava-1.5-7b heads auto "$HEADS"
 run llava-1.5-7b prune auto "$PRUNE"
 run llava-1.5-7b prune-b8 auto "$PRUNE" 8
+run llava-next-7b prune auto "$PRUNE"
 run llava-1.5-7b profile auto "fastv:layer=2,ratio=0.5;pai;var:tau=3,sink_dims=0/1/2/3" 1 --profile
 run llava-1.5-7b heads off "$HEADS"
-run llava-next-7b prune auto "$PRUNE"
 run llava-1.5-7b prune off "$PRUNE"
 python3 -m vlm_efficient.evals.bench_summary "$OUT" > "$OUT/gpu_bench.md"
 cat "$OUT/gpu_bench.md"
