@@ -340,8 +340,8 @@ class KernelRouter:
     def _prompt_keys(run: RunState, layer: int, device) -> torch.Tensor:
         """[B, m] original positions of the prompt keys this layer cached (-1 = slot padding)."""
         prompt = run.layer_positions.get(layer)
-        if prompt is None:
-            prompt = torch.arange(run.prompt_length).expand(run.layout.batch_size, -1)
+        if prompt is None:  # made on the device: a host-to-device copy would wait for the queue (sync_report.txt)
+            return torch.arange(run.prompt_length, device=device).expand(run.layout.batch_size, -1)
         return prompt.to(device)
 
     def _structured_mask(self, run: RunState, spec, key_valid, device):
