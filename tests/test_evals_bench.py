@@ -82,3 +82,32 @@ def test_sweep_cli(tmp_path, monkeypatch, capsys):
            "testbed_pope", "--output", str(tmp_path / "bad")]  # fmt: skip
     assert main(bad) == 2  # every spec is checked before the first run
     assert "ratio" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
+def test_sync_report_counts_the_package_sites(monkeypatch):
+    """sync_report attributes each synchronizing-call warning (what torch.cuda.set_sync_debug_mode("warn") emits) to
+    the package line that led to it; here a fake one from the layout's has_visual, which FastV asks at its layer."""
+    import warnings
+
+    import vlm_efficient as ve
+    from vlm_efficient import layout
+    from vlm_efficient.evals import sync_report
+    from vlm_efficient.evals.bench import _inputs
+    from vlm_efficient.evals.runner import load_eval_model
+
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", lambda mode: None)
+    plain = layout.ModalityLayout.has_visual.fget
+
+    def syncing(self):
+        warnings.warn("called a synchronizing CUDA operation")
+        return plain(self)
+
+    monkeypatch.setattr(layout.ModalityLayout, "has_visual", property(syncing))
+    model, processor = load_eval_model("tiny:llava")
+    inputs = _inputs(processor, 336, 2, model)
+    ve.wrap(model, "fastv:layer=2,ratio=0.5")
+    try:
+        sites = sync_report.sync_sites(model, inputs, 3)
+    finally:
+        ve.unwrap(model)
+    assert sum(sites.values()) >= 1 and all(site.startswith("engine.py:") for site in sites), sites
