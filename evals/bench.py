@@ -5,8 +5,8 @@ vision tower included), time to first token (generate() until its first logits),
 KV-cache bytes and FLOPs (from vlm_efficient.stats), and their ratios to the base measured in the same run.
 Medians over `repeats` timed rounds after a warm-up round; each round times every spec once (interleaved). The
 model is a real checkpoint (a directory, a hub id, `testbed`, `tiny:<family>`) or a random-weight architecture of
-archs.ARCHS. Peak memory is CUDA's maximum
-allocated per method on GPU; on CPU it is the process's peak RSS, which never goes down (compare on GPU).
+archs.ARCHS. Peak memory is CUDA's maximum allocated per method on GPU; on CPU it is the process's peak RSS, which
+never goes down (compare on GPU).
 """
 
 from __future__ import annotations
@@ -126,10 +126,10 @@ PROFILE_TOKENS = 4  # new tokens of the profiled generate(): the profiler's even
 
 
 def profile_spec(model, inputs, spec: str, max_new_tokens: int = PROFILE_TOKENS) -> dict:
-    """Where one prefill forward and one short generate() under `spec` spend their time (torch.profiler, after a warm-up):
-    wall ms, host-side aten ops, host syncs (SYNC_EVENTS: each one drains the GPU queue; on CPU the ops that would
-    sync on a GPU are counted), GPU kernels launched and their summed GPU time. GPU time well under the wall time
-    means the run is host-bound: fewer FLOPs then save nothing, fewer host ops and syncs do."""
+    """Where one prefill forward and one short generate() under `spec` spend their time (torch.profiler, after a
+    warm-up): wall ms, host-side aten ops, host syncs (SYNC_EVENTS: each one drains the GPU queue; on CPU the ops
+    that would sync on a GPU are counted), GPU kernels launched and their summed GPU time. GPU time well under the
+    wall time means the run is host-bound: fewer FLOPs then save nothing, fewer host ops and syncs do."""
     from torch.profiler import ProfilerActivity, profile
 
     device = next(model.parameters()).device
@@ -150,13 +150,14 @@ def profile_spec(model, inputs, spec: str, max_new_tokens: int = PROFILE_TOKENS)
                     _sync(device)
                 wall = 1e3 * (time.perf_counter() - start)
             events = prof.events()
-            gpu = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+            kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA
+                       and not e.name.startswith("Mem")]  # fmt: skip
             result[phase] = {
                 "wall_ms_profiled": wall,
                 "aten_ops": sum(e.name.startswith("aten::") for e in events),
                 "host_syncs": sum(e.name in SYNC_EVENTS for e in events),
-                "gpu_kernels": sum(e.name not in ("Memcpy", "Memset") and not e.name.startswith("Mem") for e in gpu),
-                "gpu_ms": sum(e.device_time_total for e in gpu if not e.name.startswith("Mem")) / 1e3,
+                "gpu_kernels": len(kernels),
+                "gpu_ms": sum(e.device_time_total for e in kernels) / 1e3,
             }
         return result
     finally:
@@ -213,8 +214,6 @@ def bench(model_name: str, specs: list[str], *, device="cpu", dtype=torch.float3
         model, processor = load_eval_model(model_name, device, dtype)
     size = image_size or DEFAULT_IMAGE_SIZE.get(model_name, 336)
     inputs = _inputs(processor, size, batch_size, model)
-    with torch.inference_mode():  # the first spec (the base) would otherwise pay for clocks and allocator warm-up
-        model.generate(**inputs, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False)
     runs = {spec or "base": run for spec, run in measure_all(model, inputs, specs, max_new_tokens, repeats).items()}
     base = runs[specs[0] or "base"]
     for run in runs.values():

@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from .bench import PROFILE_TOKENS
+from .bench import PROFILE_TOKENS, format_profile
 
 
 def load_runs(root) -> dict:
@@ -26,16 +26,6 @@ def load_runs(root) -> dict:
 def _cell(result, name, fmt) -> str:
     run = result["runs"].get(name)
     return fmt(run, result["runs"]["base"]) if run else "-"
-
-
-def _profile_table(profiles: dict) -> str:
-    lines = ["| method | prefill wall / GPU busy ms | prefill aten ops / host syncs | generate wall / GPU busy ms | "
-             "generate aten ops / host syncs |", "|---|---|---|---|---|"]  # fmt: skip
-    for name, p in profiles.items():
-        cells = [f"{p[phase]['wall_ms_profiled']:.1f} / {p[phase]['gpu_ms']:.1f} | "
-                 f"{p[phase]['aten_ops']} / {p[phase]['host_syncs']}" for phase in ("prefill", "generate")]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
 
 
 def summary(root) -> str:
@@ -65,7 +55,7 @@ def summary(root) -> str:
         for kernels, result in by_kernels.items():
             if result.get("profiles"):
                 out += [f"Profile ({kernels}): one prefill forward and one generate() of {PROFILE_TOKENS} tokens per "
-                        "method under torch.profiler", "", _profile_table(result["profiles"]), ""]
+                        "method under torch.profiler", "", format_profile(result["profiles"]), ""]
     out.append("auto = Triton kernels routed by the engine (vlm_efficient/kernel_plan.py); off = SDPA plus the "
                "engine's torch paths. 'of FLOP-allowed' = measured prefill speed-up x FLOPs ratio (1 = all of it).")  # fmt: skip
     return "\n".join(out)

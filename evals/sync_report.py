@@ -34,18 +34,15 @@ def sync_sites(model, inputs, new_tokens: int) -> collections.Counter:
         where = " <- ".join(f"{os.path.basename(f.filename)}:{f.lineno}" for f in frames[::-1][:2]) or "(outside)"
         sites[where] += 1
 
-    previous = warnings.showwarning
-    warnings.showwarning = record
     torch.cuda.set_sync_debug_mode("warn")
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings():  # restores showwarning and the filters on exit
             warnings.simplefilter("always")
             warnings.showwarning = record
             with torch.inference_mode():
                 model.generate(**inputs, **generate)
     finally:
         torch.cuda.set_sync_debug_mode(0)
-        warnings.showwarning = previous
     return sites
 
 

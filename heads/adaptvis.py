@@ -19,7 +19,7 @@ from vlm_efficient.kernels import GroupSpec
 from vlm_efficient.method import AttentionEdit, KernelEdit, Method
 
 from .common import (before_prefill, check_range, has_image, last_position, last_prompt_rows, parse_layers,
-                     plain_calls, prompt_inputs)
+                     plain_calls, prompt_inputs, take_pending)
 
 
 @dataclass
@@ -55,12 +55,7 @@ class AdaptVis(Method):
         self.pending = torch.where(confidence < self.threshold, self.smooth, self.sharpen)
 
     def _weight(self, run) -> torch.Tensor:
-        memory = run.memory(self)
-        if "weight" not in memory:
-            if self.pending is None:
-                raise RuntimeError("adaptvis: no probe ran before this prefill")
-            memory["weight"], self.pending = self.pending, None
-        return memory["weight"]
+        return take_pending(self, run, "weight", "adaptvis: no probe ran before this prefill")
 
     def attention_edit(self, layer, run, context):
         weight = self._weight(run)

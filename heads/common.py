@@ -181,6 +181,17 @@ def before_prefill(engine, fn) -> None:
     engine.add_handle(engine.model.register_forward_pre_hook(hook, with_kwargs=True))
 
 
+def take_pending(method, run, key: str, missing: str):
+    """The value `method`'s before_prefill pass left in `method.pending`, moved into the run's memory under `key` at
+    the first use in that run (later uses of the run read it there); RuntimeError(missing) when no pass ran."""
+    memory = run.memory(method)
+    if key not in memory:
+        if method.pending is None:
+            raise RuntimeError(missing)
+        memory[key], method.pending = method.pending, None
+    return memory[key]
+
+
 def prompt_inputs(inputs: dict) -> dict:
     """A prefill's forward kwargs for a cache-free side pass over the same prompt."""
     side = {k: v for k, v in inputs.items() if k not in ("past_key_values", "use_cache", "cache_position")}

@@ -22,7 +22,8 @@ import torch
 from vlm_efficient import get_adapter
 from vlm_efficient.method import AttentionEdit, KernelEdit, Method
 
-from .common import before_prefill, last_position, parse_layers, plain_calls, prompt_inputs, text_only_inputs
+from .common import (before_prefill, last_position, parse_layers, plain_calls, prompt_inputs, take_pending,
+                     text_only_inputs)
 
 
 def _last_head_outputs(model, inputs: dict) -> torch.Tensor:
@@ -99,12 +100,7 @@ class VHR(Method):
         self.pending = vhr_head_factors(self.model, inputs, self.alpha, self.chosen)
 
     def _factors(self, run) -> torch.Tensor:
-        memory = run.memory(self)
-        if "factors" not in memory:
-            if self.pending is None:
-                raise RuntimeError("vhr: no head selection ran before this prefill")
-            memory["factors"], self.pending = self.pending, None
-        return memory["factors"]
+        return take_pending(self, run, "factors", "vhr: no head selection ran before this prefill")
 
     def edits_head_outputs(self) -> bool:
         return True

@@ -353,7 +353,8 @@ class Checks:
         self.record("ragged cuda-graph replay (append + attention)", worst < TOL[dt], f"rel={worst:.2e}")
 
     def run(self, only=None):
-        for fn in (self.plain, self.masked, self.stats, self.group, self.group_decode, self.ragged, self.ragged_graph):
+        for fn in (self.plain, self.masked, self.stats, self.group, self.group_decode, self.ragged,
+                   self.ragged_graph):
             if only and fn.__name__ not in only:
                 continue
             t = time.time()

@@ -15,7 +15,8 @@ MaskSpec, per-head output factors). The router composes a layer's kernel edits i
 
 "Otherwise": a method without a structured form edits the layer in this call, two group edits or a group edit and a
 mask in one layer, a mask outside the prefill, a GroupSpec kernel 3 cannot run (GroupSpec.prepare refuses it), or an
-attention mask that is not causal + key padding, a decoding group edit with more than 4 groups. A head_scale multiplies the output of whichever path runs ("+scale").
+attention mask that is not causal + key padding, a decoding group edit with more than 4 groups. A head_scale
+multiplies the output of whichever path runs ("+scale").
 Statistics requests other than the first of a layer, and probes, are computed after the call as with the kernels off.
 The route never depends on the backend, so the CPU tests with the torch references cover the GPU's routes.
 Decoding asks each layer's kernel edits once (methods fix their edits at prefill) and reuses them at every step.
@@ -245,14 +246,14 @@ class KernelRouter:
         if plan is not None and not edits and not plan.empty:
             ok, key_valid = self._padding(run, attention_mask, q_len, kv_len)
         phase = "prefill" if run.prefill else "decode"
+        kernels = _kernels()
         decode_group = plan is not None and plan.group is not None and not run.prefill
         if (plan is None or edits or not ok or (plan.mask is not None and not run.prefill)
-                or (decode_group and plan.group.spec.num_groups > _kernels().MAX_DECODE_GROUPS)):
+                or (decode_group and plan.group.spec.num_groups > kernels.MAX_DECODE_GROUPS)):
             self.routes(run)[(phase, layer)] = "dense"
             edits = edits or engine.attention_edits(layer, query, key)
             return engine.dense_attention(module, query, key, value, attention_mask, kwargs, scaling, edits,
                                           unrotated), ()
-        kernels = _kernels()
         delivered = ()
         if decode_group:
             route = "group"
@@ -385,4 +386,3 @@ def _kernels():
     from . import kernels
 
     return kernels
-
