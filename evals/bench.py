@@ -116,21 +116,18 @@ def measure(model, inputs, spec: str, max_new_tokens: int, repeats: int) -> dict
     return measure_all(model, inputs, [spec], max_new_tokens, repeats)[spec]
 
 
-# the host waits for the GPU: the CUDA runtime's waits, and the ops that read a device value on the host (.item(),
-# .tolist(), bool(tensor), nonzero), which also mark the would-be syncs of a CPU run
-SYNC_EVENTS = {"cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaMemcpy", "aten::_local_scalar_dense",
-               "aten::nonzero"}
-
-
 PROFILE_TOKENS = 4  # new tokens of the profiled generate(): the profiler's event processing grows with the steps
 
 
 def profile_spec(model, inputs, spec: str, max_new_tokens: int = PROFILE_TOKENS) -> dict:
     """Where one prefill forward and one short generate() under `spec` spend their time (torch.profiler, after a
-    warm-up): wall ms, host-side aten ops, host syncs (SYNC_EVENTS: each one drains the GPU queue; on CPU the ops
-    that would sync on a GPU are counted), GPU kernels launched and their summed GPU time. GPU time well under the
-    wall time means the run is host-bound: fewer FLOPs then save nothing, fewer host ops and syncs do."""
+    warm-up): wall ms, host-side aten ops, GPU kernels launched and their summed GPU time, and the syncs of the
+    generate() as sync_report counts them (torch's own sync detection on CUDA, host reads of device values on CPU),
+    per phase: the prefill row gives the prefill's, the generate row prefill + decoding steps. GPU time well under
+    the wall time means the run is host-bound: fewer FLOPs then save nothing, fewer host ops and syncs do."""
     from torch.profiler import ProfilerActivity, profile
+
+    from .sync_report import sync_sites
 
     device = next(model.parameters()).device
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -155,10 +152,12 @@ def profile_spec(model, inputs, spec: str, max_new_tokens: int = PROFILE_TOKENS)
             result[phase] = {
                 "wall_ms_profiled": wall,
                 "aten_ops": sum(e.name.startswith("aten::") for e in events),
-                "host_syncs": sum(e.name in SYNC_EVENTS for e in events),
                 "gpu_kernels": len(kernels),
                 "gpu_ms": sum(e.device_time_total for e in kernels) / 1e3,
             }
+        syncs = {phase: sum(sites.values()) for phase, sites in sync_sites(model, inputs, max_new_tokens).items()}
+        result["prefill"]["syncs"] = syncs["prefill"]
+        result["generate"]["syncs"] = syncs["prefill"] + syncs["decode"]
         return result
     finally:
         if vlm_efficient.is_wrapped(model):
@@ -166,11 +165,11 @@ def profile_spec(model, inputs, spec: str, max_new_tokens: int = PROFILE_TOKENS)
 
 
 def format_profile(profiles: dict) -> str:
-    lines = ["| methods | phase | wall ms (profiled) | aten ops | host syncs | GPU kernels | GPU busy ms |",
+    lines = ["| methods | phase | wall ms (profiled) | aten ops | syncs (sync_report) | GPU kernels | GPU busy ms |",
              "|---|---|---|---|---|---|---|"]
     for name, phases in profiles.items():
         for phase, p in phases.items():
-            lines.append(f"| {name} | {phase} | {p['wall_ms_profiled']:.1f} | {p['aten_ops']} | {p['host_syncs']} | "
+            lines.append(f"| {name} | {phase} | {p['wall_ms_profiled']:.1f} | {p['aten_ops']} | {p.get('syncs', 'n/a')} | "
                          f"{p['gpu_kernels']} | {p['gpu_ms']:.1f} |")
     return "\n".join(lines)
 

@@ -27,6 +27,8 @@ run llava-1.5-7b heads auto "$HEADS"
 run llava-1.5-7b prune auto "$PRUNE"
 run llava-1.5-7b prune-b8 auto "$PRUNE" 8
 run llava-next-7b prune auto "$PRUNE"
+run llava-1.5-7b plphp-b8 auto "plphp;plphp:cache=mask" 8
+run llava-next-7b plphp auto "plphp;plphp:cache=mask"
 run llava-1.5-7b profile auto "fastv:layer=2,ratio=0.5;pai;var:tau=3,sink_dims=0/1/2/3" 1 --profile
 run llava-1.5-7b heads off "$HEADS"
 run llava-1.5-7b prune off "$PRUNE"

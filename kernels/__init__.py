@@ -90,7 +90,8 @@ from .layout import (
     dense_allowed,
 )
 from .masked_attention import attention_reference, default_scaling, masked_attention_reference
-from .ragged_decode import RaggedKVCache, dense_masked_decode, ragged_decode_attention_reference
+from .ragged_decode import (RaggedKVCache, dense_masked_decode, ragged_decode_attention_reference,
+                            ragged_decode_attention_torch)
 
 __all__ = [
     "ROLE_IMAGE", "ROLE_LAST", "ROLE_MIDDLE", "ROLE_PAD", "ROLE_PREFIX", "ROLE_QUESTION",
@@ -98,7 +99,7 @@ __all__ = [
     "attention_reference", "attention_with_received_stats", "attention_with_received_stats_reference",
     "build_block_lists", "build_mask", "dense_allowed", "dense_masked_decode", "flash_attention", "group_attention",
     "group_attention_reference", "group_decode_attention", "group_decode_reference", "MAX_DECODE_GROUPS", "masked_attention", "masked_attention_reference", "ragged_decode_attention",
-    "ragged_decode_attention_reference", "triton_available",
+    "ragged_decode_attention_reference", "ragged_decode_attention_torch", "triton_available",
 ]
 
 

@@ -177,6 +177,28 @@ class RaggedKVCache:
         self.lengths += 1
         self._slack_host -= 1
 
+    def grow(self, extra: int) -> None:
+        """Give every segment `extra` more rows: new buffers, each segment's rows (used or not) copied to its new
+        offset on the device (the capacities are known on the host: no sync). The split geometry follows."""
+        old_capacity = self._capacity_host
+        grown = RaggedKVCache(self.batch, self.num_kv_heads, self.head_dim, old_capacity + extra, dtype=self.dtype,
+                              device=self.device)  # fmt: skip
+        segment = torch.repeat_interleave(torch.arange(old_capacity.numel()), old_capacity).to(self.device)
+        rank = torch.arange(segment.numel(), device=self.device) - self.offsets.long()[segment]
+        rows = grown.offsets.long()[segment] + rank
+        grown.k_buf.index_copy_(0, rows, self.k_buf[: segment.numel()])
+        grown.v_buf.index_copy_(0, rows, self.v_buf[: segment.numel()])
+        grown.lengths.copy_(self.lengths)
+        grown._slack_host = self._slack_host + extra
+        self.__dict__.update(grown.__dict__)
+
+    def padded(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(keys, values [B * Hkv, max capacity, d], valid [B * Hkv, max capacity]): every segment gathered into one
+        padded tensor on the device (no host sync), for the torch path."""
+        slots = torch.arange(self.max_capacity, device=self.device)
+        rows = (self.offsets.long()[:, None] + slots).clamp(max=self.k_buf.shape[0] - 1)
+        return self.k_buf[rows], self.v_buf[rows], slots < self.lengths[:, None]
+
     def segments(self):
         """Host-side list of (k, v) per (b, h): for references and tests."""
         offs = self.offsets.tolist()
@@ -248,6 +270,17 @@ def ragged_decode_attention_reference(query: torch.Tensor, cache: RaggedKVCache,
         p = torch.softmax((qh @ k.float().T) * scaling, -1)
         out[b, 0, h * g:(h + 1) * g] = p @ v.float()
     return out.to(query.dtype)
+
+
+def ragged_decode_attention_torch(query: torch.Tensor, cache: RaggedKVCache, *, scaling: float) -> torch.Tensor:
+    """The kernel's computation in batched torch ops over the padded segments: no host sync, any device."""
+    batch, hq, _, d = query.shape
+    hkv = cache.num_kv_heads
+    keys, values, valid = cache.padded()  # [B * Hkv, S, d]
+    q = query[:, :, 0].reshape(batch * hkv, hq // hkv, d).float()
+    logits = (q @ keys.float().transpose(1, 2)) * scaling  # [B * Hkv, G, S]
+    probs = torch.softmax(logits.masked_fill(~valid[:, None, :], float("-inf")), -1).nan_to_num(0.0)
+    return (probs @ values.float()).reshape(batch, 1, hq, d).to(query.dtype)
 
 
 def dense_masked_decode(query, key, value, keep, scaling):

@@ -25,11 +25,9 @@ def two_samples(processor):
 
 
 def greedy(model, batch, **kw):
-    kw = {"do_sample": False, **kw}
+    kw = {"do_sample": False, "max_new_tokens": NEW_TOKENS, **kw}
     with torch.no_grad():
-        return model.generate(
-            **batch, max_new_tokens=NEW_TOKENS, output_logits=True, return_dict_in_generate=True, **kw
-        )
+        return model.generate(**batch, output_logits=True, return_dict_in_generate=True, **kw)
 
 
 @pytest.fixture(params=FAMILIES)

@@ -107,7 +107,57 @@ def test_sync_report_counts_the_package_sites(monkeypatch):
     inputs = _inputs(processor, 336, 2, model)
     ve.wrap(model, "fastv:layer=2,ratio=0.5")
     try:
-        sites = sync_report.sync_sites(model, inputs, 3)
+        sites = sync_report.sync_sites(model, inputs, 3, cuda=True)
     finally:
         ve.unwrap(model)
-    assert sum(sites.values()) >= 1 and all(site.startswith("engine.py:") for site in sites), sites
+    assert not sites["decode"] and sum(sites["prefill"].values()) >= 1, sites
+    assert all(site.startswith("engine.py:") for site in sites["prefill"]), sites
+
+
+@pytest.mark.parametrize("spec", ["fastv:layer=2,ratio=0.5", "pdrop", "dart", "visionzip", "pai", "vaf", "var:tau=1",
+                                  "plphp:layer=1"])
+def test_decoding_steps_read_nothing_on_the_host(monkeypatch, spec):
+    """The engine's decoding steps never read a device value on the host (each read is a GPU sync, and decoding is
+    host-bound): on CPU, sync_report counts those reads through a TorchFunctionMode; with the kernels' routing
+    (reference backend) the package's reads in decoding must not grow with the number of steps (PLPHP builds its
+    per-head cache once, at the first step)."""
+    import vlm_efficient as ve
+    from vlm_efficient.evals import sync_report
+    from vlm_efficient.evals.bench import _inputs
+    from vlm_efficient.evals.runner import load_eval_model
+
+    monkeypatch.setenv("VLM_EFFICIENT_KERNELS", "reference")
+    model, processor = load_eval_model("tiny:llava")
+    inputs = _inputs(processor, 336, 2, model)
+    ve.wrap(model, spec)
+    try:
+        reads = [sync_report.sync_sites(model, inputs, n)["decode"] for n in (3, 6)]
+    finally:
+        ve.unwrap(model)
+    package = [sum(c for site, c in r.items() if site != "(outside)") for r in reads]
+    assert package[0] == package[1], reads
+    assert reads[1]["(outside)"] > reads[0]["(outside)"]  # the counter sees generate()'s own per-step reads
+
+
+def test_host_read_detection():
+    from vlm_efficient.evals.sync_report import reads_host
+
+    x = torch.arange(4)
+    assert reads_host(torch.Tensor.__bool__, (x,), {}) and reads_host(torch.Tensor.__getitem__, (x, x > 1), {})
+    assert not reads_host(torch.Tensor.__getitem__, (x, x), {}) and not reads_host(torch.where, (x > 1, x, x), {})
+    assert reads_host(torch.where, (x > 1,), {}) and reads_host(torch.repeat_interleave, (x, x), {})
+    assert not reads_host(torch.repeat_interleave, (x, x), {"output_size": 6})
+
+
+def test_profile_counts_ops_and_syncs_per_phase():
+    from vlm_efficient.evals.bench import _inputs, format_profile, profile_spec
+    from vlm_efficient.evals.runner import load_eval_model
+
+    model, processor = load_eval_model("tiny:llava")
+    inputs = _inputs(processor, 336, 2, model)
+    profiles = {name: profile_spec(model, inputs, spec) for name, spec in (("base", ""), ("fastv", "fastv:layer=2"))}
+    for phases in profiles.values():
+        assert phases["generate"]["aten_ops"] > phases["prefill"]["aten_ops"] > 0
+        assert phases["generate"]["syncs"] >= phases["prefill"]["syncs"] > 0
+    assert profiles["fastv"]["prefill"]["syncs"] > profiles["base"]["prefill"]["syncs"]  # the pruning step's reads
+    assert format_profile(profiles).count("\n") == 1 + 4

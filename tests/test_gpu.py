@@ -129,6 +129,23 @@ def test_triton_routes_match_dense_fp32(family, spec, monkeypatch):
     torch.testing.assert_close(torch.stack(routed.logits), torch.stack(dense.logits), atol=1e-4, rtol=1e-4)
 
 
+LONG = {"max_new_tokens": 70, "min_new_tokens": 70}
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "qwen3_vl"])
+def test_plphp_ragged_cache_on_kernel_4_matches_the_decode_mask(family, monkeypatch):
+    """PLPHP's per-head pruned cache decoded by kernel 4 gives the tokens and logits of its dense decode mask."""
+    model, processor = tiny_model(family)
+    model.cuda()
+    batch = two_samples(processor).to("cuda")
+    spec = "plphp:layer=1,alpha=0.05,beta=0.02"
+    _, masked, _ = _routed_and_dense(model, batch, spec + ",cache=mask", monkeypatch, **LONG)
+    _, ragged, routes = _routed_and_dense(model, batch, spec, monkeypatch, **LONG)  # the cache grows once
+    assert {routes[("decode", layer)] for layer in range(1, 4)} == {"ragged"}
+    assert torch.equal(masked.sequences, ragged.sequences)
+    torch.testing.assert_close(torch.stack(ragged.logits), torch.stack(masked.logits), atol=1e-4, rtol=1e-4)
+
+
 @pytest.fixture(scope="module")
 def llava_7b_shapes():
     """LLaVA-1.5-7B shapes (32 heads, head_dim 128, 576 image tokens) with 4 layers and random weights, bf16, and a

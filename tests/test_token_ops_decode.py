@@ -148,10 +148,12 @@ def test_yopo_drop_skip_and_head_mask_file(tmp_path):
 
 
 # ---- PLPHP ----------------------------------------------------------------------------------------------------------
-def test_plphp_keeps_per_head_top_tokens_at_per_layer_rates(family):
+@pytest.mark.parametrize("cache", ["ragged", "mask"])
+def test_plphp_keeps_per_head_top_tokens_at_per_layer_rates(family, cache):
     first, (r, dr, alpha, beta) = 1, (0.4, 0.3, 0.05, 0.02)
-    spec = f"plphp:layer={first},retain={r},delta={dr},alpha={alpha},beta={beta}"
+    spec = f"plphp:layer={first},retain={r},delta={dr},alpha={alpha},beta={beta},cache={cache}"
     model, batch, full, logits, run, method = _run(family, spec)
+    assert set(run.ragged) == (set(range(first, num_layers(model))) if cache == "ragged" else set())
     prompt, total = batch["input_ids"].shape[1], full.shape[1]
     visual, _ = _full_layout(run, total)
     _, probs = _reference_logits(model, batch, full)  # the prefill rows are unchanged by the decode masks
@@ -173,8 +175,48 @@ def test_plphp_keeps_per_head_top_tokens_at_per_layer_rates(family):
                     allowed[b, h, prompt:, image] = False
                     allowed[b, h, prompt:, kept] = True
         pairs[layer] = allowed
+        if cache == "ragged":  # each KV head's segment holds exactly the keys it may attend to, padding dropped
+            lengths = run.ragged[layer].ragged.lengths.view(visual.shape[0], -1)
+            for b in range(visual.shape[0]):
+                expect = allowed[b, :: groups, -1, :].sum(-1) - (~run.layout.valid[b]).sum()
+                assert lengths[b].tolist() == expect.tolist(), (layer, b)
     expected, _ = _reference_logits(model, batch, full, pairs=pairs)
     assert_close_logits(logits, expected)
+
+
+def test_plphp_ragged_cache_frees_the_dropped_keys_and_refuses_what_it_cannot_do():
+    """Layers >= K hold no dense keys any more: one buffer of each head's kept keys plus room for generated tokens
+    (the exact kept sets are checked above); beam search and attention-editing partners are refused with the fix."""
+    model, processor = tiny_model("llava")
+    batch = two_samples(processor)
+    sizes = {}
+    for cache in ("mask", "ragged"):
+        ve.wrap(model, f"plphp:layer=1,cache={cache}")
+        greedy(model, batch)
+        stats = ve.stats(model)
+        layers = ve.engine_of(model).run.ragged
+        sizes[cache] = stats.kv_cache_bytes_per_layer
+        if cache == "ragged":
+            from vlm_efficient.ragged_cache import GENERATED_SLACK
+
+            prompt = batch["input_ids"].shape[1]
+            for layer, stored in layers.items():
+                ragged = stored.ragged
+                assert stored.keys.numel() == 0 and ragged.k_buf.shape[0] == int(ragged._capacity_host.sum())
+                assert int(ragged._capacity_host.max()) < prompt + GENERATED_SLACK  # some visual keys dropped
+                assert sizes[cache][layer] == 2 * ragged.k_buf.numel() * ragged.k_buf.element_size()
+            with pytest.raises(NotImplementedError, match="num_beams=1"):
+                with torch.inference_mode():
+                    model.generate(**batch, max_new_tokens=3, num_beams=2, do_sample=False)
+        ve.unwrap(model)
+    assert sizes["ragged"][0] == sizes["mask"][0]  # layer 0 is before K: dense
+    ve.wrap(model, "plphp:layer=1+pai")
+    with pytest.raises(ValueError, match="cache=mask"):
+        greedy(model, batch)
+    ve.unwrap(model)
+    ve.wrap(model, "plphp:layer=1,cache=mask+pai")
+    greedy(model, batch)
+    ve.unwrap(model)
 
 
 # ---- A-VL -----------------------------------------------------------------------------------------------------------
@@ -230,7 +272,8 @@ def test_avl_decode_masks_follow_core_updates_and_h2o(family):
                 evicted |= set(rest[budget - budget // 2 :])
 
 
-@pytest.mark.parametrize("spec", [YOPO, "avl:interval=2", "plphp:layer=1,alpha=0.05,beta=0.02"])
+@pytest.mark.parametrize("spec", [YOPO, "avl:interval=2", "plphp:layer=1,alpha=0.05,beta=0.02",
+                                  "plphp:layer=1,alpha=0.05,beta=0.02,cache=mask"])
 def test_batched_equals_alone(family, spec):
     check_batched_equals_alone(family, spec)
 
@@ -244,6 +287,7 @@ def test_bad_parameters_are_refused():
         ("avl:rate=0.8,compute=0.5", "rate <= compute"),
         ("plphp:retain=0.2,delta=0.3", "retain - delta"),
         ("plphp:alpha=0.1,beta=0.2", "beta <= alpha"),
+        ("plphp:cache=paged", "ragged, mask"),
     ]:
         with pytest.raises(ValueError, match=match):
             ve.wrap(model, spec)

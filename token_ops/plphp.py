@@ -9,8 +9,10 @@ only (all text stays). With GQA a key head serves a group of query heads: the gr
 The paper's default rates and thresholds could not be checked against code: r = 0.4, dr = 0.3, alpha = 0.2,
 beta = 0.1, K = 2 are ours.
 
-Here the per-head choice is a decode-time attention mask (exact, no memory saved); the paper's savings need a KV cache
-that holds a different number of visual tokens per (layer, key head) and a ragged decode kernel.
+`cache`: "ragged" (the paper's form, default) keeps only each KV head's kept keys in the KV cache of layers >= K
+(a per-head ragged cache, vlm_efficient/ragged_cache.py): the dropped keys' memory is freed and decoding runs kernel 4
+on CUDA. "mask" keeps the dense cache and masks the dropped keys in decoding (the same outputs, no memory saved); it
+composes with methods that edit decoding attention (PAI, VAR, A-VL, ...), which the ragged cache refuses.
 """
 
 from __future__ import annotations
@@ -19,8 +21,10 @@ from dataclasses import dataclass
 
 import torch
 
-from vlm_efficient.method import AttentionEdit, AttentionRequest, Method
+from vlm_efficient.method import AttentionEdit, AttentionRequest, Method, at_positions
 from vlm_efficient.selection import keep_count, top_k_mask
+
+CACHES = ("ragged", "mask")
 
 
 @dataclass
@@ -33,6 +37,7 @@ class PLPHP(Method):
     delta: float = 0.3
     alpha: float = 0.2
     beta: float = 0.1
+    cache: str = "ragged"
 
     def bind(self, engine) -> None:
         if not 0 <= self.layer < engine.num_layers:
@@ -41,6 +46,8 @@ class PLPHP(Method):
             raise ValueError("plphp: need 0 < retain - delta and retain + delta <= 1 (shares of visual tokens kept)")
         if not 0 <= self.beta <= self.alpha <= 1:
             raise ValueError("plphp: need 0 <= beta <= alpha <= 1 (attention-mass thresholds)")
+        if self.cache not in CACHES:
+            raise ValueError(f"plphp: cache={self.cache!r}: use one of {', '.join(CACHES)}")
         self.groups = engine.text_config.num_attention_heads // engine.text_config.num_key_value_heads
 
     def attention_request(self, layer: int) -> AttentionRequest | None:
@@ -65,16 +72,25 @@ class PLPHP(Method):
         positions = run.current_positions().to(received.device)
         run.memory(self)[layer] = {"positions": positions, "kept": kept, "rate": rate}
 
-    def kept_visual(self, run, layer, key_positions: torch.Tensor) -> torch.Tensor:
-        """[B, Hkv, kv]: visual keys each key head kept (False for every non-visual key)."""
+    def kept_keys(self, run, layer, key_positions: torch.Tensor) -> torch.Tensor:
+        """[B, Hkv, kv]: the keys each key head attends to in decoding: its kept visual keys and every other key."""
         state = run.memory(self)[layer]
         positions, kept = state["positions"].to(key_positions.device), state["kept"].to(key_positions.device)
         match = key_positions[:, :, None] == positions[:, None, :]  # [B, kv, n]
-        return (match[:, None] & kept[:, :, None]).any(-1)
+        kept_visual = (match[:, None] & kept[:, :, None]).any(-1)
+        visual = at_positions(run.layout.visual, key_positions, False)
+        return ~visual[:, None] | kept_visual
+
+    def decode_cache_keep(self, layer, run):
+        if self.cache != "ragged" or layer < self.layer or layer not in run.memory(self):
+            return None
+        positions = run.layer_positions.get(layer)
+        if positions is None:
+            positions = torch.arange(run.prompt_length, device=run.layout.kind.device).expand(run.layout.batch_size, -1)
+        return self.kept_keys(run, layer, positions)
 
     def attention_edit(self, layer, run, context):
-        if context.prefill or layer < self.layer or layer not in run.memory(self):
+        if self.cache != "mask" or context.prefill or layer < self.layer or layer not in run.memory(self):
             return None
-        visual = context.keys_where(run.layout.visual)
-        kept = self.kept_visual(run, layer, context.key_positions).repeat_interleave(self.groups, dim=1)
-        return AttentionEdit(mask=(~visual[:, None] | kept)[:, :, None, :])
+        kept = self.kept_keys(run, layer, context.key_positions).repeat_interleave(self.groups, dim=1)
+        return AttentionEdit(mask=kept[:, :, None, :])

@@ -35,6 +35,7 @@ from .attention import edited_attention, received_attention
 from .kernel_plan import KernelRouter
 from .layout import ModalityLayout, build_layout
 from .method import BEFORE_LLM, AttentionContext, AttentionRequest, AttentionStats, Method, Selection, edits_attention
+from .ragged_cache import store_per_head
 
 ATTENTION_NAME = "vlm_efficient"
 
@@ -82,13 +83,14 @@ def _gather_seq(tensor: torch.Tensor, index: torch.Tensor, seq_dim: int) -> torc
 
 
 def build_mask(
-    query_positions: torch.Tensor, key_positions: torch.Tensor, attention_mask_2d: torch.Tensor
+    query_positions: torch.Tensor, key_positions: torch.Tensor, attention_mask_2d: torch.Tensor, may_skip: bool = True
 ) -> torch.Tensor | None:
     """Causal + padding mask [B, 1, q, kv] between rows identified by original positions (-1 = slot padding).
 
-    Returns None when nothing is masked beyond plain causality on aligned axes, so SDPA can use its flash path."""
+    With `may_skip`, returns None when nothing is masked beyond plain causality on aligned axes, so SDPA can use its
+    flash path; finding that out reads the mask on the host (a GPU sync), which a decoding step must not pay."""
     key_valid = (key_positions >= 0) & attention_mask_2d.gather(1, key_positions.clamp(min=0))
-    if bool(key_valid.all()) and bool((query_positions >= 0).all()):
+    if may_skip and bool(key_valid.all()) and bool((query_positions >= 0).all()):
         return None
     allowed = key_valid[:, None, :] & (key_positions[:, None, :] <= query_positions[:, :, None])
     # A slot-padding row attends to itself only, so no row is fully masked (0 * NaN would leak into real rows).
@@ -134,6 +136,7 @@ class RunState:
     layer_kwargs_cache: dict = field(default_factory=dict)
     pre_rotary_keys: dict[int, torch.Tensor] = field(default_factory=dict)  # prompt keys before rotary, per layer
     counts: dict = field(default_factory=dict)  # row_counts() of the current row set
+    ragged: dict = field(default_factory=dict)  # layer -> RaggedCacheLayer: the layers decoding on a per-head cache
     gathered: tuple = ()  # (rows, input_positions, positions): `positions` of that row set, gathered once
 
     def memory(self, owner) -> dict:
@@ -239,6 +242,10 @@ class Engine:
             raise
         self.prune_layers = {layer for m in methods for layer in m.prune_layers()}
         self.shrinks = bool(self.prune_layers)
+        self.per_head_cache = any(type(m).decode_cache_keep is not Method.decode_cache_keep for m in methods)
+        # methods that may edit attention beside a per-head cache: asked at its decoding calls, refused if they do
+        self.decode_editors = [m.name for m in methods if self.per_head_cache and edits_attention(m)
+                               and type(m).decode_cache_keep is Method.decode_cache_keep]  # fmt: skip
         self.probe_layers = {
             idx for idx in range(self.num_layers)
             if any((r := m.attention_request(idx)) is not None and r.probe for m in methods)
@@ -329,6 +336,8 @@ class Engine:
         run.decode_steps += 1
         run.rows = None
         run.layer_kwargs_cache.clear()
+        if run.decode_steps == 1 and self.per_head_cache:
+            store_per_head(self, run, cache)
         step = (input_ids if input_ids is not None else kwargs["inputs_embeds"]).shape[1]
         if attention_mask is not None:
             run.attention_mask_2d = attention_mask.bool()
@@ -474,14 +483,13 @@ class Engine:
         run.last_position_ids = position_ids[..., -1]
 
     def _compact_decode_inputs(self, kwargs: dict, run: RunState) -> None:
-        """Decoding after a BEFORE_LLM shrink: the cache holds the compact prompt, so the text model gets a 2-D mask
-        of the cached layout, and position ids continue from the last prompt token's original ones (the model's
-        own would count cached keys)."""
+        """Decoding after a BEFORE_LLM shrink: the cache holds the compact prompt, so position ids continue from the
+        last prompt token's original ones (the model's own would count cached keys). Every layer gets its mask from
+        _layer_kwargs (the cached prompt keys of each layer are known), so the text model is given no mask to build:
+        its own would not fit the cache, and building it reads the mask on the host (a GPU sync per step)."""
         step = kwargs["inputs_embeds"].shape[1]
         device = kwargs["inputs_embeds"].device
-        prompt_mask = _gather_rows(run.layout.valid.to(device), run.input_positions.to(device), fill=False)
-        generated = run.attention_mask_2d[:, run.prompt_length :].to(device)
-        kwargs["attention_mask"] = torch.cat([prompt_mask, generated], dim=1).long()
+        kwargs["attention_mask"] = None
         offsets = torch.arange(run.fed - run.prompt_length + 1, run.fed - run.prompt_length + 1 + step, device=device)
         kwargs["position_ids"] = run.last_position_ids.to(device)[..., None] + offsets
 
@@ -505,6 +513,8 @@ class Engine:
         call (kernel_plan.py), else SDPA untouched or, where a method edits the layer, the dense torch path; then the
         statistics the methods asked for (except those the router's fused kernel already delivered)."""
         idx, scaling = module.layer_idx, kwargs.get("scaling")
+        if self.run is not None and not self.run.prefill and idx in self.run.ragged:
+            return self.ragged_attention(idx, query, key, scaling)
         if self.router.backend(self.run, query.device) is not None:
             unrotated = self.pre_rotary(idx, query, key)
             output, delivered = self.router.attend(module, query, key, value, attention_mask, kwargs, unrotated)
@@ -515,6 +525,25 @@ class Engine:
             delivered = ()
         self.after_attention(module, query, key, attention_mask, scaling, delivered)
         return output
+
+    def ragged_attention(self, idx: int, query: torch.Tensor, key: torch.Tensor, scaling):
+        """A decoding call of a layer on a per-head pruned cache: each query head attends to its KV head's kept keys
+        (the cache layer already appended this step's token); kernel 4 where the router runs Triton, else the same
+        computation in torch ops."""
+        from . import kernels
+
+        if self.decode_editors and self.attention_edits(idx, query, key):
+            raise ValueError(
+                f"layer {idx} decodes on a per-head pruned KV cache (plphp:cache=ragged, kernel 4, which applies no "
+                f"attention edit), and {', '.join(self.decode_editors)} edits its decoding attention. Use "
+                "plphp:cache=mask (dense cache, decode mask) to combine them."
+            )
+        cache = self.run.ragged[idx].ragged
+        scaling = 1.0 / query.shape[-1] ** 0.5 if scaling is None else scaling
+        self.router.routes(self.run)[("decode", idx)] = "ragged"
+        if self.router.backend(self.run, query.device) == "triton":
+            return kernels.ragged_decode_attention(query, cache, scaling=scaling, backend="triton"), None
+        return kernels.ragged_decode_attention_torch(query, cache, scaling=scaling), None
 
     @staticmethod
     def dense_attention(module, query, key, value, attention_mask, kwargs, scaling, edits, unrotated):
@@ -637,9 +666,8 @@ class Engine:
             new = torch.arange(run.prompt_length, run.fed + step, device=device).expand(batch, -1)
             queries = torch.arange(run.fed, run.fed + step, device=device).expand(batch, -1)
             keys = torch.cat([prompt_keys, new], dim=1)
-            run.layer_kwargs_cache[key] = {
-                "attention_mask": build_mask(queries, keys, run.attention_mask_2d.to(device))
-            }
+            mask = build_mask(queries, keys, run.attention_mask_2d.to(device), may_skip=False)
+            run.layer_kwargs_cache[key] = {"attention_mask": mask}
         return {**kwargs, **run.layer_kwargs_cache[key]}
 
     def _shrunk_prefill_kwargs(self, kwargs: dict, run: RunState, device: torch.device) -> dict:

@@ -16,6 +16,8 @@ Callbacks (all optional; the engine only calls what a method declares):
 - `head_output_scale(layer, run)`: per-head factors on the attention output before o_proj (VHR-style).
 - `observe_hidden(layer, run, hidden)`: the hidden states entering a layer (sink detection), when
   `observes_hidden(layer)` says so.
+- `decode_cache_keep(layer, run)`: per KV head, the prompt keys a layer keeps for decoding (PLPHP): the engine then
+  keeps only those in the KV cache (a per-head ragged cache) and decodes that layer with kernel 4.
 - `prune_layers()`: stages at which `select_tokens` may drop or merge tokens: decoder layer indices (at the layer's
   start, in prefill) or BEFORE_LLM (the projected visual features, before any decoder layer). The engine shrinks
   hidden states, rotary tables, masks, position ids and, through the model itself, the KV cache.
@@ -201,6 +203,13 @@ class Method:
         reused at every step). The default, UNSTRUCTURED, says there is none: the engine then calls attention_edit
         and runs that layer's dense path."""
         return UNSTRUCTURED
+
+    def decode_cache_keep(self, layer: int, run: RunState) -> torch.Tensor | None:
+        """bool [B, Hkv, m] over the m prompt keys layer `layer` cached (run.layer_positions order): the keys each KV
+        head keeps for decoding, or None. Asked at the first decoding step; where a method answers, the engine stores
+        that layer's cache per head (vlm_efficient/ragged_cache.py): the other keys are freed and decoding attends to
+        each head's own keys (kernel 4 on CUDA)."""
+        return None
 
     def head_output_scale(self, layer: int, run: RunState) -> torch.Tensor | None:
         """Factors [H] or [B, H] for each head's output (the o_proj input), or None."""

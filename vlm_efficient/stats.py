@@ -67,14 +67,19 @@ def compute_stats(engine) -> RunStats:
     for idx in range(engine.num_layers):
         positions = run.layer_positions.get(idx)
         width = run.prompt_length if positions is None else positions.shape[1]
-        kv_bytes.append(batch * (width + new_tokens) * 2 * kv_heads * head_dim * element)
+        ragged = run.ragged.get(idx)
+        if ragged is not None:  # a per-head pruned cache: its buffers, and the keys a head attends to in decoding
+            kv_bytes.append(ragged.allocated_bytes())
+        else:
+            kv_bytes.append(batch * (width + new_tokens) * 2 * kv_heads * head_dim * element)
         for n in per_sample[idx]:
             attn, mlp = _layer_flops(config, n, n * (n + 1) / 2)
             attention_flops += attn
             mlp_flops += mlp
             # decode step t attends to the n kept prompt keys plus t generated ones
             steps = run.decode_steps
-            attn, mlp = _layer_flops(config, steps, steps * n + steps * (steps + 1) / 2)
+            cached = n if ragged is None else ragged.kept_keys
+            attn, mlp = _layer_flops(config, steps, steps * cached + steps * (steps + 1) / 2)
             decode_attention += attn
             decode_mlp += mlp
     return RunStats(
