@@ -64,13 +64,15 @@ class PLPHP(Method):
         gamma = (received.mean(1) * visual).sum(-1)
         rate = self.retention(gamma)
         batch, heads, n = received.shape
-        by_group = received.view(batch, heads // self.groups, self.groups, n).sum(2)  # [B, Hkv, n]
+        kv_heads = heads // self.groups
+        by_group = received.view(batch * kv_heads, self.groups, n).sum(1)  # one row per (sample, KV head)
         count = keep_count(visual.sum(1), 1 - rate)
-        kept = torch.stack(
-            [top_k_mask(by_group[:, g], visual, count) for g in range(by_group.shape[1])], dim=1
-        )  # [B, Hkv, n]
+        kept = top_k_mask(by_group, visual.repeat_interleave(kv_heads, 0), count.repeat_interleave(kv_heads, 0))
         positions = run.current_positions().to(received.device)
-        run.memory(self)[layer] = {"positions": positions, "kept": kept, "rate": rate}
+        # the rows here are the prompt keys this layer caches (stats come from its own attention call)
+        cached = ~visual[:, None] | kept.view(batch, kv_heads, n)
+        run.memory(self)[layer] = {"positions": positions, "kept": kept.view(batch, kv_heads, n), "rate": rate,
+                                   "cached": cached}  # fmt: skip
 
     def kept_keys(self, run, layer, key_positions: torch.Tensor) -> torch.Tensor:
         """[B, Hkv, kv]: the keys each key head attends to in decoding: its kept visual keys and every other key."""
@@ -84,10 +86,7 @@ class PLPHP(Method):
     def decode_cache_keep(self, layer, run):
         if self.cache != "ragged" or layer < self.layer or layer not in run.memory(self):
             return None
-        positions = run.layer_positions.get(layer)
-        if positions is None:
-            positions = torch.arange(run.prompt_length, device=run.layout.kind.device).expand(run.layout.batch_size, -1)
-        return self.kept_keys(run, layer, positions)
+        return run.memory(self)[layer]["cached"]
 
     def attention_edit(self, layer, run, context):
         if self.cache != "mask" or context.prefill or layer < self.layer or layer not in run.memory(self):
