@@ -71,8 +71,7 @@ class PLPHP(Method):
         positions = run.current_positions().to(received.device)
         # the rows here are the prompt keys this layer caches (stats come from its own attention call)
         cached = ~visual[:, None] | kept.view(batch, kv_heads, n)
-        run.memory(self)[layer] = {"positions": positions, "kept": kept.view(batch, kv_heads, n), "rate": rate,
-                                   "cached": cached}  # fmt: skip
+        run.memory(self)[layer] = {"positions": positions, "kept": kept.view(batch, kv_heads, n), "cached": cached}
 
     def kept_keys(self, run, layer, key_positions: torch.Tensor) -> torch.Tensor:
         """[B, Hkv, kv]: the keys each key head attends to in decoding: its kept visual keys and every other key."""

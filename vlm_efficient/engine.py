@@ -190,11 +190,20 @@ class RunState:
             positions = self.current_positions().to(device)
             return positions, positions
         queries = torch.arange(self.fed, self.fed + q_len, device=device).expand(batch, -1)
-        prompt = self.layer_positions.get(layer)
-        if prompt is None:
-            prompt = torch.arange(self.prompt_length, device=device).expand(batch, -1)
         generated = torch.arange(self.prompt_length, self.fed + q_len, device=device).expand(batch, -1)
-        return queries, torch.cat([prompt.to(device), generated], dim=1)
+        return queries, torch.cat([self.prompt_keys(layer, device), generated], dim=1)
+
+    def prompt_keys(self, layer: int, device) -> torch.Tensor:
+        """[B, m] original positions of the prompt keys layer `layer` cached (-1 = slot padding)."""
+        prompt = self.layer_positions.get(layer)
+        if prompt is None:  # made on the device: a host-to-device copy would wait for the queue (sync_report.txt)
+            return torch.arange(self.prompt_length, device=device).expand(self.layout.batch_size, -1)
+        return prompt.to(device)
+
+    def valid_keys(self, key_positions: torch.Tensor) -> torch.Tensor:
+        """[B, kv]: which keys at these original positions are real tokens (not left padding, not slot padding)."""
+        mask = self.attention_mask_2d.to(key_positions.device)
+        return (key_positions >= 0) & mask.gather(1, key_positions.clamp(0, mask.shape[1] - 1))
 
     def query_rows(self, request: AttentionRequest) -> torch.Tensor:
         """Current-row indices [B, S] (-1 = unused) for a statistics request."""
@@ -539,7 +548,7 @@ class Engine:
                 "plphp:cache=mask (dense cache, decode mask) to combine them."
             )
         cache = self.run.ragged[idx].ragged
-        scaling = 1.0 / query.shape[-1] ** 0.5 if scaling is None else scaling
+        scaling = kernels.default_scaling(query) if scaling is None else scaling
         self.router.routes(self.run)[("decode", idx)] = "ragged"
         if self.router.backend(self.run, query.device) == "triton":
             return kernels.ragged_decode_attention(query, cache, scaling=scaling, backend="triton"), None
@@ -582,15 +591,9 @@ class Engine:
         """One method's AttentionEdit for this call (or None), as the dense path takes it."""
         edit = method.attention_edit(idx, self.run, context)
         if edit is not None and edit.allow is not None:  # added pairs never reach padding or slot-padding keys
-            edit = dataclasses.replace(edit, allow=edit.allow & self._valid_keys(self.run, context)[:, None, None])
+            valid = self.run.valid_keys(context.key_positions)
+            edit = dataclasses.replace(edit, allow=edit.allow & valid[:, None, None])
         return edit
-
-    @staticmethod
-    def _valid_keys(run: RunState, context: AttentionContext) -> torch.Tensor:
-        """[B, kv]: the cached keys that are real tokens (not left padding, not slot padding)."""
-        positions = context.key_positions
-        mask = run.attention_mask_2d.to(positions.device)
-        return (positions >= 0) & mask.gather(1, positions.clamp(0, mask.shape[1] - 1))
 
     def _pre_rotary_hook(self, idx: int, part: str):
         def hook(module, args, output):

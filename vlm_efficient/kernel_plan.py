@@ -327,7 +327,7 @@ class KernelRouter:
         longer than the cache that grow (double) only when the cache outgrows them."""
         if "groups" not in cache or cache["groups"].shape[1] < kv_len:
             if "prompt" not in cache:
-                prompt = self._prompt_keys(run, layer, device)
+                prompt = run.prompt_keys(layer, device)
                 bias = None if edit.key_bias is None else at_positions(edit.key_bias.float(), prompt, 0.0)
                 cache["prompt"] = (at_positions(edit.groups, prompt, 0).to(torch.int32), bias)
             groups, bias = cache["prompt"]
@@ -336,14 +336,6 @@ class KernelRouter:
             cache["bias"] = None if bias is None else F.pad(bias, (0, extra))
             cache["capacity"] = cache["groups"].shape[1]
         return cache["groups"], cache["bias"]
-
-    @staticmethod
-    def _prompt_keys(run: RunState, layer: int, device) -> torch.Tensor:
-        """[B, m] original positions of the prompt keys this layer cached (-1 = slot padding)."""
-        prompt = run.layer_positions.get(layer)
-        if prompt is None:  # made on the device: a host-to-device copy would wait for the queue (sync_report.txt)
-            return torch.arange(run.prompt_length, device=device).expand(run.layout.batch_size, -1)
-        return prompt.to(device)
 
     def _structured_mask(self, run: RunState, spec, key_valid, device):
         """The kernels.StructuredMask of `spec` on the current rows, built once per rows (its block lists are cached on

@@ -64,16 +64,6 @@ class RaggedCacheLayer(DynamicLayer):
     reorder_cache = batch_repeat_interleave = batch_select_indices = crop = _refuse
 
 
-def key_validity(run, layer: int, device) -> torch.Tensor:
-    """[B, m] whether each prompt key layer `layer` cached is a real token (not left padding, not slot padding)."""
-    positions = run.layer_positions.get(layer)
-    if positions is None:
-        return run.layout.valid.to(device)
-    positions = positions.to(device)
-    mask = run.attention_mask_2d.to(device)
-    return (positions >= 0) & mask.gather(1, positions.clamp(min=0))
-
-
 def store_per_head(engine, run, cache) -> None:
     """At the first decoding step: every layer where methods return a decode_cache_keep gets a RaggedCacheLayer
     holding the intersection of their keeps (and no padding key)."""
@@ -91,6 +81,7 @@ def store_per_head(engine, run, cache) -> None:
         keep = keeps[0]
         for other in keeps[1:]:
             keep = keep & other
-        keep = keep.to(dense.keys.device) & key_validity(run, idx, dense.keys.device)[:, None, :]
+        device = dense.keys.device
+        keep = keep.to(device) & run.valid_keys(run.prompt_keys(idx, device))[:, None, :]
         layers[idx] = RaggedCacheLayer(dense, keep)
         run.ragged[idx] = layers[idx]
