@@ -22,17 +22,18 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# The oldest supported transformers (5.17) in a venv of its own, for the engine's contract tests.
-COMPAT := .venv-transformers-5.17
-$(COMPAT)/.installed: pyproject.toml Makefile
-	$(PYTHON) -m venv $(COMPAT)
-	$(COMPAT)/bin/python -m pip install -q --upgrade pip
-	$(COMPAT)/bin/python -c "import torch" 2>/dev/null || $(COMPAT)/bin/python -m pip install -q "$(TORCH)"
-	$(COMPAT)/bin/python -m pip install -q "transformers==5.17.0" -e ".[test]"
+# The oldest supported transformers (5.17), for the engine's contract tests. It lies in a folder of its own, put in
+# front of the main venv's packages with PYTHONPATH: a second venv would hold a second torch and triton (GBs of disk).
+# huggingface-hub 2 is too new for 5.17; every other dependency is the main venv's.
+COMPAT := .transformers-5.17
+$(COMPAT)/.installed: $(STAMP)
+	rm -rf $(COMPAT)
+	$(BIN)/python -m pip install -q --no-deps --target $(COMPAT) "transformers==5.17.0" "huggingface-hub>=1.5,<2"
 	touch $@
 
 test-compat: $(COMPAT)/.installed
-	$(COMPAT)/bin/python -m pytest tests/test_engine.py tests/test_api.py tests/test_fixtures.py $(PYTEST_ARGS)
+	PYTHONPATH=$(COMPAT) $(BIN)/python -c "import transformers; assert transformers.__version__ == '5.17.0', transformers.__file__"
+	PYTHONPATH=$(COMPAT) $(BIN)/python -m pytest tests/test_engine.py tests/test_api.py tests/test_fixtures.py $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) $(COMPAT) build *.egg-info
