@@ -106,7 +106,7 @@ def register(subparsers) -> None:
     p.add_argument("--ratios", default="0.5,0.75,0.889",
                    help="pruning ratios, comma-separated (default %(default)s: 576 -> 288 / 144 / 64 tokens)")
     p.add_argument("--speed-repeats", type=int, default=3,
-                   help="batch-1 TTFT and decode timings per run, medians of this many (0: none; default %(default)s)")
+                   help="batch-1 TTFT and decode timing rounds per run, the best reported (0: none; default %(default)s)")
     _eval_args(p)
     p.set_defaults(func=_sweep)
 
@@ -121,7 +121,7 @@ def register(subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--image-size", type=int, default=None, help="square image side in pixels (default per model)")
     p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--repeats", type=int, default=3, help="timed runs per method; medians are reported")
+    p.add_argument("--repeats", type=int, default=3, help="timed rounds per method; each measure is its best round")
     p.add_argument("--output", default=None, help="directory for bench.json, bench.md and bench.png")
     p.add_argument("--profile", action="store_true",
                    help="also profile one prefill and one generate() per method: host ops, syncs, GPU busy time")

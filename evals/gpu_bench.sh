@@ -1,7 +1,7 @@
 #!/bin/bash
 # The GPU speed tables of the README, in one run (device tool, one H100; from the repository root, package installed):
 #   OUT=DIR bash evals/gpu_bench.sh        -> DIR/<model>_<set>_<kernels>/bench.{json,md,png} and DIR/gpu_bench.md
-# Random-weight LLaVA-1.5-7B / LLaVA-NeXT-7B shapes, bf16, batch 1 (prune-b8: batch 8), 32 new tokens, medians of 3
+# Random-weight LLaVA-1.5-7B / LLaVA-NeXT-7B shapes, bf16, batch 1 (prune-b8: batch 8), 32 new tokens, best of 3
 # interleaved rounds; each set is timed with the Triton kernels routed (VLM_EFFICIENT_KERNELS=auto) or without (off);
 # the unwrapped SDPA base is measured in every run. The "profile" set profiles one prefill and one short generate()
 # of a few methods (host ops, syncs, GPU busy time: bench.md's second table). BUDGET (seconds, default 240) bounds the whole script: sets are skipped once it is

@@ -13,7 +13,7 @@ run.
 The table has one row per run: each task's main metric overall and per split or group (POPE F1 per negative-sampling
 split, VQA accuracy per question type; a task without splits: each of its metrics, e.g. CHAIR_S, CHAIR_I, recall),
 visual tokens kept (after pruning, and averaged over layers), the mean time to first token of the eval batches, and
-batch-1 speed measured in this process (`bench.measure`: time to first token and decode tokens/s, medians; the base
+batch-1 speed measured in this process (`bench.measure`: time to first token and decode tokens/s, best of rounds; the base
 unwrapped) with the speed-ups over the base. Writes sweep.md, sweep.json, accuracy_vs_tokens.png and
 latency_vs_accuracy.png.
 """
@@ -207,8 +207,8 @@ def format_table(rows: list[dict], config: dict, not_run: dict[str, str]) -> str
     ]  # fmt: skip
     if speed:
         s = config["speed"]
-        notes.append(f"TTFT / decode: batch 1 (the first {s['input']} document), {s['new_tokens']} new tokens, medians"
-                     f" of {s['repeats']} after a warm-up, all in the same process; the base unwrapped (plain SDPA)."
+        notes.append(f"TTFT / decode: batch 1 (the first {s['input']} document), {s['new_tokens']} new tokens, best"
+                     f" of {s['repeats']} rounds after a warm-up, all in the same process; the base unwrapped (plain SDPA)."
                      " Speed-ups: base / method TTFT, method / base decode tokens/s.")  # fmt: skip
     head = ["group", "methods", *columns, "visual tokens kept", "avg over layers", "prefill ms", "prefill speed-up"]
     head += ["TTFT ms (bs 1)", "TTFT speed-up", "decode tok/s (bs 1)", "decode speed-up"] if speed else []

@@ -86,23 +86,23 @@ def test_sweep_cli(tmp_path, monkeypatch, capsys):
 
 def test_sync_report_counts_the_package_sites(monkeypatch):
     """sync_report attributes each synchronizing-call warning (what torch.cuda.set_sync_debug_mode("warn") emits) to
-    the package line that led to it; here a fake one from the layout's has_visual, which FastV asks at its layer."""
+    the package line that led to it; here a fake one from RunState.row_counts, which the engine asks at each layer."""
     import warnings
 
     import vlm_efficient as ve
-    from vlm_efficient import layout
+    from vlm_efficient import engine
     from vlm_efficient.evals import sync_report
     from vlm_efficient.evals.bench import _inputs
     from vlm_efficient.evals.runner import load_eval_model
 
     monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", lambda mode: None)
-    plain = layout.ModalityLayout.has_visual.fget
+    plain = engine.RunState.row_counts
 
     def syncing(self):
         warnings.warn("called a synchronizing CUDA operation")
         return plain(self)
 
-    monkeypatch.setattr(layout.ModalityLayout, "has_visual", property(syncing))
+    monkeypatch.setattr(engine.RunState, "row_counts", syncing)
     model, processor = load_eval_model("tiny:llava")
     inputs = _inputs(processor, 336, 2, model)
     ve.wrap(model, "fastv:layer=2,ratio=0.5")
@@ -137,6 +137,30 @@ def test_decoding_steps_read_nothing_on_the_host(monkeypatch, spec):
     package = [sum(c for site, c in r.items() if site != "(outside)") for r in reads]
     assert package[0] == package[1], reads
     assert reads[1]["(outside)"] > reads[0]["(outside)"]  # the counter sees generate()'s own per-step reads
+
+
+@pytest.mark.parametrize("spec, prune_layers", [("fastv:layer=2,ratio=0.5", 1), ("pdrop", 3), ("dart", 1)])
+def test_pruning_reads_the_host_once_per_pruning_layer(monkeypatch, spec, prune_layers):
+    """At prefill, the in-LLM pruning methods read the device on the host once per pruning layer (the kept counts,
+    which size the shrunk tensors), batch 2, whatever each sample keeps; beyond that only the layout, built before
+    the vision tower has queued any GPU work. A batch-1 prefill of a 7B model is host-bound (evals/README.md):
+    every mid-forward read stalls the host until the GPU drains."""
+    import vlm_efficient as ve
+    from vlm_efficient.evals import sync_report
+    from vlm_efficient.evals.bench import _inputs
+    from vlm_efficient.evals.runner import load_eval_model
+
+    monkeypatch.setenv("VLM_EFFICIENT_KERNELS", "reference")
+    model, processor = load_eval_model("tiny:llava")
+    inputs = _inputs(processor, 336, 2, model)
+    ve.wrap(model, spec)
+    try:
+        reads = sync_report.sync_sites(model, inputs, 2)["prefill"]
+    finally:
+        ve.unwrap(model)
+    package = {site: count for site, count in reads.items() if site != "(outside)"}
+    outside_layout = sum(count for site, count in package.items() if not site.startswith("layout.py"))
+    assert outside_layout == prune_layers, package
 
 
 def test_host_read_detection():

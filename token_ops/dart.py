@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from vlm_efficient.method import AttentionRequest, Method
-from vlm_efficient.selection import check_drop_ratio
+from vlm_efficient.selection import check_drop_ratio, top_k_mask
 
 
 @dataclass
@@ -53,30 +53,24 @@ class DART(Method):
         states = torch.nn.functional.normalize(self.final_norm(hidden).float(), dim=-1)
         visual = run.current(run.layout.visual, fill=False).to(hidden.device)
         question = run.current(run.layout.after_visual_text, fill=False).to(hidden.device)
-        keep = ~visual
-        for b in range(hidden.shape[0]):
-            keep[b] |= self.select_sample(key_norm[b], states[b], visual[b], question[b])
-        return keep
+        return ~visual | self.kept_image_rows(key_norm.to(hidden.device), states, visual, question)
 
-    def select_sample(self, key_norm, states, visual, question) -> torch.Tensor:
-        """Kept image rows of one sample [n] (bool)."""
-        image_rows = visual.nonzero().flatten()
-        text_rows = question.nonzero().flatten()
-        n_image = image_rows.numel()
-        kept = torch.zeros_like(visual)
-        if n_image == 0:
-            return kept
-        image_pivots = image_rows[key_norm[image_rows].topk(min(self.image_pivots, n_image)).indices]
-        text_pivots = text_rows[key_norm[text_rows].topk(min(self.text_pivots, text_rows.numel())).indices]
-        per_pivot = int(n_image * (1 - self.ratio) / (self.image_pivots + self.text_pivots))
-        kept[image_pivots] = True
+    def kept_image_rows(self, key_norm, states, visual, question) -> torch.Tensor:
+        """[B, n] kept image rows, every sample at once (per-sample counts stay on the device: no host sync)."""
+        n_image = visual.sum(1)
+        kept = top_k_mask(key_norm, visual, n_image.clamp(max=self.image_pivots))
+        pivots = kept | top_k_mask(key_norm, question, question.sum(1).clamp(max=self.text_pivots))
+        per_pivot = torch.floor(n_image.double() * (1 - self.ratio) / (self.image_pivots + self.text_pivots)).long()
+        # the pivots of each sample in position order, [B, P]; a slot past a sample's own pivots has order n
+        n = visual.shape[1]
+        rows = torch.arange(n, device=visual.device).expand_as(visual)
+        order = torch.where(pivots, rows, n).sort(1).values[:, : self.image_pivots + self.text_pivots]
         candidates = visual & ~kept
-        for pivot in torch.cat([image_pivots, text_pivots]).sort().values:
-            rows = candidates.nonzero().flatten()
-            if rows.numel() == 0:
-                break
-            similarity = states[rows] @ states[pivot]
-            chosen = rows[similarity.topk(min(per_pivot, rows.numel()), largest=False).indices]
-            kept[chosen] = True
-            candidates[chosen] = False
+        batch = torch.arange(visual.shape[0], device=visual.device)
+        for step in range(order.shape[1]):
+            pivot = order[:, step]
+            similarity = torch.einsum("bnd,bd->bn", states, states[batch, pivot.clamp(max=n - 1)])
+            chosen = top_k_mask(-similarity, candidates, torch.where(pivot < n, per_pivot, 0))
+            kept |= chosen
+            candidates &= ~chosen
         return kept

@@ -34,7 +34,6 @@ PAPER_LAYERS, PAPER_DEPTH = (2, 6, 15), 32
 def dpc_knn(x: torch.Tensor, clusters: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Density-peak clustering with kNN density (SparseVLM's cluster_and_merge): x [n, d] -> (centre indices [k],
     cluster of each token [n])."""
-    n = x.shape[0]
     x = x.float()
     distance = torch.cdist(x, x) / x.shape[1] ** 0.5
     nearest = distance.topk(clusters, dim=-1, largest=False).values

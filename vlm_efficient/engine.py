@@ -82,16 +82,9 @@ def _gather_seq(tensor: torch.Tensor, index: torch.Tensor, seq_dim: int) -> torc
     return tensor.gather(seq_dim, index.to(tensor.device).view(view).expand(expand))
 
 
-def build_mask(
-    query_positions: torch.Tensor, key_positions: torch.Tensor, attention_mask_2d: torch.Tensor, may_skip: bool = True
-) -> torch.Tensor | None:
-    """Causal + padding mask [B, 1, q, kv] between rows identified by original positions (-1 = slot padding).
-
-    With `may_skip`, returns None when nothing is masked beyond plain causality on aligned axes, so SDPA can use its
-    flash path; finding that out reads the mask on the host (a GPU sync), which a decoding step must not pay."""
+def build_mask(query_positions: torch.Tensor, key_positions: torch.Tensor, attention_mask_2d: torch.Tensor):
+    """Causal + padding mask [B, 1, q, kv] between rows identified by original positions (-1 = slot padding)."""
     key_valid = (key_positions >= 0) & attention_mask_2d.gather(1, key_positions.clamp(min=0))
-    if may_skip and bool(key_valid.all()) and bool((query_positions >= 0).all()):
-        return None
     allowed = key_valid[:, None, :] & (key_positions[:, None, :] <= query_positions[:, :, None])
     # A slot-padding row attends to itself only, so no row is fully masked (0 * NaN would leak into real rows).
     q, kv = query_positions.shape[1], key_positions.shape[1]
@@ -100,16 +93,18 @@ def build_mask(
     return allowed[:, None]
 
 
-def left_aligned_index(keep: torch.Tensor) -> torch.Tensor:
-    """[B, width] indices of the kept rows of each sample, right-aligned (left slots -1) so the last prompt token
-    stays last when samples keep different numbers of rows."""
+def left_aligned_index(keep: torch.Tensor) -> tuple[torch.Tensor | None, bool]:
+    """([B, width] indices of the kept rows of each sample, right-aligned (left slots -1) so the last prompt token
+    stays last when samples keep different numbers of rows, or None when every row is kept; whether every sample
+    keeps the same number of rows). One host read (the counts' extremes): the width sizes the tensors."""
     counts = keep.sum(1)
-    width = int(counts.max())
-    slot = width - counts[:, None] + keep.long().cumsum(1) - 1
-    index = torch.full((keep.shape[0], width), -1, dtype=torch.long, device=keep.device)
-    batch_idx, row_idx = keep.nonzero(as_tuple=True)
-    index[batch_idx, slot[batch_idx, row_idx]] = row_idx
-    return index
+    low, width = torch.stack([counts.min(), counts.max()]).tolist()
+    if low == keep.shape[1]:
+        return None, True
+    # a stable sort puts each sample's dropped rows first and its kept rows last, both in position order
+    order = keep.to(torch.uint8).sort(dim=1, stable=True).indices[:, keep.shape[1] - width :]
+    slot = torch.arange(width, device=keep.device)
+    return torch.where(slot >= width - counts[:, None], order, -1), low == width
 
 
 @dataclass
@@ -127,6 +122,7 @@ class RunState:
     fed: int = 0  # original positions seen before this call (prompt + generated tokens fed so far)
     input_positions: torch.Tensor | None = None  # [B, n_in]; None = the whole prompt
     rows: torch.Tensor | None = None  # [B, n_cur] indices into the input rows (-1 = slot padding); None = all
+    aligned: bool = True  # every sample has the same number of current rows (no slot padding), known on the host
     last_position_ids: torch.Tensor | None = None  # position ids of the last prompt token, when the input shrank
     layer_positions: dict[int, torch.Tensor | None] = field(default_factory=dict)  # cached prompt keys per layer
     tokens_per_layer: list[torch.Tensor] = field(default_factory=list)  # [B] valid rows entering each layer
@@ -463,9 +459,12 @@ class Engine:
 
     def _apply_selections(self, idx: int, hidden: torch.Tensor, run: RunState) -> torch.Tensor:
         keep, hidden = self._select(idx, hidden, run)
-        if keep is None or bool(keep.all()):
+        if keep is None:
             return hidden
-        index = left_aligned_index(keep.to(hidden.device))
+        index, aligned = left_aligned_index(keep.to(hidden.device))
+        if index is None:
+            return hidden
+        run.aligned = run.aligned and aligned
         current = run.rows if run.rows is not None else torch.arange(hidden.shape[1], device=hidden.device).expand(
             hidden.shape[0], -1)
         run.rows = _gather_rows(current, index, fill=-1)
@@ -477,10 +476,10 @@ class Engine:
         kept tokens. The text model then builds its masks and rotary tables for the compact rows itself."""
         embeds = kwargs["inputs_embeds"]
         keep, embeds = self._select(BEFORE_LLM, embeds, run)
-        if keep is None or bool(keep.all()):
+        index, run.aligned = (None, True) if keep is None else left_aligned_index(keep.to(embeds.device))
+        if index is None:
             kwargs["inputs_embeds"] = embeds
             return
-        index = left_aligned_index(keep.to(embeds.device))
         run.input_positions = index
         kwargs["inputs_embeds"] = _gather_seq(embeds, index.clamp(min=0), seq_dim=1)
         kwargs["attention_mask"] = _gather_rows(run.attention_mask_2d.to(embeds.device), index, fill=False).long()
@@ -669,14 +668,17 @@ class Engine:
             new = torch.arange(run.prompt_length, run.fed + step, device=device).expand(batch, -1)
             queries = torch.arange(run.fed, run.fed + step, device=device).expand(batch, -1)
             keys = torch.cat([prompt_keys, new], dim=1)
-            mask = build_mask(queries, keys, run.attention_mask_2d.to(device), may_skip=False)
+            mask = build_mask(queries, keys, run.attention_mask_2d.to(device))
             run.layer_kwargs_cache[key] = {"attention_mask": mask}
         return {**kwargs, **run.layer_kwargs_cache[key]}
 
     def _shrunk_prefill_kwargs(self, kwargs: dict, run: RunState, device: torch.device) -> dict:
         positions = run.positions.to(device)
         index = run.rows.to(device).clamp(min=0)
-        update = {"attention_mask": build_mask(positions, positions, run.attention_mask_2d.to(device))}
+        # no padding of either kind (known on the host): plain causality on the rows, SDPA's flash path
+        plain = run.aligned and not run.layout.padded
+        mask = None if plain else build_mask(positions, positions, run.attention_mask_2d.to(device))
+        update = {"attention_mask": mask}
         cos, sin = kwargs["position_embeddings"]
         update["position_embeddings"] = (_gather_seq(cos, index, -2), _gather_seq(sin, index, -2))
         position_ids = kwargs.get("position_ids")

@@ -20,6 +20,8 @@ class ModalityLayout:
     image_index: torch.Tensor  # index of the visual item within its sample, -1 elsewhere
     coords: torch.Tensor  # [B, N, 3] (part, row, col), -1 for text and padding
     images: list[list[ImageTokens]]  # per sample, its visual items in prompt order
+    has_visual: bool  # any visual token in the batch (known on the host: asking the device would be a sync)
+    padded: bool  # any padding position
 
     @property
     def batch_size(self) -> int:
@@ -44,10 +46,6 @@ class ModalityLayout:
     @property
     def num_visual(self) -> torch.Tensor:
         return self.visual.sum(1)
-
-    @property
-    def has_visual(self) -> bool:
-        return bool(self.visual.any())
 
     @property
     def last_visual_position(self) -> torch.Tensor:
@@ -82,6 +80,8 @@ def build_layout(
     image_index = torch.full_like(input_ids, -1)
     coords = torch.full((batch, length, 3), -1, dtype=torch.long, device=device)
     images: list[list[ImageTokens]] = [[] for _ in range(batch)]
+    padded = attention_mask is not None and not bool(valid.all())
+    has_visual = False
 
     streams = [(IMAGE, adapter.image_token_id(model), None)]
     video_id = adapter.video_token_id(model)
@@ -102,6 +102,7 @@ def build_layout(
             )
         if not total:
             continue
+        has_visual = True
         batch_idx, pos_idx = is_token.nonzero(as_tuple=True)  # row-major: sample by sample, in prompt order
         start = 0
         for item in items:
@@ -119,4 +120,5 @@ def build_layout(
             coords[sample, p] = item.coords.to(device)
             images[sample].append(item)
             start = end
-    return ModalityLayout(kind=kind, image_index=image_index, coords=coords, images=images)
+    return ModalityLayout(kind=kind, image_index=image_index, coords=coords, images=images, has_visual=has_visual,
+                          padded=padded)
