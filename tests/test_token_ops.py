@@ -7,6 +7,8 @@ import pytest
 import torch
 
 import vlm_efficient as ve
+from vlm_efficient import engine
+from vlm_efficient.engine import build_mask
 from reference import extend_inputs, kept_key_masks, masked_reference
 from test_engine import greedy, two_samples
 from token_ops.divprune import max_min_diverse
@@ -35,7 +37,23 @@ def test_generate_matches_cache_free_reference(family, spec):
     """Whatever a pruning method keeps, decoding with its shrunk cache equals a dense cache-free forward over prompt
     + generated tokens in which every layer sees only the keys that layer kept."""
     model, processor = tiny_model(family)
-    batch = two_samples(processor)
+    _assert_matches_cache_free_reference(model, two_samples(processor), spec)
+
+
+@pytest.mark.parametrize("spec", ["fastv:layer=2,ratio=0.5", "pdrop:layers=1/2/3,ratio=0.5"])
+def test_unpadded_pruned_layers_run_without_a_mask(family, spec, monkeypatch):
+    """Without padding (one sample), the pruned layers take SDPA's unmasked path at prefill and at every decoding
+    step (the engine builds no mask: it knows on the host there is nothing to mask), and the logits still equal the
+    cache-free reference."""
+    model, processor = tiny_model(family)
+    batch = tiny_batch(processor, [(f"what is {image_placeholder(processor)} this", [tiny_image(0)])])
+    built = []
+    monkeypatch.setattr(engine, "build_mask", lambda *args: built.append(args) or build_mask(*args))
+    _assert_matches_cache_free_reference(model, batch, spec)
+    assert not built
+
+
+def _assert_matches_cache_free_reference(model, batch, spec):
     ve.wrap(model, spec)
     out = greedy(model, batch)
     run = ve.engine_of(model).run

@@ -661,10 +661,16 @@ class Engine:
         prompt_keys = run.layer_positions.get(idx)
         if prompt_keys is None:
             return kwargs
+        # The text model found its whole 2-D mask all ones (no mask) and one token is fed: each sample's kept keys
+        # all precede it and none is slot padding, so no mask is exact and keeps SDPA off its masked path. (After a
+        # BEFORE_LLM shrink the text model is given no mask to check: there the engine's mask stays.)
+        step = kwargs["position_embeddings"][0].shape[-2]
+        if step == 1 and run.aligned and run.input_positions is None and kwargs.get("attention_mask") is None:
+            return kwargs
         key = ("decode", id(prompt_keys), device)
         if key not in run.layer_kwargs_cache:
             prompt_keys = prompt_keys.to(device)
-            batch, step = prompt_keys.shape[0], kwargs["position_embeddings"][0].shape[-2]
+            batch = prompt_keys.shape[0]
             new = torch.arange(run.prompt_length, run.fed + step, device=device).expand(batch, -1)
             queries = torch.arange(run.fed, run.fed + step, device=device).expand(batch, -1)
             keys = torch.cat([prompt_keys, new], dim=1)
