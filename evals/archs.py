@@ -84,21 +84,25 @@ ARCHS = {
 DEFAULT_IMAGE_SIZE = {"llava-1.5-7b": 336, "llava-next-7b": 672, "qwen2-vl-7b": 672, "qwen2.5-vl-7b": 672}
 
 
-def arch_on_meta(name: str, layers: int | None = None, dtype: torch.dtype = torch.bfloat16):
-    """(model on the meta device, processor): shapes and parameter counts, no memory."""
+def arch_on_meta(name: str, layers: int | None = None, dtype: torch.dtype = torch.bfloat16, configure=None):
+    """(model on the meta device, processor): shapes and parameter counts, no memory. `configure(config, processor)`
+    may edit both before the model is built (evals/host_overhead.py narrows the widths)."""
     if name not in ARCHS:
         raise ValueError(f"unknown architecture {name!r}; choose one of {', '.join(ARCHS)}")
     if layers is not None and layers < 1:
         raise ValueError("--layers must be at least 1")
     cls, config, processor = ARCHS[name](layers)
+    if configure is not None:
+        configure(config, processor)
     with torch.device("meta"):
         model = cls._from_config(config, dtype=dtype)
     return model, processor
 
 
-def build_arch(name: str, device="cpu", dtype: torch.dtype = torch.bfloat16, layers: int | None = None, seed: int = 0):
+def build_arch(name: str, device="cpu", dtype: torch.dtype = torch.bfloat16, layers: int | None = None, seed: int = 0,
+               configure=None):  # fmt: skip
     """A random-weight model of architecture `name` materialised on `device`, in eval mode, + its processor."""
-    model, processor = arch_on_meta(name, layers, dtype)
+    model, processor = arch_on_meta(name, layers, dtype, configure)
     model.to_empty(device=device)
     for module in model.modules():  # set by the meta construction: initialise everything now
         module.__dict__.pop("_is_hf_initialized", None)
