@@ -185,3 +185,18 @@ def test_profile_counts_ops_and_syncs_per_phase():
         assert phases["generate"]["syncs"] >= phases["prefill"]["syncs"] > 0
     assert profiles["fastv"]["prefill"]["syncs"] > profiles["base"]["prefill"]["syncs"]  # the pruning step's reads
     assert format_profile(profiles).count("\n") == 1 + 4
+
+
+def test_host_overhead_times_every_method_against_the_base(tmp_path):
+    """evals/host_overhead.py: LLaVA-1.5-7B's depth at tiny widths on CPU, base first, ratios to it, JSON + table."""
+    import json
+
+    from vlm_efficient.evals.host_overhead import host_overhead
+
+    result = host_overhead(["fastv:layer=2,ratio=0.5"], repeats=1, rounds=1, new_tokens=2, output=tmp_path)
+    runs = result["runs"]
+    assert list(runs) == ["base", "fastv:layer=2,ratio=0.5"]
+    assert runs["base"]["prefill_ratio"] == 1 and runs["base"]["decode_ratio"] == 1
+    assert all(r["prefill_ms"] > 0 and r["decode_ms_per_token"] > 0 for r in runs.values())
+    assert json.loads((tmp_path / "host_overhead.json").read_text())["runs"].keys() == runs.keys()
+    assert "| fastv:layer=2,ratio=0.5 |" in (tmp_path / "host_overhead.md").read_text()
