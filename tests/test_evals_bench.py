@@ -139,11 +139,11 @@ def test_decoding_steps_read_nothing_on_the_host(monkeypatch, spec):
     assert reads[1]["(outside)"] > reads[0]["(outside)"]  # the counter sees generate()'s own per-step reads
 
 
-@pytest.mark.parametrize("spec, prune_layers", [("fastv:layer=2,ratio=0.5", 1), ("pdrop", 3), ("dart", 1)])
-def test_pruning_reads_the_host_once_per_pruning_layer(monkeypatch, spec, prune_layers):
-    """At prefill, the in-LLM pruning methods read the device on the host once per pruning layer (the kept counts,
-    which size the shrunk tensors), batch 2, whatever each sample keeps; beyond that only the layout, built before
-    the vision tower has queued any GPU work. A batch-1 prefill of a 7B model is host-bound (evals/README.md):
+@pytest.mark.parametrize("spec, expected", [("fastv:layer=2,ratio=0.5", 1), ("pdrop", 3), ("dart", 1), ("visionzip", 2)])
+def test_pruning_reads_the_host_once_per_pruning_layer(monkeypatch, spec, expected):
+    """At prefill, the pruning methods read the device on the host once per pruning layer (the kept counts, which
+    size the shrunk tensors), batch 2, whatever each sample keeps, and VisionZip once more for all its images (their
+    grid size); beyond that only the layout, built before the vision tower has queued any GPU work. A batch-1 prefill of a 7B model is host-bound (evals/README.md):
     every mid-forward read stalls the host until the GPU drains."""
     import vlm_efficient as ve
     from vlm_efficient.evals import sync_report
@@ -160,7 +160,7 @@ def test_pruning_reads_the_host_once_per_pruning_layer(monkeypatch, spec, prune_
         ve.unwrap(model)
     package = {site: count for site, count in reads.items() if site != "(outside)"}
     outside_layout = sum(count for site, count in package.items() if not site.startswith("layout.py"))
-    assert outside_layout == prune_layers, package
+    assert outside_layout == expected, package
 
 
 def test_host_read_detection():

@@ -160,14 +160,17 @@ class VisionCapture:
     def _on_projector_call(self, module, args):
         if not self.calls:
             return None
-        features = args[0].clone()
+        features = args[0]
         call = self.calls[-1]
-        call["keep"] = []
-        for tile, record in enumerate(call["records"]):
-            keep, merged = self.method.choose(record["score"], record["metric"], features[tile])
-            call["keep"].append(keep)
-            if merged is not None:
-                features[tile] = merged
+        records = call["records"]
+        scores = torch.stack([record["score"] for record in records])
+        metrics = torch.stack([record["metric"] for record in records])
+        keep, merged = self.method.choose_tiles(scores, metrics, features[: len(records)])
+        call["keep"] = list(keep.unbind(0))
+        if merged is None:
+            return None
+        features = features.clone()
+        features[: len(records)] = merged
         return (features, *args[1:])
 
     # ---- decisions per LLM token --------------------------------------------------------------------------------
@@ -194,37 +197,49 @@ class VisionCapture:
             start += n
         return orders
 
-    def image_decisions(self, run, hidden: torch.Tensor):
-        """Yield (sample, rows [n] of the image's LLM tokens, keep [n] bool, merged [n, d] or None) per image."""
+    def _first_call(self) -> dict:
         if not self.calls:
             raise RuntimeError(f"{self.method.name}: the vision tower did not run before this prefill")
-        call = self.calls[0]
+        return self.calls[0]
+
+    def _tile_keeps(self, call) -> list[torch.Tensor]:
+        """Each tile's keep [n] (decided at the projector when the method merges in the ViT, else here)."""
+        if "keep" in call:
+            return call["keep"]
+        return [self.method.choose(**self._args(record))[0] for record in call["records"]]
+
+    def llava_keep(self, run, hidden: torch.Tensor) -> torch.Tensor | None:
+        """LLaVA families: [B, n] keep of every prompt row at once (the decisions are per ViT tile, the merges, if
+        any, already happened in the ViT), scattered over the image rows in prompt order with no host read; None
+        for the other families (see image_decisions)."""
+        if not self.family.startswith("llava"):
+            return None
+        keeps = self._tile_keeps(self._first_call())
+        if self.family == "llava_next":
+            per_image, tile = [], 0
+            for size in self.sizes[0]:
+                tiles = self._tiles_of(size)
+                per_image.append(self._pack(torch.stack(keeps[tile : tile + tiles]), size))
+                tile += tiles
+            keeps = per_image
+        is_image = run.current(run.layout.kind, fill=0).to(hidden.device) == IMAGE
+        return (~is_image).masked_scatter(is_image, torch.cat(keeps).to(hidden.device))
+
+    def image_decisions(self, run, hidden: torch.Tensor):
+        """Qwen families: yield (sample, rows [n] of the image's LLM tokens, keep [n] bool, merged [n, d] or None)
+        per image (the merge happens on the LLM-side features, per image)."""
+        call = self._first_call()
         image_index = run.current(run.layout.image_index, fill=-1).to(hidden.device)
         is_image = run.current(run.layout.kind, fill=0).to(hidden.device) == IMAGE
         items = [(b, k) for b in range(image_index.shape[0]) for k in range(len(run.layout.images[b]))]
         items = [(b, k) for b, k in items if bool((is_image[b] & (image_index[b] == k)).any())]
-        if self.family.startswith("qwen"):
-            orders = self._qwen_order(call["grid"])
-        tile = 0
+        orders = self._qwen_order(call["grid"])
         for g, (b, k) in enumerate(items):
             rows = (is_image[b] & (image_index[b] == k)).nonzero().flatten()
-            if self.family == "llava":
-                keep = call["keep"][g] if "keep" in call else self.method.choose(**self._args(call["records"][g]))[0]
-                yield b, rows, keep.to(hidden.device), None
-            elif self.family == "llava_next":
-                size = self.sizes[0][g]
-                tiles = self._tiles_of(size)
-                keeps = [
-                    call["keep"][t] if "keep" in call else self.method.choose(**self._args(call["records"][t]))[0]
-                    for t in range(tile, tile + tiles)
-                ]
-                tile += tiles
-                yield b, rows, self._pack(torch.stack(keeps), size).to(hidden.device), None
-            else:
-                order = orders[g].to(hidden.device)
-                record = call["records"][g]
-                keep, merged = self.method.choose(record["score"][order], record["metric"][order], hidden[b, rows])
-                yield b, rows, keep, merged
+            order = orders[g].to(hidden.device)
+            record = call["records"][g]
+            keep, merged = self.method.choose(record["score"][order], record["metric"][order], hidden[b, rows])
+            yield b, rows, keep, merged
 
     @staticmethod
     def _args(record):
@@ -267,7 +282,22 @@ class VisionTowerMethod(Method):
     def choose(self, score, metric, features):
         raise NotImplementedError
 
+    def choose_tiles(self, scores, metrics, features) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`choose` over equal-sized tiles at once: scores [T, n], metrics [T, n, d], features [T, n, c] ->
+        (keep [T, n], merged [T, n, c] or None). This one loops over the tiles; a method may do them together."""
+        merged = features.clone()
+        keeps, any_merged = [], False
+        for tile in range(scores.shape[0]):
+            keep, tile_merged = self.choose(scores[tile], metrics[tile], features[tile])
+            keeps.append(keep)
+            if tile_merged is not None:
+                merged[tile], any_merged = tile_merged, True
+        return torch.stack(keeps), merged if any_merged else None
+
     def select_tokens(self, layer, run, hidden) -> Selection:
+        keep = self.capture.llava_keep(run, hidden)
+        if keep is not None:
+            return Selection(keep=keep)
         keep = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
         merged_hidden = None
         for b, rows, keep_rows, merged in self.capture.image_decisions(run, hidden):

@@ -16,13 +16,14 @@ features); that is `contextual=None`'s default there (10 : 54 on CLIP towers, th
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
-from vlm_efficient.selection import check_drop_ratio
+from vlm_efficient.selection import check_drop_ratio, top_k_mask
 
-from .vision_capture import VisionTowerMethod, grid_counts, top
+from .vision_capture import VisionTowerMethod
 
 
 @dataclass
@@ -42,27 +43,48 @@ class VisionZip(VisionTowerMethod):
         self.share = self.contextual if self.contextual is not None else (5 / 70 if qwen else 10 / 64)
         super().bind(engine)
 
-    def choose(self, score, metric, features):
-        grid, total = grid_counts(score, self.ratio)
+    def counts(self, total_grid: int) -> tuple[int, int]:
+        """(dominant, contextual) tokens kept of an image's `total_grid` grid tokens."""
+        total = math.floor(total_grid * (1.0 - self.ratio) + 0.5)  # keep_count's rounding, on the host
         contextual = min(int(total * self.share + 0.5), total - 1) if total > 1 else 0
-        dominant = top(score, grid, total - contextual)
-        rest = (grid & ~dominant).nonzero().flatten()
+        return total - contextual, contextual
+
+    def choose(self, score, metric, features):
+        keep, merged = self.choose_tiles(score[None], metric[None], None if features is None else features[None])
+        return keep[0], None if merged is None else merged[0]
+
+    def choose_tiles(self, scores, metrics, features):
+        """Every tile at once (their grid sizes known on the host with one read): the dominant tokens by score, then
+        among the rest in position order every (rest // contextual)-th one a target, the others merged into the
+        target of the most similar metric (ties: the earliest target)."""
+        grid = torch.isfinite(scores)
+        sizes = grid.sum(1).tolist()
+        if len(set(sizes)) > 1:  # tiles of different grid sizes: one at a time
+            return super().choose_tiles(scores, metrics, features)
+        dominant_count, contextual = self.counts(sizes[0])
+        dominant = top_k_mask(scores, grid, torch.full((scores.shape[0],), dominant_count))
         keep = dominant | ~grid
-        if contextual == 0 or rest.numel() == 0:
+        rest = grid & ~dominant
+        rest_count = sizes[0] - dominant_count
+        if contextual == 0 or rest_count == 0:
             return keep, None
-        contextual = min(contextual, rest.numel())
-        step = max(1, rest.numel() // contextual)
-        is_target = torch.zeros(rest.numel(), dtype=torch.bool, device=rest.device)
-        is_target[torch.arange(0, rest.numel(), step, device=rest.device)[:contextual]] = True
-        targets, others = rest[is_target], rest[~is_target]
-        keep[targets] = True
+        contextual = min(contextual, rest_count)
+        step = max(1, rest_count // contextual)
+        rank = rest.long().cumsum(1) - 1  # position among the rest
+        target = rest & (rank % step == 0) & (rank < contextual * step)
+        keep |= target
         if features is None:
             return keep, None
-        unit = torch.nn.functional.normalize(metric.float(), dim=-1)
-        joined = (unit[others] @ unit[targets].T).argmax(-1)
-        sums = torch.zeros(targets.numel(), features.shape[-1], device=features.device)
-        sums.index_add_(0, joined, features[others].float())
-        counts = torch.bincount(joined, minlength=targets.numel()).clamp(min=1)
-        merged = features.clone()
-        merged[targets] = (features[targets].float() + sums / counts[:, None]).to(features.dtype)
-        return keep, merged
+        others = rest & ~target
+        unit = torch.nn.functional.normalize(metrics.float(), dim=-1)
+        # each tile's `contextual` targets in position order (a stable sort puts them first)
+        targets = target.to(torch.uint8).sort(dim=1, descending=True, stable=True).indices[:, :contextual]
+        target_units = unit.gather(1, targets[..., None].expand(-1, -1, unit.shape[-1]))
+        # [T, n]: the position of each row's most similar target (meaningful on `others` rows)
+        joined = targets.gather(1, (unit @ target_units.transpose(1, 2)).argmax(-1))
+        weight = others.float()
+        sums = torch.zeros(features.shape, dtype=torch.float32, device=features.device)
+        sums.scatter_add_(1, joined[..., None].expand_as(sums), features.float() * weight[..., None])
+        counts = torch.zeros_like(weight).scatter_add_(1, joined, weight).clamp(min=1)
+        added = (features.float() + sums / counts[..., None]).to(features.dtype)
+        return keep, torch.where(target[..., None], added, features)
