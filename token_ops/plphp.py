@@ -59,23 +59,37 @@ class PLPHP(Method):
         return torch.where(gamma <= self.beta, self.retain - self.delta, rate)
 
     def observe_attention(self, layer, run, stats) -> None:
-        received = stats.received.float()  # [B, Hq, n]
-        visual = run.current(run.layout.visual, fill=False).to(received.device)
-        gamma = (received.mean(1) * visual).sum(-1)
-        rate = self.retention(gamma)
-        batch, heads, n = received.shape
-        kv_heads = heads // self.groups
-        by_group = received.view(batch * kv_heads, self.groups, n).sum(1)  # one row per (sample, KV head)
-        count = keep_count(visual.sum(1), 1 - rate)
-        kept = top_k_mask(by_group, visual.repeat_interleave(kv_heads, 0), count.repeat_interleave(kv_heads, 0))
-        positions = run.current_positions().to(received.device)
-        # the rows here are the prompt keys this layer caches (stats come from its own attention call)
-        cached = ~visual[:, None] | kept.view(batch, kv_heads, n)
-        run.memory(self)[layer] = {"positions": positions, "kept": kept.view(batch, kv_heads, n), "cached": cached}
+        # The choices act in decoding only: each layer's statistics wait, and decided() makes every layer's choice in
+        # one batch (a per-layer top-k is host work that a batch-1 prefill pays in full).
+        rows = (id(run.rows), id(run.input_positions))  # the row set: layers on the same rows stack
+        group = run.memory(self).setdefault("pending", {}).setdefault(rows, {"positions": run.current_positions()})
+        group[layer] = stats.received
+
+    def decided(self, run) -> dict:
+        """{layer: {"positions" [B, n], "kept" [B, Hkv, n], "cached" [B, Hkv, n]}} of every observed layer; the rows
+        are the prompt keys the layer caches (the statistics come from its own attention call)."""
+        memory = run.memory(self)
+        decided = memory.setdefault("decided", {})
+        for group in memory.pop("pending", {}).values():
+            positions = group.pop("positions")
+            received = torch.stack(list(group.values())).float()  # [L, B, Hq, n]
+            layers, batch, heads, n = received.shape
+            visual = at_positions(run.layout.visual, positions, False).to(received.device).repeat(layers, 1)
+            received = received.view(layers * batch, heads, n)
+            rate = self.retention((received.mean(1) * visual).sum(-1))
+            kv_heads = heads // self.groups
+            by_group = received.view(-1, self.groups, n).sum(1)  # one row per (layer, sample, KV head)
+            count = keep_count(visual.sum(1), 1 - rate)
+            kept = top_k_mask(by_group, visual.repeat_interleave(kv_heads, 0), count.repeat_interleave(kv_heads, 0))
+            kept = kept.view(layers, batch, kv_heads, n)
+            cached = ~visual.view(layers, batch, 1, n) | kept
+            for index, layer in enumerate(group):
+                decided[layer] = {"positions": positions, "kept": kept[index], "cached": cached[index]}
+        return decided
 
     def kept_keys(self, run, layer, key_positions: torch.Tensor) -> torch.Tensor:
         """[B, Hkv, kv]: the keys each key head attends to in decoding: its kept visual keys and every other key."""
-        state = run.memory(self)[layer]
+        state = self.decided(run)[layer]
         positions, kept = state["positions"].to(key_positions.device), state["kept"].to(key_positions.device)
         match = key_positions[:, :, None] == positions[:, None, :]  # [B, kv, n]
         kept_visual = (match[:, None] & kept[:, :, None]).any(-1)
@@ -83,12 +97,13 @@ class PLPHP(Method):
         return ~visual[:, None] | kept_visual
 
     def decode_cache_keep(self, layer, run):
-        if self.cache != "ragged" or layer < self.layer or layer not in run.memory(self):
+        if self.cache != "ragged" or layer < self.layer:
             return None
-        return run.memory(self)[layer]["cached"]
+        state = self.decided(run).get(layer)
+        return None if state is None else state["cached"]
 
     def attention_edit(self, layer, run, context):
-        if self.cache != "mask" or context.prefill or layer < self.layer or layer not in run.memory(self):
+        if self.cache != "mask" or context.prefill or layer < self.layer or layer not in self.decided(run):
             return None
         kept = self.kept_keys(run, layer, context.key_positions).repeat_interleave(self.groups, dim=1)
         return AttentionEdit(mask=kept[:, :, None, :])
