@@ -29,7 +29,7 @@ import vlm_efficient
 from .runner import _FirstTokenClock, _peak_memory, _sync, batch_inputs
 
 
-def _inputs(processor, image_size: int, batch_size: int, model):
+def _inputs(processor, image_size: int, batch_size: int, model=None):
     from vlm_efficient.models import build_prompt
     from vlm_efficient.testing import tiny_image
 
@@ -64,6 +64,30 @@ def _time_once(model, inputs, max_new_tokens: int) -> tuple[float, float, float]
     steps = out.shape[1] - n_in
     decode = batch * (steps - 1) / (end - clock.at) if steps > 1 else float("nan")
     return min(prefill), 1e3 * (clock.at - start), decode
+
+
+def vision_flops(model, inputs) -> float:
+    """FLOPs of the vision tower and projector on these inputs (torch's FlopCounterMode over the model's
+    get_image_features): the part of a prefill that no method acting inside the LLM reduces."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    images = {key: inputs[key] for key in ("pixel_values", "image_sizes", "image_grid_thw") if key in inputs}
+    if not images:
+        return 0.0
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        model.model.get_image_features(**images)
+    return float(counter.get_total_flops())
+
+
+def arch_vision_flops(name: str, batch_size: int, image_size: int) -> float:
+    """vision_flops of a random-weight architecture (archs.ARCHS) on the bench's inputs, counted on the meta device
+    (shapes only: no memory, no compute)."""
+    from .archs import arch_on_meta
+
+    model, processor = arch_on_meta(name)
+    inputs = _inputs(processor, image_size, batch_size)
+    inputs["pixel_values"] = inputs["pixel_values"].to("meta", torch.bfloat16)
+    return vision_flops(model, inputs)
 
 
 def _prefill_gpu_ms(model, inputs) -> float | None:
@@ -250,9 +274,11 @@ def bench(model_name: str, specs: list[str], *, device="cpu", dtype=torch.float3
     base = runs[specs[0] or "base"]
     for run in runs.values():
         add_ratios(run, base)
+    vision = vision_flops(model, inputs)
     result = {"model": model_name, "device": str(device), "dtype": str(dtype).replace("torch.", ""), "layers": layers,
               "batch_size": batch_size, "image_size": size, "max_new_tokens": max_new_tokens, "repeats": repeats,
-              "parameters": sum(p.numel() for p in model.parameters()), "runs": runs}  # fmt: skip
+              "parameters": sum(p.numel() for p in model.parameters()), "vision_flops": vision,
+              "runs": runs}  # fmt: skip
     _write(result, output)
     if profile:  # after the timings are written: profiling a 7B model takes a while
         result["profiles"] = {spec or "base": profile_spec(model, inputs, spec) for spec in specs}

@@ -71,9 +71,12 @@ def _peak_memory(device) -> int:
 
 
 def batch_inputs(processor, prompts: list[str], images: list[list], model):
-    """The processor's left-padded batch of `prompts` and their images, on the model's device, pixels in its dtype."""
+    """The processor's left-padded batch of `prompts` and their images, on the model's device, pixels in its dtype
+    (model None: as the processor made them, on the CPU)."""
     flat = [im for ims in images for im in ims]
     inputs = processor(images=flat or None, text=prompts, padding=True, padding_side="left", return_tensors="pt")
+    if model is None:
+        return inputs
     inputs = inputs.to(next(model.parameters()).device)
     if "pixel_values" in inputs:
         inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from vlm_efficient.cli import main
+from vlm_efficient.evals.bench_summary import summary
 from vlm_efficient.evals.archs import ARCHS, DEFAULT_IMAGE_SIZE, arch_on_meta, build_arch
 from vlm_efficient.evals.sweep import specs_for
 
@@ -56,6 +57,14 @@ def test_bench_cli_tiny(tmp_path, capsys):
     for key in ("prefill_ms", "ttft_ms", "decode_tokens_per_s", "peak_memory_bytes", "kv_cache_bytes", "prefill_flops"):
         assert half[key] > 0, key
     assert (out / "bench.png").stat().st_size > 1000 and (out / "bench.md").exists()
+    # the summary's FLOP-allowed share counts the vision tower the timed prefill runs
+    assert result["vision_flops"] > 0
+    (tmp_path / "runs").mkdir()
+    out.rename(tmp_path / "runs" / "tiny:llava_prune_auto")
+    allowed = (half["prefill_flops"] + result["vision_flops"]) / (base["prefill_flops"] + result["vision_flops"])
+    lines = summary(tmp_path / "runs").splitlines()
+    row = next(line for line in lines if line.startswith("| fastv:layer=2,ratio=0.5 |"))
+    assert f"| {allowed:.2f} |" in row and f"| {half['prefill_speedup'] * allowed:.0%} |" in row
     assert main(["bench", "--model", "tiny:llava", "--layers", "2"]) == 2
     assert "--layers applies to the random architectures" in capsys.readouterr().err
 
@@ -139,12 +148,14 @@ def test_decoding_steps_read_nothing_on_the_host(monkeypatch, spec):
     assert reads[1]["(outside)"] > reads[0]["(outside)"]  # the counter sees generate()'s own per-step reads
 
 
-@pytest.mark.parametrize("spec, expected", [("fastv:layer=2,ratio=0.5", 1), ("pdrop", 3), ("dart", 1), ("visionzip", 2)])
+@pytest.mark.parametrize("spec, expected",
+                         [("fastv:layer=2,ratio=0.5", 1), ("pdrop", 3), ("dart", 1), ("visionzip", 2)])
 def test_pruning_reads_the_host_once_per_pruning_layer(monkeypatch, spec, expected):
     """At prefill, the pruning methods read the device on the host once per pruning layer (the kept counts, which
     size the shrunk tensors), batch 2, whatever each sample keeps, and VisionZip once more for all its images (their
-    grid size); beyond that only the layout, built before the vision tower has queued any GPU work. A batch-1 prefill of a 7B model is host-bound (evals/README.md):
-    every mid-forward read stalls the host until the GPU drains."""
+    grid size); beyond that only the layout, built before the vision tower has queued any GPU work. A batch-1
+    prefill of a 7B model is host-bound (evals/README.md): every mid-forward read stalls the host until the GPU
+    drains."""
     import vlm_efficient as ve
     from vlm_efficient.evals import sync_report
     from vlm_efficient.evals.bench import _inputs
@@ -200,3 +211,16 @@ def test_host_overhead_times_every_method_against_the_base(tmp_path):
     assert all(r["prefill_ms"] > 0 and r["decode_ms_per_token"] > 0 for r in runs.values())
     assert json.loads((tmp_path / "host_overhead.json").read_text())["runs"].keys() == runs.keys()
     assert "| fastv:layer=2,ratio=0.5 |" in (tmp_path / "host_overhead.md").read_text()
+
+
+def test_vision_flops_count_the_tower_and_projector():
+    """The FLOP-allowed speed-up counts the vision tower and projector the timed prefill also runs: on the meta
+    device, LLaVA-1.5-7B's count equals CLIP-L/336's hand count (24 layers on 577 tokens, patch convolution,
+    two-layer projector on 576) per image."""
+    from vlm_efficient.evals.bench import arch_vision_flops
+
+    n, d, f, text = 577, 1024, 4096, 4096
+    layer = 8 * n * d * d + 4 * n * n * d + 4 * n * d * f  # q, k, v, o; scores and values; MLP
+    conv = 2 * (n - 1) * (3 * 14 * 14) * d
+    projector = 2 * (n - 1) * (d * text + text * text)
+    assert arch_vision_flops("llava-1.5-7b", 2, 336) == 2 * (24 * layer + conv + projector)
