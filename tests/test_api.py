@@ -99,6 +99,24 @@ def test_image_count_mismatch_is_an_error(llava):
     ve.unwrap(model)
 
 
+def test_image_straddling_two_samples_is_an_error(llava):
+    """The placeholder count matches the images overall, but one sample holds a token of the next one's image."""
+    model, processor = llava
+    ph = image_placeholder(processor)
+    batch = tiny_batch(processor, [(f"one {ph} image here", [tiny_image(0)]), (f"and {ph} another", [tiny_image(1)])])
+    ids = batch["input_ids"]
+    image_id = model.config.image_token_id
+    text_position = int((batch["attention_mask"][0].bool() & (ids[0] != image_id)).nonzero()[-1])
+    ids[0, text_position] = image_id  # sample 0: 17 placeholders, sample 1: 15
+    ids[1, int((ids[1] == image_id).nonzero()[0])] = ids[0, 0]
+    ve.wrap(model, "fastv")
+    try:
+        with pytest.raises(ValueError, match="16-token image straddles two samples"):
+            model(**batch)
+    finally:
+        ve.unwrap(model)
+
+
 def test_inputs_embeds_only_is_an_error(llava):
     model, processor = llava
     batch = tiny_batch(processor, [(f"see {image_placeholder(processor)}", [tiny_image(0)])])

@@ -89,12 +89,13 @@ def build_layout(
         streams.append((VIDEO, video_id, adapter.video_tokens(model, inputs)))
     for modality, token_id, items in streams:
         is_token = (input_ids == token_id) & valid
-        total = int(is_token.sum())
+        per_sample = is_token.sum(1).tolist()  # the one host read of the stream
+        total = sum(per_sample)
         if items is None:
             items = adapter.image_tokens(model, inputs)
         expected = sum(item.num_tokens for item in items)
+        name = "image" if modality == IMAGE else "video"
         if expected != total:
-            name = "image" if modality == IMAGE else "video"
             raise ValueError(
                 f"{total} {name} placeholder tokens in input_ids but the {name} inputs describe {expected} "
                 f"({len(items)} {name}s). Build the inputs with the model's processor, one placeholder per {name}, "
@@ -103,22 +104,29 @@ def build_layout(
         if not total:
             continue
         has_visual = True
-        batch_idx, pos_idx = is_token.nonzero(as_tuple=True)  # row-major: sample by sample, in prompt order
-        start = 0
+        # items take the placeholders in batch order, sample by sample; each must fit in what its sample has left
+        number = []  # each item's index within its sample
+        sample, left = 0, per_sample[0]
         for item in items:
-            end = start + item.num_tokens
-            b = batch_idx[start:end]
-            if bool((b != b[0]).any()):
+            while left == 0:
+                sample += 1
+                left = per_sample[sample]
+            if item.num_tokens > left:
                 raise ValueError(
-                    f"A {item.num_tokens}-token {'image' if modality == IMAGE else 'video'} straddles two samples: "
-                    "the number of placeholders per sample does not match the images given to that sample."
+                    f"A {item.num_tokens}-token {name} straddles two samples: the number of placeholders per sample "
+                    "does not match the images given to that sample."
                 )
-            p = pos_idx[start:end]
-            sample = int(b[0])
-            kind[sample, p] = modality
-            image_index[sample, p] = len(images[sample])
-            coords[sample, p] = item.coords.to(device)
+            number.append(len(images[sample]))
             images[sample].append(item)
-            start = end
+            left -= item.num_tokens
+        # the k-th placeholder of the batch (row-major) is token k of the items' concatenation
+        sizes = torch.tensor([item.num_tokens for item in items])
+        token_number = torch.repeat_interleave(torch.tensor(number), sizes)
+        token_coords = torch.cat([item.coords for item in items])
+        rank = (is_token.flatten().long().cumsum(0) - 1).clamp(min=0).view(batch, length)
+        on_device = torch.cat([token_number[:, None], token_coords], dim=1).to(device)  # one copy to the device
+        kind = torch.where(is_token, modality, kind)
+        image_index = torch.where(is_token, on_device[rank, 0], image_index)
+        coords = torch.where(is_token[..., None], on_device[rank, 1:], coords)
     return ModalityLayout(kind=kind, image_index=image_index, coords=coords, images=images, has_visual=has_visual,
                           padded=padded)
