@@ -8,10 +8,9 @@ generate(); each measure is the spec's best over the rounds (the least prefill a
 tokens/s), since a shared host's contention only ever adds time (a batch-1 prefill of a 7B model is host-bound and
 swings 2x with it); every round's values are kept under "rounds". On CUDA the warm-up round also profiles one
 prefill forward: `prefill_gpu_ms`, the summed GPU kernel time, is what the method saves on the GPU whatever the host
-does. The
-model is a real checkpoint (a directory, a hub id, `testbed`, `tiny:<family>`) or a random-weight architecture of
-archs.ARCHS. Peak memory is CUDA's maximum allocated per method on GPU; on CPU it is the process's peak RSS, which
-never goes down (compare on GPU).
+does. The model is a real checkpoint (a directory, a hub id, `testbed`, `tiny:<family>`) or a random-weight
+architecture of archs.ARCHS. Peak memory is CUDA's maximum allocated per method on GPU; on CPU it is the process's
+peak RSS, which never goes down (compare on GPU).
 """
 
 from __future__ import annotations
@@ -133,6 +132,20 @@ def _warm_and_count(model, inputs, spec: str, max_new_tokens: int) -> dict:
     }
 
 
+def interleaved_rounds(model, specs: list[str], rounds: int, call) -> None:
+    """call(spec, round) for every spec in each round, the model wrapped in the spec ("" = unwrapped) and unwrapped
+    after each call, so a slow phase of the machine reaches every spec alike."""
+    for round_ in tqdm(range(rounds), desc="rounds", leave=False):
+        for spec in specs:
+            if spec:
+                vlm_efficient.wrap(model, spec)
+            try:
+                call(spec, round_)
+            finally:
+                if vlm_efficient.is_wrapped(model):
+                    vlm_efficient.unwrap(model)
+
+
 def measure_all(model, inputs, specs: list[str], max_new_tokens: int, repeats: int) -> dict:
     """Timings (each spec's best over the rounds) and engine statistics of `model` under each spec ("" = the base:
     unwrapped, plain SDPA). Round 0 warms every spec up and counts its tokens; rounds 1..repeats time every spec once
@@ -143,21 +156,16 @@ def measure_all(model, inputs, specs: list[str], max_new_tokens: int, repeats: i
     times = {spec: [] for spec in specs}
     peaks = dict.fromkeys(specs, 0)
     counts = {}
-    for round_ in tqdm(range(repeats + 1), desc="bench rounds", leave=False):
-        for spec in specs:
-            if spec:
-                vlm_efficient.wrap(model, spec)
-            try:
-                if round_ == 0:
-                    counts[spec] = _warm_and_count(model, inputs, spec, max_new_tokens)
-                    continue
-                if device.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats(device)
-                times[spec].append(_time_once(model, inputs, max_new_tokens))
-                peaks[spec] = max(peaks[spec], _peak_memory(device))
-            finally:
-                if vlm_efficient.is_wrapped(model):
-                    vlm_efficient.unwrap(model)
+    def call(spec, round_):
+        if round_ == 0:
+            counts[spec] = _warm_and_count(model, inputs, spec, max_new_tokens)
+            return
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        times[spec].append(_time_once(model, inputs, max_new_tokens))
+        peaks[spec] = max(peaks[spec], _peak_memory(device))
+
+    interleaved_rounds(model, specs, repeats + 1, call)
     result = {}
     for spec in specs:
         prefill, first, decode = zip(*times[spec])

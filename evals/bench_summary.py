@@ -86,9 +86,9 @@ def summary(root) -> str:
                         "method under torch.profiler", "", format_profile(result["profiles"]), ""]
     out.append("auto = Triton kernels routed by the engine (vlm_efficient/kernel_plan.py); off = SDPA plus the "
                "engine's torch paths. 'of FLOP-allowed' = measured prefill speed-up x FLOPs ratio of the whole "
-               "prefill (1 = all of it): the decoder layers (vlm_efficient.stats) plus the vision tower and projector (torch's "
-               "FlopCounterMode), which the timed forward also runs; 'LLM FLOPs only' leaves the vision tower out of "
-               "both, which overstates the allowed speed-up (the share reported up to run 6). "
+               "prefill (1 = all of it): the decoder layers (vlm_efficient.stats) plus the vision tower and "
+               "projector (torch's FlopCounterMode), which the timed forward also runs; 'LLM FLOPs only' leaves the "
+               "vision tower out of both, which overstates the allowed speed-up (the share reported up to run 6). "
                "GPU time: the prefill's summed GPU kernel time (torch.profiler), what the method saves on the GPU "
                "whether or not the host keeps the GPU busy (a batch-1 LLaVA-1.5-7B prefill is host-bound).")
     return "\n".join(out)

@@ -18,12 +18,10 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
-
 import vlm_efficient
 
 from .archs import build_arch
-from .bench import _inputs
+from .bench import _inputs, interleaved_rounds
 
 SIDE = 56  # px: a 4 x 4 patch grid, 16 image tokens
 
@@ -67,17 +65,12 @@ def host_overhead(specs: list[str], repeats: int = 10, rounds: int = 4, new_toke
     inputs = _inputs(processor, SIDE, 1, model)
     specs = [""] + specs
     timed = {spec: [] for spec in specs}
-    for round_ in tqdm(range(rounds + 1), desc="rounds", leave=False):
-        for spec in specs:
-            if spec:
-                vlm_efficient.wrap(model, spec)
-            try:
-                measured = measure(model, inputs, repeats if round_ else 1, new_tokens)
-            finally:
-                if vlm_efficient.is_wrapped(model):
-                    vlm_efficient.unwrap(model)
-            if round_:
-                timed[spec].append(measured)
+    def call(spec, round_):  # round 0 warms up
+        measured = measure(model, inputs, repeats if round_ else 1, new_tokens)
+        if round_:
+            timed[spec].append(measured)
+
+    interleaved_rounds(model, specs, rounds + 1, call)
     runs = {spec or "base": {key: min(m[key] for m in timed[spec]) for key in timed[spec][0]} for spec in specs}
     base = runs["base"]
     for run in runs.values():

@@ -62,8 +62,9 @@ class PLPHP(Method):
         # The choices act in decoding only: each layer's statistics wait, and decided() makes every layer's choice in
         # one batch (a per-layer top-k is host work that a batch-1 prefill pays in full).
         rows = (id(run.rows), id(run.input_positions))  # the row set: layers on the same rows stack
-        group = run.memory(self).setdefault("pending", {}).setdefault(rows, {"positions": run.current_positions()})
-        group[layer] = stats.received
+        pending = run.memory(self).setdefault("pending", {})
+        group = pending.setdefault(rows, {"positions": run.current_positions(), "received": {}})
+        group["received"][layer] = stats.received
 
     def decided(self, run) -> dict:
         """{layer: {"positions" [B, n], "kept" [B, Hkv, n], "cached" [B, Hkv, n]}} of every observed layer; the rows
@@ -71,8 +72,8 @@ class PLPHP(Method):
         memory = run.memory(self)
         decided = memory.setdefault("decided", {})
         for group in memory.pop("pending", {}).values():
-            positions = group.pop("positions")
-            received = torch.stack(list(group.values())).float()  # [L, B, Hq, n]
+            positions = group["positions"]
+            received = torch.stack(list(group["received"].values())).float()  # [L, B, Hq, n]
             layers, batch, heads, n = received.shape
             visual = at_positions(run.layout.visual, positions, False).to(received.device).repeat(layers, 1)
             received = received.view(layers * batch, heads, n)
@@ -83,7 +84,7 @@ class PLPHP(Method):
             kept = top_k_mask(by_group, visual.repeat_interleave(kv_heads, 0), count.repeat_interleave(kv_heads, 0))
             kept = kept.view(layers, batch, kv_heads, n)
             cached = ~visual.view(layers, batch, 1, n) | kept
-            for index, layer in enumerate(group):
+            for index, layer in enumerate(group["received"]):
                 decided[layer] = {"positions": positions, "kept": kept[index], "cached": cached[index]}
         return decided
 
