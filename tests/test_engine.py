@@ -151,3 +151,29 @@ def test_prompt_without_images_is_a_documented_noop(family):
     stats = ve.stats(model)
     assert not stats.has_visual
     assert stats.tokens_per_layer == [stats.tokens_per_layer[0]] * 4
+
+
+@pytest.mark.parametrize(
+    "spec,expected",
+    [
+        ("fastv:layer=2,ratio=0.5", {0, 2, 3}),  # layer 1 computes FastV's statistics
+        ("pdrop:layers=1/3,ratio=0.5", {0, 2}),  # its boundaries probe their own attention
+        ("dart:layer=2", {0, 2, 3}),  # layer 1 hands DART its keys
+        ("visionzip", {0, 1, 2, 3}),
+        ("pai", set()),  # a method that edits attention is asked in every layer
+        ("plphp", set()),  # a per-head cache decodes on its own route
+    ],
+)
+def test_layers_no_method_acts_on_bypass_the_engine(spec, expected, monkeypatch):
+    """Their attention calls go to SDPA without the engine's routing; inside plain() every layer does."""
+    model, processor = tiny_model("llava")
+    ve.wrap(model, spec)
+    engine = ve.engine_of(model)
+    assert engine.plain_layers == expected
+    attended = []
+    monkeypatch.setattr(engine, "attend", lambda module, *args: attended.append(module.layer_idx) or (None, None))
+    with engine.plain():
+        assert engine.plain_layers == set(range(4))
+        greedy(model, two_samples(processor), max_new_tokens=2)
+    assert attended == [] and engine.plain_layers == expected
+    ve.unwrap(model)

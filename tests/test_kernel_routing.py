@@ -49,6 +49,9 @@ def run_both(family, spec, mode="reference", seed=None, **kw):
             torch.manual_seed(seed)
         routed = greedy(model, batch, **kw)
         routes = dict(engine.router.routes(engine.run))
+        # layers no method acts on go straight to SDPA (engine.plain_layers): the router never sees their calls
+        assert not [key for key in routes if key[1] in engine.plain_layers], routes
+        routes |= {(phase, layer): "sdpa" for phase in ("prefill", "decode") for layer in engine.plain_layers}
     finally:
         os.environ.pop(ENV, None)
         ve.unwrap(model)

@@ -45,12 +45,14 @@ _ENGINE_OF_ATTENTION: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 def _engine_attention(module, query, key, value, attention_mask, **kwargs):
     engine = _ENGINE_OF_ATTENTION.get(module)
-    if engine is not None and engine.probing is not None:
+    if engine is None or (module.layer_idx in engine.plain_layers and engine.probing is None):
+        # no method acts in this layer: SDPA untouched, without the engine's per-call routing (host time that a
+        # batch-1 prefill and every decoding step pay in full)
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    if engine.probing is not None:
         # a probe wants this layer's attention statistics before the layer really runs: no output is needed
         engine.deliver_stats(engine.probing, module.layer_idx, query, key, attention_mask, kwargs.get("scaling"))
         return query.new_zeros(query.shape[0], query.shape[2], query.shape[1], value.shape[-1]), None
-    if engine is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     return engine.attend(module, query, key, value, attention_mask, kwargs)
 
 
@@ -255,6 +257,17 @@ class Engine:
             idx for idx in range(self.num_layers)
             if any((r := m.attention_request(idx)) is not None and r.probe for m in methods)
         }  # fmt: skip
+        self.plain_layers = self._plain_layers()
+
+    def _plain_layers(self) -> frozenset[int]:
+        """Layers whose attention calls no method acts on: no edit (no method edits attention anywhere), no statistics,
+        no pre-rotary capture, no per-head cache. Their calls skip the engine's routing (_engine_attention)."""
+        if self.per_head_cache or any(edits_attention(m) for m in self.methods):
+            return frozenset()
+        return frozenset(
+            idx for idx in range(self.num_layers)
+            if all(m.attention_request(idx) is None and not m.uses_unrotated(idx) for m in self.methods)
+        )  # fmt: skip
 
     # ---- installation -------------------------------------------------------------------------------------------
     def install(self) -> None:
@@ -293,13 +306,14 @@ class Engine:
         the call in progress untouched: side passes such as a text-only stream or a probe generation. `run`
         continues an earlier side pass; the yielded holder's `.run` is the state this block's calls left."""
         holder = _SidePass(run)
-        saved = (self.run, self.methods, self.prune_layers, self.shrinks, list(self._captured_grids))
+        saved = (self.run, self.methods, self.prune_layers, self.shrinks, self.plain_layers, list(self._captured_grids))
         self.run, self.methods, self.prune_layers, self.shrinks = run, [], set(), False
+        self.plain_layers = frozenset(range(self.num_layers))
         try:
             yield holder
         finally:
             holder.run = self.run
-            self.run, self.methods, self.prune_layers, self.shrinks, grids = saved
+            self.run, self.methods, self.prune_layers, self.shrinks, self.plain_layers, grids = saved
             self._captured_grids[:] = grids
 
     def uninstall_handles(self) -> None:
