@@ -20,7 +20,7 @@ run: $(STAMP)
 	$(BIN)/vlm-efficient compare $(ARGS)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/pytest $(PYTEST_ARGS)
 
 # The oldest supported transformers (5.17), for the engine's contract tests. It lies in a folder of its own, put in
 # front of the main venv's packages with PYTHONPATH: a second venv would hold a second torch and triton (GBs of disk).
@@ -33,7 +33,7 @@ $(COMPAT)/.installed: $(STAMP)
 
 test-compat: $(COMPAT)/.installed
 	PYTHONPATH=$(COMPAT) $(BIN)/python -c "import transformers; assert transformers.__version__ == '5.17.0', transformers.__file__"
-	PYTHONPATH=$(COMPAT) $(BIN)/python -m pytest tests/test_engine.py tests/test_api.py tests/test_fixtures.py $(PYTEST_ARGS)
+	PYTHONPATH=$(COMPAT) $(BIN)/pytest tests/test_engine.py tests/test_api.py tests/test_fixtures.py $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) $(COMPAT) build *.egg-info

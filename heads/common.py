@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import torch
 
+from vlm_efficient.adapters import CACHE_KWARGS, kv_cache
 from vlm_efficient.method import UNSTRUCTURED, AttentionEdit, KernelEdit, Method
 
 _PLAIN_DEPTH = [0]  # > 0 while a plain side pass runs: hooks of methods then stay out of it
@@ -170,7 +171,7 @@ def before_prefill(engine, fn) -> None:
         inputs = dict(kwargs)
         if args:
             inputs["input_ids"] = args[0]
-        cache = inputs.get("past_key_values")
+        cache = kv_cache(inputs)
         if cache is not None and cache.get_seq_length() > 0:
             return None
         engine.check_cache(cache)  # before the side pass, which a static cache would break
@@ -194,7 +195,7 @@ def take_pending(method, run, key: str, missing: str):
 
 def prompt_inputs(inputs: dict) -> dict:
     """A prefill's forward kwargs for a cache-free side pass over the same prompt."""
-    side = {k: v for k, v in inputs.items() if k not in ("past_key_values", "use_cache", "cache_position")}
+    side = {k: v for k, v in inputs.items() if k not in (*CACHE_KWARGS, "use_cache", "cache_position")}
     side["use_cache"] = False
     return side
 

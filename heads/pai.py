@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 from transformers import LogitsProcessor
 
+from vlm_efficient.adapters import cache_kwarg
 from vlm_efficient.kernels import GroupSpec
 from vlm_efficient.method import AttentionEdit, KernelEdit, Method
 
@@ -86,8 +87,9 @@ class PAIContrastive(LogitsProcessor):
             positions = state["mask"].sum(1, keepdim=True) - 1
             kwargs = {"input_ids": input_ids[:, -1:], "attention_mask": state["mask"], "position_ids": positions}
         with plain_calls(self.model, state["run"]) as side:
-            out = self.model(**kwargs, past_key_values=state["cache"], use_cache=True)
-        state.update(run=side.run, cache=out.past_key_values, ids=input_ids)
+            name = cache_kwarg(self.model)
+            out = self.model(**kwargs, **{name: state["cache"]}, use_cache=True)
+        state.update(run=side.run, cache=getattr(out, name), ids=input_ids)
         return out.logits[:, -1].float().log_softmax(-1)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:

@@ -7,12 +7,12 @@ OUT=${OUT:-/tmp/gpu_tests}
 SHARDS=${SHARDS:-4}
 mkdir -p "$OUT"
 FILES=${FILES:-"tests/test_gpu.py tests/test_kernels_gpu.py"}
-python3 -m pytest $FILES --collect-only -q -o addopts="" 2>/dev/null | grep '::' > /tmp/gpu_ids.txt
+python3 -P -m pytest $FILES --collect-only -q -o addopts="" 2>/dev/null | grep '::' > /tmp/gpu_ids.txt
 split -n r/$SHARDS -d /tmp/gpu_ids.txt /tmp/gpu_shard_
 pids=()
 for shard in /tmp/gpu_shard_*; do
   i=${shard##*_}
-  timeout -s INT "${LIMIT:-300}" python3 -m pytest $(cat "$shard") -o addopts="" -p no:cacheprovider -rf --tb=short \
+  timeout -s INT "${LIMIT:-300}" python3 -P -m pytest $(cat "$shard") -o addopts="" -p no:cacheprovider -rf --tb=short \
     > "$OUT/gpu_tests_$i.txt" 2>&1 &
   pids+=($!)
 done

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -152,6 +155,23 @@ def test_cli_compare_prints_both_answers_and_writes_json(tmp_path, capsys):
 def test_cli_reports_bad_input_without_a_traceback(capsys):
     assert main(["compare", "--methods", "fastv:ratio=2", "--repeats", "1"]) == 2
     assert "ratio=2.0 must be in [0, 1)" in capsys.readouterr().err
+
+
+def test_python_m_runs_from_the_checkout_root():
+    """From the checkout's root its `kernels/` folder is importable as a top-level package and would shadow the
+    Hugging Face `kernels` distribution that recent transformers import: importing vlm_efficient must undo that."""
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-m", "vlm_efficient.cli", "methods"], cwd=root, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "fastv" in done.stdout
+
+
+def test_kv_cache_is_read_under_either_transformers_name():
+    cache = object()
+    assert ve.adapters.kv_cache({"cache": cache}) is cache
+    assert ve.adapters.kv_cache({"past_key_values": cache, "cache": None}) is cache
+    assert ve.adapters.kv_cache({"input_ids": 1}) is None
 
 
 def test_layout_follows_each_call_when_generate_pre_encodes_images():

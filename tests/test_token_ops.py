@@ -11,7 +11,7 @@ from vlm_efficient import engine
 from vlm_efficient.engine import build_mask
 from reference import extend_inputs, kept_key_masks, masked_reference
 from test_engine import greedy, two_samples
-from token_ops.divprune import max_min_diverse
+from vlm_efficient.token_ops.divprune import max_min_diverse
 from vlm_efficient.testing import FAMILIES, image_placeholder, tiny_batch, tiny_image, tiny_model
 
 PRUNING_SPECS = [

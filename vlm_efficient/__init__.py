@@ -8,15 +8,30 @@
 
 from __future__ import annotations
 
+import os
+import sys
 import weakref
 
-from torch import nn
 
-from .adapters import ADAPTERS, get_adapter
-from .engine import Engine
-from .method import AttentionRequest, Method
-from .registry import METHODS, parse_methods, to_spec
-from .stats import RunStats, compute_stats
+def _unshadow_source_root() -> None:
+    """Run from a source checkout's root (`python -m vlm_efficient...`), Python puts that root on sys.path, and its
+    `kernels/` folder (installed as vlm_efficient.kernels) shadows the Hugging Face `kernels` distribution, which
+    transformers imports (5.25 requires it). The checkout's packages resolve through the install's package mapping,
+    so the root entry is dropped before transformers loads."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if os.path.isfile(os.path.join(root, "pyproject.toml")) and os.path.isdir(os.path.join(root, "token_ops")):
+        sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != root]
+
+
+_unshadow_source_root()
+
+from torch import nn  # noqa: E402
+
+from .adapters import ADAPTERS, get_adapter  # noqa: E402
+from .engine import Engine  # noqa: E402
+from .method import AttentionRequest, Method  # noqa: E402
+from .registry import METHODS, parse_methods, to_spec  # noqa: E402
+from .stats import RunStats, compute_stats  # noqa: E402
 
 __all__ = [
     "ADAPTERS",

@@ -6,6 +6,7 @@ are laid out on a 2-D grid, and where the vision tower is. Methods never look at
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -91,6 +92,21 @@ class ModelAdapter:
 
     def after_decoder_layer(self, layer_idx: int, hidden_states: torch.Tensor, run) -> torch.Tensor:
         return hidden_states
+
+
+# transformers 5.25 renamed the forward kwarg `past_key_values` (and the outputs' field) to `cache`; the old name
+# stays a deprecated alias until 5.40. Both ends of the supported range are read through these two.
+CACHE_KWARGS = ("cache", "past_key_values")
+
+
+def kv_cache(inputs: dict):
+    """The KV cache a forward call received, under whichever name the caller used (None if none)."""
+    return next((inputs[name] for name in CACHE_KWARGS if inputs.get(name) is not None), None)
+
+
+def cache_kwarg(model: nn.Module) -> str:
+    """The name `model.forward` takes its KV cache by (and its output returns it as) in the installed transformers."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def encoded_features(inputs: dict, modality: str = "image") -> list[torch.Tensor] | None:

@@ -30,7 +30,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from .adapters import ModelAdapter, get_adapter
+from .adapters import CACHE_KWARGS, ModelAdapter, get_adapter, kv_cache
 from .attention import edited_attention, received_attention
 from .kernel_plan import KernelRouter
 from .layout import ModalityLayout, build_layout
@@ -331,7 +331,7 @@ class Engine:
     # ---- hooks --------------------------------------------------------------------------------------------------
     def _on_model_call(self, module, args, kwargs):
         input_ids = kwargs.get("input_ids", args[0] if args else None)
-        cache = kwargs.get("past_key_values")
+        cache = kv_cache(kwargs)
         past = cache.get_seq_length() if cache is not None else 0
         attention_mask = kwargs.get("attention_mask")
         if past == 0:
@@ -525,7 +525,7 @@ class Engine:
                 continue
             self.probing = method
             try:
-                attention_kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "use_cache")}
+                attention_kwargs = {k: v for k, v in kwargs.items() if k not in (*CACHE_KWARGS, "use_cache")}
                 layer.self_attn(hidden_states=self.adapter.attention_input(layer, hidden), **attention_kwargs)
             finally:
                 self.probing = None
