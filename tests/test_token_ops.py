@@ -181,6 +181,9 @@ def test_divprune_selection_is_the_greedy_max_min_of_the_paper():
         score[picks] = -1
         picks.append(int(score.argmax()))
     assert max_min_diverse(features, 10).tolist() == picks
+    others = torch.randn(2, 30, 8, generator=torch.Generator().manual_seed(1))
+    batched = max_min_diverse(torch.cat([features[None], others]), 10)  # images chosen together, as the engine does
+    assert batched.tolist() == [picks] + [max_min_diverse(f, 10).tolist() for f in others]
 
 
 def test_divprune_runs_per_image_on_the_projected_features(family):

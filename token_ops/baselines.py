@@ -32,9 +32,9 @@ class RandomKeep(Method):
         return {BEFORE_LLM}
 
     def select_tokens(self, layer, run, hidden) -> torch.Tensor:
-        def choose(b, item, rows, count):
-            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + item)
-            return torch.randperm(rows.numel(), generator=generator)[:count]
+        def choose(samples, items, rows, count):
+            generators = [torch.Generator().manual_seed(self.seed * 1_000_003 + item) for item in items]
+            return torch.stack([torch.randperm(rows.shape[1], generator=g)[:count] for g in generators])
 
         return keep_per_image(run, self.ratio, choose)
 

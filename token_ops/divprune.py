@@ -17,20 +17,22 @@ from vlm_efficient.selection import check_drop_ratio, keep_per_image
 
 
 def max_min_diverse(features: torch.Tensor, count: int) -> torch.Tensor:
-    """Indices of `count` rows of features [n, d] chosen greedily to maximise the minimum cosine distance."""
+    """Indices [..., count] of rows of features [..., n, d] chosen greedily to maximise the minimum cosine distance,
+    for every leading index at once and without reading the device on the host."""
     unit = torch.nn.functional.normalize(features.float(), dim=-1)
-    distance = 1.0 - unit @ unit.T
-    n = features.shape[0]
-    chosen = torch.zeros(n, dtype=torch.bool, device=features.device)
+    distance = 1.0 - unit @ unit.transpose(-1, -2)
+    n = features.shape[-2]
+    self_pairs = torch.eye(n, dtype=torch.bool, device=features.device)
+    score = distance.masked_fill(self_pairs, float("inf")).amin(-2)  # distance to the nearest other token
+    chosen = torch.zeros_like(score, dtype=torch.bool)
     picks = []
-    nearest = distance.masked_fill(torch.eye(n, dtype=torch.bool, device=features.device), float("inf"))
-    score = nearest.min(0).values  # distance to the nearest other token
-    for _ in range(min(count, n)):
-        pick = int(score.masked_fill(chosen, float("-inf")).argmax())
+    for step in range(min(count, n)):
+        pick = score.masked_fill(chosen, float("-inf")).argmax(-1, keepdim=True)
         picks.append(pick)
-        chosen[pick] = True
-        score = distance[pick] if len(picks) == 1 else torch.minimum(score, distance[pick])
-    return torch.tensor(picks, dtype=torch.long, device=features.device)
+        chosen.scatter_(-1, pick, True)
+        to_pick = distance.gather(-2, pick.unsqueeze(-1).expand(*pick.shape, n)).squeeze(-2)
+        score = to_pick if step == 0 else torch.minimum(score, to_pick)
+    return torch.cat(picks, -1)
 
 
 @dataclass
@@ -47,4 +49,6 @@ class DivPrune(Method):
         return {BEFORE_LLM}
 
     def select_tokens(self, layer, run, hidden) -> torch.Tensor:
-        return keep_per_image(run, self.ratio, lambda b, item, rows, count: max_min_diverse(hidden[b, rows], count))
+        return keep_per_image(
+            run, self.ratio, lambda samples, items, rows, count: max_min_diverse(hidden[samples[:, None], rows], count)
+        )

@@ -60,10 +60,24 @@ class VMTC(VisionTowerMethod):
         if clusters <= 0 or features is None:
             return keep, None
         assignment = cosine_kmeans(features[redundant], clusters, self.iterations)
+        hosts, means = condense(features, score, redundant, assignment, clusters)
         merged = features.clone()
-        for cluster in assignment.unique():
-            members = redundant[assignment == cluster]
-            host = members[score[members].argmax()]
-            merged[host] = features[members].float().mean(0).to(features.dtype)
-            keep[host] = True
+        merged[hosts] = means
+        keep[hosts] = True
         return keep, merged
+
+
+def condense(features, score, members, assignment, clusters: int):
+    """Every non-empty cluster of `members` (rows of features) averaged into the row of its highest-scoring member,
+    the first such row on ties: -> (host rows, their merged features). All clusters at once: a loop over clusters
+    reads the device per cluster, hundreds of times per image."""
+    member_score = score[members].float()
+    best = member_score.new_full((clusters,), float("-inf")).scatter_reduce(0, assignment, member_score, "amax")
+    is_best = member_score == best[assignment]
+    first = torch.full((clusters,), features.shape[0], dtype=members.dtype, device=members.device)
+    first = first.scatter_reduce(0, assignment[is_best], members[is_best], "amin")
+    counts = torch.bincount(assignment, minlength=clusters)
+    sums = features.new_zeros(clusters, features.shape[-1], dtype=torch.float32)
+    sums.index_add_(0, assignment, features[members].float())
+    filled = counts > 0
+    return first[filled], (sums[filled] / counts[filled, None]).to(features.dtype)
