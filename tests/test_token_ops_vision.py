@@ -280,3 +280,21 @@ def test_compositions():
         greedy(model, two_samples(processor))
         ve.unwrap(model)
         assert model.config.vision_config._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize("spec", ["vmtc:ratio=0.5", "vmtc:ratio=0.889,primary=0.25", "vmtc:ratio=0.5,primary=1"])
+def test_vmtc_tiles_chosen_together_equal_tiles_chosen_one_at_a_time(spec):
+    """VMTC's batched choose_tiles of LLaVA's tiles against the base class's loop of the per-tile `choose` (the
+    slow formula reference is test_kept_and_merged_tokens_follow_the_formula)."""
+    from vlm_efficient.token_ops.vision_capture import VisionTowerMethod
+
+    (method,) = ve.parse_methods(spec)
+    generator = torch.Generator().manual_seed(0)
+    scores = torch.rand(3, 50, generator=generator)
+    scores[:, 0] = float("inf")  # [CLS]-like rows always stay
+    metrics, features = torch.randn(3, 50, 16, generator=generator), torch.randn(3, 50, 24, generator=generator)
+    keep, merged = method.choose_tiles(scores, metrics, features)
+    keep_one, merged_one = VisionTowerMethod.choose_tiles(method, scores, metrics, features)
+    kept = int(keep_count(torch.tensor([49]), method.ratio))
+    assert torch.equal(keep, keep_one) and keep[:, 1:].sum(1).tolist() == [kept] * 3
+    torch.testing.assert_close(merged, merged_one)

@@ -18,21 +18,22 @@ from dataclasses import dataclass
 
 import torch
 
-from vlm_efficient.selection import check_drop_ratio
+from vlm_efficient.selection import check_drop_ratio, keep_count, top_k_mask
 
 from .vision_capture import VisionTowerMethod, grid_counts, top
 
 
 def cosine_kmeans(x: torch.Tensor, clusters: int, iterations: int) -> torch.Tensor:
-    """Cluster of each row of x [n, d] (spherical K-Means from evenly spaced rows)."""
+    """Cluster of each row of x [..., m, d] (spherical K-Means from evenly spaced rows; every leading index apart)."""
     unit = torch.nn.functional.normalize(x.float(), dim=-1)
-    centres = unit[torch.linspace(0, x.shape[0] - 1, clusters, device=x.device).round().long()]
+    starts = torch.linspace(0, x.shape[-2] - 1, clusters, device=x.device).round().long()
+    centres = unit[..., starts, :]
     for _ in range(iterations):
-        assignment = (unit @ centres.T).argmax(-1)
-        sums = torch.zeros_like(centres).index_add_(0, assignment, unit)
-        empty = sums.norm(dim=-1) == 0
-        centres = torch.where(empty[:, None], centres, torch.nn.functional.normalize(sums, dim=-1))
-    return (unit @ centres.T).argmax(-1)
+        assignment = (unit @ centres.transpose(-1, -2)).argmax(-1)
+        sums = torch.zeros_like(centres).scatter_add_(-2, assignment[..., None].expand_as(unit), unit)
+        empty = sums.norm(dim=-1, keepdim=True) == 0
+        centres = torch.where(empty, centres, torch.nn.functional.normalize(sums, dim=-1))
+    return (unit @ centres.transpose(-1, -2)).argmax(-1)
 
 
 @dataclass
@@ -65,6 +66,38 @@ class VMTC(VisionTowerMethod):
         merged[hosts] = means
         keep[hosts] = True
         return keep, merged
+
+    def choose_tiles(self, scores, metrics, features):
+        """Every tile at once when their grid sizes agree (LLaVA's tiles; one host read): the same primary tokens,
+        K-Means and merges as `choose`, batched over the tiles."""
+        grid = torch.isfinite(scores)
+        sizes = grid.sum(1).tolist()
+        if len(set(sizes)) > 1:
+            return super().choose_tiles(scores, metrics, features)
+        tiles, n, width = features.shape
+        total = int(keep_count(torch.tensor([sizes[0]]), self.ratio))
+        primary_count = min(max(int(total * self.primary + 0.5), 1), sizes[0])
+        primary = top_k_mask(scores, grid, torch.full((tiles,), primary_count))
+        keep = primary | ~grid
+        redundant_count = sizes[0] - primary_count
+        clusters = min(total - primary_count, redundant_count)
+        if clusters <= 0:
+            return keep, None
+        # each tile's redundant positions in ascending order (a stable sort puts them first)
+        redundant = (grid & ~primary).to(torch.uint8).sort(dim=1, descending=True, stable=True).indices
+        redundant = redundant[:, :redundant_count]
+        assignment = cosine_kmeans(features.gather(1, redundant[..., None].expand(-1, -1, width)), clusters,
+                                   self.iterations)
+        # the tiles' clusters condensed as one flat problem: rows and cluster ids offset per tile
+        offsets = torch.arange(tiles, device=features.device)[:, None]
+        hosts, means = condense(features.reshape(tiles * n, width), scores.reshape(-1),
+                                (redundant + offsets * n).flatten(), (assignment + offsets * clusters).flatten(),
+                                tiles * clusters)
+        merged = features.clone().reshape(tiles * n, width)
+        merged[hosts] = means
+        keep = keep.reshape(-1)
+        keep[hosts] = True
+        return keep.view(tiles, n), merged.view(tiles, n, width)
 
 
 def condense(features, score, members, assignment, clusters: int):
