@@ -24,8 +24,9 @@ import torch
 from tqdm.auto import tqdm
 
 import vlm_efficient
+from vlm_efficient.compare import FirstTokenClock
 
-from .runner import _FirstTokenClock, _peak_memory, _sync, batch_inputs
+from .runner import _peak_memory, _sync, batch_inputs
 
 
 def _inputs(processor, image_size: int, batch_size: int, model=None):
@@ -55,7 +56,7 @@ def _time_once(model, inputs, max_new_tokens: int) -> tuple[float, float, float]
             model(**inputs, logits_to_keep=1)
             _sync(device)
             prefill.append(1e3 * (time.perf_counter() - start))
-        clock = _FirstTokenClock(device)
+        clock = FirstTokenClock(device)
         start = time.perf_counter()
         out = model.generate(**inputs, **generate, logits_processor=LogitsProcessorList([clock]))
         _sync(device)

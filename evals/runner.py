@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 import vlm_efficient
+from vlm_efficient.compare import FirstTokenClock
 from vlm_efficient.compare import synchronize as _sync
 
 from .tasks import Task, get_task
@@ -49,19 +50,6 @@ def load_eval_model(name: str, device: str = "cpu", dtype: torch.dtype = torch.f
     from vlm_efficient.models import load_model
 
     return load_model(name, device=device, dtype=dtype)
-
-
-class _FirstTokenClock:
-    """A logits processor that only notes when it is first called: right after the prefill forward."""
-
-    def __init__(self, device):
-        self.device, self.at = device, None
-
-    def __call__(self, input_ids, scores):
-        if self.at is None:
-            _sync(self.device)
-            self.at = time.perf_counter()
-        return scores
 
 
 def _peak_memory(device) -> int:
@@ -88,7 +76,7 @@ def generate_batch(model, processor, inputs, max_new_tokens: int):
     from transformers import LogitsProcessorList
 
     device = next(model.parameters()).device
-    clock = _FirstTokenClock(device)
+    clock = FirstTokenClock(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     _sync(device)

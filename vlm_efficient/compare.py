@@ -18,38 +18,59 @@ def synchronize(device) -> None:
         torch.cuda.synchronize(device)
 
 
+class FirstTokenClock:
+    """A logits processor that only notes when generate() first calls it: right after the prefill forward."""
+
+    def __init__(self, device):
+        self.device, self.at = device, None
+
+    def __call__(self, input_ids, scores):
+        if self.at is None:
+            synchronize(self.device)
+            self.at = time.perf_counter()
+        return scores
+
+
 @dataclass
 class GenerationTiming:
     prefill_ms: float  # time to first token: vision tower + prefill + first token
-    total_ms: float
+    decode_ms: float  # the rest of the same generate() calls
     new_tokens: int
 
     @property
+    def total_ms(self) -> float:
+        return self.prefill_ms + self.decode_ms
+
+    @property
     def decode_tokens_per_s(self) -> float:
-        decode_s = (self.total_ms - self.prefill_ms) / 1e3
-        return (self.new_tokens - 1) / decode_s if self.new_tokens > 1 and decode_s > 0 else float("nan")
+        if self.new_tokens < 2 or self.decode_ms <= 0:
+            return float("nan")
+        return (self.new_tokens - 1) / (self.decode_ms / 1e3)
 
 
 def timed_generate(model, inputs, max_new_tokens: int, repeats: int = 3):
-    """Greedy generate timed as median time-to-first-token and median total time over `repeats` runs, after one
-    untimed warm-up runs (allocator, kernel selection)."""
+    """Greedy generate timed over `repeats` runs, after two untimed warm-up runs (allocator, kernel selection): the
+    median time to the first token and the median time of the rest, both read within each run (two separate calls'
+    medians could put the total under the first token's time)."""
+    from transformers import LogitsProcessorList
+
     device = next(model.parameters()).device
-    first, total = [], []
+    first, rest = [], []
     with torch.inference_mode():
         for _ in range(2):
             output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
         for _ in range(repeats):
+            clock = FirstTokenClock(device)
             synchronize(device)
             start = time.perf_counter()
-            model.generate(**inputs, max_new_tokens=1, min_new_tokens=1, do_sample=False)
+            output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                    logits_processor=LogitsProcessorList([clock]))
             synchronize(device)
-            first.append((time.perf_counter() - start) * 1e3)
-            start = time.perf_counter()
-            output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-            synchronize(device)
-            total.append((time.perf_counter() - start) * 1e3)
+            end = time.perf_counter()
+            first.append((clock.at - start) * 1e3)
+            rest.append((end - clock.at) * 1e3)
     new_tokens = output.shape[1] - inputs["input_ids"].shape[1]
-    return output, GenerationTiming(statistics.median(first), statistics.median(total), new_tokens)
+    return output, GenerationTiming(statistics.median(first), statistics.median(rest), new_tokens)
 
 
 def compare(model, processor, image, question: str, methods: list[str], *, max_new_tokens: int = 32,
