@@ -17,7 +17,7 @@ from test_token_ops_helpers import (
     recorded_probs,
     two_samples,
 )
-from vlm_efficient.token_ops.sparsevlm import SparseVLM
+from vlm_efficient.token_ops.sparsevlm import SparseVLM, ranks
 from vlm_efficient.testing import FAMILIES, tiny_model
 
 SPEC = "sparsevlm:layers=0/1/2,lam=0.5"
@@ -34,7 +34,7 @@ def _merged_rows(run, methods):
     for layer, per_sample in run.memory(methods[0]).get("merged", {}).items():
         positions = run.layer_positions[layer]
         for b, (_, centres) in per_sample.items():
-            for p in centres:
+            for p in centres.tolist():
                 row = positions[b].tolist().index(p)
                 overrides.setdefault(layer, []).append((b, p, entering[layer][b, row]))
     return overrides
@@ -150,3 +150,20 @@ def test_bad_parameters_are_refused():
         with pytest.raises(ValueError, match=match):
             ve.wrap(model, spec)
     assert isinstance(ve.parse_methods("sparsevlm")[0], SparseVLM)
+
+
+def test_ranks_of_all_samples_at_once_equal_matrix_rank_of_each():
+    """Every sample's rater rows x visual columns packed into one batch: each rank equals torch.linalg.matrix_rank of
+    that sample's own sub-matrix (fewer columns than rows, a rank-2 product, no raters)."""
+    generator = torch.Generator().manual_seed(0)
+    matrix = torch.rand(4, 6, 9, generator=generator)
+    matrix[1] = torch.rand(6, 2, generator=generator) @ torch.rand(2, 9, generator=generator)
+    rows = torch.ones(4, 6, dtype=torch.bool)
+    cols = torch.ones(4, 9, dtype=torch.bool)
+    cols[0, 3:] = False  # 6 rows, 3 columns: rank 3
+    rows[1, ::2] = False
+    rows[2] = False
+    cols[3, ::3] = False
+    expected = [int(torch.linalg.matrix_rank(matrix[b][rows[b]][:, cols[b]])) if rows[b].any() else 0 for b in range(4)]
+    assert expected == [3, 2, 0, 6]
+    assert ranks(matrix, rows, cols).tolist() == expected

@@ -48,11 +48,36 @@ def dpc_knn(x: torch.Tensor, clusters: int) -> tuple[torch.Tensor, torch.Tensor]
     return centres, assignment
 
 
-def raters(visual: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-    """Indices into `text` [t, d] of the rater tokens for visual tokens [v, d]."""
-    relevance = (visual.float() @ text.float().T).softmax(-1).mean(0)
-    chosen = (relevance > relevance.mean()).nonzero().flatten()
-    return chosen if chosen.numel() else relevance.argmax().view(1)
+def rater_rows(hidden: torch.Tensor, visual: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    """[B, n] rater rows of every sample at once: of its `text` rows, those whose relevance R (mean over its `visual`
+    rows of the softmax over its text rows of H_v H_t^T) is above R's mean over the text rows, else the most relevant
+    one; none where a sample has no visual rows."""
+    h = hidden.float()
+    probs = (h @ h.transpose(1, 2)).masked_fill(~text[:, None, :], float("-inf")).softmax(-1).nan_to_num(0.0)
+    weight = visual.float()[..., None]
+    relevance = (probs * weight).sum(1) / weight.sum(1).clamp(min=1)
+    mean = (relevance * text).sum(1, keepdim=True) / text.sum(1, keepdim=True).clamp(min=1)
+    above = text & (relevance > mean)
+    most = relevance.masked_fill(~text, float("-inf")).argmax(1, keepdim=True)
+    fallback = torch.zeros_like(text).scatter_(1, most, True) & ~above.any(1, keepdim=True)
+    return (above | fallback) & visual.any(1, keepdim=True)
+
+
+def ranks(matrix: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """[B] rank of each sample's matrix[b][rows[b]][:, cols[b]] (matrix [B, n_q, n_k]), by torch.linalg.matrix_rank's
+    default tolerance (eps x max(m, n) x the largest singular value) for that sample's own m x n: the samples' rows
+    are packed first and padded with zeros, which adds only zero singular values."""
+    m, n = rows.sum(1), cols.sum(1)
+    packed_count = int(m.max()) if m.numel() else 0
+    if packed_count == 0:
+        return torch.zeros_like(m)
+    order = rows.to(torch.uint8).sort(dim=1, descending=True, stable=True).indices[:, :packed_count]
+    real = torch.arange(packed_count, device=rows.device)[None, :] < m[:, None]
+    packed = matrix.float().gather(1, order[..., None].expand(-1, -1, matrix.shape[-1]))
+    packed = packed * real[..., None] * cols[:, None, :]
+    singular = torch.linalg.svdvals(packed)
+    tolerance = singular.amax(-1) * torch.finfo(torch.float32).eps * torch.maximum(m, n)
+    return (singular > tolerance[:, None]).sum(-1)
 
 
 @dataclass
@@ -90,31 +115,31 @@ class SparseVLM(Method):
         if not run.prefill or not run.layout.has_visual:
             return
         visual = run.current(run.layout.visual, fill=False).to(hidden.device)
-        question = run.current(run.layout.after_visual_text, fill=False).to(hidden.device)
+        text = run.current(run.layout.after_visual_text, fill=False).to(hidden.device)
+        # no text after the image: the last prompt token rates alone
+        last = torch.zeros_like(text)
+        last[:, -1] = True
+        text = text | (last & ~text.any(1, keepdim=True))
+        chosen = rater_rows(hidden, visual, text)
+        # kept per original position (one extra slot takes the slot padding), looked up by the sparse layers' rows
         positions = run.current_positions().to(hidden.device)
-        chosen = []
-        for b in range(hidden.shape[0]):
-            text = question[b].nonzero().flatten()
-            if text.numel() == 0:  # no text after the image: the last prompt token rates alone
-                text = torch.tensor([hidden.shape[1] - 1], device=hidden.device)
-            picked = text[raters(hidden[b, visual[b]], hidden[b, text])] if visual[b].any() else text[:0]
-            chosen.append(set(positions[b, picked].tolist()))
-        run.memory(self)["raters"] = chosen
+        length = run.layout.visual.shape[1]
+        index = torch.where(positions >= 0, positions, length)
+        at = torch.zeros(chosen.shape[0], length + 1, dtype=torch.bool, device=hidden.device)
+        run.memory(self)["raters"] = at.scatter_(1, index, chosen)[:, :length]
 
     def attention_edit(self, layer, run, context):
         if not context.prefill or layer not in self.stages or "raters" not in run.memory(self):
             return None
         memory = run.memory(self)
         visual = context.keys_where(run.layout.visual)
+        raters = context.queries_where(memory["raters"])
 
         def record(probs):
-            stats = []
-            for b in range(probs.shape[0]):
-                rows = [i for i, p in enumerate(context.query_positions[b].tolist()) if p in memory["raters"][b]]
-                matrix = probs[b].mean(0)[rows][:, visual[b]]
-                rank = int(torch.linalg.matrix_rank(matrix.float())) if matrix.numel() else 0
-                stats.append((matrix.mean(0), rank))
-            memory[layer] = stats
+            matrix = probs.mean(1)  # [B, rows, keys]: head average
+            weight = raters.float()[..., None]
+            score = (matrix.float() * weight).sum(1) / weight.sum(1).clamp(min=1)  # mean over the rater rows
+            memory[layer] = (score, ranks(matrix, raters, visual))
             return probs
 
         return AttentionEdit(post_softmax=record)
@@ -125,36 +150,37 @@ class SparseVLM(Method):
         stats = memory.pop(layer - 1, None)
         if stats is None:
             return None
+        score, rank = stats
         visual = run.current(run.layout.visual, fill=False).to(hidden.device)
-        keep = ~visual
+        # the counts size the selections: one host read for every sample
+        available, rank, original = torch.stack([visual.sum(1), rank.to(visual.device),
+                                                 run.layout.num_visual.to(visual.device)]).tolist()
+        counts = []
+        for n, r, total in zip(available, rank, original):
+            count = int(self.keep[stage] * total + 0.5) if self.keep else n - int(self.lam * (n - r) + 0.5)
+            counts.append(min(max(count, 1), n))
+        chosen = top_k_mask(score, visual, torch.tensor(counts))
+        keep = ~visual | chosen
+        if self.recycle == 0:
+            return Selection(keep=keep)
+        deleted = visual & ~chosen
+        # each sample's recycled pool: its top `pooled` deleted tokens, in score order (ties: the earlier row)
+        order = score.float().masked_fill(~deleted, float("-inf")).sort(dim=1, descending=True, stable=True).indices
         merged = hidden.clone()
         record = memory.setdefault("merged", {})
-        for b in range(hidden.shape[0]):
-            rows = visual[b].nonzero().flatten()
-            n = rows.numel()
-            if n == 0:
+        positions = run.current_positions().to(hidden.device)  # for tests and inspection
+        for b, (n, count) in enumerate(zip(available, counts)):
+            if n - count == 0:
                 continue
-            score, rank = stats[b]
-            if self.keep:
-                count = int(self.keep[stage] * int(run.layout.num_visual[b]) + 0.5)
-            else:
-                count = n - int(self.lam * (n - rank) + 0.5)
-            count = min(max(count, 1), n)
-            chosen = top_k_mask(score[None], torch.ones_like(score[None], dtype=torch.bool), torch.tensor([count]))[0]
-            keep[b, rows[chosen]] = True
-            deleted = rows[~chosen]
-            if deleted.numel() == 0 or self.recycle == 0:
-                continue
-            pooled = min(int(deleted.numel() * self.recycle) + 1, deleted.numel())
-            pool = deleted[score[~chosen].sort(descending=True, stable=True).indices[:pooled]]
+            pooled = min(int((n - count) * self.recycle) + 1, n - count)
+            pool = order[b, :pooled]
             clusters = min(int(pooled * self.cluster_ratio) + 1, pooled)
             centres, assignment = dpc_knn(hidden[b, pool], clusters)
             sums = torch.zeros(clusters, hidden.shape[-1], device=hidden.device).index_add_(
                 0, assignment, hidden[b, pool].float()
             )
-            counts = torch.bincount(assignment, minlength=clusters).clamp(min=1)
-            merged[b, pool[centres]] = (sums / counts[:, None]).to(hidden.dtype)
+            sizes = torch.bincount(assignment, minlength=clusters).clamp(min=1)
+            merged[b, pool[centres]] = (sums / sizes[:, None]).to(hidden.dtype)
             keep[b, pool[centres]] = True
-            positions = run.current_positions()[b].to(hidden.device)  # for tests and inspection
-            record.setdefault(layer, {})[b] = (positions[pool].tolist(), positions[pool[centres]].tolist())
+            record.setdefault(layer, {})[b] = (positions[b, pool], positions[b, pool[centres]])
         return Selection(keep=keep, hidden=merged)
