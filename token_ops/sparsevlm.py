@@ -64,9 +64,9 @@ def rater_rows(hidden: torch.Tensor, visual: torch.Tensor, text: torch.Tensor) -
 
 
 def ranks(matrix: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """[B] rank of each sample's matrix[b][rows[b]][:, cols[b]] (matrix [B, n_q, n_k]), by torch.linalg.matrix_rank's
-    default tolerance (eps x max(m, n) x the largest singular value) for that sample's own m x n: the samples' rows
-    are packed first and padded with zeros, which adds only zero singular values."""
+    """[B] rank of each sample's matrix[b][rows[b]][:, cols[b]] (matrix [B, n_q, n_k]), on the host, by
+    torch.linalg.matrix_rank's default tolerance (eps x max(m, n) x the largest singular value) for that sample's own
+    m x n: the samples' rows are packed first and padded with zeros, which adds only zero singular values."""
     m, n = rows.sum(1), cols.sum(1)
     packed_count = int(m.max()) if m.numel() else 0
     if packed_count == 0:
@@ -75,8 +75,9 @@ def ranks(matrix: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch
     real = torch.arange(packed_count, device=rows.device)[None, :] < m[:, None]
     packed = matrix.float().gather(1, order[..., None].expand(-1, -1, matrix.shape[-1]))
     packed = packed * real[..., None] * cols[:, None, :]
-    singular = torch.linalg.svdvals(packed)
-    tolerance = singular.amax(-1) * torch.finfo(torch.float32).eps * torch.maximum(m, n)
+    # LAPACK on the host: CUDA decomposes a batch of these small matrices one after another, a launch sequence each
+    singular = torch.linalg.svdvals(packed.cpu())
+    tolerance = singular.amax(-1) * torch.finfo(torch.float32).eps * torch.maximum(m, n).cpu()
     return (singular > tolerance[:, None]).sum(-1)
 
 
