@@ -17,7 +17,7 @@ from test_token_ops_helpers import (
     recorded_probs,
     two_samples,
 )
-from vlm_efficient.token_ops.sparsevlm import SparseVLM, ranks
+from vlm_efficient.token_ops.sparsevlm import SparseVLM, dpc_knn, ranks
 from vlm_efficient.testing import FAMILIES, tiny_model
 
 SPEC = "sparsevlm:layers=0/1/2,lam=0.5"
@@ -167,3 +167,17 @@ def test_ranks_of_all_samples_at_once_equal_matrix_rank_of_each():
     expected = [int(torch.linalg.matrix_rank(matrix[b][rows[b]][:, cols[b]])) if rows[b].any() else 0 for b in range(4)]
     assert expected == [3, 2, 0, 6]
     assert ranks(matrix, rows, cols).tolist() == expected
+
+
+def test_dpc_knn_of_padded_samples_equals_the_slow_clustering_of_each():
+    """Samples of different sizes and cluster counts clustered in one padded batch: each sample's centres and
+    assignment equal the slow density-peak clustering of its own tokens."""
+    generator = torch.Generator().manual_seed(0)
+    sizes, clusters = [12, 5, 9, 12, 7], [4, 1, 3, 6, 2]
+    for _ in range(10):
+        x = torch.randn(5, 12, 6, generator=generator) * 5  # padding rows hold values too: they must not count
+        centres, assignment = dpc_knn(x, sizes, clusters)
+        for b, (size, k) in enumerate(zip(sizes, clusters)):
+            expected_centres, expected_assignment = slow_dpc(x[b, :size], k)
+            assert centres[b, :k].tolist() == expected_centres
+            assert assignment[b, :size].tolist() == expected_assignment

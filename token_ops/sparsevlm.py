@@ -31,21 +31,38 @@ from vlm_efficient.selection import top_k_mask
 PAPER_LAYERS, PAPER_DEPTH = (2, 6, 15), 32
 
 
-def dpc_knn(x: torch.Tensor, clusters: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Density-peak clustering with kNN density (SparseVLM's cluster_and_merge): x [n, d] -> (centre indices [k],
-    cluster of each token [n])."""
+def dpc_knn(x: torch.Tensor, sizes: list[int], clusters: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Density-peak clustering with kNN density (SparseVLM's cluster_and_merge), every sample at once: x [B, P, d]
+    whose first sizes[b] rows are sample b's tokens, clusters[b] <= sizes[b] -> (centre rows [B, K], cluster of each
+    row [B, P]), K = max(clusters); sample b's centres are its first clusters[b] entries (the rest, and its rows past
+    sizes[b], are meaningless). Density: exp(-mean squared distance to the k nearest, itself included); a token's
+    parent distance: to the nearest denser token (none: the largest distance); centres: the k highest
+    density x parent distance (ties: the earlier row); each token joins its nearest centre (ties: the earlier one)."""
     x = x.float()
-    distance = torch.cdist(x, x) / x.shape[1] ** 0.5
-    nearest = distance.topk(clusters, dim=-1, largest=False).values
-    density = (-(nearest**2).mean(-1)).exp()
-    denser = density[None, :] > density[:, None]
-    parent = torch.where(denser, distance, distance.max()).min(-1).values
-    score = parent * density
-    order = score.sort(descending=True, stable=True).indices
-    centres = order[:clusters]
-    assignment = distance[centres].argmin(0)
-    assignment[centres] = torch.arange(clusters, device=x.device)
-    return centres, assignment
+    batch, length, width = x.shape
+    k_max = max(clusters)
+    sizes_t, clusters_t = (torch.tensor(v, device=x.device) for v in (sizes, clusters))
+    real = torch.arange(length, device=x.device)[None, :] < sizes_t[:, None]
+    pairs = real[:, :, None] & real[:, None, :]
+    # the direct difference, not the matmul form, so that a sample's distances do not depend on the batch's padding
+    distance = torch.cdist(x, x, compute_mode="donot_use_mm_for_euclid_dist") / width**0.5
+    distance = distance.masked_fill(~pairs, float("inf"))
+    nearest = distance.topk(k_max, dim=-1, largest=False).values
+    in_k = torch.arange(k_max, device=x.device)[None, None, :] < clusters_t[:, None, None]
+    density = (-(nearest.masked_fill(~in_k, 0) ** 2).sum(-1) / clusters_t[:, None]).exp()
+    denser = density[:, None, :] > density[:, :, None]  # padding rows: no finite distance, density 0, never denser
+    largest = distance.masked_fill(~pairs, 0).amax((1, 2))
+    parent = torch.where(denser, distance, largest[:, None, None]).amin(-1)
+    score = (parent * density).masked_fill(~real, float("-inf"))
+    centres = score.sort(dim=1, descending=True, stable=True).indices[:, :k_max]
+    is_centre = torch.arange(k_max, device=x.device)[None, :] < clusters_t[:, None]
+    to_centres = distance.gather(1, centres[..., None].expand(-1, -1, length))
+    assignment = to_centres.masked_fill(~is_centre[..., None], float("inf")).argmin(1)
+    # every centre in its own cluster (one column past the rows takes the writes of the unused centre slots)
+    slot = torch.where(is_centre, centres, length)
+    assignment = torch.cat([assignment, assignment[:, :1]], 1)
+    assignment.scatter_(1, slot, torch.arange(k_max, device=x.device).expand(batch, -1))
+    return centres, assignment[:, :length]
 
 
 def rater_rows(hidden: torch.Tensor, visual: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
@@ -167,21 +184,36 @@ class SparseVLM(Method):
         deleted = visual & ~chosen
         # each sample's recycled pool: its top `pooled` deleted tokens, in score order (ties: the earlier row)
         order = score.float().masked_fill(~deleted, float("-inf")).sort(dim=1, descending=True, stable=True).indices
+        pooled = [min(int((n - k) * self.recycle) + 1, n - k) for n, k in zip(available, counts)]
+        recycling = [b for b, size in enumerate(pooled) if size > 0]
         merged = hidden.clone()
+        if not recycling:
+            return Selection(keep=keep, hidden=merged)
+        sizes = [pooled[b] for b in recycling]
+        clusters = [min(int(size * self.cluster_ratio) + 1, size) for size in sizes]
+        device, count = hidden.device, len(recycling)
+        samples = torch.tensor(recycling, device=device)
+        pool = order[samples, : max(sizes)]  # [S, P]: each recycling sample's pool, then padding rows
+        members = hidden[samples[:, None], pool].float()
+        centres, assignment = dpc_knn(members, sizes, clusters)
+        k_max = centres.shape[1]
+        # each cluster's mean by one flat scatter over (sample, cluster); padding rows go to a last, unused bucket
+        real = torch.arange(pool.shape[1], device=device)[None, :] < torch.tensor(sizes, device=device)[:, None]
+        flat = torch.where(real, assignment + torch.arange(count, device=device)[:, None] * k_max, count * k_max)
+        sums = members.new_zeros(count * k_max + 1, hidden.shape[-1])
+        sums.index_add_(0, flat.flatten(), members.flatten(0, 1))
+        sizes_per_bucket = torch.bincount(flat.flatten(), minlength=count * k_max + 1).clamp(min=1)
+        means = (sums / sizes_per_bucket[:, None])[:-1].view(count, k_max, -1)
+        # unused centre slots repeat slot 0's write (same row, same value)
+        used = torch.arange(k_max, device=device)[None, :] < torch.tensor(clusters, device=device)[:, None]
+        slot = torch.where(used, torch.arange(k_max, device=device), 0)
+        centre_rows = pool.gather(1, centres.gather(1, slot))
+        at = (samples[:, None].expand_as(centre_rows), centre_rows)
+        merged[at] = means.gather(1, slot[..., None].expand_as(means)).to(hidden.dtype)
+        keep[at] = True
         record = memory.setdefault("merged", {})
-        positions = run.current_positions().to(hidden.device)  # for tests and inspection
-        for b, (n, count) in enumerate(zip(available, counts)):
-            if n - count == 0:
-                continue
-            pooled = min(int((n - count) * self.recycle) + 1, n - count)
-            pool = order[b, :pooled]
-            clusters = min(int(pooled * self.cluster_ratio) + 1, pooled)
-            centres, assignment = dpc_knn(hidden[b, pool], clusters)
-            sums = torch.zeros(clusters, hidden.shape[-1], device=hidden.device).index_add_(
-                0, assignment, hidden[b, pool].float()
-            )
-            sizes = torch.bincount(assignment, minlength=clusters).clamp(min=1)
-            merged[b, pool[centres]] = (sums / sizes[:, None]).to(hidden.dtype)
-            keep[b, pool[centres]] = True
-            record.setdefault(layer, {})[b] = (positions[b, pool], positions[b, pool[centres]])
+        positions = run.current_positions().to(device)  # for tests and inspection
+        for i, b in enumerate(recycling):
+            record.setdefault(layer, {})[b] = (positions[b, pool[i, : sizes[i]]],
+                                               positions[b, centre_rows[i, : clusters[i]]])
         return Selection(keep=keep, hidden=merged)
