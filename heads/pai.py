@@ -67,6 +67,7 @@ class PAIContrastive(LogitsProcessor):
         if gamma < 0 or not 0 < cutoff <= 1:
             raise ValueError(f"PAIContrastive: gamma={gamma} must be >= 0 and cutoff={cutoff} in (0, 1]")
         self.model, self.gamma, self.log_cutoff = model, gamma, math.log(cutoff)
+        self._cache_kwarg = cache_kwarg(model)  # read once: the processor runs at every decoding step
         self._state = None
 
     def _text_only_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -87,9 +88,8 @@ class PAIContrastive(LogitsProcessor):
             positions = state["mask"].sum(1, keepdim=True) - 1
             kwargs = {"input_ids": input_ids[:, -1:], "attention_mask": state["mask"], "position_ids": positions}
         with plain_calls(self.model, state["run"]) as side:
-            name = cache_kwarg(self.model)
-            out = self.model(**kwargs, **{name: state["cache"]}, use_cache=True)
-        state.update(run=side.run, cache=getattr(out, name), ids=input_ids)
+            out = self.model(**kwargs, **{self._cache_kwarg: state["cache"]}, use_cache=True)
+        state.update(run=side.run, cache=getattr(out, self._cache_kwarg), ids=input_ids)
         return out.logits[:, -1].float().log_softmax(-1)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:

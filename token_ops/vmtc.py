@@ -20,7 +20,7 @@ import torch
 
 from vlm_efficient.selection import check_drop_ratio, keep_count, top_k_mask
 
-from .vision_capture import VisionTowerMethod, grid_counts, top
+from .vision_capture import VisionTowerMethod
 
 
 def cosine_kmeans(x: torch.Tensor, clusters: int, iterations: int) -> torch.Tensor:
@@ -53,36 +53,26 @@ class VMTC(VisionTowerMethod):
         super().bind(engine)
 
     def choose(self, score, metric, features):
-        grid, total = grid_counts(score, self.ratio)
-        primary = top(score, grid, max(int(total * self.primary + 0.5), 1))
-        redundant = (grid & ~primary).nonzero().flatten()
-        clusters = min(total - int(primary.sum()), redundant.numel())
-        keep = primary | ~grid
-        if clusters <= 0 or features is None:
-            return keep, None
-        assignment = cosine_kmeans(features[redundant], clusters, self.iterations)
-        hosts, means = condense(features, score, redundant, assignment, clusters)
-        merged = features.clone()
-        merged[hosts] = means
-        keep[hosts] = True
-        return keep, merged
+        keep, merged = self.choose_tiles(score[None], metric[None], None if features is None else features[None])
+        return keep[0], None if merged is None else merged[0]
 
     def choose_tiles(self, scores, metrics, features):
-        """Every tile at once when their grid sizes agree (LLaVA's tiles; one host read): the same primary tokens,
-        K-Means and merges as `choose`, batched over the tiles."""
+        """Every tile at once when their grid sizes agree (LLaVA's tiles; one host read): the primary tokens by score,
+        then the redundant ones condensed by K-Means and merging, batched over the tiles."""
         grid = torch.isfinite(scores)
         sizes = grid.sum(1).tolist()
         if len(set(sizes)) > 1:
             return super().choose_tiles(scores, metrics, features)
-        tiles, n, width = features.shape
+        tiles, n = scores.shape
         total = int(keep_count(torch.tensor([sizes[0]]), self.ratio))
         primary_count = min(max(int(total * self.primary + 0.5), 1), sizes[0])
         primary = top_k_mask(scores, grid, torch.full((tiles,), primary_count))
         keep = primary | ~grid
         redundant_count = sizes[0] - primary_count
         clusters = min(total - primary_count, redundant_count)
-        if clusters <= 0:
+        if clusters <= 0 or features is None:
             return keep, None
+        width = features.shape[-1]
         # each tile's redundant positions in ascending order (a stable sort puts them first)
         redundant = (grid & ~primary).to(torch.uint8).sort(dim=1, descending=True, stable=True).indices
         redundant = redundant[:, :redundant_count]
