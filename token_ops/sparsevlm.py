@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from vlm_efficient.method import AttentionEdit, Method, Selection
-from vlm_efficient.selection import top_k_mask
+from vlm_efficient.selection import cluster_means, top_k_mask
 
 PAPER_LAYERS, PAPER_DEPTH = (2, 6, 15), 32
 
@@ -200,10 +200,8 @@ class SparseVLM(Method):
         # each cluster's mean by one flat scatter over (sample, cluster); padding rows go to a last, unused bucket
         real = torch.arange(pool.shape[1], device=device)[None, :] < torch.tensor(sizes, device=device)[:, None]
         flat = torch.where(real, assignment + torch.arange(count, device=device)[:, None] * k_max, count * k_max)
-        sums = members.new_zeros(count * k_max + 1, hidden.shape[-1])
-        sums.index_add_(0, flat.flatten(), members.flatten(0, 1))
-        sizes_per_bucket = torch.bincount(flat.flatten(), minlength=count * k_max + 1).clamp(min=1)
-        means = (sums / sizes_per_bucket[:, None])[:-1].view(count, k_max, -1)
+        means, _ = cluster_means(members.flatten(0, 1), flat.flatten(), count * k_max + 1)
+        means = means[:-1].view(count, k_max, -1)
         # unused centre slots repeat slot 0's write (same row, same value)
         used = torch.arange(k_max, device=device)[None, :] < torch.tensor(clusters, device=device)[:, None]
         slot = torch.where(used, torch.arange(k_max, device=device), 0)

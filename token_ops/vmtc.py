@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vlm_efficient.selection import check_drop_ratio, keep_count, top_k_mask
+from vlm_efficient.selection import check_drop_ratio, cluster_means, keep_count, top_k_mask
 
 from .vision_capture import VisionTowerMethod
 
@@ -99,8 +99,6 @@ def condense(features, score, members, assignment, clusters: int):
     is_best = member_score == best[assignment]
     first = torch.full((clusters,), features.shape[0], dtype=members.dtype, device=members.device)
     first = first.scatter_reduce(0, assignment[is_best], members[is_best], "amin")
-    counts = torch.bincount(assignment, minlength=clusters)
-    sums = features.new_zeros(clusters, features.shape[-1], dtype=torch.float32)
-    sums.index_add_(0, assignment, features[members].float())
+    means, counts = cluster_means(features[members], assignment, clusters)
     filled = counts > 0
-    return first[filled], (sums[filled] / counts[filled, None]).to(features.dtype)
+    return first[filled], means[filled].to(features.dtype)

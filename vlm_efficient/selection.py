@@ -51,3 +51,11 @@ def keep_top_visual(run, scores: torch.Tensor, ratio: float) -> torch.Tensor:
     visual = run.current(run.layout.visual, fill=False).to(scores.device)
     keep_visual = top_k_mask(scores, visual, keep_count(visual.sum(1), ratio))
     return ~visual | keep_visual
+
+
+def cluster_means(values: torch.Tensor, assignment: torch.Tensor, clusters: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean [clusters, d] in float32 of the rows of `values` [m, d] in each cluster of `assignment` [m] (zeros for an
+    empty cluster), their counts [clusters]): every cluster's merge in one scatter."""
+    counts = torch.bincount(assignment, minlength=clusters)
+    sums = values.new_zeros(clusters, values.shape[-1], dtype=torch.float32).index_add_(0, assignment, values.float())
+    return sums / counts.clamp(min=1)[:, None], counts
