@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from vlm_efficient.kernels import GroupSpec
-from vlm_efficient.method import AttentionEdit, KernelEdit, Method
+from vlm_efficient.method import AttentionEdit, KernelEdit, Method, PerThread
 
 from .common import (before_prefill, check_range, has_image, last_position, last_prompt_rows, parse_layers,
                      plain_calls, prompt_inputs, take_pending)
@@ -26,6 +26,7 @@ from .common import (before_prefill, check_range, has_image, last_position, last
 class AdaptVis(Method):
     name = "adaptvis"
     summary = "probe the first-token confidence; image-key logits x0.5 if < 0.4, else x1.5"
+    pending = PerThread()  # the key weights of the calling thread's next prefill
 
     threshold: float = 0.4
     smooth: float = 0.5

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vlm_efficient.method import AttentionEdit, at_positions
+from vlm_efficient.method import AttentionEdit, PerThread, at_positions
 
 from .common import PrefillMask, before_prefill, has_image
 
@@ -43,6 +43,7 @@ VARIANTS = ("paper", "code")
 class AKI(PrefillMask):
     name = "aki"
     summary = "mask: image rows may also see the text after them in the prompt (modality-mutual; prefill only)"
+    pending_ids = PerThread()  # input_ids of the calling thread's next prefill
 
     variant: str = "paper"
     end_token: int = -1  # variant=code: the token that ends the span (the public code's <|assistant|>)

@@ -4,6 +4,7 @@ passes of a wrapped model, and the no-image version of a prompt."""
 from __future__ import annotations
 
 import contextlib
+import threading
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -12,7 +13,7 @@ import torch
 from vlm_efficient.adapters import CACHE_KWARGS, kv_cache
 from vlm_efficient.method import UNSTRUCTURED, AttentionEdit, KernelEdit, Method
 
-_PLAIN_DEPTH = [0]  # > 0 while a plain side pass runs: hooks of methods then stay out of it
+_PLAIN = threading.local()  # depth > 0 while this thread runs a plain side pass: hooks of methods then stay out
 
 
 def parse_layers(method: str, text: str, num_layers: int, default: range) -> tuple[int, ...]:
@@ -153,12 +154,12 @@ def plain_calls(model, run=None):
 
     engine = vlm_efficient.engine_of(model) if vlm_efficient.is_wrapped(model) else None
     side = engine.plain(run) if engine is not None else contextlib.nullcontext(SimpleNamespace(run=run))
-    _PLAIN_DEPTH[0] += 1
+    _PLAIN.depth = getattr(_PLAIN, "depth", 0) + 1
     try:
         with side as holder:
             yield holder
     finally:
-        _PLAIN_DEPTH[0] -= 1
+        _PLAIN.depth -= 1
 
 
 def before_prefill(engine, fn) -> None:
@@ -166,7 +167,7 @@ def before_prefill(engine, fn) -> None:
     side passes). The hook is removed with the engine's own hooks at unwrap."""
 
     def hook(module, args, kwargs):
-        if _PLAIN_DEPTH[0]:
+        if getattr(_PLAIN, "depth", 0):
             return None
         inputs = dict(kwargs)
         if args:
@@ -183,7 +184,7 @@ def before_prefill(engine, fn) -> None:
 
 
 def take_pending(method, run, key: str, missing: str):
-    """The value `method`'s before_prefill pass left in `method.pending`, moved into the run's memory under `key` at
+    """The value `method`'s before_prefill pass left in `method.pending` (a PerThread attribute: the calling thread's), moved into the run's memory under `key` at
     the first use in that run (later uses of the run read it there); RuntimeError(missing) when no pass ran."""
     memory = run.memory(method)
     if key not in memory:

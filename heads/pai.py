@@ -25,7 +25,7 @@ from transformers import LogitsProcessor
 
 from vlm_efficient.adapters import cache_kwarg
 from vlm_efficient.kernels import GroupSpec
-from vlm_efficient.method import AttentionEdit, KernelEdit, Method
+from vlm_efficient.method import AttentionEdit, KernelEdit, Method, PerThread
 
 from .common import (has_image, last_position, last_prompt_rows, pad_token_id, parse_layers, plain_calls,
                      text_only_inputs)
@@ -61,14 +61,16 @@ class PAIContrastive(LogitsProcessor):
     """PAI's contrastive decoding: gamma (s - u) + u over log-probabilities, with a plausibility cutoff.
 
     A call that does not continue the previous call's sequence by one token starts a new text-only stream, so one
-    instance can serve several generate() calls. The prompt's left padding is read off the pad token."""
+    instance can serve several generate() calls, each thread its own stream. The prompt's left padding is read off
+    the pad token."""
+
+    _state = PerThread()  # the calling thread's text-only stream
 
     def __init__(self, model, gamma: float = 1.1, cutoff: float = 0.1):
         if gamma < 0 or not 0 < cutoff <= 1:
             raise ValueError(f"PAIContrastive: gamma={gamma} must be >= 0 and cutoff={cutoff} in (0, 1]")
         self.model, self.gamma, self.log_cutoff = model, gamma, math.log(cutoff)
         self._cache_kwarg = cache_kwarg(model)  # read once: the processor runs at every decoding step
-        self._state = None
 
     def _text_only_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         state = self._state

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from vlm_efficient.kernels import GroupSpec
-from vlm_efficient.method import AttentionEdit, KernelEdit, Method, at_positions
+from vlm_efficient.method import AttentionEdit, KernelEdit, Method, PerThread, at_positions
 
 from .common import has_image, last_position, last_prompt_rows, parse_layers
 
@@ -49,6 +49,7 @@ def token_groups(first: torch.Tensor, late: torch.Tensor, top_ratio: float) -> t
 class PAINT(Method):
     name = "paint"
     summary = "PAI-style |a| boost on image tokens picked by ViT [CLS] attention (top 25% at layer 0, late outliers)"
+    captured = PerThread(dict)  # the calling thread's last vision-tower [CLS] attentions
 
     top: float = 0.7
     outlier: float = 0.3
@@ -70,7 +71,6 @@ class PAINT(Method):
         vit_layers = getattr(tower, "vision_model", tower).encoder.layers  # transformers 5.17 nests it
         if len(vit_layers) < 2:
             raise ValueError("paint: the vision tower needs at least 2 layers (groups come from layer 0 and L-2)")
-        self.captured: dict[str, torch.Tensor] = {}
         self.side = engine.model.config.vision_config.image_size // engine.model.config.vision_config.patch_size
 
         def capture(key):

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from vlm_efficient import get_adapter
-from vlm_efficient.method import AttentionEdit, KernelEdit, Method
+from vlm_efficient.method import AttentionEdit, KernelEdit, Method, PerThread
 
 from .common import (before_prefill, last_position, parse_layers, plain_calls, prompt_inputs, take_pending,
                      text_only_inputs)
@@ -81,6 +81,7 @@ def vhr_head_factors(model, inputs: dict, alpha: float = 2.0, layers=None) -> to
 class VHR(Method):
     name = "vhr"
     summary = "x alpha on heads whose output diverges most with vs without the image (later half)"
+    pending = PerThread()  # the head factors of the calling thread's next prefill
 
     alpha: float = 2.0
     layers: str = ""  # default: the later half

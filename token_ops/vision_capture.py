@@ -28,7 +28,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from vlm_efficient.layout import IMAGE
-from vlm_efficient.method import BEFORE_LLM, Method, Selection
+from vlm_efficient.method import BEFORE_LLM, Method, PerThread, Selection
 from vlm_efficient.selection import keep_count, top_k_mask
 
 VISION_ATTENTION = "vlm_efficient_vision"
@@ -56,13 +56,13 @@ class _Handle:
 
 
 class VisionCapture:
+    calls: list[dict] = PerThread(list)  # per vision-tower call since the last forward: {"records", "grid", "keep"}
+    sizes: list = PerThread(list)  # LLaVA-NeXT: per get_image_features call, the image sizes
     def __init__(self, engine, method, merge_in_vit: bool):
         model = engine.model
         self.model = model
         self.method = method
         self.family = model.config.model_type
-        self.calls: list[dict] = []  # per vision-tower call since the last forward: {"records", "grid", "keep"}
-        self.sizes: list = []  # LLaVA-NeXT: per get_image_features call, the image sizes
         if self.family in ("llava", "llava_next"):
             tower = model.model.vision_tower
             layers = getattr(tower, "vision_model", tower).encoder.layers

@@ -85,5 +85,6 @@ def engine_of(model: nn.Module) -> Engine:
 
 
 def stats(model: nn.Module) -> RunStats:
-    """Tokens per layer, KV-cache bytes and estimated FLOPs of the last forward/generate of a wrapped model."""
+    """Tokens per layer, KV-cache bytes and estimated FLOPs of the last forward/generate of a wrapped model made by the
+    calling thread (concurrent calls each have their own; a thread that made none gets the latest call of any)."""
     return compute_stats(engine_of(model))

@@ -34,7 +34,8 @@ from .adapters import CACHE_KWARGS, ModelAdapter, get_adapter, kv_cache
 from .attention import edited_attention, received_attention
 from .kernel_plan import KernelRouter
 from .layout import ModalityLayout, build_layout
-from .method import BEFORE_LLM, AttentionContext, AttentionRequest, AttentionStats, Method, Selection, edits_attention
+from .method import (BEFORE_LLM, AttentionContext, AttentionRequest, AttentionStats, Method, PerThread, Selection,
+                     edits_attention)
 from .ragged_cache import store_per_head
 
 ATTENTION_NAME = "vlm_efficient"
@@ -225,30 +226,34 @@ class _SidePass:
 
 
 class Engine:
-    """Holds the hooks and per-call state of one wrapped model."""
+    """Holds the hooks and per-call state of one wrapped model. The per-call state is per thread: concurrent
+    generate() calls of one model (a server's threads) each see their own run."""
+
+    run: RunState | None = PerThread()  # the calling thread's current (or last) call
+    probing: Method | None = PerThread()  # the method whose probe request is being computed
+    _captured_grids: list[torch.Tensor] = PerThread(list)  # grid_thw of vision-tower calls made before prefill
+    _pre_rotary: dict[int, dict[str, torch.Tensor]] = PerThread(dict)  # this call's pre-rotary q / k, per layer
+    _plain: bool = PerThread(bool)  # inside a plain() block: no method acts
 
     def __init__(self, model: nn.Module, methods: list[Method]):
         self.model = model
         self.adapter: ModelAdapter = get_adapter(model)
-        self.methods = methods
+        self._methods = methods
         self.layers = self.adapter.decoder_layers(model)
         self.num_layers = len(self.layers)
         self.text_config = self.adapter.text_config(model)
-        self.run: RunState | None = None
-        self.probing: Method | None = None  # the method whose probe request is being computed
+        self.latest_run: RunState | None = None  # the last call of any thread (stats() of a thread that made none)
         self.router = KernelRouter(self)  # attention calls on the Triton kernels (VLM_EFFICIENT_KERNELS)
         self._handles: list = []
         self._original_attention = self.text_config._attn_implementation
-        self._captured_grids: list[torch.Tensor] = []  # grid_thw of vision-tower calls made before prefill
-        self._pre_rotary: dict[int, dict[str, torch.Tensor]] = {}  # this call's pre-rotary q / k, per layer
         try:
             for method in methods:
                 method.bind(self)
         except Exception:
             self.uninstall_handles()  # hooks a method's bind() added before a later one refused
             raise
-        self.prune_layers = {layer for m in methods for layer in m.prune_layers()}
-        self.shrinks = bool(self.prune_layers)
+        self._prune_layers = {layer for m in methods for layer in m.prune_layers()}
+        self._shrinks = bool(self._prune_layers)
         self.per_head_cache = any(type(m).decode_cache_keep is not Method.decode_cache_keep for m in methods)
         # methods that may edit attention beside a per-head cache: asked at its decoding calls, refused if they do
         self.decode_editors = [m.name for m in methods if self.per_head_cache and edits_attention(m)
@@ -257,7 +262,24 @@ class Engine:
             idx for idx in range(self.num_layers)
             if any((r := m.attention_request(idx)) is not None and r.probe for m in methods)
         }  # fmt: skip
-        self.plain_layers = self._plain_layers()
+        self._acting_plain_layers = self._plain_layers()
+
+    # what acts in the calling thread: nothing inside its plain() blocks
+    @property
+    def methods(self) -> list[Method]:
+        return [] if self._plain else self._methods
+
+    @property
+    def prune_layers(self) -> set[int]:
+        return set() if self._plain else self._prune_layers
+
+    @property
+    def shrinks(self) -> bool:
+        return not self._plain and self._shrinks
+
+    @property
+    def plain_layers(self) -> frozenset[int]:
+        return frozenset(range(self.num_layers)) if self._plain else self._acting_plain_layers
 
     def _plain_layers(self) -> frozenset[int]:
         """Layers whose attention calls no method acts on: no edit (no method edits attention anywhere), no statistics,
@@ -306,14 +328,13 @@ class Engine:
         the call in progress untouched: side passes such as a text-only stream or a probe generation. `run`
         continues an earlier side pass; the yielded holder's `.run` is the state this block's calls left."""
         holder = _SidePass(run)
-        saved = (self.run, self.methods, self.prune_layers, self.shrinks, self.plain_layers, list(self._captured_grids))
-        self.run, self.methods, self.prune_layers, self.shrinks = run, [], set(), False
-        self.plain_layers = frozenset(range(self.num_layers))
+        saved = (self.run, self._plain, list(self._captured_grids))
+        self.run, self._plain = run, True
         try:
             yield holder
         finally:
             holder.run = self.run
-            self.run, self.methods, self.prune_layers, self.shrinks, self.plain_layers, grids = saved
+            self.run, self._plain, grids = saved
             self._captured_grids[:] = grids
 
     def uninstall_handles(self) -> None:
@@ -345,6 +366,8 @@ class Engine:
             inputs = {**kwargs, "captured_grid_thw": grids}
             layout = build_layout(self.adapter, self.model, input_ids, attention_mask, inputs)
             self.run = RunState(layout=layout, prompt_length=input_ids.shape[1], attention_mask_2d=layout.valid)
+            if not self._plain:
+                self.latest_run = self.run
             return None
         if self.run is None:
             raise RuntimeError("decode step without a prefill seen by the wrapped model: wrap before generating")

@@ -26,6 +26,7 @@ Callbacks (all optional; the engine only calls what a method declares):
 from __future__ import annotations
 
 import dataclasses
+import threading
 import typing
 from dataclasses import dataclass
 from typing import ClassVar
@@ -38,6 +39,41 @@ if typing.TYPE_CHECKING:
 
 
 BEFORE_LLM = -1  # the stage before decoder layer 0: inputs_embeds with the projected visual features
+
+
+class _ThreadValues(threading.local):
+    def __deepcopy__(self, memo):  # a copy starts with no thread's values (a threading.local cannot be copied)
+        return _ThreadValues()
+
+
+class PerThread:
+    """An attribute whose value belongs to the calling thread: one wrapped model serves concurrent generate() calls
+    (a server's threads), so what one call keeps between hooks (the engine's run state, a method's value computed
+    before the prefill, captured vision-tower outputs) must not be seen or overwritten by another. Each thread starts
+    from `factory()`."""
+
+    def __init__(self, factory=lambda: None):
+        self.factory = factory
+
+    def __set_name__(self, owner, name):
+        self.name = name
+
+    def __get__(self, obj, objtype=None):
+        if obj is None:
+            return self
+        values = vars(_thread_values(obj))
+        if self.name not in values:
+            values[self.name] = self.factory()
+        return values[self.name]
+
+    def __set__(self, obj, value):
+        setattr(_thread_values(obj), self.name, value)
+
+
+def _thread_values(obj) -> _ThreadValues:
+    values = obj.__dict__.get("_thread_values")
+    # setdefault is atomic: two threads' first accesses get the same holder
+    return values if values is not None else obj.__dict__.setdefault("_thread_values", _ThreadValues())
 
 
 @dataclass(frozen=True)

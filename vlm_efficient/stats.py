@@ -1,4 +1,4 @@
-"""What the last forward/generate of a wrapped model cost: tokens per layer, KV-cache bytes, estimated FLOPs."""
+"""What the last forward/generate of a wrapped model (in the calling thread) cost: tokens per layer, KV-cache bytes, estimated FLOPs."""
 
 from __future__ import annotations
 
@@ -47,7 +47,8 @@ def _layer_flops(config, rows: float, keys_sum: float) -> tuple[float, float]:
 
 
 def compute_stats(engine) -> RunStats:
-    run = engine.run
+    # the calling thread's last call; a thread that made none (generate() ran in a worker) gets the latest of any
+    run = engine.run if engine.run is not None else engine.latest_run
     if run is None:
         raise RuntimeError("no forward has run since wrap(): call the model or generate() first")
     config = engine.text_config
