@@ -44,15 +44,21 @@ def _vision_attention(module, query, key, value, attention_mask=None, **kwargs):
 
 
 class _Handle:
-    """Undo action with the interface of a hook handle (the engine calls .remove() on unwrap)."""
+    """Undo action with the interface of a hook handle: the engine calls .remove() on unwrap, and remove_from_copy(memo)
+    on a deep copy of the wrapped model. `undo(target)` undoes the change on `target`, a part of the model, or (target
+    None) in a registry outside the model, which a copy does not share."""
 
-    def __init__(self, undo):
-        self.undo = undo
+    def __init__(self, undo, target=None):
+        self.undo, self.target = undo, target
 
     def remove(self):
         if self.undo is not None:
-            self.undo()
+            self.undo(self.target)
             self.undo = None
+
+    def remove_from_copy(self, memo: dict) -> None:
+        if self.undo is not None and self.target is not None:
+            self.undo(memo[id(self.target)])
 
 
 class VisionCapture:
@@ -94,8 +100,8 @@ class VisionCapture:
         model.set_attn_implementation({"vision_config": VISION_ATTENTION})
         _CAPTURE_OF[self.attention] = self
         handles = [
-            _Handle(lambda: model.set_attn_implementation({"vision_config": original})),
-            _Handle(lambda: _CAPTURE_OF.pop(self.attention, None)),
+            _Handle(lambda target: target.set_attn_implementation({"vision_config": original}), model),
+            _Handle(lambda _: _CAPTURE_OF.pop(self.attention, None)),
             self.tower.register_forward_pre_hook(self._on_tower_call, with_kwargs=True),
             model.register_forward_hook(lambda *_: self.reset()),
         ]
@@ -125,7 +131,7 @@ class VisionCapture:
             return original(*args, **kwargs)
 
         inner.get_image_features = get_image_features
-        return _Handle(lambda: inner.__dict__.pop("get_image_features", None))
+        return _Handle(lambda target: target.__dict__.pop("get_image_features", None), inner)
 
     def _on_tower_call(self, module, args, kwargs):
         grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
@@ -222,6 +228,8 @@ class VisionCapture:
                 per_image.append(self._pack(torch.stack(keeps[tile : tile + tiles]), size))
                 tile += tiles
             keeps = per_image
+        if run.image_sources is not None:  # generate() repeated the encoded images (beam search)
+            keeps = [keeps[source] for source in run.image_sources]
         is_image = run.current(run.layout.kind, fill=0).to(hidden.device) == IMAGE
         return (~is_image).masked_scatter(is_image, torch.cat(keeps).to(hidden.device))
 
@@ -236,8 +244,9 @@ class VisionCapture:
         orders = self._qwen_order(call["grid"])
         for g, (b, k) in enumerate(items):
             rows = (is_image[b] & (image_index[b] == k)).nonzero().flatten()
-            order = orders[g].to(hidden.device)
-            record = call["records"][g]
+            source = g if run.image_sources is None else run.image_sources[g]  # generate() repeated the images
+            order = orders[source].to(hidden.device)
+            record = call["records"][source]
             keep, merged = self.method.choose(record["score"][order], record["metric"][order], hidden[b, rows])
             yield b, rows, keep, merged
 

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import weakref
@@ -62,7 +63,24 @@ def wrap(model: nn.Module, methods="") -> nn.Module:
     engine = Engine(model, parse_methods(methods))
     engine.install()
     _ENGINES[model] = engine
+    model.__deepcopy__ = _CopyWrapped(model)  # copy.deepcopy looks the copier up on the instance
     return model
+
+
+class _CopyWrapped:
+    """copy.deepcopy of a wrapped model: an independent copy wrapped with new instances of the same methods (its own
+    engine, hooks and state)."""
+
+    def __init__(self, model: nn.Module):
+        self.model = weakref.ref(model)
+
+    def __call__(self, memo: dict) -> nn.Module:
+        model = self.model()
+        engine = engine_of(model)
+        memo[id(self)] = None  # the copy's own copier is set by wrap()
+        copied = engine.copy_unwrapped(memo)
+        copied.__dict__.pop("__deepcopy__", None)
+        return wrap(copied, [dataclasses.replace(method) for method in engine._methods])
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -71,6 +89,7 @@ def unwrap(model: nn.Module) -> nn.Module:
     if engine is None:
         raise RuntimeError("model is not wrapped by vlm_efficient")
     engine.uninstall()
+    model.__dict__.pop("__deepcopy__", None)
     return model
 
 

@@ -118,6 +118,25 @@ def encoded_features(inputs: dict, modality: str = "image") -> list[torch.Tensor
     return list(features) if isinstance(features, (list, tuple)) else None
 
 
+def encoded_sources(features: list[torch.Tensor]) -> list[int]:
+    """For each pre-encoded image feature, the index of the image the vision tower encoded. generate() repeats each
+    sample's list of per-image tensors (the same tensor objects again) for beam search and num_return_sequences, so
+    the first occurrences of the tensors, in order, are the encoded images."""
+    first: dict[int, int] = {}
+    return [first.setdefault(id(feature), len(first)) for feature in features]
+
+
+def _expanded_grid(grid: torch.Tensor, features: list[torch.Tensor]) -> torch.Tensor:
+    """The vision tower's grid rows for features that generate() repeated (encoded_sources)."""
+    sources = encoded_sources(features)
+    if max(sources) + 1 != grid.shape[0]:
+        raise ValueError(
+            f"{len(features)} encoded images reached the prefill but the vision tower encoded {grid.shape[0]}: pass "
+            "the image grids with the pixel values, as the model's processor builds them"
+        )
+    return grid[sources]
+
+
 class LlavaAdapter(ModelAdapter):
     """LLaVA-1.5: every image gives the same square grid of patch features (after [CLS] with strategy 'full')."""
 
@@ -234,8 +253,11 @@ class QwenVLAdapter(ModelAdapter):
 
     def _grid(self, inputs: dict, modality: str) -> torch.Tensor | None:
         grid = inputs.get(f"{modality}_grid_thw")
-        if grid is None and encoded_features(inputs, modality) is not None:
+        features = encoded_features(inputs, modality)
+        if grid is None and features is not None:
             grid = inputs.get("captured_grid_thw", {}).get(modality)
+            if grid is not None and len(features) != grid.shape[0]:
+                grid = _expanded_grid(grid, features)
         return grid
 
     def vision_capture_module(self, model):

@@ -13,6 +13,10 @@ No model's forward is replaced. The engine uses the hook points of transformers 
 - where a method needs logits without rotary position (`uses_unrotated`), forward hooks on the modules that output
   the pre-rotary query and key (the adapter names them) capture them for that layer's attention call.
 
+Every method decides once per generate(), at the prefill. generate(use_cache=False) feeds the whole sequence at every
+step, which would re-decide each method on a different prompt: a wrapped model keeps the prefill's KV cache then and
+feeds the model only the new tokens, so its tokens are those of the default, cached generate() (its memory too).
+
 Positions: every row and every cached key is identified by its ORIGINAL position in the prompt (the column of the
 2-D attention mask). Pruned tokens keep their original positions, so rotary phases and decoding stay right.
 """
@@ -20,6 +24,7 @@ Positions: every row and every cached key is identified by its ORIGINAL position
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import weakref
 from dataclasses import dataclass, field
@@ -28,9 +33,10 @@ import torch
 from torch import nn
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from torch.utils.hooks import RemovableHandle
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from .adapters import CACHE_KWARGS, ModelAdapter, get_adapter, kv_cache
+from .adapters import CACHE_KWARGS, ModelAdapter, encoded_features, encoded_sources, get_adapter, kv_cache
 from .attention import edited_attention, received_attention
 from .kernel_plan import KernelRouter
 from .layout import ModalityLayout, build_layout
@@ -137,6 +143,10 @@ class RunState:
     counts: dict = field(default_factory=dict)  # row_counts() of the current row set
     ragged: dict = field(default_factory=dict)  # layer -> RaggedCacheLayer: the layers decoding on a per-head cache
     gathered: tuple = ()  # (rows, input_positions, positions): `positions` of that row set, gathered once
+    # per image of the batch, the vision-tower image it repeats (generate() repeats the encoded images for beam search
+    # and num_return_sequences); None: each image was encoded once
+    image_sources: list[int] | None = None
+    full_sequence: bool = False  # generate(use_cache=False): later calls feed the whole sequence, the cache is ours
 
     def memory(self, owner) -> dict:
         """A method's (or adapter's) private dict for this run; keyed by identity as methods are unhashable."""
@@ -218,6 +228,17 @@ class RunState:
         rows = torch.arange(chosen.shape[1], device=chosen.device).expand_as(chosen)
         order = torch.where(chosen, rows, chosen.shape[1]).sort(1).values[:, :width]
         return torch.where(order < chosen.shape[1], order, -1)
+
+
+def _new_tokens_only(kwargs: dict, fed: int) -> None:
+    """A decoding call of generate(use_cache=False) holds the whole sequence: keep what the cache does not hold yet
+    (the images are in the cache: their pre-encoded features are dropped)."""
+    for name in ("input_ids", "inputs_embeds", "mm_token_type_ids", "token_type_ids"):
+        if kwargs.get(name) is not None:
+            kwargs[name] = kwargs[name][:, fed:]
+    if kwargs.get("position_ids") is not None:
+        kwargs["position_ids"] = kwargs["position_ids"][..., fed:]
+    kwargs.pop("mm_encoder_outputs", None)
 
 
 @dataclass
@@ -337,6 +358,30 @@ class Engine:
             self.run, self._plain, grids = saved
             self._captured_grids[:] = grids
 
+    def copy_unwrapped(self, memo: dict) -> nn.Module:
+        """copy.deepcopy of the model as it was before wrap(), under copy's protocol (memo): the hooks of this engine and
+        of its methods are not copied, and what else they changed is undone on the copy."""
+        for handle in self._handles:
+            if isinstance(handle, RemovableHandle):
+                hooks = handle.hooks_dict_ref()
+                if hooks is not None and handle.id in hooks:
+                    memo[id(hooks[handle.id])] = None  # the hook is not copied (it would copy this engine)
+            elif not hasattr(handle, "remove_from_copy"):
+                raise TypeError(f"copy.deepcopy of a wrapped model: {handle!r} cannot be undone on the copy; unwrap the "
+                                "model, copy it, and wrap each copy")  # fmt: skip
+        reductor = self.model.__reduce_ex__(4)
+        copied = copy._reconstruct(self.model, memo, *reductor)
+        for handle in self._handles:
+            if isinstance(handle, RemovableHandle):
+                for ref in (handle.hooks_dict_ref, *getattr(handle, "extra_dict_ref", ())):
+                    original = ref()
+                    if original is not None and id(original) in memo:
+                        memo[id(original)].pop(handle.id, None)
+            else:
+                handle.remove_from_copy(memo)
+        copied.set_attn_implementation({"text_config": self._original_attention})
+        return copied
+
     def uninstall_handles(self) -> None:
         for handle in reversed(self._handles):
             handle.remove()
@@ -366,14 +411,24 @@ class Engine:
             inputs = {**kwargs, "captured_grid_thw": grids}
             layout = build_layout(self.adapter, self.model, input_ids, attention_mask, inputs)
             self.run = RunState(layout=layout, prompt_length=input_ids.shape[1], attention_mask_2d=layout.valid)
+            features = encoded_features(kwargs)
+            if features and len({id(feature) for feature in features}) < len(features):
+                self.run.image_sources = encoded_sources(features)
             if not self._plain:
                 self.latest_run = self.run
+            if kwargs.get("use_cache") is False and kwargs.get("mm_encoder_outputs") and not self._plain:
+                # generate(use_cache=False) (only generate() passes pre-encoded images): decode on this prefill's cache
+                self.run.full_sequence = kwargs["use_cache"] = True
+                return args, kwargs
             return None
         if self.run is None:
             raise RuntimeError("decode step without a prefill seen by the wrapped model: wrap before generating")
         run = self.run
         # The original length so far comes from the engine's own count: the cache may hold fewer keys.
         run.fed = run.attention_mask_2d.shape[1]
+        if run.full_sequence:
+            _new_tokens_only(kwargs, run.fed)
+            input_ids = kwargs.get("input_ids")
         run.prefill = False
         run.decode_steps += 1
         run.rows = None
@@ -386,7 +441,7 @@ class Engine:
         else:
             ones = torch.ones(run.layout.batch_size, step, dtype=torch.bool, device=run.attention_mask_2d.device)
             run.attention_mask_2d = torch.cat([run.attention_mask_2d, ones], dim=1)
-        return None
+        return args, kwargs
 
     def check_cache(self, cache) -> None:
         """Refuse a static cache at prefill (also called by methods' side passes that run before the prefill): it
