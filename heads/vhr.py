@@ -15,6 +15,7 @@ without the image). The `vhr` method runs it before each prefill.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -31,10 +32,17 @@ def _last_head_outputs(model, inputs: dict) -> torch.Tensor:
     adapter = get_adapter(model)
     heads = model.config.get_text_config().num_attention_heads
     captured = {}
+    thread = threading.get_ident()  # other threads' calls of the same model pass these hooks too
+
+    def capture(i):
+        def hook(module, args):
+            if threading.get_ident() == thread:
+                captured[i] = args[0][:, -1].float()
+
+        return hook
+
     hooks = [
-        adapter.head_output_module(layer).register_forward_pre_hook(
-            lambda module, args, i=i: captured.__setitem__(i, args[0][:, -1].float())
-        )
+        adapter.head_output_module(layer).register_forward_pre_hook(capture(i))
         for i, layer in enumerate(adapter.decoder_layers(model))
     ]
     try:

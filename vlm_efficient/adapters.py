@@ -314,4 +314,10 @@ def get_adapter(model: nn.Module) -> ModelAdapter:
             f"vlm_efficient does not support model_type {model_type!r}. Supported: {', '.join(sorted(ADAPTERS))}. "
             "Pass the *ForConditionalGeneration model (not its text or vision part)."
         )
+    if not hasattr(model, "lm_head"):
+        name = type(model).__name__
+        raise ValueError(
+            f"{name} has no language-model head: wrap the {name.removesuffix('Model')}ForConditionalGeneration model "
+            "(AutoModelForImageTextToText.from_pretrained loads it), whose generate() and logits the methods act on"
+        )
     return ADAPTERS[model_type]

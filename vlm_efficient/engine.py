@@ -400,10 +400,22 @@ class Engine:
         cache = kv_cache(kwargs)
         past = cache.get_seq_length() if cache is not None else 0
         attention_mask = kwargs.get("attention_mask")
+        if kwargs.get("output_attentions") or getattr(self.model.config, "output_attentions", False):
+            raise ValueError(
+                "output_attentions: a wrapped model computes attention through SDPA (or its methods' edited attention), "
+                "which returns no attention weights, and its layers may run on fewer rows. Unwrap the model (eager "
+                "attention) to read the weights, or read them in a Method's observe_attention."
+            )
         if past == 0:
             if input_ids is None:
                 raise ValueError("a wrapped model needs input_ids at prefill to locate the image tokens")
             self.check_cache(cache)
+            if kwargs.get("labels") is not None and self.shrinks:
+                raise ValueError(
+                    f"labels: {', '.join(m.name for m in self.methods if m.prune_layers())} drops prompt rows, so the "
+                    "logits cover only the kept rows and the model's loss cannot pair them with the labels. Compute the "
+                    "loss on the answer tokens yourself (generate, or a forward without labels), or wrap without pruning."
+                )
             encoded = kwargs.get("mm_encoder_outputs") or {}
             captured = iter(self._captured_grids)
             grids = {modality: next(captured, None) for modality in ("image", "video") if encoded.get(modality)}
