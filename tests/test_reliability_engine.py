@@ -255,16 +255,68 @@ def test_use_cache_false_keeps_the_prefill_decision(family, spec):
 
 
 # ---- clear refusals ------------------------------------------------------------------------------------------------
-def test_output_attentions_is_refused_clearly():
-    model, processor = tiny_model("llava", attn_implementation="eager")
-    batch = prompts(processor)[0]
-    for spec in ("", FASTV):
-        ve.wrap(model, spec)
-        with pytest.raises(ValueError, match="output_attentions.*Unwrap the model"), torch.no_grad():
-            model(**batch, output_attentions=True)
-        with pytest.raises(ValueError, match="output_attentions"):
-            generate(model, batch, output_attentions=True, return_dict_in_generate=True)
-        ve.unwrap(model)
+def test_output_attentions_returns_the_edited_attentions(family):
+    """No-op wrap: the eager model's attentions. FastV: layers before K the eager ones, pruned layers the reference's
+    (pruned keys masked) at the kept rows and keys. PAI: edited from its first layer on. Decoding: the kept keys."""
+    model, processor = tiny_model(family, attn_implementation="eager")
+    batch = prompts(processor)[1]
+    valid = batch["attention_mask"].bool()
+    with torch.no_grad():
+        eager = model(**batch, output_attentions=True).attentions
+    model.set_attn_implementation({"text_config": "sdpa"})
+
+    def close(got, want, rows):  # over the real query rows
+        torch.testing.assert_close(got.double()[rows], want.double()[rows], atol=1e-5, rtol=1e-4)
+
+    def rows_of(b_rows):  # [B, q] -> index of [B, H, q, kv] entries on real rows
+        return b_rows[:, None, :, None].expand(-1, eager[0].shape[1], -1, -1)
+
+    ve.wrap(model, "")
+    with torch.no_grad():
+        attentions = model(**batch, output_attentions=True).attentions
+    for got, want in zip(attentions, eager, strict=True):
+        mask = rows_of(valid).expand(-1, -1, -1, want.shape[-1])
+        close(got, want, mask)
+    ve.unwrap(model)
+
+    ve.wrap(model, "pai")
+    with torch.no_grad():
+        attentions = model(**batch, output_attentions=True).attentions
+    for layer, (got, want) in enumerate(zip(attentions, eager, strict=True)):
+        mask = rows_of(valid).expand(-1, -1, -1, want.shape[-1])
+        if layer < 2:
+            close(got, want, mask)
+        else:
+            assert not torch.allclose(got[:, :, -1], want[:, :, -1], atol=1e-3), layer
+    ve.unwrap(model)
+
+    ve.wrap(model, FASTV)
+    with torch.no_grad():
+        attentions = model(**batch, output_attentions=True).attentions
+    run = ve.engine_of(model).run
+    kept = run.layer_positions[2]
+    ve.unwrap(model)
+    allowed = torch.zeros(valid.shape, dtype=torch.bool)
+    for b in range(valid.shape[0]):
+        allowed[b, kept[b][kept[b] >= 0]] = True
+    with masked_reference(model, {i: allowed for i in range(2, 4)}) as recorded, torch.no_grad():
+        model(**batch, use_cache=False)
+    for layer, got in enumerate(attentions):
+        if layer < 2:
+            close(got, eager[layer], rows_of(valid).expand(-1, -1, -1, valid.shape[1]))
+            continue
+        positions = kept.clamp(min=0)
+        want = recorded[layer]["probs"]
+        want = want.gather(2, positions[:, None, :, None].expand(-1, want.shape[1], -1, want.shape[3]))
+        want = want.gather(3, positions[:, None, None, :].expand(-1, want.shape[1], want.shape[2], -1))
+        real = (kept >= 0) & valid.gather(1, positions)
+        close(got, want, rows_of(real).expand(-1, -1, -1, kept.shape[1]))
+
+    ve.wrap(model, FASTV)
+    out = generate(model, batch, output_attentions=True, return_dict_in_generate=True)
+    step = out.attentions[1]  # the first decoding step: one row over the layer's cached keys and the new one
+    assert [a.shape[-1] for a in step] == [valid.shape[1] + 1] * 2 + [kept.shape[1] + 1] * 2
+    assert all(a.shape[-2] == 1 for a in step)
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl"])

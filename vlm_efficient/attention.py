@@ -68,10 +68,11 @@ def _marked_pairs(edits, name: str) -> torch.Tensor | None:
     return union
 
 
-def edited_attention(query, key, value, attention_mask, scaling: float, edits, unrotated=None) -> torch.Tensor:
+def edited_attention(query, key, value, attention_mask, scaling: float, edits, unrotated=None, weights: bool = False):
     """Dense attention with AttentionEdits applied in order; the torch reference of the group-attention kernel.
 
-    query [B, Hq, q, d], key/value [B, Hkv, kv, d]; returns [B, q, Hq, d] like HF attention functions.
+    query [B, Hq, q, d], key/value [B, Hkv, kv, d]; returns [B, q, Hq, d] like HF attention functions (and, with
+    `weights`, the probabilities [B, Hq, q, kv] after every edit, in the query's dtype).
     `unrotated` = (query [B, Hq, q, d], key [B, Hkv, m, d]) before rotary position, m <= kv: the pre-rotary copies of
     this call's query rows and of the FIRST m keys (the engine's: the prompt's keys in decoding). Pairs an edit marks
     `unrotated` take their base logit from them; marked pairs on keys beyond m keep the rotated logit.
@@ -119,5 +120,5 @@ def edited_attention(query, key, value, attention_mask, scaling: float, edits, u
         if edit.post_softmax is not None:
             changed = edit.post_softmax(probs)
             probs = changed if edit.rows is None else torch.where(edit.rows[:, None, :, None], changed, probs)
-    out = probs @ repeat_kv(value, groups).float()
-    return out.to(query.dtype).transpose(1, 2).contiguous()
+    out = (probs @ repeat_kv(value, groups).float()).to(query.dtype).transpose(1, 2).contiguous()
+    return (out, probs.to(query.dtype)) if weights else out

@@ -52,7 +52,8 @@ _ENGINE_OF_ATTENTION: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 def _engine_attention(module, query, key, value, attention_mask, **kwargs):
     engine = _ENGINE_OF_ATTENTION.get(module)
-    if engine is None or (module.layer_idx in engine.plain_layers and engine.probing is None):
+    if engine is None or (module.layer_idx in engine.plain_layers and engine.probing is None
+                          and not engine.returns_weights):
         # no method acts in this layer: SDPA untouched, without the engine's per-call routing (host time that a
         # batch-1 prefill and every decoding step pay in full)
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
@@ -60,6 +61,8 @@ def _engine_attention(module, query, key, value, attention_mask, **kwargs):
         # a probe wants this layer's attention statistics before the layer really runs: no output is needed
         engine.deliver_stats(engine.probing, module.layer_idx, query, key, attention_mask, kwargs.get("scaling"))
         return query.new_zeros(query.shape[0], query.shape[2], query.shape[1], value.shape[-1]), None
+    if engine.returns_weights:
+        return engine.attend_with_weights(module, query, key, value, attention_mask, kwargs)
     return engine.attend(module, query, key, value, attention_mask, kwargs)
 
 
@@ -255,6 +258,7 @@ class Engine:
     _captured_grids: list[torch.Tensor] = PerThread(list)  # grid_thw of vision-tower calls made before prefill
     _pre_rotary: dict[int, dict[str, torch.Tensor]] = PerThread(dict)  # this call's pre-rotary q / k, per layer
     _plain: bool = PerThread(bool)  # inside a plain() block: no method acts
+    returns_weights: bool = PerThread(bool)  # the call asked for output_attentions
 
     def __init__(self, model: nn.Module, methods: list[Method]):
         self.model = model
@@ -400,12 +404,8 @@ class Engine:
         cache = kv_cache(kwargs)
         past = cache.get_seq_length() if cache is not None else 0
         attention_mask = kwargs.get("attention_mask")
-        if kwargs.get("output_attentions") or getattr(self.model.config, "output_attentions", False):
-            raise ValueError(
-                "output_attentions: a wrapped model computes attention through SDPA (or its methods' edited attention), "
-                "which returns no attention weights, and its layers may run on fewer rows. Unwrap the model (eager "
-                "attention) to read the weights, or read them in a Method's observe_attention."
-            )
+        self.returns_weights = bool(kwargs.get("output_attentions") or getattr(self.model.config, "output_attentions",
+                                                                                 False))  # fmt: skip
         if past == 0:
             if input_ids is None:
                 raise ValueError("a wrapped model needs input_ids at prefill to locate the image tokens")
@@ -637,6 +637,24 @@ class Engine:
             delivered = ()
         self.after_attention(module, query, key, attention_mask, scaling, delivered)
         return output
+
+    def attend_with_weights(self, module, query, key, value, attention_mask, kwargs: dict):
+        """A call under output_attentions: the dense torch path, which returns the attention probabilities after the
+        methods' edits (before any head-output scaling), over the layer's current rows and cached keys: a pruned
+        layer's rows are the original positions in run.layer_positions."""
+        idx, scaling = module.layer_idx, kwargs.get("scaling")
+        if self.run is not None and not self.run.prefill and idx in self.run.ragged:
+            raise ValueError(
+                f"output_attentions: layer {idx} decodes on a per-head pruned KV cache (plphp:cache=ragged), whose heads "
+                "hold different keys. Use plphp:cache=mask (dense cache) to read the attention weights."
+            )
+        edits = self.attention_edits(idx, query, key)
+        unrotated = self.pre_rotary(idx, query, key)
+        dense_scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+        output, weights = edited_attention(query, key, value, attention_mask, dense_scaling, edits, unrotated,
+                                           weights=True)  # fmt: skip
+        self.after_attention(module, query, key, attention_mask, scaling)
+        return output, weights
 
     def ragged_attention(self, idx: int, query: torch.Tensor, key: torch.Tensor, scaling):
         """A decoding call of a layer on a per-head pruned cache: each query head attends to its KV head's kept keys
