@@ -184,8 +184,9 @@ def before_prefill(engine, fn) -> None:
 
 
 def take_pending(method, run, key: str, missing: str):
-    """The value `method`'s before_prefill pass left in `method.pending` (a PerThread attribute: the calling thread's), moved into the run's memory under `key` at
-    the first use in that run (later uses of the run read it there); RuntimeError(missing) when no pass ran."""
+    """The value `method`'s before_prefill pass left in `method.pending` (a PerThread attribute: the calling thread's),
+    moved into the run's memory under `key` at the first use in that run (later uses of the run read it there);
+    RuntimeError(missing) when no pass ran."""
     memory = run.memory(method)
     if key not in memory:
         if method.pending is None:

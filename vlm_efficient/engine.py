@@ -31,9 +31,9 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from torch.utils.hooks import RemovableHandle
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .adapters import CACHE_KWARGS, ModelAdapter, encoded_features, encoded_sources, get_adapter, kv_cache
@@ -363,16 +363,16 @@ class Engine:
             self._captured_grids[:] = grids
 
     def copy_unwrapped(self, memo: dict) -> nn.Module:
-        """copy.deepcopy of the model as it was before wrap(), under copy's protocol (memo): the hooks of this engine and
-        of its methods are not copied, and what else they changed is undone on the copy."""
+        """copy.deepcopy of the model as it was before wrap(), under copy's protocol (memo): the hooks of this engine
+        and of its methods are not copied, and what else they changed is undone on the copy."""
         for handle in self._handles:
             if isinstance(handle, RemovableHandle):
                 hooks = handle.hooks_dict_ref()
                 if hooks is not None and handle.id in hooks:
                     memo[id(hooks[handle.id])] = None  # the hook is not copied (it would copy this engine)
             elif not hasattr(handle, "remove_from_copy"):
-                raise TypeError(f"copy.deepcopy of a wrapped model: {handle!r} cannot be undone on the copy; unwrap the "
-                                "model, copy it, and wrap each copy")  # fmt: skip
+                raise TypeError(f"copy.deepcopy of a wrapped model: {handle!r} cannot be undone on the copy; unwrap "
+                                "the model, copy it, and wrap each copy")  # fmt: skip
         reductor = self.model.__reduce_ex__(4)
         copied = copy._reconstruct(self.model, memo, *reductor)
         for handle in self._handles:
@@ -404,8 +404,8 @@ class Engine:
         cache = kv_cache(kwargs)
         past = cache.get_seq_length() if cache is not None else 0
         attention_mask = kwargs.get("attention_mask")
-        self.returns_weights = bool(kwargs.get("output_attentions") or getattr(self.model.config, "output_attentions",
-                                                                                 False))  # fmt: skip
+        asked = kwargs.get("output_attentions") or getattr(self.model.config, "output_attentions", False)
+        self.returns_weights = bool(asked)
         if past == 0:
             if input_ids is None:
                 raise ValueError("a wrapped model needs input_ids at prefill to locate the image tokens")
@@ -413,8 +413,9 @@ class Engine:
             if kwargs.get("labels") is not None and self.shrinks:
                 raise ValueError(
                     f"labels: {', '.join(m.name for m in self.methods if m.prune_layers())} drops prompt rows, so the "
-                    "logits cover only the kept rows and the model's loss cannot pair them with the labels. Compute the "
-                    "loss on the answer tokens yourself (generate, or a forward without labels), or wrap without pruning."
+                    "logits cover only the kept rows and the model's loss cannot pair them with the labels. Compute "
+                    "the loss on the answer tokens yourself (generate, or a forward without labels), or wrap without "
+                    "pruning."
                 )
             encoded = kwargs.get("mm_encoder_outputs") or {}
             captured = iter(self._captured_grids)
@@ -645,8 +646,8 @@ class Engine:
         idx, scaling = module.layer_idx, kwargs.get("scaling")
         if self.run is not None and not self.run.prefill and idx in self.run.ragged:
             raise ValueError(
-                f"output_attentions: layer {idx} decodes on a per-head pruned KV cache (plphp:cache=ragged), whose heads "
-                "hold different keys. Use plphp:cache=mask (dense cache) to read the attention weights."
+                f"output_attentions: layer {idx} decodes on a per-head pruned KV cache (plphp:cache=ragged), whose "
+                "heads hold different keys. Use plphp:cache=mask (dense cache) to read the attention weights."
             )
         edits = self.attention_edits(idx, query, key)
         unrotated = self.pre_rotary(idx, query, key)

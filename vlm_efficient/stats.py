@@ -1,4 +1,5 @@
-"""What the last forward/generate of a wrapped model (in the calling thread) cost: tokens per layer, KV-cache bytes, estimated FLOPs."""
+"""What the last forward/generate of a wrapped model (in the calling thread) cost: tokens per layer, KV-cache bytes,
+estimated FLOPs."""
 
 from __future__ import annotations
 
