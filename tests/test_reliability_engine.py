@@ -120,6 +120,28 @@ def test_threads_on_copies_with_different_methods():
     assert run_clients([client(k) for k in range(4)] + [client_of(model, batches, original)], trials=3) == []
 
 
+def test_threads_share_one_pai_contrastive_processor():
+    """PAI's contrastive decoding keeps a text-only stream between steps: one processor instance serves every thread,
+    each with its own stream."""
+    from vlm_efficient.heads.pai import PAIContrastive
+
+    model, processor = tiny_model("llava")
+    batches = prompts(processor)
+    ve.wrap(model, "pai")
+    contrastive = PAIContrastive(model)
+    expected = [generate(model, batch, logits_processor=[contrastive]) for batch in batches]
+
+    def client(k):
+        def one(trial):
+            index = (k + trial) % len(batches)
+            out = generate(model, batches[index], logits_processor=[contrastive])
+            return None if torch.equal(out, expected[index]) else f"client {k} trial {trial}: tokens differ"
+
+        return one
+
+    assert run_clients([client(k) for k in range(4)], trials=2) == []
+
+
 def client_of(model, batches, expected):
     def one(trial):
         index = trial % len(batches)
@@ -252,6 +274,7 @@ def test_use_cache_false_keeps_the_prefill_decision(family, spec):
         assert torch.equal(generate(model, batch, use_cache=False), cached)
         assert ve.stats(model).tokens_per_layer == stats.tokens_per_layer
         assert ve.stats(model).decode_steps == NEW_TOKENS - 1
+        assert torch.equal(generate(model, batch, num_beams=2, use_cache=False), generate(model, batch, num_beams=2))
 
 
 # ---- clear refusals ------------------------------------------------------------------------------------------------
