@@ -136,6 +136,7 @@ class RunState:
     counts: dict = field(default_factory=dict)  # row_counts() of the current row set
     ragged: dict = field(default_factory=dict)  # layer -> RaggedCacheLayer: the layers decoding on a per-head cache
     gathered: tuple = ()  # (rows, input_positions, positions): `positions` of that row set, gathered once
+    allocated_kv_bytes: list[int] | None = None  # per layer, where the fast path allocated its own KV buffers
 
     def memory(self, owner) -> dict:
         """A method's (or adapter's) private dict for this run; keyed by identity as methods are unhashable."""
@@ -241,6 +242,7 @@ class Engine:
         self._original_attention = self.text_config._attn_implementation
         self._captured_grids: list[torch.Tensor] = []  # grid_thw of vision-tower calls made before prefill
         self._pre_rotary: dict[int, dict[str, torch.Tensor]] = {}  # this call's pre-rotary q / k, per layer
+        self.fast_path = None  # vlm_efficient.fast_path.FastPath where wrap(..., fast=True)
         try:
             for method in methods:
                 method.bind(self)
