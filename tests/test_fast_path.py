@@ -167,3 +167,22 @@ def test_unwrap_restores_generate():
     assert not any(layer._forward_pre_hooks for layer in model.model.language_model.layers)
     assert not model.model.language_model.rotary_emb._forward_pre_hooks
     assert torch.equal(generate(model, batch).sequences, reference)
+
+
+def test_fast_bench_runs_on_the_tiny_models(tmp_path):
+    """The GPU benchmark script's CPU smoke run: every configuration of its first section runs, and its checks find
+    the fast path's tokens equal to the dynamic path's."""
+    import json
+
+    from vlm_efficient.evals import fast_bench
+
+    assert fast_bench.main(["--tiny", "--out", str(tmp_path), "--new-tokens", "3", "--repeats", "1",
+                            "--sections", "1"]) == 0  # fmt: skip
+    result = json.loads((tmp_path / "fast_bench.json").read_text())
+    assert result["errors"] == []
+    (section,) = result["sections"]
+    paths = {(row["path"], row["method"]) for row in section["rows"]}
+    assert {("hf-dynamic", ""), ("fast", ""), ("hf-static", ""), ("fast", "FastV 75%"), ("dynamic", "DART 75%")} <= paths
+    assert all(row["decode_ms_per_token"] is not None for row in section["rows"])
+    assert [check["tokens_equal"] for check in section["checks"]] == [True] * (1 + len(fast_bench.METHODS))
+    assert "| fast | FastV 50% |" in (tmp_path / "fast_bench.md").read_text()

@@ -348,9 +348,10 @@ class FastPath:
         if step is None:
             while len(self.steps) >= MAX_GRAPHS:
                 self.steps.popitem(last=False)
-            step = StaticStep(self.parts, keys.shape[0], capacities, group_of, (keys.shape[1], keys.shape[3]),
-                              keys.dtype, device, self._recorded["rotary"].shape,
-                              None if layer_position is None else layer_position.shape)  # fmt: skip
+            with torch.inference_mode(False):  # plain tensors: later calls may run outside inference mode
+                step = StaticStep(self.parts, keys.shape[0], capacities, group_of, (keys.shape[1], keys.shape[3]),
+                                  keys.dtype, device, self._recorded["rotary"].shape,
+                                  None if layer_position is None else layer_position.shape)  # fmt: skip
             if device.type == "cuda" and self.use_graph:
                 with engine.plain():
                     step.capture()
