@@ -188,7 +188,8 @@ class FastPath:
         self.last_step: StaticStep | None = None
         self._recorded: dict = {}
         self._recording = False
-        self._finished_flags = None
+        self._finished: list = [None, None]  # see _note_finished
+        self._pinned = None
         engine.add_handle(text_model.rotary_emb.register_forward_pre_hook(self._record_rotary, with_kwargs=True))
         engine.add_handle(engine.layers[0].register_forward_pre_hook(self._record_layer_position, with_kwargs=True))
         model.generate = self.generate
@@ -279,25 +280,17 @@ class FastPath:
                 raise RuntimeError("the prefill returned no KV cache to decode from")
             step = self._plan(cache, steps, input_ids.device)
             del cache
-            lagged = step.logits.device.type == "cuda"
-            flags = self._flags() if lagged else None
             with self.engine.plain():
                 while done < steps:
                     step.tokens.copy_(input_ids[:, -1:])
                     step.run()
-                    if lagged and done > 0:  # the flag of the token chosen before this step
-                        event, flag = flags[done % 2]
-                        event.synchronize()
-                        if bool(flag):
-                            break  # every sample had finished: this step's output is not used
+                    # read one step late: whether every sample had finished with the token this step was fed (the
+                    # host does not wait for the step it just launched); if so this step's output is not used
+                    if done > 0 and self._all_finished(done):
+                        break
                     done += 1
                     input_ids, unfinished = choose(step.logits.clone(), input_ids, unfinished)
-                    if lagged:
-                        event, flag = flags[(done) % 2]
-                        flag.copy_(unfinished.max() == 0, non_blocking=True)
-                        event.record()
-                    elif not bool(unfinished.any()):
-                        break
+                    self._note_finished(done, unfinished)
             run.allocated_kv_bytes = step.kv_bytes()
         # the engine's record of the call, as the dynamic path leaves it (stats)
         run.decode_steps = done
@@ -309,11 +302,26 @@ class FastPath:
         as_tuple = {k: tuple(v) if v is not None else None for k, v in history.items()}
         return GenerateDecoderOnlyOutput(sequences=input_ids, **as_tuple)
 
-    def _flags(self):
-        """Two (event, pinned flag) pairs: step s's flag is written while step s + 1 runs."""
-        if self._finished_flags is None:
-            self._finished_flags = [(torch.cuda.Event(), torch.zeros((), dtype=torch.bool).pin_memory()) for _ in "ab"]
-        return self._finished_flags
+    def _note_finished(self, step: int, unfinished: torch.Tensor) -> None:
+        """Record whether every sample has finished after decoding step `step` chose its token, without a host wait:
+        on CUDA a copy into pinned memory and an event (two slots: step s's flag is read while step s + 1 runs)."""
+        finished = unfinished.max() == 0
+        if finished.device.type != "cuda":
+            self._finished[step % 2] = finished
+            return
+        if self._pinned is None:
+            self._pinned = [(torch.cuda.Event(), torch.zeros((), dtype=torch.bool).pin_memory()) for _ in range(2)]
+        event, flag = self._pinned[step % 2]
+        flag.copy_(finished, non_blocking=True)
+        event.record()
+        self._finished[step % 2] = (event, flag)
+
+    def _all_finished(self, step: int) -> bool:
+        noted = self._finished[step % 2]
+        if isinstance(noted, tuple):
+            event, noted = noted
+            event.synchronize()
+        return bool(noted)
 
     # ---- the plan ----------------------------------------------------------------------------------------------
     def _plan(self, cache, steps: int, device) -> StaticStep:
