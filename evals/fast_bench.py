@@ -212,6 +212,48 @@ class Bench:
                 ve.unwrap(model)
             self.write()
 
+    def family_checks(self) -> None:
+        """The tiny models of every family on this device (CUDA: through the graphs), a left-padded batch of one and
+        two images: fast-path tokens and logits against the dynamic path, and graph replay against eager replay."""
+        from vlm_efficient.testing import FAMILIES, image_placeholder, tiny_batch, tiny_image, tiny_model
+
+        device = torch.device("cuda" if torch.cuda.is_available() and not self.args.tiny else "cpu")
+        checks = self.result["family_checks"] = []
+        kw = dict(max_new_tokens=CHECK_TOKENS, do_sample=False, output_logits=True, return_dict_in_generate=True)
+        for family in FAMILIES:
+            model, processor = tiny_model(family)
+            model.to(device)
+            ph = image_placeholder(processor)
+            batch = tiny_batch(processor, [(f"what is {ph} this", [tiny_image(0)]),
+                                           (f"a longer prompt with {ph} and {ph} here", [tiny_image(1), tiny_image(2)])])
+            batch = batch.to(device)
+            for spec in ("", METHODS["FastV 50%"], METHODS["VisionZip 75%"]):
+                row = {"family": family, "spec": spec}
+                checks.append(row)
+                try:
+                    with torch.no_grad():
+                        if spec:
+                            ve.wrap(model, spec)
+                        dynamic = model.generate(**batch, **kw)
+                        if spec:
+                            ve.unwrap(model)
+                        ve.wrap(model, spec, fast=True)
+                        fast = model.generate(**batch, **kw)
+                        ve.engine_of(model).fast_path.use_graph = False
+                        eager = model.generate(**batch, **kw)
+                    row["tokens_equal"] = bool(torch.equal(fast.sequences, dynamic.sequences))
+                    row["max_logit_diff"] = max(float((a - b).abs().max()) for a, b in zip(fast.logits, dynamic.logits))
+                    row["graph_equals_eager"] = bool(torch.equal(torch.stack(fast.logits), torch.stack(eager.logits)))
+                except Exception as error:  # noqa: BLE001
+                    row["error"] = f"{type(error).__name__}: {error}"[:500]
+                    self.result["errors"].append({"where": f"family check {family} {spec}",
+                                                  "trace": traceback.format_exc()})  # fmt: skip
+                finally:
+                    if ve.is_wrapped(model):
+                        ve.unwrap(model)
+                log(f"  family check {row}")
+        self.write()
+
     def section(self, arch: str, batch_size: int, methods: list[str], full: bool) -> None:
         name = f"{arch} batch {batch_size}"
         section = {"name": name, "arch": arch, "batch_size": batch_size, "rows": [], "checks": []}
@@ -250,6 +292,10 @@ class Bench:
         self.write()
 
     def run(self) -> dict:
+        try:
+            self.family_checks()
+        except Exception:  # noqa: BLE001
+            self.result["errors"].append({"where": "family checks", "trace": traceback.format_exc()})
         needed = 20 if self.args.tiny else 120  # seconds a section needs to be worth starting
         for arch, batch_size, methods, full in SECTIONS[: self.args.sections]:
             if self.left() < needed and self.result["sections"]:
@@ -313,6 +359,14 @@ def format_markdown(result: dict) -> str:
                     f"{_fmt(c.get('first_step_max_logit_diff'), '.3g')} | {c.get('graph_equals_eager_tokens', '')} | "
                     f"{_fmt(c.get('graph_vs_eager_max_logit_diff'), '.3g')} | {c.get('error', '')[:120]} |"
                 )
+    if result.get("family_checks"):
+        lines += ["", "Tiny models of every family, left-padded batch of one and two images, 8 tokens (fast path vs "
+                      "dynamic path; graph replay vs eager replay of the same step):", "",
+                  "| family | method | tokens equal | max logit diff | graph = eager | error |", "|---|---|---|---|---|---|"]
+        for c in result["family_checks"]:
+            lines.append(f"| {c['family']} | {c['spec'] or 'base'} | {c.get('tokens_equal', '')} | "
+                         f"{_fmt(c.get('max_logit_diff'), '.3g')} | {c.get('graph_equals_eager', '')} | "
+                         f"{c.get('error', '')[:120]} |")  # fmt: skip
     if result.get("skipped_sections"):
         lines += ["", f"Skipped (budget): {', '.join(result['skipped_sections'])}"]
     lines += ["", f"{len(result['errors'])} errors (traces in fast_bench.json); elapsed {result.get('elapsed_s')} s", ""]

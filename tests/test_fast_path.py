@@ -186,3 +186,5 @@ def test_fast_bench_runs_on_the_tiny_models(tmp_path):
     assert all(row["decode_ms_per_token"] is not None for row in section["rows"])
     assert [check["tokens_equal"] for check in section["checks"]] == [True] * (1 + len(fast_bench.METHODS))
     assert "| fast | FastV 50% |" in (tmp_path / "fast_bench.md").read_text()
+    assert len(result["family_checks"]) == 3 * len(FAMILIES)
+    assert all(check["tokens_equal"] and check["graph_equals_eager"] for check in result["family_checks"])
