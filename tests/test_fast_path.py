@@ -134,6 +134,14 @@ def test_decode_time_edits_are_refused_naming_the_dynamic_path(spec):
     ve.unwrap(model)
 
 
+def test_sliding_window_layers_are_refused_at_wrap():
+    model, _ = tiny_model("qwen2_vl")
+    model.config.get_text_config().layer_types = ["full_attention", "sliding_attention"] * 2
+    with pytest.raises(ValueError, match="sliding_attention.*dynamic path"):
+        ve.wrap(model, "fastv", fast=True)
+    assert not ve.is_wrapped(model)
+
+
 def test_per_head_cache_is_refused_at_wrap():
     model, _ = tiny_model("llava")
     with pytest.raises(ValueError, match="plphp.*dynamic path"):

@@ -173,6 +173,12 @@ class FastPath:
                 f"run; {DYNAMIC_PATH}"
             )
         model = engine.model
+        layer_types = set(getattr(engine.text_config, "layer_types", None) or ["full_attention"])
+        if layer_types != {"full_attention"}:
+            raise ValueError(f"the fast path runs full attention in every layer; this model has {sorted(layer_types)} "
+                             f"layers: {DYNAMIC_PATH}")  # fmt: skip
+        if len({p.device for p in model.parameters()}) > 1:
+            raise ValueError(f"the fast path runs the model on one device; this one is spread over several: {DYNAMIC_PATH}")
         if "generate" in vars(model):
             raise ValueError("model.generate is already replaced on this instance (a hub custom_generate?); fast=True "
                              f"installs its own: {DYNAMIC_PATH}")  # fmt: skip
