@@ -241,7 +241,9 @@ class FastPath:
     def decode(self, model, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus=False,
                streamer=None, **model_kwargs):  # fmt: skip
         """generate()'s decoding loop (its custom_generate): the prefill through the wrapped model, then the plan and
-        the static steps."""
+        the static steps. The signature is generate()'s own loop's (GenerationMixin._sample): a parameter it lacks
+        would be taken out of generate()'s kwargs for this callable (synced_gpus and streamer never arrive: generate()
+        drops them for a callable, and generate() above refuses a streamer)."""
         config = generation_config
         self._check_config(config, model_kwargs)
         self._recorded.clear()
