@@ -167,6 +167,10 @@ class Bench:
             row["rounds"] = {"prefill_ms": prefill, "total_ms": total}
             if ve.is_wrapped(model):
                 row["kv_cache_mib"] = ve.stats(model).kv_cache_bytes / 2**20
+            fast_path = ve.engine_of(model).fast_path if ve.is_wrapped(model) else None
+            if fast_path is not None:
+                row["graph"] = fast_path.last_step is not None and fast_path.last_step.graph is not None
+                row["capture_error"] = fast_path.capture_error
             if device.type == "cuda":
                 row["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
             log(f" prefill {row['prefill_ms']:8.1f} ms  decode {row['decode_ms_per_token']:7.2f} ms/token  "
@@ -336,7 +340,7 @@ def format_markdown(result: dict) -> str:
         lines += ["", f"## {section['name']} ({section.get('prompt_tokens')} prompt tokens, HBM limit "
                       f"{_fmt(limit, '.2f')} ms/token, LM weights {section.get('lm_weight_bytes', 0) / 1e9:.2f} GB)",
                   "", "| path | method | prefill ms | prefill speed-up vs fast base | decode ms/token | x HBM limit | "
-                      "decode vs fast base | decode vs HF dynamic | KV MiB | warm-up s | error |",
+                      "decode vs fast base | decode vs HF dynamic | KV MiB | warm-up s | error (or graph capture error) |",
                   "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for r in rows:
             decode, prefill = r.get("decode_ms_per_token"), r.get("prefill_ms")
@@ -351,7 +355,8 @@ def format_markdown(result: dict) -> str:
                 f"| {r['path']} | {r['method'] or 'base'} | {_fmt(prefill)} | {ratio(fast_base, 'prefill_ms', True)} | "
                 f"{_fmt(decode, '.2f')} | {_fmt(decode / limit if decode and limit else None, '.2f')} | "
                 f"{ratio(fast_base, 'decode_ms_per_token')} | {ratio(hf_base, 'decode_ms_per_token')} | "
-                f"{_fmt(r.get('kv_cache_mib'))} | {_fmt(r.get('warmup_s'))} | {r.get('error', '')[:120]} |"
+                f"{_fmt(r.get('kv_cache_mib'))} | {_fmt(r.get('warmup_s'))} | "
+                f"{(r.get('error') or r.get('capture_error') or '')[:120]} |"
             )
         if section["checks"]:
             lines += ["", "Checks (fast path vs dynamic path, greedy, 8 tokens; graph replay vs the same step eager):", "",

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import collections
 import inspect
+import warnings
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
@@ -191,6 +192,7 @@ class FastPath:
         }  # fmt: skip
         self.steps: collections.OrderedDict = collections.OrderedDict()
         self.use_graph = True  # on CUDA; False replays the same step eagerly (to check the graph against it)
+        self.capture_error: str | None = None  # why the last failed capture failed (the step then runs eagerly)
         self.last_step: StaticStep | None = None
         self._recorded: dict = {}
         self._recording = False
@@ -369,8 +371,14 @@ class FastPath:
                                   keys.dtype, device, self._recorded["rotary"].shape,
                                   None if layer_position is None else layer_position.shape)  # fmt: skip
             if device.type == "cuda" and self.use_graph:
-                with engine.plain():
-                    step.capture()
+                try:
+                    with engine.plain():
+                        step.capture()
+                except Exception as error:  # the same step still runs, eagerly: slower, said loudly
+                    self.capture_error = f"{type(error).__name__}: {error}"
+                    warnings.warn(f"fast path: capturing the decoding step in a CUDA graph failed ({self.capture_error}); "
+                                  "decoding runs the same step eagerly", RuntimeWarning, stacklevel=2)  # fmt: skip
+                    step.graph = None
         self.steps[key] = step
         self.last_step = step
         step.load(prompt_kv, group_valid, self._recorded["rotary"], layer_position)
