@@ -43,7 +43,12 @@ METHODS = {
     "VisionZip 75%": "visionzip:ratio=0.75",
     "DART 75%": "dart:layer=2,ratio=0.75",
     "PyramidDrop": "pdrop:ratio=0.63",  # keeps 144 of 576 image tokens after its last stage
+    "PAI": "pai",  # its attention edit only (no contrastive logits processor)
+    "VAF": "vaf",
+    "VAR": "var:tau=3,sink_dims=0/1/2/3",  # random weights have no massive dims: tau=3 (as evals/gpu_bench.sh)
+    "ACT": "act",
 }
+FAMILY_CHECKS = ["FastV 50%", "VisionZip 75%", "ACT"]
 SECTIONS = [  # (architecture, batch size, methods, whether to run the checks and HF's static route)
     ("llava-1.5-7b", 1, list(METHODS), True),
     ("llava-1.5-7b", 8, ["FastV 75%", "VisionZip 75%"], False),
@@ -239,7 +244,7 @@ class Bench:
             batch = tiny_batch(processor, [(f"what is {ph} this", [tiny_image(0)]),
                                            (f"a longer prompt with {ph} and {ph} here", [tiny_image(1), tiny_image(2)])])
             batch = batch.to(device)
-            for spec in ("", METHODS["FastV 50%"], METHODS["VisionZip 75%"]):
+            for spec in ("", *(METHODS[label] for label in FAMILY_CHECKS)):
                 row = {"family": family, "spec": spec}
                 checks.append(row)
                 try:

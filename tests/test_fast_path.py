@@ -125,11 +125,28 @@ def test_stats_report_the_allocated_buffers():
     assert allocated[2] <= allocated[1]
 
 
-@pytest.mark.parametrize("spec", ["pai", "vaf", "act", "vhr"])
-def test_decode_time_edits_are_refused_naming_the_dynamic_path(spec):
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+@pytest.mark.parametrize("spec", ["pai", "vaf", "act", "adaptvis", "var:tau=1,sink_dims=0/1/2/3", "fastv+vaf"])
+def test_decoding_edits_equal_dynamic_path(family, spec):
+    """Head methods whose decoding edit stays the same at every step: the edits are made once over the whole static
+    buffer and run inside the step (the dense edited attention in the edited layers)."""
+    model, processor = tiny_model(family)
+    dynamic, fast = dynamic_then_fast(model, two_samples(processor), spec)
+    assert ve.engine_of(model).fast_path.last_step.edits  # the edited attention really ran
+    assert_same(dynamic, fast)
+    ve.unwrap(model)
+
+
+@pytest.mark.parametrize("spec, why", [
+    ("vhr", "scales head outputs"),  # the o_proj input, through a hook the step does not run
+    ("gift", "no form that stays the same"),  # edits recomputed at every step
+    ("avl", "no form that stays the same"),
+    ("equal_distance", "no form that stays the same"),  # pre-rotary logits
+])  # fmt: skip
+def test_other_decoding_edits_are_refused_naming_the_dynamic_path(spec, why):
     model, processor = tiny_model("llava")
     ve.wrap(model, spec, fast=True)
-    with pytest.raises(ValueError, match="while decoding.*dynamic path"):
+    with pytest.raises(ValueError, match=f"{why}.*dynamic path"):
         generate(model, two_samples(processor))
     ve.unwrap(model)
 
@@ -194,5 +211,5 @@ def test_fast_bench_runs_on_the_tiny_models(tmp_path):
     assert all(row["decode_ms_per_token"] is not None for row in section["rows"])
     assert [check["tokens_equal"] for check in section["checks"]] == [True] * (1 + len(fast_bench.METHODS))
     assert "| fast | FastV 50% |" in (tmp_path / "fast_bench.md").read_text()
-    assert len(result["family_checks"]) == 3 * len(FAMILIES)
+    assert len(result["family_checks"]) == (1 + len(fast_bench.FAMILY_CHECKS)) * len(FAMILIES)
     assert all(check["tokens_equal"] and check["graph_equals_eager"] for check in result["family_checks"])

@@ -18,28 +18,60 @@ One generate() call:
 - between steps the logits processors, greedy or sampled choice and the stopping criteria run as in generate(). On
   CUDA the "all finished" flag is read one step late, so the host never waits for the step it just launched.
 
-Refused, with a pointer to the dynamic path: at wrap, methods that cache per head (PLPHP); at generate, beams and
-other decoding modes, a cache passed in or cache_implementation, streamers and assistant models, attentions or hidden
-states in the output; after the prefill, any method that edits a decoding step's attention or scales head outputs
-(PAI, VAF, VAR, ACT, AdaptVis, GIFT, A-VL, decode masks). Methods' observe_hidden is not called while decoding.
+Decoding edits (head methods): after the prefill every method that may edit attention is asked, layer by layer, as at
+the first decoding step. Where it edits and declares a decoding form that stays the same at every step (a structured
+Method.kernel_edit, which the engine too reuses at every step), its AttentionEdit is made once over the whole static
+buffer (prompt keys, then the generated slots) and the edited layers run the dense edited attention inside the step
+(PAI's attention edit, VAF, VAR, ACT, AdaptVis, PAINT). Such a step holds this call's edit tensors and functions, so
+it is captured for the call and not kept.
+
+Refused, with a pointer to the dynamic path: at wrap, methods that cache per head (PLPHP), sliding-window layers, a
+model spread over devices; at generate, beams and other decoding modes, a cache passed in or cache_implementation,
+streamers and assistant models, attentions or hidden states in the output; after the prefill, decoding edits with no
+step-invariant form or on pre-rotary logits (GIFT, A-VL, YOPO, Vista-LLaMA, VAR's code variant) and head-output
+scales (VHR). Methods' observe_hidden is not called while decoding.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import inspect
 import warnings
+import weakref
 
 import torch
+from transformers import AttentionInterface
 from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.generation.utils import GenerateDecoderOnlyOutput, GenerationMixin, GenerationMode
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .adapters import CACHE_KWARGS, cache_kwarg, kv_cache
-from .method import Method, edits_attention
+from .attention import edited_attention
+from .method import UNSTRUCTURED, AttentionContext, Method, edits_attention
 
 BUCKET = 64  # buffer lengths round up to this: calls whose prompts keep similar numbers of keys share one graph
 MAX_GRAPHS = 4  # captured steps (graphs and their buffers) kept per model; the least recently used is dropped
 DYNAMIC_PATH = "use the dynamic path: vlm_efficient.wrap(model, spec) without fast=True"
+
+
+ATTENTION_NAME = "vlm_efficient_fast"  # the attention implementation while a step with decoding edits is recorded
+# attention module -> the AttentionEdits of its layer, while a step with decoding edits is recorded or run eagerly
+_DECODE_EDITS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _step_attention(module, query, key, value, attention_mask, **kwargs):
+    """SDPA, or the dense edited attention where the step's plan gives this layer decoding edits."""
+    edits = _DECODE_EDITS.get(module)
+    if not edits:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
+    return edited_attention(query, key, value, attention_mask, scaling, edits), None
+
+
+AttentionInterface.register(ATTENTION_NAME, _step_attention)
+AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
 
 
 def supported() -> bool:
@@ -99,6 +131,7 @@ class StaticStep:
         self.cache = Cache(layers=[StaticKVLayer(k, v, self.write_index[g])
                                    for k, v, g in zip(self.keys, self.values, group_of)])  # fmt: skip
         self.graph = None
+        self.edits: dict[int, list] = {}  # layer -> its decoding AttentionEdits over the whole buffer (set once)
 
     def kv_bytes(self) -> list[int]:
         return [k.nbytes + v.nbytes for k, v in zip(self.keys, self.values)]
@@ -112,14 +145,34 @@ class StaticStep:
         position_embeddings = parts["rotary"](hidden, self.last_rotary + self.offset)
         positions = None if self.last_layer_position is None else self.last_layer_position + self.offset
         cache = {parts["cache_name"]: self.cache}
-        for layer, group in zip(parts["layers"], self.group_of):
-            out = layer(hidden, attention_mask=self.masks[group], position_ids=positions,
-                        position_embeddings=position_embeddings, use_cache=True, **cache)  # fmt: skip
-            hidden = out[0] if isinstance(out, tuple) else out
+        with self._edited_attention():
+            for layer, group in zip(parts["layers"], self.group_of):
+                out = layer(hidden, attention_mask=self.masks[group], position_ids=positions,
+                            position_embeddings=position_embeddings, use_cache=True, **cache)  # fmt: skip
+                hidden = out[0] if isinstance(out, tuple) else out
         self.logits.copy_(parts["lm_head"](parts["norm"](hidden[:, -1:]))[:, -1].float())
         for index in self.write_index:
             index.add_(1)
         self.offset.add_(1)
+
+    @contextlib.contextmanager
+    def _edited_attention(self):
+        """Where the plan gave layers decoding edits: their attention calls run the dense edited attention with them
+        (the other layers stay on SDPA) while the step is recorded or run eagerly."""
+        if not self.edits:
+            yield
+            return
+        config, layers = self.parts["config"], self.parts["layers"]
+        saved = config._attn_implementation
+        config._attn_implementation = ATTENTION_NAME
+        for idx, edits in self.edits.items():
+            _DECODE_EDITS[layers[idx].self_attn] = edits
+        try:
+            yield
+        finally:
+            config._attn_implementation = saved
+            for idx in self.edits:
+                _DECODE_EDITS.pop(layers[idx].self_attn, None)
 
     def capture(self) -> None:
         """Record step() in a CUDA graph (after warm-up runs on a side stream, which cuBLAS and SDPA need before a
@@ -189,6 +242,7 @@ class FastPath:
             "embed": model.get_input_embeddings(), "lm_head": model.get_output_embeddings(),
             "norm": text_model.norm, "rotary": text_model.rotary_emb, "layers": list(engine.layers),
             "cache_name": cache_kwarg(engine.layers[0]), "vocab": model.get_output_embeddings().out_features,
+            "config": engine.text_config,
         }  # fmt: skip
         self.steps: collections.OrderedDict = collections.OrderedDict()
         self.use_graph = True  # on CUDA; False replays the same step eagerly (to check the graph against it)
@@ -335,14 +389,15 @@ class FastPath:
 
     # ---- the plan ----------------------------------------------------------------------------------------------
     def _plan(self, cache, steps: int, device) -> StaticStep:
-        """After the prefill: refuse decode-time edits, then load (capturing it first if new) the static step whose
-        buffers hold each layer's kept prompt keys plus `steps` new ones."""
+        """After the prefill: the methods' decoding edits, then the static step whose buffers hold each layer's kept
+        prompt keys plus `steps` new ones, loaded (and captured first where it is new). A step with decoding edits is
+        captured for this call only: the edits' tensors and functions belong to it."""
         engine, run = self.engine, self.engine.run
         if run is None or "rotary" not in self._recorded:
             raise RuntimeError("the fast path saw no prefill through the wrapped model")
         self._enter_decoding(run)
-        self._refuse_decode_edits(run, device)
-        prompt_kv, widths, group_of, sets, group_valid = [], [], [], {}, []
+        self._refuse_head_scales(run)
+        prompt_kv, prompt_keys, group_of, sets, group_valid = [], [], [], {}, []
         for idx in range(engine.num_layers):
             layer = cache.layers[idx]
             keys_at = run.prompt_keys(idx, device)
@@ -350,26 +405,28 @@ class FastPath:
                 raise RuntimeError(f"layer {idx} cached {layer.keys.shape[2]} prompt keys, the engine recorded "
                                    f"{keys_at.shape[1]}")  # fmt: skip
             prompt_kv.append((layer.keys, layer.values))
-            widths.append(keys_at.shape[1])
+            prompt_keys.append(keys_at)
             identity = id(run.layer_positions.get(idx))  # layers that cache the same prompt keys share a mask
             if identity not in sets:
                 sets[identity] = len(sets)
                 group_valid.append(run.valid_keys(keys_at))
             group_of.append(sets[identity])
-        capacities = [-(-(w + steps) // BUCKET) * BUCKET for w in widths]
+        capacities = [-(-(k.shape[1] + steps) // BUCKET) * BUCKET for k in prompt_keys]
+        edits = self._decode_edits(run, device, prompt_keys, capacities)
         keys = prompt_kv[0][0]
         layer_position = self._recorded.get("layer")
         key = (keys.shape[0], tuple(capacities), tuple(group_of), keys.shape[1], keys.shape[3], keys.dtype, device,
                tuple(self._recorded["rotary"].shape), None if layer_position is None else tuple(layer_position.shape),
                self.use_graph)  # fmt: skip
-        step = self.steps.pop(key, None)
+        step = None if edits else self.steps.pop(key, None)
         if step is None:
-            while len(self.steps) >= MAX_GRAPHS:
+            while not edits and len(self.steps) >= MAX_GRAPHS:
                 self.steps.popitem(last=False)
             with torch.inference_mode(False):  # plain tensors: later calls may run outside inference mode
                 step = StaticStep(self.parts, keys.shape[0], capacities, group_of, (keys.shape[1], keys.shape[3]),
                                   keys.dtype, device, self._recorded["rotary"].shape,
                                   None if layer_position is None else layer_position.shape)  # fmt: skip
+            step.edits = edits
             if device.type == "cuda" and self.use_graph:
                 try:
                     with engine.plain():
@@ -379,7 +436,8 @@ class FastPath:
                     warnings.warn(f"fast path: capturing the decoding step in a CUDA graph failed ({self.capture_error}); "
                                   "decoding runs the same step eagerly", RuntimeWarning, stacklevel=2)  # fmt: skip
                     step.graph = None
-        self.steps[key] = step
+        if not edits:
+            self.steps[key] = step
         self.last_step = step
         step.load(prompt_kv, group_valid, self._recorded["rotary"], layer_position)
         return step
@@ -396,25 +454,50 @@ class FastPath:
         mask = run.attention_mask_2d
         run.attention_mask_2d = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
 
-    def _refuse_decode_edits(self, run, device) -> None:
-        """Ask every method that may edit attention or scale head outputs what it does at a decoding step, layer by
-        layer (the plan is made once: an edit could not change later). Any edit is refused."""
+    def _decode_edits(self, run, device, prompt_keys: list, capacities: list) -> dict:
+        """{layer: [AttentionEdit]}: every method's edit of a decoding step's attention, asked once per layer over the
+        whole static buffer (the kept prompt keys, then the slots of the generated ones). Only edits that stay the
+        same at every step run here: the method gives a structured decoding form (Method.kernel_edit, which the
+        engine too reuses at every step), on rotated logits, adding no pairs. Others are refused."""
         engine = self.engine
         editing = [m for m in engine.methods if edits_attention(m)]
-        scaling = [m for m in engine.methods if m.edits_head_outputs()]
-        if not editing and not scaling:
-            return
-        heads = engine.text_config.num_attention_heads
-        query = torch.empty(run.layout.batch_size, heads, 1, 0, device=device)  # only its shape is read
-        for idx in range(engine.num_layers):
-            context = engine.attention_context(idx, query)
+        if not editing:
+            return {}
+        batch, heads = run.layout.batch_size, engine.text_config.num_attention_heads
+        queries = torch.full((batch, 1), run.fed, device=device)
+        found: dict[int, list] = {}
+        for idx, (kept, capacity) in enumerate(zip(prompt_keys, capacities)):
+            first_step = engine.attention_context(idx, torch.empty(batch, heads, 1, 0, device=device))
+            generated = torch.arange(run.prompt_length, run.prompt_length + capacity - kept.shape[1], device=device)
+            context = AttentionContext(queries, torch.cat([kept, generated.expand(batch, -1)], dim=1), False, heads)
             for method in editing:
-                if engine.method_edit(method, idx, context) is not None:
+                # asked first as at the first decoding step (what the dynamic path would ask), then, for an edit
+                # that stays the same at every step, over the whole buffer
+                if engine.method_edit(method, idx, first_step) is None:
+                    continue
+                why, edit = None, None
+                if method.kernel_edit(idx, run, False) is UNSTRUCTURED:
+                    why = "with no form that stays the same at every step (Method.kernel_edit)"
+                else:
+                    edit = engine.method_edit(method, idx, context)
+                    if edit is not None and (edit.unrotated is not None or edit.allow is not None):
+                        why = "on pre-rotary logits or by adding pairs"
+                if edit is None and why is None:
+                    continue
+                if why is not None:
                     raise ValueError(
-                        f"{method.name} edits the attention of layer {idx} while decoding; the fast path runs plain "
-                        f"attention over the kept KV cache. {DYNAMIC_PATH[0].upper()}{DYNAMIC_PATH[1:]}."
+                        f"{method.name} edits the attention of layer {idx} while decoding {why}; the fast path runs "
+                        f"only decoding edits that stay the same at every step. {DYNAMIC_PATH[0].upper()}"
+                        f"{DYNAMIC_PATH[1:]}."
                     )
-            for method in scaling:
+                found.setdefault(idx, []).append(edit)
+        return found
+
+    def _refuse_head_scales(self, run) -> None:
+        """Head-output scales (VHR) act on the o_proj input through a hook that the fast step does not run."""
+        engine = self.engine
+        for method in (m for m in engine.methods if m.edits_head_outputs()):
+            for idx in range(engine.num_layers):
                 if method.head_output_scale(idx, run) is not None:
                     raise ValueError(
                         f"{method.name} scales head outputs of layer {idx} while decoding; the fast path runs the "
