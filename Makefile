@@ -33,7 +33,7 @@ $(COMPAT)/.installed: $(STAMP)
 
 test-compat: $(COMPAT)/.installed
 	PYTHONPATH=$(COMPAT) $(BIN)/python -c "import transformers; assert transformers.__version__ == '5.17.0', transformers.__file__"
-	PYTHONPATH=$(COMPAT) $(BIN)/pytest tests/test_engine.py tests/test_api.py tests/test_fixtures.py $(PYTEST_ARGS)
+	PYTHONPATH=$(COMPAT) $(BIN)/pytest tests/test_engine.py tests/test_api.py tests/test_fixtures.py tests/test_fast_path.py $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) $(COMPAT) build *.egg-info

@@ -30,6 +30,7 @@ from torch import nn  # noqa: E402
 
 from .adapters import ADAPTERS, get_adapter  # noqa: E402
 from .engine import Engine  # noqa: E402
+from .fast_path import FastPath  # noqa: E402
 from .method import AttentionRequest, Method  # noqa: E402
 from .registry import METHODS, parse_methods, to_spec  # noqa: E402
 from .stats import RunStats, compute_stats  # noqa: E402
@@ -52,9 +53,11 @@ __all__ = [
 _ENGINES: weakref.WeakKeyDictionary[nn.Module, Engine] = weakref.WeakKeyDictionary()
 
 
-def wrap(model: nn.Module, methods="") -> nn.Module:
+def wrap(model: nn.Module, methods="", fast: bool = False) -> nn.Module:
     """Apply `methods` (a Method, a list of them, or a spec string like "fastv:layer=2,ratio=0.5") to `model` in
-    place and return it. Wrapping an already wrapped model is an error: call `unwrap(model)` first."""
+    place and return it. Wrapping an already wrapped model is an error: call `unwrap(model)` first.
+    `fast=True`: model.generate decodes on static buffers, in a CUDA graph on CUDA (vlm_efficient/fast_path.py);
+    with no methods it is the unwrapped model on the same path."""
     if model in _ENGINES:
         raise RuntimeError(
             f"model is already wrapped with {to_spec(_ENGINES[model].methods)!r}; call vlm_efficient.unwrap(model) "
@@ -62,6 +65,12 @@ def wrap(model: nn.Module, methods="") -> nn.Module:
         )
     engine = Engine(model, parse_methods(methods))
     engine.install()
+    if fast:
+        try:
+            engine.fast_path = FastPath(engine)
+        except Exception:
+            engine.uninstall()
+            raise
     _ENGINES[model] = engine
     model.__deepcopy__ = _CopyWrapped(model)  # copy.deepcopy looks the copier up on the instance
     return model
@@ -88,6 +97,8 @@ def unwrap(model: nn.Module) -> nn.Module:
     engine = _ENGINES.pop(model, None)
     if engine is None:
         raise RuntimeError("model is not wrapped by vlm_efficient")
+    if engine.fast_path is not None:
+        engine.fast_path.uninstall()
     engine.uninstall()
     model.__dict__.pop("__deepcopy__", None)
     return model

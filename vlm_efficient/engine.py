@@ -150,6 +150,7 @@ class RunState:
     # and num_return_sequences); None: each image was encoded once
     image_sources: list[int] | None = None
     full_sequence: bool = False  # generate(use_cache=False): later calls feed the whole sequence, the cache is ours
+    allocated_kv_bytes: list[int] | None = None  # per layer, where the fast path allocated its own KV buffers
 
     def memory(self, owner) -> dict:
         """A method's (or adapter's) private dict for this run; keyed by identity as methods are unhashable."""
@@ -271,6 +272,7 @@ class Engine:
         self.router = KernelRouter(self)  # attention calls on the Triton kernels (VLM_EFFICIENT_KERNELS)
         self._handles: list = []
         self._original_attention = self.text_config._attn_implementation
+        self.fast_path = None  # vlm_efficient.fast_path.FastPath where wrap(..., fast=True)
         try:
             for method in methods:
                 method.bind(self)

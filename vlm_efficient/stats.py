@@ -84,6 +84,8 @@ def compute_stats(engine) -> RunStats:
             attn, mlp = _layer_flops(config, steps, steps * cached + steps * (steps + 1) / 2)
             decode_attention += attn
             decode_mlp += mlp
+    if run.allocated_kv_bytes is not None:  # the fast path's static buffers, as allocated
+        kv_bytes = list(run.allocated_kv_bytes)
     return RunStats(
         methods="+".join(m.spec() for m in engine.methods),
         has_visual=layout.has_visual,

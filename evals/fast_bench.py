@@ -1,0 +1,409 @@
+"""The fast path (wrap(..., fast=True)) against the dynamic path and Hugging Face's own routes, on one GPU, in one
+process, plus its exactness checks at 7B shapes.
+
+    python -m vlm_efficient.evals.fast_bench --out DIR            # CUDA: random-weight 7B shapes in bf16
+    python -m vlm_efficient.evals.fast_bench --out DIR --tiny     # CPU smoke run on the tiny models (tests)
+
+Sections, in order, each started only while the time budget (--budget seconds) lasts: LLaVA-1.5-7B batch 1 (every
+path and method, then the exactness checks, then Hugging Face's static cache), LLaVA-1.5-7B batch 8, LLaVA-NeXT-7B
+batch 1. What is measured, per (path, method):
+- the copy bandwidth of the device (a 1 GiB device-to-device copy, read + write bytes / time) and the HBM limit of one
+  decoding step = the language model's weight bytes / that bandwidth;
+- prefill ms = one generate() with max_new_tokens=1 (vision tower, prefill, first token) and decode ms/token =
+  (generate() of N tokens - that) / (N - 1); both host time included (synchronize before and after each whole call),
+  median of --repeats alternating rounds after one warm-up call (the fast path captures its graph there, HF's static
+  route compiles there: reported as warm-up seconds); min_new_tokens = N so every call decodes N tokens;
+- paths: "hf-dynamic" (the unwrapped model, DynamicCache), "hf-static" (the unwrapped model,
+  cache_implementation="static", which generate() compiles), "fast" (wrap(spec, fast=True); spec "" = the unwrapped
+  model on the fast path) and "dynamic" (wrap(spec));
+- checks: greedy tokens of the fast path against the dynamic path for 8 tokens (mismatches reported, not raised), and
+  the CUDA graph's replay against the same step run eagerly (tokens and logits).
+Every configuration runs in its own try/except; the JSON and the markdown table are rewritten after each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+import vlm_efficient as ve
+
+METHODS = {
+    "FastV 50%": "fastv:layer=2,ratio=0.5",
+    "FastV 75%": "fastv:layer=2,ratio=0.75",
+    "VisionZip 75%": "visionzip:ratio=0.75",
+    "DART 75%": "dart:layer=2,ratio=0.75",
+    "PyramidDrop": "pdrop:ratio=0.63",  # keeps 144 of 576 image tokens after its last stage
+    "PAI": "pai",  # its attention edit only (no contrastive logits processor)
+    "VAF": "vaf",
+    "VAR": "var:tau=3,sink_dims=0/1/2/3",  # random weights have no massive dims: tau=3 (as evals/gpu_bench.sh)
+    "ACT": "act",
+}
+FAMILY_CHECKS = ["FastV 50%", "VisionZip 75%", "ACT"]
+SECTIONS = [  # (architecture, batch size, methods, whether to run the checks and HF's static route)
+    ("llava-1.5-7b", 1, list(METHODS), True),
+    ("llava-1.5-7b", 8, ["FastV 75%", "VisionZip 75%"], False),
+    ("llava-next-7b", 1, ["FastV 75%", "VisionZip 75%", "DART 75%"], False),
+    ("llava-next-7b", 8, ["FastV 75%"], False),
+]
+TINY = {"llava-1.5-7b": "tiny:llava", "llava-next-7b": "tiny:llava_next"}
+CHECK_TOKENS = 8
+
+
+def log(*args, **kwargs) -> None:
+    print(*args, **kwargs, flush=True)
+
+
+def sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def copy_bandwidth(device, size: int) -> float:
+    """Bytes per second of a device-to-device copy of `size` bytes (each byte read once and written once)."""
+    source = torch.empty(size, dtype=torch.uint8, device=device)
+    target = torch.empty_like(source)
+    target.copy_(source)
+    sync(device)
+    start, copies = time.perf_counter(), 10
+    for _ in range(copies):
+        target.copy_(source)
+    sync(device)
+    return 2 * size * copies / (time.perf_counter() - start)
+
+
+def lm_weight_bytes(model) -> int:
+    """The language model's weight bytes: the text model and the LM head (counted once where tied)."""
+    text = ve.get_adapter(model).text_model(model)
+    params = {id(p): p for p in text.parameters()}
+    params.update({id(p): p for p in model.get_output_embeddings().parameters()})
+    return sum(p.numel() * p.element_size() for p in params.values())
+
+
+class Bench:
+    def __init__(self, args):
+        self.args = args
+        self.out = Path(args.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.start = time.perf_counter()
+        self.built = None  # (architecture, model, processor) of the last section
+        import transformers
+
+        self.result = {
+            "device": torch.cuda.get_device_name() if torch.cuda.is_available() and not args.tiny else "cpu",
+            "torch": torch.__version__, "transformers": transformers.__version__,
+            "kernels_env": os.environ.get("VLM_EFFICIENT_KERNELS"), "new_tokens": args.new_tokens,
+            "repeats": args.repeats, "budget_s": args.budget, "sections": [], "errors": [],
+        }  # fmt: skip
+
+    def left(self) -> float:
+        return self.args.budget - (time.perf_counter() - self.start)
+
+    def write(self) -> None:
+        self.result["elapsed_s"] = round(time.perf_counter() - self.start, 1)
+        (self.out / "fast_bench.json").write_text(json.dumps(self.result, indent=1, default=str))
+        (self.out / "fast_bench.md").write_text(format_markdown(self.result))
+
+    def build(self, arch: str, batch_size: int):
+        """The model of `arch` (kept for the next section of the same architecture) and a batch of its inputs."""
+        from .archs import DEFAULT_IMAGE_SIZE, build_arch
+        from .bench import _inputs
+        from .runner import load_eval_model
+
+        if self.built is None or self.built[0] != arch:
+            self.built = None
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            torch.manual_seed(0)
+            if self.args.tiny:
+                self.built = (arch, *load_eval_model(TINY[arch], "cpu", torch.float32))
+            else:
+                self.built = (arch, *build_arch(arch, "cuda", torch.bfloat16))
+        _, model, processor = self.built
+        size = 112 if self.args.tiny else DEFAULT_IMAGE_SIZE[arch]
+        return model, _inputs(processor, size, batch_size, model)
+
+    def generate(self, model, inputs, path: str, new_tokens: int, **kw):
+        kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, **kw)
+        if path == "hf-static":
+            kw["cache_implementation"] = "static"
+        with torch.no_grad():
+            return model.generate(**inputs, **kw)
+
+    def timed(self, model, inputs, path: str, new_tokens: int) -> float:
+        device = next(model.parameters()).device
+        sync(device)
+        start = time.perf_counter()
+        self.generate(model, inputs, path, new_tokens)
+        sync(device)
+        return 1e3 * (time.perf_counter() - start)
+
+    def measure(self, section: dict, model, inputs, path: str, label: str, spec: str) -> None:
+        row = {"path": path, "method": label, "spec": spec}
+        section["rows"].append(row)
+        log(f"  {path:10s} {label or 'base':14s}", end="")
+        device = next(model.parameters()).device
+        try:
+            if path in ("fast", "dynamic"):
+                ve.wrap(model, spec, fast=path == "fast")
+            n = self.args.new_tokens
+            start = time.perf_counter()
+            self.timed(model, inputs, path, n)
+            if path == "hf-static":
+                self.timed(model, inputs, path, 1)  # the prefill length compiles separately
+            row["warmup_s"] = round(time.perf_counter() - start, 2)
+            prefill, total = [], []
+            for _ in range(self.args.repeats):
+                prefill.append(self.timed(model, inputs, path, 1))
+                total.append(self.timed(model, inputs, path, n))
+            row["prefill_ms"] = statistics.median(prefill)
+            row["total_ms"] = statistics.median(total)
+            row["decode_ms_per_token"] = (row["total_ms"] - row["prefill_ms"]) / (n - 1)
+            row["rounds"] = {"prefill_ms": prefill, "total_ms": total}
+            if ve.is_wrapped(model):
+                row["kv_cache_mib"] = ve.stats(model).kv_cache_bytes / 2**20
+            fast_path = ve.engine_of(model).fast_path if ve.is_wrapped(model) else None
+            if fast_path is not None:
+                row["graph"] = fast_path.last_step is not None and fast_path.last_step.graph is not None
+                row["capture_error"] = fast_path.capture_error
+            if device.type == "cuda":
+                row["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+            log(f" prefill {row['prefill_ms']:8.1f} ms  decode {row['decode_ms_per_token']:7.2f} ms/token  "
+                f"warm-up {row['warmup_s']} s")  # fmt: skip
+        except Exception as error:  # noqa: BLE001 - every configuration reports its own failure
+            row["error"] = f"{type(error).__name__}: {error}"[:500]
+            self.result["errors"].append({"where": f"{section['name']} {path} {label}", "trace": traceback.format_exc()})
+            log(f" FAILED {row['error'][:200]}")
+        finally:
+            if ve.is_wrapped(model):
+                ve.unwrap(model)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats(device)
+            self.write()
+
+    def check(self, section: dict, model, inputs, label: str, spec: str) -> None:
+        """Fast-path greedy tokens against the dynamic path (the unwrapped model for the base), and on CUDA the graph
+        replay against the same step run eagerly."""
+        row = {"method": label or "base", "spec": spec}
+        section["checks"].append(row)
+        kw = dict(output_logits=True, return_dict_in_generate=True)
+        try:
+            if spec:
+                ve.wrap(model, spec)
+            dynamic = self.generate(model, inputs, "dynamic", CHECK_TOKENS, **kw)
+            if spec:
+                ve.unwrap(model)
+            ve.wrap(model, spec, fast=True)
+            fast = self.generate(model, inputs, "fast", CHECK_TOKENS, **kw)
+            prompt = inputs["input_ids"].shape[1]
+            differ = (fast.sequences[:, prompt:] != dynamic.sequences[:, prompt:]).any(0).nonzero().flatten()
+            row["tokens_equal"] = differ.numel() == 0
+            row["first_mismatch_step"] = int(differ[0]) if differ.numel() else None
+            row["first_step_max_logit_diff"] = float((fast.logits[1] - dynamic.logits[1]).abs().max())
+            if next(model.parameters()).device.type == "cuda":
+                fast_path = ve.engine_of(model).fast_path
+                fast_path.use_graph = False
+                eager = self.generate(model, inputs, "fast", CHECK_TOKENS, **kw)
+                fast_path.use_graph = True
+                row["graph_equals_eager_tokens"] = bool(torch.equal(eager.sequences, fast.sequences))
+                row["graph_vs_eager_max_logit_diff"] = max(
+                    float((a - b).abs().max()) for a, b in zip(eager.logits, fast.logits))  # fmt: skip
+            log(f"  check {label or 'base':14s} {row}")
+        except Exception as error:  # noqa: BLE001
+            row["error"] = f"{type(error).__name__}: {error}"[:500]
+            self.result["errors"].append({"where": f"{section['name']} check {label}", "trace": traceback.format_exc()})
+            log(f"  check {label or 'base'} FAILED {row['error'][:200]}")
+        finally:
+            if ve.is_wrapped(model):
+                ve.unwrap(model)
+            self.write()
+
+    def family_checks(self) -> None:
+        """The tiny models of every family on this device (CUDA: through the graphs), a left-padded batch of one and
+        two images: fast-path tokens and logits against the dynamic path, and graph replay against eager replay."""
+        from vlm_efficient.testing import FAMILIES, image_placeholder, tiny_batch, tiny_image, tiny_model
+
+        device = torch.device("cuda" if torch.cuda.is_available() and not self.args.tiny else "cpu")
+        checks = self.result["family_checks"] = []
+        kw = dict(max_new_tokens=CHECK_TOKENS, do_sample=False, output_logits=True, return_dict_in_generate=True)
+        for family in FAMILIES:
+            model, processor = tiny_model(family)
+            model.to(device)
+            ph = image_placeholder(processor)
+            batch = tiny_batch(processor, [(f"what is {ph} this", [tiny_image(0)]),
+                                           (f"a longer prompt with {ph} and {ph} here", [tiny_image(1), tiny_image(2)])])
+            batch = batch.to(device)
+            for spec in ("", *(METHODS[label] for label in FAMILY_CHECKS)):
+                row = {"family": family, "spec": spec}
+                checks.append(row)
+                try:
+                    with torch.no_grad():
+                        if spec:
+                            ve.wrap(model, spec)
+                        dynamic = model.generate(**batch, **kw)
+                        if spec:
+                            ve.unwrap(model)
+                        ve.wrap(model, spec, fast=True)
+                        fast = model.generate(**batch, **kw)
+                        ve.engine_of(model).fast_path.use_graph = False
+                        eager = model.generate(**batch, **kw)
+                    row["tokens_equal"] = bool(torch.equal(fast.sequences, dynamic.sequences))
+                    row["max_logit_diff"] = max(float((a - b).abs().max()) for a, b in zip(fast.logits, dynamic.logits))
+                    row["graph_equals_eager"] = bool(torch.equal(torch.stack(fast.logits), torch.stack(eager.logits)))
+                except Exception as error:  # noqa: BLE001
+                    row["error"] = f"{type(error).__name__}: {error}"[:500]
+                    self.result["errors"].append({"where": f"family check {family} {spec}",
+                                                  "trace": traceback.format_exc()})  # fmt: skip
+                finally:
+                    if ve.is_wrapped(model):
+                        ve.unwrap(model)
+                log(f"  family check {row}")
+        self.write()
+
+    def section(self, arch: str, batch_size: int, methods: list[str], full: bool) -> None:
+        name = f"{arch} batch {batch_size}"
+        section = {"name": name, "arch": arch, "batch_size": batch_size, "rows": [], "checks": []}
+        self.result["sections"].append(section)
+        log(f"== {name} ({self.left():.0f} s left)")
+        start = time.perf_counter()
+        model, inputs = self.build(arch, batch_size)
+        device = next(model.parameters()).device
+        section["build_s"] = round(time.perf_counter() - start, 1)
+        section["prompt_tokens"] = int(inputs["input_ids"].shape[1])
+        section["lm_weight_bytes"] = lm_weight_bytes(model)
+        if "copy_bandwidth" not in self.result:
+            self.result["copy_bandwidth"] = copy_bandwidth(device, 2**30 if device.type == "cuda" else 2**24)
+        section["hbm_limit_ms"] = 1e3 * section["lm_weight_bytes"] / self.result["copy_bandwidth"]
+        self.write()
+        configs = [("hf-dynamic", "", ""), ("fast", "", "")]
+        configs += [("fast", label, METHODS[label]) for label in methods]
+        configs += [("dynamic", label, METHODS[label]) for label in methods]
+        for path, label, spec in configs:
+            if self.left() < 15:
+                section["skipped"] = "budget spent"
+                break
+            self.measure(section, model, inputs, path, label, spec)
+        if full:
+            for label, spec in [("", ""), *[(label, METHODS[label]) for label in methods]]:
+                if self.left() > 20:
+                    self.check(section, model, inputs, label, spec)
+            if self.left() > (30 if self.args.tiny else 150):
+                self.measure(section, model, inputs, "hf-static", "", "")
+            else:
+                section["hf_static"] = "skipped: budget"
+        self.write()
+
+    def run(self) -> dict:
+        try:
+            self.family_checks()
+        except Exception:  # noqa: BLE001
+            self.result["errors"].append({"where": "family checks", "trace": traceback.format_exc()})
+        needed = 20 if self.args.tiny else 120  # seconds a section needs to be worth starting
+        for arch, batch_size, methods, full in SECTIONS[: self.args.sections]:
+            if self.left() < needed and self.result["sections"]:
+                self.result.setdefault("skipped_sections", []).append(f"{arch} batch {batch_size}")
+                continue
+            try:
+                self.section(arch, batch_size, methods, full)
+            except Exception:  # noqa: BLE001 - a section that fails to build leaves the others
+                self.result["errors"].append({"where": f"{arch} batch {batch_size}", "trace": traceback.format_exc()})
+                log(traceback.format_exc())
+        self.write()
+        return self.result
+
+
+def _fmt(value, spec: str = ".1f") -> str:
+    return "" if value is None else format(value, spec)
+
+
+def format_markdown(result: dict) -> str:
+    bandwidth = result.get("copy_bandwidth")
+    lines = [
+        f"# Fast path benchmark ({result['device']}, torch {result['torch']}, transformers {result['transformers']})",
+        "",
+        f"Copy bandwidth {(bandwidth or 0) / 1e12:.2f} TB/s. Timings: median of {result['repeats']} rounds, host "
+        f"time included (synchronize around each generate() call); decode = (generate {result['new_tokens']} tokens "
+        "- generate 1 token) / (tokens - 1); prefill = generate 1 token. Ratios against the fast-path base and the "
+        "HF dynamic base of the same section.",
+    ]
+    for section in result["sections"]:
+        rows = section["rows"]
+        by = {(r["path"], r["method"]): r for r in rows if "error" not in r}
+        fast_base, hf_base = by.get(("fast", "")), by.get(("hf-dynamic", ""))
+        limit = section.get("hbm_limit_ms")
+        lines += ["", f"## {section['name']} ({section.get('prompt_tokens')} prompt tokens, HBM limit "
+                      f"{_fmt(limit, '.2f')} ms/token, LM weights {section.get('lm_weight_bytes', 0) / 1e9:.2f} GB)",
+                  "", "| path | method | prefill ms | prefill speed-up vs fast base | decode ms/token | x HBM limit | "
+                      "decode vs fast base | decode vs HF dynamic | KV MiB | warm-up s | error (or graph capture error) |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for r in rows:
+            decode, prefill = r.get("decode_ms_per_token"), r.get("prefill_ms")
+
+            def ratio(base, key, inverse=False):
+                if base is None or r.get(key) is None or not base.get(key):
+                    return ""
+                value = base[key] / r[key] if inverse else r[key] / base[key]
+                return f"{value:.2f}x"
+
+            lines.append(
+                f"| {r['path']} | {r['method'] or 'base'} | {_fmt(prefill)} | {ratio(fast_base, 'prefill_ms', True)} | "
+                f"{_fmt(decode, '.2f')} | {_fmt(decode / limit if decode and limit else None, '.2f')} | "
+                f"{ratio(fast_base, 'decode_ms_per_token')} | {ratio(hf_base, 'decode_ms_per_token')} | "
+                f"{_fmt(r.get('kv_cache_mib'))} | {_fmt(r.get('warmup_s'))} | "
+                f"{(r.get('error') or r.get('capture_error') or '')[:120]} |"
+            )
+        if section["checks"]:
+            lines += ["", "Checks (fast path vs dynamic path, greedy, 8 tokens; graph replay vs the same step eager):", "",
+                      "| method | tokens equal | first mismatch step | first decode step max logit diff | "
+                      "graph = eager tokens | graph vs eager max logit diff | error |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+            for c in section["checks"]:
+                lines.append(
+                    f"| {c['method']} | {c.get('tokens_equal', '')} | {_fmt(c.get('first_mismatch_step'), 'd')} | "
+                    f"{_fmt(c.get('first_step_max_logit_diff'), '.3g')} | {c.get('graph_equals_eager_tokens', '')} | "
+                    f"{_fmt(c.get('graph_vs_eager_max_logit_diff'), '.3g')} | {c.get('error', '')[:120]} |"
+                )
+    if result.get("family_checks"):
+        lines += ["", "Tiny models of every family, left-padded batch of one and two images, 8 tokens (fast path vs "
+                      "dynamic path; graph replay vs eager replay of the same step):", "",
+                  "| family | method | tokens equal | max logit diff | graph = eager | error |", "|---|---|---|---|---|---|"]
+        for c in result["family_checks"]:
+            lines.append(f"| {c['family']} | {c['spec'] or 'base'} | {c.get('tokens_equal', '')} | "
+                         f"{_fmt(c.get('max_logit_diff'), '.3g')} | {c.get('graph_equals_eager', '')} | "
+                         f"{c.get('error', '')[:120]} |")  # fmt: skip
+    if result.get("skipped_sections"):
+        lines += ["", f"Skipped (budget): {', '.join(result['skipped_sections'])}"]
+    lines += ["", f"{len(result['errors'])} errors (traces in fast_bench.json); elapsed {result.get('elapsed_s')} s", ""]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True, help="folder for fast_bench.json and fast_bench.md")
+    parser.add_argument("--tiny", action="store_true", help="tiny models on the CPU (a smoke run)")
+    parser.add_argument("--budget", type=float, default=480, help="seconds; sections start only while it lasts")
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--sections", type=int, default=len(SECTIONS), help="run only the first N sections")
+    args = parser.parse_args(argv)
+    if args.new_tokens < 2 or args.repeats < 1:
+        parser.error("--new-tokens must be >= 2 and --repeats >= 1")
+    if not args.tiny and not torch.cuda.is_available():
+        parser.error("no CUDA device: pass --tiny for the CPU smoke run")
+    result = Bench(args).run()
+    log((Path(args.out) / "fast_bench.md").read_text())
+    return 1 if not result["sections"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

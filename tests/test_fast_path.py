@@ -1,0 +1,215 @@
+"""The fast path (wrap(..., fast=True)): the same tokens and logits as the dynamic path on every family, its refusals,
+its buffers, unwrap. On CPU the static step runs eagerly; the CUDA graph of the same step is checked by
+evals/fast_bench.py on a GPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import vlm_efficient as ve
+from test_engine import two_samples
+from vlm_efficient.fast_path import BUCKET
+from vlm_efficient.testing import FAMILIES, image_placeholder, tiny_batch, tiny_image, tiny_model
+
+NEW_TOKENS = 6
+PRUNING = ["", "fastv:layer=2,ratio=0.5", "pdrop:layers=1/3,ratio=0.5", "dart:layer=2,ratio=0.75", "visionzip:ratio=0.75"]
+
+
+def generate(model, batch, **kw):
+    kw = {"do_sample": False, "max_new_tokens": NEW_TOKENS, "output_logits": True, "return_dict_in_generate": True,
+          **kw}  # fmt: skip
+    with torch.no_grad():
+        return model.generate(**batch, **kw)
+
+
+def dynamic_then_fast(model, batch, spec, **kw):
+    """The same generate() on the dynamic path (the unwrapped model for spec "") and on the fast path."""
+    if spec:
+        ve.wrap(model, spec)
+    if kw.get("do_sample"):
+        torch.manual_seed(0)
+    dynamic = generate(model, batch, **kw)
+    if spec:
+        ve.unwrap(model)
+    ve.wrap(model, spec, fast=True)
+    if kw.get("do_sample"):
+        torch.manual_seed(0)
+    fast = generate(model, batch, **kw)
+    return dynamic, fast
+
+
+def assert_same(dynamic, fast):
+    assert torch.equal(fast.sequences, dynamic.sequences)
+    assert len(fast.logits) == len(dynamic.logits)
+    # the prefill is the same call on both paths; decoding steps differ only in the reduction order of SDPA
+    assert torch.equal(fast.logits[0], dynamic.logits[0])
+    torch.testing.assert_close(torch.stack(fast.logits, 1), torch.stack(dynamic.logits, 1), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("spec", PRUNING)
+def test_fast_path_equals_dynamic_path(family, spec):
+    """Left-padded ragged batch, one image in one sample and two in the other: samples keep different numbers of
+    keys, so the static buffers hold slot padding and left padding behind the masks."""
+    model, processor = tiny_model(family)
+    dynamic, fast = dynamic_then_fast(model, two_samples(processor), spec)
+    assert_same(dynamic, fast)
+    stats = ve.stats(model)
+    assert stats.decode_steps == NEW_TOKENS - 1
+    ve.unwrap(model)
+
+
+def test_sampling_equals_dynamic_path():
+    model, processor = tiny_model("qwen2_vl")
+    dynamic, fast = dynamic_then_fast(model, two_samples(processor), "fastv:layer=2,ratio=0.5", do_sample=True,
+                                      top_k=0)  # fmt: skip
+    assert_same(dynamic, fast)
+
+
+def test_stopping_on_eos_equals_dynamic_path():
+    """One sample meets eos early (the other goes on, padded), then both do (generation stops early)."""
+    model, processor = tiny_model("llava")
+    batch = two_samples(processor)
+    spec = "fastv:layer=2,ratio=0.5"
+    ve.wrap(model, spec)
+    reference = generate(model, batch).sequences
+    ve.unwrap(model)
+    prompt = batch["input_ids"].shape[1]
+    first_stop = int(reference[0, prompt + 1])
+    for eos in ([first_stop], [first_stop, int(reference[1, prompt + 2])]):
+        dynamic, fast = dynamic_then_fast(model, batch, spec, eos_token_id=eos,
+                                          pad_token_id=processor.tokenizer.pad_token_id)  # fmt: skip
+        assert_same(dynamic, fast)
+        assert (dynamic.sequences.shape[1] < prompt + NEW_TOKENS) == (len(eos) == 2)
+        ve.unwrap(model)
+
+
+def test_buffers_are_reused_and_reloaded_between_calls():
+    """A second call of the same shapes reuses the first call's static step (on CUDA: its graph); what the first
+    call left in the buffers must not leak into the second."""
+    model, processor = tiny_model("llava_next")
+    ph = image_placeholder(processor)
+    other = tiny_batch(processor, [(f"what is {ph} this", [tiny_image(5)]),
+                                   (f"a much longer prompt with {ph} and then {ph} compare them",
+                                    [tiny_image(6), tiny_image(7)])])  # fmt: skip
+    spec = "fastv:layer=2,ratio=0.5"
+    ve.wrap(model, spec)
+    expected = generate(model, other)
+    ve.unwrap(model)
+    ve.wrap(model, spec, fast=True)
+    generate(model, two_samples(processor))
+    fast_path = ve.engine_of(model).fast_path
+    first = fast_path.last_step
+    second = generate(model, other)
+    assert fast_path.last_step is first and len(fast_path.steps) == 1
+    assert_same(expected, second)
+
+
+def test_stats_report_the_allocated_buffers():
+    model, processor = tiny_model("qwen2_5_vl")
+    batch = two_samples(processor)
+    ve.wrap(model, "fastv:layer=2,ratio=0.5", fast=True)
+    generate(model, batch)
+    stats = ve.stats(model)
+    step = ve.engine_of(model).fast_path.last_step
+    allocated = [k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in zip(step.keys, step.values)]
+    assert stats.kv_cache_bytes_per_layer == allocated
+    # each layer: its kept prompt keys (slot padding included) plus the new ones, rounded up to the bucket
+    config = model.config.get_text_config()
+    run = ve.engine_of(model).run
+    for idx, size in enumerate(allocated):
+        kept = run.layer_positions[idx].shape[1] if run.layer_positions[idx] is not None else run.prompt_length
+        length = -(-(kept + NEW_TOKENS - 1) // BUCKET) * BUCKET
+        assert size == 2 * batch["input_ids"].shape[0] * config.num_key_value_heads * length * 16 * 4
+    assert allocated[2] <= allocated[1]
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+@pytest.mark.parametrize("spec", ["pai", "vaf", "act", "adaptvis", "var:tau=1,sink_dims=0/1/2/3", "fastv+vaf"])
+def test_decoding_edits_equal_dynamic_path(family, spec):
+    """Head methods whose decoding edit stays the same at every step: the edits are made once over the whole static
+    buffer and run inside the step (the dense edited attention in the edited layers)."""
+    model, processor = tiny_model(family)
+    dynamic, fast = dynamic_then_fast(model, two_samples(processor), spec)
+    assert ve.engine_of(model).fast_path.last_step.edits  # the edited attention really ran
+    assert_same(dynamic, fast)
+    ve.unwrap(model)
+
+
+@pytest.mark.parametrize("spec, why", [
+    ("vhr", "scales head outputs"),  # the o_proj input, through a hook the step does not run
+    ("gift", "no form that stays the same"),  # edits recomputed at every step
+    ("avl", "no form that stays the same"),
+    ("equal_distance", "no form that stays the same"),  # pre-rotary logits
+])  # fmt: skip
+def test_other_decoding_edits_are_refused_naming_the_dynamic_path(spec, why):
+    model, processor = tiny_model("llava")
+    ve.wrap(model, spec, fast=True)
+    with pytest.raises(ValueError, match=f"{why}.*dynamic path"):
+        generate(model, two_samples(processor))
+    ve.unwrap(model)
+
+
+def test_sliding_window_layers_are_refused_at_wrap():
+    model, _ = tiny_model("qwen2_vl")
+    model.config.get_text_config().layer_types = ["full_attention", "sliding_attention"] * 2
+    with pytest.raises(ValueError, match="sliding_attention.*dynamic path"):
+        ve.wrap(model, "fastv", fast=True)
+    assert not ve.is_wrapped(model)
+
+
+def test_per_head_cache_is_refused_at_wrap():
+    model, _ = tiny_model("llava")
+    with pytest.raises(ValueError, match="plphp.*dynamic path"):
+        ve.wrap(model, "plphp", fast=True)
+    assert not ve.is_wrapped(model) and "generate" not in vars(model)
+    assert not any(layer._forward_pre_hooks for layer in model.model.language_model.layers)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"num_beams": 2}, "greedily or by sampling"),
+    ({"cache_implementation": "static"}, "own static cache"),
+    ({"streamer": object()}, "takes no streamer"),
+    ({"output_attentions": True, "return_dict_in_generate": True}, "no attentions"),
+])  # fmt: skip
+def test_unsupported_generate_options_are_refused(kwargs, message):
+    model, processor = tiny_model("llava")
+    ve.wrap(model, "fastv", fast=True)
+    with pytest.raises(ValueError, match=message):
+        model.generate(**two_samples(processor), max_new_tokens=2, **kwargs)
+    ve.unwrap(model)
+
+
+def test_unwrap_restores_generate():
+    model, processor = tiny_model("qwen3_vl")
+    batch = two_samples(processor)
+    reference = generate(model, batch).sequences
+    ve.wrap(model, "fastv:layer=2,ratio=0.5", fast=True)
+    assert "generate" in vars(model)
+    ve.unwrap(model)
+    assert "generate" not in vars(model)
+    assert not any(layer._forward_pre_hooks for layer in model.model.language_model.layers)
+    assert not model.model.language_model.rotary_emb._forward_pre_hooks
+    assert torch.equal(generate(model, batch).sequences, reference)
+
+
+def test_fast_bench_runs_on_the_tiny_models(tmp_path):
+    """The GPU benchmark script's CPU smoke run: every configuration of its first section runs, and its checks find
+    the fast path's tokens equal to the dynamic path's."""
+    import json
+
+    from vlm_efficient.evals import fast_bench
+
+    assert fast_bench.main(["--tiny", "--out", str(tmp_path), "--new-tokens", "3", "--repeats", "1",
+                            "--sections", "1"]) == 0  # fmt: skip
+    result = json.loads((tmp_path / "fast_bench.json").read_text())
+    assert result["errors"] == []
+    (section,) = result["sections"]
+    paths = {(row["path"], row["method"]) for row in section["rows"]}
+    assert {("hf-dynamic", ""), ("fast", ""), ("hf-static", ""), ("fast", "FastV 75%"), ("dynamic", "DART 75%")} <= paths
+    assert all(row["decode_ms_per_token"] is not None for row in section["rows"])
+    assert [check["tokens_equal"] for check in section["checks"]] == [True] * (1 + len(fast_bench.METHODS))
+    assert "| fast | FastV 50% |" in (tmp_path / "fast_bench.md").read_text()
+    assert len(result["family_checks"]) == (1 + len(fast_bench.FAMILY_CHECKS)) * len(FAMILIES)
+    assert all(check["tokens_equal"] and check["graph_equals_eager"] for check in result["family_checks"])

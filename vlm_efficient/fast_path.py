@@ -1,0 +1,505 @@
+"""The fast decoding path: plan once after the prefill, then decode on static buffers (one CUDA graph on CUDA).
+
+    model = vlm_efficient.wrap(model, "fastv:layer=2,ratio=0.5", fast=True)   # or wrap(model, "", fast=True)
+    model.generate(**inputs, max_new_tokens=32)   # the dynamic path's greedy tokens
+
+One generate() call:
+- the prefill runs exactly as on the dynamic path, through the wrapped model: every pruning decision is made there
+  and the kept keys land in the model's DynamicCache;
+- the plan: each layer's kept prompt keys and values are copied into static buffers [B, Hkv, kept + new tokens
+  (rounded up to BUCKET), d]; samples that keep different numbers of keys are padded and masked. Layers that cache
+  the same prompt keys share one boolean mask and one device-side write index; a device-side offset continues each
+  sample's positions from its last prompt token (pruned tokens keep their original positions);
+- a decoding step embeds the last token, runs the decoder layers directly (no text-model forward, so no mask building
+  and no engine routing: it runs inside Engine.plain()), SDPA over the static buffers with the masks, the final norm
+  and the LM head, and advances the write indices and the offset on the device. It makes no decision that depends on
+  the step and reads nothing back to the host. On CUDA the step is captured once per (batch size, buffer sizes) in a
+  torch.cuda.CUDAGraph and replayed per token; on CPU the same step runs eagerly;
+- between steps the logits processors, greedy or sampled choice and the stopping criteria run as in generate(). On
+  CUDA the "all finished" flag is read one step late, so the host never waits for the step it just launched.
+
+Decoding edits (head methods): after the prefill every method that may edit attention is asked, layer by layer, as at
+the first decoding step. Where it edits and declares a decoding form that stays the same at every step (a structured
+Method.kernel_edit, which the engine too reuses at every step), its AttentionEdit is made once over the whole static
+buffer (prompt keys, then the generated slots) and the edited layers run the dense edited attention inside the step
+(PAI's attention edit, VAF, VAR, ACT, AdaptVis, PAINT). Such a step holds this call's edit tensors and functions, so
+it is captured for the call and not kept.
+
+Refused, with a pointer to the dynamic path: at wrap, methods that cache per head (PLPHP), sliding-window layers, a
+model spread over devices; at generate, beams and other decoding modes, a cache passed in or cache_implementation,
+streamers and assistant models, attentions or hidden states in the output; after the prefill, decoding edits with no
+step-invariant form or on pre-rotary logits (GIFT, A-VL, YOPO, Vista-LLaMA, VAR's code variant) and head-output
+scales (VHR). Methods' observe_hidden is not called while decoding.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import inspect
+import warnings
+import weakref
+
+import torch
+from transformers import AttentionInterface
+from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.generation.utils import GenerateDecoderOnlyOutput, GenerationMixin, GenerationMode
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from .adapters import CACHE_KWARGS, cache_kwarg, kv_cache
+from .attention import edited_attention
+from .method import UNSTRUCTURED, AttentionContext, Method, edits_attention
+
+BUCKET = 64  # buffer lengths round up to this: calls whose prompts keep similar numbers of keys share one graph
+MAX_GRAPHS = 4  # captured steps (graphs and their buffers) kept per model; the least recently used is dropped
+DYNAMIC_PATH = "use the dynamic path: vlm_efficient.wrap(model, spec) without fast=True"
+
+
+ATTENTION_NAME = "vlm_efficient_fast"  # the attention implementation while a step with decoding edits is recorded
+# attention module -> the AttentionEdits of its layer, while a step with decoding edits is recorded or run eagerly
+_DECODE_EDITS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _step_attention(module, query, key, value, attention_mask, **kwargs):
+    """SDPA, or the dense edited attention where the step's plan gives this layer decoding edits."""
+    edits = _DECODE_EDITS.get(module)
+    if not edits:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
+    return edited_attention(query, key, value, attention_mask, scaling, edits), None
+
+
+AttentionInterface.register(ATTENTION_NAME, _step_attention)
+AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
+
+
+def supported() -> bool:
+    """Whether the installed transformers lets generate() take a decoding loop (`custom_generate=<callable>`)."""
+    return "custom_generate" in inspect.signature(GenerationMixin.generate).parameters
+
+
+class StaticKVLayer(CacheLayerMixin):
+    """One layer's static buffers [B, Hkv, capacity, d]. update() writes the step's key and value at the device-side
+    index of the layer's key set and returns the whole buffers; the step's mask hides the slots not written yet."""
+
+    is_compileable = True
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, write_index: torch.Tensor):
+        super().__init__()
+        self.keys, self.values, self.write_index = keys, values, write_index
+        self.is_initialized = True
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        pass
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        self.keys.index_copy_(2, self.write_index, key_states)
+        self.values.index_copy_(2, self.write_index, value_states)
+        return self.keys, self.values
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.keys.shape[2], 0
+
+    def get_seq_length(self) -> int:
+        return self.keys.shape[2]
+
+    def get_max_length(self) -> int:
+        return self.keys.shape[2]
+
+
+class StaticStep:
+    """The buffers and the decoding step of one (batch size, buffer sizes) combination, and on CUDA its graph."""
+
+    def __init__(self, parts: dict, batch: int, capacities: list[int], group_of: list[int], kv_shape, dtype,
+                 device, rotary_shape, layer_position_shape):  # fmt: skip
+        self.parts, self.group_of = parts, group_of
+        kv_heads, head_dim = kv_shape
+        new = dict(device=device)
+        self.keys = [torch.zeros(batch, kv_heads, c, head_dim, dtype=dtype, **new) for c in capacities]
+        self.values = [torch.zeros_like(k) for k in self.keys]
+        group_capacity = [capacities[group_of.index(g)] for g in range(max(group_of) + 1)]
+        self.masks = [torch.zeros(batch, 1, 1, c, dtype=torch.bool, **new) for c in group_capacity]
+        self.write_index = [torch.zeros(1, dtype=torch.long, **new) for _ in group_capacity]
+        self.offset = torch.zeros(1, dtype=torch.long, **new)  # positions of this step = last prompt ones + offset
+        self.tokens = torch.zeros(batch, 1, dtype=torch.long, **new)
+        self.last_rotary = torch.zeros(rotary_shape, dtype=torch.long, **new)
+        self.last_layer_position = None
+        if layer_position_shape is not None:
+            self.last_layer_position = torch.zeros(layer_position_shape, dtype=torch.long, **new)
+        self.logits = torch.zeros(batch, parts["vocab"], dtype=torch.float32, **new)
+        self.cache = Cache(layers=[StaticKVLayer(k, v, self.write_index[g])
+                                   for k, v, g in zip(self.keys, self.values, group_of)])  # fmt: skip
+        self.graph = None
+        self.edits: dict[int, list] = {}  # layer -> its decoding AttentionEdits over the whole buffer (set once)
+
+    def kv_bytes(self) -> list[int]:
+        return [k.nbytes + v.nbytes for k, v in zip(self.keys, self.values)]
+
+    def step(self) -> None:
+        """One decoding step on the buffers: the same calls every time, no host read."""
+        parts = self.parts
+        for mask, index in zip(self.masks, self.write_index):
+            mask.index_fill_(3, index, True)  # the step's own key joins the keys it attends to
+        hidden = parts["embed"](self.tokens)
+        position_embeddings = parts["rotary"](hidden, self.last_rotary + self.offset)
+        positions = None if self.last_layer_position is None else self.last_layer_position + self.offset
+        cache = {parts["cache_name"]: self.cache}
+        with self._edited_attention():
+            for layer, group in zip(parts["layers"], self.group_of):
+                out = layer(hidden, attention_mask=self.masks[group], position_ids=positions,
+                            position_embeddings=position_embeddings, use_cache=True, **cache)  # fmt: skip
+                hidden = out[0] if isinstance(out, tuple) else out
+        self.logits.copy_(parts["lm_head"](parts["norm"](hidden[:, -1:]))[:, -1].float())
+        for index in self.write_index:
+            index.add_(1)
+        self.offset.add_(1)
+
+    @contextlib.contextmanager
+    def _edited_attention(self):
+        """Where the plan gave layers decoding edits: their attention calls run the dense edited attention with them
+        (the other layers stay on SDPA) while the step is recorded or run eagerly."""
+        if not self.edits:
+            yield
+            return
+        config, layers = self.parts["config"], self.parts["layers"]
+        saved = config._attn_implementation
+        config._attn_implementation = ATTENTION_NAME
+        for idx, edits in self.edits.items():
+            _DECODE_EDITS[layers[idx].self_attn] = edits
+        try:
+            yield
+        finally:
+            config._attn_implementation = saved
+            for idx in self.edits:
+                _DECODE_EDITS.pop(layers[idx].self_attn, None)
+
+    def capture(self) -> None:
+        """Record step() in a CUDA graph (after warm-up runs on a side stream, which cuBLAS and SDPA need before a
+        capture). The buffers' contents are loaded after this: warm-up and capture leave them undefined."""
+        device = self.logits.device
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self.step()
+        torch.cuda.current_stream(device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.step()
+        self.graph = graph
+
+    def load(self, prompt_kv: list, group_valid: list, last_rotary, last_layer_position) -> None:
+        """Fill the buffers for one call: the kept prompt keys and values, the masks (the valid kept keys), write
+        indices after each key set, and the last prompt positions."""
+        for keys, values, (k, v) in zip(self.keys, self.values, prompt_kv):
+            keys[:, :, : k.shape[2]].copy_(k)
+            values[:, :, : v.shape[2]].copy_(v)
+        for mask, index, valid in zip(self.masks, self.write_index, group_valid):
+            mask.zero_()
+            mask[:, 0, 0, : valid.shape[1]].copy_(valid)
+            index.fill_(valid.shape[1])
+        self.offset.fill_(1)
+        self.last_rotary.copy_(last_rotary)
+        if self.last_layer_position is not None:
+            self.last_layer_position.copy_(last_layer_position)
+
+    def run(self) -> None:
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            self.step()
+
+
+class FastPath:
+    """The fast path of one wrapped model: its generate(), the positions it records at prefill, its captured steps."""
+
+    def __init__(self, engine):
+        if not supported():
+            raise RuntimeError(
+                "fast=True needs a transformers whose generate() takes custom_generate=<callable> (5.17 and later); "
+                f"this one does not: {DYNAMIC_PATH}"
+            )
+        per_head = [m.name for m in engine.methods if type(m).decode_cache_keep is not Method.decode_cache_keep]
+        if per_head:
+            raise ValueError(
+                f"{', '.join(per_head)}: a per-head KV cache decodes with its own kernel, which the fast path does not "
+                f"run; {DYNAMIC_PATH}"
+            )
+        model = engine.model
+        layer_types = set(getattr(engine.text_config, "layer_types", None) or ["full_attention"])
+        if layer_types != {"full_attention"}:
+            raise ValueError(f"the fast path runs full attention in every layer; this model has {sorted(layer_types)} "
+                             f"layers: {DYNAMIC_PATH}")  # fmt: skip
+        if len({p.device for p in model.parameters()}) > 1:
+            raise ValueError(f"the fast path runs the model on one device; this one is spread over several: {DYNAMIC_PATH}")
+        if "generate" in vars(model):
+            raise ValueError("model.generate is already replaced on this instance (a hub custom_generate?); fast=True "
+                             f"installs its own: {DYNAMIC_PATH}")  # fmt: skip
+        self.engine, self.model = engine, model
+        text_model = engine.adapter.text_model(model)
+        self.parts = {
+            "embed": model.get_input_embeddings(), "lm_head": model.get_output_embeddings(),
+            "norm": text_model.norm, "rotary": text_model.rotary_emb, "layers": list(engine.layers),
+            "cache_name": cache_kwarg(engine.layers[0]), "vocab": model.get_output_embeddings().out_features,
+            "config": engine.text_config,
+        }  # fmt: skip
+        self.steps: collections.OrderedDict = collections.OrderedDict()
+        self.use_graph = True  # on CUDA; False replays the same step eagerly (to check the graph against it)
+        self.capture_error: str | None = None  # why the last failed capture failed (the step then runs eagerly)
+        self.last_step: StaticStep | None = None
+        self._recorded: dict = {}
+        self._recording = False
+        self._finished: list = [None, None]  # see _note_finished
+        self._pinned = None
+        engine.add_handle(text_model.rotary_emb.register_forward_pre_hook(self._record_rotary, with_kwargs=True))
+        engine.add_handle(engine.layers[0].register_forward_pre_hook(self._record_layer_position, with_kwargs=True))
+        model.generate = self.generate
+
+    def uninstall(self) -> None:
+        vars(self.model).pop("generate", None)
+        self.steps.clear()
+        self.last_step = None
+
+    # ---- positions seen at prefill ----------------------------------------------------------------------------
+    def _record_rotary(self, module, args, kwargs):
+        if self._recording:
+            positions = args[1] if len(args) > 1 else kwargs["position_ids"]
+            self._recorded["rotary"] = positions[..., -1:].clone()
+
+    def _record_layer_position(self, module, args, kwargs):
+        if self._recording:
+            positions = kwargs.get("position_ids")
+            self._recorded["layer"] = None if positions is None else positions[..., -1:].clone()
+
+    # ---- generate() ---------------------------------------------------------------------------------------------
+    def generate(self, *args, **kwargs):
+        """model.generate on the fast path: generate() prepares the inputs, decode() replaces its decoding loop."""
+        for name in ("custom_generate", "assistant_model", "streamer", *CACHE_KWARGS):
+            if kwargs.get(name) is not None:
+                raise ValueError(f"the fast path (fast=True) runs its own decoding loop and takes no {name}; "
+                                 f"{DYNAMIC_PATH}")  # fmt: skip
+        return type(self.model).generate(self.model, *args, custom_generate=self.decode, **kwargs)
+
+    @staticmethod
+    def _check_config(config, model_kwargs: dict) -> None:
+        mode = config.get_generation_mode()
+        if mode not in (GenerationMode.GREEDY_SEARCH, GenerationMode.SAMPLE):
+            raise ValueError(f"the fast path decodes greedily or by sampling, not by {mode.value}; {DYNAMIC_PATH}")
+        if config.cache_implementation is not None:
+            raise ValueError(f"the fast path keeps its own static cache: drop cache_implementation="
+                             f"{config.cache_implementation!r}, or {DYNAMIC_PATH}")  # fmt: skip
+        if not model_kwargs.get("use_cache", True):
+            raise ValueError(f"the fast path decodes from the prefill's KV cache: drop use_cache=False, or {DYNAMIC_PATH}")
+        if config.return_dict_in_generate and (config.output_attentions or config.output_hidden_states):
+            raise ValueError(f"the fast path returns no attentions or hidden states; {DYNAMIC_PATH}")
+
+    def decode(self, model, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus=False,
+               streamer=None, **model_kwargs):  # fmt: skip
+        """generate()'s decoding loop (its custom_generate): the prefill through the wrapped model, then the plan and
+        the static steps. The signature is generate()'s own loop's (GenerationMixin._sample): a parameter it lacks
+        would be taken out of generate()'s kwargs for this callable (synced_gpus and streamer never arrive: generate()
+        drops them for a callable, and generate() above refuses a streamer)."""
+        config = generation_config
+        self._check_config(config, model_kwargs)
+        self._recorded.clear()
+        self._recording = True
+        try:
+            outputs = model._prefill(input_ids, config, model_kwargs)
+        finally:
+            self._recording = False
+        keep_scores = config.return_dict_in_generate and config.output_scores
+        keep_logits = config.return_dict_in_generate and config.output_logits
+        history = {"scores": [] if keep_scores else None, "logits": [] if keep_logits else None}
+        has_eos = any(hasattr(criteria, "eos_token_id") for criteria in stopping_criteria)
+        pad = config._pad_token_tensor
+        pad = pad.to(input_ids.device) if pad is not None else None
+
+        def choose(logits, input_ids, unfinished):
+            scores = logits_processor(input_ids, logits)
+            if keep_scores:
+                history["scores"].append(scores)
+            if keep_logits:
+                history["logits"].append(logits)
+            if config.do_sample:
+                tokens = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+            else:
+                tokens = torch.argmax(scores, dim=-1)
+            if has_eos:
+                tokens = tokens * unfinished + pad * (1 - unfinished)
+            input_ids = torch.cat([input_ids, tokens[:, None]], dim=-1)
+            return input_ids, unfinished & ~stopping_criteria(input_ids, None)
+
+        unfinished = torch.ones(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
+        logits = outputs.logits[:, -1].to(copy=True, dtype=torch.float32, device=input_ids.device)
+        cache = kv_cache(outputs)
+        del outputs
+        input_ids, unfinished = choose(logits, input_ids, unfinished)
+        steps = config.max_length - input_ids.shape[1]
+        run = self.engine.run
+        prompt_mask = run.attention_mask_2d
+        done = 0
+        if steps > 0 and bool(unfinished.any()):
+            if cache is None:
+                raise RuntimeError("the prefill returned no KV cache to decode from")
+            step = self._plan(cache, steps, input_ids.device)
+            del cache
+            with self.engine.plain():
+                while done < steps:
+                    step.tokens.copy_(input_ids[:, -1:])
+                    step.run()
+                    # read one step late: whether every sample had finished with the token this step was fed (the
+                    # host does not wait for the step it just launched); if so this step's output is not used
+                    if done > 0 and self._all_finished(done):
+                        break
+                    done += 1
+                    input_ids, unfinished = choose(step.logits.clone(), input_ids, unfinished)
+                    self._note_finished(done, unfinished)
+            run.allocated_kv_bytes = step.kv_bytes()
+        # the engine's record of the call, as the dynamic path leaves it (stats)
+        run.decode_steps = done
+        run.prefill = done == 0
+        run.attention_mask_2d = torch.cat([prompt_mask, prompt_mask.new_ones(prompt_mask.shape[0], done)], dim=1)
+        run.fed = run.attention_mask_2d.shape[1] - 1 if done else prompt_mask.shape[1]
+        if not config.return_dict_in_generate:
+            return input_ids
+        as_tuple = {k: tuple(v) if v is not None else None for k, v in history.items()}
+        return GenerateDecoderOnlyOutput(sequences=input_ids, **as_tuple)
+
+    def _note_finished(self, step: int, unfinished: torch.Tensor) -> None:
+        """Record whether every sample has finished after decoding step `step` chose its token, without a host wait:
+        on CUDA a copy into pinned memory and an event (two slots: step s's flag is read while step s + 1 runs)."""
+        finished = unfinished.max() == 0
+        if finished.device.type != "cuda":
+            self._finished[step % 2] = finished
+            return
+        if self._pinned is None:
+            self._pinned = [(torch.cuda.Event(), torch.zeros((), dtype=torch.bool).pin_memory()) for _ in range(2)]
+        event, flag = self._pinned[step % 2]
+        flag.copy_(finished, non_blocking=True)
+        event.record()
+        self._finished[step % 2] = (event, flag)
+
+    def _all_finished(self, step: int) -> bool:
+        noted = self._finished[step % 2]
+        if isinstance(noted, tuple):
+            event, noted = noted
+            event.synchronize()
+        return bool(noted)
+
+    # ---- the plan ----------------------------------------------------------------------------------------------
+    def _plan(self, cache, steps: int, device) -> StaticStep:
+        """After the prefill: the methods' decoding edits, then the static step whose buffers hold each layer's kept
+        prompt keys plus `steps` new ones, loaded (and captured first where it is new). A step with decoding edits is
+        captured for this call only: the edits' tensors and functions belong to it."""
+        engine, run = self.engine, self.engine.run
+        if run is None or "rotary" not in self._recorded:
+            raise RuntimeError("the fast path saw no prefill through the wrapped model")
+        self._enter_decoding(run)
+        self._refuse_head_scales(run)
+        prompt_kv, prompt_keys, group_of, sets, group_valid = [], [], [], {}, []
+        for idx in range(engine.num_layers):
+            layer = cache.layers[idx]
+            keys_at = run.prompt_keys(idx, device)
+            if layer.keys.shape[2] != keys_at.shape[1]:
+                raise RuntimeError(f"layer {idx} cached {layer.keys.shape[2]} prompt keys, the engine recorded "
+                                   f"{keys_at.shape[1]}")  # fmt: skip
+            prompt_kv.append((layer.keys, layer.values))
+            prompt_keys.append(keys_at)
+            identity = id(run.layer_positions.get(idx))  # layers that cache the same prompt keys share a mask
+            if identity not in sets:
+                sets[identity] = len(sets)
+                group_valid.append(run.valid_keys(keys_at))
+            group_of.append(sets[identity])
+        capacities = [-(-(k.shape[1] + steps) // BUCKET) * BUCKET for k in prompt_keys]
+        edits = self._decode_edits(run, device, prompt_keys, capacities)
+        keys = prompt_kv[0][0]
+        layer_position = self._recorded.get("layer")
+        key = (keys.shape[0], tuple(capacities), tuple(group_of), keys.shape[1], keys.shape[3], keys.dtype, device,
+               tuple(self._recorded["rotary"].shape), None if layer_position is None else tuple(layer_position.shape),
+               self.use_graph)  # fmt: skip
+        step = None if edits else self.steps.pop(key, None)
+        if step is None:
+            while not edits and len(self.steps) >= MAX_GRAPHS:
+                self.steps.popitem(last=False)
+            with torch.inference_mode(False):  # plain tensors: later calls may run outside inference mode
+                step = StaticStep(self.parts, keys.shape[0], capacities, group_of, (keys.shape[1], keys.shape[3]),
+                                  keys.dtype, device, self._recorded["rotary"].shape,
+                                  None if layer_position is None else layer_position.shape)  # fmt: skip
+            step.edits = edits
+            if device.type == "cuda" and self.use_graph:
+                try:
+                    with engine.plain():
+                        step.capture()
+                except Exception as error:  # the same step still runs, eagerly: slower, said loudly
+                    self.capture_error = f"{type(error).__name__}: {error}"
+                    warnings.warn(f"fast path: capturing the decoding step in a CUDA graph failed ({self.capture_error}); "
+                                  "decoding runs the same step eagerly", RuntimeWarning, stacklevel=2)  # fmt: skip
+                    step.graph = None
+        if not edits:
+            self.steps[key] = step
+        self.last_step = step
+        step.load(prompt_kv, group_valid, self._recorded["rotary"], layer_position)
+        return step
+
+    @staticmethod
+    def _enter_decoding(run) -> None:
+        """The engine's state at the first decoding step (what Engine._on_model_call sets), for asking the methods
+        what they do while decoding."""
+        run.fed = run.attention_mask_2d.shape[1]
+        run.prefill = False
+        run.decode_steps = 1
+        run.rows = None
+        run.layer_kwargs_cache.clear()
+        mask = run.attention_mask_2d
+        run.attention_mask_2d = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+
+    def _decode_edits(self, run, device, prompt_keys: list, capacities: list) -> dict:
+        """{layer: [AttentionEdit]}: every method's edit of a decoding step's attention, asked once per layer over the
+        whole static buffer (the kept prompt keys, then the slots of the generated ones). Only edits that stay the
+        same at every step run here: the method gives a structured decoding form (Method.kernel_edit, which the
+        engine too reuses at every step), on rotated logits, adding no pairs. Others are refused."""
+        engine = self.engine
+        editing = [m for m in engine.methods if edits_attention(m)]
+        if not editing:
+            return {}
+        batch, heads = run.layout.batch_size, engine.text_config.num_attention_heads
+        queries = torch.full((batch, 1), run.fed, device=device)
+        found: dict[int, list] = {}
+        for idx, (kept, capacity) in enumerate(zip(prompt_keys, capacities)):
+            first_step = engine.attention_context(idx, torch.empty(batch, heads, 1, 0, device=device))
+            generated = torch.arange(run.prompt_length, run.prompt_length + capacity - kept.shape[1], device=device)
+            context = AttentionContext(queries, torch.cat([kept, generated.expand(batch, -1)], dim=1), False, heads)
+            for method in editing:
+                # asked first as at the first decoding step (what the dynamic path would ask), then, for an edit
+                # that stays the same at every step, over the whole buffer
+                if engine.method_edit(method, idx, first_step) is None:
+                    continue
+                why, edit = None, None
+                if method.kernel_edit(idx, run, False) is UNSTRUCTURED:
+                    why = "with no form that stays the same at every step (Method.kernel_edit)"
+                else:
+                    edit = engine.method_edit(method, idx, context)
+                    if edit is not None and (edit.unrotated is not None or edit.allow is not None):
+                        why = "on pre-rotary logits or by adding pairs"
+                if edit is None and why is None:
+                    continue
+                if why is not None:
+                    raise ValueError(
+                        f"{method.name} edits the attention of layer {idx} while decoding {why}; the fast path runs "
+                        f"only decoding edits that stay the same at every step. {DYNAMIC_PATH[0].upper()}"
+                        f"{DYNAMIC_PATH[1:]}."
+                    )
+                found.setdefault(idx, []).append(edit)
+        return found
+
+    def _refuse_head_scales(self, run) -> None:
+        """Head-output scales (VHR) act on the o_proj input through a hook that the fast step does not run."""
+        engine = self.engine
+        for method in (m for m in engine.methods if m.edits_head_outputs()):
+            for idx in range(engine.num_layers):
+                if method.head_output_scale(idx, run) is not None:
+                    raise ValueError(
+                        f"{method.name} scales head outputs of layer {idx} while decoding; the fast path runs the "
+                        f"layers unchanged. {DYNAMIC_PATH[0].upper()}{DYNAMIC_PATH[1:]}."
+                    )
