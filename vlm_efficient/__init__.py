@@ -87,9 +87,13 @@ class _CopyWrapped:
         model = self.model()
         engine = engine_of(model)
         memo[id(self)] = None  # the copy's own copier is set by wrap()
+        fast = engine.fast_path is not None
+        if fast:  # the fast path's generate() holds this model's graphs and buffers: the copy gets its own
+            memo[id(vars(model)["generate"])] = None
         copied = engine.copy_unwrapped(memo)
         copied.__dict__.pop("__deepcopy__", None)
-        return wrap(copied, [dataclasses.replace(method) for method in engine._methods])
+        copied.__dict__.pop("generate", None)
+        return wrap(copied, [dataclasses.replace(method) for method in engine._methods], fast=fast)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -37,6 +37,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import inspect
+import threading
 import warnings
 import weakref
 
@@ -245,6 +246,7 @@ class FastPath:
             "config": engine.text_config,
         }  # fmt: skip
         self.steps: collections.OrderedDict = collections.OrderedDict()
+        self._lock = threading.Lock()  # one static step and one set of buffers: concurrent calls take turns
         self.use_graph = True  # on CUDA; False replays the same step eagerly (to check the graph against it)
         self.capture_error: str | None = None  # why the last failed capture failed (the step then runs eagerly)
         self.last_step: StaticStep | None = None
@@ -279,7 +281,8 @@ class FastPath:
             if kwargs.get(name) is not None:
                 raise ValueError(f"the fast path (fast=True) runs its own decoding loop and takes no {name}; "
                                  f"{DYNAMIC_PATH}")  # fmt: skip
-        return type(self.model).generate(self.model, *args, custom_generate=self.decode, **kwargs)
+        with self._lock:
+            return type(self.model).generate(self.model, *args, custom_generate=self.decode, **kwargs)
 
     @staticmethod
     def _check_config(config, model_kwargs: dict) -> None:
