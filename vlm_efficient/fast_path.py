@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import inspect
 import warnings
 import weakref
@@ -56,6 +57,7 @@ MAX_GRAPHS = 4  # captured steps (graphs and their buffers) kept per model; the 
 DYNAMIC_PATH = "use the dynamic path: vlm_efficient.wrap(model, spec) without fast=True"
 
 
+EDIT_TENSORS = ("logit_scale", "logit_abs", "logit_bias", "mask", "rows")  # AttentionEdit fields a step can reload
 ATTENTION_NAME = "vlm_efficient_fast"  # the attention implementation while a step with decoding edits is recorded
 # attention module -> the AttentionEdits of its layer, while a step with decoding edits is recorded or run eagerly
 _DECODE_EDITS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -131,7 +133,27 @@ class StaticStep:
         self.cache = Cache(layers=[StaticKVLayer(k, v, self.write_index[g])
                                    for k, v, g in zip(self.keys, self.values, group_of)])  # fmt: skip
         self.graph = None
-        self.edits: dict[int, list] = {}  # layer -> its decoding AttentionEdits over the whole buffer (set once)
+        self.edits: dict[int, list] = {}  # layer -> its decoding AttentionEdits over the whole buffer (set_edits)
+
+    def set_edits(self, edits: dict, static: bool) -> None:
+        """The decoding edits the step runs: with `static`, edits of the same structure whose tensors are buffers of
+        this step, which load_edits fills at every call (the step is then kept across calls); else `edits` as given
+        (their functions hold this call's tensors: the step serves this call only)."""
+        if not static:
+            self.edits = edits
+            return
+        with torch.inference_mode(False):
+            self.edits = {idx: [dataclasses.replace(edit, **{name: torch.empty_like(getattr(edit, name))
+                                                             for name in EDIT_TENSORS if getattr(edit, name) is not None})
+                                for edit in layer_edits]
+                          for idx, layer_edits in edits.items()}  # fmt: skip
+
+    def load_edits(self, edits: dict) -> None:
+        for idx, layer_edits in edits.items():
+            for buffers, edit in zip(self.edits[idx], layer_edits):
+                for name in EDIT_TENSORS:
+                    if getattr(edit, name) is not None:
+                        getattr(buffers, name).copy_(getattr(edit, name))
 
     def kv_bytes(self) -> list[int]:
         return [k.nbytes + v.nbytes for k, v in zip(self.keys, self.values)]
@@ -390,8 +412,8 @@ class FastPath:
     # ---- the plan ----------------------------------------------------------------------------------------------
     def _plan(self, cache, steps: int, device) -> StaticStep:
         """After the prefill: the methods' decoding edits, then the static step whose buffers hold each layer's kept
-        prompt keys plus `steps` new ones, loaded (and captured first where it is new). A step with decoding edits is
-        captured for this call only: the edits' tensors and functions belong to it."""
+        prompt keys plus `steps` new ones, loaded (and captured first where it is new). A step whose decoding edits
+        include a post-softmax function is captured for this call only: the function holds this call's tensors."""
         engine, run = self.engine, self.engine.run
         if run is None or "rotary" not in self._recorded:
             raise RuntimeError("the fast path saw no prefill through the wrapped model")
@@ -413,20 +435,31 @@ class FastPath:
             group_of.append(sets[identity])
         capacities = [-(-(k.shape[1] + steps) // BUCKET) * BUCKET for k in prompt_keys]
         edits = self._decode_edits(run, device, prompt_keys, capacities)
+        # edits made of tensors only are reloaded into a kept step's buffers; a post-softmax function holds this
+        # call's tensors, so its step serves this call only
+        kept = all(edit.post_softmax is None and all(isinstance(getattr(edit, name), (torch.Tensor, type(None)))
+                                                     for name in EDIT_TENSORS)
+                   for layer_edits in edits.values() for edit in layer_edits)  # fmt: skip
+        structure = tuple((idx, tuple(tuple((name, tuple(getattr(edit, name).shape), getattr(edit, name).dtype)
+                                            for name in EDIT_TENSORS if getattr(edit, name) is not None)
+                                      for edit in layer_edits))
+                          for idx, layer_edits in sorted(edits.items())) if kept else None  # fmt: skip
         keys = prompt_kv[0][0]
         layer_position = self._recorded.get("layer")
         key = (keys.shape[0], tuple(capacities), tuple(group_of), keys.shape[1], keys.shape[3], keys.dtype, device,
                tuple(self._recorded["rotary"].shape), None if layer_position is None else tuple(layer_position.shape),
-               self.use_graph)  # fmt: skip
-        step = None if edits else self.steps.pop(key, None)
+               self.use_graph, structure)  # fmt: skip
+        step = self.steps.pop(key, None) if kept else None
         if step is None:
-            while not edits and len(self.steps) >= MAX_GRAPHS:
+            while kept and len(self.steps) >= MAX_GRAPHS:
                 self.steps.popitem(last=False)
             with torch.inference_mode(False):  # plain tensors: later calls may run outside inference mode
                 step = StaticStep(self.parts, keys.shape[0], capacities, group_of, (keys.shape[1], keys.shape[3]),
                                   keys.dtype, device, self._recorded["rotary"].shape,
                                   None if layer_position is None else layer_position.shape)  # fmt: skip
-            step.edits = edits
+            step.set_edits(edits, static=kept)
+            if kept:
+                step.load_edits(edits)
             if device.type == "cuda" and self.use_graph:
                 try:
                     with engine.plain():
@@ -436,7 +469,9 @@ class FastPath:
                     warnings.warn(f"fast path: capturing the decoding step in a CUDA graph failed ({self.capture_error}); "
                                   "decoding runs the same step eagerly", RuntimeWarning, stacklevel=2)  # fmt: skip
                     step.graph = None
-        if not edits:
+        elif edits:
+            step.load_edits(edits)
+        if kept:
             self.steps[key] = step
         self.last_step = step
         step.load(prompt_kv, group_valid, self._recorded["rotary"], layer_position)
