@@ -22,8 +22,8 @@ Decoding edits (head methods): after the prefill every method that may edit atte
 the first decoding step. Where it edits and declares a decoding form that stays the same at every step (a structured
 Method.kernel_edit, which the engine too reuses at every step), its AttentionEdit is made once over the whole static
 buffer (prompt keys, then the generated slots) and the edited layers run the dense edited attention inside the step
-(PAI's attention edit, VAF, VAR, ACT, AdaptVis, PAINT). Such a step holds this call's edit tensors and functions, so
-it is captured for the call and not kept.
+(PAI's attention edit, VAF, VAR, ACT, AdaptVis, PAINT). Edits made of tensors are copied into buffers of a kept step
+at each call; a step with post-softmax functions (VAR, ACT: they hold this call's tensors) serves its call only.
 
 Refused, with a pointer to the dynamic path: at wrap, methods that cache per head (PLPHP), sliding-window layers, a
 model spread over devices; at generate, beams and other decoding modes, a cache passed in or cache_implementation,
