@@ -15,8 +15,9 @@ One generate() call:
   and the LM head, and advances the write indices and the offset on the device. It makes no decision that depends on
   the step and reads nothing back to the host. On CUDA the step is captured once per (batch size, buffer sizes) in a
   torch.cuda.CUDAGraph and replayed per token; on CPU the same step runs eagerly;
-- between steps the logits processors, greedy or sampled choice and the stopping criteria run as in generate(). On
-  CUDA the "all finished" flag is read one step late, so the host never waits for the step it just launched.
+- between steps the logits processors, greedy or sampled choice and the stopping criteria run as in generate(). The
+  "all finished" flag is read one step late (on CUDA through pinned memory), so the host never waits for the step it
+  just launched.
 
 Decoding edits (head methods): after the prefill every method that may edit attention is asked, layer by layer, as at
 the first decoding step. Where it edits and declares a decoding form that stays the same at every step (a structured
@@ -55,8 +56,6 @@ from .method import UNSTRUCTURED, AttentionContext, Method, edits_attention
 BUCKET = 64  # buffer lengths round up to this: calls whose prompts keep similar numbers of keys share one graph
 MAX_GRAPHS = 4  # captured steps (graphs and their buffers) kept per model; the least recently used is dropped
 DYNAMIC_PATH = "use the dynamic path: vlm_efficient.wrap(model, spec) without fast=True"
-
-
 EDIT_TENSORS = ("logit_scale", "logit_abs", "logit_bias", "mask", "rows")  # AttentionEdit fields a step can reload
 ATTENTION_NAME = "vlm_efficient_fast"  # the attention implementation while a step with decoding edits is recorded
 # attention module -> the AttentionEdits of its layer, while a step with decoding edits is recorded or run eagerly
