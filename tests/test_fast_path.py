@@ -85,15 +85,15 @@ def test_stopping_on_eos_equals_dynamic_path():
         ve.unwrap(model)
 
 
-def test_buffers_are_reused_and_reloaded_between_calls():
-    """A second call of the same shapes reuses the first call's static step (on CUDA: its graph); what the first
-    call left in the buffers must not leak into the second."""
+@pytest.mark.parametrize("spec", ["fastv:layer=2,ratio=0.5", "vaf", "fastv+pai"])
+def test_buffers_are_reused_and_reloaded_between_calls(spec):
+    """A second call of the same shapes reuses the first call's static step (on CUDA: its graph); what the first call
+    left in the buffers (keys, masks, positions, edit tensors) must not leak into the second. The second batch has
+    its samples the other way round, so every per-sample value moves."""
     model, processor = tiny_model("llava_next")
     ph = image_placeholder(processor)
-    other = tiny_batch(processor, [(f"what is {ph} this", [tiny_image(5)]),
-                                   (f"a much longer prompt with {ph} and then {ph} compare them",
-                                    [tiny_image(6), tiny_image(7)])])  # fmt: skip
-    spec = "fastv:layer=2,ratio=0.5"
+    other = tiny_batch(processor, [(f"a much longer prompt with {ph} and then {ph} compare them",
+                                    [tiny_image(6), tiny_image(7)]), (f"what is {ph} this", [tiny_image(5)])])  # fmt: skip
     ve.wrap(model, spec)
     expected = generate(model, other)
     ve.unwrap(model)
@@ -103,6 +103,7 @@ def test_buffers_are_reused_and_reloaded_between_calls():
     first = fast_path.last_step
     second = generate(model, other)
     assert fast_path.last_step is first and len(fast_path.steps) == 1
+    assert bool(first.edits) == (spec != "fastv:layer=2,ratio=0.5")
     assert_same(expected, second)
 
 

@@ -15,15 +15,16 @@ One generate() call:
   and the LM head, and advances the write indices and the offset on the device. It makes no decision that depends on
   the step and reads nothing back to the host. On CUDA the step is captured once per (batch size, buffer sizes) in a
   torch.cuda.CUDAGraph and replayed per token; on CPU the same step runs eagerly;
-- between steps the logits processors, greedy or sampled choice and the stopping criteria run as in generate(). On
-  CUDA the "all finished" flag is read one step late, so the host never waits for the step it just launched.
+- between steps the logits processors, greedy or sampled choice and the stopping criteria run as in generate(). The
+  "all finished" flag is read one step late (on CUDA through pinned memory), so the host never waits for the step it
+  just launched.
 
 Decoding edits (head methods): after the prefill every method that may edit attention is asked, layer by layer, as at
 the first decoding step. Where it edits and declares a decoding form that stays the same at every step (a structured
 Method.kernel_edit, which the engine too reuses at every step), its AttentionEdit is made once over the whole static
 buffer (prompt keys, then the generated slots) and the edited layers run the dense edited attention inside the step
-(PAI's attention edit, VAF, VAR, ACT, AdaptVis, PAINT). Such a step holds this call's edit tensors and functions, so
-it is captured for the call and not kept.
+(PAI's attention edit, VAF, VAR, ACT, AdaptVis, PAINT). Edits made of tensors are copied into buffers of a kept step
+at each call; a step with post-softmax functions (VAR, ACT: they hold this call's tensors) serves its call only.
 
 Refused, with a pointer to the dynamic path: at wrap, methods that cache per head (PLPHP), sliding-window layers, a
 model spread over devices; at generate, beams and other decoding modes, a cache passed in or cache_implementation,
@@ -36,6 +37,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import inspect
 import threading
 import warnings
@@ -55,8 +57,7 @@ from .method import UNSTRUCTURED, AttentionContext, Method, edits_attention
 BUCKET = 64  # buffer lengths round up to this: calls whose prompts keep similar numbers of keys share one graph
 MAX_GRAPHS = 4  # captured steps (graphs and their buffers) kept per model; the least recently used is dropped
 DYNAMIC_PATH = "use the dynamic path: vlm_efficient.wrap(model, spec) without fast=True"
-
-
+EDIT_TENSORS = ("logit_scale", "logit_abs", "logit_bias", "mask", "rows")  # AttentionEdit fields a step can reload
 ATTENTION_NAME = "vlm_efficient_fast"  # the attention implementation while a step with decoding edits is recorded
 # attention module -> the AttentionEdits of its layer, while a step with decoding edits is recorded or run eagerly
 _DECODE_EDITS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -132,7 +133,27 @@ class StaticStep:
         self.cache = Cache(layers=[StaticKVLayer(k, v, self.write_index[g])
                                    for k, v, g in zip(self.keys, self.values, group_of)])  # fmt: skip
         self.graph = None
-        self.edits: dict[int, list] = {}  # layer -> its decoding AttentionEdits over the whole buffer (set once)
+        self.edits: dict[int, list] = {}  # layer -> its decoding AttentionEdits over the whole buffer (set_edits)
+
+    def set_edits(self, edits: dict, static: bool) -> None:
+        """The decoding edits the step runs: with `static`, edits of the same structure whose tensors are buffers of
+        this step, which load_edits fills at every call (the step is then kept across calls); else `edits` as given
+        (their functions hold this call's tensors: the step serves this call only)."""
+        if not static:
+            self.edits = edits
+            return
+        with torch.inference_mode(False):
+            self.edits = {idx: [dataclasses.replace(edit, **{name: torch.empty_like(getattr(edit, name))
+                                                             for name in EDIT_TENSORS if getattr(edit, name) is not None})
+                                for edit in layer_edits]
+                          for idx, layer_edits in edits.items()}  # fmt: skip
+
+    def load_edits(self, edits: dict) -> None:
+        for idx, layer_edits in edits.items():
+            for buffers, edit in zip(self.edits[idx], layer_edits):
+                for name in EDIT_TENSORS:
+                    if getattr(edit, name) is not None:
+                        getattr(buffers, name).copy_(getattr(edit, name))
 
     def kv_bytes(self) -> list[int]:
         return [k.nbytes + v.nbytes for k, v in zip(self.keys, self.values)]
@@ -393,8 +414,8 @@ class FastPath:
     # ---- the plan ----------------------------------------------------------------------------------------------
     def _plan(self, cache, steps: int, device) -> StaticStep:
         """After the prefill: the methods' decoding edits, then the static step whose buffers hold each layer's kept
-        prompt keys plus `steps` new ones, loaded (and captured first where it is new). A step with decoding edits is
-        captured for this call only: the edits' tensors and functions belong to it."""
+        prompt keys plus `steps` new ones, loaded (and captured first where it is new). A step whose decoding edits
+        include a post-softmax function is captured for this call only: the function holds this call's tensors."""
         engine, run = self.engine, self.engine.run
         if run is None or "rotary" not in self._recorded:
             raise RuntimeError("the fast path saw no prefill through the wrapped model")
@@ -416,20 +437,31 @@ class FastPath:
             group_of.append(sets[identity])
         capacities = [-(-(k.shape[1] + steps) // BUCKET) * BUCKET for k in prompt_keys]
         edits = self._decode_edits(run, device, prompt_keys, capacities)
+        # edits made of tensors only are reloaded into a kept step's buffers; a post-softmax function holds this
+        # call's tensors, so its step serves this call only
+        kept = all(edit.post_softmax is None and all(isinstance(getattr(edit, name), (torch.Tensor, type(None)))
+                                                     for name in EDIT_TENSORS)
+                   for layer_edits in edits.values() for edit in layer_edits)  # fmt: skip
+        structure = tuple((idx, tuple(tuple((name, tuple(getattr(edit, name).shape), getattr(edit, name).dtype)
+                                            for name in EDIT_TENSORS if getattr(edit, name) is not None)
+                                      for edit in layer_edits))
+                          for idx, layer_edits in sorted(edits.items())) if kept else None  # fmt: skip
         keys = prompt_kv[0][0]
         layer_position = self._recorded.get("layer")
         key = (keys.shape[0], tuple(capacities), tuple(group_of), keys.shape[1], keys.shape[3], keys.dtype, device,
                tuple(self._recorded["rotary"].shape), None if layer_position is None else tuple(layer_position.shape),
-               self.use_graph)  # fmt: skip
-        step = None if edits else self.steps.pop(key, None)
+               self.use_graph, structure)  # fmt: skip
+        step = self.steps.pop(key, None) if kept else None
         if step is None:
-            while not edits and len(self.steps) >= MAX_GRAPHS:
+            while kept and len(self.steps) >= MAX_GRAPHS:
                 self.steps.popitem(last=False)
             with torch.inference_mode(False):  # plain tensors: later calls may run outside inference mode
                 step = StaticStep(self.parts, keys.shape[0], capacities, group_of, (keys.shape[1], keys.shape[3]),
                                   keys.dtype, device, self._recorded["rotary"].shape,
                                   None if layer_position is None else layer_position.shape)  # fmt: skip
-            step.edits = edits
+            step.set_edits(edits, static=kept)
+            if kept:
+                step.load_edits(edits)
             if device.type == "cuda" and self.use_graph:
                 try:
                     with engine.plain():
@@ -439,7 +471,9 @@ class FastPath:
                     warnings.warn(f"fast path: capturing the decoding step in a CUDA graph failed ({self.capture_error}); "
                                   "decoding runs the same step eagerly", RuntimeWarning, stacklevel=2)  # fmt: skip
                     step.graph = None
-        if not edits:
+        elif edits:
+            step.load_edits(edits)
+        if kept:
             self.steps[key] = step
         self.last_step = step
         step.load(prompt_kv, group_valid, self._recorded["rotary"], layer_position)
