@@ -6,10 +6,13 @@ Where the library's default follows the paper instead, the test runs the library
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 import vlm_efficient as ve
+from reference import masked_reference
 from test_heads_dense import Prompt, assert_matches, reference_logits, run_wrapped
 from vlm_efficient.heads.gift import GIFT, code_saliency, content_tokens
 from vlm_efficient.testing import image_placeholder, tiny_batch, tiny_image, tiny_model
@@ -139,3 +142,92 @@ def test_gift_generate_equals_the_authors_code(family, tmp_path):
     reference, _ = reference_logits(model, batch, out, probs={1: observe, 2: boost, 3: boost})
     assert all(config["selected"] for config in configs)
     assert_matches(out, reference, plain)
+
+
+# ---- DART: github.com/ZichenWen1/DART -------------------------------------------------------------------------------
+def dart_authors_retained(DART_config, last_layer_state, any_states, text_length=None):
+    """The author's last commit (5a19452, read from the fork xqy1111111/DART),
+    llava/model/language_model/modeling_llama_self.py: LlamaModel.get_retained_image_token. One change: the pivots are
+    visited in sorted order (`sorted(indices_set)` for `list(indices_set)`, CPython's set order; the library's
+    documented order)."""
+    image_token_start_index = DART_config['image_token_start_index']
+    image_token_length = DART_config['image_token_length']
+    MAX_NUM_TRUNCTION = DART_config['max_num_trunction']
+    pivot_image_token = DART_config['pivot_image_token']
+    pivot_text_token = DART_config['pivot_text_token']
+    reduction_ratio = DART_config['reduction_ratio']
+    TOKEN_TOPK = math.ceil((MAX_NUM_TRUNCTION if MAX_NUM_TRUNCTION is not None else (image_token_length * (1 - reduction_ratio))) // (pivot_image_token + pivot_text_token))
+    device = last_layer_state.device
+    any_states = any_states.permute(0, 2, 1, 3).reshape(any_states.shape[0], any_states.shape[2], -1)
+    k_states_image_token = any_states[0][image_token_start_index:image_token_start_index + image_token_length, :]
+    k_states_query_token = any_states[0][image_token_start_index + image_token_length:, :]
+    k_states_image_token_L1_norm = torch.norm(k_states_image_token, p=1, dim=-1)
+    k_states_query_token_L1_norm = torch.norm(k_states_query_token, p=1, dim=-1)
+    image_indices = (k_states_image_token_L1_norm.topk(pivot_image_token).indices + image_token_start_index).tolist()
+    query_indices = (k_states_query_token_L1_norm.topk(pivot_text_token).indices + image_token_start_index + image_token_length).tolist()
+    indices_set = set(image_indices + query_indices)
+    valid_indices = set(range(image_token_start_index, image_token_start_index + image_token_length)) - set(image_indices)
+    valid_indices_list = list(valid_indices)
+    for item in sorted(indices_set):
+        valid_vectors = last_layer_state[0][valid_indices_list, :]
+        cos_sim = -torch.nn.functional.cosine_similarity(last_layer_state[0][item, :], valid_vectors, dim=-1)
+        top_k_indices = cos_sim.topk(TOKEN_TOPK).indices
+        top_k_real_indices = [valid_indices_list[i] for i in top_k_indices]
+        indices_set.update(top_k_real_indices)
+        valid_indices.difference_update(top_k_real_indices)
+        valid_indices_list = list(valid_indices)
+    indices_set.difference_update(query_indices)
+    retained_image_tokens_index = torch.tensor(list(indices_set), device=device)
+    return retained_image_tokens_index
+
+
+def one_image_each(processor):
+    """A left-padded batch of two one-image prompts (the authors' code takes one contiguous image span)."""
+    ph = image_placeholder(processor)
+    return tiny_batch(processor, [(f"what is {ph} this thing here", [tiny_image(0)]),
+                                  (f"a much longer prompt with {ph} and a question to ask", [tiny_image(1)])])
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+@pytest.mark.parametrize("count, truncation", [("ratio", None), ("code", 8)])
+def test_dart_kept_sets_equal_the_authors_code(family, count, truncation):
+    layer, ratio = 2, 0.5
+    model, processor = tiny_model(family)
+    batch = one_image_each(processor)
+    with masked_reference(model, {}) as recorded, torch.no_grad():
+        hidden = model(**batch, output_hidden_states=True, use_cache=False).hidden_states[layer]
+        keys = recorded[layer - 1]["keys"]  # [B, Hkv, N, d]
+        states = model.model.language_model.norm(hidden)
+    spec = f"dart:layer={layer},ratio={ratio},count={count}" + (f",truncation={truncation}" if truncation else "")
+    ve.wrap(model, spec)
+    with torch.no_grad():
+        model(**batch)
+    run = ve.engine_of(model).run
+    ve.unwrap(model)
+    for b in range(hidden.shape[0]):
+        image = run.layout.visual[b].nonzero().flatten()
+        config = {"image_token_start_index": int(image[0]), "image_token_length": len(image),
+                  "max_num_trunction": truncation, "reduction_ratio": ratio,
+                  "pivot_image_token": 4, "pivot_text_token": 4}
+        expected = dart_authors_retained(config, states[b:b + 1].float(), keys[b:b + 1].float())
+        kept = [p for p in run.layer_positions[layer][b].tolist() if p >= 0 and bool(run.layout.visual[b, p])]
+        assert kept == sorted(expected.tolist())
+        assert len(image) > len(kept) > 4
+
+
+def test_dart_code_count_keeps_132_of_576_at_ratio_0778():
+    """The authors' scripts (ratio 0.778, max_num_trunction 128) keep 4 image pivots + 8 x 16; the paper's count
+    keeps 4 + 8 x 15 = 124."""
+    from vlm_efficient.token_ops.dart import DART
+
+    generator = torch.Generator().manual_seed(0)
+    n = 576 + 20
+    visual = torch.zeros(1, n, dtype=torch.bool)
+    visual[0, 10:586] = True
+    question = torch.zeros_like(visual)
+    question[0, 586:] = True
+    states = torch.nn.functional.normalize(torch.randn(1, n, 32, generator=generator), dim=-1)
+    key_norm = torch.rand(1, n, generator=generator)
+    for count, expected in (("code", 132), ("ratio", 124)):
+        dart = DART(count=count)
+        assert int(dart.kept_image_rows(key_norm, states, visual, question).sum()) == expected
