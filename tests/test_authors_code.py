@@ -6,6 +6,7 @@ Where the library's default follows the paper instead, the test runs the library
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -13,7 +14,7 @@ import torch
 
 import vlm_efficient as ve
 from reference import masked_reference
-from test_heads_dense import Prompt, assert_matches, reference_logits, run_wrapped
+from test_heads_dense import Prompt, assert_matches, dense, reference_logits, run_wrapped
 from vlm_efficient.heads.gift import GIFT, code_saliency, content_tokens
 from vlm_efficient.testing import image_placeholder, tiny_batch, tiny_image, tiny_model
 
@@ -231,3 +232,78 @@ def test_dart_code_count_keeps_132_of_576_at_ratio_0778():
     for count, expected in (("code", 132), ("ratio", 124)):
         dart = DART(count=count)
         assert int(dart.kept_image_rows(key_norm, states, visual, question).sum()) == expected
+
+
+# ---- ACT: github.com/GATECH-EIC/ACT ---------------------------------------------------------------------------------
+def act_authors_process_cal(attention_map, HEAD_NUM, beta=0.4, threshod=0.1):
+    """models/llama_modelling_aug.py: atten_process_cal (batch of one; BETA / THRES / HEAD_NUM from the environment
+    there)."""
+    modified_head = attention_map[0][HEAD_NUM]
+    device = modified_head.device
+    shape = modified_head.shape[0]
+    indices = torch.nonzero(torch.where(torch.sum(modified_head, dim=0) / torch.arange(shape, 0, -1).to(device) > threshod, 1, 0))
+    indices = indices[1:]
+    copied_attention_map = copy.deepcopy(modified_head.detach())
+    available_weights = modified_head[:, indices].sum(dim=1) * (1 - beta)
+    modified_head[:, indices] *= beta
+    copied_attention_map[1:, indices] *= 0
+    ratios = copied_attention_map / torch.sum(copied_attention_map, dim=1, keepdim=True).to(copied_attention_map.dtype)
+    modified_head = modified_head + available_weights * ratios
+    modified_head[0, 0] = 1
+    attention_map[0][HEAD_NUM] = modified_head
+    return attention_map
+
+
+def one_prompt(processor):
+    ph = image_placeholder(processor)
+    return tiny_batch(processor, [(f"a much longer prompt with {ph} and a question to ask", [tiny_image(1)])])
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_act_one_head_equals_the_authors_calibration(family):
+    """One forward (the public code calibrates the prompt's forward) with one head calibrated, as the search does
+    (scripts/calibration.sh: CALIBRATION=1, LAYER_NUM, HEAD_NUM)."""
+    model, processor = tiny_model(family)
+    batch = one_prompt(processor)
+    with torch.no_grad():
+        plain = model(**batch).logits
+    ve.wrap(model, "act:heads=2.1")
+    with torch.no_grad():
+        ours = model(**batch).logits
+    ve.unwrap(model)
+    probs = {2: lambda p: act_authors_process_cal(p.clone(), 1)}
+    with dense(model, probs=probs), torch.no_grad():
+        reference = model(**batch, use_cache=False).logits
+    torch.testing.assert_close(ours, reference.to(ours.dtype), atol=1e-4, rtol=1e-4)
+    assert (ours - plain).abs().max() > 1e-3
+
+
+def test_act_search_keeps_the_heads_that_raise_accuracy():
+    """search_heads against the procedure spelled out: every head of layers 2..L-2 calibrated alone, each sample
+    scored alone (no padding), kept where the accuracy beats the uncalibrated model's."""
+    from vlm_efficient.heads.act import search_heads
+
+    model, processor = tiny_model("llava")
+    ph = image_placeholder(processor)
+    prompts = [(f"what is {ph} this thing {i * 'here '}", [tiny_image(i)]) for i in range(6)]
+    choices = torch.tensor([[5, 9, 17, 30, 41, 60]]).expand(len(prompts), -1)
+    with torch.no_grad():  # labels: the plain model's second choice, so that calibrations can win questions
+        last = torch.cat([model(**tiny_batch(processor, [p])).logits[:, -1] for p in prompts])
+    labels = last.gather(1, choices).argsort(1, descending=True)[:, 1]
+    batches = [(dict(tiny_batch(processor, prompts[:3])), choices[:3], labels[:3]),
+               (dict(tiny_batch(processor, prompts[3:])), choices[3:], labels[3:])]
+    heads, scores = search_heads(model, batches)
+
+    def accuracy(spec):
+        if spec:
+            ve.wrap(model, spec)
+        with torch.no_grad():
+            right = sum(int(model(**tiny_batch(processor, [p])).logits[0, -1][choices[i]].argmax() == labels[i])
+                        for i, p in enumerate(prompts))
+        if spec:
+            ve.unwrap(model)
+        return right / len(prompts)
+
+    expected = {"base": accuracy("")} | {f"2.{h}": accuracy(f"act:heads=2.{h}") for h in range(4)}
+    assert scores == pytest.approx(expected), scores
+    assert heads == "/".join(h for h in expected if h != "base" and expected[h] > expected["base"])
