@@ -307,3 +307,161 @@ def test_act_search_keeps_the_heads_that_raise_accuracy():
     expected = {"base": accuracy("")} | {f"2.{h}": accuracy(f"act:heads=2.{h}") for h in range(4)}
     assert scores == pytest.approx(expected), scores
     assert heads == "/".join(h for h in expected if h != "base" and expected[h] > expected["base"])
+
+
+# ---- pruning inside the LLM: FastV, PyramidDrop -------------------------------------------------------------------
+def kept_image_positions(model, batch, spec, layer):
+    """Per sample, the image positions the wrapped model keeps from `layer` on (one prefill)."""
+    ve.wrap(model, spec)
+    with torch.no_grad():
+        model(**batch)
+    run = ve.engine_of(model).run
+    ve.unwrap(model)
+    return [[p for p in run.layer_positions[layer][b].tolist() if p >= 0 and bool(run.layout.visual[b, p])]
+            for b in range(batch["input_ids"].shape[0])]
+
+
+def recorded_probs(model, batch):
+    """Each layer's attention probabilities [B, H, N, N] of the plain model (dense reference attention)."""
+    with masked_reference(model, {}) as recorded, torch.no_grad():
+        model(**batch, use_cache=False)
+    return {layer: entry["probs"] for layer, entry in recorded.items()}
+
+
+def image_span(model, batch, b):
+    image = (batch["input_ids"][b] == ve.get_adapter(model).image_token_id(model)).nonzero().flatten()
+    return int(image[0]), len(image)
+
+
+def fastv_authors_keep(last_layer_attention, SYS_LENGTH, IMAGE_TOKEN_LENGTH, ATTENTION_RANK, seq_length_with_past):
+    """github.com/pkunlp-icler/FastV, src/transformers/src/transformers/models/llama/modeling_llama.py, LlamaModel
+    .forward, the FASTV_INPLACE branch at layer K (batch of one; layer_outputs[1] of layer K-1)."""
+    device = last_layer_attention.device
+    last_layer_attention_avg = torch.mean(last_layer_attention, dim=1)[0]
+    last_layer_attention_avg_last_tok = last_layer_attention_avg[-1]
+    last_layer_attention_avg_last_tok_image = last_layer_attention_avg_last_tok[SYS_LENGTH:SYS_LENGTH+IMAGE_TOKEN_LENGTH]
+    top_attention_rank_index = last_layer_attention_avg_last_tok_image.topk(ATTENTION_RANK).indices + SYS_LENGTH
+    keep_indexs = torch.cat((torch.arange(SYS_LENGTH, device=device), top_attention_rank_index, torch.arange(SYS_LENGTH+IMAGE_TOKEN_LENGTH, seq_length_with_past, device=device)))
+    keep_indexs = keep_indexs.sort().values
+    return keep_indexs
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_fastv_kept_sets_equal_the_authors_code(family):
+    layer, ratio = 2, 0.5
+    model, processor = tiny_model(family)
+    batch = one_image_each(processor)
+    probs = recorded_probs(model, batch)
+    kept = kept_image_positions(model, batch, f"fastv:layer={layer},ratio={ratio}", layer)
+    for b in range(len(kept)):
+        start, count = image_span(model, batch, b)
+        rank = int(count * (1 - ratio) + 0.5)  # ATTENTION_RANK, given to the public code directly
+        keep = fastv_authors_keep(probs[layer - 1][b:b + 1], start, count, rank, batch["input_ids"].shape[1])
+        assert kept[b] == [p for p in keep.tolist() if start <= p < start + count]
+
+
+def pdrop_authors_rank(attn_weights, image_index, image_tokens, keep_length):
+    """github.com/Cooperx521/PyramidDrop, llava/model/modeling_llama_pdrop.py, pdrop_rank_drop (inference branch),
+    from `attn_weights` [H, 1, seq] = the softmax of the last instruction token's row in the boundary layer, computed
+    there from the layer's input_layernorm, q_proj / k_proj and rotary (the dense reference's probabilities here)."""
+    attention_avg_head = torch.mean(attn_weights, dim=0)
+    attention_avg_head = attention_avg_head[:, image_index:image_index+image_tokens]
+    attention_avg_text = torch.mean(attention_avg_head, dim=0)
+    top_rank_index = attention_avg_text.topk(keep_length).indices
+    top_rank_index = top_rank_index + image_index
+    top_rank_index = top_rank_index.sort().values
+    return top_rank_index
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_pdrop_first_stage_equals_the_authors_code(family):
+    """The first boundary (nothing dropped before it, so the authors' renumbered positions are the original ones):
+    keep_length = int(n x ratio_list[1]) of the image tokens by the last instruction token's attention."""
+    layer, ratio = 2, 0.5
+    model, processor = tiny_model(family)
+    batch = one_image_each(processor)
+    probs = recorded_probs(model, batch)
+    kept = kept_image_positions(model, batch, f"pdrop:layers={layer},ratio={ratio}", layer)
+    for b in range(len(kept)):
+        start, count = image_span(model, batch, b)
+        expected = pdrop_authors_rank(probs[layer][b][:, -1:], start, count, int(count * ratio))
+        assert kept[b] == expected.tolist()
+
+
+# ---- pruning before the LLM: FasterVLM, VisionZip -----------------------------------------------------------------
+def fastervlm_authors_masks(image_attentions, visual_token_num):
+    """github.com/Theia-4869/FasterVLM, llava/model/llava_arch.py, encode_images, from the [CLS] rows of the feature
+    layer's attention (clip_encoder.py feature_select, 'patch': attentions[:, :, 0, 1:])."""
+    B, N = image_attentions.shape[0], image_attentions.shape[-1]
+    image_attentions = image_attentions.mean(dim=1)  # (B, N)
+    token_indices = torch.topk(image_attentions, k=visual_token_num, dim=1)[1]  # (B, T)
+    index_masks = torch.zeros(B, N, dtype=torch.bool, device=image_attentions.device)  # (B, N)
+    index_masks.scatter_(1, token_indices, True)  # (B, N)
+    return index_masks
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_fastervlm_selection_equals_the_authors_code(seed):
+    from vlm_efficient.token_ops.fastervlm import FasterVLM
+
+    generator = torch.Generator().manual_seed(seed)
+    attentions = torch.rand(1, 16, 577, generator=generator).softmax(-1)[..., 1:][:, :, None].expand(-1, -1, 1, -1)
+    method = FasterVLM(ratio=0.778)
+    keep, merged = method.choose(attentions[0, :, 0].mean(0), None, None)  # the library's score: the head mean
+    expected = fastervlm_authors_masks(attentions[:, :, 0], int(576 * (1 - 0.778) + 0.5))
+    assert merged is None and torch.equal(keep, expected[0])
+
+
+def visionzip_authors(attn_weights, hidden_states, metric, dominant_num, contextual_num):
+    """github.com/dvlab-research/VisionZip, visionzip/clip_encoder.py, CLIPVisionTower_VisionZip.forward (batched
+    branch): -> (tokens [B, 1 + dominant + contextual, C] in the authors' order, the kept indices incl. CLS 0)."""
+    cls_idx = 0
+    cls_attention = attn_weights[:, :, cls_idx, cls_idx+1:]
+    cls_attention_sum = cls_attention.sum(dim=1)
+    topk_indices = cls_attention_sum.topk(dominant_num, dim=1).indices + 1
+    all_indices = torch.cat([torch.zeros((hidden_states.shape[0], 1), dtype=topk_indices.dtype, device=topk_indices.device), topk_indices], dim=1)
+    mask = torch.ones_like(hidden_states[:, :, 0], dtype=torch.bool, device=metric.device).scatter_(1, all_indices, False)
+    dominant_tokens = hidden_states.masked_select(~mask.unsqueeze(-1)).view(hidden_states.shape[0], dominant_num + 1, hidden_states.shape[2])
+    metric_filtered = metric[mask].view(hidden_states.shape[0], hidden_states.shape[1] - (dominant_num + 1), metric.shape[2])
+    hidden_states_filtered = hidden_states.masked_select(mask.unsqueeze(-1)).view(hidden_states.shape[0], hidden_states.shape[1] - (dominant_num +1), hidden_states.shape[2])
+    metric_normalized = metric_filtered / metric_filtered.norm(dim=-1, keepdim=True)
+    step = max(1, metric_normalized.shape[1] // contextual_num)
+    target_indices = torch.arange(0, metric_normalized.shape[1], step, device=metric_normalized.device)[:contextual_num]
+    target_tokens = metric_normalized[:, target_indices, :]
+    tokens_to_merge = metric_normalized[:, ~torch.isin(torch.arange(metric_normalized.shape[1], device=metric_normalized.device), target_indices), :]
+    similarity = torch.bmm(tokens_to_merge, target_tokens.transpose(1, 2))
+    assign_one_hot = torch.zeros(tokens_to_merge.shape[0], tokens_to_merge.shape[1], contextual_num, dtype=hidden_states_filtered.dtype, device=metric_normalized.device)
+    assign_one_hot.scatter_(2, similarity.argmax(dim=2).unsqueeze(-1), 1)
+    counts = assign_one_hot.sum(dim=1).clamp(min=1).unsqueeze(-1)
+    hidden_to_merge = hidden_states_filtered[:, ~torch.isin(torch.arange(hidden_states_filtered.shape[1], device=hidden_states_filtered.device), target_indices), :]
+    aggregated_hidden = torch.bmm(assign_one_hot.transpose(1, 2), hidden_to_merge) / counts
+    target_hidden = hidden_states_filtered[:, target_indices, :]
+    contextual_tokens = target_hidden + aggregated_hidden
+    hidden_states_save = torch.cat([dominant_tokens, contextual_tokens], dim=1)
+    return hidden_states_save, all_indices
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_visionzip_selection_and_merge_equal_the_authors_code(seed):
+    """Dominant patches by summed [CLS] attention, contextual targets every (rest // contextual)-th remaining patch,
+    each target + the mean of the patches whose normalised metric is closest: the same patch tokens and values. The
+    authors' CLS token (always first) has no placeholder in an HF LLaVA prompt; the order of the authors' output
+    (CLS, dominant, then contextual) is the order the LLM sees there."""
+    from vlm_efficient.token_ops.visionzip import VisionZip
+
+    generator = torch.Generator().manual_seed(seed)
+    heads, n, width, dominant, contextual = 4, 64, 8, 12, 6
+    attn = torch.rand(1, heads, n + 1, n + 1, generator=generator).softmax(-1)
+    hidden = torch.randn(1, n + 1, width, generator=generator)
+    metric = torch.randn(1, n + 1, width, generator=generator)
+    tokens, indices = visionzip_authors(attn, hidden, metric, dominant, contextual)
+
+    method = VisionZip()
+    method.counts = lambda total: (dominant, contextual)
+    keep, merged = method.choose_tiles(attn[:, :, 0, 1:].sum(1), metric[:, 1:], hidden[:, 1:])
+    dominant_set = set((indices[0, 1:] - 1).tolist())
+    kept = keep[0].nonzero().flatten().tolist()
+    contextual_kept = [p for p in kept if p not in dominant_set]
+    assert dominant_set < set(kept) and len(contextual_kept) == contextual
+    ours = torch.cat([hidden[0, :1], merged[0, sorted(dominant_set)], merged[0, contextual_kept]])
+    torch.testing.assert_close(ours, tokens[0])
