@@ -465,3 +465,75 @@ def test_visionzip_selection_and_merge_equal_the_authors_code(seed):
     assert dominant_set < set(kept) and len(contextual_kept) == contextual
     ours = torch.cat([hidden[0, :1], merged[0, sorted(dominant_set)], merged[0, contextual_kept]])
     torch.testing.assert_close(ours, tokens[0])
+
+
+# ---- logit edits: PAI, ClearSight / VAF ----------------------------------------------------------------------------
+def pai_authors_edit(attn_weights, img_start_idx, img_end_idx, alpha):
+    """github.com/LALBJ/PAI, attention.py, llama_new_forward: "PAI's modification" (use_attn, not use_cfg), on the
+    scaled logits of the forward's last row."""
+    attn_weights[:, :, -1, img_start_idx:img_end_idx] = (
+        attn_weights[:, :, -1, img_start_idx:img_end_idx].abs() * alpha
+        + attn_weights[:, :, -1, img_start_idx:img_end_idx]
+    )
+    return attn_weights
+
+
+def last_rows(edit, p, spans):
+    """Apply `edit(x [1, H, t + 1, kv], span)` as at each forward's last row: the last prompt row and each generated
+    row of the dense forward, sample by sample."""
+    def apply(x):
+        x = x.clone()
+        for b in range(p.batch):
+            for t in p.predicting[b].nonzero().flatten().tolist():
+                x[b:b + 1, :, t:t + 1] = edit(x[b:b + 1, :, t:t + 1].clone(), *spans[b])
+        return x
+
+    return apply
+
+
+def spans_of(model, batch):
+    return [image_span(model, batch, b) for b in range(batch["input_ids"].shape[0])]
+
+
+def one_image_each_fn(processor):
+    return one_image_each(processor)
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_pai_equals_the_authors_code(family):
+    """chair_eval.py's defaults: layers 2..31 of 32 (start_layer 2, end_layer 32: here 2..3 of 4), alpha 0.2."""
+    model, batch, out, plain, _, _ = run_wrapped(family, "pai:alpha=0.2", batch_fn=one_image_each_fn)
+    p = Prompt(model, batch, out.sequences.shape[1] - 1)
+    edit = last_rows(lambda x, start, count: pai_authors_edit(x, start, start + count, 0.2), p, spans_of(model, batch))
+    reference, _ = reference_logits(model, batch, out, logits={2: edit, 3: edit})
+    assert_matches(out, reference, plain)
+
+
+def vaf_authors_edit(attn_weights, SYS_LEN, IMG_LEN, enh_para=1.15, sup_para=0.95):
+    """github.com/ustc-hyin/ClearSight, visaug/inference/AttnAdapter.py, AttnAdapter.forward ("enhance visual
+    information"; SYS_LEN = 35 and IMG_LEN = 576 there, LLaVA-1.5's prompt)."""
+    q_len = attn_weights.shape[2]
+    if q_len > SYS_LEN+IMG_LEN:
+        attn_weights[:, :, SYS_LEN+IMG_LEN:, SYS_LEN:SYS_LEN+IMG_LEN] = enh_para * attn_weights[:, :, SYS_LEN+IMG_LEN:, SYS_LEN:SYS_LEN+IMG_LEN]
+        attn_weights[:, :, SYS_LEN+IMG_LEN:, :SYS_LEN] = sup_para * attn_weights[:, :, SYS_LEN+IMG_LEN:, :SYS_LEN]
+    else:
+        attn_weights[:, :, :, SYS_LEN:SYS_LEN+IMG_LEN] = enh_para * attn_weights[:, :, :, SYS_LEN:SYS_LEN+IMG_LEN]
+        attn_weights[:, :, :, :SYS_LEN] = sup_para * attn_weights[:, :, :, :SYS_LEN]
+    return attn_weights
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_vaf_equals_the_authors_code(family):
+    """infer_pope.py: the adapter replaces layers 9..14 of 32 (here 1..2 of 4). The dense forward holds the prompt
+    and the generated rows at once: the prefill branch (rows after the image) covers the decoding rows too."""
+    model, batch, out, plain, _, _ = run_wrapped(family, "vaf", batch_fn=one_image_each_fn)
+    spans = spans_of(model, batch)
+
+    def edit(scores):
+        scores = scores.clone()
+        for b, (start, count) in enumerate(spans):
+            scores[b:b + 1] = vaf_authors_edit(scores[b:b + 1].clone(), start, count)
+        return scores
+
+    reference, _ = reference_logits(model, batch, out, logits={1: edit, 2: edit})
+    assert_matches(out, reference, plain)
