@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -536,4 +537,137 @@ def test_vaf_equals_the_authors_code(family):
         return scores
 
     reference, _ = reference_logits(model, batch, out, logits={1: edit, 2: edit})
+    assert_matches(out, reference, plain)
+
+
+# ---- AdaptVis: github.com/shiqichen17/AdaptVis ----------------------------------------------------------------------
+def adaptvis_authors_edit(attn_weights, keys, weight, caption_length=None):
+    """model_zoo/llama/modeling_llama_add_attn.py, LlamaAttention.forward, "ATTENTION" block (before the mask; `keys`
+    [1, N] marks the image tokens: llava15.py, torch.where(input_id == 32001, 1, 0))."""
+    if attn_weights.size()[2] == attn_weights.size()[3]:
+        true_indices = torch.where(keys)[True]
+        start_idx = true_indices[0].item()
+        end_idx = true_indices[-1].item()
+        square_size = end_idx - start_idx + 1
+        mask = torch.zeros((attn_weights.size()[2], attn_weights.size()[2]), dtype=torch.bool)
+        if caption_length:
+            mask[-len(caption_length[0]):, start_idx:start_idx + square_size+1] = True
+        else:
+            mask[-1, start_idx:start_idx + square_size] = True
+        attn_weights[:, :, mask] *= weight
+    return attn_weights
+
+
+def adaptvis_authors_weight(first_scores, threshold, weight1, weight2):
+    """model_zoo/llava15.py, get_out_scores_wh_batched, method 'adapt_vis': the first generated token's largest
+    probability, rounded to 2 decimals, below `threshold` -> weight1, else weight2."""
+    uncertainty = np.round(float(max(torch.nn.functional.softmax(first_scores, dim=-1)[0])), 2)
+    return weight1 if uncertainty < threshold else weight2
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_adaptvis_prompt_forward_equals_the_authors_code(family):
+    """The public code edits the square (prompt) forward only; both weights are exercised (the threshold lies between
+    the two samples' confidences)."""
+    model, processor = tiny_model(family)
+    batch = one_image_each(processor)
+    with torch.no_grad():
+        last = model(**batch).logits[:, -1].float()
+    confidence = sorted(float(np.round(float(c), 2)) for c in last.softmax(-1).amax(-1))
+    assert confidence[0] < confidence[1]
+    threshold = (confidence[0] + confidence[1]) / 2
+    ve.wrap(model, f"adaptvis:threshold={threshold}")
+    with torch.no_grad():
+        ours = model(**batch).logits[:, -1]
+    ve.unwrap(model)
+    image_id = ve.get_adapter(model).image_token_id(model)
+    weights = [adaptvis_authors_weight(last[b:b + 1], threshold, 0.5, 1.5) for b in range(2)]
+    assert sorted(weights) == [0.5, 1.5]
+
+    def edit(scores):
+        scores = scores.clone()
+        for b in range(2):
+            keys = (batch["input_ids"][b:b + 1] == image_id).long()
+            scores[b:b + 1] = adaptvis_authors_edit(scores[b:b + 1].clone(), keys, weights[b])
+        return scores
+
+    with dense(model, logits={layer: edit for layer in range(4)}), torch.no_grad():
+        reference = model(**batch, use_cache=False).logits[:, -1]
+    torch.testing.assert_close(ours, reference.to(ours.dtype), atol=1e-4, rtol=1e-4)
+    assert (ours - last).abs().max() > 1e-3
+
+
+# ---- PAINT: github.com/hasanar1f/llava-hallunication-fix ------------------------------------------------------------
+def paint_authors_get_top_ratio(attn):
+    """modPAI/llava/model/multimodal_encoder/clip_encoder.py, get_top_ratio."""
+    attn_np = attn.cpu().numpy().flatten()
+    Q1 = np.percentile(attn_np, 25)
+    Q3 = np.percentile(attn_np, 75)
+    IQR = Q3 - Q1
+    upper_bound = Q3 + 1.5 * IQR
+    outlier_indices = np.where((attn_np > upper_bound))[0]
+    ratio = len(outlier_indices) / len(attn_np)
+    return ratio
+
+
+def paint_authors_groups(top_attn, bottom_attn, num_vision_tokens=576, local_token_ratio=0.25):
+    """The same file, update_modpai_alpha, from the [CLS] rows summed over heads (top_attn: ViT layer 0, bottom_attn:
+    the second-to-last layer); spatial_attention_top_tokens keeps int(n x 0) = 0 tokens, left out."""
+    _, top_tokens = torch.topk(top_attn, int(num_vision_tokens * local_token_ratio), largest=True)
+    _, bottom_tokens = torch.topk(bottom_attn, int(num_vision_tokens * paint_authors_get_top_ratio(bottom_attn)), largest=True)
+    top_tokens_set = set(top_tokens.tolist())
+    bottom_tokens_set = set(bottom_tokens.tolist())
+    final_top_tokens = list(top_tokens_set - bottom_tokens_set)
+    return set(final_top_tokens), bottom_tokens_set
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_paint_groups_equal_the_authors_code(seed):
+    from vlm_efficient.heads.paint import token_groups
+
+    generator = torch.Generator().manual_seed(seed)
+    first = torch.rand(1, 576, generator=generator, dtype=torch.float64)
+    late = torch.rand(1, 576, generator=generator, dtype=torch.float64) ** 8  # heavy tail: outliers exist
+    top, outliers = token_groups(first, late, 0.25)
+    expected_top, expected_outliers = paint_authors_groups(first[0], late[0])
+    assert expected_outliers and expected_top
+    assert set(outliers[0].nonzero().flatten().tolist()) == expected_outliers
+    assert set(top[0].nonzero().flatten().tolist()) == expected_top
+
+
+# ---- OCR-head sink: github.com/baekingeol/OCR_Head ------------------------------------------------------------------
+def ocr_authors_redistribute(attn, beta=0.2, eps=1e-9):
+    """utils/models/qwenvl2_sink.py, redistribute_method_beta (called with beta = 0.4 on each chosen head)."""
+    if attn.size(-1) <= 1:
+        return attn
+    sink = attn[..., :1]
+    rest = attn[..., 1:]
+    keep_sink = sink * beta
+    redistribute = sink - keep_sink
+    rest_sum = rest.sum(dim=-1, keepdim=True)
+    weight = rest / (rest_sum + eps)
+    weight = torch.where(rest_sum > eps, weight, torch.full_like(weight, 1.0 / weight.size(-1)))
+    rest = rest + redistribute * weight
+    new_attn = torch.cat([keep_sink, rest], dim=-1)
+    return new_attn
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_ocr_sink_equals_the_authors_code(family):
+    """One unpadded prompt (the public code's token 0 is the first token), generate(); every row of the chosen heads,
+    prompt and decoding rows alike, except row 0: it sees no key but the sink, and the public code then spreads 1 - beta
+    uniformly over the row's masked keys (future tokens: a causal leak); the library leaves that row alone
+    (heads/ocr_sink.py)."""
+    model, batch, out, plain, _, _ = run_wrapped(family, "ocr_sink:heads=2.1/3.0", batch_fn=one_prompt)
+
+    def edit(heads):
+        def apply(probs):
+            probs = probs.clone()
+            for head in heads:
+                probs[:, head, 1:] = ocr_authors_redistribute(probs[:, head, 1:].clone(), beta=0.4)
+            return probs
+
+        return apply
+
+    reference, _ = reference_logits(model, batch, out, probs={2: edit([1]), 3: edit([0])})
     assert_matches(out, reference, plain)
