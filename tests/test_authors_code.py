@@ -15,7 +15,7 @@ import torch
 
 import vlm_efficient as ve
 from reference import masked_reference
-from test_heads_dense import Prompt, assert_matches, dense, reference_logits, run_wrapped
+from test_heads_dense import Prompt, assert_matches, dense, live_hidden, reference_logits, run_wrapped
 from vlm_efficient.heads.gift import GIFT, code_saliency, content_tokens
 from vlm_efficient.testing import image_placeholder, tiny_batch, tiny_image, tiny_model
 
@@ -670,4 +670,79 @@ def test_ocr_sink_equals_the_authors_code(family):
         return apply
 
     reference, _ = reference_logits(model, batch, out, probs={2: edit([1]), 3: edit([0])})
+    assert_matches(out, reference, plain)
+
+
+# ---- VAR: github.com/seilk/VisAttnSink (variant=code) ---------------------------------------------------------------
+def var_authors_sinks(hs, dim_sink, tau):
+    """src/logic/logic.py, DimProspector.run_logic (with rmsnorm), batch of one: the sink token positions."""
+    hidden_states = hs.to(torch.float32)
+    variance = hidden_states.pow(2).mean(-1, keepdim=True)
+    rms_norm_hs = torch.abs(hidden_states * torch.rsqrt(variance + 1e-6))
+    rms_values = torch.stack([rms_norm_hs[:, :, idx] for idx in dim_sink], dim=-1)
+    max_rms_values = torch.max(rms_values, dim=-1)[0]
+    return torch.nonzero(max_rms_values > tau)[:, 1]
+
+
+def var_authors_fork(attn, sink_inds, im, pa, rho, summ):
+    """The same file, HeadFork.run_logic: the (batch, head, query) coordinates of the image-centric rows."""
+    vis_sink_inds = [i.unsqueeze(0) for i in sink_inds if im <= i < im+pa]
+    if len(vis_sink_inds) > 0:
+        vis_sink_inds = torch.cat(vis_sink_inds, dim=0)
+        image_attn = attn[:, :, :, im:im+pa]
+        portion = torch.sum(image_attn[:, :, :, vis_sink_inds-im], dim=-1) / torch.sum(image_attn + 1e-6, dim=-1)
+        summation = torch.sum(image_attn, dim=-1)
+        portion_condition = portion <= rho
+        summation_condition = summation >= summ
+        return torch.nonzero(portion_condition & summation_condition)
+    return []
+
+
+def var_authors_redist(attention_map, coord, indices, im, pa, p, prefill=True):
+    """The same file, VARProcessor.attn_redist (the last layer is skipped by the caller: except_last_layer)."""
+    if len(coord) > 0:
+        model_head_num = attention_map.shape[1]
+        for h in range(model_head_num):
+            query_coord = coord[coord[:, 1]==h][:,2]
+            query_coord = query_coord[im+pa<=query_coord] if prefill else query_coord
+            bsz_coord = coord[coord[:, 1] == h][:,0][:len(query_coord)]
+            head_coord = coord[coord[:, 1]==h][:,1][:len(query_coord)]
+            if not query_coord.shape[0] or not head_coord.shape[0]:
+                continue
+            selected_attn_map = attention_map[bsz_coord, head_coord, query_coord, :].clone()
+            indices = indices.to(selected_attn_map.device)
+            vis_indices = indices[(im<=indices) & (indices<im+pa)]
+            text_indices = indices[~torch.isin(indices, vis_indices)]
+            copied_attention_map = copy.deepcopy(selected_attn_map.detach())
+            selected_attn_map[:, text_indices] *= p
+            selected_attn_map[:, vis_indices] *= p
+            weight_budget_vis = copied_attention_map[:, vis_indices].sum(dim=1) * (1 - p)
+            weight_budget_text = copied_attention_map[:, text_indices].sum(dim=1) * (1 - p)
+            copied_attention_map[:, vis_indices] *= 0
+            ratios_vis = copied_attention_map[:, im:im+pa] / copied_attention_map[:, im:im+pa].sum(dim=1, keepdim=True).to(selected_attn_map.dtype)
+            selected_attn_map[:, im:im+pa] += (weight_budget_vis + weight_budget_text).view(-1,1) * ratios_vis
+            attention_map[bsz_coord, head_coord, query_coord, :] = selected_attn_map
+    return attention_map
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_var_code_variant_equals_the_authors_code(family):
+    """generate() under var:variant=code with a fixed sink-dimension list (the authors' dim_sink) against a dense
+    forward applying HeadFork + attn_redist in layer 2 (layers 2..L-2; the last is skipped), sinks from the prompt's
+    hidden states entering the layer (DimProspector runs at prefill only). tau is low for a random model's scale."""
+    dims, tau = [0, 1, 2, 3], 1.5
+    model, batch, out, plain, _, _ = run_wrapped(
+        family, f"var:variant=code,sink_dims={'/'.join(map(str, dims))},tau={tau}", batch_fn=one_prompt)
+    im, pa = image_span(model, batch, 0)
+    prompt = batch["input_ids"].shape[1]
+    found = {}
+
+    def edit(probs):
+        sinks = var_authors_sinks(live_hidden(2)[:, :prompt], dims, tau)
+        found["visual"] = [int(i) for i in sinks if im <= i < im + pa]
+        coord = var_authors_fork(probs, sinks, im, pa, rho=0.5, summ=0.2)
+        return var_authors_redist(probs.clone(), coord, sinks, im, pa, p=0.6)
+
+    reference, _ = reference_logits(model, batch, out, probs={2: edit})
+    assert found["visual"]
     assert_matches(out, reference, plain)
