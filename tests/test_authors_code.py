@@ -746,3 +746,50 @@ def test_var_code_variant_equals_the_authors_code(family):
     reference, _ = reference_logits(model, batch, out, probs={2: edit})
     assert found["visual"]
     assert_matches(out, reference, plain)
+
+
+# ---- SparseVLM: github.com/Gumpest/SparseVLMs -----------------------------------------------------------------------
+def sparsevlm_authors_raters(hidden_states, v_token_start, text_token_start):
+    """llava/model/language_model/modelling_sparse_llama.py, LlamaModel.forward, "Select Text Raters" (on the LLM's
+    input embeddings)."""
+    v_t = hidden_states[:, v_token_start: text_token_start, :]
+    t_t = hidden_states[:, text_token_start:, :]
+    m_v_t = v_t @ t_t.transpose(1, 2)
+    m_v_t = m_v_t.softmax(2).mean(1)
+    return torch.where(m_v_t > m_v_t.mean())
+
+
+def sparsevlm_authors_topk(self_attn_weights, v_token_start, v_token_num, text_token_start, t_token_idx, layer_idx,
+                           sparse_token_list, layer_dict):
+    """llava/model/language_model/score.py, attn_postprocess_topk (sparse_token_list = sparse_token_dict[RETAIN_TOKN]
+    and layer_dict are module constants there)."""
+    self_attn_weights = self_attn_weights.mean(1)
+    t_token_idx = t_token_idx[1] + text_token_start
+    relation_vis_text = self_attn_weights[:, t_token_idx, v_token_start: v_token_start+v_token_num]
+    relation_vis_text = relation_vis_text.mean(1)
+    relation_vis = relation_vis_text
+    mask = torch.zeros_like(relation_vis, dtype=bool)
+    _, indices = torch.topk(relation_vis, min(sparse_token_list[layer_dict[layer_idx]], v_token_num - 1), dim=1)
+    mask[0][indices] = 1
+    return mask
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_sparsevlm_first_stage_equals_the_authors_code(family):
+    """The public code's fixed counts (`keep=`), first sparse layer (nothing deleted before it, so positions agree),
+    without recycling (the public code appends the merged tokens, the library writes them into their centres' rows)."""
+    stages, keep = (1, 2), (0.5, 0.3)
+    model, processor = tiny_model(family)
+    batch = one_prompt(processor)
+    with torch.no_grad():
+        embeds = model(**batch, output_hidden_states=True).hidden_states[0]
+    probs = recorded_probs(model, batch)
+    spec = f"sparsevlm:layers={'/'.join(map(str, stages))},keep={'/'.join(map(str, keep))},recycle=0"
+    kept = kept_image_positions(model, batch, spec, stages[0] + 1)[0]
+    start, count = image_span(model, batch, 0)
+    raters = sparsevlm_authors_raters(embeds.float(), start, start + count)
+    counts = [int(k * count + 0.5) for k in keep]
+    mask = sparsevlm_authors_topk(probs[stages[0]], start, count, start + count, raters, stages[0], counts,
+                                  {layer: i for i, layer in enumerate(stages)})
+    assert kept == (mask[0].nonzero().flatten() + start).tolist()
+    assert 0 < len(kept) < count
