@@ -793,3 +793,42 @@ def test_sparsevlm_first_stage_equals_the_authors_code(family):
                                   {layer: i for i, layer in enumerate(stages)})
     assert kept == (mask[0].nonzero().flatten() + start).tolist()
     assert 0 < len(kept) < count
+
+
+# ---- DivPrune: github.com/vbdi/divprune -----------------------------------------------------------------------------
+def divprune_authors(visual_feature_vectors, image_feature_length, cosine_matrix=None, threshold_ratio=0.1):
+    """LLaVA/llava/model/llava_arch.py, LlavaMetaForCausalLM.DivPrune with pairwise_cosine_similarity."""
+    def pairwise_cosine_similarity(matrix):
+        norm_matrix = matrix / matrix.norm(dim=1, keepdim=True)
+        cosine_similarity = torch.mm(norm_matrix, norm_matrix.t())
+        return cosine_similarity
+
+    threshold_terms = int(round(threshold_ratio*image_feature_length))
+    if cosine_matrix is None:
+        cosine_matrix = 1.0 - (pairwise_cosine_similarity(visual_feature_vectors))
+    s = torch.empty(threshold_terms, dtype=torch.long, device=visual_feature_vectors.device)
+    for i in range(threshold_terms):
+        if i==0:
+            m2 = cosine_matrix
+        else:
+            m2 = torch.index_select(cosine_matrix, 0, torch.index_select(s,0,torch.arange(0,i,device=cosine_matrix.device)))
+        if i==0:
+            scores = torch.topk(m2, 2,dim=0,largest=False).values[1,:]
+        else:
+            scores = torch.min(m2, dim=0).values
+        phrase_to_add_idx = torch.argmax(scores)
+        s[i] = phrase_to_add_idx
+    return s, cosine_matrix
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_divprune_picks_equal_the_authors_code(seed):
+    """The scripts' SUBSET_RATIO = 0.098 (`ratio=0.902`): the same 56 of 576 tokens, picked in the same order."""
+    from vlm_efficient.selection import keep_count
+    from vlm_efficient.token_ops.divprune import max_min_diverse
+
+    features = torch.randn(576, 32, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    expected, _ = divprune_authors(features, 576, threshold_ratio=0.098)
+    count = int(keep_count(torch.tensor([576]), 0.902))
+    assert count == len(expected) == 56
+    assert max_min_diverse(features, count).tolist() == expected.tolist()
