@@ -832,3 +832,46 @@ def test_divprune_picks_equal_the_authors_code(seed):
     count = int(keep_count(torch.tensor([576]), 0.902))
     assert count == len(expected) == 56
     assert max_min_diverse(features, count).tolist() == expected.tolist()
+
+
+# ---- positions after pruning before the LLM -------------------------------------------------------------------------
+@pytest.mark.parametrize("spec", ["fastervlm:ratio=0.5", "divprune:ratio=0.5", "visionzip:ratio=0.5"])
+def test_renumbered_positions_feed_the_kept_tokens_as_the_authors_code_does(spec):
+    """positions=renumber: generate() equals the plain text model fed only the kept (and merged) tokens with
+    contiguous positions, the prompt's and the generated ones (as the authors' code feeds a pruned prompt); the
+    default, original positions, differs."""
+    from test_engine import greedy
+
+    model, processor = tiny_model("llava")
+    batch = one_prompt(processor)
+    text_model = model.model.language_model
+    runs = {}
+    for positions in ("renumber", "original"):
+        captured = {}
+        ve.wrap(model, f"{spec},positions={positions}")
+        def capture(module, args, kwargs):
+            captured.setdefault("embeds", kwargs["inputs_embeds"])
+
+        handle = text_model.register_forward_pre_hook(capture, with_kwargs=True)
+        out = greedy(model, batch)
+        runs[positions] = torch.stack(out.logits, 1), out.sequences
+        handle.remove()
+        ve.unwrap(model)
+    embeds = captured["embeds"]  # what the engine hands the text model: the kept rows, merged where merged
+    logits, sequences = runs["renumber"]
+    generated = sequences[:, batch["input_ids"].shape[1]:-1]
+    full = torch.cat([embeds, model.get_input_embeddings()(generated)], 1)
+    with torch.no_grad():
+        hidden = text_model(inputs_embeds=full, position_ids=torch.arange(full.shape[1])[None]).last_hidden_state
+        reference = model.lm_head(hidden)[:, embeds.shape[1] - 1:]
+    assert embeds.shape[1] < batch["input_ids"].shape[1]
+    torch.testing.assert_close(logits, reference, atol=1e-4, rtol=1e-4)
+    assert (runs["original"][0][:, 0] - logits[:, 0]).abs().max() > 1e-4
+
+
+def test_renumbered_positions_are_refused_for_qwen():
+    model, _ = tiny_model("qwen2_vl")
+    with pytest.raises(ValueError, match="3-D"):
+        ve.wrap(model, "divprune:positions=renumber")
+    with pytest.raises(ValueError, match="original or renumber"):
+        ve.wrap(tiny_model("llava")[0], "visionzip:positions=other")
