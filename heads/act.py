@@ -17,7 +17,7 @@ at a time (layers 2..30 of 32) and scores the model's accuracy on a calibration 
 multiple-choice questions (the argmax over the choices' tokens at the last prompt row); the heads whose calibration
 raises the accuracy are the list. `search_heads` runs that procedure on any wrapped-model inputs and returns the
 `heads=` value; `python -m vlm_efficient.heads.act --model testbed` runs it on the testbed's training-split POPE
-questions (yes / no). Testbed result (120 questions, beta 0.4, threshold 0.1): see the README's ACT row.
+colour and count questions. Testbed result: see the README's ACT row.
 """
 
 from __future__ import annotations
@@ -140,29 +140,35 @@ def search_heads(model, batches, layers=None, beta: float = 0.4, threshold: floa
     return "/".join(kept), scores
 
 
-def testbed_batches(processor, count: int, batch_size: int = 20, seed_start: int = 0):
-    """Training-split POPE questions of the testbed (yes / no), as search_heads' batches."""
+def testbed_batches(processor, count: int, batch_size: int = 20, tasks=("color", "count")):
+    """Training-split VQA questions of the testbed as search_heads' batches: the choices of a question are the first
+    answer tokens of every answer its task has (colour names, counts), the label its own answer's. (POPE would not
+    do: the testbed answers 99.7% of it right, so no head can raise its accuracy.)"""
     from vlm_efficient.evals.testbed import build_prompt
     from vlm_efficient.evals.testbed.prompt import answer_text
-    from vlm_efficient.evals.testbed.tasks import pope
+    from vlm_efficient.evals.testbed.tasks import vqa
 
-    rows = pope("train", n_images=count // 6 + 1, start=seed_start, categories=("random",))[:count]
+    rows = vqa("train", n_per_task=count // len(tasks) + 1, tasks=tasks)[:count]
     tokenizer = processor.tokenizer
-    options = ["yes", "no"]
-    ids = [tokenizer(answer_text(option), add_special_tokens=False).input_ids[0] for option in options]
+    first = {row["multiple_choice_answer"]: tokenizer(answer_text(row["multiple_choice_answer"]),
+                                                      add_special_tokens=False).input_ids[0] for row in rows}
+    options = {task: sorted({row["multiple_choice_answer"] for row in rows if row["task"] == task}) for task in tasks}
+    width = max(len(o) for o in options.values())
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
         inputs = processor(images=[row["image"] for row in chunk], text=[build_prompt(row["question"]) for row in chunk],
                            padding=True, return_tensors="pt")
-        choices = torch.tensor(ids).expand(len(chunk), -1)
-        labels = torch.tensor([options.index(row["answer"]) for row in chunk])
+        # each row's choices, padded with its first choice (a repeat never changes the argmax's answer)
+        choices = [[first[o] for o in options[row["task"]]] for row in chunk]
+        choices = torch.tensor([c + c[:1] * (width - len(c)) for c in choices])
+        labels = torch.tensor([options[row["task"]].index(row["multiple_choice_answer"]) for row in chunk])
         yield dict(inputs), choices, labels
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description="ACT's head search (the authors' calibration.sh) on the testbed")
     parser.add_argument("--model", default="testbed", help="only 'testbed' (other models: call search_heads)")
-    parser.add_argument("--samples", type=int, default=120)
+    parser.add_argument("--samples", type=int, default=40)
     parser.add_argument("--beta", type=float, default=0.4)
     parser.add_argument("--threshold", type=float, default=0.1)
     args = parser.parse_args(argv)
