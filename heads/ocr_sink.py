@@ -4,6 +4,10 @@ Unveiling the Distinctive Role of OCR Heads").
 In the chosen OCR heads, every row keeps beta = 0.4 of the attention it pays token 0 (the sample's first token, the
 attention sink) and the freed mass goes to the other tokens in proportion to their attention. The heads come from an
 OCR-head ranking (`vlm-efficient inspect --ocr-box ...` reports a per-head OCR score): give them as heads=layer.head/...
+
+Public code: github.com/baekingeol/OCR_Head, utils/models/qwenvl2_sink.py, redistribute_method_beta (beta 0.4), equal
+here on every row but the first: the first token's own row has no other key to receive the mass, and the public code
+then spreads it uniformly over the row's masked (future) keys; here that row stays as it is.
 """
 
 from __future__ import annotations

@@ -182,8 +182,8 @@ def test_ocr_sink(family):
     assert_matches(out, reference, plain)
 
 
-def test_gift(family):
-    model, batch, out, plain, _, _ = run_wrapped(family, "gift")
+def test_gift_paper_variant(family):
+    model, batch, out, plain, _, _ = run_wrapped(family, "gift:variant=paper")
     p = Prompt(model, batch, out.sequences.shape[1] - 1)
     saliency = torch.zeros(p.batch, p.total, dtype=torch.float64)
 
@@ -329,7 +329,8 @@ def test_composes_with_pruning(family, spec):
     assert_matches(out, reference, plain)
 
 
-@pytest.mark.parametrize("spec", ["var:tau=2", "gift", "adaptvis"])
+@pytest.mark.parametrize("spec", ["var:tau=2", "gift:words=all,query_start=1,query_end=1", "gift:variant=paper",
+                                  "adaptvis"])
 def test_batched_equals_alone(family, spec):
     model, processor = tiny_model(family)
     ve.wrap(model, spec)
@@ -353,6 +354,9 @@ def test_batched_equals_alone(family, spec):
         ("ocr_sink", "heads=layer.head"),
         ("ocr_sink:heads=1x2", "layer.head"),
         ("gift:saliency_layer=3", "before the boosted layers"),
+        ("gift:variant=other", "variant"),
+        ("gift:beta=2", "variant=paper"),
+        ("gift", "words=all"),  # content words need a tokenizer: an in-memory model has no name_or_path
         ("vhr:layers=2-9", "not in"),
     ],
 )
@@ -403,6 +407,6 @@ def test_gift_default_layers_keep_the_saliency_layer_first(layers, source, boost
 
     from vlm_efficient.heads.gift import GIFT
 
-    gift = GIFT()
+    gift = GIFT(words="all")  # content words would load the model's tokenizer
     gift.bind(SimpleNamespace(num_layers=layers))
     assert (gift.source, gift.chosen) == (source, boosted)

@@ -91,7 +91,7 @@ CASES = {
     "naavit+pai:alpha=0.5": ({0: "mask", 1: "mask", 2: "dense", 3: "dense"}, layers("group", {2, 3})),
     "visionzip+vaf": (layers("group", {1, 2}), layers("group", {1, 2})),
     "pdrop:layers=1/2/3,ratio=0.5+var:tau=2": None,
-    "gift": None,  # no structured form: dense where it edits
+    "gift:words=all,query_start=1,query_end=1": None,  # no structured form: dense where it edits
     "cmai": (layers("dense", range(LAYERS)), layers("sdpa", ())),
 }
 # every family for the methods whose layout handling differs by family; llava and qwen2_vl for the others

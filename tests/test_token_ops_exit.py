@@ -139,3 +139,32 @@ def test_bad_parameters_are_refused(tmp_path):
     with pytest.raises(ValueError, match="hidden size 32"):
         ve.wrap(model, f"dyvte:gates={tmp_path / 'small.pt'}")
     assert not ve.is_wrapped(model)
+
+
+def test_bare_dyvte_loads_the_gates_shipped_for_its_model(tmp_path, monkeypatch):
+    """A bare `dyvte` finds the shipped gate file whose fingerprint is the wrapped model's (the package ships the
+    testbed's); a model without shipped gates is refused with the two ways forward."""
+    from vlm_efficient.token_ops import dyvte
+
+    path = tmp_path / "dyvte_gates_tiny.pt"
+    dyvte_train.main(["--model", "tiny:llava", "--out", str(path), "--samples", "2", "--steps", "2",
+                      "--gate-hidden", "8", "--min-layer", "1"])  # fmt: skip
+    monkeypatch.setattr(dyvte, "SHIPPED_GATES", [path])
+    model, _ = tiny_model("llava")
+    ve.wrap(model, "dyvte:min_layer=1")
+    assert sorted(ve.engine_of(model).methods[0].gate_modules) == [1, 2]
+    ve.unwrap(model)
+    other, _ = tiny_model("llava", seed=1)  # same shape, other weights: not the model the gates were trained for
+    with pytest.raises(ValueError, match="rule=attention"):
+        ve.wrap(other, "dyvte:min_layer=1")
+
+
+def test_the_shipped_testbed_gates_run_a_bare_dyvte():
+    from vlm_efficient.evals.testbed import load_testbed
+    from vlm_efficient.token_ops.dyvte import SHIPPED_GATES, shipped_gates
+
+    model, _ = load_testbed()
+    assert [p.name for p in SHIPPED_GATES] == ["dyvte_gates_testbed.pt"] and shipped_gates(model) == SHIPPED_GATES[0]
+    ve.wrap(model, "dyvte")
+    assert sorted(ve.engine_of(model).methods[0].gate_modules) == [2, 3, 4]
+    ve.unwrap(model)

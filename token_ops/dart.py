@@ -6,6 +6,13 @@ At layer K (default 2), pick pivot tokens by the L1 norm of their layer K-1 keys
 cosine-similar to it (similarity of the hidden states entering layer K after the model's final norm), int(n (1-R) /
 #pivots) per pivot, removing them from the candidates; keep the image pivots too. Needs no attention weights, so
 every layer stays on SDPA. Pivots are visited in position order (the public code visits a Python set).
+
+`count=code`: the authors' runs (github.com/ZichenWen1/DART, last commit of the author 5a19452,
+llava/model/language_model/modeling_llama_self.py: get_retained_image_token, with the scripts' max_num_trunction
+128 at ratio 0.778) keep `truncation // #pivots` per pivot whatever the ratio: 16 per pivot and 4 + 8 x 16 = 132
+image tokens of LLaVA-1.5's 576, where the paper's count gives 15 and 124. At the scripts' other settings pass
+their max_num_trunction as `truncation`. Either count is capped by the candidates left (the public code would fail).
+Kept tokens keep their original positions, as in the authors' code (position_ids = keep_indexs).
 """
 
 from __future__ import annotations
@@ -27,6 +34,8 @@ class DART(Method):
     ratio: float = 0.778
     image_pivots: int = 4
     text_pivots: int = 4
+    count: str = "ratio"  # "code": truncation // #pivots per pivot, as the authors' scripts run it
+    truncation: int = 128  # count=code: the scripts' max_num_trunction
 
     def bind(self, engine) -> None:
         check_drop_ratio("dart", self.ratio)
@@ -34,6 +43,11 @@ class DART(Method):
             raise ValueError(f"dart: layer={self.layer} must be in [1, {engine.num_layers - 1}]")
         if self.image_pivots < 1 or self.text_pivots < 0:
             raise ValueError("dart: image_pivots must be >= 1 and text_pivots >= 0")
+        if self.count not in ("ratio", "code"):
+            raise ValueError(f"dart: count={self.count!r}: use ratio (the paper's n (1-R) / #pivots per pivot) or code "
+                             "(the authors' truncation // #pivots)")
+        if self.truncation < 0:
+            raise ValueError(f"dart: truncation={self.truncation} must be >= 0")
         self.final_norm = engine.adapter.text_model(engine.model).norm
 
     def prune_layers(self) -> set[int]:
@@ -60,7 +74,10 @@ class DART(Method):
         n_image = visual.sum(1)
         kept = top_k_mask(key_norm, visual, n_image.clamp(max=self.image_pivots))
         pivots = kept | top_k_mask(key_norm, question, question.sum(1).clamp(max=self.text_pivots))
-        per_pivot = torch.floor(n_image.double() * (1 - self.ratio) / (self.image_pivots + self.text_pivots)).long()
+        if self.count == "code":
+            per_pivot = torch.full_like(n_image, self.truncation // (self.image_pivots + self.text_pivots))
+        else:
+            per_pivot = torch.floor(n_image.double() * (1 - self.ratio) / (self.image_pivots + self.text_pivots)).long()
         # the pivots of each sample in position order, [B, P]; a slot past a sample's own pivots has order n
         n = visual.shape[1]
         rows = torch.arange(n, device=visual.device).expand_as(visual)

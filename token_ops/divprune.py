@@ -4,6 +4,15 @@ Before the LLM, per image: keep the (1 - R) most diverse projected visual featur
 cosine distance: first the token farthest from its nearest neighbour, then repeatedly the token whose distance to
 the already chosen set is largest. Chosen tokens are excluded explicitly (the public code relies on their zero
 self-distance, which only differs for exact duplicates).
+
+The default ratio 0.5 keeps half of each image, a middle setting for comparisons; the authors' scripts
+(github.com/vbdi/divprune, run_Divprune.sh and README: SUBSET_RATIO=0.098, "the default retained ratio") keep 9.8%
+of LLaVA-1.5's 576 tokens (56), i.e. `ratio=0.902`.
+
+Positions: the authors' code gathers the position ids of the kept tokens (llava_arch.py: position_ids[:, keep_indexs],
+original positions where position_ids are given) but LLaVA's generate passes none there, and the model then numbers
+the shrunk prompt contiguously: `positions=renumber`. The default keeps the original positions (not yet measured
+against each other on the testbed).
 """
 
 from __future__ import annotations
@@ -13,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from vlm_efficient.method import BEFORE_LLM, Method
-from vlm_efficient.selection import check_drop_ratio, keep_per_image
+from vlm_efficient.selection import check_drop_ratio, check_positions, keep_per_image
 
 
 def max_min_diverse(features: torch.Tensor, count: int) -> torch.Tensor:
@@ -41,9 +50,11 @@ class DivPrune(Method):
     summary = "keep each image's most diverse visual features (greedy max-min cosine distance) before the LLM"
 
     ratio: float = 0.5
+    positions: str = "original"  # or renumber: contiguous positions for the kept tokens (see above)
 
     def bind(self, engine) -> None:
         check_drop_ratio("divprune", self.ratio)
+        check_positions("divprune", self.positions, engine)
 
     def prune_layers(self) -> set[int]:
         return {BEFORE_LLM}

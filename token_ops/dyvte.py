@@ -8,7 +8,11 @@ samples at different stages; an exited sample's later layers and their KV cache 
 - `rule="gate"` (the paper): a small gate per layer reads [mean hidden state of the question tokens before the last
   one, hidden state of the last prompt token] after layer l and says "exit" when its logit 1 beats logit 0. Gates are
   trained with `token_ops/dyvte_train.py` (model frozen; label = "dropping the visual tokens after l changes neither
-  the argmax answer nor the loss by more than 3%", as in the public code) and loaded from `gates=<file>`.
+  the argmax answer nor the loss by more than 3%", as in the public code) and loaded from `gates=<file>`. Without
+  `gates`, the gates shipped with the package for the wrapped model are used: the package ships them for the
+  testbed (dyvte_gates_testbed.pt, recognised by a fingerprint of the model: its shape and first embedding rows), so
+  a bare `dyvte` runs there. For any other model a bare `dyvte` is refused with the two ways forward (train gates,
+  or `rule=attention`): switching silently to another rule would put another method's numbers under its name.
 - `rule="attention"` (training-free option): exit after the first layer l >= min_layer where the head-averaged
   attention that the last prompt token pays all visual tokens falls below `threshold`.
 - `rule="fixed"`: every sample exits after layer `min_layer` (the training script's probe, and a baseline).
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -28,6 +33,25 @@ from torch import nn
 from vlm_efficient.method import AttentionRequest, Method
 
 GATE_FORMAT = "dyvte-gates/1"
+SHIPPED_GATES = sorted(Path(__file__).resolve().parent.glob("dyvte_gates_*.pt"))  # gates for the shipped testbeds
+
+
+def model_fingerprint(model) -> str:
+    """A model's identity for shipped gates: its language model's depth, width and vocabulary, and a checksum of its
+    first embedding rows (4 significant digits: the same weights in fp16 or fp32 agree)."""
+    config = model.config.get_text_config()
+    embed = model.get_input_embeddings().weight[:8].detach().double().abs().sum()
+    return f"{config.num_hidden_layers}x{config.hidden_size}/{config.vocab_size}/{float(embed):.4g}"
+
+
+def shipped_gates(model) -> Path | None:
+    """The shipped gate file trained for `model`, or None."""
+    fingerprint = model_fingerprint(model)
+    for path in SHIPPED_GATES:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+        if data.get("info", {}).get("fingerprint") == fingerprint:
+            return path
+    return None
 
 
 def make_gate(hidden_size: int, gate_hidden: int) -> nn.Module:
@@ -108,10 +132,17 @@ class DyVTE(Method):
         self.gate_modules = {}
         if self.rule == "gate":
             hidden_size = engine.text_config.hidden_size
-            self.gate_modules = load_gates(self.gates, hidden_size)
+            path = self.gates or shipped_gates(engine.model)
+            if path is None:
+                raise ValueError(
+                    "dyvte: rule=gate needs gates=<file>; the package ships gates for the testbed only. Train gates "
+                    "for this model (python -m vlm_efficient.token_ops.dyvte_train --out gates.pt, then "
+                    "gates=gates.pt) or use the training-free rule=attention."
+                )
+            self.gate_modules = load_gates(path, hidden_size)
             missing = [l for l in range(self.min_layer, self.num_layers - 1) if l not in self.gate_modules]
             if missing:
-                raise ValueError(f"dyvte: {self.gates} has no gate for layers {missing}; lower min_layer or retrain")
+                raise ValueError(f"dyvte: {path} has no gate for layers {missing}; raise min_layer or retrain")
 
     def prune_layers(self) -> set[int]:
         return set(range(self.min_layer + 1, self.num_layers))

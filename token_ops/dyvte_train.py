@@ -19,7 +19,7 @@ import random
 import torch
 
 import vlm_efficient as ve
-from vlm_efficient.token_ops.dyvte import DyVTE, gate_features, make_gate, save_gates
+from vlm_efficient.token_ops.dyvte import DyVTE, gate_features, make_gate, model_fingerprint, save_gates
 
 
 def _append(inputs: dict, ids: torch.Tensor) -> dict:
@@ -157,7 +157,8 @@ def main(argv=None) -> None:
     hidden_size = ve.get_adapter(model).text_config(model).hidden_size
     gates = train(data, hidden_size, args.gate_hidden, args.steps)
     rates = {l: round(float(y.float().mean()), 3) for l, (_, y) in data.items()}
-    save_gates(args.out, gates, hidden_size, args.gate_hidden, model=args.model, exit_label_rate=rates)
+    save_gates(args.out, gates, hidden_size, args.gate_hidden, model=args.model, exit_label_rate=rates,
+               fingerprint=model_fingerprint(model), samples=args.samples, steps=args.steps)
     print(f"wrote {len(gates)} gates to {args.out}; share of 'exit' labels per layer: {rates}")
 
 

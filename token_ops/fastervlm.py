@@ -5,13 +5,17 @@ Before the LLM, keep each image's (LLaVA-NeXT: each tile's) top (1 - R) patch to
 tower's [CLS] token pays them in the feature layer (vision_feature_layer, -2), averaged over heads; LLaVA-NeXT's row
 newlines always stay (public code). Selection only, no merging. Needs a [CLS] token: Qwen towers have none (there
 VisionZip's attention-mean variant is the counterpart).
+
+Positions: the authors' code (github.com/Theia-4869/FasterVLM) feeds the kept tokens with contiguous positions
+(`positions=renumber`); the default keeps their original positions (`positions=original`), like every other method
+here (not yet measured against each other on the testbed).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vlm_efficient.selection import check_drop_ratio
+from vlm_efficient.selection import check_drop_ratio, check_positions
 
 from .vision_capture import VisionTowerMethod, grid_counts, top
 
@@ -22,9 +26,11 @@ class FasterVLM(VisionTowerMethod):
     summary = "keep each image's patches with the highest vision [CLS] attention, before the LLM"
 
     ratio: float = 0.75
+    positions: str = "original"  # or renumber: contiguous positions for the kept tokens, as the authors' code
 
     def bind(self, engine) -> None:
         check_drop_ratio("fastervlm", self.ratio)
+        check_positions("fastervlm", self.positions, engine)
         if engine.model.config.model_type not in ("llava", "llava_next"):
             raise ValueError(
                 "fastervlm: ranks by the vision tower's [CLS] attention and this vision tower has no [CLS] token; "

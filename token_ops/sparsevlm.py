@@ -7,8 +7,10 @@ Inference").
 2. At each sparse layer (2, 6, 15 of 32, scaled to the depth) the layer's own attention P (head average, rater rows x
    visual columns) ranks the visual tokens by their mean over raters; after the layer, N = lam x (L_v - rank(P)) of
    the L_v visual tokens are deleted (paper; lam is the paper's scaling factor, tuned per token budget). The public code
-   instead keeps fixed counts per stage (e.g. 303/110/36 of 576 for its 128-token setting): `keep=0.526/0.191/0.0625`
-   gives that variant as shares of the image's tokens.
+   (github.com/Gumpest/SparseVLMs, llava/model/language_model/score.py: sparse_token_dict) instead keeps fixed counts
+   per stage out of 576, one table per token budget: its default budget, RETAIN_TOKN=192, keeps 300/200/110
+   (`keep=0.521/0.347/0.191`); 128: 303/110/36 (`keep=0.526/0.191/0.0625`); 96: 238/48/26; 64: 66/30/17 (v1.0
+   tables; USE_VERSION=2_0 has others). `keep` gives that variant as shares of the image's tokens.
 3. Recycling: the top 30% of the deleted tokens by score (int(0.3 n) + 1) are clustered by density-peak kNN clustering
    (DPC-kNN, k = number of clusters = int(0.1 m) + 1) on their hidden states and each cluster is averaged into one
    token. The public code appends the merged tokens after the kept ones with renumbered positions; here each merged

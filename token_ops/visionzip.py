@@ -12,6 +12,11 @@ heads) in the vision tower, splits dominant : contextual as 65 : 5 and merges th
 features); that is `contextual=None`'s default there (10 : 54 on CLIP towers, the paper's 64-token setting). The
 [CLS] token is dominant in the public code; here it reaches the LLM only with vision_feature_select_strategy='full'
 (and then always stays), as the prompt has no placeholder for it otherwise.
+
+Positions: the authors' LLaVA code feeds [CLS] and the dominant tokens, then the contextual ones, with contiguous
+positions. `positions=renumber` gives the kept tokens contiguous positions in prompt order (dominant and contextual
+interleaved as they lie in the image; the authors' reordering, dominant first, is not reproduced); the default keeps
+their original positions (not yet measured against each other on the testbed).
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vlm_efficient.selection import check_drop_ratio, top_k_mask
+from vlm_efficient.selection import check_drop_ratio, check_positions, top_k_mask
 
 from .vision_capture import VisionTowerMethod
 
@@ -34,9 +39,11 @@ class VisionZip(VisionTowerMethod):
 
     ratio: float = 0.889
     contextual: float | None = None
+    positions: str = "original"  # or renumber: contiguous positions for the kept tokens
 
     def bind(self, engine) -> None:
         check_drop_ratio("visionzip", self.ratio)
+        check_positions("visionzip", self.positions, engine)
         if self.contextual is not None and not 0 <= self.contextual < 1:
             raise ValueError(f"visionzip: contextual={self.contextual} must be in [0, 1): the contextual share")
         qwen = engine.model.config.model_type.startswith("qwen")

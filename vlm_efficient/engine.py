@@ -18,7 +18,8 @@ step, which would re-decide each method on a different prompt: a wrapped model k
 feeds the model only the new tokens, so its tokens are those of the default, cached generate() (its memory too).
 
 Positions: every row and every cached key is identified by its ORIGINAL position in the prompt (the column of the
-2-D attention mask). Pruned tokens keep their original positions, so rotary phases and decoding stay right.
+2-D attention mask). Pruned tokens keep their original positions, so rotary phases and decoding stay right
+(methods that drop tokens before the LLM may ask for contiguous ones instead: `positions=renumber`).
 """
 
 from __future__ import annotations
@@ -103,6 +104,14 @@ def build_mask(query_positions: torch.Tensor, key_positions: torch.Tensor, atten
     if q == kv:
         allowed |= (query_positions < 0)[:, :, None] & torch.eye(q, dtype=torch.bool, device=allowed.device)
     return allowed[:, None]
+
+
+def renumbered(position_ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Position ids [B, n] of a shrunk prompt made contiguous over its valid rows [B, n]: each sample's first valid
+    row keeps its position and the next valid rows follow one by one (methods with positions=renumber)."""
+    position_ids = position_ids.expand(valid.shape[0], -1)
+    first = position_ids.gather(1, valid.long().argmax(1, keepdim=True))
+    return torch.where(valid, first + valid.long().cumsum(1) - 1, position_ids)
 
 
 def left_aligned_index(keep: torch.Tensor) -> tuple[torch.Tensor | None, bool]:
@@ -594,6 +603,8 @@ class Engine:
         if position_ids is None:
             position_ids = torch.arange(run.prompt_length, device=embeds.device)[None]
         position_ids = _gather_seq(position_ids, index.clamp(min=0), seq_dim=-1)
+        if any(getattr(m, "positions", "original") == "renumber" for m in self.methods if BEFORE_LLM in m.prune_layers()):
+            position_ids = renumbered(position_ids, kwargs["attention_mask"].bool())
         kwargs["position_ids"] = position_ids
         run.last_position_ids = position_ids[..., -1]
 

@@ -10,6 +10,20 @@ def check_drop_ratio(method: str, ratio: float) -> None:
         raise ValueError(f"{method}: ratio={ratio} must be in [0, 1): the share of image tokens to drop")
 
 
+POSITIONS = ("original", "renumber")
+
+
+def check_positions(method: str, positions: str, engine) -> None:
+    """`positions` of a method that drops tokens before the LLM: original (the kept tokens keep their prompt
+    positions) or renumber (contiguous positions for the kept tokens, as the authors' code feeds them); renumbering
+    needs 1-D position ids: Qwen's 3-D rotary positions of an image grid have no contiguous renumbering."""
+    if positions not in POSITIONS:
+        raise ValueError(f"{method}: positions={positions!r}: use original or renumber")
+    if positions == "renumber" and engine.model.config.model_type.startswith("qwen"):
+        raise ValueError(f"{method}: positions=renumber needs 1-D position ids; Qwen's are 3-D (time, row, column) "
+                         "per image token: use positions=original")
+
+
 def keep_per_image(run, ratio: float, choose) -> torch.Tensor:
     """Keep every non-visual row and, of each image, the rows `choose` picks, with count = round((1 - ratio) * n) of
     its n rows. Images with the same n are chosen in one call (a per-image call would cost a batch of 200 images
