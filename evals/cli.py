@@ -61,10 +61,13 @@ def _eval(args) -> int:
 def _sweep(args) -> int:
     from .sweep import sweep
 
+    from vlm_efficient.registry import split_specs
+
     tasks = _tasks(args.tasks)
     ratios = [float(r) for r in args.ratios.split(",") if r.strip()]
+    methods = ["all"] if args.methods.strip() == "all" else split_specs(args.methods)
     model, processor = _load(args)
-    table = sweep(model, processor, tasks, args.output, methods=args.methods.split(";"), ratios=ratios,
+    table = sweep(model, processor, tasks, args.output, methods=methods, ratios=ratios,
                   speed_repeats=args.speed_repeats, limit=args.limit, batch_size=args.batch_size,
                   max_new_tokens=args.max_new_tokens, data_dir=args.data_dir, model_name=args.model,
                   progress=not args.no_progress)  # fmt: skip
@@ -78,10 +81,12 @@ def _bench(args) -> int:
 
     from vlm_efficient.models import default_device
 
+    from vlm_efficient.registry import split_specs
+
     from .bench import bench, format_bench, format_profile
 
     args.device = args.device or default_device()
-    result = bench(args.model, [""] + [m for m in args.methods.split(";") if m.strip()], device=args.device,
+    result = bench(args.model, [""] + split_specs(args.methods), device=args.device,
                    dtype=getattr(torch, args.dtype), layers=args.layers, batch_size=args.batch_size,
                    image_size=args.image_size, max_new_tokens=args.max_new_tokens, repeats=args.repeats,
                    output=args.output, profile=args.profile)  # fmt: skip
