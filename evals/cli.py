@@ -122,11 +122,13 @@ def register(subparsers) -> None:
     p.set_defaults(func=_bench)
     p.add_argument("--methods", default="fastv:layer=2,ratio=0.5", help="';'-separated specs, each against the base")
     p.add_argument("--layers", type=int, default=None,
-                   help=f"decoder and vision layers of a random architecture ({', '.join(ARCHS)}); 2 on CPU")  # fmt: skip
+                   help=f"decoder and vision layers of a random architecture ({', '.join(ARCHS)}); default: all on "
+                        "GPU, 3 on CPU; one that does not fit the device's memory is refused")  # fmt: skip
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--image-size", type=int, default=None, help="square image side in pixels (default per model)")
     p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--repeats", type=int, default=3, help="timed rounds per method; each measure is its best round")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="timed rounds per method; each measure is its best round, shown with the rounds' range")
     p.add_argument("--output", default=None, help="directory for bench.json, bench.md and bench.png")
     p.add_argument("--profile", action="store_true",
                    help="also profile one prefill and one generate() per method: host ops, syncs, GPU busy time")

@@ -173,3 +173,74 @@ def test_bootstrap_error_is_that_of_the_defined_resamples():
     exact = float(np.std(ratios))
     samples = [{"x": x, "d": d} for x, d in docs]
     assert ratio_stderr(samples, "x", "d", iters=20000) == pytest.approx(exact, rel=0.03)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# bench: CPU defaults, memory, the image as the model sees it, speed with its spread
+
+
+def test_bench_on_cpu_defaults_to_a_depth_that_fits(monkeypatch):
+    """A random 7B architecture on CPU gets CPU_LAYERS layers (its full depth took 23.5 GB and was killed)."""
+    import torch
+
+    from vlm_efficient.evals import archs, bench
+
+    built = []
+
+    def build(name, device, dtype, layers):
+        built.append(layers)
+        raise InterruptedError  # stop before materialising anything
+
+    monkeypatch.setattr(archs, "build_arch", build)
+    for layers in (None, 1):
+        with pytest.raises(InterruptedError):
+            bench.bench("llava-1.5-7b", [""], device="cpu", dtype=torch.bfloat16, layers=layers)
+    assert built == [bench.CPU_LAYERS, 1]
+
+
+def test_bench_refuses_an_architecture_that_does_not_fit_and_names_layers_that_do():
+    import torch
+
+    from vlm_efficient.evals.archs import arch_on_meta
+    from vlm_efficient.evals.bench import check_arch_fits
+
+    gib = 2**30
+    with pytest.raises(ValueError, match=r"needs 13\.\d GiB .* has 4\.0 GiB available: pass --layers (\d+)") as refused:
+        check_arch_fits("llava-1.5-7b", None, "cpu", torch.bfloat16, 4 * gib)
+    layers = int(re.search(r"--layers (\d+)", str(refused.value)).group(1))
+    check_arch_fits("llava-1.5-7b", layers, "cpu", torch.bfloat16, 4 * gib)  # the advice fits
+    one_more = sum(p.numel() for p in arch_on_meta("llava-1.5-7b", layers + 1)[0].parameters()) * 2
+    assert one_more > 0.8 * 4 * gib  # and is the largest that does
+    with pytest.raises(ValueError, match="does not fit even with --layers 1"):
+        check_arch_fits("qwen2-vl-7b", None, "cpu", torch.bfloat16, gib)
+
+
+def test_bench_reports_the_image_the_model_sees_and_the_spread_of_its_rounds(tmp_path, capsys):
+    out = tmp_path / "bench"
+    args = ["bench", "--model", "tiny:llava", "--methods", "fastv:ratio=0", "--image-size", "200", "--repeats", "3",
+            "--max-new-tokens", "3", "--output", str(out)]  # fmt: skip
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    result = json.loads((out / "bench.json").read_text())
+    crop = tiny_model("llava")[1].image_processor.crop_size  # the tiny CLIP resizes and crops every image to this
+    seen = f"{crop['height']}x{crop['width']} px"
+    assert result["image_size"] == 200 and result["model_image"] == seen
+    assert f"image 200 px, {seen} as the model sees it" in printed
+    assert "best of 3 interleaved rounds" in printed
+    noop = result["runs"]["fastv:ratio=0"]
+    for key in ("prefill_ms", "ttft_ms", "decode_tokens_per_s", "prefill_speedup", "decode_speedup"):
+        assert len(noop["rounds"][key]) == 3, key
+    base_prefill, prefill = result["runs"]["base"]["rounds"]["prefill_ms"], noop["rounds"]["prefill_ms"]
+    assert noop["rounds"]["prefill_speedup"] == [b / m for b, m in zip(base_prefill, prefill)]
+    low, high = min(noop["rounds"]["prefill_speedup"]), max(noop["rounds"]["prefill_speedup"])
+    assert low <= noop["prefill_speedup"] <= high  # the ratio of the best rounds lies in the rounds' range
+    row = next(line for line in printed.splitlines() if line.startswith("| fastv:ratio=0 |"))
+    assert f"{noop['prefill_speedup']:.2f}x [{low:.2f}-{high:.2f}x]" in row
+    print(f"no-op fastv:ratio=0 prefill speed-up {noop['prefill_speedup']:.2f}x [{low:.2f}x-{high:.2f}x]")
+
+
+def test_single_runs_are_labelled():
+    from vlm_efficient.evals.bench import with_spread
+
+    assert with_spread(1.2345, [1.2345], ".2f", "x") == "1.23x (1 run)"
+    assert with_spread(10.0, [10.0, 12.5, 11.0]) == "10.0 [10.0-12.5]"
