@@ -110,8 +110,9 @@ def register(subparsers) -> None:
                         "'all': every registered method (sweep.ALL)")  # fmt: skip
     p.add_argument("--ratios", default="0.5,0.75,0.889",
                    help="pruning ratios, comma-separated (default %(default)s: 576 -> 288 / 144 / 64 tokens)")
-    p.add_argument("--speed-repeats", type=int, default=3,
-                   help="batch-1 TTFT and decode timing rounds per run, the best reported (0: none; default %(default)s)")
+    p.add_argument("--speed-repeats", "--repeats", type=int, default=3,
+                   help="batch-1 TTFT and decode timing rounds per run, the best reported with the rounds' range "
+                        "(1: a single run, labelled so; 0: none; default %(default)s)")
     _eval_args(p)
     p.set_defaults(func=_sweep)
 

@@ -244,3 +244,24 @@ def test_single_runs_are_labelled():
 
     assert with_spread(1.2345, [1.2345], ".2f", "x") == "1.23x (1 run)"
     assert with_spread(10.0, [10.0, 12.5, 11.0]) == "10.0 [10.0-12.5]"
+
+
+@pytest.mark.parametrize("repeats", [1, 2])
+def test_sweep_speed_columns_show_their_spread_or_say_single_run(repeats, tmp_path, monkeypatch):
+    monkeypatch.setenv("VLM_EFFICIENT_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "sweep"
+    args = ["sweep", "--model", "tiny:llava", "--methods", "fastv:ratio=0", "--tasks", "testbed_pope", "--limit", "2",
+            "--batch-size", "2", "--max-new-tokens", "2", "--repeats", str(repeats), "--output", str(out),
+            "--no-progress"]  # fmt: skip
+    assert main(args) == 0
+    table = json.loads((out / "sweep.json").read_text())
+    noop = table["rows"][1]["batch1"]
+    assert len(noop["rounds"]["ttft_speedup"]) == repeats
+    markdown = (out / "sweep.md").read_text()
+    row = next(line for line in markdown.splitlines() if line.startswith("| pruning | fastv:ratio=0 |"))
+    assert "prefill ms (eval, 1 pass)" in markdown
+    if repeats == 1:
+        assert row.count("(1 run)") == 4 and "one timed round after a warm-up (1 run" in markdown
+    else:
+        low, high = min(noop["rounds"]["ttft_speedup"]), max(noop["rounds"]["ttft_speedup"])
+        assert f"{noop['ttft_speedup']:.2f}x [{low:.2f}-{high:.2f}x]" in row and "best of 2 rounds" in markdown
