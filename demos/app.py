@@ -168,7 +168,8 @@ def build_app(runner: DemoRunner, samples: dict) -> gr.Blocks:
         table = gr.Markdown(elem_id="numbers")
         with gr.Row():
             layer = gr.Slider(0, layers - 1, value=layers - 1, step=1, label="Layer")
-            head = gr.Dropdown([("mean of heads", -1)] + [(f"head {h}", h) for h in range(heads)], value=-1,
+            # string values: the API advertises a dropdown's values as strings, so that is what it must take
+            head = gr.Dropdown([("mean of heads", "-1")] + [(f"head {h}", str(h)) for h in range(heads)], value="-1",
                                label="Head")  # fmt: skip
         caption = gr.Markdown()
         with gr.Row():

@@ -176,6 +176,20 @@ def measure_all(model, inputs, specs: list[str], max_new_tokens: int, repeats: i
     return result
 
 
+def spread(values) -> tuple[float, float]:
+    """(min, max) of a measure's rounds (NaN rounds left out), or (nan, nan) when there is none."""
+    values = [v for v in values if v == v]
+    return (min(values), max(values)) if values else (float("nan"), float("nan"))
+
+
+def with_spread(value: float, rounds, fmt: str = ".1f", suffix: str = "") -> str:
+    """A measure with the range of its rounds: "12.3 [12.1-14.0]" (several rounds), "12.3 (1 run)" (one)."""
+    if len(rounds) < 2:
+        return f"{value:{fmt}}{suffix} (1 run)"
+    low, high = spread(rounds)
+    return f"{value:{fmt}}{suffix} [{low:{fmt}}-{high:{fmt}}{suffix}]"
+
+
 def measure(model, inputs, spec: str, max_new_tokens: int, repeats: int) -> dict:
     """measure_all for one spec."""
     return measure_all(model, inputs, [spec], max_new_tokens, repeats)[spec]
@@ -249,18 +263,73 @@ RATIOS = {  # name -> (measure, base / method when True: a speed-up; method / ba
 
 
 def add_ratios(run: dict, base: dict) -> None:
-    """Add to `run` its RATIOS to the base's measures."""
+    """Add to `run` its RATIOS to the base's measures; for the timed measures also the ratio in each round (the
+    spec's round i over the base's round i, timed in the same interleaved round), under run["rounds"][name]. The
+    ratio of the best rounds always lies within their range."""
     for name, (key, inverse) in RATIOS.items():
         if run.get(key) is None or base.get(key) is None:
             continue  # not measured on this device (GPU time)
         a, b = (base[key], run[key]) if inverse else (run[key], base[key])
         run[name] = a / b if b else float("nan")
+        mine, theirs = run.get("rounds", {}).get(key), base.get("rounds", {}).get(key)
+        if mine is not None and theirs is not None and len(mine) == len(theirs):
+            pairs = zip(theirs, mine) if inverse else zip(mine, theirs)
+            run["rounds"][name] = [a / b if b else float("nan") for a, b in pairs]
+
+
+CPU_LAYERS = 3  # layers of a random architecture on CPU unless --layers says otherwise (fastv:layer=2 needs 3)
+
+
+def _available_memory(device) -> int | None:
+    """Bytes the device can still take: free CUDA memory, or the host's MemAvailable (Linux) for the CPU."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        return None
+
+
+def check_arch_fits(name: str, layers: int | None, device, dtype: torch.dtype, available: int | None) -> None:
+    """Refuse, before building it, a random architecture whose weights alone take more than 80% of `available`
+    bytes, naming the largest --layers that fits (parameter counts on the meta device: linear in the depth)."""
+    from .archs import arch_on_meta
+
+    def weight_bytes(depth):
+        model = arch_on_meta(name, depth, dtype)[0]
+        return sum(p.numel() for p in model.parameters()) * dtype.itemsize
+
+    needed = weight_bytes(layers)
+    if available is None or needed <= 0.8 * available:
+        return
+    one, two = weight_bytes(1), weight_bytes(2)
+    fits = int((0.8 * available - (2 * one - two)) // (two - one))
+    advice = f"pass --layers {fits} or fewer" if fits >= 1 else "it does not fit even with --layers 1"
+    raise ValueError(
+        f"{name} with {layers or 'all its'} layers needs {needed / 2**30:.1f} GiB for its weights in "
+        f"{str(dtype).replace('torch.', '')} and {device} has {available / 2**30:.1f} GiB available: {advice}"
+    )
+
+
+def model_image_size(inputs, processor) -> str:
+    """The image as the model sees it after its processor: "336x336 px", "5 tiles of 336x336 px" (LLaVA-NeXT), or
+    the patch grid's side in pixels (Qwen)."""
+    if "image_grid_thw" in inputs:
+        _, rows, cols = inputs["image_grid_thw"][0].tolist()
+        patch = processor.image_processor.patch_size
+        return f"{rows * patch}x{cols * patch} px"
+    pixels = inputs["pixel_values"]
+    height, width = pixels.shape[-2:]
+    return f"{pixels.shape[1]} tiles of {height}x{width} px" if pixels.dim() == 5 else f"{height}x{width} px"
 
 
 def bench(model_name: str, specs: list[str], *, device="cpu", dtype=torch.float32, layers=None, batch_size=1,
           image_size=None, max_new_tokens=32, repeats=3, output=None, profile=False) -> dict:  # fmt: skip
     """Measure each spec (the first should be "", the base) on `model_name`; write bench.json / .md / .png to
-    `output` when given."""
+    `output` when given. A random architecture on CPU has CPU_LAYERS layers unless `layers` is given, and one
+    whose weights do not fit the device's memory is refused with the --layers that would."""
     from vlm_efficient import parse_methods
 
     from .archs import ARCHS, DEFAULT_IMAGE_SIZE, build_arch
@@ -272,6 +341,9 @@ def bench(model_name: str, specs: list[str], *, device="cpu", dtype=torch.float3
         raise ValueError("--repeats and --batch-size must be >= 1 and --max-new-tokens >= 2")
     torch.manual_seed(0)
     if model_name in ARCHS:
+        if layers is None and torch.device(device).type == "cpu":
+            layers = CPU_LAYERS
+        check_arch_fits(model_name, layers, device, dtype, _available_memory(device))
         model, processor = build_arch(model_name, device, dtype, layers)
     elif layers is not None:
         raise ValueError(f"--layers applies to the random architectures ({', '.join(ARCHS)}), not to {model_name!r}")
@@ -285,7 +357,8 @@ def bench(model_name: str, specs: list[str], *, device="cpu", dtype=torch.float3
         add_ratios(run, base)
     vision = vision_flops(model, inputs)
     result = {"model": model_name, "device": str(device), "dtype": str(dtype).replace("torch.", ""), "layers": layers,
-              "batch_size": batch_size, "image_size": size, "max_new_tokens": max_new_tokens, "repeats": repeats,
+              "batch_size": batch_size, "image_size": size, "model_image": model_image_size(inputs, processor),
+              "max_new_tokens": max_new_tokens, "repeats": repeats,
               "parameters": sum(p.numel() for p in model.parameters()), "vision_flops": vision,
               "runs": runs}  # fmt: skip
     _write(result, output)
@@ -308,20 +381,34 @@ def _write(result: dict, output) -> None:
 
 
 def format_bench(result: dict) -> str:
-    """A markdown table, one row per method."""
+    """A markdown table, one row per method; each speed with the range of its rounds."""
+    seen = result.get("model_image")
+    image = f"image {result['image_size']} px" + (f", {seen} as the model sees it" if seen else "")
     head = (f"{result['model']} on {result['device']} ({result['dtype']}, batch {result['batch_size']}, "
-            f"image {result['image_size']} px, {result['max_new_tokens']} new tokens"
+            f"{image}, {result['max_new_tokens']} new tokens"
             f"{', ' + str(result['layers']) + ' layers' if result['layers'] else ''})")  # fmt: skip
-    lines = [head, "",
+    rounds = result["repeats"]
+    note = (f"Speeds: the best of {rounds} interleaved rounds [the range over the rounds]; speed-ups: best over best "
+            "[the range of the per-round ratios, base and method timed in the same round]: a range that holds 1.00x "
+            "is no measurable change." if rounds > 1 else
+            "Speeds: one timed round (1 run), no spread: pass --repeats 3 or more to see the noise.")  # fmt: skip
+    lines = [head, "", note, "",
              "| methods | visual tokens kept | prefill ms | TTFT ms | decode tok/s | peak MiB | KV MiB | prefill GFLOPs "
              "| prefill speed-up | decode speed-up | KV ratio | FLOPs ratio |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for name, r in result["runs"].items():
+        timed = r.get("rounds", {})
+
+        def cell(key, fmt=".1f", suffix=""):
+            if key not in timed:  # a result written before the per-round ratios were kept
+                return f"{r[key]:{fmt}}{suffix}"
+            return with_spread(r[key], timed[key], fmt, suffix)
+
         lines.append(
-            f"| {name} | {r['visual_tokens_kept']:.0f} / {r['visual_tokens']:.0f} | {r['prefill_ms']:.1f} | "
-            f"{r['ttft_ms']:.1f} | {r['decode_tokens_per_s']:.1f} | {r['peak_memory_bytes'] / 2**20:.0f} | "
-            f"{r['kv_cache_bytes'] / 2**20:.1f} | {r['prefill_flops'] / 1e9:.1f} | {r['prefill_speedup']:.2f}x | "
-            f"{r['decode_speedup']:.2f}x | {r['kv_ratio']:.2f} | {r['flops_ratio']:.2f} |"
+            f"| {name} | {r['visual_tokens_kept']:.0f} / {r['visual_tokens']:.0f} | {cell('prefill_ms')} | "
+            f"{cell('ttft_ms')} | {cell('decode_tokens_per_s')} | {r['peak_memory_bytes'] / 2**20:.0f} | "
+            f"{r['kv_cache_bytes'] / 2**20:.1f} | {r['prefill_flops'] / 1e9:.1f} | {cell('prefill_speedup', '.2f', 'x')} | "
+            f"{cell('decode_speedup', '.2f', 'x')} | {r['kv_ratio']:.2f} | {r['flops_ratio']:.2f} |"
         )
     return "\n".join(lines)
 

@@ -61,10 +61,13 @@ def _eval(args) -> int:
 def _sweep(args) -> int:
     from .sweep import sweep
 
+    from vlm_efficient.registry import split_specs
+
     tasks = _tasks(args.tasks)
     ratios = [float(r) for r in args.ratios.split(",") if r.strip()]
+    methods = ["all"] if args.methods.strip() == "all" else split_specs(args.methods)
     model, processor = _load(args)
-    table = sweep(model, processor, tasks, args.output, methods=args.methods.split(";"), ratios=ratios,
+    table = sweep(model, processor, tasks, args.output, methods=methods, ratios=ratios,
                   speed_repeats=args.speed_repeats, limit=args.limit, batch_size=args.batch_size,
                   max_new_tokens=args.max_new_tokens, data_dir=args.data_dir, model_name=args.model,
                   progress=not args.no_progress)  # fmt: skip
@@ -78,10 +81,12 @@ def _bench(args) -> int:
 
     from vlm_efficient.models import default_device
 
+    from vlm_efficient.registry import split_specs
+
     from .bench import bench, format_bench, format_profile
 
     args.device = args.device or default_device()
-    result = bench(args.model, [""] + [m for m in args.methods.split(";") if m.strip()], device=args.device,
+    result = bench(args.model, [""] + split_specs(args.methods), device=args.device,
                    dtype=getattr(torch, args.dtype), layers=args.layers, batch_size=args.batch_size,
                    image_size=args.image_size, max_new_tokens=args.max_new_tokens, repeats=args.repeats,
                    output=args.output, profile=args.profile)  # fmt: skip
@@ -105,8 +110,9 @@ def register(subparsers) -> None:
                         "'all': every registered method (sweep.ALL)")  # fmt: skip
     p.add_argument("--ratios", default="0.5,0.75,0.889",
                    help="pruning ratios, comma-separated (default %(default)s: 576 -> 288 / 144 / 64 tokens)")
-    p.add_argument("--speed-repeats", type=int, default=3,
-                   help="batch-1 TTFT and decode timing rounds per run, the best reported (0: none; default %(default)s)")
+    p.add_argument("--speed-repeats", "--repeats", type=int, default=3,
+                   help="batch-1 TTFT and decode timing rounds per run, the best reported with the rounds' range "
+                        "(1: a single run, labelled so; 0: none; default %(default)s)")
     _eval_args(p)
     p.set_defaults(func=_sweep)
 
@@ -117,11 +123,13 @@ def register(subparsers) -> None:
     p.set_defaults(func=_bench)
     p.add_argument("--methods", default="fastv:layer=2,ratio=0.5", help="';'-separated specs, each against the base")
     p.add_argument("--layers", type=int, default=None,
-                   help=f"decoder and vision layers of a random architecture ({', '.join(ARCHS)}); 2 on CPU")  # fmt: skip
+                   help=f"decoder and vision layers of a random architecture ({', '.join(ARCHS)}); default: all on "
+                        "GPU, 3 on CPU; one that does not fit the device's memory is refused")  # fmt: skip
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--image-size", type=int, default=None, help="square image side in pixels (default per model)")
     p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--repeats", type=int, default=3, help="timed rounds per method; each measure is its best round")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="timed rounds per method; each measure is its best round, shown with the rounds' range")
     p.add_argument("--output", default=None, help="directory for bench.json, bench.md and bench.png")
     p.add_argument("--profile", action="store_true",
                    help="also profile one prefill and one generate() per method: host ops, syncs, GPU busy time")

@@ -76,7 +76,9 @@ def ratio_of_sums(samples: list[dict], num, den=None) -> float:
 
 def ratio_stderr(samples: list[dict], num, den=None, iters: int = 1000, seed: int = 1234) -> float | None:
     """Standard error: of the mean as lmms-eval computes it (sample std / sqrt(n)) for a plain mean, else a seeded
-    bootstrap over samples (deterministic, so a resumed run reports the same value)."""
+    bootstrap over samples (deterministic, so a resumed run reports the same value). A resample whose denominator is
+    0 has no ratio (precision without a predicted yes): it is left out, and the error is None (undefined) when fewer
+    than half of the resamples have one (a tiny split, where the bootstrap says little)."""
     n = len(samples)
     if n < 2:
         return None
@@ -86,8 +88,10 @@ def ratio_stderr(samples: list[dict], num, den=None, iters: int = 1000, seed: in
     y = _column(samples, den)
     counts = np.random.default_rng(seed).multinomial(n, np.full(n, 1.0 / n), size=iters)
     num_sums, den_sums = counts @ x, counts @ y
-    ratios = np.divide(num_sums, den_sums, out=np.zeros_like(num_sums), where=den_sums > 0)
-    return float(ratios.std(ddof=1))
+    defined = den_sums > 0
+    if defined.sum() < max(2, iters / 2):
+        return None
+    return float((num_sums[defined] / den_sums[defined]).std(ddof=1))
 
 
 # ----------------------------------------------------------------------------------------------------------------

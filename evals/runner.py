@@ -3,7 +3,8 @@
     results = evaluate(model, processor, ["testbed_pope"], "runs/fastv", methods="fastv:layer=2,ratio=0.5")
 
 Output directory:
-    run_config.json           the settings; a restart must use the same ones (else: another --output)
+    run_config.json           the settings, written once the run starts (the model took the spec, the data loaded);
+                              a restart must use the same ones (else: another --output)
     samples_<task>.jsonl      one line per finished document (doc_id, doc, target, resps, filtered_resps, input,
                               the per-sample metric fields, efficiency), appended batch by batch as they finish
     results.json              lmms-eval's layout: results{task: {"metric,none": v, "metric_stderr,none": s}},
@@ -258,6 +259,7 @@ def efficiency_summary(samples: list[dict]) -> dict:
 
 
 def _check_settings(out: Path, settings: dict) -> None:
+    """Refuse a run into `out` if it holds one with other settings."""
     path = out / "run_config.json"
     if path.exists():
         old = json.loads(path.read_text())
@@ -265,7 +267,14 @@ def _check_settings(out: Path, settings: dict) -> None:
         if diff:
             details = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
             raise ValueError(f"{out} holds a run with other settings ({details}): use another --output or delete it")
-    else:
+
+
+def _write_settings(out: Path, settings: dict) -> None:
+    """Record the settings once the run starts: a run refused before (a spec the model rejects, missing data) leaves
+    no config behind to refuse its corrected rerun."""
+    path = out / "run_config.json"
+    if not path.exists():
+        out.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(settings, indent=2))
 
 
@@ -284,22 +293,24 @@ def evaluate(model, processor, tasks, output, *, methods: str = "", limit=None, 
                 "max_new_tokens": max_new_tokens, "dtype": str(model.dtype).replace("torch.", ""),
                 "data_dir": str(data_dir) if data_dir else None}  # fmt: skip
     if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
         _check_settings(out, settings)
-    if state is not None:
-        state.wait_for_everyone()
     results_path = out / "results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
     devices = set()  # where the samples were generated (a resumed run may have started elsewhere)
     for key in ("results", "group_subtasks", "configs", "versions", "n-shot", "higher_is_better", "n-samples",
                 "efficiency"):  # fmt: skip
         results.setdefault(key, {})
-    vlm_efficient.wrap(model, methods)
+    vlm_efficient.wrap(model, methods)  # a spec the model refuses fails here, before anything is written
     try:
         kept = {} if batches is None else batches
-        for index, task in enumerate(task_objs):
+        for task in task_objs:  # every task's documents load (or fail) before anything is written
             if task.name not in kept:
                 kept[task.name] = Batches(task, processor, model, limit, batch_size, keep=batches is not None)
+        if rank == 0:
+            _write_settings(out, settings)
+        if state is not None:
+            state.wait_for_everyone()
+        for index, task in enumerate(task_objs):
             task = kept[task.name].task
             # one warm-up per call: the model is warm for the later tasks
             samples = run_task(model, processor, kept[task.name], out, max_new_tokens=max_new_tokens,

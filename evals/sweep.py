@@ -12,9 +12,10 @@ run.
 
 The table has one row per run: each task's main metric overall and per split or group (POPE F1 per negative-sampling
 split, VQA accuracy per question type; a task without splits: each of its metrics, e.g. CHAIR_S, CHAIR_I, recall),
-visual tokens kept (after pruning, and averaged over layers), the mean time to first token of the eval batches, and
-batch-1 speed measured in this process (`bench.measure`: time to first token and decode tokens/s, best of rounds; the base
-unwrapped) with the speed-ups over the base. Writes sweep.md, sweep.json, accuracy_vs_tokens.png and
+visual tokens kept (after pruning, and averaged over layers), the mean time to first token of the eval batches (one
+pass: labelled as a single run), and batch-1 speed measured in this process (`bench.measure`: time to first token and
+decode tokens/s, best of rounds with the rounds' range; the base unwrapped) with the speed-ups over the base and the
+range of their per-round ratios. Writes sweep.md, sweep.json, accuracy_vs_tokens.png and
 latency_vs_accuracy.png.
 """
 
@@ -27,7 +28,7 @@ import statistics
 import traceback
 from pathlib import Path
 
-from .bench import add_ratios, measure
+from .bench import add_ratios, measure, with_spread
 from .runner import _dist, evaluate
 from .tasks import get_task
 
@@ -203,14 +204,19 @@ def format_table(rows: list[dict], config: dict, not_run: dict[str, str]) -> str
          " this device."),
         f"Standard errors of the base (bootstrap for ratios, else of the mean): {errors}.",
         ("`prefill ms`: mean time to first token of the eval batches (vision tower + prefill; the base under a no-op"
-         " wrap); its speed-up is base / method."),
+         " wrap), one pass over them (1 run: no spread, a shared host's noise included); its speed-up is base /"
+         " method."),
     ]  # fmt: skip
     if speed:
         s = config["speed"]
-        notes.append(f"TTFT / decode: batch 1 (the first {s['input']} document), {s['new_tokens']} new tokens, best"
-                     f" of {s['repeats']} rounds after a warm-up, all in the same process; the base unwrapped (plain SDPA)."
-                     " Speed-ups: base / method TTFT, method / base decode tokens/s.")  # fmt: skip
-    head = ["group", "methods", *columns, "visual tokens kept", "avg over layers", "prefill ms", "prefill speed-up"]
+        rounds = (f"best of {s['repeats']} rounds after a warm-up [the range over the rounds; speed-ups: the range of"
+                  " the per-round ratios: one that holds 1.00x is no measurable change]" if s["repeats"] > 1 else
+                  "one timed round after a warm-up (1 run: no spread; --repeats 3 or more shows it)")  # fmt: skip
+        notes.append(f"TTFT / decode: batch 1 (the first {s['input']} document), {s['new_tokens']} new tokens, {rounds},"
+                     " all in the same process; the base unwrapped (plain SDPA). Speed-ups: base / method TTFT,"
+                     " method / base decode tokens/s.")  # fmt: skip
+    head = ["group", "methods", *columns, "visual tokens kept", "avg over layers", "prefill ms (eval, 1 pass)",
+            "prefill speed-up (1 pass)"]
     head += ["TTFT ms (bs 1)", "TTFT speed-up", "decode tok/s (bs 1)", "decode speed-up"] if speed else []
     lines = [" ".join(notes), "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
@@ -219,8 +225,10 @@ def format_table(rows: list[dict], config: dict, not_run: dict[str, str]) -> str
                  f"{r['prefill_ms']:.1f}", f"{r['prefill_speedup']:.2f}x"]  # fmt: skip
         if speed:
             b = r["batch1"]
-            cells += [f"{b['ttft_ms']:.1f}", f"{b['ttft_speedup']:.2f}x", f"{b['decode_tokens_per_s']:.0f}",
-                      f"{b['decode_speedup']:.2f}x"]  # fmt: skip
+            cells += [with_spread(b["ttft_ms"], b["rounds"]["ttft_ms"]),
+                      with_spread(b["ttft_speedup"], b["rounds"]["ttft_speedup"], ".2f", "x"),
+                      with_spread(b["decode_tokens_per_s"], b["rounds"]["decode_tokens_per_s"], ".0f"),
+                      with_spread(b["decode_speedup"], b["rounds"]["decode_speedup"], ".2f", "x")]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     if not_run:
         lines += ["", "Not run (refused by the model when wrapped, or failed):", ""]

@@ -16,6 +16,16 @@ from vlm_efficient.method import UNSTRUCTURED, AttentionEdit, KernelEdit, Method
 _PLAIN = threading.local()  # depth > 0 while this thread runs a plain side pass: hooks of methods then stay out
 
 
+def example_layers(num_layers: int) -> str:
+    """A valid `layers=` value for a `num_layers`-deep model, in the syntax parse_layers reads (for hints)."""
+    return f"1-{num_layers - 2}/{num_layers - 1}" if num_layers >= 4 else "/".join(map(str, range(num_layers)))
+
+
+def example_heads(num_layers: int, num_heads: int) -> str:
+    """A valid `heads=` value (layer.head/...) for this model (for hints)."""
+    return f"{num_layers // 2}.0/{num_layers - 1}.{num_heads - 1}"
+
+
 def parse_layers(method: str, text: str, num_layers: int, default: range) -> tuple[int, ...]:
     """`"2-5/9"` -> (2, 3, 4, 5, 9); `""` -> the paper's default range for this model."""
     if not text:
@@ -27,7 +37,9 @@ def parse_layers(method: str, text: str, num_layers: int, default: range) -> tup
             try:
                 layers.extend(range(int(first), int(last) + 1) if dash else [int(first)])
             except ValueError:
-                raise ValueError(f"{method}: layers={text!r}: write layer indices and ranges like 2-5/9") from None
+                raise ValueError(
+                    f"{method}: layers={text!r}: write layer indices and ranges like {example_layers(num_layers)}"
+                ) from None
     bad = [layer for layer in layers if not 0 <= layer < num_layers]
     if bad or not layers:
         raise ValueError(
@@ -51,10 +63,13 @@ def parse_heads(method: str, text: str, num_layers: int, num_heads: int) -> dict
         try:
             layer, head = int(layer), int(head)
         except ValueError:
-            raise ValueError(f"{method}: heads={text!r}: write heads as layer.head, e.g. 12.3/14.7") from None
+            raise ValueError(
+                f"{method}: heads={text!r}: write heads as layer.head, e.g. {example_heads(num_layers, num_heads)}"
+            ) from None
         if not dot or not 0 <= layer < num_layers or not 0 <= head < num_heads:
             raise ValueError(
-                f"{method}: head {part!r} is not a layer.head of this model ({num_layers} layers, {num_heads} heads)"
+                f"{method}: head {part!r} is not a layer.head of this model ({num_layers} layers, {num_heads} heads; "
+                f"e.g. {example_heads(num_layers, num_heads)})"
             )
         chosen.setdefault(layer, set()).add(head)
     return {layer: tuple(sorted(heads)) for layer, heads in chosen.items()}

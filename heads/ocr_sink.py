@@ -19,7 +19,7 @@ import torch
 from vlm_efficient.kernels import GroupSpec
 from vlm_efficient.method import AttentionEdit, KernelEdit, Method
 
-from .common import check_range, head_mask, parse_heads, redistribute
+from .common import check_range, example_heads, head_mask, parse_heads, redistribute
 
 
 @dataclass
@@ -32,12 +32,13 @@ class OCRSink(Method):
 
     def bind(self, engine) -> None:
         check_range("ocr_sink", "beta", self.beta, 0.0, 1.0)
+        self.num_heads = engine.text_config.num_attention_heads
         if not self.heads:
             raise ValueError(
-                "ocr_sink: give the OCR heads as heads=layer.head/... (e.g. heads=14.3/15.0); "
+                "ocr_sink: give the OCR heads as heads=layer.head/... (e.g. heads="
+                f"{example_heads(engine.num_layers, self.num_heads)}); "
                 "`vlm-efficient inspect --ocr-box x0,y0,x1,y1` ranks heads by their OCR score"
             )
-        self.num_heads = engine.text_config.num_attention_heads
         self.heads_by_layer = parse_heads("ocr_sink", self.heads, engine.num_layers, self.num_heads)
         self.groups = {  # key groups: others, token 0 (the sink)
             layer: GroupSpec.act(self.num_heads, self.beta, sink_group=1, num_groups=2, heads=heads)

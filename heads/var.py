@@ -72,7 +72,9 @@ class VAR(Method):
         try:
             dims = [int(d) for d in filter(None, self.sink_dims.split("/"))]
         except ValueError:
-            raise ValueError(f"var: sink_dims={self.sink_dims!r}: write dimensions like 2533/1415") from None
+            raise ValueError(
+                f"var: sink_dims={self.sink_dims!r}: write dimensions like {hidden // 2}/{hidden - 1}"
+            ) from None
         if any(not 0 <= d < hidden for d in dims):
             raise ValueError(f"var: sink_dims {dims} must be in [0, {hidden - 1}] (hidden size {hidden})")
         self.dims = None

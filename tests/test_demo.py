@@ -49,7 +49,7 @@ def _describe(tmp_path, index: int):
     return str(path), image, tasks.DESCRIBE
 
 
-def _ask(app, path, question, spec, max_new_tokens=24, layer=5, head=-1):
+def _ask(app, path, question, spec, max_new_tokens=24, layer=5, head="-1"):
     client = Client(app.local_url, verbose=False)
     job = client.submit(handle_file(path), question, spec, max_new_tokens, layer, head, api_name="/answer")
     return client, job
@@ -130,27 +130,35 @@ def test_answers_stream_and_equal_the_library(app, testbed, tmp_path):
     assert np.allclose(shown.reshape(24, 14, 24, 14, 3).mean(axis=(1, 3)), colours.reshape(24, 24, 3), atol=2)
 
     # the layer slider redraws from this session's results: nothing is dropped before layer 2
-    kept_1, _, _, caption_1 = client.predict(1, -1, api_name="/pictures")
+    kept_1, _, _, caption_1 = client.predict(1, "-1", api_name="/pictures")
     assert np.allclose(_cells(np.asarray(Image.open(kept_1)), view), 1, atol=0.02)
     assert "Layer 1, mean of heads" in caption_1 and "keeps 576 of 576" in caption_1
-    _, _, _, caption_head = client.predict(3, 7, api_name="/pictures")
+    _, _, _, caption_head = client.predict(3, "7", api_name="/pictures")
     share = base["image_attention_per_layer_and_head"][3][7]
     assert "Layer 3, head 7" in caption_head and f"base {share:.2f}" in caption_head
 
 
+def _outcome(job, timeout=None):
+    """Everything a finished request shows except its times: texts, the table without timed rows, the caption, the raw
+    results without times, the pictures."""
+    status, base_answer, wrapped_answer, table, kept, base_map, wrapped_map, caption, raw = job.result(timeout)
+    untimed = [row for row in table.splitlines() if " ms |" not in row and "tokens/s" not in row]
+    texts = [status, base_answer, wrapped_answer, untimed]
+    for side in raw.values():
+        for key in TIMES:
+            side.pop(key)
+    pictures = [np.asarray(Image.open(p)) for p in (kept, base_map, wrapped_map)]
+    return texts, caption, raw, pictures
+
+
+def _same(outcome, reference) -> bool:
+    (*seen, pictures), (*seen_reference, pictures_reference) = outcome, reference
+    return seen == seen_reference and all(np.array_equal(a, b) for a, b in zip(pictures, pictures_reference))
+
+
 def test_two_users_at_once_get_what_each_gets_alone(app, tmp_path):
     users = [(*_describe(tmp_path, 0)[::2], FASTV), (*_describe(tmp_path, 2)[::2], COMPOSED)]
-
-    def outcome(job):
-        status, base_answer, wrapped_answer, table, kept, base_map, wrapped_map, caption, raw = job.result()
-        untimed = [row for row in table.splitlines() if " ms |" not in row and "tokens/s" not in row]
-        texts = [status, base_answer, wrapped_answer, untimed]
-        for side in raw.values():
-            for key in TIMES:
-                side.pop(key)
-        pictures = [np.asarray(Image.open(p)) for p in (kept, base_map, wrapped_map)]
-        return texts, caption, raw, pictures
-
+    outcome = _outcome
     alone = [outcome(_ask(app, path, question, spec)[1]) for path, question, spec in users]
     jobs = [_ask(app, path, question, spec)[1] for path, question, spec in users]
     overlapped = False
@@ -160,9 +168,52 @@ def test_two_users_at_once_get_what_each_gets_alone(app, tmp_path):
     assert overlapped, "the two requests did not run at the same time"
     together = [outcome(job) for job in jobs]
     assert alone[0][2]["wrapped"]["answer"] != alone[1][2]["wrapped"]["answer"]
-    for (*seen, pictures), (*seen_alone, pictures_alone) in zip(together, alone):
-        assert seen == seen_alone  # answers, table without times, caption, raw results without times
-        assert all(np.array_equal(a, b) for a, b in zip(pictures, pictures_alone))
+    for seen, seen_alone in zip(together, alone):
+        assert _same(seen, seen_alone)  # answers, table without times, caption, raw results without times, pictures
+
+
+STRESS_CLIENTS = 8
+STRESS_TOKENS = 6
+STRESS_TIMEOUT_S = 900  # a hang guard for the whole burst, not a speed bound
+
+
+def test_eight_clients_at_once_with_different_methods_get_their_sequential_results(app, tmp_path):
+    """8 clients (their own gradio_client sessions) send at once, each a different method on a different scene and
+    layer / head; the app answers 2 at a time and queues the rest. Every result equals that client's sequential
+    one, and none errors."""
+    specs = ["", *demo_app.PRESETS.values()][:STRESS_CLIENTS]
+    assert len(set(specs)) == STRESS_CLIENTS
+    heads = ["-1", "0", "7"]
+    users = [(_describe(tmp_path, index)[0], _describe(tmp_path, index)[2], spec, 1 + index % 5, heads[index % 3])
+             for index, spec in enumerate(specs)]  # fmt: skip
+    sequential = [_outcome(_ask(app, path, question, spec, STRESS_TOKENS, layer, head)[1])
+                  for path, question, spec, layer, head in users]  # fmt: skip
+    jobs = [_ask(app, path, question, spec, STRESS_TOKENS, layer, head)[1] for path, question, spec, layer, head in users]
+    most_at_once, start = 0, time.monotonic()
+    while not all(job.done() for job in jobs) and time.monotonic() - start < STRESS_TIMEOUT_S:
+        most_at_once = max(most_at_once, sum(bool(job.outputs()) and not job.done() for job in jobs))
+        time.sleep(0.005)
+    together = [_outcome(job, STRESS_TIMEOUT_S) for job in jobs]
+    assert most_at_once >= 2, "the app's two concurrent requests did not run at the same time"
+    assert all(job.status().success for job in jobs)
+    for (path, question, spec, _, _), seen, alone in zip(users, together, sequential):
+        assert _same(seen, alone), spec
+    assert len({alone[2]["wrapped"]["answer"] + str(alone[2]["wrapped"]["stats"]) for alone in sequential}) > 1
+
+
+def test_the_api_takes_the_head_values_it_advertises(app, tmp_path):
+    client = Client(app.local_url, verbose=False)
+    endpoints = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    advertised = [{p["parameter_name"]: p["type"] for p in endpoints[name]["parameters"]}["head"]
+                  for name in ("/answer", "/pictures")]  # fmt: skip
+    assert advertised[0] == advertised[1] and advertised[0]["type"] == "string"
+    values = advertised[0]["enum"]
+    assert values == ["-1", *map(str, range(8))]  # the testbed's 8 heads and their mean
+    job = client.submit(handle_file(_describe(tmp_path, 1)[0]), "How many stars are there?", FASTV, 2, 5, values[0],
+                        api_name="/answer")  # fmt: skip
+    assert job.result()[0] == "Done." and "Layer 5, mean of heads" in job.result()[7]
+    _, _, _, caption = client.predict(4, values[-1], api_name="/pictures")
+    assert "Layer 4, head 7" in caption
 
 
 def test_samples_fill_the_image_and_question(app):
@@ -227,7 +278,7 @@ def test_bad_input_gets_a_clear_message(app, tmp_path, case, message):
         with pytest.raises(AppError, match="notes.png is not an image"):
             client.predict(handle_file(str(path)), api_name="/upload")
     # and the app still answers
-    assert client.predict(handle_file(_describe(tmp_path, 1)[0]), "How many stars are there?", FASTV, 2, 5, -1,
+    assert client.predict(handle_file(_describe(tmp_path, 1)[0]), "How many stars are there?", FASTV, 2, 5, "-1",
                           api_name="/answer")[0] == "Done."  # fmt: skip
 
 

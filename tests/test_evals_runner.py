@@ -124,6 +124,19 @@ def test_other_settings_refused(tiny, data_dir, tmp_path):
         evaluate(model, processor, ["pope"], tmp_path, methods="fastv:ratio=0.5", **kw)
 
 
+def test_refused_run_leaves_no_config_and_the_corrected_rerun_runs(tiny, data_dir, tmp_path):
+    model, processor = tiny
+    kw = dict(limit=2, batch_size=2, max_new_tokens=TOKENS, progress=False)
+    with pytest.raises(ValueError, match="layer=9 must be in"):  # the spec does not fit the 4-layer model
+        evaluate(model, processor, ["pope"], tmp_path, methods="fastv:layer=9", data_dir=data_dir, **kw)
+    with pytest.raises(Exception, match="COCO"):  # the data is missing
+        evaluate(model, processor, ["chair"], tmp_path, methods="fastv:layer=2", data_dir=tmp_path / "none", **kw)
+    assert not (tmp_path / "run_config.json").exists()
+    results = evaluate(model, processor, ["pope"], tmp_path, methods="fastv:layer=2", data_dir=data_dir, **kw)
+    assert results["n-samples"]["pope"]["effective"] == 2
+    assert json.loads((tmp_path / "run_config.json").read_text())["methods"] == "fastv:layer=2"
+
+
 def test_bad_input(data_dir, tmp_path, capsys):
     assert main(["eval", "--model", "tiny:llava", "--tasks", "pope,nope", "--output", str(tmp_path)]) == 2
     assert "unknown task(s) nope" in capsys.readouterr().err

@@ -30,11 +30,14 @@ class PyramidDrop(Method):
     def bind(self, engine) -> None:
         if not 0.0 < self.ratio <= 1.0:
             raise ValueError(f"pdrop: ratio={self.ratio} must be in (0, 1]: the share each stage keeps")
-        layers = self.layers or tuple(engine.num_layers * s // 4 for s in (1, 2, 3))
-        if list(layers) != sorted(set(layers)) or not all(1 <= l < engine.num_layers for l in layers):
+        depth = engine.num_layers
+        layers = self.layers or tuple(depth * s // 4 for s in (1, 2, 3))
+        if list(layers) != sorted(set(layers)) or not all(1 <= l < depth for l in layers):
+            valid = sorted({min(max(1, depth * s // 4), depth - 1) for s in (1, 2, 3)})  # L/4, L/2, 3L/4 where they fit
+            example = f"e.g. layers={'/'.join(map(str, valid))}" if depth >= 2 else "this model has too few layers"
             raise ValueError(
-                f"pdrop: layers={'/'.join(map(str, layers))} must be increasing layer indices in "
-                f"[1, {engine.num_layers - 1}] (write them as layers=8/16/24)"
+                f"pdrop: layers={'/'.join(map(str, layers))} must be increasing layer indices in [1, {depth - 1}] "
+                f"for this {depth}-layer model ({example})"
             )
         self.boundaries = layers
 

@@ -115,12 +115,17 @@ class SparseVLM(Method):
         depth = engine.num_layers
         stages = self.layers or tuple(sorted({int(l * depth / PAPER_DEPTH + 0.5) for l in PAPER_LAYERS}))
         if list(stages) != sorted(set(stages)) or not all(0 <= l <= depth - 2 for l in stages):
+            valid = sorted({min(int(l * depth / PAPER_DEPTH + 0.5), depth - 2) for l in PAPER_LAYERS})
+            example = f"e.g. layers={'/'.join(map(str, valid))}" if depth >= 2 else "this model has too few layers"
             raise ValueError(
                 f"sparsevlm: layers={'/'.join(map(str, stages))} must be increasing layer indices in [0, {depth - 2}]"
-                " (tokens are deleted after each of these layers; write layers=2/6/15)"
+                f" for this {depth}-layer model (tokens are deleted after each of these layers; {example})"
             )
         if self.keep and (len(self.keep) != len(stages) or not all(0 < k <= 1 for k in self.keep)):
-            raise ValueError(f"sparsevlm: keep needs one share in (0, 1] per sparse layer ({len(stages)}): 0.5/0.3/0.1")
+            example = "/".join(f"{0.5 ** (i + 1):g}" for i in range(len(stages)))  # one decreasing share per layer
+            raise ValueError(
+                f"sparsevlm: keep needs one share in (0, 1] per sparse layer ({len(stages)}), e.g. keep={example}"
+            )
         if not 0 < self.lam <= 1 or not 0 <= self.recycle <= 1 or not 0 < self.cluster_ratio <= 1:
             raise ValueError("sparsevlm: lam must be in (0, 1], recycle in [0, 1] and cluster_ratio in (0, 1]")
         self.stages = stages

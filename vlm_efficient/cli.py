@@ -26,12 +26,13 @@ def _compare(args) -> int:
 
     from .compare import compare, format_compare
     from .models import load_model
+    from .registry import split_specs
 
     torch.manual_seed(0)
     dtype = getattr(torch, args.dtype)
+    specs = split_specs(args.methods)
+    image, question, expected = _sample(args)  # bad input fails before the model is loaded
     model, processor = load_model(args.model, device=args.device, dtype=dtype)
-    image, question, expected = _sample(args)
-    specs = [spec.strip() for spec in args.methods.split(";") if spec.strip()]
     results = compare(model, processor, image, question, specs, max_new_tokens=args.max_new_tokens, repeats=args.repeats)
     results.update(model=args.model, expected_answer=expected)
     print(format_compare(results))
@@ -46,7 +47,14 @@ def _sample(args):
     from PIL import Image
 
     if args.image:
-        return Image.open(args.image).convert("RGB"), args.question or "What is in the image?", None
+        try:
+            image = Image.open(args.image).convert("RGB")
+        except FileNotFoundError:
+            raise ValueError(f"--image {args.image}: no such file") from None
+        except OSError:  # not an image (UnidentifiedImageError), or a broken one
+            raise ValueError(f"--image {args.image}: not an image file PIL can read; give a PNG, JPEG, WebP, GIF or "
+                             "BMP") from None  # fmt: skip
+        return image, args.question or "What is in the image?", None
     image, question, answer = held_out_sample(args.scene)
     return (image, args.question, None) if args.question else (image, question, answer)
 

@@ -4,6 +4,8 @@ of that family, for trying the pipeline on any architecture without weights)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 
@@ -26,10 +28,16 @@ def load_model(name: str, *, device: str = "cpu", dtype: torch.dtype = torch.flo
             raise ValueError(f"unknown built-in model {name!r}: use one of {', '.join('tiny:' + f for f in FAMILIES)}")
         model, processor = tiny_model(family, dtype=dtype)
         return model.to(device), processor
-    from transformers import AutoModelForImageTextToText, AutoProcessor, ProcessorMixin
+    from transformers import AutoModelForImageTextToText, ProcessorMixin
 
-    model = AutoModelForImageTextToText.from_pretrained(name, dtype=dtype, attn_implementation="sdpa")
-    processor = AutoProcessor.from_pretrained(name)
+    if _looks_like_path(name) and not Path(name).expanduser().is_dir():
+        raise ValueError(f"no model directory at {name}: give a Hugging Face model directory, a hub id, testbed or "
+                         "tiny:<family>")  # fmt: skip
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(name, dtype=dtype, attn_implementation="sdpa")
+    except OSError as error:  # missing files, unknown hub id, no network: transformers' message, on one line
+        raise ValueError(f"cannot load model {name!r}: {' '.join(str(error).split())}") from None
+    processor = _load_processor(name, model.config.model_type)
     if getattr(processor, "tokenizer", None) is not None:
         processor.tokenizer.padding_side = "left"  # batched generation pads on the left
     if not isinstance(processor, ProcessorMixin):
@@ -39,6 +47,33 @@ def load_model(name: str, *, device: str = "cpu", dtype: torch.dtype = torch.flo
             "directory needs processor_config.json / preprocessor_config.json for a processor transformers knows"
         )
     return model.to(device).eval(), processor
+
+
+def _looks_like_path(name: str) -> bool:
+    """A local path rather than a hub id ("org/name"): absolute, relative with ./ or ../, or under ~."""
+    return name.startswith(("/", "./", "../", "~")) or Path(name).expanduser().exists()
+
+
+def _load_processor(name: str, model_type: str):
+    """AutoProcessor's processor; for a Qwen directory without torchvision, the same processor without its video
+    processor. The stock Qwen processors load a video processor, and every video processor of transformers 5.x needs
+    torchvision; the image processors have PIL versions, and this library takes images only."""
+    from transformers import AutoProcessor
+
+    from .testing import _TINY_QWEN_PROCESSORS as IMAGE_ONLY_QWEN_PROCESSORS  # image-only, despite the name
+
+    try:
+        return AutoProcessor.from_pretrained(name)
+    except ImportError as error:
+        if "torchvision" not in str(error).lower():
+            raise
+        if model_type not in IMAGE_ONLY_QWEN_PROCESSORS:
+            raise ValueError(
+                f"{name}: its processor needs torchvision, which is not installed. Install the torchvision build made "
+                "for your torch (e.g. pip install torchvision --index-url https://download.pytorch.org/whl/cpu for "
+                "CPU torch), not another one beside it"
+            ) from None
+        return IMAGE_ONLY_QWEN_PROCESSORS[model_type].from_pretrained(name)
 
 
 def build_prompt(processor, question: str, num_images: int = 1) -> str:

@@ -87,6 +87,8 @@ def parse_method(text: str) -> Method:
             raise ValueError(f"{name}: expected key=value, got {item!r}")
         if key not in fields:
             raise ValueError(f"{name}: unknown parameter {key!r}. Parameters: {', '.join(sorted(fields))}.")
+        if key in kwargs:
+            raise ValueError(f"{name}: parameter {key!r} is given twice ({text.strip()!r}): give each parameter once")
         kwargs[key] = _convert(value.strip(), hints[key], name, key)
     return cls(**kwargs)
 
@@ -96,10 +98,28 @@ def parse_methods(methods) -> list[Method]:
     if isinstance(methods, Method):
         return [methods]
     if isinstance(methods, str):
-        return [parse_method(part) for part in methods.split("+") if part.strip()]
+        if not methods.strip():
+            return []  # the empty spec: no method
+        parts = methods.split("+")
+        if not all(part.strip() for part in parts):
+            raise ValueError(f"{methods!r} has an empty method: join method specs with one '+', as in 'fastv+dart'")
+        return [parse_method(part) for part in parts]
     if isinstance(methods, (list, tuple)):
         return [m for item in methods for m in parse_methods(item)]
     raise TypeError(f"methods must be a Method, a list of them or a spec string, not {type(methods).__name__}")
+
+
+def split_specs(text: str) -> list[str]:
+    """A ';'-separated list of specs (the command line's --methods) -> the specs; "" -> []. An empty segment is
+    refused: it is a typo, not the base model (every list is measured against the base anyway)."""
+    if not text.strip():
+        return []
+    specs = [spec.strip() for spec in text.split(";")]
+    if not all(specs):
+        raise ValueError(f"{text!r} has an empty spec: separate specs with one ';', as in 'fastv;dart'")
+    for spec in specs:
+        parse_methods(spec)  # a bad spec fails before any work
+    return specs
 
 
 def to_spec(methods: list[Method]) -> str:
