@@ -217,3 +217,65 @@ def coco_caption_docs(_placeholder):
     from .datasets import SOURCES, load_table
 
     return load_table(SOURCES["coco_captions"], os.environ.get(DATA_DIR_ENV))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# `vlm-efficient lmms-eval ...`: lmms-eval's CLI with the shipped tasks, and an exit status that says whether it failed
+# (lmms-eval 0.7.3 logs "Error during evaluation" and exits 0)
+
+_LMMS_EVAL_MAIN = "import sys; sys.argv[0] = 'lmms-eval'; from lmms_eval.cli.dispatch import main; main()"
+
+
+def _reports_error(line: str) -> bool:
+    import re
+
+    plain = re.sub(r"\x1b\[[0-9;]*m", "", line)  # loguru's colours
+    return "Error during evaluation" in plain or re.search(r"\|\s*ERROR\s*\|", plain) is not None
+
+
+def run_lmms_eval(argv: list[str]) -> int:
+    """Run lmms-eval's CLI with `argv`; adds --include_path TASKS_DIR (unless given) and turns `--data-dir DIR` into
+    VLM_EFFICIENT_DATA_DIR. Its output passes through; returns its exit status, or 1 when it logged an error."""
+    import re
+    import subprocess
+    import sys
+    import threading
+
+    argv, env = list(argv), dict(os.environ)
+    if "--data-dir" in argv:
+        i = argv.index("--data-dir")
+        if i + 1 >= len(argv):
+            raise SystemExit("vlm-efficient lmms-eval: --data-dir needs a directory")
+        env[DATA_DIR_ENV] = os.path.abspath(argv[i + 1])
+        del argv[i : i + 2]
+    if "--tasks-dir" in argv:  # where the shipped task YAMLs are, for lmms-eval --include_path
+        print(TASKS_DIR)
+        return 0
+    if argv and argv[0].startswith("-") and "--include_path" not in argv and "--help" not in argv:
+        argv += ["--include_path", TASKS_DIR]
+    proc = subprocess.Popen([sys.executable, "-c", _LMMS_EVAL_MAIN, *argv], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)  # fmt: skip
+    errors: list[bool] = []
+
+    def relay(source, sink):  # passes the output through as it comes; notes whether a line reports an error
+        pending = b""
+        for chunk in iter(lambda: source.read1(1 << 16), b""):
+            sink.write(chunk)
+            sink.flush()
+            *lines, pending = re.split(rb"[\r\n]", pending + chunk)
+            errors.extend(_reports_error(x.decode(errors="replace")) for x in lines)
+        errors.append(_reports_error(pending.decode(errors="replace")))
+
+    # loguru writes lmms-eval's log to stdout, tracebacks go to stderr: both are read at once
+    readers = [threading.Thread(target=relay, args=(proc.stdout, sys.stdout.buffer)),
+               threading.Thread(target=relay, args=(proc.stderr, sys.stderr.buffer))]  # fmt: skip
+    for reader in readers:
+        reader.start()
+    for reader in readers:
+        reader.join()
+    failed = any(errors)
+    status = proc.wait()
+    if status == 0 and failed:
+        print("vlm-efficient lmms-eval: lmms-eval reported an error (above); exit status 1", file=sys.stderr)
+        return 1
+    return status
