@@ -6,7 +6,7 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-compat clean
+.PHONY: run test test-compat lmms-eval test-lmms-eval clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,23 @@ $(COMPAT)/.installed: $(STAMP)
 test-compat: $(COMPAT)/.installed
 	PYTHONPATH=$(COMPAT) $(BIN)/python -c "import transformers; assert transformers.__version__ == '5.17.0', transformers.__file__"
 	PYTHONPATH=$(COMPAT) $(BIN)/pytest tests/test_engine.py tests/test_api.py tests/test_fixtures.py tests/test_fast_path.py $(PYTEST_ARGS)
+
+# lmms-eval as a client (evals/lmms_eval_plugin.py), into this venv: lmms-eval without its dependencies (they would
+# replace torch and add PyPI torchvision) plus the pinned list of what its import and the plugin need. Fails, after
+# installing, if torch is not the one it found.
+LMMS_EVAL_REQUIREMENTS := evals/lmms_eval_requirements.txt
+LMMS_EVAL_STAMP := $(VENV)/.lmms-eval-installed
+$(LMMS_EVAL_STAMP): $(STAMP) $(LMMS_EVAL_REQUIREMENTS)
+	$(BIN)/python -c "import torch; print(torch.__version__)" > $(VENV)/.torch-version
+	$(BIN)/python -m pip install -q --no-deps -r $(LMMS_EVAL_REQUIREMENTS)
+	$(BIN)/python -c "import torch; print(torch.__version__)" | cmp - $(VENV)/.torch-version
+	touch $@
+
+lmms-eval: $(LMMS_EVAL_STAMP)
+
+# The plugin through the real lmms-eval CLI, offline, on a few testbed rows; and the two scorers side by side
+test-lmms-eval: $(LMMS_EVAL_STAMP)
+	$(BIN)/pytest tests/test_evals_lmms_eval.py tests/test_evals_metrics.py $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) $(COMPAT) build *.egg-info

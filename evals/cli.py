@@ -96,7 +96,20 @@ def _bench(args) -> int:
     return 0
 
 
+def _lmms_eval(args) -> int:
+    from .lmms_eval_plugin import run_lmms_eval
+
+    return run_lmms_eval(args.lmms_eval_args)
+
+
 def register(subparsers) -> None:
+    # every argument goes to lmms-eval as it is (prefix "+": none of them is this parser's option)
+    p = subparsers.add_parser("lmms-eval", prefix_chars="+", add_help=False,
+                              help="lmms-eval's CLI with the shipped tasks (--data-dir DIR for the *_local ones, "
+                                   "--tasks-dir prints their folder); exits non-zero when lmms-eval logs an error")  # fmt: skip
+    p.add_argument("lmms_eval_args", nargs="*")
+    p.set_defaults(func=_lmms_eval)
+
     p = subparsers.add_parser("eval", help="evaluate a model (+ methods) on benchmarks; resumable, lmms-eval layout")
     _common(p)
     p.add_argument("--methods", default="", help="spec string, e.g. fastv:layer=2,ratio=0.5 (default: none)")

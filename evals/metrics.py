@@ -1,18 +1,21 @@
 """Benchmark metrics, each on model PREDICTIONS against the benchmark's ground truth (REFERENCE.md section 5).
 
-    pope_scores(predictions, answers)            accuracy, precision, recall, f1, yes_ratio (share of PREDICTED yes)
+    pope_scores(predictions, answers)            accuracy, precision, recall, f1, gt_yes_ratio; pred_yes_ratio (extra)
     chair_scores(captions, objects, vocab)       chair_s, chair_i, recall (COCO_VOCAB or any synonym table)
     vqa_accuracy(prediction, answers)            VQAv2 / TextVQA soft accuracy with the official normalisation
     gqa_match(prediction, answer)                GQA exact match
-    mme_scores(categories, image_ids, correct)   acc, acc+ per category; perception / cognition totals
-    option_letter(prediction, choices)           ScienceQA answer letter
+    mme_answer(prediction); mme_scores(...)      MME's yes / no reading; acc, acc+ per category; perception / cognition
+    scienceqa_letter(prediction)                 ScienceQA answer letter
 
+Every benchmark lmms-eval also has is scored as lmms-eval 0.7.3 scores it (answer extraction and normalisation, file
+by file below), so both clients report the same numbers on the same answers; tests/test_evals_lmms_eval.py runs both.
 Each per-sample scorer returns plain numbers, so a run's samples JSONL holds everything its aggregate needs.
 """
 
 from __future__ import annotations
 
 import re
+import string
 from collections import defaultdict
 
 import numpy as np
@@ -20,25 +23,21 @@ import numpy as np
 from .coco_objects import COCO_PHRASES, COCO_SYNONYMS
 
 # ----------------------------------------------------------------------------------------------------------------
-# Yes / no (POPE, MME)
-
-
-def yes_no(prediction: str) -> str:
-    """'yes' or 'no' when the prediction's first word is one (case and punctuation ignored), else 'other'."""
-    match = re.match(r"[^a-zA-Z]*([a-zA-Z]+)", prediction or "")
-    word = match.group(1).lower() if match else ""
-    return word if word in ("yes", "no") else "other"
+# POPE (lmms_eval/tasks/pope/utils.py): only an answer that is exactly "yes" or "no" (case and surrounding spaces
+# ignored) is read; "Yes, there is a dog." is wrong for either truth, and an answer that is neither yes nor no is not a
+# false negative.
 
 
 def pope_sample(prediction: str, answer: str) -> dict:
-    """Per-sample counts; an unparsable prediction ('other') is neither yes nor no: wrong, and never a positive."""
-    pred, gold = yes_no(prediction), answer.strip().lower()
+    """Per-sample counts, as lmms-eval's POPE scorer reads an answer."""
+    pred, gold = (prediction or "").strip().lower(), answer.strip().lower()
     return {
-        "pred": pred,
+        "pred": pred if pred in ("yes", "no") else "other",
         "correct": float(pred == gold),
         "tp": float(pred == "yes" and gold == "yes"),
         "fp": float(pred == "yes" and gold == "no"),
-        "fn": float(pred != "yes" and gold == "yes"),
+        "fn": float(pred == "no" and gold == "yes"),
+        "gold_yes": float(gold == "yes"),
         "pred_yes": float(pred == "yes"),
     }
 
@@ -48,8 +47,9 @@ POPE_RATIOS = {
     "accuracy": ("correct", None),
     "precision": ("tp", ("tp", "fp")),
     "recall": ("tp", ("tp", "fn")),
-    "f1": (("tp", "tp"), ("tp", "tp", "fp", "fn")),  # 2TP / (2TP + FP + FN)
-    "yes_ratio": ("pred_yes", None),
+    "f1": (("tp", "tp"), ("tp", "tp", "fp", "fn")),  # 2TP / (2TP + FP + FN) = 2PR / (P + R)
+    "gt_yes_ratio": ("gold_yes", None),  # lmms-eval's pope_yes_ratio: the share of questions whose TRUTH is yes
+    "pred_yes_ratio": ("pred_yes", None),  # not in lmms-eval: the share of answers "yes", a model's yes bias
 }
 
 
@@ -235,6 +235,7 @@ ARTICLES = {"a", "an", "the"}
 _PUNCT = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!"]
 # The official pattern "(?!<=\d)(\.)(?!\d)" has a typo for a look-behind: it strips every period not followed by a digit.
 _PERIOD_STRIP = re.compile(r"\.(?!\d)")
+_PERIODS_STRIPPED = 32  # lmms-eval passes re.UNICODE (32) as sub()'s count: periods after the 32nd stay
 _COMMA_STRIP = re.compile(r"(\d)(,)(\d)")
 
 
@@ -246,7 +247,7 @@ def _punctuation(text: str) -> str:
             out = out.replace(p, "")
         else:
             out = out.replace(p, " ")
-    return _PERIOD_STRIP.sub("", out)
+    return _PERIOD_STRIP.sub("", out, count=_PERIODS_STRIPPED)
 
 
 def _digits_articles(text: str) -> str:
@@ -260,23 +261,29 @@ def normalize_vqa(text: str) -> str:
     return _digits_articles(_punctuation(text))
 
 
-def vqa_accuracy(prediction: str, answers: list[str]) -> float:
+def normalize_textvqa(text: str) -> str:
+    """TextVQA's normalisation in lmms-eval (EvalAIAnswerProcessor.__call__): first lower case, commas and question
+    marks out, "'s" split off, then `normalize_vqa`."""
+    return normalize_vqa(text.lower().replace(",", "").replace("?", "").replace("'s", " 's").strip())
+
+
+def vqa_accuracy(prediction: str, answers: list[str], normalize=normalize_vqa) -> float:
     """VQAv2 soft accuracy: the mean over the leave-one-out subsets of the human answers (10 in VQAv2/TextVQA) of
-    min(1, matches among the others / 3). Both sides are normalised (lmms-eval normalises the prediction always,
-    the official script the answers when they disagree; VQAv2's answers are stored normalised, so both agree)."""
-    pred = normalize_vqa(prediction)
-    gold = [normalize_vqa(a) for a in answers]
+    min(1, matches among the others / 3). Both sides are normalised, as lmms-eval does (lmms_eval/tasks/vqav2/utils.py;
+    textvqa/utils.py with normalize=normalize_textvqa); the official script normalises the answers only when they
+    disagree, and VQAv2's are stored normalised, so all three agree there."""
+    pred = normalize(prediction)
+    gold = [normalize(a) for a in answers]
     scores = [min(1.0, sum(g == pred for j, g in enumerate(gold) if j != i) / 3) for i in range(len(gold))]
     return sum(scores) / len(scores) if scores else 0.0
 
 
 def gqa_match(prediction: str, answer: str) -> float:
-    """GQA exact match, ignoring case, surrounding spaces and punctuation ("Yes." == "yes")."""
-
-    def norm(s):
-        return " ".join(re.sub(r"[^\w\s]", " ", s.lower()).split())
-
-    return float(norm(prediction) == norm(answer))
+    """GQA exact match as lmms-eval's exact_match with ignore_case and ignore_punctuation (lmms_eval/api/metrics.py):
+    lower case and ASCII punctuation deleted on both sides ("Yes." == "yes", "t-shirt" == "tshirt"); the prediction is
+    stripped first, as lmms-eval strips every answer."""
+    drop = str.maketrans("", "", string.punctuation)
+    return float(prediction.strip().lower().translate(drop) == answer.lower().translate(drop))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -285,6 +292,18 @@ def gqa_match(prediction: str, answer: str) -> float:
 MME_PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark", "artwork",
                   "OCR")  # fmt: skip
 MME_COGNITION = ("commonsense_reasoning", "numerical_calculation", "text_translation", "code_reasoning")
+
+
+def mme_answer(prediction: str) -> str:
+    """'yes', 'no' or 'other' as lmms-eval reads an MME answer (parse_pred_ans in lmms_eval/tasks/mme/utils.py, from
+    Otter): lower case without periods; "y" / "n"; else "yes" or "no" within its first four characters."""
+    text = (prediction or "").strip().lower().strip().replace(".", "")
+    if text in ("yes", "no"):
+        return text
+    if len(text) == 1:
+        return {"y": "yes", "n": "no"}.get(text, "other")
+    head = text[:4]
+    return "yes" if "yes" in head else "no" if "no" in head else "other"
 
 
 def mme_scores(categories: list[str], image_ids: list[str], correct: list[float]) -> dict:
@@ -311,16 +330,13 @@ def mme_scores(categories: list[str], image_ids: list[str], correct: list[float]
 # ScienceQA
 
 
-def option_letter(prediction: str, choices: list[str]) -> str | None:
-    """The option letter a prediction picks: the text of an option, a leading letter ("B", "B.", "(B) cat",
-    "B: cat"), or "the answer is B"; None when there is none (a letter beyond the options included)."""
-    letters = [chr(ord("A") + i) for i in range(len(choices))]
+def scienceqa_letter(prediction: str) -> str | None:
+    """The option letter of an answer as lmms-eval reads it (sqa_process_results in lmms_eval/tasks/scienceqa/utils.py,
+    LLaVA's rule): the answer is one letter ("b" counts), or starts with a capital letter and a period ("B. cat");
+    else None."""
     text = (prediction or "").strip()
-    plain = text.rstrip(".").strip().lower()
-    for letter, choice in zip(letters, choices):
-        if plain == choice.strip().rstrip(".").lower():
-            return letter
-    match = re.match(r"^\(?([A-Z])(?:$|[).:,]|\s*\))", text) or re.search(r"(?i:answer is):?\s*\(?([A-Z])\b", text)
-    if match and match.group(1).upper() in letters:
-        return match.group(1).upper()
+    if len(text) == 1:
+        return text.upper() if text.lower() in string.ascii_lowercase else None
+    if len(text) >= 2 and text[0].isupper() and text[1] == ".":
+        return text[0]
     return None

@@ -80,13 +80,17 @@ class Task:
 
 class POPE(Task):
     name, source, main_metric = "pope", "pope", "f1"
+    max_new_tokens = 128  # lmms-eval's POPE limit
     higher_is_better = {"accuracy": True, "precision": True, "recall": True, "f1": True}
+
+    def prompt(self, doc):
+        return doc["question"].strip() + SHORT
 
     def score(self, doc, prediction):
         return {**M.pope_sample(prediction, doc["answer"]), "category": doc["category"]}
 
     def aggregate(self, samples):
-        # yes_ratio has no better direction: 0.5 is balanced
+        # gt_yes_ratio, pred_yes_ratio: no better direction (the data's balance; a model's yes bias)
         return {self.name: _ratios(samples, M.POPE_RATIOS), **_split_by(samples, "category", self.name, M.POPE_RATIOS)}
 
 
@@ -142,9 +146,16 @@ class VQAv2(Task):
 
 class TextVQA(VQAv2):
     name, source = "textvqa", "textvqa"
+    max_new_tokens = 128  # lmms-eval's TextVQA sets no limit: the model's default (the lmms-eval plugin's: 128)
+
+    def prompt(self, doc):
+        return doc["question"].capitalize() + SHORT  # as lmms-eval's textvqa_doc_to_text
 
     def answers(self, doc):
         return list(doc["answers"])
+
+    def score(self, doc, prediction):
+        return {"accuracy": M.vqa_accuracy(prediction, self.answers(doc), M.normalize_textvqa)}
 
 
 class GQA(Task):
@@ -171,12 +182,12 @@ class MME(Task):
     higher_is_better = {"perception_score": True, "cognition_score": True, "acc": True}
 
     def prompt(self, doc):
-        # LLaVA-1.5's MME prompt: the yes/no instruction becomes the short-answer one
-        return doc["question"].replace(YESNO, SHORT) if YESNO in doc["question"] else doc["question"] + SHORT
+        # LLaVA-1.5's MME prompt, as lmms-eval builds it: the yes/no instruction becomes the short-answer one
+        return doc["question"].strip().replace(YESNO, "") + SHORT
 
     def score(self, doc, prediction):
-        pred = M.yes_no(prediction)
-        return {"pred": pred, "correct": float(pred == doc["answer"].strip().lower()),
+        pred = M.mme_answer(prediction)
+        return {"pred": pred, "correct": float(pred == doc["answer"].lower().strip().replace(".", "")),
                 "category": doc["category"], "image": doc["question_id"]}  # fmt: skip
 
     def aggregate(self, samples):
@@ -205,7 +216,7 @@ class ScienceQA(Task):
         return chr(ord("A") + int(doc["answer"]))
 
     def score(self, doc, prediction):
-        letter = M.option_letter(prediction, list(doc["choices"]))
+        letter = M.scienceqa_letter(prediction)
         return {"pred_letter": letter, "accuracy": float(letter == self.target(doc))}
 
 

@@ -11,39 +11,43 @@ from vlm_efficient.evals.metrics import (
     chair_sample,
     chair_scores,
     gqa_match,
+    mme_answer,
     mme_scores,
+    normalize_textvqa,
     normalize_vqa,
-    option_letter,
     pope_scores,
     ratio_stderr,
+    scienceqa_letter,
     vqa_accuracy,
-    yes_no,
 )
 
 
-def test_yes_no_first_word():
-    assert [yes_no(p) for p in ["Yes", " yes, there is.", "NO.", "No", "no way"]] == ["yes", "yes", "no", "no", "no"]
-    assert [yes_no(p) for p in ["There is a cat", "", "I think yes", "yesterday", "nope"]] == ["other"] * 5
+def test_mme_answer_reads_the_first_four_characters():
+    assert [mme_answer(p) for p in ["Yes", " yes, there is.", "NO.", "n", "Not sure", "y"]] == ["yes", "yes", "no", "no",
+                                                                                                "no", "yes"]  # fmt: skip
+    assert [mme_answer(p) for p in ["There is a cat", "", "I think yes", "x", "It is yes"]] == ["other"] * 5
 
 
 def test_pope_hand_computed():
-    answers = ["yes", "yes", "yes", "no", "no", "no"]
-    preds = ["Yes", "yes.", "No", "Yes", "no", "There is"]  # TP TP FN FP TN other(gold no)
+    # lmms-eval's reading: only an exact "yes" / "no" (case, spaces ignored) counts; "yes." is neither
+    answers = ["yes", "yes", "yes", "yes", "no", "no", "no"]
+    preds = ["Yes", " yes ", "No", "yes.", "Yes", "no", "There is"]  # TP TP FN other(gold yes) FP TN other(gold no)
     s = pope_scores(preds, answers)
-    assert s["accuracy"] == pytest.approx(3 / 6)
+    assert s["accuracy"] == pytest.approx(3 / 7)
     assert s["precision"] == pytest.approx(2 / 3)
-    assert s["recall"] == pytest.approx(2 / 3)
+    assert s["recall"] == pytest.approx(2 / 3)  # an unreadable answer is no false negative
     assert s["f1"] == pytest.approx(2 / 3)
-    assert s["yes_ratio"] == pytest.approx(3 / 6)
+    assert s["gt_yes_ratio"] == pytest.approx(4 / 7) and s["pred_yes_ratio"] == pytest.approx(3 / 7)
 
 
-def test_pope_yes_ratio_counts_predictions_not_ground_truth():
-    # Ground truth is always 50% yes; a harness computing yes-ratio from it reports 0.5 whatever the model says.
+def test_pope_pred_yes_ratio_counts_predictions_not_ground_truth():
+    # Ground truth is always 50% yes; lmms-eval's yes-ratio (gt_yes_ratio) reports 0.5 whatever the model says.
     answers = ["yes", "no"] * 4
     always_yes = pope_scores(["Yes"] * 8, answers)
-    assert always_yes["yes_ratio"] == 1.0 and always_yes["recall"] == 1.0 and always_yes["precision"] == 0.5
-    assert pope_scores(["No"] * 8, answers)["yes_ratio"] == 0.0
-    assert pope_scores(["Yes", "No", "No", "No"] * 2, answers)["yes_ratio"] == 0.25
+    assert always_yes["pred_yes_ratio"] == 1.0 and always_yes["recall"] == 1.0 and always_yes["precision"] == 0.5
+    assert always_yes["gt_yes_ratio"] == 0.5
+    assert pope_scores(["No"] * 8, answers)["pred_yes_ratio"] == 0.0
+    assert pope_scores(["Yes", "No", "No", "No"] * 2, answers)["pred_yes_ratio"] == 0.25
 
 
 def test_stderr():
@@ -117,10 +121,16 @@ def test_vqa_soft_accuracy_hand_computed():
     assert vqa_accuracy("A red car.", ["red car"] * 10) == 1.0
 
 
+def test_textvqa_normalisation_lowers_and_splits_possessives():
+    assert normalize_textvqa("Coca-Cola's") == "coca cola 's" and normalize_vqa("Coca-Cola's") == "coca cola's"
+    assert vqa_accuracy("STOP?", ["stop"] * 10, normalize_textvqa) == 1.0
+
+
 def test_gqa_exact_match():
     assert gqa_match("Yes.", "yes") == 1.0
     assert gqa_match(" left ", "left") == 1.0
     assert gqa_match("the left", "left") == 0.0
+    assert gqa_match("t-shirt", "tshirt") == 1.0 and gqa_match("t shirt", "t-shirt") == 0.0  # punctuation deleted
 
 
 def test_mme_hand_computed():
@@ -134,14 +144,7 @@ def test_mme_hand_computed():
     assert s["perception_categories"] == 1 and s["cognition_categories"] == 1
 
 
-def test_scienceqa_option_letter():
-    choices = ["cat", "dog", "A bird"]
-    assert option_letter("B", choices) == "B"
-    assert option_letter("B. dog", choices) == "B"
-    assert option_letter("(C) A bird", choices) == "C"
-    assert option_letter("The answer is A.", choices) == "A"
-    assert option_letter("dog", choices) == "B"
-    assert option_letter("A bird", choices) == "C"  # an option's text beats its first letter
-    assert option_letter("the answer is a cat", choices) is None  # the article "a" is not the letter A
-    assert option_letter("D", choices) is None
-    assert option_letter("I don't know", choices) is None
+def test_scienceqa_letter():
+    assert [scienceqa_letter(p) for p in ["B", "b", " C ", "B. dog", "D."]] == ["B", "B", "C", "B", "D"]
+    # LLaVA's rule, as lmms-eval: no letter in brackets, after "the answer is", or as the option's text
+    assert [scienceqa_letter(p) for p in ["(C) A bird", "The answer is A.", "dog", "b. dog", "1", ""]] == [None] * 6

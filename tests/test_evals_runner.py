@@ -44,7 +44,7 @@ def test_eval_cli_results_layout(data_dir, tmp_path, capsys):
     for key in ("results", "configs", "versions", "n-samples", "config", "date", "higher_is_better", "efficiency"):
         assert key in results, key
     pope = results["results"]["pope"]
-    assert {"f1,none", "f1_stderr,none", "yes_ratio,none", "accuracy,none", "precision,none"} <= set(pope)
+    assert {"f1,none", "f1_stderr,none", "pred_yes_ratio,none", "accuracy,none", "precision,none"} <= set(pope)
     assert {"pope_adversarial", "pope_popular", "pope_random", "testbed_mme", "testbed_mme_existence"} <= set(
         results["results"])  # fmt: skip
     assert results["n-samples"]["pope"] == {"original": 6, "effective": 5}
@@ -58,7 +58,7 @@ def test_eval_cli_results_layout(data_dir, tmp_path, capsys):
         assert s["resps"] == [s["filtered_resps"]] and "<image>" in s["input"] and "image" not in s["doc"]
     # the results are the metrics of the saved predictions
     expect = pope_scores([s["filtered_resps"][0] for s in samples], [s["target"] for s in samples])
-    assert pope["f1,none"] == expect["f1"] and pope["yes_ratio,none"] == expect["yes_ratio"]
+    assert pope["f1,none"] == expect["f1"] and pope["pred_yes_ratio,none"] == expect["pred_yes_ratio"]
     # efficiency: FastV keeps half of the 16 visual tokens of tiny:llava after layer 2 (of 4)
     eff = results["efficiency"]["pope"]
     assert eff["visual_tokens"] == 16 and eff["visual_tokens_kept"] == 8 and eff["visual_tokens_avg"] == 12
