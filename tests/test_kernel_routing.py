@@ -58,7 +58,9 @@ def run_both(family, spec, mode="reference", seed=None, **kw):
     return dense, routed, routes
 
 
-def assert_same(dense, routed, tolerance=1e-5):
+# float32 on both sides; Triton 3.9's interpreter (what pip installs now) sums the masked kernels' tiles in another
+# order than 3.6 did, which moves single logits by up to 1.3e-5 (relative 7e-5), on main's code as well
+def assert_same(dense, routed, tolerance=5e-5):
     assert torch.equal(dense.sequences, routed.sequences)
     torch.testing.assert_close(torch.stack(routed.logits), torch.stack(dense.logits), atol=tolerance, rtol=tolerance)
 
