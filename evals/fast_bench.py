@@ -181,9 +181,7 @@ class Bench:
             log(f" prefill {row['prefill_ms']:8.1f} ms  decode {row['decode_ms_per_token']:7.2f} ms/token  "
                 f"warm-up {row['warmup_s']} s")  # fmt: skip
         except Exception as error:  # noqa: BLE001 - every configuration reports its own failure
-            row["error"] = f"{type(error).__name__}: {error}"[:500]
-            self.result["errors"].append({"where": f"{section['name']} {path} {label}", "trace": traceback.format_exc()})
-            log(f" FAILED {row['error'][:200]}")
+            self.record_failure(row, error, f"{section['name']} {path} {label}")
         finally:
             if ve.is_wrapped(model):
                 ve.unwrap(model)
@@ -191,6 +189,12 @@ class Bench:
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats(device)
             self.write()
+
+    def record_failure(self, row: dict, error: Exception, where: str) -> None:
+        """A configuration or check that raised: its error in its row, the traceback in the result's errors."""
+        row["error"] = f"{type(error).__name__}: {error}"[:500]
+        self.result["errors"].append({"where": where, "trace": traceback.format_exc()})
+        log(f"  {where} FAILED {row['error'][:200]}")
 
     def check(self, section: dict, model, inputs, label: str, spec: str) -> None:
         """Fast-path greedy tokens against the dynamic path (the unwrapped model for the base), and on CUDA the graph
@@ -220,10 +224,8 @@ class Bench:
                 row["graph_vs_eager_max_logit_diff"] = max(
                     float((a - b).abs().max()) for a, b in zip(eager.logits, fast.logits))  # fmt: skip
             log(f"  check {label or 'base':14s} {row}")
-        except Exception as error:  # noqa: BLE001
-            row["error"] = f"{type(error).__name__}: {error}"[:500]
-            self.result["errors"].append({"where": f"{section['name']} check {label}", "trace": traceback.format_exc()})
-            log(f"  check {label or 'base'} FAILED {row['error'][:200]}")
+        except Exception as error:  # noqa: BLE001 - every check reports its own failure
+            self.record_failure(row, error, f"{section['name']} check {label}")
         finally:
             if ve.is_wrapped(model):
                 ve.unwrap(model)
