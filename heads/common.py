@@ -191,7 +191,6 @@ def before_prefill(engine, fn) -> None:
         cache = kv_cache(inputs)
         if cache is not None and cache.get_seq_length() > 0:
             return None
-        engine.check_cache(cache)  # before the side pass
         # on a static cache generate() passes a mask sized to the cache: the cache-free side pass needs the 2-D one
         inputs["attention_mask"] = padding_mask(inputs.get("attention_mask"), prefill=True)
         with torch.no_grad():

@@ -55,8 +55,7 @@ _ENGINE_OF_ATTENTION: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def _engine_attention(module, query, key, value, attention_mask, **kwargs):
     engine = _ENGINE_OF_ATTENTION.get(module)
     if engine is not None and engine.run is not None and engine.run.static_cache:
-        key, value, attention_mask = written_keys(engine.run, module.layer_idx, query.shape[2], key, value,
-                                                  attention_mask)  # fmt: skip
+        key, value, attention_mask = written_keys(engine, module.layer_idx, query.shape[2], key, value, attention_mask)
     if engine is None or (module.layer_idx in engine.plain_layers and engine.probing is None
                           and not engine.returns_weights):
         # no method acts in this layer: SDPA untouched, without the engine's per-call routing (host time that a
@@ -425,7 +424,6 @@ class Engine:
         if past == 0:
             if input_ids is None:
                 raise ValueError("a wrapped model needs input_ids at prefill to locate the image tokens")
-            self.check_cache(cache)
             if kwargs.get("labels") is not None and self.shrinks:
                 raise ValueError(
                     f"labels: {', '.join(m.name for m in self.methods if m.prune_layers())} drops prompt rows, so the "
@@ -472,26 +470,6 @@ class Engine:
             ones = torch.ones(run.layout.batch_size, step, dtype=torch.bool, device=run.attention_mask_2d.device)
             run.attention_mask_2d = torch.cat([run.attention_mask_2d, ones], dim=1)
         return args, kwargs
-
-    def check_cache(self, cache) -> None:
-        """Refuse a static cache at prefill (also called by methods' side passes that run before the prefill): it
-        holds max_cache_len keys per layer whatever was fed, while pruning needs layers of different lengths and
-        attention edits are expressed over the keys actually cached (they would not match its shape)."""
-        if True:  # TEMP sweep
-            return
-        if not getattr(cache, "is_compileable", False):
-            return
-        if self.shrinks:
-            raise ValueError(
-                "token pruning needs a dynamic KV cache (layers of different lengths); a static cache has "
-                "fixed per-layer lengths. Use the default cache (no cache_implementation='static')."
-            )
-        editing = [m.name for m in self.methods if edits_attention(m)]
-        if editing:
-            raise ValueError(
-                f"{', '.join(editing)}: attention edits are expressed over the keys a dynamic KV cache holds; a static "
-                "cache (cache_implementation='static') has fixed lengths. Use the default cache."
-            )
 
     def _on_vision_call(self, module, args, kwargs):
         grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
@@ -763,8 +741,8 @@ class Engine:
             if plain_key.shape[2] != key.shape[2]:
                 raise ValueError(
                     f"layer {idx}: the cache handed the attention {key.shape[2]} keys for a prefill of {q_len} rows. "
-                    "Pre-rotary keys are kept beside the KV cache, aligned with a dynamic cache: use the default "
-                    "cache (no cache_implementation='static', no prompt fed over several calls)."
+                    "Pre-rotary keys are kept beside the KV cache, aligned with the keys it holds: feed the prompt in "
+                    "one call, on an empty cache."
                 )
             run.pre_rotary_keys[idx] = plain_key
             return plain_query, plain_key

@@ -4,9 +4,9 @@ A StaticCache layer allocates max_cache_len slots once and writes each call's ke
 its count of written keys (`cumulative_length`) is per layer in transformers 5.17 to 5.25, whatever position the
 tokens have. So a layer that runs on fewer rows after pruning writes its kept prompt keys at slots 0..kept-1 and
 each generated token after them, in the order the same layer of a dynamic cache holds them. Every attention call
-gets the whole buffer; the engine trims keys, values and mask to the slots the layer has written (`written_keys`),
-so each layer attends to exactly the keys it would hold on a dynamic cache, and the methods' masks and attention
-edits, expressed over those keys, apply unchanged.
+gets the whole buffer; where a layer holds fewer keys than the prompt or a method acts on it, the engine trims keys,
+values and mask to the slots the layer has written (`written_keys`), so it attends to exactly the keys it would hold
+on a dynamic cache, and the methods' masks and attention edits, expressed over those keys, apply unchanged.
 
 generate() hands the model, on a static cache, a 4-D mask sized to the cache instead of the 2-D padding mask
 (`padding_mask` gets that back at the prefill; decoding steps feed real tokens only). It compiles the decoding
@@ -42,14 +42,19 @@ def padding_mask(attention_mask: torch.Tensor | None, prefill: bool) -> torch.Te
     return last_row if last_row.dtype == torch.bool else last_row == 0
 
 
-def written_keys(run, layer: int, query_length: int, key, value, attention_mask):
+def written_keys(engine, layer: int, query_length: int, key, value, attention_mask):
     """Key, value [B, Hkv, max_cache_len, d] and mask [..., max_cache_len] of a call of `layer` on a static cache,
     trimmed to the slots the layer has written (this call's included): at the prefill its rows; while decoding its
-    cached prompt keys (all, or the kept ones) and the generated tokens fed so far. A probe (no cache) is unchanged."""
+    cached prompt keys (all, or the kept ones) and the generated tokens fed so far. A probe (no cache) keeps its keys
+    and gets the mask of its rows. Untouched where no method acts on the layer and it holds every prompt key: the
+    model's own mask already covers the whole buffer (the unwrapped model's call, shapes fixed under compile)."""
+    run = engine.run
+    prompt = run.layer_positions.get(layer)
+    if (prompt is None and layer in engine.plain_layers and engine.probing is None and not engine.returns_weights):
+        return key, value, attention_mask
     if run.prefill:
         written = query_length
     else:
-        prompt = run.layer_positions.get(layer)
         prompt_keys = run.prompt_length if prompt is None else prompt.shape[1]
         written = prompt_keys + run.fed + query_length - run.prompt_length
     if isinstance(attention_mask, torch.Tensor) and attention_mask.shape[-1] != written:
