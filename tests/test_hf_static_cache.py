@@ -66,11 +66,18 @@ def test_static_cache_equals_dynamic_cache(family, spec):
     assert [int(layer.cumulative_length) for layer in cache.layers] == [n + NEW_TOKENS - 1 for n in held]
     if spec and spec.split(":")[0] in ("fastv", "pdrop", "visionzip"):
         assert min(held) < run.prompt_length  # pruned layers write fewer slots than the prompt
+    # stats: the buffers as allocated (max_cache_len slots per layer, whatever a layer holds)
+    allocated = [k.numel() * k.element_size() + v.numel() * v.element_size()
+                 for k, v in ((layer.keys, layer.values) for layer in cache.layers)]  # fmt: skip
+    assert ve.stats(model).kv_cache_bytes_per_layer == allocated
     ve.unwrap(model)
 
 
-@pytest.mark.parametrize("spec", ["vhr", "adaptvis", "aki", "equal_distance", "vaf", "act",
-                                  "plphp:layer=1,alpha=0.05,beta=0.02,cache=mask", "fastv:layer=2,ratio=0.5+pai"])  # fmt: skip
+OTHER_SPECS = ["vhr", "adaptvis", "aki", "equal_distance", "vaf", "act", "fastv:layer=2,ratio=0.5+pai",
+               "plphp:layer=1,alpha=0.05,beta=0.02,cache=mask"]  # fmt: skip
+
+
+@pytest.mark.parametrize("spec", OTHER_SPECS)
 def test_side_passes_and_other_methods_on_static_cache(spec):
     """Methods with a side pass before the prefill (VHR, AdaptVis: it gets the 2-D padding mask, not generate()'s
     4-D one), pre-rotary logits (AKI, equal_distance), decode masks and compositions."""

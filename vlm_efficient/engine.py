@@ -44,7 +44,7 @@ from .layout import ModalityLayout, build_layout
 from .method import (BEFORE_LLM, AttentionContext, AttentionRequest, AttentionStats, Method, PerThread, Selection,
                      edits_attention)
 from .ragged_cache import store_per_head
-from .static_cache import on_static_cache, padding_mask, written_keys
+from .static_cache import allocated_bytes, on_static_cache, padding_mask, written_keys
 
 ATTENTION_NAME = "vlm_efficient"
 
@@ -162,7 +162,7 @@ class RunState:
     # and num_return_sequences); None: each image was encoded once
     image_sources: list[int] | None = None
     full_sequence: bool = False  # generate(use_cache=False): later calls feed the whole sequence, the cache is ours
-    allocated_kv_bytes: list[int] | None = None  # per layer, where the fast path allocated its own KV buffers
+    allocated_kv_bytes: list[int] | None = None  # per layer, where KV buffers are allocated whole (fast path, static)
     static_cache: bool = False  # the cache is HF's static one: attention calls trim its buffers (static_cache.py)
 
     def memory(self, owner) -> dict:
@@ -463,6 +463,8 @@ class Engine:
         run.layer_kwargs_cache.clear()
         if run.decode_steps == 1 and self.per_head_cache:
             store_per_head(self, run, cache)
+        if run.decode_steps == 1 and run.static_cache:
+            run.allocated_kv_bytes = allocated_bytes(cache)
         step = (input_ids if input_ids is not None else kwargs["inputs_embeds"]).shape[1]
         if attention_mask is not None:
             run.attention_mask_2d = attention_mask.bool()

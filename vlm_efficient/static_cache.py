@@ -28,10 +28,10 @@ def on_static_cache(cache) -> bool:
 
 
 def padding_mask(attention_mask: torch.Tensor | None, prefill: bool) -> torch.Tensor | None:
-    """The 2-D padding mask [B, prompt length] (True = real token) behind the attention mask a model call got. generate()
-    passes a 4-D mask [B, 1, q, max_cache_len] (or one per layer type) on a static cache: at the prefill its last row allows every real prompt
-    token (causality allows all earlier keys to the last row, so only padding is masked there); a decoding call feeds
-    generated tokens, which are all real (None: the engine appends ones)."""
+    """The 2-D padding mask [B, prompt length] (True = real token) behind the attention mask a model call got.
+    generate() passes a 4-D mask [B, 1, q, max_cache_len] (or one per layer type) on a static cache: at the prefill
+    its last row allows every real prompt token (causality allows it all earlier keys, so only padding is masked
+    there); a decoding call feeds generated tokens, which are all real (None: the engine appends ones)."""
     if isinstance(attention_mask, dict):  # one mask per layer type (Qwen2-VL's create_masks_for_generate)
         attention_mask = attention_mask["full_attention"]
     if attention_mask is None or attention_mask.dim() == 2:
@@ -40,6 +40,12 @@ def padding_mask(attention_mask: torch.Tensor | None, prefill: bool) -> torch.Te
         return None
     last_row = attention_mask[:, 0, -1, : attention_mask.shape[2]]
     return last_row if last_row.dtype == torch.bool else last_row == 0
+
+
+def allocated_bytes(cache) -> list[int]:
+    """Per layer, the bytes of the static buffers (keys and values), allocated whole at the prefill."""
+    return [layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
+            for layer in cache.layers]  # fmt: skip
 
 
 def written_keys(engine, layer: int, query_length: int, key, value, attention_mask):
