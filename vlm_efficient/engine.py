@@ -54,7 +54,8 @@ _ENGINE_OF_ATTENTION: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 def _engine_attention(module, query, key, value, attention_mask, **kwargs):
     engine = _ENGINE_OF_ATTENTION.get(module)
-    if engine is not None and engine.run is not None and engine.run.static_cache:
+    run = engine.run if engine is not None else None
+    if run is not None and run.static_cache:
         key, value, attention_mask = written_keys(engine, module.layer_idx, query.shape[2], key, value, attention_mask)
     if engine is None or (module.layer_idx in engine.plain_layers and engine.probing is None
                           and not engine.returns_weights):

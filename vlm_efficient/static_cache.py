@@ -10,8 +10,8 @@ on a dynamic cache, and the methods' masks and attention edits, expressed over t
 
 generate() hands the model, on a static cache, a 4-D mask sized to the cache instead of the 2-D padding mask
 (`padding_mask` gets that back at the prefill; decoding steps feed real tokens only). It compiles the decoding
-forward where the device is a GPU: the engine's hooks then run under torch.compile (graph breaks where they read
-the host; a trimmed length that changes per step recompiles until dynamo marks it dynamic).
+forward where the device is a GPU: the engine's hooks then run under torch.compile, with graph breaks where they
+read the host and recompiles as the trimmed lengths grow (past dynamo's recompile limit a frame runs eagerly).
 
 Not supported: a per-head pruned cache (plphp:cache=ragged replaces layers of a DynamicCache by per-head buffers),
 refused at the first decoding step (ragged_cache.store_per_head).
@@ -56,7 +56,7 @@ def written_keys(engine, layer: int, query_length: int, key, value, attention_ma
     model's own mask already covers the whole buffer (the unwrapped model's call, shapes fixed under compile)."""
     run = engine.run
     prompt = run.layer_positions.get(layer)
-    if (prompt is None and layer in engine.plain_layers and engine.probing is None and not engine.returns_weights):
+    if prompt is None and layer in engine.plain_layers and engine.probing is None and not engine.returns_weights:
         return key, value, attention_mask
     if run.prefill:
         written = query_length
