@@ -212,7 +212,8 @@ def test_fast_bench_runs_on_the_tiny_models(tmp_path):
     assert result["errors"] == []
     (section,) = result["sections"]
     paths = {(row["path"], row["method"]) for row in section["rows"]}
-    assert {("hf-dynamic", ""), ("fast", ""), ("hf-static", ""), ("fast", "FastV 75%"), ("dynamic", "DART 75%")} <= paths
+    assert {("hf-dynamic", ""), ("fast", ""), ("hf-static", ""), ("fast", "FastV 75%"), ("dynamic", "DART 75%"),
+            ("hf-static", "FastV 75%"), ("hf-static", "PAI")} <= paths  # fmt: skip
     assert all(row["decode_ms_per_token"] is not None for row in section["rows"])
     assert [check["tokens_equal"] for check in section["checks"]] == [True] * (1 + len(fast_bench.METHODS))
     assert "| fast | FastV 50% |" in (tmp_path / "fast_bench.md").read_text()
