@@ -34,7 +34,7 @@ import torch
 
 from vlm_efficient.method import AttentionEdit, PerThread, at_positions
 
-from .common import PrefillMask, before_prefill, has_image
+from .common import PrefillMask, has_image
 
 VARIANTS = ("paper", "code")
 
@@ -56,7 +56,7 @@ class AKI(PrefillMask):
         super().bind(engine)
         self.pending_ids = None
         if self.variant == "code" and self.end_token >= 0:
-            before_prefill(engine, self._remember_ids)
+            engine.before_prefill(self._remember_ids)
 
     def _remember_ids(self, inputs: dict) -> None:
         self.pending_ids = inputs.get("input_ids")

@@ -36,15 +36,7 @@ import torch
 
 from vlm_efficient.method import UNSTRUCTURED, AttentionEdit, Method, at_positions
 
-from .common import (
-    before_prefill,
-    check_range,
-    has_image,
-    last_prompt_rows,
-    parse_layers,
-    scaled_range,
-    scatter_positions,
-)
+from .common import check_range, has_image, last_prompt_rows, parse_layers, scaled_range, scatter_positions
 
 VARIANTS = ("code", "paper")
 WORDS = ("content", "all")
@@ -163,7 +155,7 @@ class GIFT(Method):
         self.pending_ids = None
         if self.variant == "code" and self.words == "content":
             self.words_tokenizer = self._load_tokenizer(engine.model)
-            before_prefill(engine, self._remember_ids)
+            engine.before_prefill(self._remember_ids)
 
     def _load_tokenizer(self, model):
         from transformers import AutoTokenizer
