@@ -189,6 +189,29 @@ def test_layout_follows_each_call_when_generate_pre_encodes_images():
     ve.unwrap(model)
 
 
+def test_named_models_come_from_the_core_registry():
+    """The core's model registry: the tiny models built in, the testbed from the installed package's entry point
+    (the core imports no evals code for it), names unique, a registered loader called with device and dtype."""
+    from vlm_efficient.models import ENTRY_POINT_GROUP, load_model, named_models, register_model, unregister_model
+
+    models = named_models()
+    assert {"testbed", "tiny:llava", "tiny:qwen3_vl"} <= set(models)
+    assert models["testbed"].load.point.value == "vlm_efficient.evals.testbed:load_testbed"
+    assert models["testbed"].load.point.group == ENTRY_POINT_GROUP
+    with pytest.raises(ValueError, match="'tiny:llava' is already registered"):
+        register_model("tiny:llava", lambda **kw: None)
+    with pytest.raises(ValueError, match="not a path|a path or hub id"):
+        register_model("./local", lambda **kw: None)
+    register_model("probe-model", lambda **kw: ("loaded", kw))
+    try:
+        assert load_model("probe-model", device="meta") == ("loaded", {"device": "meta", "dtype": torch.float32})
+    finally:
+        unregister_model("probe-model")
+    assert "probe-model" not in named_models()
+    with pytest.raises(ValueError, match="unknown built-in model 'tiny:nope': use one of tiny:llava"):
+        load_model("tiny:nope")
+
+
 def test_load_model_reads_a_saved_directory_through_from_pretrained(tmp_path):
     from vlm_efficient.models import load_model
     from vlm_efficient.testing import save_tiny
