@@ -28,10 +28,12 @@ import torch
 
 from vlm_efficient.kernels import GroupSpec
 from vlm_efficient.method import UNSTRUCTURED, AttentionEdit, AttentionRequest, KernelEdit, Method
+from vlm_efficient.registry import register_method
 
 from .common import check_range, head_mask, key_flags, parse_heads, parse_layers, redistribute, scatter_positions
 
 
+@register_method
 @dataclass
 class ACT(Method):
     name = "act"

@@ -18,11 +18,13 @@ import torch
 from vlm_efficient.engine import plain_calls
 from vlm_efficient.kernels import GroupSpec
 from vlm_efficient.method import AttentionEdit, KernelEdit, Method, PerThread
+from vlm_efficient.registry import register_method
 
 from .common import (check_range, has_image, last_position, last_prompt_rows, parse_layers, prompt_inputs,
                      take_pending)
 
 
+@register_method
 @dataclass
 class AdaptVis(Method):
     name = "adaptvis"

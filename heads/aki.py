@@ -33,12 +33,14 @@ from dataclasses import dataclass
 import torch
 
 from vlm_efficient.method import AttentionEdit, PerThread, at_positions
+from vlm_efficient.registry import register_method
 
 from .common import PrefillMask, has_image
 
 VARIANTS = ("paper", "code")
 
 
+@register_method
 @dataclass
 class AKI(PrefillMask):
     name = "aki"

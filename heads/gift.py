@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import torch
 
 from vlm_efficient.method import UNSTRUCTURED, AttentionEdit, Method, at_positions
+from vlm_efficient.registry import register_method
 
 from .common import check_range, has_image, last_prompt_rows, parse_layers, scaled_range, scatter_positions
 
@@ -114,6 +115,7 @@ def top_heads(mass: torch.Tensor, count: int) -> torch.Tensor:
     return rank < count
 
 
+@register_method
 @dataclass
 class GIFT(Method):
     name = "gift"

@@ -23,6 +23,7 @@ import torch
 from vlm_efficient.adapters import get_adapter
 from vlm_efficient.engine import plain_calls
 from vlm_efficient.method import AttentionEdit, KernelEdit, Method, PerThread
+from vlm_efficient.registry import register_method
 
 from .common import last_position, parse_layers, prompt_inputs, take_pending, text_only_inputs
 
@@ -85,6 +86,7 @@ def vhr_head_factors(model, inputs: dict, alpha: float = 2.0, layers=None) -> to
     return select_heads(vhd, norm, alpha, range(num_layers // 2, num_layers) if layers is None else layers)
 
 
+@register_method
 @dataclass
 class VHR(Method):
     name = "vhr"

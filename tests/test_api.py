@@ -31,6 +31,50 @@ def test_spec_strings_and_objects_build_the_same_methods():
     assert ve.parse_methods(ve.to_spec([FastV(layer=3)])) == [FastV(layer=3)]
 
 
+# the names of the hand-kept table the registry had before each method registered itself: every one still parses
+SHIPPED_METHODS = {
+    "fastv", "pdrop", "dart", "divprune", "random", "pool", "dyvte", "sparsevlm", "fastervlm", "visionzip", "vmtc",
+    "yopo", "avl", "plphp", "pai", "vaf", "var", "act", "ocr_sink", "vhr", "gift", "paint", "adaptvis", "naavit",
+    "ee_mllm", "aki", "cmai", "knockout", "equal_distance", "window",
+}  # fmt: skip
+
+
+def test_every_registered_method_parses_and_its_spec_round_trips():
+    from vlm_efficient.registry import METHODS
+
+    assert set(METHODS) == SHIPPED_METHODS
+    for name, cls in METHODS.items():
+        (method,) = ve.parse_methods(name)
+        assert type(method) is cls and method.name == name
+        assert cls.__module__.startswith(("vlm_efficient.token_ops.", "vlm_efficient.heads."))
+        assert ve.parse_methods(method.spec()) == [method], name
+
+
+def test_register_method_refuses_taken_and_malformed_names():
+    from dataclasses import dataclass
+
+    from vlm_efficient.method import Method
+    from vlm_efficient.registry import METHODS, register_method
+
+    before = dict(METHODS)
+    with pytest.raises(ValueError, match="'fastv' is already registered by vlm_efficient.token_ops.fastv.FastV"):
+
+        @register_method
+        @dataclass
+        class OtherFastV(Method):
+            name = "fastv"
+
+    for bad in ("", "Fast V", "fast-v", "2fast"):
+        with pytest.raises(ValueError, match="is not a method name"):
+            register_method(dataclass(type("Nameless", (Method,), {"name": bad})))
+    with pytest.raises(ValueError, match="is not a method name"):  # a subclass does not inherit its base's name
+        register_method(dataclass(type("Sub", (FastV,), {})))
+    with pytest.raises(TypeError, match="put it above @dataclass"):
+        register_method(type("Plain", (Method,), {"name": "plain"}))
+    assert register_method(FastV) is FastV  # the same class again (a module reloaded) is no duplicate
+    assert METHODS == before
+
+
 @pytest.mark.parametrize(
     "spec, message",
     [

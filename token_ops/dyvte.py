@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from vlm_efficient.method import AttentionRequest, Method
+from vlm_efficient.registry import register_method
 
 GATE_FORMAT = "dyvte-gates/1"
 SHIPPED_GATES = sorted(Path(__file__).resolve().parent.glob("dyvte_gates_*.pt"))  # gates for the shipped testbeds
@@ -108,6 +109,7 @@ def load_gates(path, hidden_size: int) -> dict[int, nn.Module]:
     return gates
 
 
+@register_method
 @dataclass
 class DyVTE(Method):
     name = "dyvte"

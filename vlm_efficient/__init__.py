@@ -35,6 +35,9 @@ from .method import AttentionRequest, Method  # noqa: E402
 from .registry import METHODS, parse_methods, to_spec  # noqa: E402
 from .stats import RunStats, compute_stats  # noqa: E402
 
+# the shipped methods register themselves on import (registry.register_method); after the core, which they import
+from . import heads, token_ops  # noqa: E402, F401
+
 __all__ = [
     "ADAPTERS",
     "METHODS",
