@@ -71,7 +71,12 @@ def test_register_method_refuses_taken_and_malformed_names():
         register_method(dataclass(type("Sub", (FastV,), {})))
     with pytest.raises(TypeError, match="put it above @dataclass"):
         register_method(type("Plain", (Method,), {"name": "plain"}))
-    assert register_method(FastV) is FastV  # the same class again (a module reloaded) is no duplicate
+    assert register_method(FastV) is FastV  # the same class again is no duplicate
+    reloaded = dataclass(type("FastV", (Method,), {"name": "fastv", "__module__": FastV.__module__}))
+    try:  # importlib.reload(fastv) defines FastV again in the same module: it replaces itself
+        assert register_method(reloaded) is reloaded and METHODS["fastv"] is reloaded
+    finally:
+        METHODS["fastv"] = FastV
     assert METHODS == before
 
 

@@ -29,7 +29,8 @@ def register_method(cls: type[Method]) -> type[Method]:
         raise ValueError(f"{cls.__module__}.{cls.__qualname__}: name = {name!r} is not a method name; give the class "
                          "its own lower-case name (letters, digits, '_'), the word spec strings will use")  # fmt: skip
     taken = METHODS.get(name)
-    if taken is not None and taken is not cls:
+    # the same class defined again by its own module (importlib.reload) replaces itself; any other class is a clash
+    if taken is not None and (taken.__module__, taken.__qualname__) != (cls.__module__, cls.__qualname__):
         raise ValueError(f"method name {name!r} is already registered by {taken.__module__}.{taken.__qualname__}; "
                          f"{cls.__module__}.{cls.__qualname__} needs another name")  # fmt: skip
     METHODS[name] = cls
