@@ -190,3 +190,7 @@ def test_imports_resolve_to_modules(tmp_path):
     package = tmp_path / "__init__.py"
     package.write_text("def f():\n    from . import pai\n    from .common import x\n")
     assert imports_of("vlm_efficient.heads", package, known) == {"vlm_efficient.heads.pai", "vlm_efficient.heads.common"}
+
+
+if __name__ == "__main__":  # python tests/test_layering.py: print the graph (for a closing note or a review)
+    print(drawn(import_graph()))
