@@ -26,16 +26,7 @@ from tqdm.auto import tqdm
 import vlm_efficient
 from vlm_efficient.compare import FirstTokenClock
 
-from .runner import _peak_memory, _sync, batch_inputs
-
-
-def _inputs(processor, image_size: int, batch_size: int, model=None):
-    from vlm_efficient.models import build_prompt
-    from vlm_efficient.testing import tiny_image
-
-    prompt = build_prompt(processor, "Please describe this image in detail.")
-    images = [[tiny_image(i, size=(image_size, image_size))] for i in range(batch_size)]
-    return batch_inputs(processor, [prompt] * batch_size, images, model)
+from .runner import _peak_memory, _sync, describe_inputs
 
 
 PREFILL_CALLS = 5  # prefill forwards per spec per round
@@ -85,7 +76,7 @@ def arch_vision_flops(name: str, batch_size: int, image_size: int) -> float:
     from .archs import arch_on_meta
 
     model, processor = arch_on_meta(name)
-    inputs = _inputs(processor, image_size, batch_size)
+    inputs = describe_inputs(processor, image_size, batch_size)
     inputs["pixel_values"] = inputs["pixel_values"].to("meta", torch.bfloat16)
     return vision_flops(model, inputs)
 
@@ -350,7 +341,7 @@ def bench(model_name: str, specs: list[str], *, device="cpu", dtype=torch.float3
     else:
         model, processor = load_eval_model(model_name, device, dtype)
     size = image_size or DEFAULT_IMAGE_SIZE.get(model_name, 336)
-    inputs = _inputs(processor, size, batch_size, model)
+    inputs = describe_inputs(processor, size, batch_size, model)
     runs = {spec or "base": run for spec, run in measure_all(model, inputs, specs, max_new_tokens, repeats).items()}
     base = runs[specs[0] or "base"]
     for run in runs.values():

@@ -116,7 +116,7 @@ class Bench:
     def build(self, arch: str, batch_size: int):
         """The model of `arch` (kept for the next section of the same architecture) and a batch of its inputs."""
         from .archs import DEFAULT_IMAGE_SIZE, build_arch
-        from .bench import _inputs
+        from .runner import describe_inputs
         from .runner import load_eval_model
 
         if self.built is None or self.built[0] != arch:
@@ -131,7 +131,7 @@ class Bench:
                 self.built = (arch, *build_arch(arch, "cuda", torch.bfloat16))
         _, model, processor = self.built
         size = 112 if self.args.tiny else DEFAULT_IMAGE_SIZE[arch]
-        return model, _inputs(processor, size, batch_size, model)
+        return model, describe_inputs(processor, size, batch_size, model)
 
     def generate(self, model, inputs, path: str, new_tokens: int, **kw):
         kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, **kw)

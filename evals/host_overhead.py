@@ -22,7 +22,8 @@ import vlm_efficient
 from vlm_efficient.compare import FirstTokenClock
 
 from .archs import build_arch
-from .bench import _inputs, interleaved_rounds
+from .bench import interleaved_rounds
+from .runner import describe_inputs
 
 SIDE = 56  # px: a 4 x 4 patch grid, 16 image tokens
 
@@ -71,7 +72,7 @@ def host_overhead(specs: list[str], repeats: int = 10, rounds: int = 4, new_toke
     slow phase of the machine reaches every spec alike; each measure is the spec's best round."""
     torch.manual_seed(0)
     model, processor = build_arch("llava-1.5-7b", "cpu", torch.float32, configure=_narrow)
-    inputs = _inputs(processor, SIDE, 1, model)
+    inputs = describe_inputs(processor, SIDE, 1, model)
     specs = [""] + specs
     timed = {spec: [] for spec in specs}
     def call(spec, round_):  # round 0 warms up

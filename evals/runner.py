@@ -72,6 +72,16 @@ def batch_inputs(processor, prompts: list[str], images: list[list], model):
     return inputs
 
 
+def describe_inputs(processor, image_size: int, batch_size: int, model=None):
+    """batch_inputs of `batch_size` synthetic square images and a request to describe each (the benchmarks' input)."""
+    from vlm_efficient.models import build_prompt
+    from vlm_efficient.testing import tiny_image
+
+    prompt = build_prompt(processor, "Please describe this image in detail.")
+    images = [[tiny_image(i, size=(image_size, image_size))] for i in range(batch_size)]
+    return batch_inputs(processor, [prompt] * batch_size, images, model)
+
+
 def generate_batch(model, processor, inputs, max_new_tokens: int):
     """Greedy answers for a batch of `batch_inputs`, with timing and the engine's statistics of the call."""
     from transformers import LogitsProcessorList

@@ -109,8 +109,7 @@ def sync_sites(model, inputs, new_tokens: int, cuda: bool | None = None) -> dict
 
 
 def main(argv=None) -> int:
-    from .bench import _inputs
-    from .runner import load_eval_model
+    from .runner import describe_inputs, load_eval_model
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="tiny:llava")
@@ -122,7 +121,7 @@ def main(argv=None) -> int:
     cuda = args.device.startswith("cuda")
     model, processor = load_eval_model(args.model, args.device, torch.bfloat16 if cuda and not args.model.startswith(
         "tiny") else torch.float32)  # fmt: skip
-    inputs = _inputs(processor, 336, args.batch_size, model)
+    inputs = describe_inputs(processor, 336, args.batch_size, model)
     what = "synchronizing calls" if cuda else "host reads of device values"
     for spec in [""] + [s for s in args.methods.split(";") if s.strip()]:
         if spec:

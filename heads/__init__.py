@@ -1,3 +1,7 @@
 """vlm_efficient.heads: attention-head interventions (PAI, VAF, VAR, ACT, OCR-head sink, VHR, GIFT, PAINT,
-AdaptVis), cross-modal masks (NAAViT, EE-MLLM, 2-D window, CMAI, knockout; AKI and Vista-LLaMA await engine
-features) and discovery (`vlm-efficient inspect`). One file per method; see heads/README.md."""
+AdaptVis), cross-modal masks (NAAViT, EE-MLLM, 2-D window, CMAI, knockout, AKI, Vista-LLaMA's equal distance) and
+discovery (`vlm-efficient inspect`: heads/inspect.py, a command, not imported here). One file per method; see
+heads/README.md. Importing this package registers the methods (each class carries @register_method)."""
+
+from . import (act, adaptvis, aki, cmai, ee_mllm, equal_distance, gift, knockout, naavit, ocr_sink, pai,  # noqa: F401
+               paint, vaf, var, vhr, window)

@@ -15,13 +15,16 @@ from dataclasses import dataclass
 
 import torch
 
+from vlm_efficient.engine import plain_calls
 from vlm_efficient.kernels import GroupSpec
 from vlm_efficient.method import AttentionEdit, KernelEdit, Method, PerThread
+from vlm_efficient.registry import register_method
 
-from .common import (before_prefill, check_range, has_image, last_position, last_prompt_rows, parse_layers,
-                     plain_calls, prompt_inputs, take_pending)
+from .common import (check_range, has_image, last_position, last_prompt_rows, parse_layers, prompt_inputs,
+                     take_pending)
 
 
+@register_method
 @dataclass
 class AdaptVis(Method):
     name = "adaptvis"
@@ -40,7 +43,7 @@ class AdaptVis(Method):
         self.chosen = parse_layers("adaptvis", self.layers, engine.num_layers, range(engine.num_layers))
         self.model = engine.model
         self.pending = None
-        before_prefill(engine, self._probe)
+        engine.before_prefill(self._probe)
         # key groups: other, image of an unsure sample, image of a sure one
         self.groups = GroupSpec(engine.text_config.num_attention_heads, 3,
                                 logit_scale=[1.0, self.smooth, self.sharpen])

@@ -32,12 +32,14 @@ from dataclasses import dataclass
 import torch
 
 from vlm_efficient.method import AttentionEdit, PerThread, at_positions
+from vlm_efficient.registry import register_method
 
-from .common import PrefillMask, before_prefill, has_image
+from .common import PrefillMask, has_image
 
 VARIANTS = ("paper", "code")
 
 
+@register_method
 @dataclass
 class AKI(PrefillMask):
     name = "aki"
@@ -55,7 +57,7 @@ class AKI(PrefillMask):
         super().bind(engine)
         self.pending_ids = None
         if self.variant == "code" and self.end_token >= 0:
-            before_prefill(engine, self._remember_ids)
+            engine.before_prefill(self._remember_ids)
 
     def _remember_ids(self, inputs: dict) -> None:
         self.pending_ids = inputs.get("input_ids")

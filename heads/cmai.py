@@ -14,10 +14,12 @@ from dataclasses import dataclass
 import torch
 
 from vlm_efficient.method import AttentionEdit
+from vlm_efficient.registry import register_method
 
 from .common import PrefillMask, has_image, text_after_image
 
 
+@register_method
 @dataclass
 class CMAI(PrefillMask):
     name = "cmai"

@@ -3,18 +3,12 @@ passes of a wrapped model, and the no-image version of a prompt."""
 
 from __future__ import annotations
 
-import contextlib
-import threading
 from dataclasses import dataclass
-from types import SimpleNamespace
 
 import torch
 
-from vlm_efficient.adapters import CACHE_KWARGS, kv_cache
+from vlm_efficient.adapters import CACHE_KWARGS, get_adapter
 from vlm_efficient.method import UNSTRUCTURED, AttentionEdit, KernelEdit, Method
-from vlm_efficient.static_cache import padding_mask
-
-_PLAIN = threading.local()  # depth > 0 while this thread runs a plain side pass: hooks of methods then stay out
 
 
 def example_layers(num_layers: int) -> str:
@@ -161,49 +155,10 @@ def redistribute(probs: torch.Tensor, source: torch.Tensor, receivers: torch.Ten
 
 
 # ---- side passes ---------------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def plain_calls(model, run=None):
-    """Calls of `model` inside this block run as on the unwrapped model (no method acts) and leave the engine's state
-    of the call in progress untouched. `run` continues an earlier side generation; the yielded holder's `.run` is the
-    state the block's calls left, to pass back next time."""
-    import vlm_efficient
-
-    engine = vlm_efficient.engine_of(model) if vlm_efficient.is_wrapped(model) else None
-    side = engine.plain(run) if engine is not None else contextlib.nullcontext(SimpleNamespace(run=run))
-    _PLAIN.depth = getattr(_PLAIN, "depth", 0) + 1
-    try:
-        with side as holder:
-            yield holder
-    finally:
-        _PLAIN.depth -= 1
-
-
-def before_prefill(engine, fn) -> None:
-    """Call fn(forward kwargs) before each prefill of the wrapped model (not before decode steps, not inside plain
-    side passes). The hook is removed with the engine's own hooks at unwrap."""
-
-    def hook(module, args, kwargs):
-        if getattr(_PLAIN, "depth", 0):
-            return None
-        inputs = dict(kwargs)
-        if args:
-            inputs["input_ids"] = args[0]
-        cache = kv_cache(inputs)
-        if cache is not None and cache.get_seq_length() > 0:
-            return None
-        # on a static cache generate() passes a mask sized to the cache: the cache-free side pass needs the 2-D one
-        inputs["attention_mask"] = padding_mask(inputs.get("attention_mask"), prefill=True)
-        with torch.no_grad():
-            fn(inputs)
-        return None
-
-    engine.add_handle(engine.model.register_forward_pre_hook(hook, with_kwargs=True))
-
-
 def take_pending(method, run, key: str, missing: str):
-    """The value `method`'s before_prefill pass left in `method.pending` (a PerThread attribute: the calling thread's),
-    moved into the run's memory under `key` at the first use in that run (later uses of the run read it there);
-    RuntimeError(missing) when no pass ran."""
+    """The value `method`'s engine.before_prefill pass left in `method.pending` (a PerThread attribute: the calling
+    thread's), moved into the run's memory under `key` at the first use in that run (later uses of the run read it
+    there); RuntimeError(missing) when no pass ran."""
     memory = run.memory(method)
     if key not in memory:
         if method.pending is None:
@@ -230,8 +185,6 @@ def pad_token_id(model) -> int:
 def text_only_inputs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> dict:
     """The prompt without its image (and video) placeholder tokens, left-padded again, with explicit position ids
     (so Qwen's cached M-RoPE deltas of the real prompt are neither used nor overwritten)."""
-    from vlm_efficient import get_adapter
-
     adapter = get_adapter(model)
     visual = input_ids == adapter.image_token_id(model)
     video = adapter.video_token_id(model)

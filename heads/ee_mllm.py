@@ -10,10 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from vlm_efficient.kernels import ROLE_IMAGE, ROLE_LAST, ROLE_MIDDLE, ROLE_PREFIX, ROLE_QUESTION, MaskSpec
+from vlm_efficient.registry import register_method
 
 from .common import PrefillMask, same_token
 
 
+@register_method
 @dataclass
 class EEMLLM(PrefillMask):
     name = "ee_mllm"

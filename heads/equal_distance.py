@@ -30,12 +30,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from vlm_efficient.method import AttentionEdit, Method
+from vlm_efficient.registry import register_method
 
 from .common import has_image, parse_layers
 
 VARIANTS = ("paper", "code")
 
 
+@register_method
 @dataclass
 class EqualDistance(Method):
     name = "equal_distance"

@@ -35,16 +35,9 @@ from dataclasses import dataclass
 import torch
 
 from vlm_efficient.method import UNSTRUCTURED, AttentionEdit, Method, at_positions
+from vlm_efficient.registry import register_method
 
-from .common import (
-    before_prefill,
-    check_range,
-    has_image,
-    last_prompt_rows,
-    parse_layers,
-    scaled_range,
-    scatter_positions,
-)
+from .common import check_range, has_image, last_prompt_rows, parse_layers, scaled_range, scatter_positions
 
 VARIANTS = ("code", "paper")
 WORDS = ("content", "all")
@@ -122,6 +115,7 @@ def top_heads(mass: torch.Tensor, count: int) -> torch.Tensor:
     return rank < count
 
 
+@register_method
 @dataclass
 class GIFT(Method):
     name = "gift"
@@ -163,7 +157,7 @@ class GIFT(Method):
         self.pending_ids = None
         if self.variant == "code" and self.words == "content":
             self.words_tokenizer = self._load_tokenizer(engine.model)
-            before_prefill(engine, self._remember_ids)
+            engine.before_prefill(self._remember_ids)
 
     def _load_tokenizer(self, model):
         from transformers import AutoTokenizer

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from vlm_efficient.kernels import ROLE_IMAGE, ROLE_LAST, ROLE_MIDDLE, ROLE_PREFIX, ROLE_QUESTION, MaskSpec
+from vlm_efficient.registry import register_method
 
 from .common import PrefillMask
 
@@ -44,6 +45,7 @@ def span_positions(layout, span: str) -> torch.Tensor:
     }[span]
 
 
+@register_method
 @dataclass
 class Knockout(PrefillMask):
     name = "knockout"

@@ -9,10 +9,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from vlm_efficient.kernels import MaskSpec
+from vlm_efficient.registry import register_method
 
 from .common import PrefillMask, same_token
 
 
+@register_method
 @dataclass
 class NAAViT(PrefillMask):
     name = "naavit"

@@ -18,10 +18,12 @@ import torch
 
 from vlm_efficient.kernels import GroupSpec
 from vlm_efficient.method import AttentionEdit, KernelEdit, Method
+from vlm_efficient.registry import register_method
 
 from .common import check_range, example_heads, head_mask, parse_heads, redistribute
 
 
+@register_method
 @dataclass
 class OCRSink(Method):
     name = "ocr_sink"

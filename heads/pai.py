@@ -24,13 +24,15 @@ import torch
 from transformers import LogitsProcessor
 
 from vlm_efficient.adapters import cache_kwarg
+from vlm_efficient.engine import plain_calls
 from vlm_efficient.kernels import GroupSpec
 from vlm_efficient.method import AttentionEdit, KernelEdit, Method, PerThread
+from vlm_efficient.registry import register_method
 
-from .common import (has_image, last_position, last_prompt_rows, pad_token_id, parse_layers, plain_calls,
-                     text_only_inputs)
+from .common import has_image, last_position, last_prompt_rows, pad_token_id, parse_layers, text_only_inputs
 
 
+@register_method
 @dataclass
 class PAI(Method):
     name = "pai"

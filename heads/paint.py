@@ -21,6 +21,7 @@ import torch
 
 from vlm_efficient.kernels import GroupSpec
 from vlm_efficient.method import AttentionEdit, KernelEdit, Method, PerThread, at_positions
+from vlm_efficient.registry import register_method
 
 from .common import has_image, last_position, last_prompt_rows, parse_layers
 
@@ -45,6 +46,7 @@ def token_groups(first: torch.Tensor, late: torch.Tensor, top_ratio: float) -> t
     return top & ~outliers, outliers
 
 
+@register_method
 @dataclass
 class PAINT(Method):
     name = "paint"

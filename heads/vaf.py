@@ -15,10 +15,12 @@ import torch
 
 from vlm_efficient.kernels import GroupSpec
 from vlm_efficient.method import AttentionEdit, KernelEdit, Method
+from vlm_efficient.registry import register_method
 
 from .common import has_image, parse_layers, rows_after_image, scaled_range, text_after_image
 
 
+@register_method
 @dataclass
 class VAF(Method):
     name = "vaf"

@@ -26,6 +26,7 @@ import torch
 
 from vlm_efficient.kernels import GroupSpec
 from vlm_efficient.method import UNSTRUCTURED, AttentionEdit, KernelEdit, Method
+from vlm_efficient.registry import register_method
 
 from .common import check_range, redistribute, rows_after_image, scatter_positions, text_after_image
 
@@ -49,6 +50,7 @@ def sink_tokens(normed: torch.Tensor, dims: torch.Tensor, tau: float) -> torch.T
     return (normed.abs() * dims[:, None, :]).amax(-1) > tau
 
 
+@register_method
 @dataclass
 class VAR(Method):
     name = "var"

@@ -20,11 +20,12 @@ from dataclasses import dataclass
 
 import torch
 
-from vlm_efficient import get_adapter
+from vlm_efficient.adapters import get_adapter
+from vlm_efficient.engine import plain_calls
 from vlm_efficient.method import AttentionEdit, KernelEdit, Method, PerThread
+from vlm_efficient.registry import register_method
 
-from .common import (before_prefill, last_position, parse_layers, plain_calls, prompt_inputs, take_pending,
-                     text_only_inputs)
+from .common import last_position, parse_layers, prompt_inputs, take_pending, text_only_inputs
 
 
 def _last_head_outputs(model, inputs: dict) -> torch.Tensor:
@@ -85,6 +86,7 @@ def vhr_head_factors(model, inputs: dict, alpha: float = 2.0, layers=None) -> to
     return select_heads(vhd, norm, alpha, range(num_layers // 2, num_layers) if layers is None else layers)
 
 
+@register_method
 @dataclass
 class VHR(Method):
     name = "vhr"
@@ -101,7 +103,7 @@ class VHR(Method):
         self.chosen = parse_layers("vhr", self.layers, n, range(n // 2, n))
         self.model = engine.model
         self.pending = None
-        before_prefill(engine, self._select)
+        engine.before_prefill(self._select)
 
     def _select(self, inputs: dict) -> None:
         if "input_ids" not in inputs:

@@ -13,10 +13,12 @@ import torch
 
 from vlm_efficient.kernels import MaskSpec
 from vlm_efficient.method import at_positions
+from vlm_efficient.registry import register_method
 
 from .common import PrefillMask, same_token
 
 
+@register_method
 @dataclass
 class NeighbourWindow(PrefillMask):
     name = "window"

@@ -31,6 +31,55 @@ def test_spec_strings_and_objects_build_the_same_methods():
     assert ve.parse_methods(ve.to_spec([FastV(layer=3)])) == [FastV(layer=3)]
 
 
+# the names of the hand-kept table the registry had before each method registered itself: every one still parses
+SHIPPED_METHODS = {
+    "fastv", "pdrop", "dart", "divprune", "random", "pool", "dyvte", "sparsevlm", "fastervlm", "visionzip", "vmtc",
+    "yopo", "avl", "plphp", "pai", "vaf", "var", "act", "ocr_sink", "vhr", "gift", "paint", "adaptvis", "naavit",
+    "ee_mllm", "aki", "cmai", "knockout", "equal_distance", "window",
+}  # fmt: skip
+
+
+def test_every_registered_method_parses_and_its_spec_round_trips():
+    from vlm_efficient.registry import METHODS
+
+    assert set(METHODS) == SHIPPED_METHODS
+    for name, cls in METHODS.items():
+        (method,) = ve.parse_methods(name)
+        assert type(method) is cls and method.name == name
+        assert cls.__module__.startswith(("vlm_efficient.token_ops.", "vlm_efficient.heads."))
+        assert ve.parse_methods(method.spec()) == [method], name
+
+
+def test_register_method_refuses_taken_and_malformed_names():
+    from dataclasses import dataclass
+
+    from vlm_efficient.method import Method
+    from vlm_efficient.registry import METHODS, register_method
+
+    before = dict(METHODS)
+    with pytest.raises(ValueError, match="'fastv' is already registered by vlm_efficient.token_ops.fastv.FastV"):
+
+        @register_method
+        @dataclass
+        class OtherFastV(Method):
+            name = "fastv"
+
+    for bad in ("", "Fast V", "fast-v", "2fast"):
+        with pytest.raises(ValueError, match="is not a method name"):
+            register_method(dataclass(type("Nameless", (Method,), {"name": bad})))
+    with pytest.raises(ValueError, match="is not a method name"):  # a subclass does not inherit its base's name
+        register_method(dataclass(type("Sub", (FastV,), {})))
+    with pytest.raises(TypeError, match="put it above @dataclass"):
+        register_method(type("Plain", (Method,), {"name": "plain"}))
+    assert register_method(FastV) is FastV  # the same class again is no duplicate
+    reloaded = dataclass(type("FastV", (Method,), {"name": "fastv", "__module__": FastV.__module__}))
+    try:  # importlib.reload(fastv) defines FastV again in the same module: it replaces itself
+        assert register_method(reloaded) is reloaded and METHODS["fastv"] is reloaded
+    finally:
+        METHODS["fastv"] = FastV
+    assert METHODS == before
+
+
 @pytest.mark.parametrize(
     "spec, message",
     [
@@ -178,6 +227,29 @@ def test_layout_follows_each_call_when_generate_pre_encodes_images():
     stats = ve.stats(model)
     assert stats.visual_tokens == [8] and stats.visual_tokens_per_layer == [8, 4, 4, 4]
     ve.unwrap(model)
+
+
+def test_named_models_come_from_the_core_registry():
+    """The core's model registry: the tiny models built in, the testbed from the installed package's entry point
+    (the core imports no evals code for it), names unique, a registered loader called with device and dtype."""
+    from vlm_efficient.models import ENTRY_POINT_GROUP, load_model, named_models, register_model, unregister_model
+
+    models = named_models()
+    assert {"testbed", "tiny:llava", "tiny:qwen3_vl"} <= set(models)
+    assert models["testbed"].load.point.value == "vlm_efficient.evals.testbed:load_testbed"
+    assert models["testbed"].load.point.group == ENTRY_POINT_GROUP
+    with pytest.raises(ValueError, match="'tiny:llava' is already registered"):
+        register_model("tiny:llava", lambda **kw: None)
+    with pytest.raises(ValueError, match="not a path|a path or hub id"):
+        register_model("./local", lambda **kw: None)
+    register_model("probe-model", lambda **kw: ("loaded", kw))
+    try:
+        assert load_model("probe-model", device="meta") == ("loaded", {"device": "meta", "dtype": torch.float32})
+    finally:
+        unregister_model("probe-model")
+    assert "probe-model" not in named_models()
+    with pytest.raises(ValueError, match="unknown built-in model 'tiny:nope': use one of tiny:llava"):
+        load_model("tiny:nope")
 
 
 def test_load_model_reads_a_saved_directory_through_from_pretrained(tmp_path):

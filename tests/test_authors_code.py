@@ -282,7 +282,7 @@ def test_act_one_head_equals_the_authors_calibration(family):
 def test_act_search_keeps_the_heads_that_raise_accuracy():
     """search_heads against the procedure spelled out: every head of layers 2..L-2 calibrated alone, each sample
     scored alone (no padding), kept where the accuracy beats the uncalibrated model's."""
-    from vlm_efficient.heads.act import search_heads
+    from vlm_efficient.evals.act_search import search_heads
 
     model, processor = tiny_model("llava")
     ph = image_placeholder(processor)

@@ -101,7 +101,7 @@ def test_sync_report_counts_the_package_sites(monkeypatch):
     import vlm_efficient as ve
     from vlm_efficient import engine
     from vlm_efficient.evals import sync_report
-    from vlm_efficient.evals.bench import _inputs
+    from vlm_efficient.evals.runner import describe_inputs
     from vlm_efficient.evals.runner import load_eval_model
 
     monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", lambda mode: None)
@@ -113,7 +113,7 @@ def test_sync_report_counts_the_package_sites(monkeypatch):
 
     monkeypatch.setattr(engine.RunState, "row_counts", syncing)
     model, processor = load_eval_model("tiny:llava")
-    inputs = _inputs(processor, 336, 2, model)
+    inputs = describe_inputs(processor, 336, 2, model)
     ve.wrap(model, "fastv:layer=2,ratio=0.5")
     try:
         sites = sync_report.sync_sites(model, inputs, 3, cuda=True)
@@ -132,12 +132,12 @@ def test_decoding_steps_read_nothing_on_the_host(monkeypatch, spec):
     per-head cache once, at the first step)."""
     import vlm_efficient as ve
     from vlm_efficient.evals import sync_report
-    from vlm_efficient.evals.bench import _inputs
+    from vlm_efficient.evals.runner import describe_inputs
     from vlm_efficient.evals.runner import load_eval_model
 
     monkeypatch.setenv("VLM_EFFICIENT_KERNELS", "reference")
     model, processor = load_eval_model("tiny:llava")
-    inputs = _inputs(processor, 336, 2, model)
+    inputs = describe_inputs(processor, 336, 2, model)
     ve.wrap(model, spec)
     try:
         reads = [sync_report.sync_sites(model, inputs, n)["decode"] for n in (3, 6)]
@@ -158,12 +158,12 @@ def test_pruning_reads_the_host_once_per_pruning_layer(monkeypatch, spec, expect
     drains."""
     import vlm_efficient as ve
     from vlm_efficient.evals import sync_report
-    from vlm_efficient.evals.bench import _inputs
+    from vlm_efficient.evals.runner import describe_inputs
     from vlm_efficient.evals.runner import load_eval_model
 
     monkeypatch.setenv("VLM_EFFICIENT_KERNELS", "reference")
     model, processor = load_eval_model("tiny:llava")
-    inputs = _inputs(processor, 336, 2, model)
+    inputs = describe_inputs(processor, 336, 2, model)
     ve.wrap(model, spec)
     try:
         reads = sync_report.sync_sites(model, inputs, 2)["prefill"]
@@ -185,11 +185,12 @@ def test_host_read_detection():
 
 
 def test_profile_counts_ops_and_syncs_per_phase():
-    from vlm_efficient.evals.bench import _inputs, format_profile, profile_spec
+    from vlm_efficient.evals.bench import format_profile, profile_spec
+    from vlm_efficient.evals.runner import describe_inputs
     from vlm_efficient.evals.runner import load_eval_model
 
     model, processor = load_eval_model("tiny:llava")
-    inputs = _inputs(processor, 336, 2, model)
+    inputs = describe_inputs(processor, 336, 2, model)
     profiles = {name: profile_spec(model, inputs, spec) for name, spec in (("base", ""), ("fastv", "fastv:layer=2"))}
     for phases in profiles.values():
         assert phases["generate"]["aten_ops"] > phases["prefill"]["aten_ops"] > 0

@@ -15,7 +15,7 @@ from test_token_ops_helpers import (
     recorded_probs,
     two_samples,
 )
-from vlm_efficient.token_ops import dyvte_train
+from vlm_efficient.evals import dyvte_train
 from vlm_efficient.token_ops.dyvte import DyVTE, gate_features, load_gates, make_gate, save_gates
 from vlm_efficient.testing import FAMILIES, tiny_model
 

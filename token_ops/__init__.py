@@ -1,1 +1,5 @@
-"""vlm_efficient.token_ops"""
+"""vlm_efficient.token_ops: visual-token pruning, merging and exit methods, one file each. Importing this package
+registers them (each class carries @register_method); vlm_efficient's __init__ does."""
+
+from . import (avl, baselines, dart, divprune, dyvte, fastervlm, fastv, plphp, pyramid_drop, sparsevlm,  # noqa: F401
+               visionzip, vmtc, yopo)

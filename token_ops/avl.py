@@ -23,9 +23,11 @@ from typing import ClassVar
 import torch
 
 from vlm_efficient.method import AttentionEdit, AttentionRequest, Method
+from vlm_efficient.registry import register_method
 from vlm_efficient.selection import keep_count, top_k_mask
 
 
+@register_method
 @dataclass
 class AVL(Method):
     name = "avl"

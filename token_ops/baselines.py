@@ -14,9 +14,11 @@ from dataclasses import dataclass
 import torch
 
 from vlm_efficient.method import BEFORE_LLM, Method, Selection
+from vlm_efficient.registry import register_method
 from vlm_efficient.selection import check_drop_ratio, keep_per_image
 
 
+@register_method
 @dataclass
 class RandomKeep(Method):
     name = "random"
@@ -39,6 +41,7 @@ class RandomKeep(Method):
         return keep_per_image(run, self.ratio, choose)
 
 
+@register_method
 @dataclass
 class GridPool(Method):
     name = "pool"

@@ -22,9 +22,11 @@ from dataclasses import dataclass
 import torch
 
 from vlm_efficient.method import AttentionRequest, Method
+from vlm_efficient.registry import register_method
 from vlm_efficient.selection import check_drop_ratio, top_k_mask
 
 
+@register_method
 @dataclass
 class DART(Method):
     name = "dart"

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from vlm_efficient.method import BEFORE_LLM, Method
+from vlm_efficient.registry import register_method
 from vlm_efficient.selection import check_drop_ratio, check_positions, keep_per_image
 
 
@@ -44,6 +45,7 @@ def max_min_diverse(features: torch.Tensor, count: int) -> torch.Tensor:
     return torch.cat(picks, -1)
 
 
+@register_method
 @dataclass
 class DivPrune(Method):
     name = "divprune"

@@ -7,7 +7,7 @@ samples at different stages; an exited sample's later layers and their KV cache 
 
 - `rule="gate"` (the paper): a small gate per layer reads [mean hidden state of the question tokens before the last
   one, hidden state of the last prompt token] after layer l and says "exit" when its logit 1 beats logit 0. Gates are
-  trained with `token_ops/dyvte_train.py` (model frozen; label = "dropping the visual tokens after l changes neither
+  trained with `evals/dyvte_train.py` (model frozen; label = "dropping the visual tokens after l changes neither
   the argmax answer nor the loss by more than 3%", as in the public code) and loaded from `gates=<file>`. Without
   `gates`, the gates shipped with the package for the wrapped model are used: the package ships them for the
   testbed (dyvte_gates_testbed.pt, recognised by a fingerprint of the model: its shape and first embedding rows), so
@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from vlm_efficient.method import AttentionRequest, Method
+from vlm_efficient.registry import register_method
 
 GATE_FORMAT = "dyvte-gates/1"
 SHIPPED_GATES = sorted(Path(__file__).resolve().parent.glob("dyvte_gates_*.pt"))  # gates for the shipped testbeds
@@ -91,14 +92,14 @@ def save_gates(path, gates: dict[int, nn.Module], hidden_size: int, gate_hidden:
 
 def load_gates(path, hidden_size: int) -> dict[int, nn.Module]:
     if not path or not os.path.isfile(path):
-        raise ValueError(f"dyvte: rule=gate needs gates=<file> written by token_ops/dyvte_train.py; got {path!r}")
+        raise ValueError(f"dyvte: rule=gate needs gates=<file> written by evals/dyvte_train.py; got {path!r}")
     data = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(data, dict) or data.get("format") != GATE_FORMAT:
         raise ValueError(f"dyvte: {path} is not a DyVTE gate file ({GATE_FORMAT})")
     if data["hidden_size"] != hidden_size:
         raise ValueError(
             f"dyvte: the gates in {path} were trained for hidden size {data['hidden_size']}, this model has "
-            f"{hidden_size}: train gates for this model with token_ops/dyvte_train.py"
+            f"{hidden_size}: train gates for this model with evals/dyvte_train.py"
         )
     gates = {}
     for layer, state in data["state"].items():
@@ -108,6 +109,7 @@ def load_gates(path, hidden_size: int) -> dict[int, nn.Module]:
     return gates
 
 
+@register_method
 @dataclass
 class DyVTE(Method):
     name = "dyvte"
@@ -136,7 +138,7 @@ class DyVTE(Method):
             if path is None:
                 raise ValueError(
                     "dyvte: rule=gate needs gates=<file>; the package ships gates for the testbed only. Train gates "
-                    "for this model (python -m vlm_efficient.token_ops.dyvte_train --out gates.pt, then "
+                    "for this model (python -m vlm_efficient.evals.dyvte_train --out gates.pt, then "
                     "gates=gates.pt) or use the training-free rule=attention."
                 )
             self.gate_modules = load_gates(path, hidden_size)

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from vlm_efficient.registry import register_method
 from vlm_efficient.selection import check_drop_ratio, check_positions
 
 from .vision_capture import VisionTowerMethod, grid_counts, top
 
 
+@register_method
 @dataclass
 class FasterVLM(VisionTowerMethod):
     name = "fastervlm"

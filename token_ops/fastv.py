@@ -14,9 +14,11 @@ from dataclasses import dataclass
 import torch
 
 from vlm_efficient.method import AttentionRequest, Method
+from vlm_efficient.registry import register_method
 from vlm_efficient.selection import check_drop_ratio, keep_top_visual
 
 
+@register_method
 @dataclass
 class FastV(Method):
     name = "fastv"

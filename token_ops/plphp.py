@@ -22,11 +22,13 @@ from dataclasses import dataclass
 import torch
 
 from vlm_efficient.method import AttentionEdit, AttentionRequest, Method, at_positions
+from vlm_efficient.registry import register_method
 from vlm_efficient.selection import keep_count, top_k_mask
 
 CACHES = ("ragged", "mask")
 
 
+@register_method
 @dataclass
 class PLPHP(Method):
     name = "plphp"

@@ -16,9 +16,11 @@ from dataclasses import dataclass
 import torch
 
 from vlm_efficient.method import AttentionRequest, Method
+from vlm_efficient.registry import register_method
 from vlm_efficient.selection import top_k_mask
 
 
+@register_method
 @dataclass
 class PyramidDrop(Method):
     name = "pdrop"

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from vlm_efficient.method import AttentionEdit, Method, Selection
+from vlm_efficient.registry import register_method
 from vlm_efficient.selection import cluster_means, top_k_mask
 
 PAPER_LAYERS, PAPER_DEPTH = (2, 6, 15), 32
@@ -100,6 +101,7 @@ def ranks(matrix: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch
     return (singular > tolerance[:, None]).sum(-1)
 
 
+@register_method
 @dataclass
 class SparseVLM(Method):
     name = "sparsevlm"

@@ -26,11 +26,13 @@ from dataclasses import dataclass
 
 import torch
 
+from vlm_efficient.registry import register_method
 from vlm_efficient.selection import check_drop_ratio, check_positions, top_k_mask
 
 from .vision_capture import VisionTowerMethod
 
 
+@register_method
 @dataclass
 class VisionZip(VisionTowerMethod):
     name = "visionzip"

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from vlm_efficient.registry import register_method
 from vlm_efficient.selection import check_drop_ratio, cluster_means, keep_count, top_k_mask
 
 from .vision_capture import VisionTowerMethod
@@ -36,6 +37,7 @@ def cosine_kmeans(x: torch.Tensor, clusters: int, iterations: int) -> torch.Tens
     return (unit @ centres.transpose(-1, -2)).argmax(-1)
 
 
+@register_method
 @dataclass
 class VMTC(VisionTowerMethod):
     name = "vmtc"

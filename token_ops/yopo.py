@@ -31,6 +31,7 @@ import torch
 
 from vlm_efficient.heads.window import NeighbourWindow
 from vlm_efficient.method import AttentionEdit, Method
+from vlm_efficient.registry import register_method
 
 
 def load_head_mask(path: str, num_layers: int, num_heads: int) -> torch.Tensor:
@@ -47,6 +48,7 @@ def load_head_mask(path: str, num_layers: int, num_heads: int) -> torch.Tensor:
     return mask != 0
 
 
+@register_method
 @dataclass
 class YOPO(Method):
     name = "yopo"

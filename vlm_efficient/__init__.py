@@ -29,11 +29,14 @@ _unshadow_source_root()
 from torch import nn  # noqa: E402
 
 from .adapters import ADAPTERS, get_adapter  # noqa: E402
-from .engine import Engine  # noqa: E402
+from .engine import WRAPPED, Engine  # noqa: E402
 from .fast_path import FastPath  # noqa: E402
 from .method import AttentionRequest, Method  # noqa: E402
 from .registry import METHODS, parse_methods, to_spec  # noqa: E402
 from .stats import RunStats, compute_stats  # noqa: E402
+
+# the shipped methods register themselves on import (registry.register_method); after the core, which they import
+from . import heads, token_ops  # noqa: E402, F401
 
 __all__ = [
     "ADAPTERS",
@@ -50,17 +53,14 @@ __all__ = [
     "wrap",
 ]
 
-_ENGINES: weakref.WeakKeyDictionary[nn.Module, Engine] = weakref.WeakKeyDictionary()
-
-
 def wrap(model: nn.Module, methods="", fast: bool = False) -> nn.Module:
     """Apply `methods` (a Method, a list of them, or a spec string like "fastv:layer=2,ratio=0.5") to `model` in
     place and return it. Wrapping an already wrapped model is an error: call `unwrap(model)` first.
     `fast=True`: model.generate decodes on static buffers, in a CUDA graph on CUDA (vlm_efficient/fast_path.py);
     with no methods it is the unwrapped model on the same path."""
-    if model in _ENGINES:
+    if model in WRAPPED:
         raise RuntimeError(
-            f"model is already wrapped with {to_spec(_ENGINES[model].methods)!r}; call vlm_efficient.unwrap(model) "
+            f"model is already wrapped with {to_spec(WRAPPED[model].methods)!r}; call vlm_efficient.unwrap(model) "
             "before wrapping it again"
         )
     engine = Engine(model, parse_methods(methods))
@@ -71,7 +71,7 @@ def wrap(model: nn.Module, methods="", fast: bool = False) -> nn.Module:
         except Exception:
             engine.uninstall()
             raise
-    _ENGINES[model] = engine
+    WRAPPED[model] = engine
     model.__deepcopy__ = _CopyWrapped(model)  # copy.deepcopy looks the copier up on the instance
     return model
 
@@ -98,7 +98,7 @@ class _CopyWrapped:
 
 def unwrap(model: nn.Module) -> nn.Module:
     """Remove every hook and restore the original attention implementation."""
-    engine = _ENGINES.pop(model, None)
+    engine = WRAPPED.pop(model, None)
     if engine is None:
         raise RuntimeError("model is not wrapped by vlm_efficient")
     if engine.fast_path is not None:
@@ -109,13 +109,13 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def is_wrapped(model: nn.Module) -> bool:
-    return model in _ENGINES
+    return model in WRAPPED
 
 
 def engine_of(model: nn.Module) -> Engine:
-    if model not in _ENGINES:
+    if model not in WRAPPED:
         raise RuntimeError("model is not wrapped by vlm_efficient: call vlm_efficient.wrap(model, ...) first")
-    return _ENGINES[model]
+    return WRAPPED[model]
 
 
 def stats(model: nn.Module) -> RunStats:

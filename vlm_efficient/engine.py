@@ -50,6 +50,26 @@ ATTENTION_NAME = "vlm_efficient"
 
 # attention module -> engine; weak so a deleted model leaves nothing behind.
 _ENGINE_OF_ATTENTION: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# wrapped model -> its engine (vlm_efficient.wrap / unwrap keep it); weak for the same reason
+WRAPPED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def wrapped_engine(model: nn.Module) -> Engine | None:
+    """The engine of a wrapped model, or None."""
+    return WRAPPED.get(model)
+
+
+@contextlib.contextmanager
+def plain_calls(model: nn.Module, run: RunState | None = None):
+    """Calls of `model` inside this block run as on the unwrapped model (no method acts) and leave the engine's state
+    of the call in progress untouched (Engine.plain); on a model that is not wrapped, a plain block. `run` continues
+    an earlier side generation; the yielded holder's `.run` is the state the block's calls left, to pass back."""
+    engine = wrapped_engine(model)
+    if engine is None:
+        yield _SidePass(run)
+        return
+    with engine.plain(run) as holder:
+        yield holder
 
 
 def _engine_attention(module, query, key, value, attention_mask, **kwargs):
@@ -357,6 +377,28 @@ class Engine:
                 for part, module in zip(("query", "key"), modules):
                     self._handles.append(module.register_forward_hook(self._pre_rotary_hook(idx, part)))
             _ENGINE_OF_ATTENTION[layer.self_attn] = self
+
+    def before_prefill(self, fn) -> None:
+        """Call fn(forward kwargs) before each prefill of the wrapped model (not before decode steps, not inside plain
+        side passes): a method's side pass on the prompt (a probe generation, the prompt without its image). The hook
+        is removed with the engine's own hooks at unwrap."""
+
+        def hook(module, args, kwargs):
+            if self._plain:
+                return None
+            inputs = dict(kwargs)
+            if args:
+                inputs["input_ids"] = args[0]
+            cache = kv_cache(inputs)
+            if cache is not None and cache.get_seq_length() > 0:
+                return None
+            # on a static cache generate() passes a mask sized to the cache: the cache-free side pass needs the 2-D one
+            inputs["attention_mask"] = padding_mask(inputs.get("attention_mask"), prefill=True)
+            with torch.no_grad():
+                fn(inputs)
+            return None
+
+        self.add_handle(self.model.register_forward_pre_hook(hook, with_kwargs=True))
 
     def add_handle(self, handle) -> None:
         """Register a hook handle (or anything with .remove()) that a method installed in bind(): unwrap removes it,

@@ -1,55 +1,46 @@
 """The method registry and the spec-string parser.
 
 A spec string names methods and their parameters: `"fastv:layer=2,ratio=0.5"`; several methods are joined with
-`+` and applied in that order. Adding a method is one file plus one line in METHODS."""
+`+` and applied in that order. A method registers itself where it is defined, with `@register_method` on its
+dataclass (its `name` is the spec's name); the package's API (vlm_efficient/__init__.py) imports the method packages,
+so every shipped method is registered before a spec is parsed. Adding a method is one file (and its import in its
+package's __init__)."""
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
+import re
 import typing
 
 from .method import Method
 
-METHODS: dict[str, str] = {
-    "fastv": "vlm_efficient.token_ops.fastv:FastV",
-    "pdrop": "vlm_efficient.token_ops.pyramid_drop:PyramidDrop",
-    "dart": "vlm_efficient.token_ops.dart:DART",
-    "divprune": "vlm_efficient.token_ops.divprune:DivPrune",
-    "random": "vlm_efficient.token_ops.baselines:RandomKeep",
-    "pool": "vlm_efficient.token_ops.baselines:GridPool",
-    "dyvte": "vlm_efficient.token_ops.dyvte:DyVTE",
-    "sparsevlm": "vlm_efficient.token_ops.sparsevlm:SparseVLM",
-    "fastervlm": "vlm_efficient.token_ops.fastervlm:FasterVLM",
-    "visionzip": "vlm_efficient.token_ops.visionzip:VisionZip",
-    "vmtc": "vlm_efficient.token_ops.vmtc:VMTC",
-    "yopo": "vlm_efficient.token_ops.yopo:YOPO",
-    "avl": "vlm_efficient.token_ops.avl:AVL",
-    "plphp": "vlm_efficient.token_ops.plphp:PLPHP",
-    "pai": "vlm_efficient.heads.pai:PAI",
-    "vaf": "vlm_efficient.heads.vaf:VAF",
-    "var": "vlm_efficient.heads.var:VAR",
-    "act": "vlm_efficient.heads.act:ACT",
-    "ocr_sink": "vlm_efficient.heads.ocr_sink:OCRSink",
-    "vhr": "vlm_efficient.heads.vhr:VHR",
-    "gift": "vlm_efficient.heads.gift:GIFT",
-    "paint": "vlm_efficient.heads.paint:PAINT",
-    "adaptvis": "vlm_efficient.heads.adaptvis:AdaptVis",
-    "naavit": "vlm_efficient.heads.naavit:NAAViT",
-    "ee_mllm": "vlm_efficient.heads.ee_mllm:EEMLLM",
-    "aki": "vlm_efficient.heads.aki:AKI",
-    "cmai": "vlm_efficient.heads.cmai:CMAI",
-    "knockout": "vlm_efficient.heads.knockout:Knockout",
-    "equal_distance": "vlm_efficient.heads.equal_distance:EqualDistance",
-    "window": "vlm_efficient.heads.window:NeighbourWindow",
-}
+METHODS: dict[str, type[Method]] = {}  # spec name -> method class, filled by register_method
+_NAME = re.compile(r"[a-z][a-z0-9_]*")
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+    """Class decorator: make the Method dataclass `cls` available to spec strings under `cls.name`. Names are unique
+    lower-case identifiers; registering a second class under a taken name is an error."""
+    # the class itself a dataclass (not only its base): its fields are the spec's parameters
+    if not (isinstance(cls, type) and issubclass(cls, Method) and "__dataclass_fields__" in vars(cls)):
+        raise TypeError(f"register_method takes a Method dataclass, not {cls!r}: put it above @dataclass")
+    name = cls.__dict__.get("name", "")
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise ValueError(f"{cls.__module__}.{cls.__qualname__}: name = {name!r} is not a method name; give the class "
+                         "its own lower-case name (letters, digits, '_'), the word spec strings will use")  # fmt: skip
+    taken = METHODS.get(name)
+    # the same class defined again by its own module (importlib.reload) replaces itself; any other class is a clash
+    if taken is not None and (taken.__module__, taken.__qualname__) != (cls.__module__, cls.__qualname__):
+        raise ValueError(f"method name {name!r} is already registered by {taken.__module__}.{taken.__qualname__}; "
+                         f"{cls.__module__}.{cls.__qualname__} needs another name")  # fmt: skip
+    METHODS[name] = cls
+    return cls
 
 
 def method_class(name: str) -> type[Method]:
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}. Available: {', '.join(sorted(METHODS))}.")
-    module, attr = METHODS[name].split(":")
-    return getattr(importlib.import_module(module), attr)
+    return METHODS[name]
 
 
 def _convert(value: str, kind, method: str, key: str):

@@ -1,7 +1,7 @@
 """Train DyVTE's exit gates (one small MLP per layer) on a frozen model.
 
-    python -m vlm_efficient.token_ops.dyvte_train --model testbed --out gates.pt
-    python -m vlm_efficient.token_ops.dyvte_train --model tiny:llava --samples 8 --steps 40 --out /tmp/gates.pt
+    python -m vlm_efficient.evals.dyvte_train --model testbed --out gates.pt
+    python -m vlm_efficient.evals.dyvte_train --model tiny:llava --samples 8 --steps 40 --out /tmp/gates.pt
 
 For each training sample (prompt, images, answer) and each candidate layer l: one teacher-forced forward of the full
 model and one where every visual token exits after l (the method itself with rule=fixed). The label is 1 ("exit") when
