@@ -82,5 +82,15 @@ def last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def key_valid_arg(key_valid: torch.Tensor) -> torch.Tensor:
+    """Key padding [B, Nk] as the kernels read it: one byte per key, unit stride along the keys, any batch stride
+    (pass .stride(0)). A bool tensor is reinterpreted in place (no copy, no launch), e.g. the last row of the
+    attention mask the engine hands over."""
+    if key_valid.dim() != 2:
+        raise ValueError(f"key_valid must be [B, Nk], got {tuple(key_valid.shape)}")
+    valid = key_valid.view(torch.int8) if key_valid.dtype == torch.bool else key_valid.to(torch.int8)
+    return valid if valid.stride(-1) == 1 else valid.contiguous()
+
+
 def repeat_kv(key: torch.Tensor, groups: int) -> torch.Tensor:
     return key if groups == 1 else key.repeat_interleave(groups, dim=1)

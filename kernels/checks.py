@@ -31,6 +31,7 @@ from . import (
     group_decode_attention,
     masked_attention,
     ragged_decode_attention,
+    received_attention,
 )
 from .ragged_decode import dense_masked_decode
 
@@ -199,12 +200,41 @@ class Checks:
             sq = torch.randint(-1, nq, (b, s), generator=self.gen).to(self.device)
             self.stats_vs_reference(f"stats {name}", dt, qq, k, v, causal=causal, stat_queries=sq, per_head=True,
                                     stats_impl=impl)
-        # many rows (split-per-block path), with duplicates
+        # many rows, with duplicates: the fused column sums' split-per-block path (the rows pass: S=200 above)
         b, hq, hkv, n, d, dt = self.shapes[0]
         q, k, v = _qkv(b, hq, hkv, n, n, d, dt, self.device, self.gen)
         s = 300
         sq = torch.randint(-1, n, (b, s), generator=self.gen).to(self.device)
-        self.stats_vs_reference("stats S=300 split rows", dt, q, k, v, stat_queries=sq, per_head="kv")
+        self.stats_vs_reference("stats S=300 split rows", dt, q, k, v, stat_queries=sq, per_head="kv",
+                                stats_impl="colsum")
+        self.received_rows()
+
+    def received_rows(self):
+        """received_attention (the statistics alone, the rows pass) against its reference: every mask type with
+        padded samples, GQA, fp32, fewer queries than keys."""
+        n = self.n_mask
+        for j, (name, spec) in enumerate(self.specs().items()):
+            _, hq, hkv, _, d, dt = self.shapes[j % len(self.shapes)]
+            layout = _layout(2, n, self.device, self.gen, img=self.img, grid_w=self.grid_w)
+            mask = StructuredMask(layout, spec)
+            q, k, _ = _qkv(2, hq, hkv, n, n, d, dt, self.device, self.gen)
+            sq = torch.tensor([[n - 1, n // 2, 8], [n - 1, 1, -1]], device=self.device)  # row 1 of sample 1: padding
+            kw = dict(stat_queries=sq, mask=mask, per_head="kv")
+            got = received_attention(q, k, backend=self.backend, **kw)
+            ref = received_attention(q, k, backend="reference", **kw)
+            self.record(f"stats rows mask={name}", rel(got, ref) < STATS_TOL and bool(torch.isfinite(got).all()),
+                        f"rel={rel(got, ref):.2e} d={d} {str(dt)[6:]}")
+        b, hq, hkv, n, d, _ = self.shapes[0]
+        q, k, _ = _qkv(b, hq, hkv, n, n, d, torch.float32, self.device, self.gen)
+        kv = torch.ones(b, n, dtype=torch.bool, device=self.device)
+        kv[-1, :5] = False
+        for label, nq, causal in (("fp32 padded", n, True), ("fp32 q_len<k_len", n // 3, True),
+                                  ("fp32 non-causal", n, False)):
+            sq = torch.randint(-1, nq, (b, 7), generator=self.gen).to(self.device)
+            kw = dict(stat_queries=sq, key_valid=kv, causal=causal, per_head=True)
+            got = received_attention(q[:, :, n - nq:], k, backend=self.backend, **kw)
+            ref = received_attention(q[:, :, n - nq:], k, backend="reference", **kw)
+            self.record(f"stats rows {label}", rel(got, ref) < 1e-5, f"rel={rel(got, ref):.2e}")
 
     # ------------------------------------------------------------------ kernel 3
     def group(self):

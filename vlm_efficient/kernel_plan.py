@@ -6,7 +6,7 @@ path and the reference) and, where it can, `kernel_edit` (per original prompt po
 MaskSpec, per-head output factors). The router composes a layer's kernel edits into one plan and picks the path:
 
     prefill    no edit, no statistics asked        SDPA, untouched                                   "sdpa"
-               no edit, statistics asked           kernel 2: attention + received attention, 1 call  "stats"
+               no edit, statistics asked           SDPA + kernel 2's pass over the asked rows         "stats"
                one group edit                      kernel 3 (group_attention)                          "group"
                one mask                            kernel 1 (masked_attention)                         "mask"
     decoding   one group edit (up to 4 groups)     kernel 3's decoding form (group_decode): one launch  "group"
@@ -293,8 +293,10 @@ class KernelRouter:
                 if not ok:
                     break
                 rows = run.query_rows(request).to(query.device)
-                output, received = _kernels().attention_with_received_stats(
-                    query, key, value, key_valid=key_valid, causal=True, scaling=scaling, stat_queries=rows,
+                # the output exactly as the "sdpa" route computes it, the statistics from a small pass over the rows
+                output = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)[0]
+                received = _kernels().received_attention(
+                    query, key, key_valid=key_valid, causal=True, scaling=scaling, stat_queries=rows,
                     per_head=request.per_head, backend=self.backend(run, query.device))
                 method.observe_attention(layer, run, AttentionStats(received=received,
                                                                     keys=key if request.keys else None))
