@@ -31,7 +31,7 @@ import functools
 
 import torch
 
-from ._common import cdiv, check_qkv, key_valid_arg, next_pow2, repeat_kv, triton_available
+from ._common import byte_flags, cdiv, check_qkv, next_pow2, repeat_kv, triton_available
 from .layout import StructuredMask
 from .masked_attention import (attention_from_mask, block_m_for, dense_mask, launch_fwd, mask_args, placeholder,
                                sdpa_attention, sdpa_routable)
@@ -254,10 +254,10 @@ def received_attention_triton(query, key, *, stat_queries: torch.Tensor, scaling
         kvalid, causal = placeholder(dev), m.causal
     else:
         m = mask_args(None, dev)
-        kvalid = key_valid_arg(key_valid) if key_valid is not None else placeholder(dev)
+        kvalid = byte_flags(key_valid) if key_valid is not None else placeholder(dev)
     _rows_logits_kernel[(batch * hq, n_chunks)](
         query, key, rows, x, partial[0], partial[1], kvalid, m.info, m.grid, m.knock,
-        query.stride(0), query.stride(1), query.stride(2), key.stride(0), key.stride(1), key.stride(2),
+        *query.stride()[:3], *key.stride()[:3],
         rows.stride(0), kvalid.stride(0) if key_valid is not None and mask is None else 0,
         hq, hq // hkv, nq, nk, nk - nq, float(scaling) * 1.4426950408889634, n_rows, n_chunks, per_chunk,
         m.wr, m.wc, m.mutual_bits,

@@ -274,6 +274,20 @@ class Checks:
             e, ep = rel(o, r), rel(plain, r)
             self.record(f"group {name} {str(dt_j)[6:]}", e < TOL[dt_j] and ep > 3 * e and not torch.isnan(o).any(),
                         f"rel={e:.2e} (plain differs by {ep:.2e})")
+            # no padding: the unmodified tiles come from SDPA, the group kernel overwrites the modified ones
+            kw["key_valid"] = None
+            o = group_attention(q, k, v, backend=self.backend, **kw)
+            r = group_attention(q, k, v, backend="reference", **kw)
+            e = rel(o, r)
+            self.record(f"group {name} {str(dt_j)[6:]} unpadded", e < TOL[dt_j] and not torch.isnan(o).any(),
+                        f"rel={e:.2e}")
+        # float32, no padding, GQA: PAI's last row next to SDPA's tiles
+        spec, qsel, _ = cases["pai"]
+        q, k, v = _qkv(b, hq, hkv, n, n, d, torch.float32, self.device, self.gen)
+        kw = dict(key_group=groups, spec=spec, query_select=qsel)
+        e = rel(group_attention(q * 2, k, v, backend=self.backend, **kw),
+                group_attention(q * 2, k, v, backend="reference", **kw))
+        self.record("group pai float32 unpadded", e < TOL[torch.float32], f"rel={e:.2e}")
 
     def group_decode(self):
         """The decoding form: one row per sample against the reference, group / bias buffers longer than the cache,

@@ -21,8 +21,12 @@ visual sink tokens) stays in class 0 of the main loop and is recomputed in the e
 tiles) with its own (max, sum, accumulator); the epilogue swaps its coefficient (c_sink - c_0), so no third
 accumulator lives through the main loop and the main loop needs no per-key sink mask.
 
-Launches: the plain forward kernel of masked_attention.py computes every (head, query block) tile without a
-selected row (or with an identity head) and skips the others; this kernel computes only those. Pre-softmax tables
+Launches: the (head, query block) tiles without a selected row (or of an identity head) come from SDPA's default
+backend when it computes the same attention (no key padding, as many queries as keys when causal: SDPA runs over
+every tile and this kernel overwrites the modified ones, in 64-row tiles), else from the plain forward kernel of
+masked_attention.py (which skips the modified tiles); this kernel computes only the modified tiles. When every tile
+is modified (every row of every head: VAF, ACT) this kernel runs alone. Per-key inputs (below) are built once per
+key-group tensor and reused by every layer that passes the same tensor. Pre-softmax tables
 are expanded on the host into per-key vectors (scale +- abs folded with scaling*log2e, bias*log2e), so the loop
 does one multiply (+ one select for abs, one add for bias) per logit.
 
@@ -31,12 +35,13 @@ The torch reference `group_attention_reference` computes exactly the formulas ab
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 
 import torch
 
-from ._common import block_d, cdiv, check_qkv, last_dim_contiguous, repeat_kv, triton_available
-from .masked_attention import dense_mask
+from ._common import block_d, byte_flags, cdiv, check_qkv, last_dim_contiguous, repeat_kv, triton_available
+from .masked_attention import dense_mask, placeholder, sdpa_attention, sdpa_routable
 
 LOG2E = 1.4426950408889634
 
@@ -141,7 +146,7 @@ if triton_available():
     @triton.jit
     def _group_fwd_kernel(
         Q, K, V, O, KVALID, QSEL, FPOS, FNEG, BIAS, CLS1, HEAD_ON, POST, SINK_IDX, SINK_CNT,
-        sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, som, soh, sfb, sfh,
+        sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, som, soh, sfb, sfh, skvb, sselb,
         Hq, G, Nq, Nk, q_off, scaling, n_qblocks, cm_bits, cm_min, cn_bits, cd_bits, cr_min,
         HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         CAUSAL: tl.constexpr, HAS_KVALID: tl.constexpr, HAS_QSEL: tl.constexpr,
@@ -160,7 +165,7 @@ if triton_available():
         offs_d = tl.arange(0, BLOCK_D)
         row_ok = offs_m < Nq
         if HAS_QSEL:
-            sel = (tl.load(QSEL + b.to(tl.int64) * Nq + offs_m, mask=row_ok, other=0) != 0) & row_ok
+            sel = (tl.load(QSEL + b.to(tl.int64) * sselb + offs_m, mask=row_ok, other=0) != 0) & row_ok
         else:
             sel = row_ok
         special = (tl.load(HEAD_ON + h) != 0) & (tl.max(sel.to(tl.int32), 0) > 0)
@@ -174,7 +179,7 @@ if triton_available():
         FNEG_H = FNEG + b.to(tl.int64) * sfb + h.to(tl.int64) * sfh
         BIAS_H = BIAS + b.to(tl.int64) * sfb + h.to(tl.int64) * sfh
         if HAS_KVALID:
-            KVALID_ROW = KVALID + b.to(tl.int64) * Nk
+            KVALID_ROW = KVALID + b.to(tl.int64) * skvb
         else:
             KVALID_ROW = None
         CLS_ROW = CLS1 + b.to(tl.int64) * Nk
@@ -442,6 +447,9 @@ class GroupSpec:
 # ----------------------------------------------------------------------------------------------------------------
 
 _TUNED: dict = {}
+# the group kernel's config when it computes only the modified tiles next to SDPA (few rows: PAI's last row, VAR's
+# question rows): 64-row tiles halve the work of a tile holding one selected row. Not yet measured on a GPU.
+SPARSE_CONFIG = (64, 64, 4, 3)
 
 
 def set_config(head_dim: int, config: tuple[int, int, int, int] | None) -> None:
@@ -452,9 +460,11 @@ def set_config(head_dim: int, config: tuple[int, int, int, int] | None) -> None:
         _TUNED[head_dim] = tuple(config)
 
 
-def _config(head_dim: int, nq: int, device) -> tuple[int, int, int, int]:
+def _config(head_dim: int, nq: int, device, sparse: bool = False) -> tuple[int, int, int, int]:
     if device.type != "cuda":
         return 16, 16, 4, 1
+    if sparse:
+        return SPARSE_CONFIG
     if nq <= 64:
         return 64, 64, 4, 3
     if head_dim in _TUNED:
@@ -482,67 +492,105 @@ def _per_key(tables, key_group: torch.Tensor):
     return [t[:, g].permute(1, 0, 2).contiguous() for t in tables]  # [B, H', Nk]
 
 
+KEY_TABLES_KEPT = 8  # per-layout entries a spec keeps (one per distinct key_group / key_bias pair alive)
+
+
+def _key_tables(spec: GroupSpec, prep: dict, key_group: torch.Tensor, key_bias, scaling: float, device):
+    """The group kernel's per-key inputs: (fpos, fneg, fbias, batch stride, head stride), sink index list and count,
+    class-1 flags. Built once per (key_group, key_bias) tensor pair and kept on the spec while those tensors live
+    unmodified, so the layers of one forward that pass the same tensors do no host work for them."""
+    cache = spec._cache.setdefault(("key_tables", float(scaling), str(device)), {})
+    ident = (id(key_group), id(key_bias))
+    versions = (key_group._version, None if key_bias is None else key_bias._version)
+    entry = cache.get(ident)
+    if (entry is not None and entry[0]() is key_group and (key_bias is None or entry[1]() is key_bias)
+            and entry[2] == versions):
+        return entry[3]
+    dz = placeholder(device)
+    fz = placeholder(device, torch.float32)
+    kgroup = key_group.to(device=device).long()
+    if prep["has_pre"] or key_bias is not None:
+        fpos, fneg, fbias = _per_key(_folded_tables(spec, scaling, device), kgroup)
+        if key_bias is not None:
+            fbias = (fbias + key_bias.to(device=device, dtype=torch.float32)[:, None, :] * LOG2E).contiguous()
+            if fbias.shape[1] != fpos.shape[1]:
+                fpos, fneg = (t.expand(-1, fbias.shape[1], -1).contiguous() for t in (fpos, fneg))
+        pre = (fpos, fneg, fbias, fpos.stride(0), fpos.stride(1) if fpos.shape[1] > 1 else 0)
+    else:
+        pre = (fz, fz, fz, 0, 0)
+    sink = prep["sink"]
+    if sink is not None:
+        is_sink = kgroup == sink
+        sinks = (torch.argsort((~is_sink).to(torch.int8), dim=1, stable=True).to(torch.int32).contiguous(),
+                 is_sink.sum(1).to(torch.int32))
+    else:
+        sinks = (dz, dz)
+    cls1 = (prep["cls"].long()[kgroup] == 1).to(torch.int8).contiguous() if prep["two_class"] else dz
+    tables = (pre, sinks, cls1)
+    if len(cache) >= KEY_TABLES_KEPT:
+        cache.pop(next(iter(cache)))
+    cache[ident] = (weakref.ref(key_group), None if key_bias is None else weakref.ref(key_bias), versions, tables)
+    return tables
+
+
+def _all_heads(hq: int, device) -> torch.Tensor:
+    key = (hq, str(device))
+    if key not in _ALL_HEADS:
+        _ALL_HEADS[key] = torch.ones(hq, dtype=torch.int32, device=device)
+    return _ALL_HEADS[key]
+
+
+_ALL_HEADS: dict = {}
+
+
 def group_attention_triton(query, key, value, *, key_group: torch.Tensor, spec: GroupSpec, key_valid=None,
                            causal: bool = True, scaling: float, query_select=None, key_bias=None):
-    """Two launches writing disjoint (head, query block) tiles of one output: the plain kernel (skips the tiles with
-    a selected row in a non-identity head) and the group kernel (computes only those)."""
+    """The unmodified (head, query block) tiles from SDPA's default backend when it computes the same attention (no
+    key padding, no causal offset): SDPA runs over everything and the group kernel overwrites only the tiles with a
+    selected row in a non-identity head. Otherwise the plain forward kernel computes the unmodified tiles (skipping
+    the others). When every tile is modified (all rows, all heads: VAF, ACT) the group kernel alone runs."""
     from .masked_attention import launch_fwd
 
     batch, hq, hkv, nq, nk, d = check_qkv(query, key, value)
     if spec.num_heads != hq:
         raise ValueError(f"spec has {spec.num_heads} heads, query has {hq}")
-    query, key, value = (last_dim_contiguous(t) for t in (query, key, value))
+    query, key, value = last_dim_contiguous(query), last_dim_contiguous(key), last_dim_contiguous(value)
     dev = query.device
     prep = spec.prepare(dev)
-    head_on = prep["head_on"] if key_bias is None else torch.ones(hq, dtype=torch.int32, device=dev)
+    head_on = prep["head_on"] if key_bias is None else _all_heads(hq, dev)
     n_on = int(prep["n_on"]) if key_bias is None else hq
+    to_sdpa = sdpa_routable(nq, nk, causal, key_valid)
     if n_on == 0:
-        out, _, _ = launch_fwd(query, key, value, scaling=scaling, causal=causal, key_valid=key_valid)
-        return out
-    bm, bn, warps, stages = _config(d, nq, dev)
-    out = torch.empty(batch, nq, hq, d, dtype=query.dtype, device=dev)
-    dz = torch.zeros(1, dtype=torch.int32, device=dev)
-    fz = torch.zeros(1, dtype=torch.float32, device=dev)
-    kgroup = key_group.to(device=dev).long()
-    qsel = query_select.to(device=dev, dtype=torch.int8).contiguous() if query_select is not None else None
-    if qsel is not None or n_on < hq:
+        if to_sdpa:
+            return sdpa_attention(query, key, value, scaling=scaling, causal=causal)
+        return launch_fwd(query, key, value, scaling=scaling, causal=causal, key_valid=key_valid)[0]
+    qsel = byte_flags(query_select.to(device=dev)) if query_select is not None else None
+    every_tile = qsel is None and n_on == hq
+    bm, bn, warps, stages = _config(d, nq, dev, sparse=to_sdpa and not every_tile)
+    if every_tile:
+        out = torch.empty(batch, nq, hq, d, dtype=query.dtype, device=dev)
+    elif to_sdpa:
+        out = sdpa_attention(query, key, value, scaling=scaling, causal=causal)  # the group kernel overwrites tiles
+    else:
+        out = torch.empty(batch, nq, hq, d, dtype=query.dtype, device=dev)
         skip = (qsel if qsel is not None else torch.ones(batch, nq, dtype=torch.int8, device=dev), head_on)
         launch_fwd(query, key, value, scaling=scaling, causal=causal, key_valid=key_valid, skip_sel=skip, out=out)
-    has_pre = prep["has_pre"] or key_bias is not None
-    pre_bias = prep["pre_bias"] or key_bias is not None
-    if has_pre:
-        fpos, fneg, fbias = _per_key(_folded_tables(spec, scaling, dev), kgroup)
-        if key_bias is not None:
-            fbias = (fbias + key_bias.to(device=dev, dtype=torch.float32)[:, None, :] * LOG2E).contiguous()
-            if fbias.shape[1] != fpos.shape[1]:
-                fpos, fneg = (t.expand(-1, fbias.shape[1], -1).contiguous() for t in (fpos, fneg))
-        sfb, sfh = fpos.stride(0), (fpos.stride(1) if fpos.shape[1] > 1 else 0)
-    else:
-        fpos = fneg = fbias = fz
-        sfb = sfh = 0
-    sink = prep["sink"]
-    if sink is not None:
-        is_sink = kgroup == sink
-        sink_idx = torch.argsort((~is_sink).to(torch.int8), dim=1, stable=True).to(torch.int32).contiguous()
-        sink_cnt = is_sink.sum(1).to(torch.int32)
-    else:
-        sink_idx = sink_cnt = dz
-    cls1 = (prep["cls"].long()[kgroup] == 1).to(torch.int8).contiguous() if prep["two_class"] else dz
-    kvalid = key_valid.to(device=dev, dtype=torch.int8).contiguous() if key_valid is not None else dz
+    (fpos, fneg, fbias, sfb, sfh), (sink_idx, sink_cnt), cls1 = _key_tables(spec, prep, key_group, key_bias,
+                                                                             scaling, dev)
+    dz = placeholder(dev)
+    kvalid = byte_flags(key_valid.to(device=dev)) if key_valid is not None else dz
     nqb = cdiv(nq, bm)
     _group_fwd_kernel[(batch * hq, nqb)](
         query, key, value, out, kvalid, qsel if qsel is not None else dz, fpos, fneg, fbias, cls1, head_on,
         prep["post"], sink_idx, sink_cnt,
-        query.stride(0), query.stride(1), query.stride(2),
-        key.stride(0), key.stride(1), key.stride(2),
-        value.stride(0), value.stride(1), value.stride(2),
-        out.stride(0), out.stride(1), out.stride(2), sfb, sfh,
+        *query.stride()[:3], *key.stride()[:3], *value.stride()[:3], *out.stride()[:3], sfb, sfh, kvalid.stride(0),
+        qsel.stride(0) if qsel is not None else 0,
         hq, hq // hkv, nq, nk, nk - nq, float(scaling), nqb,
         prep["cm_bits"], float(spec.cond_mass_min), prep["cn_bits"], prep["cd_bits"], float(spec.cond_ratio_min),
         HEAD_D=d, BLOCK_D=block_d(d), BLOCK_M=bm, BLOCK_N=bn, CAUSAL=causal,
-        HAS_KVALID=key_valid is not None, HAS_QSEL=qsel is not None, HAS_PRE=has_pre,
-        PRE_ABS=prep["pre_abs"], PRE_BIAS=pre_bias, TWO_CLASS=prep["two_class"], HAS_SINK=sink is not None,
-        HAS_POST=prep["has_post"], HAS_COND=prep["has_cond"], SINK_BLOCK=16,
+        HAS_KVALID=key_valid is not None, HAS_QSEL=qsel is not None, HAS_PRE=prep["has_pre"] or key_bias is not None,
+        PRE_ABS=prep["pre_abs"], PRE_BIAS=prep["pre_bias"] or key_bias is not None, TWO_CLASS=prep["two_class"],
+        HAS_SINK=prep["sink"] is not None, HAS_POST=prep["has_post"], HAS_COND=prep["has_cond"], SINK_BLOCK=16,
         num_warps=warps, num_stages=stages,
     )
     return out

@@ -25,7 +25,7 @@ import typing
 import torch
 import torch.nn.functional as F
 
-from ._common import (block_d, cdiv, check_qkv, interpret_mode, key_valid_arg, last_dim_contiguous, repeat_kv,
+from ._common import (block_d, byte_flags, cdiv, check_qkv, interpret_mode, last_dim_contiguous, repeat_kv,
                       triton_available)
 from .layout import StructuredMask
 
@@ -272,7 +272,7 @@ if triton_available():
         Q, K, V, O, LSE, KVALID, INFO, GRIDW, KNOCK_T,
         FULL_CNT, FULL_IDX, PART_CNT, PART_IDX,
         STAT_ROWS, STAT_NORM, STAT_OUT, STAT_X, n_stat, QSEL, HEAD_ON,
-        sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, som, soh, skvb,
+        sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, som, soh, skvb, sselb,
         Hq, G, Nq, Nk, q_off, qk_scale, wr, wc, mutual_bits, n_qblocks, max_full, max_part,
         stat_sb, stat_sq, rmax, stat_hdiv,
         HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -336,7 +336,7 @@ if triton_available():
                 hi = Nk
                 n_full = Nk // BLOCK_N
             if SKIP_SEL:  # group_attention: this (head, query block) is computed by the group kernel
-                sel = tl.load(QSEL + b.to(tl.int64) * Nq + offs_m, mask=row_ok, other=0) != 0
+                sel = tl.load(QSEL + b.to(tl.int64) * sselb + offs_m, mask=row_ok, other=0) != 0
                 mine = (tl.load(HEAD_ON + h) == 0) | (tl.max(sel.to(tl.int32), 0) == 0)
                 hi = tl.where(mine, hi, 0)
                 n_full = tl.where(mine, n_full, 0)
@@ -544,13 +544,13 @@ def launch_fwd(query, key, value, *, scaling: float, causal: bool = True, key_va
     stats (attention_stats.py): {"mode": 1, "rows": [B, S]} stores the selected rows' scaled logits into
     x [B, Hq, S, Nk] (fp32, log2 domain, -inf = masked) for the finalize kernel; {"mode": 2, "rows": [B, R] or
     [B, nqb, R], "per_block": bool, "norm": fp32 [B] or None, "head_div": int} accumulates column sums in-kernel
-    into [B, Hq // head_div, Nk]. skip_sel = (query_select int8 [B, Nq], head_on int32 [Hq]): programs whose head is
-    on and whose query block holds a selected row write nothing (group_attention computes those).
+    into [B, Hq // head_div, Nk]. skip_sel = (query_select [B, Nq] as byte_flags, head_on int32 [Hq]): programs whose
+    head is on and whose query block holds a selected row write nothing (group_attention computes those).
     Returns (out [B, Nq, Hq, d], lse [B, Hq, Nq] or None, stats output or None)."""
     batch, hq, hkv, nq, nk, d = check_qkv(query, key, value)
     if nq > nk:
         raise ValueError("more queries than keys")
-    query, key, value = (last_dim_contiguous(t) for t in (query, key, value))
+    query, key, value = last_dim_contiguous(query), last_dim_contiguous(key), last_dim_contiguous(value)
     device = query.device
     bm, bn, warps, stages = _pick_config(d, nq, device, "lists" if mask is not None else "dense")
     bd = block_d(d)
@@ -575,7 +575,7 @@ def launch_fwd(query, key, value, *, scaling: float, causal: bool = True, key_va
         lists_args = (dz, dz, dz, dz)
         max_full = max_part = 1
         has_kvalid = key_valid is not None
-        kvalid = key_valid_arg(key_valid) if has_kvalid else dz
+        kvalid = byte_flags(key_valid) if has_kvalid else dz
     stat_rows, stat_norm = dz, None
     stat_out = stat_x = placeholder(device, torch.float32)
     rmax, stat_sb, stat_sq, head_div, n_stat, stats_mode = 1, 0, 0, 1, 1, 0
@@ -605,10 +605,8 @@ def launch_fwd(query, key, value, *, scaling: float, causal: bool = True, key_va
     _attn_fwd_kernel[grid_dims](
         query, key, value, out, lse, kvalid, margs.info, margs.grid, margs.knock, *lists_args,
         stat_rows, stat_norm, stat_out, stat_x, n_stat, qsel, head_on,
-        query.stride(0), query.stride(1), query.stride(2),
-        key.stride(0), key.stride(1), key.stride(2),
-        value.stride(0), value.stride(1), value.stride(2),
-        out.stride(0), out.stride(1), out.stride(2), kvalid.stride(0) if has_kvalid else 0,
+        *query.stride()[:3], *key.stride()[:3], *value.stride()[:3], *out.stride()[:3],
+        kvalid.stride(0) if has_kvalid else 0, qsel.stride(0),
         hq, hq // hkv, nq, nk, nk - nq, float(scaling) * LOG2E, margs.wr, margs.wc, margs.mutual_bits, nqb,
         max_full, max_part,
         stat_sb, stat_sq, rmax, head_div,

@@ -314,14 +314,21 @@ class KernelRouter:
             entry = cache[id(attention_mask)] = (attention_mask, key_padding(attention_mask, q_len, kv_len))
         return entry[1]
 
-    @staticmethod
-    def _group_inputs(edit: KernelEdit, run: RunState, query):
-        """(key groups [B, kv], selected rows [B, q] or None, key bias [B, kv] or None) of a prefill call."""
-        positions = run.current_positions().to(query.device)
-        group = at_positions(edit.groups, positions, 0)
-        rows = None if edit.rows is None else at_positions(edit.rows, positions, False)
-        bias = None if edit.key_bias is None else at_positions(edit.key_bias.float(), positions, 0.0)
-        return group, rows, bias
+    def _group_inputs(self, edit: KernelEdit, run: RunState, query):
+        """(key groups [B, kv], selected rows [B, q] or None, key bias [B, kv] or None) of a prefill call, built once
+        per (rows, edit tensors): layers that share them get the same tensors, so kernel 3 builds its per-key tables
+        once per forward, not per layer."""
+        cache = run.memory(self).setdefault("group_inputs", {})
+        sources = (run.rows, run.input_positions, edit.groups, edit.rows, edit.key_bias)
+        key = (*map(id, sources), str(query.device))
+        entry = cache.get(key)
+        if entry is None or any(a is not b for a, b in zip(entry[0], sources)):
+            positions = run.current_positions().to(query.device)
+            group = at_positions(edit.groups, positions, 0)
+            rows = None if edit.rows is None else at_positions(edit.rows, positions, False)
+            bias = None if edit.key_bias is None else at_positions(edit.key_bias.float(), positions, 0.0)
+            entry = cache[key] = (sources, (group, rows, bias))
+        return entry[1]
 
     def _decode_keys(self, edit: KernelEdit, layer: int, run: RunState, device, kv_len: int, cache: dict):
         """(groups int32 [B, >= kv_len], key bias [B, >= kv_len] or None) of a decoding call: the groups of the prompt
