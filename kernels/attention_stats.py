@@ -32,6 +32,7 @@ import functools
 import torch
 
 from ._common import byte_flags, cdiv, check_qkv, next_pow2, repeat_kv, triton_available
+from .configs import launch_config
 from .layout import StructuredMask
 from .masked_attention import (attention_from_mask, block_m_for, dense_mask, launch_fwd, mask_args, placeholder,
                                sdpa_attention, sdpa_routable)
@@ -136,9 +137,10 @@ if triton_available():
 
     @triton.jit
     def _rows_finalize_kernel(X, PM, PL, ROWS, OUT, srb, Hq, Nq, Nk, S, n_chunks, head_div,
-                              BLOCK: tl.constexpr, SB: tl.constexpr, CB: tl.constexpr):
+                              BLOCK: tl.constexpr, SB: tl.constexpr, PB: tl.constexpr, CB: tl.constexpr):
         """OUT[b, o, j] = 1/(S_b * head_div) * sum over heads h of output o and used rows s of exp2(X - lse2), the
-        row's log-sum-exp lse2 combined from the chunks' partial statistics."""
+        row's log-sum-exp lse2 combined from the chunks' partial statistics. The (head, row) pairs are taken PB at a
+        time as one [PB, BLOCK] tile (FastV's head mean over 32 heads: one step), not one after another."""
         pid = tl.program_id(0)
         n_out = Hq // head_div
         b = pid // n_out
@@ -146,6 +148,7 @@ if triton_available():
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         col_ok = cols < Nk
         offs_s = tl.arange(0, SB)
+        offs_p = tl.arange(0, PB)
         offs_c = tl.arange(0, CB)
         c_ok = offs_c < n_chunks
         n_used = tl.sum(tl.zeros([SB], tl.int32), 0)
@@ -153,23 +156,24 @@ if triton_available():
             r = tl.load(ROWS + b.to(tl.int64) * srb + c * SB + offs_s, mask=c * SB + offs_s < S, other=-1)
             n_used += tl.sum(((r >= 0) & (r < Nq)).to(tl.int32), 0)
         acc = tl.zeros([BLOCK], tl.float32)
-        for hh in range(0, head_div):
-            h = o * head_div + hh
-            for c in range(0, tl.cdiv(S, SB)):
-                sidx = c * SB + offs_s
-                row = tl.load(ROWS + b.to(tl.int64) * srb + sidx, mask=sidx < S, other=-1).to(tl.int32)
-                base = (b * Hq + h).to(tl.int64) * S + sidx  # [SB]
-                part = base[:, None] * n_chunks + offs_c[None, :]
-                pm = tl.load(PM + part, mask=(sidx < S)[:, None] & c_ok[None, :], other=float("-inf"))
-                pl = tl.load(PL + part, mask=(sidx < S)[:, None] & c_ok[None, :], other=0.0)
-                mx = tl.max(pm, 1)
-                mx = tl.where(mx == float("-inf"), 0.0, mx)
-                total = tl.sum(pl * tl.math.exp2(pm - mx[:, None]), 1)
-                ok = (row >= 0) & (row < Nq) & (total > 0.0)
-                lse2 = tl.where(ok, mx + tl.math.log2(tl.where(ok, total, 1.0)), 0.0)
-                x = tl.load(X + base[:, None] * Nk + cols[None, :], mask=ok[:, None] & col_ok[None, :],
-                            other=float("-inf"))
-                acc += tl.sum(tl.where(x > float("-inf"), tl.math.exp2(x - lse2[:, None]), 0.0), 0)
+        for c in range(0, tl.cdiv(head_div * S, PB)):
+            pair = c * PB + offs_p
+            pair_ok = pair < head_div * S
+            s = pair % S
+            h = o * head_div + pair // S
+            row = tl.load(ROWS + b.to(tl.int64) * srb + s, mask=pair_ok, other=-1).to(tl.int32)
+            base = (b * Hq + h).to(tl.int64) * S + s  # [PB]
+            part = base[:, None] * n_chunks + offs_c[None, :]
+            pm = tl.load(PM + part, mask=pair_ok[:, None] & c_ok[None, :], other=float("-inf"))
+            pl = tl.load(PL + part, mask=pair_ok[:, None] & c_ok[None, :], other=0.0)
+            mx = tl.max(pm, 1)
+            mx = tl.where(mx == float("-inf"), 0.0, mx)
+            total = tl.sum(pl * tl.math.exp2(pm - mx[:, None]), 1)
+            ok = (row >= 0) & (row < Nq) & (total > 0.0)
+            lse2 = tl.where(ok, mx + tl.math.log2(tl.where(ok, total, 1.0)), 0.0)
+            x = tl.load(X + base[:, None] * Nk + cols[None, :], mask=ok[:, None] & col_ok[None, :],
+                        other=float("-inf"))
+            acc += tl.sum(tl.where(x > float("-inf"), tl.math.exp2(x - lse2[:, None]), 0.0), 0)
         norm = 1.0 / tl.maximum(n_used * head_div, 1).to(tl.float32)
         tl.store(OUT + pid.to(tl.int64) * Nk + cols, acc * norm, mask=col_ok)
 
@@ -208,9 +212,8 @@ def _split_rows(stat_queries: torch.Tensor, nq: int, block_m: int, head_div: int
     return rows.view(batch, nqb, width), norm
 
 
-# (BLOCK_N, num_warps, num_stages) of the rows pass; tiny tiles under the interpreter (many blocks, fast CPU tests)
-ROWS_CONFIG = {"cuda": (128, 4, 3), "cpu": (16, 4, 1)}
-FINALIZE_BLOCK = {"cuda": 512, "cpu": 32}
+# finalize tile: (columns, (head, row) pairs) per step; small under the interpreter
+FINALIZE_TILE = {"cuda": (128, 32), "cpu": (32, 16)}
 
 
 @functools.lru_cache(maxsize=None)
@@ -243,7 +246,8 @@ def received_attention_triton(query, key, *, stat_queries: torch.Tensor, scaling
     n_rows = rows.shape[1]
     dev = query.device
     kind = "cuda" if dev.type == "cuda" else "cpu"
-    block_n, warps, stages = ROWS_CONFIG[kind]
+    # (BLOCK_N, num_warps, num_stages): configs.json on a GPU; tiny tiles under the interpreter (fast CPU tests)
+    block_n, warps, stages = launch_config("k2_rows", d, dev) if kind == "cuda" else (16, 4, 1)
     n_chunks, per_chunk = _rows_plan(batch, hq, nk, block_n, _programs_target(str(dev)))
     x = torch.empty(batch, hq, n_rows, nk, dtype=torch.float32, device=dev)
     partial = torch.empty(2, batch, hq, n_rows, n_chunks, dtype=torch.float32, device=dev)
@@ -265,10 +269,10 @@ def received_attention_triton(query, key, *, stat_queries: torch.Tensor, scaling
         CAUSAL=causal, HAS_KVALID=key_valid is not None and mask is None, IMG_RULE=m.img_rule,
         WINDOW_CAUSAL=m.window_causal, MUTUAL=m.mutual, KNOCK=m.knock_on, num_warps=warps, num_stages=stages)
     received = torch.empty(batch, hq // head_div, nk, dtype=torch.float32, device=dev)
-    block = FINALIZE_BLOCK[kind]
+    block, pairs = FINALIZE_TILE[kind]
     _rows_finalize_kernel[(batch * (hq // head_div), cdiv(nk, block))](
         x, partial[0], partial[1], rows, received, rows.stride(0), hq, nq, nk, n_rows, n_chunks, head_div,
-        BLOCK=block, SB=16, CB=next_pow2(n_chunks), num_warps=4)
+        BLOCK=block, SB=16, PB=pairs, CB=max(2, next_pow2(n_chunks)), num_warps=4)
     return received[:, 0] if per_head is False else received
 
 

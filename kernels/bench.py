@@ -10,7 +10,8 @@ prints the tables. B=1, 32 heads, head_dim 128, bf16; prompts of N = 651, 2,955,
 40 text: LLaVA-1.5, LLaVA-NeXT, an 8K-image-token prompt); every ratio is measured in one run on the same tensors.
 Sections (--sections; default all, in this order):
   ceil     copy bandwidth and a bf16 matmul (the card's ceilings in this run)
-  sweep    kernel-1 launch configs at N = 8,267 (the best is used after it)
+  sweep    kernel-1 launch configs per head_dim at N = 8,267 (the best is used after it, and written to
+           DIR/kernel_configs.json in kernels/configs.json's format: commit it as the card's section)
   k1       plain causal vs SDPA default (FA2 forced: second column); NAAViT and 3x3-window masks vs compiled
            FlexAttention (its block mask built once, outside the timing)
   k2       attention + received-attention statistics (FastV's last row; the last row per KV head; 40 question rows
@@ -114,9 +115,6 @@ class Bench:
             self.sizes, self.heads, self.hd, self.text = (44, 60), 2, 64, (3, 4)
         else:
             self.sizes, self.heads, self.hd, self.text = SIZES, 32, 128, (TEXT_BEFORE, TEXT_AFTER)
-        # shapes of the sweep / k4 sections
-        self.big = (self.text[0], self.sizes[-1] - sum(self.text), self.text[1])
-        self.gw = 8 if smoke else 64
 
     def sync(self):
         if self.dev.type == "cuda":
@@ -267,36 +265,48 @@ class Bench:
             self.res["info"]["bf16_matmul_TFLOPs"] = round(2 * 8192 ** 3 / tm / 1e9, 1)
         del x, y, a, b
 
+    SWEEP = {64: [(128, 64, 4, 3), (128, 64, 4, 4), (128, 128, 8, 3), (64, 64, 4, 3)],
+             80: [(128, 64, 8, 3), (128, 64, 8, 4), (64, 64, 4, 3)],
+             128: [(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (64, 64, 4, 3)]}
+
     def sweep(self):
-        """K1 launch configs on the target shape; the best (per mode) is used by the sections after it."""
-        b, h, d = 1, self.heads, self.hd
-        lay = self.layout(*self.big, grid_w=self.gw)
-        n = lay.length
-        q, k, v = self.qkv(b, h, h, n, d)
+        """Kernel-1 launch configs per head_dim (64, 80, 128) and mode (dense: plain causal; lists: NAAViT) at the
+        largest N: the winners are used by the sections after it and written in configs.json's format to
+        DIR/kernel_configs.json (this card's section, to commit)."""
+        from .configs import device_name
         if self.smoke:
             return
-        configs = [(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2)]
-        best = {}
-        for cfg in configs:
+        lay = self.prompt(self.sizes[-1])
+        n = lay.length
+        best: dict = {}
+        for d, configs in self.SWEEP.items():
+            q, k, v = self.qkv(1, self.heads, self.heads, n, d)
+            mask = StructuredMask(lay, MaskSpec.naavit())
+            for cfg in configs:
+                for mode in ("dense", "lists"):
+                    MA.set_config(d, cfg, mode)
+                    try:
+                        if mode == "dense":
+                            t = self.time(lambda: flash_attention(q, k, v, causal=True))
+                        else:
+                            t = self.time(lambda: masked_attention(q, k, v, mask=mask))
+                    except Exception as err:
+                        t = float("inf")
+                        self.res["errors"].append(f"sweep d={d} {cfg} {mode}: {type(err).__name__}: {str(err)[:300]}")
+                    self.row(section="sweep", head_dim=d, mode=mode, config=list(cfg), ms=t)
+                    if t == t and t < best.get((d, mode), (float("inf"), None))[0]:
+                        best[(d, mode)] = (t, cfg)
             for mode in ("dense", "lists"):
-                MA.set_config(d, cfg, mode)
-                try:
-                    if mode == "dense":
-                        t = self.time(lambda: flash_attention(q, k, v, causal=True))
-                    else:
-                        mask = StructuredMask(lay, MaskSpec.naavit())
-                        mask.block_lists(cfg[0], cfg[1], n, self.dev)
-                        t = self.time(lambda: masked_attention(q, k, v, mask=mask))
-                except Exception as err:
-                    t = float("inf")
-                    self.res["errors"].append(f"sweep {cfg} {mode}: {type(err).__name__}: {str(err)[:300]}")
-                self.row(section="sweep", mode=mode, config=list(cfg), ms=t)
-                if t == t and t < best.get(mode, (float("inf"), None))[0]:
-                    best[mode] = (t, cfg)
-        for mode in ("dense", "lists"):
-            if mode in best:
-                MA.set_config(d, best[mode][1], mode)
-        self.res["info"]["k1_configs"] = {m: list(c) for m, (_, c) in best.items()}
+                MA.set_config(d, best[(d, mode)][1] if (d, mode) in best else None, mode)
+            del q, k, v
+        if self.warm:
+            return
+        section = {f"k1_{mode}": {str(d): list(cfg) for (d, m), (_, cfg) in sorted(best.items()) if m == mode}
+                   for mode in ("dense", "lists")}
+        self.res["info"]["kernel_configs"] = {device_name(str(self.dev)): section}
+        if self.out_dir:
+            with open(os.path.join(self.out_dir, "kernel_configs.json"), "w") as f:
+                json.dump(self.res["info"]["kernel_configs"], f, indent=1)
 
     def k1(self):
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
@@ -571,8 +581,9 @@ def write_markdown(res, path, command):
                     [f"| {r['case']} | {_fmt(r['graph_ms'], 4)} | {_fmt(r['TBps'], 2)} | >= 2.0 | "
                      f"{_fmt(r['eager_ms'], 4)} | {r['splits']} | {r['config']} | {_fmt(r['sdpa_TBps'], 2)} |"
                      for r in section("k4")])
-    lines += _table("### Launch-config sweep (kernel 1, largest N)", "| mode | (BM, BN, warps, stages) | ms |",
-                    [f"| {r['mode']} | {r['config']} | {_fmt(r['ms'])} |" for r in section("sweep")])
+    lines += _table("### Launch-config sweep (kernel 1, largest N; winners in kernel_configs.json)",
+                    "| head_dim | mode | (BM, BN, warps, stages) | ms |",
+                    [f"| {r['head_dim']} | {r['mode']} | {r['config']} | {_fmt(r['ms'])} |" for r in section("sweep")])
     if res["errors"]:
         lines += ["Errors:", ""] + [f"- {e.splitlines()[0]}" for e in res["errors"]]
     with open(path, "w") as f:

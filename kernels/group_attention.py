@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ._common import block_d, byte_flags, cdiv, check_qkv, last_dim_contiguous, repeat_kv, triton_available
+from .configs import launch_config
 from .masked_attention import dense_mask, placeholder, sdpa_attention, sdpa_routable
 
 LOG2E = 1.4426950408889634
@@ -447,9 +448,6 @@ class GroupSpec:
 # ----------------------------------------------------------------------------------------------------------------
 
 _TUNED: dict = {}
-# the group kernel's config when it computes only the modified tiles next to SDPA (few rows: PAI's last row, VAR's
-# question rows): 64-row tiles halve the work of a tile holding one selected row. Not yet measured on a GPU.
-SPARSE_CONFIG = (64, 64, 4, 3)
 
 
 def set_config(head_dim: int, config: tuple[int, int, int, int] | None) -> None:
@@ -461,15 +459,17 @@ def set_config(head_dim: int, config: tuple[int, int, int, int] | None) -> None:
 
 
 def _config(head_dim: int, nq: int, device, sparse: bool = False) -> tuple[int, int, int, int]:
+    """sparse: the group kernel computes only the modified tiles next to SDPA (few rows: PAI's last row, VAR's
+    question rows), "k3_sparse" in configs.json (64-row tiles halve the work of a tile holding one selected row)."""
     if device.type != "cuda":
         return 16, 16, 4, 1
     if sparse:
-        return SPARSE_CONFIG
+        return launch_config("k3_sparse", head_dim, device)
     if nq <= 64:
         return 64, 64, 4, 3
     if head_dim in _TUNED:
         return _TUNED[head_dim]
-    return 128, 64, 8, 3
+    return launch_config("k3", head_dim, device)
 
 
 def _folded_tables(spec: GroupSpec, scaling: float, device):

@@ -129,10 +129,10 @@ def prompt_mask(n: int, spec: MaskSpec | None = None) -> StructuredMask:
 def _meta_ready(n: int, heads: int, head_dim: int):
     """entry_point_calls on meta tensors, the mask's per-layout caches (block lists, packed tokens) built on the CPU
     and filed under the meta device, whose tensors hold no values to build them from."""
-    from .masked_attention import _config, mask_args
+    from .masked_attention import _pick_config, mask_args
 
     mask = prompt_mask(n)
-    bm, bn, _, _ = _config(head_dim, n, torch.device("meta"))
+    bm, bn, _, _ = _pick_config(head_dim, n, torch.device("meta"), "lists")
     mask._lists[(bm, bn, n, "meta")] = mask.block_lists(bm, bn, n, "cpu")
     mask._packed["meta"] = mask.packed("cpu")
     mask_args(mask, "meta")

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from ._common import (block_d, byte_flags, cdiv, check_qkv, interpret_mode, last_dim_contiguous, repeat_kv,
                       triton_available)
+from .configs import launch_config
 from .layout import StructuredMask
 
 LOG2E = 1.4426950408889634
@@ -449,16 +450,16 @@ if triton_available():
 # ----------------------------------------------------------------------------------------------------------------
 # launch helpers
 
-def _config(head_dim: int, nq: int, device: torch.device) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages). Tuned on the H100 (see NOTES.md)."""
+def _pick_config(head_dim, nq, device, mode: str = "dense") -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for "dense" (plain causal / padding, also the statistics) or "lists"
+    (structured masks): set_config's override, else configs.json for the GPU (kernels/configs.py)."""
     if device.type != "cuda":
         return 16, 16, 4, 1  # interpreter: tiny tiles keep CPU tests fast and exercise many blocks
-    bd = block_d(head_dim)
     if nq <= 64:
         return 64, 64, 4, 3
-    if bd <= 64:
-        return 128, 64, 4, 3
-    return 128, 64, 8, 3
+    if (head_dim, mode) in _TUNED:
+        return _TUNED[(head_dim, mode)]
+    return launch_config(f"k1_{mode}", head_dim, device)
 
 
 _TUNED: dict = {}
@@ -471,12 +472,6 @@ def set_config(head_dim: int, config: tuple[int, int, int, int] | None, mode: st
         _TUNED.pop((head_dim, mode), None)
     else:
         _TUNED[(head_dim, mode)] = tuple(config)
-
-
-def _pick_config(head_dim, nq, device, mode: str = "dense"):
-    if device.type == "cuda" and (head_dim, mode) in _TUNED and nq > 64:
-        return _TUNED[(head_dim, mode)]
-    return _config(head_dim, nq, device)
 
 
 _PLACEHOLDERS: dict = {}

@@ -113,3 +113,26 @@ def test_key_tables_built_once_per_key_group_tensor(monkeypatch):
         groups[0, 0] = 1 - groups[0, 0]
         group_attention_triton(q, k, v, key_group=groups, spec=spec, scaling=0.125)
         assert len(built) == 3
+
+
+def test_launch_configs_come_from_the_data_file(monkeypatch):
+    """configs.json: the card's own section first, then 'default'; per head_dim, then '*'; every kind the kernels
+    ask for is in 'default' for head_dim 64 / 80 / 128."""
+    configs = sys.modules["vlm_efficient.kernels.configs"]
+    for kind in configs.KINDS:
+        for head_dim in (64, 80, 128):
+            assert configs._lookup(kind, head_dim, "some other GPU")
+    table = {"default": {"k1_dense": {"128": [128, 64, 8, 3]}, "k3": {"*": [1, 2, 3, 4]}},
+             "card": {"k1_dense": {"128": [64, 32, 4, 2]}}}
+    monkeypatch.setattr(configs, "config_table", lambda: table)
+    configs._lookup.cache_clear()
+    try:
+        assert configs._lookup("k1_dense", 128, "card") == (64, 32, 4, 2)
+        assert configs._lookup("k1_dense", 128, "other") == (128, 64, 8, 3)
+        assert configs._lookup("k3", 80, "card") == (1, 2, 3, 4)
+        with pytest.raises(KeyError, match="head_dim 64"):
+            configs._lookup("k1_dense", 64, "card")
+        with pytest.raises(ValueError, match="kind"):
+            configs._lookup("k9", 64, "card")
+    finally:
+        configs._lookup.cache_clear()
