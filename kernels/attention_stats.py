@@ -37,7 +37,6 @@ from .layout import StructuredMask
 from .masked_attention import (attention_from_mask, block_m_for, dense_mask, launch_fwd, mask_args, placeholder,
                                sdpa_attention, sdpa_routable)
 
-LOGIT_ROWS_MAX = 128  # up to this many selected rows: logits written by the forward kernel + finalize kernel
 SHARED_ROWS_MAX = 256  # in-kernel column sums: every program scans the shared list; above, split per block
 
 if triton_available():

@@ -142,6 +142,16 @@ class Bench:
         for evt in prof.events():
             if evt.device_type == torch.autograd.DeviceType.CUDA:
                 per_name[evt.name] = per_name.get(evt.name, 0.0) + evt.time_range.elapsed_us()
+        if not per_name:  # profilers that file GPU kernels only under their CPU ops' device totals
+            for avg in prof.key_averages():
+                us = getattr(avg, "self_device_time_total", 0.0) or getattr(avg, "self_cuda_time_total", 0.0)
+                if us > 0:
+                    per_name[avg.key] = us
+        if not per_name:
+            message = "profiler saw no GPU kernel: kernel-only times are missing"
+            if message not in self.res["errors"]:
+                self.res["errors"].append(message)
+            return NAN, []
         return sum(per_name.values()) / calls / 1e3, sorted(per_name, key=per_name.get, reverse=True)
 
     def measure(self, fn, calls: int = 30, rounds: int = 3) -> dict:

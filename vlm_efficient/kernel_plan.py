@@ -280,8 +280,8 @@ class KernelRouter:
         return (output, None), delivered
 
     def _plain(self, module, query, key, value, attention_mask, kwargs, scaling):
-        """No attention edit: SDPA, or kernel 2 when a method asked this layer's statistics (prefill; the first such
-        request, the others are computed after the call as with the kernels off)."""
+        """No attention edit: SDPA, plus kernel 2's pass over the asked rows when a method asked this layer's
+        statistics (prefill; the first such request, the others are computed after the call as with the kernels off)."""
         engine, run = self.engine, self.engine.run
         layer = module.layer_idx
         if run.prefill:
