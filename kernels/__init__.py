@@ -57,7 +57,10 @@ group_attention(query, key, value, *, key_group, spec: GroupSpec, key_valid=None
     (None = all). key_bias FloatTensor [B, Nk]: extra per-key logit bias on selected rows (GIFT). Presets:
     GroupSpec.pai(Hq, alpha, image_group), .vaf(Hq, weights), .var(Hq, p, rho, ...), .act(Hq, beta, sink_group).
     Formulas: group_attention.py docstring. Specs the kernel cannot run (more than two distinct keep/receive columns
-    besides the sink group) fall back to the reference with a warning under backend="auto".
+    besides the sink group) fall back to the reference with a warning under backend="auto". Without key padding the
+    unmodified tiles come from SDPA's default backend and the output is a transposed view of SDPA's (as for
+    attention_with_received_stats). Per-key inputs are built once per key_group tensor: pass the same tensor to every
+    layer of a forward.
 
 group_decode_attention(query [B, Hq, 1, d], key, value, *, key_group, spec: GroupSpec, key_valid=None, scaling=None,
                        key_bias=None) -> [B, 1, Hq, d]
