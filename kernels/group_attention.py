@@ -145,6 +145,94 @@ if triton_available():
                 + tl.where((bits & 4) != 0, ms, 0.0))
 
     @triton.jit
+    def _group_epilogue(acc, acc1, l_i, l1, m_i, q, sel, qpos, special, row_ok, o_rows, O, b, h, sob, som, soh,
+                        k_base, v_base, skn, svn, offs_d, scaling, FPOS_H, FNEG_H, BIAS_H, KVALID_ROW, SINK_IDX,
+                        SINK_CNT, POST, Nk, cm_bits, cm_min, cn_bits, cd_bits, cr_min, BLOCK_M: tl.constexpr,
+                        HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_PRE: tl.constexpr,
+                        PRE_ABS: tl.constexpr, PRE_BIAS: tl.constexpr, SEL_ALL: tl.constexpr,
+                        TWO_CLASS: tl.constexpr, HAS_SINK: tl.constexpr, HAS_POST: tl.constexpr,
+                        HAS_COND: tl.constexpr, SINK_BLOCK: tl.constexpr):
+        """From the main loop's (max, sums, accumulators) of BLOCK_M query rows (token rows o_rows of the output):
+        the sink keys' own pass, the post-softmax coefficients, the store of the rows in row_ok."""
+        # sink keys: own (max, sum, accumulator), from the index list
+        m_s = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_s = tl.zeros([BLOCK_M], tl.float32)
+        acc_s = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        if HAS_SINK:
+            n_s = tl.where(special, tl.load(SINK_CNT + b), 0)
+            offs_j = tl.arange(0, SINK_BLOCK)
+            for c in range(0, tl.cdiv(n_s, SINK_BLOCK)):
+                j = c * SINK_BLOCK + offs_j
+                jok = j < n_s
+                sidx = tl.load(SINK_IDX + b.to(tl.int64) * Nk + j, mask=jok, other=0)
+                ks = _load_rows(k_base, sidx, skn, offs_d, jok, HEAD_D, BLOCK_D, True)
+                s = mma(q, tl.trans(ks), None)
+                x = _premod(s, sel, FPOS_H, FNEG_H, BIAS_H, sidx, jok, scaling, HAS_PRE, PRE_ABS, PRE_BIAS,
+                            SEL_ALL)
+                ok = (qpos >= 0)[:, None] & jok[None, :]
+                if CAUSAL:
+                    ok = ok & (sidx[None, :] <= qpos[:, None])
+                if KVALID_ROW is not None:
+                    kv = tl.load(KVALID_ROW + sidx, mask=jok, other=0)
+                    ok = ok & (kv != 0)[None, :]
+                x = tl.where(ok, x, float("-inf"))
+                m_new = tl.maximum(m_s, tl.max(x, 1))
+                m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+                p = tl.math.exp2(x - m_use[:, None])
+                alpha = tl.math.exp2(m_s - m_use)
+                l_s = l_s * alpha + tl.sum(p, 1)
+                vs = _load_rows(v_base, sidx, svn, offs_d, jok, HEAD_D, BLOCK_D, True)
+                acc_s = pv_dot(p, vs, acc_s * alpha[:, None])
+                m_s = m_new
+        m_all = tl.maximum(m_i, m_s)
+        m_all = tl.where(m_all == float("-inf"), 0.0, m_all)
+        a_main = tl.math.exp2(m_i - m_all)
+        a_sink = tl.math.exp2(m_s - m_all)
+        big_l = l_i * a_main  # every allowed key, the sinks included
+        big_l1 = l1 * a_main  # class-1 keys (never sinks)
+        big_ls = l_s * a_sink  # the sinks again, from the epilogue pass
+        total = big_l
+        has = total > 0.0
+        inv = tl.where(has, 1.0 / tl.where(has, total, 1.0), 0.0)
+        c0 = tl.full([BLOCK_M], 1.0, tl.float32)
+        c1 = c0
+        cs = c0
+        if HAS_POST:
+            mass1 = big_l1 * inv
+            mass_s = tl.minimum(big_ls * inv, 1.0 - mass1)
+            mass0 = tl.maximum(1.0 - mass1 - mass_s, 0.0) * tl.where(has, 1.0, 0.0)
+            POST_H = POST + h * 6
+            k0 = tl.load(POST_H + 0)
+            r0 = tl.load(POST_H + 1)
+            k1 = tl.load(POST_H + 2)
+            r1 = tl.load(POST_H + 3)
+            k_s = tl.load(POST_H + 4)
+            r_s = tl.load(POST_H + 5)
+            freed = (1.0 - k0) * mass0 + (1.0 - k1) * mass1 + (1.0 - k_s) * mass_s
+            recv = r0 * mass0 + r1 * mass1 + r_s * mass_s
+            active = sel & has & (recv > 0.0)
+            if HAS_COND:
+                active = active & (_unit_mass(cm_bits, mass0, mass1, mass_s) >= cm_min)
+                active = active & (_unit_mass(cn_bits, mass0, mass1, mass_s)
+                                   >= cr_min * _unit_mass(cd_bits, mass0, mass1, mass_s))
+            fr = freed / tl.where(recv > 0.0, recv, 1.0)
+            c0 = tl.where(active, k0 + r0 * fr, 1.0)
+            c1 = tl.where(active, k1 + r1 * fr, 1.0)
+            cs = tl.where(active, k_s + r_s * fr, 1.0)
+        if TWO_CLASS:
+            o_main = acc * c0[:, None] + acc1 * (c1 - c0)[:, None]
+        else:
+            o_main = acc * c0[:, None]
+        # sink keys sit in class 0 of the main accumulators: swap their coefficient c0 for cs
+        out = (o_main * a_main[:, None] + acc_s * ((cs - c0) * a_sink)[:, None]) * inv[:, None]
+        o_ptrs = (O + b.to(tl.int64) * sob + h.to(tl.int64) * soh + o_rows.to(tl.int64)[:, None] * som
+                  + offs_d[None, :])
+        if BLOCK_D != HEAD_D:
+            tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_d < HEAD_D)[None, :])
+        else:
+            tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None])
+
+    @triton.jit
     def _group_fwd_kernel(
         Q, K, V, O, KVALID, QSEL, FPOS, FNEG, BIAS, CLS1, HEAD_ON, POST, SINK_IDX, SINK_CNT,
         sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, som, soh, sfb, sfh, skvb, sselb,
@@ -220,83 +308,11 @@ if triton_available():
                                         kb * BLOCK_N, offs_n, offs_d, scaling, FPOS_H, FNEG_H, BIAS_H,
                                         KVALID_ROW, Nk, True, HEAD_D, BLOCK_D, CAUSAL,
                                         HAS_PRE, PRE_ABS, PRE_BIAS, SEL_ALL)
-        # sink keys: own (max, sum, accumulator), from the index list
-        m_s = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        l_s = tl.zeros([BLOCK_M], tl.float32)
-        acc_s = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        if HAS_SINK:
-            n_s = tl.where(special, tl.load(SINK_CNT + b), 0)
-            offs_j = tl.arange(0, SINK_BLOCK)
-            for c in range(0, tl.cdiv(n_s, SINK_BLOCK)):
-                j = c * SINK_BLOCK + offs_j
-                jok = j < n_s
-                sidx = tl.load(SINK_IDX + b.to(tl.int64) * Nk + j, mask=jok, other=0)
-                ks = _load_rows(k_base, sidx, skn, offs_d, jok, HEAD_D, BLOCK_D, True)
-                s = mma(q, tl.trans(ks), None)
-                x = _premod(s, sel, FPOS_H, FNEG_H, BIAS_H, sidx, jok, scaling, HAS_PRE, PRE_ABS, PRE_BIAS,
-                            SEL_ALL)
-                ok = (qpos >= 0)[:, None] & jok[None, :]
-                if CAUSAL:
-                    ok = ok & (sidx[None, :] <= qpos[:, None])
-                if KVALID_ROW is not None:
-                    kv = tl.load(KVALID_ROW + sidx, mask=jok, other=0)
-                    ok = ok & (kv != 0)[None, :]
-                x = tl.where(ok, x, float("-inf"))
-                m_new = tl.maximum(m_s, tl.max(x, 1))
-                m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-                p = tl.math.exp2(x - m_use[:, None])
-                alpha = tl.math.exp2(m_s - m_use)
-                l_s = l_s * alpha + tl.sum(p, 1)
-                vs = _load_rows(v_base, sidx, svn, offs_d, jok, HEAD_D, BLOCK_D, True)
-                acc_s = pv_dot(p, vs, acc_s * alpha[:, None])
-                m_s = m_new
-        m_all = tl.maximum(m_i, m_s)
-        m_all = tl.where(m_all == float("-inf"), 0.0, m_all)
-        a_main = tl.math.exp2(m_i - m_all)
-        a_sink = tl.math.exp2(m_s - m_all)
-        big_l = l_i * a_main  # every allowed key, the sinks included
-        big_l1 = l1 * a_main  # class-1 keys (never sinks)
-        big_ls = l_s * a_sink  # the sinks again, from the epilogue pass
-        total = big_l
-        has = total > 0.0
-        inv = tl.where(has, 1.0 / tl.where(has, total, 1.0), 0.0)
-        c0 = tl.full([BLOCK_M], 1.0, tl.float32)
-        c1 = c0
-        cs = c0
-        if HAS_POST:
-            mass1 = big_l1 * inv
-            mass_s = tl.minimum(big_ls * inv, 1.0 - mass1)
-            mass0 = tl.maximum(1.0 - mass1 - mass_s, 0.0) * tl.where(has, 1.0, 0.0)
-            POST_H = POST + h * 6
-            k0 = tl.load(POST_H + 0)
-            r0 = tl.load(POST_H + 1)
-            k1 = tl.load(POST_H + 2)
-            r1 = tl.load(POST_H + 3)
-            k_s = tl.load(POST_H + 4)
-            r_s = tl.load(POST_H + 5)
-            freed = (1.0 - k0) * mass0 + (1.0 - k1) * mass1 + (1.0 - k_s) * mass_s
-            recv = r0 * mass0 + r1 * mass1 + r_s * mass_s
-            active = sel & has & (recv > 0.0)
-            if HAS_COND:
-                active = active & (_unit_mass(cm_bits, mass0, mass1, mass_s) >= cm_min)
-                active = active & (_unit_mass(cn_bits, mass0, mass1, mass_s)
-                                   >= cr_min * _unit_mass(cd_bits, mass0, mass1, mass_s))
-            fr = freed / tl.where(recv > 0.0, recv, 1.0)
-            c0 = tl.where(active, k0 + r0 * fr, 1.0)
-            c1 = tl.where(active, k1 + r1 * fr, 1.0)
-            cs = tl.where(active, k_s + r_s * fr, 1.0)
-        if TWO_CLASS:
-            o_main = acc * c0[:, None] + acc1 * (c1 - c0)[:, None]
-        else:
-            o_main = acc * c0[:, None]
-        # sink keys sit in class 0 of the main accumulators: swap their coefficient c0 for cs
-        out = (o_main * a_main[:, None] + acc_s * ((cs - c0) * a_sink)[:, None]) * inv[:, None]
-        o_ptrs = (O + b.to(tl.int64) * sob + h.to(tl.int64) * soh + offs_m.to(tl.int64)[:, None] * som
-                  + offs_d[None, :])
-        if BLOCK_D != HEAD_D:
-            tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_d < HEAD_D)[None, :])
-        else:
-            tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None])
+        _group_epilogue(acc, acc1, l_i, l1, m_i, q, sel, qpos, special, row_ok, offs_m, O, b, h, sob, som, soh,
+                        k_base, v_base, skn, svn, offs_d, scaling, FPOS_H, FNEG_H, BIAS_H, KVALID_ROW, SINK_IDX,
+                        SINK_CNT, POST, Nk, cm_bits, cm_min, cn_bits, cd_bits, cr_min, BLOCK_M, HEAD_D, BLOCK_D,
+                        CAUSAL, HAS_PRE, PRE_ABS, PRE_BIAS, SEL_ALL, TWO_CLASS, HAS_SINK, HAS_POST, HAS_COND,
+                        SINK_BLOCK)
 
 
 # ----------------------------------------------------------------------------------------------------------------
