@@ -281,7 +281,19 @@ class Checks:
             e = rel(o, r)
             self.record(f"group {name} {str(dt_j)[6:]} unpadded", e < TOL[dt_j] and not torch.isnan(o).any(),
                         f"rel={e:.2e}")
-        # float32, no padding, GQA: PAI's last row next to SDPA's tiles
+        # no padding, more selected rows than the rows path takes: VAR on 64-row tiles next to SDPA's
+        ga_module = sys.modules[f"{__package__}.group_attention"]
+        spec, qsel, _ = cases["var"]
+        q, k, v = _qkv(b, hq, hkv, n, n, d, torch.bfloat16, self.device, self.gen)
+        kw = dict(key_group=groups, spec=spec, query_select=qsel.clone())  # a new tensor: no cached row list
+        limit, ga_module.SELECTED_ROWS_MAX = ga_module.SELECTED_ROWS_MAX, 0
+        try:
+            e = rel(group_attention(q * 2, k, v, backend=self.backend, **kw),
+                    group_attention(q * 2, k, v, backend="reference", **kw))
+        finally:
+            ga_module.SELECTED_ROWS_MAX = limit
+        self.record("group var bfloat16 unpadded, tiles", e < TOL[torch.bfloat16], f"rel={e:.2e}")
+        # float32, no padding, GQA: PAI's last row next to SDPA's rows
         spec, qsel, _ = cases["pai"]
         q, k, v = _qkv(b, hq, hkv, n, n, d, torch.float32, self.device, self.gen)
         kw = dict(key_group=groups, spec=spec, query_select=qsel)

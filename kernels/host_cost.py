@@ -113,7 +113,7 @@ def entry_point_calls(n: int, *, device="cpu", heads: int = 32, head_dim: int = 
         "K2 FastV (SDPA + rows pass)": lambda: attention_with_received_stats_triton(
             q, k, v, scaling=scaling, stat_queries=last),
         "K2 rows pass alone": lambda: received_attention_triton(q, k, stat_queries=last, scaling=scaling),
-        "K3 PAI last row (SDPA + group tiles)": lambda: group_attention_triton(
+        "K3 PAI last row (SDPA + rows pass)": lambda: group_attention_triton(
             q, k, v, key_group=groups, spec=pai, scaling=scaling, query_select=last_row),
         "K3 VAF all rows": lambda: group_attention_triton(q, k, v, key_group=groups, spec=vaf, scaling=scaling),
     }

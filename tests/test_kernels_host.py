@@ -41,6 +41,7 @@ def _calls():
     last[:, -1] = True
     rows = torch.tensor([[N - 1, 3], [N - 1, -1]])
     pai, vaf = GroupSpec.pai(HEADS, 0.5), GroupSpec.vaf(HEADS, [0.9, 1.2])
+    vaf_two_heads = GroupSpec.vaf(HEADS, [0.9, 1.2], heads=[0, 2])
     scaling = HEAD_DIM ** -0.5
     forward, rows_pass = ["_attn_fwd_kernel"], ["_rows_logits_kernel", "_rows_finalize_kernel"]
     return {
@@ -55,8 +56,12 @@ def _calls():
             q1, k1, v1, scaling=scaling, stat_queries=rows[:1], mask=mask), forward + rows_pass),
         "K2 rows pass alone": (lambda: received_attention_triton(q, k, stat_queries=rows, scaling=scaling,
                                                                  key_valid=key_valid), rows_pass),
-        "K3 PAI unpadded: SDPA + group tiles": (lambda: group_attention_triton(
-            q, k, v, key_group=groups, spec=pai, scaling=scaling, query_select=last), ["_group_fwd_kernel"]),
+        "K3 PAI unpadded: SDPA + selected rows": (lambda: group_attention_triton(
+            q, k, v, key_group=groups, spec=pai, scaling=scaling, query_select=last),
+            ["_group_rows_kernel", "_group_rows_merge_kernel"]),
+        "K3 VAF on two heads, every row: SDPA + group tiles": (lambda: group_attention_triton(
+            q, k, v, key_group=groups, spec=vaf_two_heads, scaling=scaling),
+            ["_group_fwd_kernel"]),
         "K3 PAI padded: forward + group tiles": (lambda: group_attention_triton(
             q, k, v, key_group=groups, spec=pai, scaling=scaling, query_select=last, key_valid=key_valid),
             forward + ["_group_fwd_kernel"]),
