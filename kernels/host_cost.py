@@ -105,6 +105,11 @@ def entry_point_calls(n: int, *, device="cpu", heads: int = 32, head_dim: int = 
     groups = layout.is_image.long().to(device)  # meta: the group kernel's per-key tables are shapes only
     last_row = torch.zeros(1, n, dtype=torch.bool, device=device)
     last_row[0, -1] = True
+    if str(device) == "meta":  # meta tensors hold no values to list the selected rows from: file the list (row n-1)
+        import weakref
+        rows = sys.modules[f"{__package__}.group_attention"]._ROW_LISTS
+        rows[id(last_row)] = (weakref.ref(last_row), last_row._version,
+                              torch.empty(1, 1, dtype=torch.int32, device=device))
     pai = GroupSpec.pai(heads, 0.5, image_group=1)
     vaf = GroupSpec.vaf(heads, [0.95, 1.15])
     return {
