@@ -36,9 +36,17 @@ attention_with_received_stats(query, key, value, *, key_valid=None, causal=True,
         per_head=True  -> [B, Hq, Nk];  per_head="kv" -> [B, Hkv, Nk] (mean over each GQA group's query heads);
         per_head=False -> [B, Nk] (mean over all heads).
     FastV: stat_queries = index of the last prompt token (S=1), per_head=False. PyramidDrop: last instruction token.
-    SparseVLM: the rater text rows. PLPHP: per_head="kv". Computed in the same launch as the attention (the N x N
-    matrix is never formed). stats_impl="auto" | "logits" | "colsum" picks the statistics pass (attention_stats.py
-    docstring; "colsum" is the variant measured on the H100 in run 1, "logits" the default for S <= 128).
+    SparseVLM: the rater text rows. PLPHP: per_head="kv". The N x N matrix is never formed. stats_impl="auto"
+    (= "rows"): the output from SDPA's default backend where it computes the same attention (no key padding, no
+    mask, no LSE asked, Nq == Nk when causal; else the kernel-1 forward), the statistics from a small separate pass
+    over the selected rows; "logits" | "colsum": statistics fused into the forward kernel (attention_stats.py).
+    The output may be a non-contiguous [B, Nq, Hq, d] view (SDPA's output transposed, as HF's sdpa path returns
+    before its .contiguous()).
+
+received_attention(query, key, *, stat_queries, key_valid=None, causal=True, scaling=None, per_head=False,
+                   mask=None) -> received
+    The statistics alone (the rows pass above), for callers that already have the attention output (the engine's
+    SDPA call with its own attention mask).
 
 group_attention(query, key, value, *, key_group, spec: GroupSpec, key_valid=None, causal=True, scaling=None,
                 query_select=None, key_bias=None) -> out
@@ -49,7 +57,10 @@ group_attention(query, key, value, *, key_group, spec: GroupSpec, key_valid=None
     (None = all). key_bias FloatTensor [B, Nk]: extra per-key logit bias on selected rows (GIFT). Presets:
     GroupSpec.pai(Hq, alpha, image_group), .vaf(Hq, weights), .var(Hq, p, rho, ...), .act(Hq, beta, sink_group).
     Formulas: group_attention.py docstring. Specs the kernel cannot run (more than two distinct keep/receive columns
-    besides the sink group) fall back to the reference with a warning under backend="auto".
+    besides the sink group) fall back to the reference with a warning under backend="auto". Without key padding the
+    unmodified tiles come from SDPA's default backend and the output is a transposed view of SDPA's (as for
+    attention_with_received_stats). Per-key inputs are built once per key_group tensor: pass the same tensor to every
+    layer of a forward.
 
 group_decode_attention(query [B, Hq, 1, d], key, value, *, key_group, spec: GroupSpec, key_valid=None, scaling=None,
                        key_bias=None) -> [B, 1, Hq, d]
@@ -70,7 +81,7 @@ from __future__ import annotations
 import warnings
 
 from ._common import triton_available, use_triton
-from .attention_stats import attention_with_received_stats_reference
+from .attention_stats import attention_with_received_stats_reference, received_attention_reference
 from .group_attention import GroupSpec, group_attention_reference
 from .group_decode import MAX_GROUPS as MAX_DECODE_GROUPS
 from .group_decode import group_decode_reference
@@ -98,7 +109,7 @@ __all__ = [
     "BlockLists", "GroupSpec", "MaskSpec", "RaggedKVCache", "StructuredMask", "TokenLayout",
     "attention_reference", "attention_with_received_stats", "attention_with_received_stats_reference",
     "build_block_lists", "build_mask", "dense_allowed", "dense_masked_decode", "flash_attention", "group_attention",
-    "group_attention_reference", "group_decode_attention", "group_decode_reference", "MAX_DECODE_GROUPS", "masked_attention", "masked_attention_reference", "ragged_decode_attention",
+    "group_attention_reference", "group_decode_attention", "received_attention", "received_attention_reference", "group_decode_reference", "MAX_DECODE_GROUPS", "masked_attention", "masked_attention_reference", "ragged_decode_attention",
     "ragged_decode_attention_reference", "ragged_decode_attention_torch", "triton_available",
 ]
 
@@ -137,6 +148,17 @@ def attention_with_received_stats(query, key, value, *, key_valid=None, causal=T
         from .attention_stats import attention_with_received_stats_triton
         return attention_with_received_stats_triton(query, key, value, stats_impl=stats_impl, **kw)
     return attention_with_received_stats_reference(query, key, value, **kw)
+
+
+def received_attention(query, key, *, stat_queries, key_valid=None, causal=True, scaling=None, per_head=False,
+                       mask: StructuredMask | None = None, backend="auto", force_reference=False):
+    scaling = default_scaling(query) if scaling is None else scaling
+    kw = dict(stat_queries=stat_queries, key_valid=key_valid, causal=causal, scaling=scaling, per_head=per_head,
+              mask=mask)
+    if use_triton(_backend(backend, force_reference), query, key):
+        from .attention_stats import received_attention_triton
+        return received_attention_triton(query, key, **kw)
+    return received_attention_reference(query, key, **kw)
 
 
 def group_attention(query, key, value, *, key_group, spec: GroupSpec, key_valid=None, causal=True, scaling=None,

@@ -82,5 +82,15 @@ def last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def byte_flags(flags: torch.Tensor) -> torch.Tensor:
+    """Per-token flags [B, N] (key padding, selected query rows) as the kernels read them: one byte per token, unit
+    stride along the tokens, any batch stride (pass .stride(0)). A bool tensor is reinterpreted in place (no copy, no
+    launch), e.g. the last row of the attention mask the engine hands over."""
+    if flags.dim() != 2:
+        raise ValueError(f"per-token flags must be [B, N], got {tuple(flags.shape)}")
+    out = flags.view(torch.int8) if flags.dtype == torch.bool else flags.to(torch.int8)
+    return out if out.stride(-1) == 1 else out.contiguous()
+
+
 def repeat_kv(key: torch.Tensor, groups: int) -> torch.Tensor:
     return key if groups == 1 else key.repeat_interleave(groups, dim=1)

@@ -31,6 +31,7 @@ from . import (
     group_decode_attention,
     masked_attention,
     ragged_decode_attention,
+    received_attention,
 )
 from .ragged_decode import dense_masked_decode
 
@@ -199,12 +200,41 @@ class Checks:
             sq = torch.randint(-1, nq, (b, s), generator=self.gen).to(self.device)
             self.stats_vs_reference(f"stats {name}", dt, qq, k, v, causal=causal, stat_queries=sq, per_head=True,
                                     stats_impl=impl)
-        # many rows (split-per-block path), with duplicates
+        # many rows, with duplicates: the fused column sums' split-per-block path (the rows pass: S=200 above)
         b, hq, hkv, n, d, dt = self.shapes[0]
         q, k, v = _qkv(b, hq, hkv, n, n, d, dt, self.device, self.gen)
         s = 300
         sq = torch.randint(-1, n, (b, s), generator=self.gen).to(self.device)
-        self.stats_vs_reference("stats S=300 split rows", dt, q, k, v, stat_queries=sq, per_head="kv")
+        self.stats_vs_reference("stats S=300 split rows", dt, q, k, v, stat_queries=sq, per_head="kv",
+                                stats_impl="colsum")
+        self.received_rows()
+
+    def received_rows(self):
+        """received_attention (the statistics alone, the rows pass) against its reference: every mask type with
+        padded samples, GQA, fp32, fewer queries than keys."""
+        n = self.n_mask
+        for j, (name, spec) in enumerate(self.specs().items()):
+            _, hq, hkv, _, d, dt = self.shapes[j % len(self.shapes)]
+            layout = _layout(2, n, self.device, self.gen, img=self.img, grid_w=self.grid_w)
+            mask = StructuredMask(layout, spec)
+            q, k, _ = _qkv(2, hq, hkv, n, n, d, dt, self.device, self.gen)
+            sq = torch.tensor([[n - 1, n // 2, 8], [n - 1, 1, -1]], device=self.device)  # row 1 of sample 1: padding
+            kw = dict(stat_queries=sq, mask=mask, per_head="kv")
+            got = received_attention(q, k, backend=self.backend, **kw)
+            ref = received_attention(q, k, backend="reference", **kw)
+            self.record(f"stats rows mask={name}", rel(got, ref) < STATS_TOL and bool(torch.isfinite(got).all()),
+                        f"rel={rel(got, ref):.2e} d={d} {str(dt)[6:]}")
+        b, hq, hkv, n, d, _ = self.shapes[0]
+        q, k, _ = _qkv(b, hq, hkv, n, n, d, torch.float32, self.device, self.gen)
+        kv = torch.ones(b, n, dtype=torch.bool, device=self.device)
+        kv[-1, :5] = False
+        for label, nq, causal in (("fp32 padded", n, True), ("fp32 q_len<k_len", n // 3, True),
+                                  ("fp32 non-causal", n, False)):
+            sq = torch.randint(-1, nq, (b, 7), generator=self.gen).to(self.device)
+            kw = dict(stat_queries=sq, key_valid=kv, causal=causal, per_head=True)
+            got = received_attention(q[:, :, n - nq:], k, backend=self.backend, **kw)
+            ref = received_attention(q[:, :, n - nq:], k, backend="reference", **kw)
+            self.record(f"stats rows {label}", rel(got, ref) < 1e-5, f"rel={rel(got, ref):.2e}")
 
     # ------------------------------------------------------------------ kernel 3
     def group(self):
@@ -244,6 +274,32 @@ class Checks:
             e, ep = rel(o, r), rel(plain, r)
             self.record(f"group {name} {str(dt_j)[6:]}", e < TOL[dt_j] and ep > 3 * e and not torch.isnan(o).any(),
                         f"rel={e:.2e} (plain differs by {ep:.2e})")
+            # no padding: the unmodified tiles come from SDPA, the group kernel overwrites the modified ones
+            kw["key_valid"] = None
+            o = group_attention(q, k, v, backend=self.backend, **kw)
+            r = group_attention(q, k, v, backend="reference", **kw)
+            e = rel(o, r)
+            self.record(f"group {name} {str(dt_j)[6:]} unpadded", e < TOL[dt_j] and not torch.isnan(o).any(),
+                        f"rel={e:.2e}")
+        # no padding, more selected rows than the rows path takes: VAR on 64-row tiles next to SDPA's
+        ga_module = sys.modules[f"{__package__}.group_attention"]
+        spec, qsel, _ = cases["var"]
+        q, k, v = _qkv(b, hq, hkv, n, n, d, torch.bfloat16, self.device, self.gen)
+        kw = dict(key_group=groups, spec=spec, query_select=qsel.clone())  # a new tensor: no cached row list
+        limit, ga_module.SELECTED_ROWS_MAX = ga_module.SELECTED_ROWS_MAX, 0
+        try:
+            e = rel(group_attention(q * 2, k, v, backend=self.backend, **kw),
+                    group_attention(q * 2, k, v, backend="reference", **kw))
+        finally:
+            ga_module.SELECTED_ROWS_MAX = limit
+        self.record("group var bfloat16 unpadded, tiles", e < TOL[torch.bfloat16], f"rel={e:.2e}")
+        # float32, no padding, GQA: PAI's last row next to SDPA's rows
+        spec, qsel, _ = cases["pai"]
+        q, k, v = _qkv(b, hq, hkv, n, n, d, torch.float32, self.device, self.gen)
+        kw = dict(key_group=groups, spec=spec, query_select=qsel)
+        e = rel(group_attention(q * 2, k, v, backend=self.backend, **kw),
+                group_attention(q * 2, k, v, backend="reference", **kw))
+        self.record("group pai float32 unpadded", e < TOL[torch.float32], f"rel={e:.2e}")
 
     def group_decode(self):
         """The decoding form: one row per sample against the reference, group / bias buffers longer than the cache,

@@ -21,8 +21,14 @@ visual sink tokens) stays in class 0 of the main loop and is recomputed in the e
 tiles) with its own (max, sum, accumulator); the epilogue swaps its coefficient (c_sink - c_0), so no third
 accumulator lives through the main loop and the main loop needs no per-key sink mask.
 
-Launches: the plain forward kernel of masked_attention.py computes every (head, query block) tile without a
-selected row (or with an identity head) and skips the others; this kernel computes only those. Pre-softmax tables
+Launches: the (head, query block) tiles without a selected row (or of an identity head) come from SDPA's default
+backend when it computes the same attention (no key padding, as many queries as keys when causal: SDPA runs over
+every tile and this kernel overwrites the modified ones; up to SELECTED_ROWS_MAX selected rows per sample (PAI's last
+row, VAR's question rows) it computes those rows only, split over key chunks and merged through the log-sum-exp by
+_group_rows_merge_kernel, which runs the epilogue; more rows: 64-row tiles), else from the plain forward kernel of
+masked_attention.py (which skips the modified tiles); this kernel computes only the modified tiles. When every tile
+is modified (every row of every head: VAF, ACT) this kernel runs alone. Per-key inputs (below) are built once per
+key-group tensor and reused by every layer that passes the same tensor. Pre-softmax tables
 are expanded on the host into per-key vectors (scale +- abs folded with scaling*log2e, bias*log2e), so the loop
 does one multiply (+ one select for abs, one add for bias) per logit.
 
@@ -31,12 +37,14 @@ The torch reference `group_attention_reference` computes exactly the formulas ab
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 
 import torch
 
-from ._common import block_d, cdiv, check_qkv, last_dim_contiguous, repeat_kv, triton_available
-from .masked_attention import dense_mask
+from ._common import block_d, byte_flags, cdiv, check_qkv, last_dim_contiguous, next_pow2, repeat_kv, triton_available
+from .configs import launch_config
+from .masked_attention import dense_mask, placeholder, sdpa_attention, sdpa_routable
 
 LOG2E = 1.4426950408889634
 
@@ -139,81 +147,15 @@ if triton_available():
                 + tl.where((bits & 4) != 0, ms, 0.0))
 
     @triton.jit
-    def _group_fwd_kernel(
-        Q, K, V, O, KVALID, QSEL, FPOS, FNEG, BIAS, CLS1, HEAD_ON, POST, SINK_IDX, SINK_CNT,
-        sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, som, soh, sfb, sfh,
-        Hq, G, Nq, Nk, q_off, scaling, n_qblocks, cm_bits, cm_min, cn_bits, cd_bits, cr_min,
-        HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        CAUSAL: tl.constexpr, HAS_KVALID: tl.constexpr, HAS_QSEL: tl.constexpr,
-        HAS_PRE: tl.constexpr, PRE_ABS: tl.constexpr, PRE_BIAS: tl.constexpr, TWO_CLASS: tl.constexpr,
-        HAS_SINK: tl.constexpr, HAS_POST: tl.constexpr, HAS_COND: tl.constexpr, SINK_BLOCK: tl.constexpr,
-    ):
-        """Only the (head, query block) programs with a selected row and a non-identity head compute; the others
-        are left to the plain kernel (launched with skip_sel) and write nothing here."""
-        pid_bh = tl.program_id(0)
-        qb = n_qblocks - 1 - tl.program_id(1)
-        b = pid_bh // Hq
-        h = pid_bh % Hq
-        kvh = h // G
-        offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = tl.arange(0, BLOCK_N)
-        offs_d = tl.arange(0, BLOCK_D)
-        row_ok = offs_m < Nq
-        if HAS_QSEL:
-            sel = (tl.load(QSEL + b.to(tl.int64) * Nq + offs_m, mask=row_ok, other=0) != 0) & row_ok
-        else:
-            sel = row_ok
-        special = (tl.load(HEAD_ON + h) != 0) & (tl.max(sel.to(tl.int32), 0) > 0)
-        q_base = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
-        q = _load_rows(q_base, offs_m, sqm, offs_d, row_ok, HEAD_D, BLOCK_D, True)
-        row_ok = (row_ok.to(tl.int32) * special.to(tl.int32)) != 0
-        k_base = K + b.to(tl.int64) * skb + kvh.to(tl.int64) * skh
-        v_base = V + b.to(tl.int64) * svb + kvh.to(tl.int64) * svh
-        qpos = tl.where(row_ok, offs_m + q_off, -1)
-        FPOS_H = FPOS + b.to(tl.int64) * sfb + h.to(tl.int64) * sfh
-        FNEG_H = FNEG + b.to(tl.int64) * sfb + h.to(tl.int64) * sfh
-        BIAS_H = BIAS + b.to(tl.int64) * sfb + h.to(tl.int64) * sfh
-        if HAS_KVALID:
-            KVALID_ROW = KVALID + b.to(tl.int64) * Nk
-        else:
-            KVALID_ROW = None
-        CLS_ROW = CLS1 + b.to(tl.int64) * Nk
-        if CAUSAL:
-            hi = tl.minimum(Nk, q_off + (qb + 1) * BLOCK_M)
-            n_full = tl.minimum(tl.maximum((q_off + qb * BLOCK_M + 1) // BLOCK_N, 0), Nk // BLOCK_N)
-        else:
-            hi = Nk
-            n_full = Nk // BLOCK_N
-        hi = tl.where(special, hi, 0)
-        n_full = tl.where(special, n_full, 0)
-        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_M], tl.float32)
-        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        acc1 = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        l1 = tl.zeros([BLOCK_M], tl.float32)
-        SEL_ALL: tl.constexpr = not HAS_QSEL
-        if TWO_CLASS:
-            for kb in range(0, n_full):
-                acc, acc1, l_i, l1, m_i = _gstep(acc, acc1, l_i, l1, m_i, q, sel, qpos, k_base, v_base, skn, svn,
-                                                 kb * BLOCK_N, offs_n, offs_d, scaling, FPOS_H, FNEG_H, BIAS_H,
-                                                 KVALID_ROW, CLS_ROW, Nk, False, HEAD_D, BLOCK_D, CAUSAL,
-                                                 HAS_PRE, PRE_ABS, PRE_BIAS, SEL_ALL, TWO_CLASS)
-            for kb in range(n_full, tl.cdiv(hi, BLOCK_N)):
-                acc, acc1, l_i, l1, m_i = _gstep(acc, acc1, l_i, l1, m_i, q, sel, qpos, k_base, v_base, skn, svn,
-                                                 kb * BLOCK_N, offs_n, offs_d, scaling, FPOS_H, FNEG_H, BIAS_H,
-                                                 KVALID_ROW, CLS_ROW, Nk, True, HEAD_D, BLOCK_D, CAUSAL,
-                                                 HAS_PRE, PRE_ABS, PRE_BIAS, SEL_ALL, TWO_CLASS)
-        else:  # one accumulator only (nothing else loop-carried: keeps the wgmma pipeline as in the plain kernel)
-            for kb in range(0, n_full):
-                acc, l_i, m_i = _gstep1(acc, l_i, m_i, q, sel, qpos, k_base, v_base, skn, svn,
-                                        kb * BLOCK_N, offs_n, offs_d, scaling, FPOS_H, FNEG_H, BIAS_H,
-                                        KVALID_ROW, Nk, False, HEAD_D, BLOCK_D, CAUSAL,
-                                        HAS_PRE, PRE_ABS, PRE_BIAS, SEL_ALL)
-            for kb in range(n_full, tl.cdiv(hi, BLOCK_N)):
-                acc, l_i, m_i = _gstep1(acc, l_i, m_i, q, sel, qpos, k_base, v_base, skn, svn,
-                                        kb * BLOCK_N, offs_n, offs_d, scaling, FPOS_H, FNEG_H, BIAS_H,
-                                        KVALID_ROW, Nk, True, HEAD_D, BLOCK_D, CAUSAL,
-                                        HAS_PRE, PRE_ABS, PRE_BIAS, SEL_ALL)
+    def _group_epilogue(acc, acc1, l_i, l1, m_i, q, sel, qpos, special, row_ok, o_rows, O, b, h, sob, som, soh,
+                        k_base, v_base, skn, svn, offs_d, scaling, FPOS_H, FNEG_H, BIAS_H, KVALID_ROW, SINK_IDX,
+                        SINK_CNT, POST, Nk, cm_bits, cm_min, cn_bits, cd_bits, cr_min, BLOCK_M: tl.constexpr,
+                        HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_PRE: tl.constexpr,
+                        PRE_ABS: tl.constexpr, PRE_BIAS: tl.constexpr, SEL_ALL: tl.constexpr,
+                        TWO_CLASS: tl.constexpr, HAS_SINK: tl.constexpr, HAS_POST: tl.constexpr,
+                        HAS_COND: tl.constexpr, SINK_BLOCK: tl.constexpr):
+        """From the main loop's (max, sums, accumulators) of BLOCK_M query rows (token rows o_rows of the output):
+        the sink keys' own pass, the post-softmax coefficients, the store of the rows in row_ok."""
         # sink keys: own (max, sum, accumulator), from the index list
         m_s = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_s = tl.zeros([BLOCK_M], tl.float32)
@@ -285,12 +227,218 @@ if triton_available():
             o_main = acc * c0[:, None]
         # sink keys sit in class 0 of the main accumulators: swap their coefficient c0 for cs
         out = (o_main * a_main[:, None] + acc_s * ((cs - c0) * a_sink)[:, None]) * inv[:, None]
-        o_ptrs = (O + b.to(tl.int64) * sob + h.to(tl.int64) * soh + offs_m.to(tl.int64)[:, None] * som
+        o_ptrs = (O + b.to(tl.int64) * sob + h.to(tl.int64) * soh + o_rows.to(tl.int64)[:, None] * som
                   + offs_d[None, :])
         if BLOCK_D != HEAD_D:
             tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_d < HEAD_D)[None, :])
         else:
             tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None])
+
+    @triton.jit
+    def _group_fwd_kernel(
+        Q, K, V, O, KVALID, QSEL, FPOS, FNEG, BIAS, CLS1, HEAD_ON, POST, SINK_IDX, SINK_CNT,
+        sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, som, soh, sfb, sfh, skvb, sselb,
+        Hq, G, Nq, Nk, q_off, scaling, n_qblocks, cm_bits, cm_min, cn_bits, cd_bits, cr_min,
+        HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        CAUSAL: tl.constexpr, HAS_KVALID: tl.constexpr, HAS_QSEL: tl.constexpr,
+        HAS_PRE: tl.constexpr, PRE_ABS: tl.constexpr, PRE_BIAS: tl.constexpr, TWO_CLASS: tl.constexpr,
+        HAS_SINK: tl.constexpr, HAS_POST: tl.constexpr, HAS_COND: tl.constexpr, SINK_BLOCK: tl.constexpr,
+    ):
+        """Only the (head, query block) programs with a selected row and a non-identity head compute; the others
+        are left to the plain kernel (launched with skip_sel) and write nothing here."""
+        pid_bh = tl.program_id(0)
+        qb = n_qblocks - 1 - tl.program_id(1)
+        b = pid_bh // Hq
+        h = pid_bh % Hq
+        kvh = h // G
+        offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        row_ok = offs_m < Nq
+        if HAS_QSEL:
+            sel = (tl.load(QSEL + b.to(tl.int64) * sselb + offs_m, mask=row_ok, other=0) != 0) & row_ok
+        else:
+            sel = row_ok
+        special = (tl.load(HEAD_ON + h) != 0) & (tl.max(sel.to(tl.int32), 0) > 0)
+        q_base = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
+        q = _load_rows(q_base, offs_m, sqm, offs_d, row_ok, HEAD_D, BLOCK_D, True)
+        row_ok = (row_ok.to(tl.int32) * special.to(tl.int32)) != 0
+        k_base = K + b.to(tl.int64) * skb + kvh.to(tl.int64) * skh
+        v_base = V + b.to(tl.int64) * svb + kvh.to(tl.int64) * svh
+        qpos = tl.where(row_ok, offs_m + q_off, -1)
+        FPOS_H = FPOS + b.to(tl.int64) * sfb + h.to(tl.int64) * sfh
+        FNEG_H = FNEG + b.to(tl.int64) * sfb + h.to(tl.int64) * sfh
+        BIAS_H = BIAS + b.to(tl.int64) * sfb + h.to(tl.int64) * sfh
+        if HAS_KVALID:
+            KVALID_ROW = KVALID + b.to(tl.int64) * skvb
+        else:
+            KVALID_ROW = None
+        CLS_ROW = CLS1 + b.to(tl.int64) * Nk
+        if CAUSAL:
+            hi = tl.minimum(Nk, q_off + (qb + 1) * BLOCK_M)
+            n_full = tl.minimum(tl.maximum((q_off + qb * BLOCK_M + 1) // BLOCK_N, 0), Nk // BLOCK_N)
+        else:
+            hi = Nk
+            n_full = Nk // BLOCK_N
+        hi = tl.where(special, hi, 0)
+        n_full = tl.where(special, n_full, 0)
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        acc1 = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        l1 = tl.zeros([BLOCK_M], tl.float32)
+        SEL_ALL: tl.constexpr = not HAS_QSEL
+        if TWO_CLASS:
+            for kb in range(0, n_full):
+                acc, acc1, l_i, l1, m_i = _gstep(acc, acc1, l_i, l1, m_i, q, sel, qpos, k_base, v_base, skn, svn,
+                                                 kb * BLOCK_N, offs_n, offs_d, scaling, FPOS_H, FNEG_H, BIAS_H,
+                                                 KVALID_ROW, CLS_ROW, Nk, False, HEAD_D, BLOCK_D, CAUSAL,
+                                                 HAS_PRE, PRE_ABS, PRE_BIAS, SEL_ALL, TWO_CLASS)
+            for kb in range(n_full, tl.cdiv(hi, BLOCK_N)):
+                acc, acc1, l_i, l1, m_i = _gstep(acc, acc1, l_i, l1, m_i, q, sel, qpos, k_base, v_base, skn, svn,
+                                                 kb * BLOCK_N, offs_n, offs_d, scaling, FPOS_H, FNEG_H, BIAS_H,
+                                                 KVALID_ROW, CLS_ROW, Nk, True, HEAD_D, BLOCK_D, CAUSAL,
+                                                 HAS_PRE, PRE_ABS, PRE_BIAS, SEL_ALL, TWO_CLASS)
+        else:  # one accumulator only (nothing else loop-carried: keeps the wgmma pipeline as in the plain kernel)
+            for kb in range(0, n_full):
+                acc, l_i, m_i = _gstep1(acc, l_i, m_i, q, sel, qpos, k_base, v_base, skn, svn,
+                                        kb * BLOCK_N, offs_n, offs_d, scaling, FPOS_H, FNEG_H, BIAS_H,
+                                        KVALID_ROW, Nk, False, HEAD_D, BLOCK_D, CAUSAL,
+                                        HAS_PRE, PRE_ABS, PRE_BIAS, SEL_ALL)
+            for kb in range(n_full, tl.cdiv(hi, BLOCK_N)):
+                acc, l_i, m_i = _gstep1(acc, l_i, m_i, q, sel, qpos, k_base, v_base, skn, svn,
+                                        kb * BLOCK_N, offs_n, offs_d, scaling, FPOS_H, FNEG_H, BIAS_H,
+                                        KVALID_ROW, Nk, True, HEAD_D, BLOCK_D, CAUSAL,
+                                        HAS_PRE, PRE_ABS, PRE_BIAS, SEL_ALL)
+        _group_epilogue(acc, acc1, l_i, l1, m_i, q, sel, qpos, special, row_ok, offs_m, O, b, h, sob, som, soh,
+                        k_base, v_base, skn, svn, offs_d, scaling, FPOS_H, FNEG_H, BIAS_H, KVALID_ROW, SINK_IDX,
+                        SINK_CNT, POST, Nk, cm_bits, cm_min, cn_bits, cd_bits, cr_min, BLOCK_M, HEAD_D, BLOCK_D,
+                        CAUSAL, HAS_PRE, PRE_ABS, PRE_BIAS, SEL_ALL, TWO_CLASS, HAS_SINK, HAS_POST, HAS_COND,
+                        SINK_BLOCK)
+
+
+    @triton.jit
+    def _group_rows_kernel(
+        Q, K, V, ROWS, PSTAT, PACC, KVALID, FPOS, FNEG, BIAS, CLS1, HEAD_ON,
+        sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sfb, sfh, skvb,
+        Hq, G, Nq, Nk, q_off, scaling, R, n_chunks, blocks_per_chunk,
+        HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, ROW_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
+        CAUSAL: tl.constexpr, HAS_KVALID: tl.constexpr, HAS_PRE: tl.constexpr, PRE_ABS: tl.constexpr,
+        PRE_BIAS: tl.constexpr, TWO_CLASS: tl.constexpr,
+    ):
+        """Program (b * Hq + h, key chunk): the main loop of the group kernel for the R selected rows only (16-row
+        tiles of the index list ROWS [B, R]), over one chunk of key blocks; partial (max, sum, class-1 sum) into
+        PSTAT [3, B, Hq, R, chunks] and accumulators into PACC [1 or 2, B, Hq, R, chunks, BLOCK_D]. Identity
+        heads compute nothing (SDPA's rows stand)."""
+        pid_bh = tl.program_id(0)
+        chunk = tl.program_id(1)
+        b = pid_bh // Hq
+        h = pid_bh % Hq
+        on = tl.load(HEAD_ON + h) != 0
+        kb_lo = chunk * blocks_per_chunk
+        kb_hi = tl.where(on, tl.minimum(kb_lo + blocks_per_chunk, tl.cdiv(Nk, BLOCK_N)), kb_lo)
+        offs_r = tl.arange(0, ROW_BLOCK)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        q_base = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
+        k_base = K + b.to(tl.int64) * skb + (h // G).to(tl.int64) * skh
+        v_base = V + b.to(tl.int64) * svb + (h // G).to(tl.int64) * svh
+        FPOS_H = FPOS + b.to(tl.int64) * sfb + h.to(tl.int64) * sfh
+        FNEG_H = FNEG + b.to(tl.int64) * sfb + h.to(tl.int64) * sfh
+        BIAS_H = BIAS + b.to(tl.int64) * sfb + h.to(tl.int64) * sfh
+        if HAS_KVALID:
+            KVALID_ROW = KVALID + b.to(tl.int64) * skvb
+        else:
+            KVALID_ROW = None
+        CLS_ROW = CLS1 + b.to(tl.int64) * Nk
+        plane = tl.num_programs(0) * R * n_chunks  # one [B, Hq, R, chunks] plane
+        for c in range(0, tl.cdiv(R, ROW_BLOCK)):
+            ridx = c * ROW_BLOCK + offs_r
+            rows = tl.load(ROWS + b.to(tl.int64) * R + ridx, mask=ridx < R, other=-1)
+            row_ok = (rows >= 0) & (rows < Nq)
+            q = _load_rows(q_base, rows, sqm, offs_d, row_ok, HEAD_D, BLOCK_D, True)
+            qpos = tl.where(row_ok, rows + q_off, -1)
+            m_i = tl.full([ROW_BLOCK], float("-inf"), tl.float32)
+            l_i = tl.zeros([ROW_BLOCK], tl.float32)
+            l1 = tl.zeros([ROW_BLOCK], tl.float32)
+            acc = tl.zeros([ROW_BLOCK, BLOCK_D], tl.float32)
+            acc1 = tl.zeros([ROW_BLOCK, BLOCK_D], tl.float32)
+            for kb in range(kb_lo, kb_hi):
+                if TWO_CLASS:
+                    acc, acc1, l_i, l1, m_i = _gstep(acc, acc1, l_i, l1, m_i, q, row_ok, qpos, k_base, v_base, skn,
+                                                     svn, kb * BLOCK_N, offs_n, offs_d, scaling, FPOS_H, FNEG_H,
+                                                     BIAS_H, KVALID_ROW, CLS_ROW, Nk, True, HEAD_D, BLOCK_D, CAUSAL,
+                                                     HAS_PRE, PRE_ABS, PRE_BIAS, True, TWO_CLASS)
+                else:
+                    acc, l_i, m_i = _gstep1(acc, l_i, m_i, q, row_ok, qpos, k_base, v_base, skn, svn,
+                                            kb * BLOCK_N, offs_n, offs_d, scaling, FPOS_H, FNEG_H, BIAS_H,
+                                            KVALID_ROW, Nk, True, HEAD_D, BLOCK_D, CAUSAL,
+                                            HAS_PRE, PRE_ABS, PRE_BIAS, True)
+            part = (pid_bh.to(tl.int64) * R + ridx) * n_chunks + chunk  # [ROW_BLOCK]
+            keep = ridx < R
+            tl.store(PSTAT + part, m_i, mask=keep)
+            tl.store(PSTAT + plane + part, l_i, mask=keep)
+            tl.store(PSTAT + 2 * plane + part, l1, mask=keep)
+            a_ptrs = PACC + part[:, None] * BLOCK_D + offs_d[None, :]
+            tl.store(a_ptrs, acc, mask=keep[:, None])
+            if TWO_CLASS:
+                tl.store(a_ptrs + plane * BLOCK_D, acc1, mask=keep[:, None])
+
+    @triton.jit
+    def _group_rows_merge_kernel(
+        Q, K, V, O, ROWS, PSTAT, PACC, KVALID, FPOS, FNEG, BIAS, HEAD_ON, POST, SINK_IDX, SINK_CNT,
+        sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, som, soh, sfb, sfh, skvb,
+        Hq, G, Nq, Nk, q_off, scaling, R, n_chunks, cm_bits, cm_min, cn_bits, cd_bits, cr_min,
+        HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, ROW_BLOCK: tl.constexpr, CHUNKS: tl.constexpr,
+        CAUSAL: tl.constexpr, HAS_KVALID: tl.constexpr, HAS_PRE: tl.constexpr, PRE_ABS: tl.constexpr,
+        PRE_BIAS: tl.constexpr, TWO_CLASS: tl.constexpr, HAS_SINK: tl.constexpr, HAS_POST: tl.constexpr,
+        HAS_COND: tl.constexpr, SINK_BLOCK: tl.constexpr,
+    ):
+        """Program (b * Hq + h, 16-row tile of ROWS): the chunks' partials combined through the log-sum-exp (a
+        common max), then the group kernel's epilogue (sinks, coefficients) and the store of those rows."""
+        pid_bh = tl.program_id(0)
+        b = pid_bh // Hq
+        h = pid_bh % Hq
+        special = tl.load(HEAD_ON + h) != 0
+        ridx = tl.program_id(1) * ROW_BLOCK + tl.arange(0, ROW_BLOCK)
+        rows = tl.load(ROWS + b.to(tl.int64) * R + ridx, mask=ridx < R, other=-1)
+        row_ok = (((rows >= 0) & (rows < Nq)).to(tl.int32) * special.to(tl.int32)) != 0
+        offs_d = tl.arange(0, BLOCK_D)
+        offs_c = tl.arange(0, CHUNKS)
+        plane = tl.num_programs(0) * R * n_chunks
+        part = (pid_bh.to(tl.int64) * R + ridx)[:, None] * n_chunks + offs_c[None, :]  # [ROW_BLOCK, CHUNKS]
+        ok2 = (ridx < R)[:, None] & (offs_c < n_chunks)[None, :]
+        pm = tl.load(PSTAT + part, mask=ok2, other=float("-inf"))
+        m_i = tl.max(pm, 1)
+        m_use = tl.where(m_i == float("-inf"), 0.0, m_i)
+        scale = tl.math.exp2(pm - m_use[:, None])  # 0 for empty chunks
+        l_i = tl.sum(tl.load(PSTAT + plane + part, mask=ok2, other=0.0) * scale, 1)
+        l1 = tl.sum(tl.load(PSTAT + 2 * plane + part, mask=ok2, other=0.0) * scale, 1)
+        acc = tl.zeros([ROW_BLOCK, BLOCK_D], tl.float32)
+        acc1 = tl.zeros([ROW_BLOCK, BLOCK_D], tl.float32)
+        for c in range(0, n_chunks):
+            w = tl.sum(tl.where(offs_c[None, :] == c, scale, 0.0), 1)
+            a_ptrs = PACC + ((pid_bh.to(tl.int64) * R + ridx) * n_chunks + c)[:, None] * BLOCK_D + offs_d[None, :]
+            acc += tl.load(a_ptrs, mask=(ridx < R)[:, None], other=0.0) * w[:, None]
+            if TWO_CLASS:
+                acc1 += tl.load(a_ptrs + plane * BLOCK_D, mask=(ridx < R)[:, None], other=0.0) * w[:, None]
+        q_base = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
+        q = _load_rows(q_base, rows, sqm, offs_d, row_ok, HEAD_D, BLOCK_D, True)
+        qpos = tl.where(row_ok, rows + q_off, -1)
+        k_base = K + b.to(tl.int64) * skb + (h // G).to(tl.int64) * skh
+        v_base = V + b.to(tl.int64) * svb + (h // G).to(tl.int64) * svh
+        FPOS_H = FPOS + b.to(tl.int64) * sfb + h.to(tl.int64) * sfh
+        FNEG_H = FNEG + b.to(tl.int64) * sfb + h.to(tl.int64) * sfh
+        BIAS_H = BIAS + b.to(tl.int64) * sfb + h.to(tl.int64) * sfh
+        if HAS_KVALID:
+            KVALID_ROW = KVALID + b.to(tl.int64) * skvb
+        else:
+            KVALID_ROW = None
+        _group_epilogue(acc, acc1, l_i, l1, m_i, q, row_ok, qpos, special, row_ok, rows, O, b, h, sob, som, soh,
+                        k_base, v_base, skn, svn, offs_d, scaling, FPOS_H, FNEG_H, BIAS_H, KVALID_ROW, SINK_IDX,
+                        SINK_CNT, POST, Nk, cm_bits, cm_min, cn_bits, cd_bits, cr_min, ROW_BLOCK, HEAD_D, BLOCK_D,
+                        CAUSAL, HAS_PRE, PRE_ABS, PRE_BIAS, True, TWO_CLASS, HAS_SINK, HAS_POST, HAS_COND,
+                        SINK_BLOCK)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -452,14 +600,18 @@ def set_config(head_dim: int, config: tuple[int, int, int, int] | None) -> None:
         _TUNED[head_dim] = tuple(config)
 
 
-def _config(head_dim: int, nq: int, device) -> tuple[int, int, int, int]:
+def _config(head_dim: int, nq: int, device, sparse: bool = False) -> tuple[int, int, int, int]:
+    """sparse: the group kernel computes only the modified tiles next to SDPA (few rows: PAI's last row, VAR's
+    question rows), "k3_sparse" in configs.json (64-row tiles halve the work of a tile holding one selected row)."""
     if device.type != "cuda":
         return 16, 16, 4, 1
+    if sparse:
+        return launch_config("k3_sparse", head_dim, device)
     if nq <= 64:
         return 64, 64, 4, 3
     if head_dim in _TUNED:
         return _TUNED[head_dim]
-    return 128, 64, 8, 3
+    return launch_config("k3", head_dim, device)
 
 
 def _folded_tables(spec: GroupSpec, scaling: float, device):
@@ -482,67 +634,171 @@ def _per_key(tables, key_group: torch.Tensor):
     return [t[:, g].permute(1, 0, 2).contiguous() for t in tables]  # [B, H', Nk]
 
 
+KEY_TABLES_KEPT = 8  # per-layout entries a spec keeps (one per distinct key_group / key_bias pair alive)
+
+
+def _key_tables(spec: GroupSpec, prep: dict, key_group: torch.Tensor, key_bias, scaling: float, device):
+    """The group kernel's per-key inputs: (fpos, fneg, fbias, batch stride, head stride), sink index list and count,
+    class-1 flags. Built once per (key_group, key_bias) tensor pair and kept on the spec while those tensors live
+    unmodified, so the layers of one forward that pass the same tensors do no host work for them."""
+    cache = spec._cache.setdefault(("key_tables", float(scaling), str(device)), {})
+    ident = (id(key_group), id(key_bias))
+    versions = (key_group._version, None if key_bias is None else key_bias._version)
+    entry = cache.get(ident)
+    if (entry is not None and entry[0]() is key_group and (key_bias is None or entry[1]() is key_bias)
+            and entry[2] == versions):
+        return entry[3]
+    dz = placeholder(device)
+    fz = placeholder(device, torch.float32)
+    kgroup = key_group.to(device=device).long()
+    if prep["has_pre"] or key_bias is not None:
+        fpos, fneg, fbias = _per_key(_folded_tables(spec, scaling, device), kgroup)
+        if key_bias is not None:
+            fbias = (fbias + key_bias.to(device=device, dtype=torch.float32)[:, None, :] * LOG2E).contiguous()
+            if fbias.shape[1] != fpos.shape[1]:
+                fpos, fneg = (t.expand(-1, fbias.shape[1], -1).contiguous() for t in (fpos, fneg))
+        pre = (fpos, fneg, fbias, fpos.stride(0), fpos.stride(1) if fpos.shape[1] > 1 else 0)
+    else:
+        pre = (fz, fz, fz, 0, 0)
+    sink = prep["sink"]
+    if sink is not None:
+        is_sink = kgroup == sink
+        sinks = (torch.argsort((~is_sink).to(torch.int8), dim=1, stable=True).to(torch.int32).contiguous(),
+                 is_sink.sum(1).to(torch.int32))
+    else:
+        sinks = (dz, dz)
+    cls1 = (prep["cls"].long()[kgroup] == 1).to(torch.int8).contiguous() if prep["two_class"] else dz
+    tables = (pre, sinks, cls1)
+    if len(cache) >= KEY_TABLES_KEPT:
+        cache.pop(next(iter(cache)))
+    cache[ident] = (weakref.ref(key_group), None if key_bias is None else weakref.ref(key_bias), versions, tables)
+    return tables
+
+
+def _all_heads(hq: int, device) -> torch.Tensor:
+    key = (hq, str(device))
+    if key not in _ALL_HEADS:
+        _ALL_HEADS[key] = torch.ones(hq, dtype=torch.int32, device=device)
+    return _ALL_HEADS[key]
+
+
+_ALL_HEADS: dict = {}
+
+
+SELECTED_ROWS_MAX = 64  # selected rows per sample up to which kernel 3 computes rows, not 64-row tiles
+_ROW_LISTS: dict = {}
+
+
+def _selected_rows(query_select: torch.Tensor) -> torch.Tensor | None:
+    """[B, R] int32 indices of the selected rows (-1 padded), or None when a sample selects more than
+    SELECTED_ROWS_MAX (or none). Built once per query_select tensor while it lives unmodified: one host read (R) per
+    layout, none per layer."""
+    key = id(query_select)
+    entry = _ROW_LISTS.get(key)
+    if entry is not None and entry[0]() is query_select and entry[1] == query_select._version:
+        return entry[2]
+    sel = query_select.bool()
+    counts = sel.sum(1)
+    width = int(counts.max())
+    rows = None
+    if 0 < width <= SELECTED_ROWS_MAX:
+        order = torch.argsort((~sel).to(torch.int8), dim=1, stable=True)[:, :width]
+        used = torch.arange(width, device=sel.device)[None, :] < counts[:, None]
+        rows = torch.where(used, order, -1).to(torch.int32).contiguous()
+    if len(_ROW_LISTS) >= KEY_TABLES_KEPT:
+        _ROW_LISTS.pop(next(iter(_ROW_LISTS)))
+    _ROW_LISTS[key] = (weakref.ref(query_select), query_select._version, rows)
+    return rows
+
+
+def _group_rows(query, key, value, out, rows, spec, prep, key_group, key_bias, head_on, scaling, causal):
+    """Kernel 3 on the listed rows only (into `out`, whose other rows SDPA wrote): _group_rows_kernel over
+    (batch x head, key chunk), ~2 programs per SM, then _group_rows_merge_kernel (log-sum-exp merge + epilogue)."""
+    from .attention_stats import _programs_target, _rows_plan
+
+    batch, hq, nq, d = query.shape
+    hkv, nk = key.shape[1], key.shape[2]
+    dev = query.device
+    n_rows = rows.shape[1]
+    block_n, warps, stages = (64, 4, 3) if dev.type == "cuda" else (16, 4, 1)
+    n_chunks, per_chunk = _rows_plan(batch, hq, nk, block_n, _programs_target(str(dev)))
+    bd = block_d(d)
+    stat = torch.empty(3, batch, hq, n_rows, n_chunks, dtype=torch.float32, device=dev)
+    acc = torch.empty(2 if prep["two_class"] else 1, batch, hq, n_rows, n_chunks, bd, dtype=torch.float32,
+                      device=dev)
+    (fpos, fneg, fbias, sfb, sfh), (sink_idx, sink_cnt), cls1 = _key_tables(spec, prep, key_group, key_bias,
+                                                                             scaling, dev)
+    pre = dict(HAS_PRE=prep["has_pre"] or key_bias is not None, PRE_ABS=prep["pre_abs"],
+               PRE_BIAS=prep["pre_bias"] or key_bias is not None, TWO_CLASS=prep["two_class"])
+    kvalid = placeholder(dev)  # the SDPA route has no key padding
+    strides = (*query.stride()[:3], *key.stride()[:3], *value.stride()[:3])
+    _group_rows_kernel[(batch * hq, n_chunks)](
+        query, key, value, rows, stat, acc, kvalid, fpos, fneg, fbias, cls1, head_on,
+        *strides, sfb, sfh, 0, hq, hq // hkv, nq, nk, nk - nq, float(scaling), n_rows, n_chunks, per_chunk,
+        HEAD_D=d, BLOCK_D=bd, ROW_BLOCK=16, BLOCK_N=block_n, CAUSAL=causal, HAS_KVALID=False, **pre,
+        num_warps=warps, num_stages=stages)
+    _group_rows_merge_kernel[(batch * hq, cdiv(n_rows, 16))](
+        query, key, value, out, rows, stat, acc, kvalid, fpos, fneg, fbias, head_on, prep["post"], sink_idx,
+        sink_cnt, *strides, *out.stride()[:3], sfb, sfh, 0, hq, hq // hkv, nq, nk, nk - nq, float(scaling), n_rows,
+        n_chunks, prep["cm_bits"], float(spec.cond_mass_min), prep["cn_bits"], prep["cd_bits"],
+        float(spec.cond_ratio_min),
+        HEAD_D=d, BLOCK_D=bd, ROW_BLOCK=16, CHUNKS=max(2, next_pow2(n_chunks)), CAUSAL=causal, HAS_KVALID=False,
+        **pre, HAS_SINK=prep["sink"] is not None, HAS_POST=prep["has_post"], HAS_COND=prep["has_cond"],
+        SINK_BLOCK=16, num_warps=4)
+
+
 def group_attention_triton(query, key, value, *, key_group: torch.Tensor, spec: GroupSpec, key_valid=None,
                            causal: bool = True, scaling: float, query_select=None, key_bias=None):
-    """Two launches writing disjoint (head, query block) tiles of one output: the plain kernel (skips the tiles with
-    a selected row in a non-identity head) and the group kernel (computes only those)."""
+    """The unmodified (head, query block) tiles from SDPA's default backend when it computes the same attention (no
+    key padding, no causal offset): SDPA runs over everything and the group kernel overwrites only the tiles with a
+    selected row in a non-identity head. Otherwise the plain forward kernel computes the unmodified tiles (skipping
+    the others). When every tile is modified (all rows, all heads: VAF, ACT) the group kernel alone runs."""
     from .masked_attention import launch_fwd
 
     batch, hq, hkv, nq, nk, d = check_qkv(query, key, value)
     if spec.num_heads != hq:
         raise ValueError(f"spec has {spec.num_heads} heads, query has {hq}")
-    query, key, value = (last_dim_contiguous(t) for t in (query, key, value))
+    query, key, value = last_dim_contiguous(query), last_dim_contiguous(key), last_dim_contiguous(value)
     dev = query.device
     prep = spec.prepare(dev)
-    head_on = prep["head_on"] if key_bias is None else torch.ones(hq, dtype=torch.int32, device=dev)
+    head_on = prep["head_on"] if key_bias is None else _all_heads(hq, dev)
     n_on = int(prep["n_on"]) if key_bias is None else hq
+    to_sdpa = sdpa_routable(nq, nk, causal, key_valid)
     if n_on == 0:
-        out, _, _ = launch_fwd(query, key, value, scaling=scaling, causal=causal, key_valid=key_valid)
-        return out
-    bm, bn, warps, stages = _config(d, nq, dev)
-    out = torch.empty(batch, nq, hq, d, dtype=query.dtype, device=dev)
-    dz = torch.zeros(1, dtype=torch.int32, device=dev)
-    fz = torch.zeros(1, dtype=torch.float32, device=dev)
-    kgroup = key_group.to(device=dev).long()
-    qsel = query_select.to(device=dev, dtype=torch.int8).contiguous() if query_select is not None else None
-    if qsel is not None or n_on < hq:
+        if to_sdpa:
+            return sdpa_attention(query, key, value, scaling=scaling, causal=causal)
+        return launch_fwd(query, key, value, scaling=scaling, causal=causal, key_valid=key_valid)[0]
+    qsel = byte_flags(query_select.to(device=dev)) if query_select is not None else None
+    every_tile = qsel is None and n_on == hq
+    bm, bn, warps, stages = _config(d, nq, dev, sparse=to_sdpa and not every_tile)
+    if every_tile:
+        out = torch.empty(batch, nq, hq, d, dtype=query.dtype, device=dev)
+    elif to_sdpa:
+        out = sdpa_attention(query, key, value, scaling=scaling, causal=causal)  # the group kernel overwrites tiles
+        rows = _selected_rows(query_select) if query_select is not None else None
+        if rows is not None:  # few rows: only those, split over key chunks (the tiles would walk all keys serially)
+            _group_rows(query, key, value, out, rows, spec, prep, key_group, key_bias, head_on, scaling, causal)
+            return out
+    else:
+        out = torch.empty(batch, nq, hq, d, dtype=query.dtype, device=dev)
         skip = (qsel if qsel is not None else torch.ones(batch, nq, dtype=torch.int8, device=dev), head_on)
         launch_fwd(query, key, value, scaling=scaling, causal=causal, key_valid=key_valid, skip_sel=skip, out=out)
-    has_pre = prep["has_pre"] or key_bias is not None
-    pre_bias = prep["pre_bias"] or key_bias is not None
-    if has_pre:
-        fpos, fneg, fbias = _per_key(_folded_tables(spec, scaling, dev), kgroup)
-        if key_bias is not None:
-            fbias = (fbias + key_bias.to(device=dev, dtype=torch.float32)[:, None, :] * LOG2E).contiguous()
-            if fbias.shape[1] != fpos.shape[1]:
-                fpos, fneg = (t.expand(-1, fbias.shape[1], -1).contiguous() for t in (fpos, fneg))
-        sfb, sfh = fpos.stride(0), (fpos.stride(1) if fpos.shape[1] > 1 else 0)
-    else:
-        fpos = fneg = fbias = fz
-        sfb = sfh = 0
-    sink = prep["sink"]
-    if sink is not None:
-        is_sink = kgroup == sink
-        sink_idx = torch.argsort((~is_sink).to(torch.int8), dim=1, stable=True).to(torch.int32).contiguous()
-        sink_cnt = is_sink.sum(1).to(torch.int32)
-    else:
-        sink_idx = sink_cnt = dz
-    cls1 = (prep["cls"].long()[kgroup] == 1).to(torch.int8).contiguous() if prep["two_class"] else dz
-    kvalid = key_valid.to(device=dev, dtype=torch.int8).contiguous() if key_valid is not None else dz
+    (fpos, fneg, fbias, sfb, sfh), (sink_idx, sink_cnt), cls1 = _key_tables(spec, prep, key_group, key_bias,
+                                                                             scaling, dev)
+    dz = placeholder(dev)
+    kvalid = byte_flags(key_valid.to(device=dev)) if key_valid is not None else dz
     nqb = cdiv(nq, bm)
     _group_fwd_kernel[(batch * hq, nqb)](
         query, key, value, out, kvalid, qsel if qsel is not None else dz, fpos, fneg, fbias, cls1, head_on,
         prep["post"], sink_idx, sink_cnt,
-        query.stride(0), query.stride(1), query.stride(2),
-        key.stride(0), key.stride(1), key.stride(2),
-        value.stride(0), value.stride(1), value.stride(2),
-        out.stride(0), out.stride(1), out.stride(2), sfb, sfh,
+        *query.stride()[:3], *key.stride()[:3], *value.stride()[:3], *out.stride()[:3], sfb, sfh, kvalid.stride(0),
+        qsel.stride(0) if qsel is not None else 0,
         hq, hq // hkv, nq, nk, nk - nq, float(scaling), nqb,
         prep["cm_bits"], float(spec.cond_mass_min), prep["cn_bits"], prep["cd_bits"], float(spec.cond_ratio_min),
         HEAD_D=d, BLOCK_D=block_d(d), BLOCK_M=bm, BLOCK_N=bn, CAUSAL=causal,
-        HAS_KVALID=key_valid is not None, HAS_QSEL=qsel is not None, HAS_PRE=has_pre,
-        PRE_ABS=prep["pre_abs"], PRE_BIAS=pre_bias, TWO_CLASS=prep["two_class"], HAS_SINK=sink is not None,
-        HAS_POST=prep["has_post"], HAS_COND=prep["has_cond"], SINK_BLOCK=16,
+        HAS_KVALID=key_valid is not None, HAS_QSEL=qsel is not None, HAS_PRE=prep["has_pre"] or key_bias is not None,
+        PRE_ABS=prep["pre_abs"], PRE_BIAS=prep["pre_bias"] or key_bias is not None, TWO_CLASS=prep["two_class"],
+        HAS_SINK=prep["sink"] is not None, HAS_POST=prep["has_post"], HAS_COND=prep["has_cond"], SINK_BLOCK=16,
         num_warps=warps, num_stages=stages,
     )
     return out

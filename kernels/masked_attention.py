@@ -20,10 +20,14 @@ The torch references are at the bottom (`masked_attention_reference`, `attention
 from __future__ import annotations
 
 import math
+import typing
 
 import torch
+import torch.nn.functional as F
 
-from ._common import block_d, cdiv, check_qkv, interpret_mode, last_dim_contiguous, repeat_kv, triton_available
+from ._common import (block_d, byte_flags, cdiv, check_qkv, interpret_mode, last_dim_contiguous, repeat_kv,
+                      triton_available)
+from .configs import launch_config
 from .layout import StructuredMask
 
 LOG2E = 1.4426950408889634
@@ -159,6 +163,38 @@ if triton_available():
         return acc, l_i, m_new
 
     @triton.jit
+    def _rows_allowed(rows, row_ok, cols, col_ok, q_off, KVALID_ROW, INFO_ROW, GRID_ROW, KNOCK_T, wr, wc, mutual_bits,
+                      LISTS: tl.constexpr, CAUSAL: tl.constexpr, IMG_RULE: tl.constexpr,
+                      WINDOW_CAUSAL: tl.constexpr, MUTUAL: tl.constexpr, KNOCK: tl.constexpr):
+        """[rows, cols] bool: may query row `rows` (index into the Nq axis) see key `cols` (structured rule when
+        LISTS, else causal / full + key padding). False on unused rows and out-of-range keys."""
+        qpos = tl.where(row_ok, rows + q_off, -1)
+        if LISTS:
+            kinfo = tl.load(INFO_ROW + cols, mask=col_ok, other=0)
+            qinfo = tl.load(INFO_ROW + qpos, mask=row_ok, other=0)
+            if IMG_RULE == 2:
+                kgrid = tl.load(GRID_ROW + cols, mask=col_ok, other=0)
+                qgrid = tl.load(GRID_ROW + qpos, mask=row_ok, other=0)
+            else:
+                kgrid = kinfo
+                qgrid = qinfo
+            if KNOCK:
+                qknock = tl.load(KNOCK_T + (qinfo & 15))
+            else:
+                qknock = qinfo
+            ok = _rule(qpos, cols, qinfo, kinfo, qgrid, kgrid, qknock, wr, wc, mutual_bits,
+                       CAUSAL, IMG_RULE, WINDOW_CAUSAL, MUTUAL, KNOCK)
+        else:
+            if CAUSAL:
+                ok = cols[None, :] <= qpos[:, None]
+            else:
+                ok = (cols >= 0)[None, :] & (qpos >= 0)[:, None]
+            if KVALID_ROW is not None:
+                kv = tl.load(KVALID_ROW + cols, mask=col_ok, other=0)
+                ok = ok & (kv != 0)[None, :]
+        return ok & row_ok[:, None] & col_ok[None, :]
+
+    @triton.jit
     def _stat_logits(q_base, stride_qm, k, start_n, offs_n, offs_d, qk_scale, q_off, rows_base, S, Nq, x_base, Nk,
                      KVALID_ROW, INFO_ROW, GRID_ROW, KNOCK_T, wr, wc, mutual_bits,
                      LISTS: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, STAT_BLOCK: tl.constexpr,
@@ -176,31 +212,8 @@ if triton_available():
             row_ok = (rows >= 0) & (rows < Nq)
             qs = _load_rows(q_base, rows, stride_qm, offs_d, row_ok, HEAD_D, BLOCK_D, True)
             x = mma(qs, tl.trans(k), None) * qk_scale
-            qpos = tl.where(row_ok, rows + q_off, -1)
-            if LISTS:
-                kinfo = tl.load(INFO_ROW + cols, mask=col_ok, other=0)
-                qinfo = tl.load(INFO_ROW + qpos, mask=row_ok, other=0)
-                if IMG_RULE == 2:
-                    kgrid = tl.load(GRID_ROW + cols, mask=col_ok, other=0)
-                    qgrid = tl.load(GRID_ROW + qpos, mask=row_ok, other=0)
-                else:
-                    kgrid = kinfo
-                    qgrid = qinfo
-                if KNOCK:
-                    qknock = tl.load(KNOCK_T + (qinfo & 15))
-                else:
-                    qknock = qinfo
-                ok = _rule(qpos, cols, qinfo, kinfo, qgrid, kgrid, qknock, wr, wc, mutual_bits,
-                           CAUSAL, IMG_RULE, WINDOW_CAUSAL, MUTUAL, KNOCK)
-            else:
-                if CAUSAL:
-                    ok = cols[None, :] <= qpos[:, None]
-                else:
-                    ok = (cols >= 0)[None, :] & (qpos >= 0)[:, None]
-                if KVALID_ROW is not None:
-                    kv = tl.load(KVALID_ROW + cols, mask=col_ok, other=0)
-                    ok = ok & (kv != 0)[None, :]
-            ok = ok & row_ok[:, None] & col_ok[None, :]
+            ok = _rows_allowed(rows, row_ok, cols, col_ok, q_off, KVALID_ROW, INFO_ROW, GRID_ROW, KNOCK_T, wr, wc,
+                               mutual_bits, LISTS, CAUSAL, IMG_RULE, WINDOW_CAUSAL, MUTUAL, KNOCK)
             x = tl.where(ok, x, float("-inf"))
             tl.store(x_base + sidx.to(tl.int64)[:, None] * Nk + cols[None, :], x,
                      mask=s_ok[:, None] & col_ok[None, :])
@@ -260,7 +273,7 @@ if triton_available():
         Q, K, V, O, LSE, KVALID, INFO, GRIDW, KNOCK_T,
         FULL_CNT, FULL_IDX, PART_CNT, PART_IDX,
         STAT_ROWS, STAT_NORM, STAT_OUT, STAT_X, n_stat, QSEL, HEAD_ON,
-        sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, som, soh,
+        sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, som, soh, skvb, sselb,
         Hq, G, Nq, Nk, q_off, qk_scale, wr, wc, mutual_bits, n_qblocks, max_full, max_part,
         stat_sb, stat_sq, rmax, stat_hdiv,
         HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -286,7 +299,7 @@ if triton_available():
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         if HAS_KVALID:
-            KVALID_ROW = KVALID + b.to(tl.int64) * Nk
+            KVALID_ROW = KVALID + b.to(tl.int64) * skvb
         else:
             KVALID_ROW = None
         INFO_ROW = INFO + b.to(tl.int64) * Nk
@@ -324,7 +337,7 @@ if triton_available():
                 hi = Nk
                 n_full = Nk // BLOCK_N
             if SKIP_SEL:  # group_attention: this (head, query block) is computed by the group kernel
-                sel = tl.load(QSEL + b.to(tl.int64) * Nq + offs_m, mask=row_ok, other=0) != 0
+                sel = tl.load(QSEL + b.to(tl.int64) * sselb + offs_m, mask=row_ok, other=0) != 0
                 mine = (tl.load(HEAD_ON + h) == 0) | (tl.max(sel.to(tl.int32), 0) == 0)
                 hi = tl.where(mine, hi, 0)
                 n_full = tl.where(mine, n_full, 0)
@@ -437,16 +450,16 @@ if triton_available():
 # ----------------------------------------------------------------------------------------------------------------
 # launch helpers
 
-def _config(head_dim: int, nq: int, device: torch.device) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages). Tuned on the H100 (see NOTES.md)."""
+def _pick_config(head_dim, nq, device, mode: str = "dense") -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for "dense" (plain causal / padding, also the statistics) or "lists"
+    (structured masks): set_config's override, else configs.json for the GPU (kernels/configs.py)."""
     if device.type != "cuda":
         return 16, 16, 4, 1  # interpreter: tiny tiles keep CPU tests fast and exercise many blocks
-    bd = block_d(head_dim)
     if nq <= 64:
         return 64, 64, 4, 3
-    if bd <= 64:
-        return 128, 64, 4, 3
-    return 128, 64, 8, 3
+    if (head_dim, mode) in _TUNED:
+        return _TUNED[(head_dim, mode)]
+    return launch_config(f"k1_{mode}", head_dim, device)
 
 
 _TUNED: dict = {}
@@ -461,14 +474,61 @@ def set_config(head_dim: int, config: tuple[int, int, int, int] | None, mode: st
         _TUNED[(head_dim, mode)] = tuple(config)
 
 
-def _pick_config(head_dim, nq, device, mode: str = "dense"):
-    if device.type == "cuda" and (head_dim, mode) in _TUNED and nq > 64:
-        return _TUNED[(head_dim, mode)]
-    return _config(head_dim, nq, device)
+_PLACEHOLDERS: dict = {}
 
 
-def _dummy(device, dtype=torch.int32):
-    return torch.zeros(1, dtype=dtype, device=device)
+def placeholder(device, dtype=torch.int32):
+    """A one-element tensor for a pointer argument the kernel neither reads nor writes, one per (device, dtype): no
+    allocation (and no fill launch) per call."""
+    key = (str(device), dtype)
+    if key not in _PLACEHOLDERS:
+        _PLACEHOLDERS[key] = torch.zeros(1, dtype=dtype, device=device)
+    return _PLACEHOLDERS[key]
+
+
+class MaskArgs(typing.NamedTuple):
+    """A StructuredMask as kernel arguments (packed token info, the rule's constants); placeholders without a mask."""
+
+    info: torch.Tensor
+    grid: torch.Tensor
+    knock: torch.Tensor
+    img_rule: int
+    causal: bool
+    wr: int
+    wc: int
+    mutual_bits: int
+    window_causal: bool
+    mutual: bool
+    knock_on: bool
+
+
+def mask_args(mask: StructuredMask | None, device) -> MaskArgs:
+    """Built once per (mask, device) and cached on the mask: a call does no host work for it."""
+    if mask is None:
+        dz = placeholder(device)
+        return MaskArgs(dz, dz, dz, 0, True, 0, 0, 0, True, False, False)
+    key = ("args", str(device))
+    if key not in mask._packed:
+        info, grid, knock = mask.packed(device)
+        spec = mask.spec
+        mask._packed[key] = MaskArgs(info, grid, knock, {"causal": 0, "none": 1, "window": 2}[spec.image_image],
+                                     spec.causal, spec.window[0], spec.window[1], spec.mutual_bits,
+                                     spec.window_causal, bool(spec.mutual_roles), bool(spec.knockout))
+    return mask._packed[key]
+
+
+def sdpa_routable(nq: int, nk: int, causal: bool, key_valid) -> bool:
+    """Whether SDPA's is_causal computes our attention: no key padding, and no causal offset (torch aligns is_causal
+    top-left when there are fewer queries than keys; ours aligns bottom-right)."""
+    return key_valid is None and (nq == nk or not causal)
+
+
+def sdpa_attention(query, key, value, *, scaling: float, causal: bool) -> torch.Tensor:
+    """SDPA with its default backend choice (cuDNN / flash on Hopper), as [B, Nq, Hq, d]: a transposed view of SDPA's
+    [B, Hq, Nq, d] output (no copy; kernels may write rows into it through its strides)."""
+    out = F.scaled_dot_product_attention(query, key, value, is_causal=causal, scale=scaling,
+                                         enable_gqa=query.shape[1] != key.shape[1])
+    return out.transpose(1, 2)
 
 
 def launch_fwd(query, key, value, *, scaling: float, causal: bool = True, key_valid=None,
@@ -479,13 +539,13 @@ def launch_fwd(query, key, value, *, scaling: float, causal: bool = True, key_va
     stats (attention_stats.py): {"mode": 1, "rows": [B, S]} stores the selected rows' scaled logits into
     x [B, Hq, S, Nk] (fp32, log2 domain, -inf = masked) for the finalize kernel; {"mode": 2, "rows": [B, R] or
     [B, nqb, R], "per_block": bool, "norm": fp32 [B] or None, "head_div": int} accumulates column sums in-kernel
-    into [B, Hq // head_div, Nk]. skip_sel = (query_select int8 [B, Nq], head_on int32 [Hq]): programs whose head is
-    on and whose query block holds a selected row write nothing (group_attention computes those).
+    into [B, Hq // head_div, Nk]. skip_sel = (query_select [B, Nq] as byte_flags, head_on int32 [Hq]): programs whose
+    head is on and whose query block holds a selected row write nothing (group_attention computes those).
     Returns (out [B, Nq, Hq, d], lse [B, Hq, Nq] or None, stats output or None)."""
     batch, hq, hkv, nq, nk, d = check_qkv(query, key, value)
     if nq > nk:
         raise ValueError("more queries than keys")
-    query, key, value = (last_dim_contiguous(t) for t in (query, key, value))
+    query, key, value = last_dim_contiguous(query), last_dim_contiguous(key), last_dim_contiguous(value)
     device = query.device
     bm, bn, warps, stages = _pick_config(d, nq, device, "lists" if mask is not None else "dense")
     bd = block_d(d)
@@ -493,37 +553,26 @@ def launch_fwd(query, key, value, *, scaling: float, causal: bool = True, key_va
     if out is None:
         out = torch.empty(batch, nq, hq, d, dtype=query.dtype, device=device)
     write_lse = want_lse or stats is not None
-    lse = torch.empty(batch, hq, nq, dtype=torch.float32, device=device) if write_lse else _dummy(device, torch.float32)
-    dz = _dummy(device)
+    lse = (torch.empty(batch, hq, nq, dtype=torch.float32, device=device) if write_lse
+           else placeholder(device, torch.float32))
+    dz = placeholder(device)
+    margs = mask_args(mask, device)
     if mask is not None:
         if mask.length != nk:
             raise ValueError(f"mask covers {mask.length} tokens, keys have {nk}")
         lists = mask.block_lists(bm, bn, nq, device)
-        info, grid, knock = mask.packed(device)
-        spec = mask.spec
-        img_rule = {"causal": 0, "none": 1, "window": 2}[spec.image_image]
         lists_args = (lists.full_cnt, lists.full_idx, lists.part_cnt, lists.part_idx)
         max_full, max_part = lists.full_idx.shape[-1], lists.part_idx.shape[-1]
         kvalid = dz
         has_kvalid = False
-        causal = spec.causal
-        wr, wc = spec.window
-        mutual_bits = spec.mutual_bits
-        use_lists = True
-        knock_on = bool(spec.knockout)
-        mutual_on = bool(spec.mutual_roles)
-        window_causal = spec.window_causal
+        causal = margs.causal
     else:
-        info = grid = knock = dz
         lists_args = (dz, dz, dz, dz)
         max_full = max_part = 1
-        img_rule, wr, wc, mutual_bits = 0, 0, 0, 0
-        use_lists = knock_on = mutual_on = False
-        window_causal = True
         has_kvalid = key_valid is not None
-        kvalid = key_valid.to(torch.int8).contiguous() if has_kvalid else dz
+        kvalid = byte_flags(key_valid) if has_kvalid else dz
     stat_rows, stat_norm = dz, None
-    stat_out = stat_x = _dummy(device, torch.float32)
+    stat_out = stat_x = placeholder(device, torch.float32)
     rmax, stat_sb, stat_sq, head_div, n_stat, stats_mode = 1, 0, 0, 1, 1, 0
     result = None
     if stats is not None:
@@ -549,16 +598,16 @@ def launch_fwd(query, key, value, *, scaling: float, causal: bool = True, key_va
         qsel, head_on = dz, dz
     grid_dims = (batch * hq, nqb)
     _attn_fwd_kernel[grid_dims](
-        query, key, value, out, lse, kvalid, info, grid, knock, *lists_args,
+        query, key, value, out, lse, kvalid, margs.info, margs.grid, margs.knock, *lists_args,
         stat_rows, stat_norm, stat_out, stat_x, n_stat, qsel, head_on,
-        query.stride(0), query.stride(1), query.stride(2),
-        key.stride(0), key.stride(1), key.stride(2),
-        value.stride(0), value.stride(1), value.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
-        hq, hq // hkv, nq, nk, nk - nq, float(scaling) * LOG2E, wr, wc, mutual_bits, nqb, max_full, max_part,
+        *query.stride()[:3], *key.stride()[:3], *value.stride()[:3], *out.stride()[:3],
+        kvalid.stride(0) if has_kvalid else 0, qsel.stride(0),
+        hq, hq // hkv, nq, nk, nk - nq, float(scaling) * LOG2E, margs.wr, margs.wc, margs.mutual_bits, nqb,
+        max_full, max_part,
         stat_sb, stat_sq, rmax, head_div,
-        HEAD_D=d, BLOCK_D=bd, BLOCK_M=bm, BLOCK_N=bn, USE_LISTS=use_lists, CAUSAL=causal, HAS_KVALID=has_kvalid,
-        IMG_RULE=img_rule, WINDOW_CAUSAL=window_causal, MUTUAL=mutual_on, KNOCK=knock_on,
+        HEAD_D=d, BLOCK_D=bd, BLOCK_M=bm, BLOCK_N=bn, USE_LISTS=mask is not None, CAUSAL=causal,
+        HAS_KVALID=has_kvalid, IMG_RULE=margs.img_rule, WINDOW_CAUSAL=margs.window_causal, MUTUAL=margs.mutual,
+        KNOCK=margs.knock_on,
         STATS=stats_mode, STAT_BLOCK=16, WRITE_LSE=write_lse, SKIP_SEL=skip_sel is not None,
         num_warps=warps, num_stages=stages,
     )

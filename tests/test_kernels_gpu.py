@@ -17,3 +17,21 @@ def test_kernel_matches_reference_on_gpu(section):
     res = Checks("gpu", "cuda").run([section])
     failed = [f"{name}: {detail}" for name, ok, detail in res if not ok]
     assert not failed, "\n".join(failed)
+
+
+def test_entry_points_never_sync_on_gpu():
+    """Once a layout's caches are built, no kernel entry point waits for the GPU (torch's sync debug mode raises on
+    any synchronising call)."""
+    pytest.importorskip("triton")
+    from vlm_efficient.kernels.host_cost import entry_point_calls
+
+    calls = entry_point_calls(651, device="cuda", heads=8)
+    for call in calls.values():
+        call()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for name, call in calls.items():
+            call()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

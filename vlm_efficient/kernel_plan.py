@@ -6,7 +6,7 @@ path and the reference) and, where it can, `kernel_edit` (per original prompt po
 MaskSpec, per-head output factors). The router composes a layer's kernel edits into one plan and picks the path:
 
     prefill    no edit, no statistics asked        SDPA, untouched                                   "sdpa"
-               no edit, statistics asked           kernel 2: attention + received attention, 1 call  "stats"
+               no edit, statistics asked           SDPA + kernel 2's pass over the asked rows         "stats"
                one group edit                      kernel 3 (group_attention)                          "group"
                one mask                            kernel 1 (masked_attention)                         "mask"
     decoding   one group edit (up to 4 groups)     kernel 3's decoding form (group_decode): one launch  "group"
@@ -280,8 +280,8 @@ class KernelRouter:
         return (output, None), delivered
 
     def _plain(self, module, query, key, value, attention_mask, kwargs, scaling):
-        """No attention edit: SDPA, or kernel 2 when a method asked this layer's statistics (prefill; the first such
-        request, the others are computed after the call as with the kernels off)."""
+        """No attention edit: SDPA, plus kernel 2's pass over the asked rows when a method asked this layer's
+        statistics (prefill; the first such request, the others are computed after the call as with the kernels off)."""
         engine, run = self.engine, self.engine.run
         layer = module.layer_idx
         if run.prefill:
@@ -293,8 +293,10 @@ class KernelRouter:
                 if not ok:
                     break
                 rows = run.query_rows(request).to(query.device)
-                output, received = _kernels().attention_with_received_stats(
-                    query, key, value, key_valid=key_valid, causal=True, scaling=scaling, stat_queries=rows,
+                # the output exactly as the "sdpa" route computes it, the statistics from a small pass over the rows
+                output = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)[0]
+                received = _kernels().received_attention(
+                    query, key, key_valid=key_valid, causal=True, scaling=scaling, stat_queries=rows,
                     per_head=request.per_head, backend=self.backend(run, query.device))
                 method.observe_attention(layer, run, AttentionStats(received=received,
                                                                     keys=key if request.keys else None))
@@ -312,14 +314,21 @@ class KernelRouter:
             entry = cache[id(attention_mask)] = (attention_mask, key_padding(attention_mask, q_len, kv_len))
         return entry[1]
 
-    @staticmethod
-    def _group_inputs(edit: KernelEdit, run: RunState, query):
-        """(key groups [B, kv], selected rows [B, q] or None, key bias [B, kv] or None) of a prefill call."""
-        positions = run.current_positions().to(query.device)
-        group = at_positions(edit.groups, positions, 0)
-        rows = None if edit.rows is None else at_positions(edit.rows, positions, False)
-        bias = None if edit.key_bias is None else at_positions(edit.key_bias.float(), positions, 0.0)
-        return group, rows, bias
+    def _group_inputs(self, edit: KernelEdit, run: RunState, query):
+        """(key groups [B, kv], selected rows [B, q] or None, key bias [B, kv] or None) of a prefill call, built once
+        per (rows, edit tensors): layers that share them get the same tensors, so kernel 3 builds its per-key tables
+        once per forward, not per layer."""
+        cache = run.memory(self).setdefault("group_inputs", {})
+        sources = (run.rows, run.input_positions, edit.groups, edit.rows, edit.key_bias)
+        key = (*map(id, sources), str(query.device))
+        entry = cache.get(key)
+        if entry is None or any(a is not b for a, b in zip(entry[0], sources)):
+            positions = run.current_positions().to(query.device)
+            group = at_positions(edit.groups, positions, 0)
+            rows = None if edit.rows is None else at_positions(edit.rows, positions, False)
+            bias = None if edit.key_bias is None else at_positions(edit.key_bias.float(), positions, 0.0)
+            entry = cache[key] = (sources, (group, rows, bias))
+        return entry[1]
 
     def _decode_keys(self, edit: KernelEdit, layer: int, run: RunState, device, kv_len: int, cache: dict):
         """(groups int32 [B, >= kv_len], key bias [B, >= kv_len] or None) of a decoding call: the groups of the prompt
