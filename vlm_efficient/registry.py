@@ -42,6 +42,7 @@ METHODS: dict[str, str] = {
     "knockout": "vlm_efficient.heads.knockout:Knockout",
     "equal_distance": "vlm_efficient.heads.equal_distance:EqualDistance",
     "window": "vlm_efficient.heads.window:NeighbourWindow",
+    "memvr": "vlm_efficient.heads.memvr:MemVR",
 }
 
 
