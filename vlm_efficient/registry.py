@@ -43,6 +43,7 @@ METHODS: dict[str, str] = {
     "equal_distance": "vlm_efficient.heads.equal_distance:EqualDistance",
     "window": "vlm_efficient.heads.window:NeighbourWindow",
     "memvr": "vlm_efficient.heads.memvr:MemVR",
+    "frame_causal": "vlm_efficient.heads.frame_causal:FrameCausal",
 }
 
 
