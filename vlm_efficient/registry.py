@@ -44,6 +44,7 @@ METHODS: dict[str, str] = {
     "window": "vlm_efficient.heads.window:NeighbourWindow",
     "memvr": "vlm_efficient.heads.memvr:MemVR",
     "frame_causal": "vlm_efficient.heads.frame_causal:FrameCausal",
+    "streaming": "vlm_efficient.token_ops.streaming:StreamingKV",
 }
 
 
