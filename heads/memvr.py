@@ -70,7 +70,7 @@ class MemVR(Method):
         self.checked = range(start + 1, end)  # layers whose output's entropy can trigger
         text_model = engine.adapter.text_model(engine.model)
         self.final_norm, self.lm_head = text_model.norm, engine.model.get_output_embeddings()
-        engine_ref = weakref.ref(engine)
+        engine_ref = self._engine_ref = weakref.ref(engine)
         for layer in range(start + 2, end + 1):
             ffn = getattr(engine.layers[layer], "mlp", None)
             if ffn is None:
@@ -84,6 +84,10 @@ class MemVR(Method):
     def observe_hidden(self, layer, run, hidden) -> None:
         memory = run.memory(self)
         if layer == 0:
+            if run.prefill and getattr(self._engine_ref(), "fast_path", None) is not None:
+                # its decoding step replays a captured step: the per-call trigger and FFN hooks would not act in it
+                raise ValueError("memvr decides at every decoding step in Python hooks, which the fast path "
+                                 "(wrap(..., fast=True)) does not run: wrap without fast=True")
             if run.prefill:
                 memory["visual"] = self._visual_memory(run, hidden) if run.layout.has_visual else None
             memory["retraced"] = hidden.new_zeros(hidden.shape[0], dtype=torch.bool)  # one event per call

@@ -89,7 +89,8 @@ def memvr_reference(model, batch, sequence, steps, start, end, threshold, ratio)
             model(**inputs, use_cache=False)
         z = seen["embeds"][0, image] if z is None else z
         for layer in range(len(seen["out"])):
-            top = lm_head(norm(seen["out"][layer].detach()))[:, -1].float()
+            with torch.no_grad():
+                top = lm_head(norm(seen["out"][layer]))[:, -1].float()
             probs = top.topk(10).values.softmax(-1)
             entropy = float((-probs * probs.log()).sum() / math.log(10))
             if entropy > threshold and start < layer < end:
@@ -143,3 +144,11 @@ def test_memvr_bad_parameters(spec, message):
     with pytest.raises(ValueError, match=message):
         ve.wrap(model, spec)
     assert not ve.is_wrapped(model)
+
+
+def test_memvr_refuses_the_fast_path():
+    model, processor = tiny_model("llava")
+    ve.wrap(model, SPEC, fast=True)
+    with pytest.raises(ValueError, match="fast=True"):
+        greedy(model, two_samples(processor))
+    ve.unwrap(model)
