@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import vlm_efficient as ve
+from reference import kept_key_masks
 from test_engine import greedy, two_samples
 from test_heads_dense import Prompt, assert_matches, dense, reference_logits
 from vlm_efficient.ragged_cache import GENERATED_SLACK
@@ -30,15 +31,16 @@ def kept_prompt_keys(p, sinks, window, keep_visual):
     return kept | (p.visual[:, : p.length] & keep_visual)
 
 
-def check(family, sinks, window, keep_visual, detect=None):
+def check(family, sinks, window, keep_visual, detect=None, pruning=""):
     model, processor = tiny_model(family)
     batch = two_samples(processor)
     plain = greedy(model, batch)
     spec = f"streaming:sinks={sinks},window={window},visual={'keep' if keep_visual else 'evict'}"
-    ve.wrap(model, spec + (f",detect={detect}" if detect else ""))
+    ve.wrap(model, pruning + spec + (f",detect={detect}" if detect else ""))
     out = greedy(model, batch)
     stats = ve.stats(model)
-    ragged = dict(ve.engine_of(model).run.ragged)
+    run = ve.engine_of(model).run
+    ragged = dict(run.ragged)
     ve.unwrap(model)
     p = Prompt(model, batch, out.sequences.shape[1] - 1)
     kept = {layer: kept_prompt_keys(p, sinks, window, keep_visual) for layer in range(LAYERS)}
@@ -55,9 +57,13 @@ def check(family, sinks, window, keep_visual, detect=None):
     for layer in range(LAYERS):
         evicted = p.valid[:, : p.length] & ~kept[layer]
         assert bool(evicted.any()), "nothing evicted: the test cannot fail"
+    pruned = kept_key_masks(run, p.total, LAYERS) if pruning else {}
+    for layer, cached in pruned.items():  # keys a pruning layer never cached are neither kept nor seen
+        kept[layer] = kept[layer] & cached[:, : p.length]
     masks = {}
     for layer, keep in kept.items():
-        mask = torch.ones(p.batch, p.total, p.total, dtype=torch.bool)
+        mask = pruned[layer][:, None, :].expand(-1, p.total, -1) if layer in pruned else torch.ones(
+            p.batch, p.total, p.total, dtype=torch.bool)
         blocked = p.generated[:, :, None] & ~torch.cat([keep, torch.ones(p.batch, p.total - p.length,
                                                                         dtype=torch.bool)], 1)[:, None, :]
         masks[layer] = mask & ~blocked
@@ -77,6 +83,11 @@ def check(family, sinks, window, keep_visual, detect=None):
 @pytest.mark.parametrize("keep_visual", [False, True])
 def test_streaming_matches_masked_reference(family, keep_visual):
     check(family, sinks=2, window=4, keep_visual=keep_visual)
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_streaming_after_pruning(family):
+    check(family, sinks=2, window=4, keep_visual=False, pruning="fastv:layer=2,ratio=0.5+")
 
 
 def test_streaming_detected_sinks(family):
