@@ -96,8 +96,8 @@ class MemVR(Method):
         if memory.get("visual") is None:
             return
         entropy = top_k_entropy(self.lm_head(self.final_norm(hidden[:, -1])))
-        visual, slots = memory["visual"]
-        trigger = (entropy > self.entropy_threshold) & ~memory["retraced"] & slots.any(1)
+        has_visual = memory["visual"][1].any(1)
+        trigger = (entropy > self.entropy_threshold) & ~memory["retraced"] & has_visual
         memory["retraced"] = memory["retraced"] | trigger
         memory["inject"][layer] = trigger
         counts = memory.setdefault("events", {})  # per layer, (sample, call) events: retracing_events() reads it
