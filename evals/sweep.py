@@ -39,9 +39,10 @@ from .tasks import get_task
 ALL = {
     "pruning": ("fastv:layer=2", "dart:layer=2", "pdrop:ratio={q}", "sparsevlm:keep={q}/{q2}/{q3}", "divprune",
                 "visionzip", "fastervlm", "vmtc", "random", "pool:size=2", "pool:size=3", "dyvte",
-                "dyvte:rule=attention", "yopo", "avl", "plphp"),
-    "heads": ("pai", "vaf", "var", "act", "ocr_sink", "vhr", "gift", "gift:saliency_layer=1", "paint", "adaptvis"),
-    "masks": ("naavit", "ee_mllm", "window", "cmai", "knockout", "aki", "equal_distance"),
+                "dyvte:rule=attention", "yopo", "avl", "plphp", "streaming"),
+    "heads": ("pai", "vaf", "var", "act", "ocr_sink", "vhr", "gift", "gift:saliency_layer=1", "paint", "adaptvis",
+              "memvr"),
+    "masks": ("naavit", "ee_mllm", "window", "cmai", "knockout", "aki", "equal_distance", "frame_causal"),
 }  # fmt: skip
 SPEED_TOKENS = 16  # new tokens of the batch-1 speed measurement
 

@@ -3,5 +3,5 @@ AdaptVis), cross-modal masks (NAAViT, EE-MLLM, 2-D window, CMAI, knockout, AKI, 
 discovery (`vlm-efficient inspect`: heads/inspect.py, a command, not imported here). One file per method; see
 heads/README.md. Importing this package registers the methods (each class carries @register_method)."""
 
-from . import (act, adaptvis, aki, cmai, ee_mllm, equal_distance, gift, knockout, naavit, ocr_sink, pai,  # noqa: F401
-               paint, vaf, var, vhr, window)
+from . import (act, adaptvis, aki, cmai, ee_mllm, equal_distance, frame_causal, gift, knockout, memvr, naavit,  # noqa: F401
+               ocr_sink, pai, paint, vaf, var, vhr, window)

@@ -2,4 +2,4 @@
 registers them (each class carries @register_method); vlm_efficient's __init__ does."""
 
 from . import (avl, baselines, dart, divprune, dyvte, fastervlm, fastv, plphp, pyramid_drop, sparsevlm,  # noqa: F401
-               visionzip, vmtc, yopo)
+               streaming, visionzip, vmtc, yopo)

@@ -17,6 +17,7 @@ DEFAULT_MODEL = "testbed"
 COMMAND_MODULES: tuple[str, ...] = (
     "vlm_efficient.evals.cli",
     "vlm_efficient.heads.inspect",
+    "vlm_efficient.heads.tag",
     "vlm_efficient.demos.cli",
 )
 
