@@ -19,10 +19,17 @@ class ImageTokens:
 
     `coords` is [n, 3] (part, row, col): part 0 is the image (LLaVA-NeXT: its base thumbnail), part 1 the LLaVA-NeXT
     high-resolution grid, part -1 a token with no grid cell (a LLaVA-NeXT newline, a [CLS] feature). For videos
-    part is the frame index."""
+    (`video`) part is the frame index (one frame per temporal patch) and (row, col) the cell in that frame's grid."""
 
     coords: torch.Tensor
-    grid: tuple[int, int]  # (rows, cols) of part 0
+    grid: tuple[int, int]  # (rows, cols) of part 0 (of every frame of a video)
+    video: bool = False
+
+    @property
+    def units(self) -> list[int]:
+        """The parts that methods choosing "per image" treat as one image each: every frame of a video; an image is
+        one unit whatever its parts (LLaVA-NeXT's base and high-resolution grid are one image)."""
+        return sorted(set(self.coords[:, 0].tolist())) if self.video else [-1]
 
     @property
     def num_tokens(self) -> int:
@@ -234,7 +241,7 @@ class QwenVLAdapter(ModelAdapter):
     def _merge(self, model) -> int:
         return model.config.vision_config.spatial_merge_size
 
-    def _grid_tokens(self, model, grid_thw) -> list[ImageTokens]:
+    def _grid_tokens(self, model, grid_thw, video: bool) -> list[ImageTokens]:
         if grid_thw is None:
             return []
         merge = self._merge(model)
@@ -242,14 +249,14 @@ class QwenVLAdapter(ModelAdapter):
         for t, h, w in grid_thw.tolist():
             rows, cols = h // merge, w // merge
             coords = torch.cat([_row_major(rows, cols, part=frame) for frame in range(t)])
-            out.append(ImageTokens(coords, (rows, cols)))
+            out.append(ImageTokens(coords, (rows, cols), video=video))
         return out
 
     def image_tokens(self, model, inputs):
-        return self._grid_tokens(model, self._grid(inputs, "image"))
+        return self._grid_tokens(model, self._grid(inputs, "image"), video=False)
 
     def video_tokens(self, model, inputs):
-        return self._grid_tokens(model, self._grid(inputs, "video"))
+        return self._grid_tokens(model, self._grid(inputs, "video"), video=True)
 
     def _grid(self, inputs: dict, modality: str) -> torch.Tensor | None:
         grid = inputs.get(f"{modality}_grid_thw")

@@ -8,11 +8,16 @@ Tokens per image at tiny_image's default 112x112: llava 16 (4x4 CLIP grid, CLS d
 (4 base + 16 high-res from a 2x2 tile grid + 4 row newlines); qwen2_vl, qwen2_5_vl, qwen3_vl 16 (4x4 after the 2x2
 merge).
 
+Videos (Qwen families): `tiny_video(seed, frames)` is a clip of frames panning over one random picture;
+`video_placeholder(processor)` is its prompt text and `tiny_batch(processor, samples, videos=[...])` processes
+prompts with images and clips. A 4-frame clip at the default size gives 2 temporal patches of 4x4 merged tokens: 32
+video tokens.
+
 Qwen processors: the stock Qwen processors need a video processor, and every video processor in transformers 5.x
-needs torchvision. TinyQwen2VLProcessor, TinyQwen2_5_VLProcessor and TinyQwen3VLProcessor are image-only subclasses,
-registered with AutoProcessor when this module is imported, so AutoProcessor.from_pretrained(save_tiny dir) resolves
-them by the name saved in processor_config.json. Without that import, transformers silently returns a bare tokenizer
-for such a dir.
+needs torchvision. TinyQwen2VLProcessor, TinyQwen2_5_VLProcessor and TinyQwen3VLProcessor are subclasses without one
+(their videos go through TinyQwenVideoProcessor, built on the image processor), registered with AutoProcessor when
+this module is imported, so AutoProcessor.from_pretrained(save_tiny dir) resolves them by the name saved in
+processor_config.json. Without that import, transformers silently returns a bare tokenizer for such a dir.
 """
 
 from __future__ import annotations
@@ -59,6 +64,8 @@ __all__ = [
     "tiny_model",
     "tiny_image",
     "image_placeholder",
+    "tiny_video",
+    "video_placeholder",
     "tiny_batch",
     "save_tiny",
     "tiny_tokenizer",
@@ -133,12 +140,51 @@ def tiny_tokenizer(family: str) -> PreTrainedTokenizerFast:
     )
 
 
-class _ImageOnlyQwenProcessor:
-    """Mixin: a Qwen processor without the video processor (which would need torchvision).
+class TinyQwenVideoProcessor:
+    """Qwen's video preprocessing without torchvision, on the image processor: each frame is resized and normalised
+    by it (as a one-frame image, whose temporal patch repeats the frame), and temporal patch t of a video takes its
+    slice t from frame t of each group of temporal_patch_size frames, which is Qwen2VLVideoProcessor.patchify's
+    layout. A clip whose length is not a multiple of temporal_patch_size repeats its last frame, as patchify does.
+    Frames are taken as sampled at `FPS` (the frame timestamps of Qwen3-VL's prompt)."""
+
+    FPS = 2.0
+
+    def __init__(self, image_processor):
+        self.image_processor = image_processor
+        self.merge_size = image_processor.merge_size
+        self.temporal_patch_size = image_processor.temporal_patch_size
+
+    def __call__(self, videos, return_tensors=None, **kwargs) -> BatchFeature:
+        from transformers.video_utils import VideoMetadata
+
+        step = self.temporal_patch_size
+        patches, grids, metadata = [], [], []
+        for frames in videos:
+            frames = list(frames) + [frames[-1]] * (-len(frames) % step)
+            out = self.image_processor(frames, return_tensors="pt")
+            per_frame = out["pixel_values"].view(len(frames), -1, 3, step, *[self.image_processor.patch_size] * 2)
+            chunks = [torch.stack([per_frame[g * step + t, :, :, t] for t in range(step)], dim=2)
+                      for g in range(len(frames) // step)]  # fmt: skip
+            patches.append(torch.cat(chunks).flatten(1))
+            _, h, w = out["image_grid_thw"][0].tolist()
+            grids.append([len(frames) // step, h, w])
+            metadata.append(VideoMetadata(total_num_frames=len(frames), fps=self.FPS,
+                                          frames_indices=list(range(len(frames)))))  # fmt: skip
+        data = {"pixel_values_videos": torch.cat(patches), "video_grid_thw": torch.tensor(grids)}
+        return BatchFeature({**data, "video_metadata": metadata})
+
+
+class _TorchvisionFreeQwenProcessor:
+    """Mixin: a Qwen processor without a stock video processor (which would need torchvision); videos go through
+    TinyQwenVideoProcessor.
 
     ProcessorMixin derives the sub-processor list from this __init__ signature, so saving and loading handle
     (image_processor, tokenizer) only. Token attributes are set as the stock __init__ sets them.
     """
+
+    @property
+    def video_processor(self) -> TinyQwenVideoProcessor:
+        return TinyQwenVideoProcessor(self.image_processor)
 
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
         for name in ("image", "video", "vision_start", "vision_end"):
@@ -148,16 +194,16 @@ class _ImageOnlyQwenProcessor:
         ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
 
 
-class TinyQwen2VLProcessor(_ImageOnlyQwenProcessor, Qwen2VLProcessor):
-    """Image-only Qwen2VLProcessor."""
+class TinyQwen2VLProcessor(_TorchvisionFreeQwenProcessor, Qwen2VLProcessor):
+    """Qwen2VLProcessor with TinyQwenVideoProcessor for videos."""
 
 
-class TinyQwen2_5_VLProcessor(_ImageOnlyQwenProcessor, Qwen2_5_VLProcessor):
-    """Image-only Qwen2_5_VLProcessor."""
+class TinyQwen2_5_VLProcessor(_TorchvisionFreeQwenProcessor, Qwen2_5_VLProcessor):
+    """Qwen2_5_VLProcessor with TinyQwenVideoProcessor for videos."""
 
 
-class TinyQwen3VLProcessor(_ImageOnlyQwenProcessor, Qwen3VLProcessor):
-    """Image-only Qwen3VLProcessor."""
+class TinyQwen3VLProcessor(_TorchvisionFreeQwenProcessor, Qwen3VLProcessor):
+    """Qwen3VLProcessor with TinyQwenVideoProcessor for videos."""
 
 
 _TINY_QWEN_PROCESSORS = {
@@ -309,6 +355,19 @@ def tiny_image(seed: int, size: tuple[int, int] | None = None) -> Image.Image:
     return Image.fromarray(np.clip(image + noise, 0, 255).astype(np.uint8))
 
 
+def tiny_video(seed: int, frames: int = 4, size: tuple[int, int] | None = None, step: int = 8) -> list[Image.Image]:
+    """A clip of `frames` frames of `size` (default DEFAULT_IMAGE_SIZE) panning right `step` pixels per frame over
+    one random picture: adjacent frames share most of their content, as in a real video."""
+    width, height = size or DEFAULT_IMAGE_SIZE
+    scene = tiny_image(seed, (width + step * (frames - 1), height))
+    return [scene.crop((k * step, 0, k * step + width, height)) for k in range(frames)]
+
+
+def video_placeholder(processor) -> str:
+    """The prompt text for ONE video (Qwen families): '<|vision_start|><|video_pad|><|vision_end|>'."""
+    return image_placeholder(processor).replace(processor.image_token, processor.video_token)
+
+
 def image_placeholder(processor) -> str:
     """The prompt text for ONE image: '<image>' for llava; '<|vision_start|><|image_pad|><|vision_end|>' for Qwen.
 
@@ -324,18 +383,25 @@ def image_placeholder(processor) -> str:
 
 
 def tiny_batch(
-    processor, samples: list[tuple[str, list[Image.Image]]], *, padding_side: str = "left"
+    processor,
+    samples: list[tuple[str, list[Image.Image]]],
+    *,
+    padding_side: str = "left",
+    videos: list[list[list[Image.Image]]] | None = None,
 ) -> BatchFeature:
-    """Run the processor on (prompt, images) samples; each prompt holds one image_placeholder per image.
+    """Run the processor on (prompt, images) samples; each prompt holds one image_placeholder per image and, with
+    `videos` (per sample, its clips), one video_placeholder per clip.
 
     Returns the processor's tensors (input_ids, attention_mask, pixel_values, image_sizes or image_grid_thw,
-    mm_token_type_ids for Qwen), padded on padding_side.
+    pixel_values_videos and video_grid_thw with videos, mm_token_type_ids for Qwen), padded on padding_side.
     """
     texts = [text for text, _ in samples]
     images = [image for _, sample_images in samples for image in sample_images]
+    clips = [clip for sample_clips in videos or [] for clip in sample_clips]
     return processor(
-        text=texts, images=images or None, padding=True, padding_side=padding_side, return_tensors="pt"
-    )
+        text=texts, images=images or None, videos=clips or None, padding=True, padding_side=padding_side,
+        return_tensors="pt",
+    )  # fmt: skip
 
 
 def save_tiny(family: str, path: str | os.PathLike, **kw) -> None:
