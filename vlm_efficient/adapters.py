@@ -7,6 +7,7 @@ are laid out on a 2-D grid, and where the vision tower is. Methods never look at
 from __future__ import annotations
 
 import inspect
+import math
 from dataclasses import dataclass
 
 import torch
@@ -29,7 +30,7 @@ class ImageTokens:
     def units(self) -> list[int]:
         """The parts that methods choosing "per image" treat as one image each: every frame of a video; an image is
         one unit whatever its parts (LLaVA-NeXT's base and high-resolution grid are one image)."""
-        return sorted(set(self.coords[:, 0].tolist())) if self.video else [-1]
+        return sorted(set(self.coords[:, 0].tolist()) - {-1}) if self.video else [-1]
 
     @property
     def num_tokens(self) -> int:
@@ -232,6 +233,74 @@ class LlavaNextAdapter(ModelAdapter):
         return ImageTokens(torch.cat([base, high]), (side, side))
 
 
+class LlavaOnevisionAdapter(LlavaNextAdapter):
+    """LLaVA-OneVision: LLaVA-NeXT's anyres layout (base grid, then the unpadded high-resolution grid with a newline
+    closing each row, bilinearly shrunk when larger than anyres_max_N tiles) for a sample's single image; in a sample
+    with several images each image is its base grid and one newline. A video is every frame's grid pooled 2x2
+    (bilinear, ceil(side / 2) per side), frame after frame, then one newline.
+
+    The image layout is read off the model's own `pack_image_features` applied to zero "features" with a ones
+    newline (the shrinking mixes cells, so the rows are found from the newlines, as for pre-encoded features)."""
+
+    model_types = ("llava_onevision",)
+
+    def image_tokens(self, model, inputs):
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+        config = model.config
+        side = config.vision_config.image_size // config.vision_config.patch_size
+        sizes = inputs.get("image_sizes")
+        if inputs.get("pixel_values") is None or sizes is None:
+            encoded = encoded_features(inputs)
+            return [] if encoded is None else [self._from_features(model, f, side) for f in encoded]
+        per_sample = inputs.get("batch_num_images")
+        tiled = [True] * len(sizes) if per_sample is None else [n == 1 for n in per_sample.tolist() for _ in range(n)]
+        tile = config.vision_config.image_size
+        features = [torch.zeros(image_size_to_num_patches(size, config.image_grid_pinpoints, tile) if tiles else 1,
+                                side * side, 1) for size, tiles in zip(sizes, tiled)]  # fmt: skip
+        packed, _ = model.model.pack_image_features(
+            features, sizes, image_newline=torch.ones(1), vision_aspect_ratio=config.vision_aspect_ratio
+        )
+        return [self._from_newlines(chunk[:, 0] == 1, side) for chunk in packed]
+
+    def _from_features(self, model, feature, side):
+        newline = model.model.image_newline.to(feature.device, feature.dtype)
+        return self._from_newlines((feature == newline).all(-1).cpu(), side)
+
+    @staticmethod
+    def _from_newlines(is_newline: torch.Tensor, side: int) -> ImageTokens:
+        """The base grid, then rows of the high-resolution grid each closed by a newline (a single newline when the
+        image has no high-resolution grid)."""
+        base = _row_major(side, side)
+        rest = is_newline[side * side :]
+        rows = int(rest.sum())
+        cols = rest.shape[0] // max(rows, 1) - 1
+        expected = torch.zeros(rows, cols + 1, dtype=torch.bool)
+        expected[:, -1] = True
+        if rows == 0 or rest.shape[0] != rows * (cols + 1) or not torch.equal(rest, expected.flatten()):
+            raise ValueError("LLaVA-OneVision image features do not form rows closed by newlines: pass image_sizes "
+                             "and batch_num_images with pixel_values, as the processor builds them")  # fmt: skip
+        high = _row_major(rows, cols + 1, part=1)
+        high[high[:, 2] == cols] = -1
+        return ImageTokens(torch.cat([base, high]), (side, side))
+
+    def video_tokens(self, model, inputs):
+        vision = model.config.vision_config
+        pooled = math.ceil(vision.image_size // vision.patch_size / 2)
+        pixels = inputs.get("pixel_values_videos")
+        if pixels is not None:
+            clips = [pixels.shape[1]] * pixels.shape[0]
+        else:
+            encoded = (inputs.get("mm_encoder_outputs") or {}).get("video")
+            if encoded is None:
+                return []
+            features = encoded.pooler_output  # [videos, frames * pooled^2 + 1, d]
+            clips = [(features.shape[1] - 1) // (pooled * pooled)] * features.shape[0]
+        newline = torch.tensor([[-1, -1, -1]])
+        return [ImageTokens(torch.cat([_row_major(pooled, pooled, part=f) for f in range(frames)] + [newline]),
+                            (pooled, pooled), video=True) for frames in clips]  # fmt: skip
+
+
 class QwenVLAdapter(ModelAdapter):
     """Qwen2-VL / Qwen2.5-VL: dynamic resolution; each image is a (t, h, w) patch grid merged spatial_merge_size^2
     patches to one LLM token."""
@@ -309,7 +378,7 @@ class Qwen3VLAdapter(QwenVLAdapter):
 
 ADAPTERS: dict[str, ModelAdapter] = {
     model_type: adapter
-    for adapter in (LlavaAdapter(), LlavaNextAdapter(), QwenVLAdapter(), Qwen3VLAdapter())
+    for adapter in (LlavaAdapter(), LlavaNextAdapter(), LlavaOnevisionAdapter(), QwenVLAdapter(), Qwen3VLAdapter())
     for model_type in adapter.model_types
 }
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from .layout import VIDEO
+
 
 def check_drop_ratio(method: str, ratio: float) -> None:
     if not 0.0 <= ratio < 1.0:
@@ -32,7 +34,8 @@ def keep_per_image(run, ratio: float, choose) -> torch.Tensor:
     -> [I, count] indices into each image's rows."""
     image_index = run.current(run.layout.image_index, fill=-1)
     frame = run.current(run.layout.frame, fill=-1)
-    keep = image_index < 0
+    # video tokens outside every frame (LLaVA-OneVision's closing newline) belong to no frame to choose from: they stay
+    keep = (image_index < 0) | ((run.current(run.layout.kind, fill=0) == VIDEO) & (frame < 0))
     by_size: dict[int, list] = {}
     for b in range(keep.shape[0]):
         for item, tokens in enumerate(run.layout.images[b]):

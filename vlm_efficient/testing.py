@@ -41,6 +41,10 @@ from transformers import (
     LlavaNextForConditionalGeneration,
     LlavaNextImageProcessor,
     LlavaNextProcessor,
+    LlavaOnevisionConfig,
+    LlavaOnevisionForConditionalGeneration,
+    LlavaOnevisionImageProcessor,
+    LlavaOnevisionProcessor,
     LlavaProcessor,
     PreTrainedConfig,
     PreTrainedModel,
@@ -56,10 +60,15 @@ from transformers import (
     Qwen3VLConfig,
     Qwen3VLForConditionalGeneration,
     Qwen3VLProcessor,
+    Qwen2Config,
+    SiglipImageProcessor,
+    SiglipVisionConfig,
 )
 
 __all__ = [
     "FAMILIES",
+    "NEW_FAMILIES",
+    "VIDEO_FAMILIES",
     "DEFAULT_IMAGE_SIZE",
     "tiny_model",
     "tiny_image",
@@ -75,6 +84,10 @@ __all__ = [
 ]
 
 FAMILIES: tuple[str, ...] = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+# Families with an adapter and the engine's exactness contract (tests/test_families.py), not yet run through every
+# method's tests (the methods' test files parametrise over FAMILIES).
+NEW_FAMILIES: tuple[str, ...] = ("llava_onevision",)
+VIDEO_FAMILIES: tuple[str, ...] = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_onevision")
 DEFAULT_IMAGE_SIZE = (112, 112)  # (width, height), as PIL
 
 # Text decoder shared by all families: GQA (4 query heads, 2 kv heads), head_dim 16.
@@ -129,6 +142,8 @@ def tiny_tokenizer(family: str) -> PreTrainedTokenizerFast:
     """The family's tokenizer: the shared BPE plus its image/vision special tokens (appended after the BPE vocab)."""
     _check_family(family)
     specials = {"image_token": "<image>"} if family.startswith("llava") else dict(_QWEN_SPECIALS)
+    if family == "llava_onevision":
+        specials["video_token"] = "<video>"
     return PreTrainedTokenizerFast(
         tokenizer_object=Tokenizer.from_str(_bpe_json()),
         bos_token="<s>",
@@ -222,8 +237,8 @@ del _family, _processor_cls, _key
 
 
 def _check_family(family: str) -> None:
-    if family not in FAMILIES:
-        raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
+    if family not in FAMILIES + NEW_FAMILIES:
+        raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES + NEW_FAMILIES}")
 
 
 def _llava_parts(family: str, tok, num_layers: int):
@@ -263,6 +278,61 @@ def _llava_parts(family: str, tok, num_layers: int):
     config = LlavaNextConfig(**common, image_grid_pinpoints=pinpoints, image_seq_length=4)
     processor = LlavaNextProcessor(LlavaNextImageProcessor(**image_kw, image_grid_pinpoints=pinpoints), tok, **proc_kw)
     return LlavaNextForConditionalGeneration, config, processor
+
+
+class TinyFrameVideoProcessor:
+    """LLaVA-OneVision's video preprocessing without torchvision: every frame resized to the tower's square input and
+    normalised by an image processor; pixel_values_videos [videos, frames, 3, H, W] (clips of one batch have the same
+    number of frames)."""
+
+    def __init__(self, image_processor):
+        self.image_processor = image_processor
+
+    def __call__(self, videos, return_tensors=None, **kwargs) -> BatchFeature:
+        clips = [self.image_processor(list(frames), return_tensors="pt")["pixel_values"] for frames in videos]
+        return BatchFeature({"pixel_values_videos": torch.stack(clips)})
+
+
+class TinyLlavaOnevisionProcessor(LlavaOnevisionProcessor):
+    """LlavaOnevisionProcessor with TinyFrameVideoProcessor for videos (the stock video processor needs torchvision)."""
+
+    def __init__(self, image_processor=None, tokenizer=None, num_image_tokens=None,
+                 vision_feature_select_strategy=None, chat_template=None, vision_aspect_ratio="anyres_max_9",
+                 **kwargs):  # fmt: skip
+        self.num_image_tokens = num_image_tokens
+        self.vision_feature_select_strategy = vision_feature_select_strategy
+        self.vision_aspect_ratio = vision_aspect_ratio
+        for name in ("image", "video"):
+            token = getattr(tokenizer, f"{name}_token")
+            setattr(self, f"{name}_token", token)
+            setattr(self, f"{name}_token_id", tokenizer.convert_tokens_to_ids(token))
+        ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+
+    @property
+    def video_processor(self) -> TinyFrameVideoProcessor:
+        size = self.image_processor.size
+        return TinyFrameVideoProcessor(SiglipImageProcessor(
+            size={"height": size["height"], "width": size["width"]}, image_mean=self.image_processor.image_mean,
+            image_std=self.image_processor.image_std,
+        ))  # fmt: skip
+
+
+def _onevision_parts(tok, num_layers: int):
+    """SigLIP tower (no [CLS]: strategy full) 4x4 patches per 56 px tile, Qwen2 decoder; anyres tiles up to 2x2."""
+    text = Qwen2Config(**_TEXT, num_hidden_layers=num_layers, vocab_size=len(tok), bos_token_id=tok.bos_token_id,
+                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)  # fmt: skip
+    side = 56
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                image_size=side, patch_size=14)  # fmt: skip
+    pinpoints = [[56, 56], [56, 112], [112, 56], [112, 112]]
+    config = LlavaOnevisionConfig(
+        vision_config=vision, text_config=text, image_token_id=tok.image_token_id, video_token_id=tok.video_token_id,
+        vision_feature_select_strategy="full", vision_feature_layer=-1, image_grid_pinpoints=pinpoints,
+    )  # fmt: skip
+    image_processor = LlavaOnevisionImageProcessor(size={"height": side, "width": side}, image_grid_pinpoints=pinpoints)
+    processor = TinyLlavaOnevisionProcessor(image_processor, tok, num_image_tokens=16,
+                                            vision_feature_select_strategy="full")  # fmt: skip
+    return LlavaOnevisionForConditionalGeneration, config, processor
 
 
 def _qwen_parts(family: str, tok, num_layers: int):
@@ -331,8 +401,11 @@ def tiny_model(
     """
     _check_family(family)
     tok = tiny_tokenizer(family)
-    parts = _llava_parts if family.startswith("llava") else _qwen_parts
-    model_cls, config, processor = parts(family, tok, num_layers)
+    if family == "llava_onevision":
+        model_cls, config, processor = _onevision_parts(tok, num_layers)
+    else:
+        parts = _llava_parts if family.startswith("llava") else _qwen_parts
+        model_cls, config, processor = parts(family, tok, num_layers)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = model_cls(config)
@@ -341,7 +414,7 @@ def tiny_model(
     gen.bos_token_id, gen.eos_token_id, gen.pad_token_id = tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
     # A trained VLM never emits its image/video placeholders; a random one would, and a generated placeholder then
     # reads as an image position to anything that scans the output ids.
-    gen.suppress_tokens = [config.image_token_id] + ([config.video_token_id] if family.startswith("qwen") else [])
+    gen.suppress_tokens = [config.image_token_id] + ([config.video_token_id] if family in VIDEO_FAMILIES else [])
     return model.to(dtype).eval(), processor
 
 
@@ -364,7 +437,7 @@ def tiny_video(seed: int, frames: int = 4, size: tuple[int, int] | None = None, 
 
 
 def video_placeholder(processor) -> str:
-    """The prompt text for ONE video (Qwen families): '<|vision_start|><|video_pad|><|vision_end|>'."""
+    """The prompt text for ONE video: '<|vision_start|><|video_pad|><|vision_end|>' for Qwen, '<video>' for LLaVA-OneVision."""
     return image_placeholder(processor).replace(processor.image_token, processor.video_token)
 
 
@@ -397,6 +470,8 @@ def tiny_batch(
     """
     texts = [text for text, _ in samples]
     images = [image for _, sample_images in samples for image in sample_images]
+    if "batch_num_images" in getattr(processor.image_processor, "model_input_names", ()) and images:
+        images = [sample_images for _, sample_images in samples]  # per sample: LLaVA-OneVision tiles single images only
     clips = [clip for sample_clips in videos or [] for clip in sample_clips]
     return processor(
         text=texts, images=images or None, videos=clips or None, padding=True, padding_side=padding_side,

@@ -1,0 +1,126 @@
+"""Families beyond the five every method is tested on (vlm_efficient.testing.NEW_FAMILIES): their layout and the
+engine's exactness contract (no-op bit-exact, unwrap exact, batched equals alone, generate with the pruned cache
+against the dense cache-free reference), with single images, several images per prompt and videos."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import vlm_efficient as ve
+from test_engine import greedy
+from test_token_ops_helpers import ATOL, assert_close_logits, generate_and_reference
+from vlm_efficient.layout import VIDEO
+from vlm_efficient.testing import NEW_FAMILIES, image_placeholder, tiny_batch, tiny_image, tiny_model, tiny_video, \
+    video_placeholder  # fmt: skip
+
+
+def batches(processor):
+    """(name, samples, videos): one image vs two images (LLaVA-OneVision tiles a prompt's single image only), and
+    a clip alone vs an image with a clip."""
+    ph, vp = image_placeholder(processor), video_placeholder(processor)
+    images = [(f"what is {ph} this", [tiny_image(0)]),
+              (f"a much longer prompt with {ph} and then {ph} compare them", [tiny_image(1), tiny_image(2)])]
+    videos = [(f"what is {vp} this", []), (f"a much longer prompt with {ph} and then {vp} compare", [tiny_image(1)])]
+    return [("images", images, None), ("videos", videos, [[tiny_video(0)], [tiny_video(1)]])]
+
+
+@pytest.fixture(params=NEW_FAMILIES)
+def family(request):
+    return request.param
+
+
+def _layout(model, batch):
+    ve.wrap(model, "")
+    with torch.no_grad():
+        model(**batch)
+    layout = ve.engine_of(model).run.layout
+    ve.unwrap(model)
+    return layout
+
+
+def test_onevision_layout():
+    """Single image: 4x4 base + 8 rows of 8 high-res cells each closed by a newline; two images in a prompt: base +
+    one newline each; a 4-frame clip: 2x2 pooled cells per frame, then one newline."""
+    model, processor = tiny_model("llava_onevision")
+    (_, images, _), (_, clips, videos) = batches(processor)
+    layout = _layout(model, tiny_batch(processor, images))
+    single, first, second = layout.images[0][0], *layout.images[1]
+    assert single.num_tokens == 16 + 8 * 9 and first.num_tokens == second.num_tokens == 17
+    newline = (single.coords[:, 0] == -1)
+    assert newline.sum() == 8 and newline[16:].view(8, 9)[:, -1].all()
+    assert torch.equal(single.coords[16:][~newline[16:]][:, 1:], torch.cartesian_prod(torch.arange(8), torch.arange(8)))
+    assert first.coords[-1].tolist() == [-1, -1, -1] and (first.coords[:16, 0] == 0).all()
+    layout = _layout(model, tiny_batch(processor, clips, videos=videos))
+    clip = layout.images[0][0]
+    assert clip.video and clip.num_tokens == 4 * 4 + 1 and clip.units == [0, 1, 2, 3]
+    video = layout.kind[0] == VIDEO
+    assert layout.frame[0, video].tolist() == [0] * 4 + [1] * 4 + [2] * 4 + [3] * 4 + [-1]
+
+
+def test_generate_sees_the_same_layout_as_a_forward(family):
+    """generate() hands the prefill pre-encoded features (no image sizes): the layout read from them is the one read
+    from the processor's inputs."""
+    model, processor = tiny_model(family)
+    for _, samples, videos in batches(processor):
+        batch = tiny_batch(processor, samples, videos=videos)
+        forward = _layout(model, batch)
+        ve.wrap(model, "")
+        greedy(model, batch, max_new_tokens=1)
+        generated = ve.engine_of(model).latest_run.layout
+        ve.unwrap(model)
+        assert torch.equal(forward.coords, generated.coords) and torch.equal(forward.kind, generated.kind)
+
+
+def test_noop_wrap_and_unwrap_are_exact(family):
+    model, processor = tiny_model(family)
+    for _, samples, videos in batches(processor):
+        batch = tiny_batch(processor, samples, videos=videos)
+        with torch.no_grad():
+            logits = model(**batch).logits
+        tokens = greedy(model, batch).sequences
+        for spec in ("", "fastv:layer=2,ratio=0"):
+            ve.wrap(model, spec)
+            with torch.no_grad():
+                assert torch.equal(model(**batch).logits, logits), spec
+            assert torch.equal(greedy(model, batch).sequences, tokens), spec
+            ve.unwrap(model)
+        with torch.no_grad():
+            assert torch.equal(model(**batch).logits, logits)
+        assert torch.equal(greedy(model, batch).sequences, tokens)
+
+
+SPECS = ["fastv:layer=2,ratio=0.5", "dart:layer=2,ratio=0.5", "divprune:ratio=0.5", "random:ratio=0.5"]
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_generate_matches_cache_free_reference(family, spec):
+    model, processor = tiny_model(family)
+    for _, samples, videos in batches(processor):
+        batch = tiny_batch(processor, samples, videos=videos)
+        logits, reference, run, _ = generate_and_reference(model, batch, spec)
+        assert_close_logits(logits, reference)
+        assert run.visual_per_layer[-1].tolist() != run.layout.num_visual.tolist()
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_batched_equals_alone(family, spec):
+    model, processor = tiny_model(family)
+    ve.wrap(model, spec)
+    for _, samples, videos in batches(processor):
+        together = greedy(model, tiny_batch(processor, samples, videos=videos))
+        for b, sample in enumerate(samples):
+            alone = greedy(model, tiny_batch(processor, [sample], videos=None if videos is None else [videos[b]]))
+            steps = len(alone.logits)  # alone, a sample may stop early at its end token
+            torch.testing.assert_close(torch.stack(together.logits, 1)[b, :steps], torch.stack(alone.logits, 1)[0],
+                                       atol=ATOL, rtol=ATOL)  # fmt: skip
+            start = together.sequences.shape[1] - len(together.logits)
+            assert torch.equal(together.sequences[b, start : start + steps], alone.sequences[0, -steps:])
+    ve.unwrap(model)
+
+
+def test_vision_tower_methods_are_refused_with_the_reason():
+    model, _ = tiny_model("llava_onevision")
+    with pytest.raises(ValueError, match="no vision-tower attention capture"):
+        ve.wrap(model, "visionzip")
+    assert not ve.get_adapter(model).decoder_layers(model)[0]._forward_pre_hooks
