@@ -11,16 +11,19 @@ import vlm_efficient as ve
 from test_engine import greedy
 from test_token_ops_helpers import ATOL, assert_close_logits, generate_and_reference
 from vlm_efficient.layout import VIDEO
-from vlm_efficient.testing import NEW_FAMILIES, image_placeholder, tiny_batch, tiny_image, tiny_model, tiny_video, \
+from vlm_efficient.testing import NEW_FAMILIES, VIDEO_FAMILIES, image_placeholder, tiny_batch, tiny_image, tiny_model, tiny_video, \
     video_placeholder  # fmt: skip
 
 
-def batches(processor):
-    """(name, samples, videos): one image vs two images (LLaVA-OneVision tiles a prompt's single image only), and
-    a clip alone vs an image with a clip."""
-    ph, vp = image_placeholder(processor), video_placeholder(processor)
+def batches(family, processor):
+    """(name, samples, videos): one image vs two images (LLaVA-OneVision tiles a prompt's single image only), and,
+    for families with videos, a clip alone vs an image with a clip."""
+    ph = image_placeholder(processor)
     images = [(f"what is {ph} this", [tiny_image(0)]),
               (f"a much longer prompt with {ph} and then {ph} compare them", [tiny_image(1), tiny_image(2)])]
+    if family not in VIDEO_FAMILIES:
+        return [("images", images, None)]
+    vp = video_placeholder(processor)
     videos = [(f"what is {vp} this", []), (f"a much longer prompt with {ph} and then {vp} compare", [tiny_image(1)])]
     return [("images", images, None), ("videos", videos, [[tiny_video(0)], [tiny_video(1)]])]
 
@@ -43,7 +46,7 @@ def test_onevision_layout():
     """Single image: 4x4 base + 8 rows of 8 high-res cells each closed by a newline; two images in a prompt: base +
     one newline each; a 4-frame clip: 2x2 pooled cells per frame, then one newline."""
     model, processor = tiny_model("llava_onevision")
-    (_, images, _), (_, clips, videos) = batches(processor)
+    (_, images, _), (_, clips, videos) = batches("llava_onevision", processor)
     layout = _layout(model, tiny_batch(processor, images))
     single, first, second = layout.images[0][0], *layout.images[1]
     assert single.num_tokens == 16 + 8 * 9 and first.num_tokens == second.num_tokens == 17
@@ -58,11 +61,23 @@ def test_onevision_layout():
     assert layout.frame[0, video].tolist() == [0] * 4 + [1] * 4 + [2] * 4 + [3] * 4 + [-1]
 
 
+def test_gemma3_layout_and_mask_groups():
+    """Each image is 2x2 pooled tokens between begin- and end-of-image tokens; layers alternate sliding and full."""
+    model, processor = tiny_model("gemma3")
+    (_, images, _), = batches("gemma3", processor)  # fmt: skip
+    layout = _layout(model, tiny_batch(processor, images))
+    assert [len(items) for items in layout.images] == [1, 2]
+    assert all(torch.equal(item.coords, torch.tensor([[0, 0, 0], [0, 0, 1], [0, 1, 0], [0, 1, 1]]))
+               for items in layout.images for item in items)  # fmt: skip
+    adapter = ve.get_adapter(model)
+    assert [adapter.mask_group(model, i) for i in range(4)] == ["sliding_attention", "full_attention"] * 2
+
+
 def test_generate_sees_the_same_layout_as_a_forward(family):
     """generate() hands the prefill pre-encoded features (no image sizes): the layout read from them is the one read
     from the processor's inputs."""
     model, processor = tiny_model(family)
-    for _, samples, videos in batches(processor):
+    for _, samples, videos in batches(family, processor):
         batch = tiny_batch(processor, samples, videos=videos)
         forward = _layout(model, batch)
         ve.wrap(model, "")
@@ -74,7 +89,7 @@ def test_generate_sees_the_same_layout_as_a_forward(family):
 
 def test_noop_wrap_and_unwrap_are_exact(family):
     model, processor = tiny_model(family)
-    for _, samples, videos in batches(processor):
+    for _, samples, videos in batches(family, processor):
         batch = tiny_batch(processor, samples, videos=videos)
         with torch.no_grad():
             logits = model(**batch).logits
@@ -96,7 +111,7 @@ SPECS = ["fastv:layer=2,ratio=0.5", "dart:layer=2,ratio=0.5", "divprune:ratio=0.
 @pytest.mark.parametrize("spec", SPECS)
 def test_generate_matches_cache_free_reference(family, spec):
     model, processor = tiny_model(family)
-    for _, samples, videos in batches(processor):
+    for _, samples, videos in batches(family, processor):
         batch = tiny_batch(processor, samples, videos=videos)
         logits, reference, run, _ = generate_and_reference(model, batch, spec)
         assert_close_logits(logits, reference)
@@ -107,7 +122,7 @@ def test_generate_matches_cache_free_reference(family, spec):
 def test_batched_equals_alone(family, spec):
     model, processor = tiny_model(family)
     ve.wrap(model, spec)
-    for _, samples, videos in batches(processor):
+    for _, samples, videos in batches(family, processor):
         together = greedy(model, tiny_batch(processor, samples, videos=videos))
         for b, sample in enumerate(samples):
             alone = greedy(model, tiny_batch(processor, [sample], videos=None if videos is None else [videos[b]]))

@@ -91,6 +91,18 @@ class ModelAdapter:
     def video_tokens(self, model: nn.Module, inputs: dict) -> list[ImageTokens]:
         return []
 
+    def mask_group(self, model: nn.Module, layer_idx: int) -> str | None:
+        """None where the layer's mask is causality and padding only; else a name shared by the layers whose masks
+        are alike (they share one computed mask)."""
+        return None
+
+    def layer_mask(self, model: nn.Module, layer_idx: int, allowed: torch.Tensor, queries: torch.Tensor,
+                   keys: torch.Tensor, layout) -> torch.Tensor:  # fmt: skip
+        """The mask [B, 1, q, kv] of layer layer_idx for rows at original positions queries [B, q] and keys [B, kv]
+        (-1: slot padding), given its causal + padding part `allowed`: families whose masks have more structure
+        (mask_group not None) add it here."""
+        return allowed
+
     def vision_capture_module(self, model: nn.Module) -> nn.Module | None:
         """A module whose call reveals per-image grid sizes (its `grid_thw` argument), or None."""
         return None
@@ -301,6 +313,47 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
                             (pooled, pooled), video=True) for frames in clips]  # fmt: skip
 
 
+class Gemma3Adapter(ModelAdapter):
+    """Gemma3: each image is the SigLIP grid average-pooled to mm_tokens_per_image tokens (a square grid) between
+    begin- and end-of-image tokens. Its decoder alternates sliding-window and full-attention layers (one mask per
+    layer type, each passed to its layers), and image tokens attend to their whole image (a bidirectional block in
+    the mask, from token_type_ids): the engine works on whichever mask a layer receives."""
+
+    model_types = ("gemma3",)
+
+    def pre_rotary_modules(self, attention):
+        """Gemma3 normalises each head's query and key (q_norm / k_norm) after the projection and BEFORE rotary."""
+        return attention.q_norm, attention.k_norm
+
+    def mask_group(self, model, layer_idx):
+        return self.text_config(model).layer_types[layer_idx]
+
+    def layer_mask(self, model, layer_idx, allowed, queries, keys, layout):
+        """As Gemma3's create_masks_for_vision_model: full layers OR(causal, same image), sliding layers
+        AND(window, OR(causal, same image)), padding masked; the window counts original positions."""
+        from .layout import IMAGE  # (layout and method import this module)
+        from .method import at_positions
+
+        image_q = at_positions(torch.where(layout.kind == IMAGE, layout.image_index, -1), queries, -1)
+        image_k = at_positions(torch.where(layout.kind == IMAGE, layout.image_index, -1), keys, -1)
+        same_image = (image_q[:, :, None] == image_k[:, None, :]) & (image_q[:, :, None] >= 0)
+        allowed = allowed | same_image[:, None]
+        if self.text_config(model).layer_types[layer_idx] == "sliding_attention":
+            window = self.text_config(model).sliding_window
+            allowed = allowed & (keys[:, None, :] > queries[:, :, None] - window)[:, None]
+        return allowed
+
+    def image_tokens(self, model, inputs):
+        side = math.isqrt(model.config.mm_tokens_per_image)
+        pixel_values = inputs.get("pixel_values")
+        if pixel_values is not None:
+            num_images = pixel_values.shape[0]
+        else:
+            encoded = (inputs.get("mm_encoder_outputs") or {}).get("image")
+            num_images = 0 if encoded is None else len(encoded.pooler_output)
+        return [ImageTokens(_row_major(side, side), (side, side)) for _ in range(num_images)]
+
+
 class QwenVLAdapter(ModelAdapter):
     """Qwen2-VL / Qwen2.5-VL: dynamic resolution; each image is a (t, h, w) patch grid merged spatial_merge_size^2
     patches to one LLM token."""
@@ -378,7 +431,8 @@ class Qwen3VLAdapter(QwenVLAdapter):
 
 ADAPTERS: dict[str, ModelAdapter] = {
     model_type: adapter
-    for adapter in (LlavaAdapter(), LlavaNextAdapter(), LlavaOnevisionAdapter(), QwenVLAdapter(), Qwen3VLAdapter())
+    for adapter in (LlavaAdapter(), LlavaNextAdapter(), LlavaOnevisionAdapter(), Gemma3Adapter(), QwenVLAdapter(),
+                    Qwen3VLAdapter())
     for model_type in adapter.model_types
 }
 

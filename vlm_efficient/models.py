@@ -21,11 +21,12 @@ def load_model(name: str, *, device: str = "cpu", dtype: torch.dtype = torch.flo
 
         name = str(TESTBED_DIR)
     if name.startswith("tiny:"):
-        from .testing import FAMILIES, tiny_model
+        from .testing import FAMILIES, NEW_FAMILIES, tiny_model
 
         family = name.split(":", 1)[1]
-        if family not in FAMILIES:
-            raise ValueError(f"unknown built-in model {name!r}: use one of {', '.join('tiny:' + f for f in FAMILIES)}")
+        families = FAMILIES + NEW_FAMILIES
+        if family not in families:
+            raise ValueError(f"unknown built-in model {name!r}: use one of {', '.join('tiny:' + f for f in families)}")
         model, processor = tiny_model(family, dtype=dtype)
         return model.to(device), processor
     from transformers import AutoModelForImageTextToText, ProcessorMixin

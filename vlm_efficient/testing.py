@@ -34,6 +34,11 @@ from transformers import (
     BatchFeature,
     CLIPImageProcessor,
     CLIPVisionConfig,
+    Gemma3Config,
+    Gemma3ForConditionalGeneration,
+    Gemma3ImageProcessor,
+    Gemma3Processor,
+    Gemma3TextConfig,
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
@@ -86,7 +91,7 @@ __all__ = [
 FAMILIES: tuple[str, ...] = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 # Families with an adapter and the engine's exactness contract (tests/test_families.py), not yet run through every
 # method's tests (the methods' test files parametrise over FAMILIES).
-NEW_FAMILIES: tuple[str, ...] = ("llava_onevision",)
+NEW_FAMILIES: tuple[str, ...] = ("llava_onevision", "gemma3")
 VIDEO_FAMILIES: tuple[str, ...] = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_onevision")
 DEFAULT_IMAGE_SIZE = (112, 112)  # (width, height), as PIL
 
@@ -109,6 +114,7 @@ _QWEN_SPECIALS = {
     "vision_end_token": "<|vision_end|>",
     "video_token": "<|video_pad|>",
 }
+_GEMMA3_SPECIALS = {"image_token": "<image_soft_token>", "boi_token": "<start_of_image>", "eoi_token": "<end_of_image>"}
 _CORPUS = """\
 The quick brown fox jumps over the lazy dog near the river bank.
 Describe the image in detail. What is in the picture? How many objects are there?
@@ -144,6 +150,8 @@ def tiny_tokenizer(family: str) -> PreTrainedTokenizerFast:
     specials = {"image_token": "<image>"} if family.startswith("llava") else dict(_QWEN_SPECIALS)
     if family == "llava_onevision":
         specials["video_token"] = "<video>"
+    if family == "gemma3":
+        specials = dict(_GEMMA3_SPECIALS)
     return PreTrainedTokenizerFast(
         tokenizer_object=Tokenizer.from_str(_bpe_json()),
         bos_token="<s>",
@@ -335,6 +343,25 @@ def _onevision_parts(tok, num_layers: int):
     return LlavaOnevisionForConditionalGeneration, config, processor
 
 
+def _gemma3_parts(tok, num_layers: int):
+    """SigLIP tower 4x4 patches at 56 px, average-pooled to 2x2 = 4 tokens per image; a Gemma3 decoder whose layers
+    alternate sliding-window (a window of 8 tokens, shorter than the prompts) and full attention."""
+    text = Gemma3TextConfig(
+        **{**_TEXT, "initializer_range": 0.2}, head_dim=16, num_hidden_layers=num_layers, vocab_size=len(tok),
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        sliding_window=8, query_pre_attn_scalar=16,
+        layer_types=["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(num_layers)],
+    )  # fmt: skip
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                image_size=56, patch_size=14)  # fmt: skip
+    config = Gemma3Config(
+        text_config=text, vision_config=vision, mm_tokens_per_image=4, image_token_id=tok.image_token_id,
+        boi_token_id=tok.boi_token_id, eoi_token_id=tok.eoi_token_id,
+    )  # fmt: skip
+    image_processor = Gemma3ImageProcessor(size={"height": 56, "width": 56}, do_pan_and_scan=False)
+    return Gemma3ForConditionalGeneration, config, Gemma3Processor(image_processor, tok, image_seq_length=4)
+
+
 def _qwen_parts(family: str, tok, num_layers: int):
     patch = 16 if family == "qwen3_vl" else 14
     factor = 2 * patch  # smart_resize rounds sides to patch * merge_size
@@ -403,6 +430,8 @@ def tiny_model(
     tok = tiny_tokenizer(family)
     if family == "llava_onevision":
         model_cls, config, processor = _onevision_parts(tok, num_layers)
+    elif family == "gemma3":
+        model_cls, config, processor = _gemma3_parts(tok, num_layers)
     else:
         parts = _llava_parts if family.startswith("llava") else _qwen_parts
         model_cls, config, processor = parts(family, tok, num_layers)
@@ -470,8 +499,8 @@ def tiny_batch(
     """
     texts = [text for text, _ in samples]
     images = [image for _, sample_images in samples for image in sample_images]
-    if "batch_num_images" in getattr(processor.image_processor, "model_input_names", ()) and images:
-        images = [sample_images for _, sample_images in samples]  # per sample: LLaVA-OneVision tiles single images only
+    if images:  # per sample (LLaVA-OneVision tiles a prompt's single image only; Gemma3 checks counts per prompt)
+        images = [sample_images for _, sample_images in samples]
     clips = [clip for sample_clips in videos or [] for clip in sample_clips]
     return processor(
         text=texts, images=images or None, videos=clips or None, padding=True, padding_side=padding_side,
