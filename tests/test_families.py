@@ -73,6 +73,28 @@ def test_gemma3_layout_and_mask_groups():
     assert [adapter.mask_group(model, i) for i in range(4)] == ["sliding_attention", "full_attention"] * 2
 
 
+def test_idefics3_layout():
+    """Each image: its 2x2 tiles of 2x2 tokens (part 1, one 4x4 grid) in prompt order, then the global image (part 0),
+    read off input_ids; a prompt that breaks the processor's pattern is refused."""
+    model, processor = tiny_model("idefics3")
+    (_, images, _), = batches("idefics3", processor)  # fmt: skip
+    batch = tiny_batch(processor, images)
+    layout = _layout(model, batch)
+    tile = torch.cartesian_prod(torch.arange(2), torch.arange(2))
+    tiles = torch.cat([tile + torch.tensor([r, c]) * 2 for r in range(2) for c in range(2)])
+    expected = torch.cat([torch.cat([torch.ones(16, 1, dtype=torch.long), tiles], 1),
+                          torch.cat([torch.zeros(4, 1, dtype=torch.long), tile], 1)])  # fmt: skip
+    assert [len(items) for items in layout.images] == [1, 2]
+    assert all(torch.equal(item.coords, expected) for items in layout.images for item in items)
+    broken = dict(batch)
+    broken["input_ids"] = batch["input_ids"].clone()
+    broken["input_ids"][1, -3] = model.config.image_token_id  # a stray image token in the text
+    ve.wrap(model, "")
+    with pytest.raises(ValueError, match="processor"), torch.no_grad():
+        model(**broken)
+    ve.unwrap(model)
+
+
 def test_generate_sees_the_same_layout_as_a_forward(family):
     """generate() hands the prefill pre-encoded features (no image sizes): the layout read from them is the one read
     from the processor's inputs."""

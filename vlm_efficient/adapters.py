@@ -354,6 +354,75 @@ class Gemma3Adapter(ModelAdapter):
         return [ImageTokens(_row_major(side, side), (side, side)) for _ in range(num_images)]
 
 
+class Idefics3Adapter(ModelAdapter):
+    """Idefics3 (SmolVLM's architecture): a large image is split into rows x cols tiles plus the global (downscaled)
+    image; each is encoded alone and pixel-shuffled into a side x side grid of LLM tokens. In the prompt each tile is
+    `<fake_token_around_image><row_r_col_c>` + its tokens, a newline closes each row of tiles, and the global image
+    comes last: `<fake_token_around_image><global-img>` + its tokens + `<fake_token_around_image>` (a small image has
+    the global image only). Layout: part 0 is the global image, part 1 the tiles' joint grid (LLaVA-NeXT's
+    convention: row r*side + i, column c*side + j).
+
+    The config names neither marker token, so the tiles are read off input_ids by the processor's pattern: every
+    token run is preceded by the fake token and a marker; a tile is followed by the next tile's (fake, marker, image
+    token) or by a row's newline; the global image by a fake token that no (marker, image token) follows."""
+
+    model_types = ("idefics3",)
+
+    def text_model(self, model):
+        return model.model.text_model
+
+    def image_tokens(self, model, inputs):
+        input_ids = inputs.get("input_ids")
+        if input_ids is None:
+            raise ValueError("Idefics3: the image layout is read off input_ids; pass input_ids")
+        config = model.config
+        side = config.vision_config.image_size // config.vision_config.patch_size // config.scale_factor
+        items = []
+        for ids in input_ids.tolist():
+            runs = _token_runs(ids, config.image_token_id)
+            fake = ids[runs[0][0] - 2] if runs else None
+            tiles = []
+            for start, end in runs:
+                if end - start != side * side or ids[start - 2] != fake:
+                    raise ValueError(f"Idefics3: image tokens at {start}..{end} do not follow the processor's pattern "
+                                     f"(runs of {side * side} tokens after <fake_token_around_image> and a marker): "
+                                     "build the prompt with the model's processor")  # fmt: skip
+                follow = ids[end : end + 3]
+                is_tile = follow[:1] != [fake] or (len(follow) == 3 and follow[2] == config.image_token_id)
+                if is_tile:
+                    tiles.append(end)
+                    continue
+                items.append(self._image(tiles, ids, side, fake))
+                tiles = []
+            if tiles:
+                raise ValueError("Idefics3: image tiles without their global image: build the prompt with the processor")
+        return items
+
+    @staticmethod
+    def _image(tiles: list[int], ids: list[int], side: int, fake: int) -> ImageTokens:
+        """The tiles (their runs' ends, in prompt order), then the global image."""
+        cols = next((k + 1 for k, end in enumerate(tiles) if ids[end] != fake), len(tiles))
+        parts = []
+        for k in range(len(tiles)):
+            tile = _row_major(side, side, part=1)
+            tile[:, 1] += (k // cols) * side
+            tile[:, 2] += (k % cols) * side
+            parts.append(tile)
+        return ImageTokens(torch.cat(parts + [_row_major(side, side)]), (side, side))
+
+
+def _token_runs(ids: list[int], token: int) -> list[tuple[int, int]]:
+    """[start, end) of each maximal run of `token` in ids."""
+    runs, start = [], None
+    for i, value in enumerate(ids + [None]):
+        if value == token and start is None:
+            start = i
+        elif value != token and start is not None:
+            runs.append((start, i))
+            start = None
+    return runs
+
+
 class QwenVLAdapter(ModelAdapter):
     """Qwen2-VL / Qwen2.5-VL: dynamic resolution; each image is a (t, h, w) patch grid merged spatial_merge_size^2
     patches to one LLM token."""
@@ -431,7 +500,8 @@ class Qwen3VLAdapter(QwenVLAdapter):
 
 ADAPTERS: dict[str, ModelAdapter] = {
     model_type: adapter
-    for adapter in (LlavaAdapter(), LlavaNextAdapter(), LlavaOnevisionAdapter(), Gemma3Adapter(), QwenVLAdapter(),
+    for adapter in (LlavaAdapter(), LlavaNextAdapter(), LlavaOnevisionAdapter(), Gemma3Adapter(), Idefics3Adapter(),
+                    QwenVLAdapter(),
                     Qwen3VLAdapter())
     for model_type in adapter.model_types
 }

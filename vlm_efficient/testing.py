@@ -39,6 +39,11 @@ from transformers import (
     Gemma3ImageProcessor,
     Gemma3Processor,
     Gemma3TextConfig,
+    Idefics3Config,
+    Idefics3ForConditionalGeneration,
+    Idefics3ImageProcessor,
+    Idefics3Processor,
+    Idefics3VisionConfig,
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
@@ -91,7 +96,7 @@ __all__ = [
 FAMILIES: tuple[str, ...] = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 # Families with an adapter and the engine's exactness contract (tests/test_families.py), not yet run through every
 # method's tests (the methods' test files parametrise over FAMILIES).
-NEW_FAMILIES: tuple[str, ...] = ("llava_onevision", "gemma3")
+NEW_FAMILIES: tuple[str, ...] = ("llava_onevision", "gemma3", "idefics3")
 VIDEO_FAMILIES: tuple[str, ...] = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_onevision")
 DEFAULT_IMAGE_SIZE = (112, 112)  # (width, height), as PIL
 
@@ -152,6 +157,8 @@ def tiny_tokenizer(family: str) -> PreTrainedTokenizerFast:
         specials["video_token"] = "<video>"
     if family == "gemma3":
         specials = dict(_GEMMA3_SPECIALS)
+    if family == "idefics3":  # the processor adds <fake_token_around_image>, <image> and <end_of_utterance> itself
+        specials = ["<global-img>"] + [f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)]
     return PreTrainedTokenizerFast(
         tokenizer_object=Tokenizer.from_str(_bpe_json()),
         bos_token="<s>",
@@ -362,6 +369,20 @@ def _gemma3_parts(tok, num_layers: int):
     return Gemma3ForConditionalGeneration, config, Gemma3Processor(image_processor, tok, image_seq_length=4)
 
 
+def _idefics3_parts(tok, num_layers: int):
+    """Idefics3 (SmolVLM's architecture): a SigLIP-style tower, 4x4 patches per 56 px tile, pixel-shuffled 2x2 into 4
+    tokens per tile; a 112 px image is split into 2x2 tiles plus the global image (20 tokens); Llama decoder."""
+    image_processor = Idefics3ImageProcessor(size={"longest_edge": 112}, max_image_size={"longest_edge": 56})
+    processor = Idefics3Processor(image_processor, tok, image_seq_len=4)  # adds its special tokens to tok
+    text = LlamaConfig(**_TEXT, head_dim=16, num_hidden_layers=num_layers, vocab_size=len(tok),
+                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)  # fmt: skip
+    vision = Idefics3VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                  image_size=56, patch_size=14)  # fmt: skip
+    config = Idefics3Config(vision_config=vision, text_config=text, scale_factor=2,
+                            image_token_id=processor.image_token_id)  # fmt: skip
+    return Idefics3ForConditionalGeneration, config, processor
+
+
 def _qwen_parts(family: str, tok, num_layers: int):
     patch = 16 if family == "qwen3_vl" else 14
     factor = 2 * patch  # smart_resize rounds sides to patch * merge_size
@@ -432,6 +453,8 @@ def tiny_model(
         model_cls, config, processor = _onevision_parts(tok, num_layers)
     elif family == "gemma3":
         model_cls, config, processor = _gemma3_parts(tok, num_layers)
+    elif family == "idefics3":
+        model_cls, config, processor = _idefics3_parts(tok, num_layers)
     else:
         parts = _llava_parts if family.startswith("llava") else _qwen_parts
         model_cls, config, processor = parts(family, tok, num_layers)
