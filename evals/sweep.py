@@ -42,6 +42,7 @@ ALL = {
                 "dyvte:rule=attention", "yopo", "avl", "plphp"),
     "heads": ("pai", "vaf", "var", "act", "ocr_sink", "vhr", "gift", "gift:saliency_layer=1", "paint", "adaptvis"),
     "masks": ("naavit", "ee_mllm", "window", "cmai", "knockout", "aki", "equal_distance"),
+    "video": ("dycoke",),  # acts on video frames only: a no-op on the testbed's images
 }  # fmt: skip
 SPEED_TOKENS = 16  # new tokens of the batch-1 speed measurement
 

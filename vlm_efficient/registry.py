@@ -16,6 +16,7 @@ METHODS: dict[str, str] = {
     "pdrop": "vlm_efficient.token_ops.pyramid_drop:PyramidDrop",
     "dart": "vlm_efficient.token_ops.dart:DART",
     "divprune": "vlm_efficient.token_ops.divprune:DivPrune",
+    "dycoke": "vlm_efficient.token_ops.dycoke:DyCoke",
     "random": "vlm_efficient.token_ops.baselines:RandomKeep",
     "pool": "vlm_efficient.token_ops.baselines:GridPool",
     "dyvte": "vlm_efficient.token_ops.dyvte:DyVTE",
