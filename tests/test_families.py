@@ -161,3 +161,22 @@ def test_vision_tower_methods_are_refused_with_the_reason():
     with pytest.raises(ValueError, match="no vision-tower attention capture"):
         ve.wrap(model, "visionzip")
     assert not ve.get_adapter(model).decoder_layers(model)[0]._forward_pre_hooks
+
+
+def test_gemma3_refuses_a_per_head_cache_and_keeps_its_mask_off_the_kernels(monkeypatch):
+    """A per-head pruned cache decodes without the sliding windows: refused at decoding, the dense cache the way out;
+    the kernel router (which knows causality and padding only) is never asked for Gemma3's layers."""
+    model, processor = tiny_model("gemma3")
+    batch = tiny_batch(processor, [(f"what is {image_placeholder(processor)} this", [tiny_image(0)])])
+    ve.wrap(model, "plphp")
+    with pytest.raises(ValueError, match="cache=mask"):
+        greedy(model, batch)
+    ve.unwrap(model)
+    ve.wrap(model, "plphp:cache=mask")
+    engine = ve.engine_of(model)
+    asked = []
+    monkeypatch.setattr(engine.router, "backend", lambda run, device: "torch")  # as if VLM_EFFICIENT_KERNELS=torch
+    monkeypatch.setattr(engine.router, "attend", lambda *args: asked.append(1))
+    greedy(model, batch)
+    ve.unwrap(model)
+    assert not asked

@@ -643,7 +643,8 @@ class Engine:
         idx, scaling = module.layer_idx, kwargs.get("scaling")
         if self.run is not None and not self.run.prefill and idx in self.run.ragged:
             return self.ragged_attention(idx, query, key, scaling)
-        if self.router.backend(self.run, query.device) is not None:
+        # the kernels know causality, padding and the methods' edits: a family mask with more (mask_group) stays dense
+        if self.router.backend(self.run, query.device) is not None and self.adapter.mask_group(self.model, idx) is None:
             unrotated = self.pre_rotary(idx, query, key)
             output, delivered = self.router.attend(module, query, key, value, attention_mask, kwargs, unrotated)
         else:
