@@ -7,6 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+import test_heads_engine
+import test_heads_interventions
+import test_heads_masks
 import vlm_efficient as ve
 from test_engine import greedy
 from test_token_ops_helpers import ATOL, assert_close_logits, generate_and_reference
@@ -180,3 +183,21 @@ def test_gemma3_refuses_a_per_head_cache_and_keeps_its_mask_off_the_kernels(monk
     greedy(model, batch)
     ve.unwrap(model)
     assert not asked
+
+
+# attention edits and masks: the checks the five families run, each against its dense reference (modules imported,
+# not their test functions, so that pytest collects them once, here with the new families)
+EDIT_CHECKS = [
+    (test_heads_engine, "test_empty_edit_matches_sdpa"),
+    (test_heads_engine, "test_logit_edit_matches_dense_reference_through_decoding"),
+    (test_heads_interventions, "test_pai_attention_term"),
+    (test_heads_interventions, "test_vaf"),
+    (test_heads_masks, "test_naavit"),
+    (test_heads_masks, "test_ee_mllm"),
+    (test_heads_masks, "test_window"),
+]
+
+
+@pytest.mark.parametrize("module, check", EDIT_CHECKS, ids=[name for _, name in EDIT_CHECKS])
+def test_attention_edits_and_masks(family, module, check):
+    getattr(module, check)(family)
