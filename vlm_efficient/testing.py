@@ -6,12 +6,14 @@
 
 Tokens per image at tiny_image's default 112x112: llava 16 (4x4 CLIP grid, CLS dropped); llava_next 24
 (4 base + 16 high-res from a 2x2 tile grid + 4 row newlines); qwen2_vl, qwen2_5_vl, qwen3_vl 16 (4x4 after the 2x2
-merge).
+merge). NEW_FAMILIES (engine contract tested, not yet every method): llava_onevision 88 for a prompt's single image
+(16 base + 8 rows of 8 high-res cells and a newline), 17 each for several (base + newline); gemma3 4 (2x2 pooled);
+idefics3 20 (2x2 tiles of 2x2 tokens + the global image).
 
-Videos (Qwen families): `tiny_video(seed, frames)` is a clip of frames panning over one random picture;
+Videos (VIDEO_FAMILIES): `tiny_video(seed, frames)` is a clip of frames panning over one random picture;
 `video_placeholder(processor)` is its prompt text and `tiny_batch(processor, samples, videos=[...])` processes
-prompts with images and clips. A 4-frame clip at the default size gives 2 temporal patches of 4x4 merged tokens: 32
-video tokens.
+prompts with images and clips. A 4-frame clip at the default size gives Qwen 2 temporal patches of 4x4 merged tokens
+(32 video tokens), LLaVA-OneVision 4 frames of 2x2 pooled tokens and a newline (17).
 
 Qwen processors: the stock Qwen processors need a video processor, and every video processor in transformers 5.x
 needs torchvision. TinyQwen2VLProcessor, TinyQwen2_5_VLProcessor and TinyQwen3VLProcessor are subclasses without one
