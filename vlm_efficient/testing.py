@@ -43,7 +43,6 @@ from transformers import (
     Gemma3TextConfig,
     Idefics3Config,
     Idefics3ForConditionalGeneration,
-    Idefics3ImageProcessor,
     Idefics3Processor,
     Idefics3VisionConfig,
     LlamaConfig,
@@ -76,6 +75,7 @@ from transformers import (
     SiglipImageProcessor,
     SiglipVisionConfig,
 )
+from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
 
 __all__ = [
     "FAMILIES",
@@ -374,7 +374,8 @@ def _gemma3_parts(tok, num_layers: int):
 def _idefics3_parts(tok, num_layers: int):
     """Idefics3 (SmolVLM's architecture): a SigLIP-style tower, 4x4 patches per 56 px tile, pixel-shuffled 2x2 into 4
     tokens per tile; a 112 px image is split into 2x2 tiles plus the global image (20 tokens); Llama decoder."""
-    image_processor = Idefics3ImageProcessor(size={"longest_edge": 112}, max_image_size={"longest_edge": 56})
+    # the PIL class by name: transformers 5.17's Idefics3ImageProcessor needs torchvision (no PIL fallback yet)
+    image_processor = Idefics3ImageProcessorPil(size={"longest_edge": 112}, max_image_size={"longest_edge": 56})
     processor = Idefics3Processor(image_processor, tok, image_seq_len=4)  # adds its special tokens to tok
     text = LlamaConfig(**_TEXT, head_dim=16, num_hidden_layers=num_layers, vocab_size=len(tok),
                        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)  # fmt: skip
