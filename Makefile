@@ -33,7 +33,8 @@ $(COMPAT)/.installed: $(STAMP)
 
 test-compat: $(COMPAT)/.installed
 	PYTHONPATH=$(COMPAT) $(BIN)/python -c "import transformers; assert transformers.__version__ == '5.17.0', transformers.__file__"
-	PYTHONPATH=$(COMPAT) $(BIN)/pytest tests/test_engine.py tests/test_api.py tests/test_fixtures.py tests/test_fast_path.py $(PYTEST_ARGS)
+	PYTHONPATH=$(COMPAT) $(BIN)/pytest tests/test_engine.py tests/test_api.py tests/test_fixtures.py tests/test_fast_path.py \
+		tests/test_hf_static_cache.py $(PYTEST_ARGS)
 
 # lmms-eval as a client (evals/lmms_eval_plugin.py), into this venv: lmms-eval without its dependencies (they would
 # replace torch and add PyPI torchvision) plus the pinned list of what its import and the plugin need. Fails, after

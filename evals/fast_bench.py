@@ -13,9 +13,9 @@ batch 1. What is measured, per (path, method):
   (generate() of N tokens - that) / (N - 1); both host time included (synchronize before and after each whole call),
   median of --repeats alternating rounds after one warm-up call (the fast path captures its graph there, HF's static
   route compiles there: reported as warm-up seconds); min_new_tokens = N so every call decodes N tokens;
-- paths: "hf-dynamic" (the unwrapped model, DynamicCache), "hf-static" (the unwrapped model,
-  cache_implementation="static", which generate() compiles), "fast" (wrap(spec, fast=True); spec "" = the unwrapped
-  model on the fast path) and "dynamic" (wrap(spec));
+- paths: "hf-dynamic" (the unwrapped model, DynamicCache), "hf-static" (cache_implementation="static", which
+  generate() compiles: the unwrapped model, then, where that worked, wrap(spec) on the same route), "fast"
+  (wrap(spec, fast=True); spec "" = the unwrapped model on the fast path) and "dynamic" (wrap(spec));
 - checks: greedy tokens of the fast path against the dynamic path for 8 tokens (mismatches reported, not raised), and
   the CUDA graph's replay against the same step run eagerly (tokens and logits).
 Every configuration runs in its own try/except; the JSON and the markdown table are rewritten after each.
@@ -154,7 +154,7 @@ class Bench:
         log(f"  {path:10s} {label or 'base':14s}", end="")
         device = next(model.parameters()).device
         try:
-            if path in ("fast", "dynamic"):
+            if path in ("fast", "dynamic") or spec:  # hf-static with a spec: the wrapped model on HF's route
                 ve.wrap(model, spec, fast=path == "fast")
             n = self.args.new_tokens
             start = time.perf_counter()
@@ -300,10 +300,14 @@ class Bench:
             for label, spec in [("", ""), *[(label, METHODS[label]) for label in methods]]:
                 if self.left() > 20:
                     self.check(section, model, inputs, label, spec)
-            if self.left() > (30 if self.args.tiny else 150):
-                self.measure(section, model, inputs, "hf-static", "", "")
-            else:
-                section["hf_static"] = "skipped: budget"
+            # HF's static route, the unwrapped model, then the wrapped one for each method where the base worked
+            for label, spec in [("", ""), *[(label, METHODS[label]) for label in methods]]:
+                if self.left() < (30 if self.args.tiny else 150):
+                    section["hf_static"] = "skipped: budget"
+                    break
+                self.measure(section, model, inputs, "hf-static", label, spec)
+                if "error" in section["rows"][-1] and not spec:
+                    break
         self.write()
 
     def run(self) -> dict:

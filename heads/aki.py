@@ -21,9 +21,8 @@ Here (all layers by default, `layers=` to restrict):
 KV cache: the edges exist only in the prefill (AttentionEdit.allow). Within that single call the image rows' hidden
 states at layer l+1 depend on the later text; their keys and values are cached from it, and decode rows, which come
 after everything, read them with the model's causal attention, as the public code's generation does. A prompt fed
-over several calls would lose the edges (calls after the first are decoding for the engine); a static cache is
-refused. AKI trains with MMA (SFT; POPE 79.8 -> 82.7); training-free it changes what the model was trained on and
-costs quality: measure it.
+over several calls would lose the edges (calls after the first are decoding for the engine). AKI trains with MMA
+(SFT; POPE 79.8 -> 82.7); training-free it changes what the model was trained on and costs quality: measure it.
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ import torch
 
 from vlm_efficient.adapters import CACHE_KWARGS, kv_cache
 from vlm_efficient.method import UNSTRUCTURED, AttentionEdit, KernelEdit, Method
+from vlm_efficient.static_cache import padding_mask
 
 _PLAIN = threading.local()  # depth > 0 while this thread runs a plain side pass: hooks of methods then stay out
 
@@ -190,7 +191,8 @@ def before_prefill(engine, fn) -> None:
         cache = kv_cache(inputs)
         if cache is not None and cache.get_seq_length() > 0:
             return None
-        engine.check_cache(cache)  # before the side pass, which a static cache would break
+        # on a static cache generate() passes a mask sized to the cache: the cache-free side pass needs the 2-D one
+        inputs["attention_mask"] = padding_mask(inputs.get("attention_mask"), prefill=True)
         with torch.no_grad():
             fn(inputs)
         return None

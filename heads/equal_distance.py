@@ -22,7 +22,7 @@ q_proj / k_proj, or Qwen3's q_norm / k_norm, which act before RoPE; M-RoPE needs
 carry no position at all) and computes the marked pairs' logits from them (AttentionEdit.unrotated), in a dense fp32
 attention. Decoding: decode rows are text and the image keys sit in the cache, rotated; the engine keeps each chosen
 layer's pre-rotary prompt keys from the prefill, for the rows that layer caches (so a pruning method composed with
-this one stays aligned): an extra copy of the prompt's keys in those layers. A static cache is refused.
+this one stays aligned): an extra copy of the prompt's keys in those layers.
 """
 
 from __future__ import annotations

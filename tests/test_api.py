@@ -130,15 +130,6 @@ def test_inputs_embeds_only_is_an_error(llava):
     ve.unwrap(model)
 
 
-def test_static_cache_is_refused_for_pruning(llava):
-    model, processor = llava
-    batch = tiny_batch(processor, [(f"see {image_placeholder(processor)}", [tiny_image(0)])])
-    ve.wrap(model, "fastv")
-    with pytest.raises(ValueError, match="static cache"):
-        model.generate(**batch, max_new_tokens=2, cache_implementation="static")
-    ve.unwrap(model)
-
-
 def test_cli_compare_prints_both_answers_and_writes_json(tmp_path, capsys):
     out = tmp_path / "compare.json"
     assert main(["compare", "--model", "tiny:qwen2_vl", "--methods", "fastv:layer=2,ratio=0.75",

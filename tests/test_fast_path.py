@@ -9,7 +9,7 @@ import torch
 
 import vlm_efficient as ve
 from test_engine import two_samples
-from vlm_efficient.fast_path import BUCKET
+from vlm_efficient.fast_path import BUCKET, GroupRoute
 from vlm_efficient.testing import FAMILIES, image_placeholder, tiny_batch, tiny_image, tiny_model
 
 NEW_TOKENS = 6
@@ -85,7 +85,7 @@ def test_stopping_on_eos_equals_dynamic_path():
         ve.unwrap(model)
 
 
-@pytest.mark.parametrize("spec", ["fastv:layer=2,ratio=0.5", "vaf", "fastv+pai"])
+@pytest.mark.parametrize("spec", ["fastv:layer=2,ratio=0.5", "vaf", "fastv+pai", "var:tau=1,sink_dims=0/1/2/3"])
 def test_buffers_are_reused_and_reloaded_between_calls(spec):
     """A second call of the same shapes reuses the first call's static step (on CUDA: its graph); what the first call
     left in the buffers (keys, masks, positions, edit tensors) must not leak into the second. The second batch has
@@ -130,10 +130,14 @@ def test_stats_report_the_allocated_buffers():
 @pytest.mark.parametrize("spec", ["pai", "vaf", "act", "adaptvis", "var:tau=1,sink_dims=0/1/2/3", "fastv+vaf"])
 def test_decoding_edits_equal_dynamic_path(family, spec):
     """Head methods whose decoding edit stays the same at every step: the edits are made once over the whole static
-    buffer and run inside the step (the dense edited attention in the edited layers)."""
+    buffer and run inside the step: kernel 3's decoding form where the layer's edits compose into one group edit
+    (PAI, VAF, VAR, AdaptVis), else the dense edited attention (ACT: its sinks differ per head)."""
     model, processor = tiny_model(family)
     dynamic, fast = dynamic_then_fast(model, two_samples(processor), spec)
-    assert ve.engine_of(model).fast_path.last_step.edits  # the edited attention really ran
+    edits = ve.engine_of(model).fast_path.last_step.edits
+    assert edits  # the edited attention really ran
+    group = spec != "act"
+    assert all(isinstance(route, GroupRoute) == group for route in edits.values())
     assert_same(dynamic, fast)
     ve.unwrap(model)
 
@@ -208,7 +212,8 @@ def test_fast_bench_runs_on_the_tiny_models(tmp_path):
     assert result["errors"] == []
     (section,) = result["sections"]
     paths = {(row["path"], row["method"]) for row in section["rows"]}
-    assert {("hf-dynamic", ""), ("fast", ""), ("hf-static", ""), ("fast", "FastV 75%"), ("dynamic", "DART 75%")} <= paths
+    assert {("hf-dynamic", ""), ("fast", ""), ("hf-static", ""), ("fast", "FastV 75%"), ("dynamic", "DART 75%"),
+            ("hf-static", "FastV 75%"), ("hf-static", "PAI")} <= paths  # fmt: skip
     assert all(row["decode_ms_per_token"] is not None for row in section["rows"])
     assert [check["tokens_equal"] for check in section["checks"]] == [True] * (1 + len(fast_bench.METHODS))
     assert "| fast | FastV 50% |" in (tmp_path / "fast_bench.md").read_text()

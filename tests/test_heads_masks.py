@@ -217,15 +217,6 @@ def test_edit_composition_order():
     assert torch.allclose(unrot, same)
 
 
-@pytest.mark.parametrize("spec", ["aki", "equal_distance", "pai", "vhr", "adaptvis"])
-def test_static_cache_is_refused(spec):
-    """With a clear message, also where a method's side pass runs before the prefill (VHR, AdaptVis)."""
-    model, processor = tiny_model("llava")
-    ve.wrap(model, spec)
-    with pytest.raises(ValueError, match="static"):
-        greedy(model, two_samples(processor), cache_implementation="static")
-
-
 def test_equal_distance_needs_the_pre_rotary_modules(monkeypatch):
     model, _ = tiny_model("llava")
     monkeypatch.setattr(type(ve.get_adapter(model)), "pre_rotary_modules", lambda self, attention: attention.qkv)

@@ -44,6 +44,7 @@ from .layout import ModalityLayout, build_layout
 from .method import (BEFORE_LLM, AttentionContext, AttentionRequest, AttentionStats, Method, PerThread, Selection,
                      edits_attention)
 from .ragged_cache import store_per_head
+from .static_cache import allocated_bytes, on_static_cache, padding_mask, written_keys
 
 ATTENTION_NAME = "vlm_efficient"
 
@@ -53,6 +54,9 @@ _ENGINE_OF_ATTENTION: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 def _engine_attention(module, query, key, value, attention_mask, **kwargs):
     engine = _ENGINE_OF_ATTENTION.get(module)
+    run = engine.run if engine is not None else None
+    if run is not None and run.static_cache:
+        key, value, attention_mask = written_keys(engine, module.layer_idx, query.shape[2], key, value, attention_mask)
     if engine is None or (module.layer_idx in engine.plain_layers and engine.probing is None
                           and not engine.returns_weights):
         # no method acts in this layer: SDPA untouched, without the engine's per-call routing (host time that a
@@ -159,7 +163,8 @@ class RunState:
     # and num_return_sequences); None: each image was encoded once
     image_sources: list[int] | None = None
     full_sequence: bool = False  # generate(use_cache=False): later calls feed the whole sequence, the cache is ours
-    allocated_kv_bytes: list[int] | None = None  # per layer, where the fast path allocated its own KV buffers
+    allocated_kv_bytes: list[int] | None = None  # per layer, where KV buffers are allocated whole (fast path, static)
+    static_cache: bool = False  # the cache is HF's static one: attention calls trim its buffers (static_cache.py)
 
     def memory(self, owner) -> dict:
         """A method's (or adapter's) private dict for this run; keyed by identity as methods are unhashable."""
@@ -416,13 +421,12 @@ class Engine:
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         cache = kv_cache(kwargs)
         past = cache.get_seq_length() if cache is not None else 0
-        attention_mask = kwargs.get("attention_mask")
+        attention_mask = padding_mask(kwargs.get("attention_mask"), prefill=past == 0)
         asked = kwargs.get("output_attentions") or getattr(self.model.config, "output_attentions", False)
         self.returns_weights = bool(asked)
         if past == 0:
             if input_ids is None:
                 raise ValueError("a wrapped model needs input_ids at prefill to locate the image tokens")
-            self.check_cache(cache)
             if kwargs.get("labels") is not None and self.shrinks:
                 raise ValueError(
                     f"labels: {', '.join(m.name for m in self.methods if m.prune_layers())} drops prompt rows, so the "
@@ -436,7 +440,8 @@ class Engine:
             self._captured_grids.clear()
             inputs = {**kwargs, "captured_grid_thw": grids}
             layout = build_layout(self.adapter, self.model, input_ids, attention_mask, inputs)
-            self.run = RunState(layout=layout, prompt_length=input_ids.shape[1], attention_mask_2d=layout.valid)
+            self.run = RunState(layout=layout, prompt_length=input_ids.shape[1], attention_mask_2d=layout.valid,
+                                static_cache=on_static_cache(cache))  # fmt: skip
             features = encoded_features(kwargs)
             if features and len({id(feature) for feature in features}) < len(features):
                 self.run.image_sources = encoded_sources(features)
@@ -461,6 +466,8 @@ class Engine:
         run.layer_kwargs_cache.clear()
         if run.decode_steps == 1 and self.per_head_cache:
             store_per_head(self, run, cache)
+        if run.decode_steps == 1 and run.static_cache:
+            run.allocated_kv_bytes = allocated_bytes(cache)
         step = (input_ids if input_ids is not None else kwargs["inputs_embeds"]).shape[1]
         if attention_mask is not None:
             run.attention_mask_2d = attention_mask.bool()
@@ -468,24 +475,6 @@ class Engine:
             ones = torch.ones(run.layout.batch_size, step, dtype=torch.bool, device=run.attention_mask_2d.device)
             run.attention_mask_2d = torch.cat([run.attention_mask_2d, ones], dim=1)
         return args, kwargs
-
-    def check_cache(self, cache) -> None:
-        """Refuse a static cache at prefill (also called by methods' side passes that run before the prefill): it
-        holds max_cache_len keys per layer whatever was fed, while pruning needs layers of different lengths and
-        attention edits are expressed over the keys actually cached (they would not match its shape)."""
-        if not getattr(cache, "is_compileable", False):
-            return
-        if self.shrinks:
-            raise ValueError(
-                "token pruning needs a dynamic KV cache (layers of different lengths); a static cache has "
-                "fixed per-layer lengths. Use the default cache (no cache_implementation='static')."
-            )
-        editing = [m.name for m in self.methods if edits_attention(m)]
-        if editing:
-            raise ValueError(
-                f"{', '.join(editing)}: attention edits are expressed over the keys a dynamic KV cache holds; a static "
-                "cache (cache_implementation='static') has fixed lengths. Use the default cache."
-            )
 
     def _on_vision_call(self, module, args, kwargs):
         grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
@@ -759,8 +748,8 @@ class Engine:
             if plain_key.shape[2] != key.shape[2]:
                 raise ValueError(
                     f"layer {idx}: the cache handed the attention {key.shape[2]} keys for a prefill of {q_len} rows. "
-                    "Pre-rotary keys are kept beside the KV cache, aligned with a dynamic cache: use the default "
-                    "cache (no cache_implementation='static', no prompt fed over several calls)."
+                    "Pre-rotary keys are kept beside the KV cache, aligned with the keys it holds: feed the prompt in "
+                    "one call, on an empty cache."
                 )
             run.pre_rotary_keys[idx] = plain_key
             return plain_query, plain_key

@@ -22,9 +22,11 @@ One generate() call:
 Decoding edits (head methods): after the prefill every method that may edit attention is asked, layer by layer, as at
 the first decoding step. Where it edits and declares a decoding form that stays the same at every step (a structured
 Method.kernel_edit, which the engine too reuses at every step), its AttentionEdit is made once over the whole static
-buffer (prompt keys, then the generated slots) and the edited layers run the dense edited attention inside the step
-(PAI's attention edit, VAF, VAR, ACT, AdaptVis, PAINT). Edits made of tensors are copied into buffers of a kept step
-at each call; a step with post-softmax functions (VAR, ACT: they hold this call's tensors) serves its call only.
+buffer (prompt keys, then the generated slots). A layer whose structured edits compose into one group edit
+(kernel_plan.compose: PAI's attention edit, VAF, VAR, AdaptVis) runs kernel 3's decoding form inside the step, as the
+dynamic path's router does; other edited layers run the dense edited attention (ACT, PAINT). Edits made of tensors
+(and the group kernel's key groups) are copied into buffers of a kept step at each call; a step with post-softmax
+functions (ACT: they hold this call's tensors) serves its call only.
 
 Refused, with a pointer to the dynamic path: at wrap, methods that cache per head (PLPHP), sliding-window layers, a
 model spread over devices; at generate, beams and other decoding modes, a cache passed in or cache_implementation,
@@ -52,23 +54,47 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .adapters import CACHE_KWARGS, cache_kwarg, kv_cache
 from .attention import edited_attention
-from .method import UNSTRUCTURED, AttentionContext, Method, edits_attention
+from .kernel_plan import compose
+from .method import UNSTRUCTURED, AttentionContext, Method, at_positions, edits_attention
 
 BUCKET = 64  # buffer lengths round up to this: calls whose prompts keep similar numbers of keys share one graph
 MAX_GRAPHS = 4  # captured steps (graphs and their buffers) kept per model; the least recently used is dropped
 DYNAMIC_PATH = "use the dynamic path: vlm_efficient.wrap(model, spec) without fast=True"
 EDIT_TENSORS = ("logit_scale", "logit_abs", "logit_bias", "mask", "rows")  # AttentionEdit fields a step can reload
 ATTENTION_NAME = "vlm_efficient_fast"  # the attention implementation while a step with decoding edits is recorded
-# attention module -> the AttentionEdits of its layer, while a step with decoding edits is recorded or run eagerly
+# attention module -> its layer's decoding edits (a list of AttentionEdits: the dense edited attention; or a GroupRoute:
+# kernel 3's decoding form), while a step with decoding edits is recorded or run eagerly
 _DECODE_EDITS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+@dataclasses.dataclass
+class GroupRoute:
+    """A layer whose decoding edits compose into one group edit (kernel_plan.compose): kernel 3's decoding form over
+    the whole static buffer, as the dynamic path's router runs it. `groups` / `key_bias` [B, capacity] hold the kept
+    prompt keys' groups then group 0 for the generated slots; `valid` is a view of the step's mask of the layer."""
+
+    spec: object  # kernels.GroupSpec; its folded tables are the ones the graph reads
+    groups: torch.Tensor
+    key_bias: torch.Tensor | None
+    valid: torch.Tensor | None = None
+
+    def tensors(self) -> dict:
+        return {"groups": self.groups, "key_bias": self.key_bias}
+
+
 def _step_attention(module, query, key, value, attention_mask, **kwargs):
-    """SDPA, or the dense edited attention where the step's plan gives this layer decoding edits."""
+    """SDPA, or where the step's plan gives this layer decoding edits: kernel 3 (a GroupRoute) or the dense edited
+    attention."""
     edits = _DECODE_EDITS.get(module)
     if not edits:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
+    if isinstance(edits, GroupRoute):
+        from . import kernels
+
+        output = kernels.group_decode_attention(query, key, value, key_group=edits.groups, spec=edits.spec,
+                                                key_valid=edits.valid, scaling=scaling, key_bias=edits.key_bias)
+        return output, None
     return edited_attention(query, key, value, attention_mask, scaling, edits), None
 
 
@@ -110,6 +136,47 @@ class StaticKVLayer(CacheLayerMixin):
         return self.keys.shape[2]
 
 
+def _tensors(layer_edits) -> list[dict]:
+    """The tensors a kept step reloads at each call: per AttentionEdit its EDIT_TENSORS, or a GroupRoute's buffers."""
+    if isinstance(layer_edits, GroupRoute):
+        return [layer_edits.tensors()]
+    return [{name: getattr(edit, name) for name in EDIT_TENSORS} for edit in layer_edits]
+
+
+def _empty_like(layer_edits):
+    """Edits of the same structure as `layer_edits` whose tensors are new buffers (filled by load_edits)."""
+    def empty(tensors: dict) -> dict:
+        return {name: torch.empty_like(t) for name, t in tensors.items() if t is not None}
+
+    if isinstance(layer_edits, GroupRoute):
+        return dataclasses.replace(layer_edits, **empty(layer_edits.tensors()))
+    return [dataclasses.replace(edit, **empty(tensors)) for edit, tensors in zip(layer_edits, _tensors(layer_edits))]
+
+
+def _reloadable(layer_edits) -> bool:
+    """Whether a kept step can serve these edits by reloading tensors: no post-softmax function (it holds this call's
+    tensors) and every edit field a tensor."""
+    if isinstance(layer_edits, GroupRoute):
+        return True
+    return all(edit.post_softmax is None and all(isinstance(t, (torch.Tensor, type(None))) for t in tensors.values())
+               for edit, tensors in zip(layer_edits, _tensors(layer_edits)))  # fmt: skip
+
+
+def _structure(layer_edits) -> tuple:
+    """What a captured step depends on besides the reloaded tensors: their shapes and dtypes, and a GroupRoute's spec
+    values (the graph reads the folded tables of the spec it was captured with)."""
+    shapes = tuple(tuple((name, tuple(t.shape), t.dtype) for name, t in tensors.items() if t is not None)
+                   for tensors in _tensors(layer_edits))  # fmt: skip
+    if not isinstance(layer_edits, GroupRoute):
+        return shapes
+    spec = layer_edits.spec
+    if "fast_path" not in spec._cache:
+        tables = torch.cat([t.flatten() for t in spec.tables()]).tolist()
+        spec._cache["fast_path"] = (spec.num_heads, spec.num_groups, spec.cond_mass_groups, spec.cond_mass_min,
+                                    spec.cond_ratio_groups, spec.cond_ratio_min, tuple(tables))  # fmt: skip
+    return shapes, spec._cache["fast_path"]
+
+
 class StaticStep:
     """The buffers and the decoding step of one (batch size, buffer sizes) combination, and on CUDA its graph."""
 
@@ -141,19 +208,20 @@ class StaticStep:
         (their functions hold this call's tensors: the step serves this call only)."""
         if not static:
             self.edits = edits
-            return
-        with torch.inference_mode(False):
-            self.edits = {idx: [dataclasses.replace(edit, **{name: torch.empty_like(getattr(edit, name))
-                                                             for name in EDIT_TENSORS if getattr(edit, name) is not None})
-                                for edit in layer_edits]
-                          for idx, layer_edits in edits.items()}  # fmt: skip
+        else:
+            with torch.inference_mode(False):
+                self.edits = {idx: _empty_like(layer_edits) for idx, layer_edits in edits.items()}
+        for idx, route in self.edits.items():
+            if isinstance(route, GroupRoute):  # the kernel's valid keys: the layer's mask, updated in place per step
+                mask = self.masks[self.group_of[idx]]
+                route.valid = mask.view(mask.shape[0], mask.shape[-1])
 
     def load_edits(self, edits: dict) -> None:
         for idx, layer_edits in edits.items():
-            for buffers, edit in zip(self.edits[idx], layer_edits):
-                for name in EDIT_TENSORS:
-                    if getattr(edit, name) is not None:
-                        getattr(buffers, name).copy_(getattr(edit, name))
+            for buffers, tensors in zip(_tensors(self.edits[idx]), _tensors(layer_edits)):
+                for name, tensor in tensors.items():
+                    if tensor is not None:
+                        buffers[name].copy_(tensor)
 
     def kv_bytes(self) -> list[int]:
         return [k.nbytes + v.nbytes for k, v in zip(self.keys, self.values)]
@@ -439,13 +507,8 @@ class FastPath:
         edits = self._decode_edits(run, device, prompt_keys, capacities)
         # edits made of tensors only are reloaded into a kept step's buffers; a post-softmax function holds this
         # call's tensors, so its step serves this call only
-        kept = all(edit.post_softmax is None and all(isinstance(getattr(edit, name), (torch.Tensor, type(None)))
-                                                     for name in EDIT_TENSORS)
-                   for layer_edits in edits.values() for edit in layer_edits)  # fmt: skip
-        structure = tuple((idx, tuple(tuple((name, tuple(getattr(edit, name).shape), getattr(edit, name).dtype)
-                                            for name in EDIT_TENSORS if getattr(edit, name) is not None)
-                                      for edit in layer_edits))
-                          for idx, layer_edits in sorted(edits.items())) if kept else None  # fmt: skip
+        kept = all(_reloadable(layer_edits) for layer_edits in edits.values())
+        structure = tuple((idx, _structure(layer_edits)) for idx, layer_edits in sorted(edits.items())) if kept else None
         keys = prompt_kv[0][0]
         layer_position = self._recorded.get("layer")
         key = (keys.shape[0], tuple(capacities), tuple(group_of), keys.shape[1], keys.shape[3], keys.dtype, device,
@@ -504,6 +567,10 @@ class FastPath:
         queries = torch.full((batch, 1), run.fed, device=device)
         found: dict[int, list] = {}
         for idx, (kept, capacity) in enumerate(zip(prompt_keys, capacities)):
+            route = self._group_route(editing, idx, run, kept, capacity, heads)
+            if route is not None:
+                found[idx] = route
+                continue
             first_step = engine.attention_context(idx, torch.empty(batch, heads, 1, 0, device=device))
             generated = torch.arange(run.prompt_length, run.prompt_length + capacity - kept.shape[1], device=device)
             context = AttentionContext(queries, torch.cat([kept, generated.expand(batch, -1)], dim=1), False, heads)
@@ -529,6 +596,28 @@ class FastPath:
                     )
                 found.setdefault(idx, []).append(edit)
         return found
+
+    @staticmethod
+    def _group_route(editing: list, idx: int, run, prompt_keys: torch.Tensor, capacity: int, heads: int):
+        """The layer's decoding edits as kernel 3's decoding form where they compose into one group edit (every
+        editing method gives a structured form: Method.kernel_edit), else None (the dense edited attention)."""
+        from . import kernels
+
+        parts = [method.kernel_edit(idx, run, False) for method in editing]
+        if any(part is UNSTRUCTURED for part in parts):
+            return None
+        plan = compose([part for part in parts if part is not None], heads)
+        if plan is None or plan.group is None or plan.mask is not None or plan.scale is not None:
+            return None
+        edit = plan.group
+        if edit.spec.num_groups > kernels.MAX_DECODE_GROUPS:
+            return None
+        extra = capacity - prompt_keys.shape[1]
+        groups = torch.nn.functional.pad(at_positions(edit.groups, prompt_keys, 0).to(torch.int32), (0, extra))
+        bias = None
+        if edit.key_bias is not None:
+            bias = torch.nn.functional.pad(at_positions(edit.key_bias.float(), prompt_keys, 0.0), (0, extra))
+        return GroupRoute(edit.spec, groups, bias)
 
     def _refuse_head_scales(self, run) -> None:
         """Head-output scales (VHR) act on the o_proj input through a hook that the fast step does not run."""

@@ -80,7 +80,8 @@ def store_per_head(engine, run, cache) -> None:
         if layers is None or not isinstance(layers[idx], DynamicLayer) or layers[idx].keys is None:
             raise ValueError(
                 f"{type(cache).__name__}: a per-head pruned KV cache replaces layers of a DynamicCache (the default "
-                "cache of generate()); pass no other cache, or use plphp:cache=mask."
+                "cache of generate()); pass no other cache (no cache_implementation='static': its layers hold the same "
+                "slots for every head), or use plphp:cache=mask, which keeps a dense cache."
             )
         dense = layers[idx]
         keep = keeps[0]

@@ -84,7 +84,7 @@ def compute_stats(engine) -> RunStats:
             attn, mlp = _layer_flops(config, steps, steps * cached + steps * (steps + 1) / 2)
             decode_attention += attn
             decode_mlp += mlp
-    if run.allocated_kv_bytes is not None:  # the fast path's static buffers, as allocated
+    if run.allocated_kv_bytes is not None:  # static buffers (fast path, HF's static cache), as allocated
         kv_bytes = list(run.allocated_kv_bytes)
     return RunStats(
         methods="+".join(m.spec() for m in engine.methods),
