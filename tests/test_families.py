@@ -201,3 +201,17 @@ EDIT_CHECKS = [
 @pytest.mark.parametrize("module, check", EDIT_CHECKS, ids=[name for _, name in EDIT_CHECKS])
 def test_attention_edits_and_masks(family, module, check):
     getattr(module, check)(family)
+
+
+def test_gemma3_static_cache_pruning_is_refused_and_edits_match_the_dynamic_cache():
+    model, processor = tiny_model("gemma3")
+    batch = tiny_batch(processor, [(f"what is {image_placeholder(processor)} this", [tiny_image(0)])])
+    ve.wrap(model, "fastv:layer=2,ratio=0.5")
+    with pytest.raises(ValueError, match="dynamic cache"):
+        greedy(model, batch, cache_implementation="static")
+    ve.unwrap(model)
+    ve.wrap(model, "pai")
+    dynamic = torch.stack(greedy(model, batch).logits, 1)
+    static = torch.stack(greedy(model, batch, cache_implementation="static").logits, 1)
+    ve.unwrap(model)
+    torch.testing.assert_close(static, dynamic, atol=ATOL, rtol=ATOL)

@@ -439,9 +439,15 @@ class Engine:
             grids = {modality: next(captured, None) for modality in ("image", "video") if encoded.get(modality)}
             self._captured_grids.clear()
             inputs = {**kwargs, "captured_grid_thw": grids}
+            static = on_static_cache(cache)
+            if static and self.shrinks and any(self.adapter.mask_group(self.model, i) for i in range(self.num_layers)):
+                raise ValueError(
+                    f"token pruning with HF's static cache does not support {self.model.config.model_type}'s "
+                    "sliding-window layers yet: use the default dynamic cache (no cache_implementation='static')"
+                )
             layout = build_layout(self.adapter, self.model, input_ids, attention_mask, inputs)
             self.run = RunState(layout=layout, prompt_length=input_ids.shape[1], attention_mask_2d=layout.valid,
-                                static_cache=on_static_cache(cache))  # fmt: skip
+                                static_cache=static)  # fmt: skip
             features = encoded_features(kwargs)
             if features and len({id(feature) for feature in features}) < len(features):
                 self.run.image_sources = encoded_sources(features)
