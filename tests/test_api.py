@@ -114,7 +114,7 @@ def test_bad_parameters_are_refused_at_wrap(llava, spec, message):
 def test_unsupported_model_type_names_the_supported_ones():
     model = LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                          num_attention_heads=2, vocab_size=32))
-    with pytest.raises(ValueError, match="model_type 'llama'.*llava, llava_next, qwen2_5_vl, qwen2_vl, qwen3_vl"):
+    with pytest.raises(ValueError, match="model_type 'llama'.*gemma3, idefics3, llava, llava_next, llava_onevision, qwen2_5_vl, qwen2_vl, qwen3_vl"):
         ve.wrap(model, "fastv")
 
 

@@ -118,7 +118,7 @@ def test_eager_matches_sdpa(family, dtype):
 
 def test_unknown_family_and_images():
     with pytest.raises(ValueError, match="qwen3_vl"):
-        tiny_model("gemma3")
+        tiny_model("paligemma")
     assert tiny_image(3).tobytes() == tiny_image(3).tobytes() != tiny_image(4).tobytes()
     image = tiny_image(0, size=(80, 48))
     assert image.size == (80, 48) and image.mode == "RGB"

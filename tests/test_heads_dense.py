@@ -47,7 +47,7 @@ AttentionMaskInterface.register(DENSE, sdpa_mask)
 
 @contextlib.contextmanager
 def dense(model, logits=None, probs=None, masks=None, head_scale=None, allow=None, unrotated=None):
-    layers = model.model.language_model.layers
+    layers = ve.get_adapter(model).decoder_layers(model)
     hidden: dict[int, torch.Tensor] = {}
     rotary: dict[int, tuple] = {}
     _STATE.update(logits=logits or {}, probs=probs or {}, masks=masks or {}, recorded={}, hidden=hidden,

@@ -8,8 +8,8 @@ computes q and k itself, rotary and windows included; the layer's output still c
   "metric"). One record per tile (LLaVA-NeXT: the base image and each high-resolution tile).
 - Qwen towers (no [CLS]): the last block; score = the attention each patch receives, averaged over the image's query
   patches and the heads (the attention-mean variant VisionZip's authors use on Qwen); a merged LLM token (2x2
-  patches) gets the mean of its patches' scores and keys. One record per image, in the LLM's token order (Qwen2.5's
-  window order is undone).
+  patches) gets the mean of its patches' scores and keys. One record per image and per video frame (the tower
+  attends within a frame), in the LLM's token order (Qwen2.5's window order is undone).
 
 Methods that merge in the ViT feature space (VisionZip on CLIP towers) rewrite rows of the projector's input in a
 forward pre-hook; elsewhere they merge the projected features at the BEFORE_LLM stage. The hooks' handles go into the
@@ -27,7 +27,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from vlm_efficient.layout import IMAGE
+from vlm_efficient.layout import IMAGE, VIDEO
 from vlm_efficient.method import BEFORE_LLM, Method, PerThread, Selection
 from vlm_efficient.selection import keep_count, top_k_mask
 
@@ -181,10 +181,11 @@ class VisionCapture:
 
     # ---- decisions per LLM token --------------------------------------------------------------------------------
     def _qwen_order(self, grid: torch.Tensor) -> list[torch.Tensor]:
-        """Per image, the block-order index of each merged token in LLM order (identity except Qwen2.5's windows)."""
-        sizes = [int(t * h * w) // self.unit for t, h, w in grid.tolist()]
+        """Per frame of each grid row (an image is one frame), the block-order index of each merged token in LLM
+        order (identity except Qwen2.5's windows, which never cross a frame)."""
+        frames = [(int(t), int(h * w) // self.unit) for t, h, w in grid.tolist()]
         if self.family != "qwen2_5_vl":
-            return [torch.arange(n) for n in sizes]
+            return [torch.arange(n) for t, n in frames for _ in range(t)]
         visual = self.tower
         if hasattr(visual, "get_window_index"):  # transformers < 5.2x
             window_index, _ = visual.get_window_index(grid)
@@ -195,12 +196,13 @@ class VisionCapture:
                 grid, spatial_merge_size=visual.spatial_merge_size, window_size=visual.window_size,
                 patch_size=visual.patch_size,
             )  # fmt: skip
-        # window_index[i] = LLM-order token at block row i; the chunk of image g holds its own tokens contiguously
+        # window_index[i] = LLM-order token at block row i; each frame's tokens are contiguous in both orders
         orders, start = [], 0
-        for n in sizes:
-            block = window_index[start : start + n].cpu() - start
-            orders.append(torch.argsort(block))
-            start += n
+        for t, n in frames:
+            for _ in range(t):
+                block = window_index[start : start + n].cpu() - start
+                orders.append(torch.argsort(block))
+                start += n
         return orders
 
     def _first_call(self) -> dict:
@@ -234,21 +236,36 @@ class VisionCapture:
         return (~is_image).masked_scatter(is_image, torch.cat(keeps).to(hidden.device))
 
     def image_decisions(self, run, hidden: torch.Tensor):
-        """Qwen families: yield (sample, rows [n] of the image's LLM tokens, keep [n] bool, merged [n, d] or None)
-        per image (the merge happens on the LLM-side features, per image)."""
-        call = self._first_call()
+        """Qwen families: yield (sample, rows [n] of one image's or one video frame's LLM tokens, keep [n] bool,
+        merged [n, d] or None): the tower attends within each frame (one record per frame), and the merge happens
+        on the LLM-side features. generate() encodes the images, then the videos: one tower call each."""
+        kind = run.current(run.layout.kind, fill=0).to(hidden.device)
         image_index = run.current(run.layout.image_index, fill=-1).to(hidden.device)
-        is_image = run.current(run.layout.kind, fill=0).to(hidden.device) == IMAGE
-        items = [(b, k) for b in range(image_index.shape[0]) for k in range(len(run.layout.images[b]))]
-        items = [(b, k) for b, k in items if bool((is_image[b] & (image_index[b] == k)).any())]
-        orders = self._qwen_order(call["grid"])
-        for g, (b, k) in enumerate(items):
-            rows = (is_image[b] & (image_index[b] == k)).nonzero().flatten()
-            source = g if run.image_sources is None else run.image_sources[g]  # generate() repeated the images
-            order = orders[source].to(hidden.device)
-            record = call["records"][source]
-            keep, merged = self.method.choose(record["score"][order], record["metric"][order], hidden[b, rows])
-            yield b, rows, keep, merged
+        frame = run.current(run.layout.frame, fill=-1).to(hidden.device)
+        calls = iter(self.calls)
+        for modality in (IMAGE, VIDEO):
+            items = [(b, k, tokens) for b in range(image_index.shape[0])
+                     for k, tokens in enumerate(run.layout.images[b]) if tokens.video == (modality == VIDEO)]  # fmt: skip
+            items = [(b, k, tokens) for b, k, tokens in items if bool(((kind[b] == modality) & (image_index[b] == k)).any())]
+            if not items:
+                continue
+            call = next(calls, None)
+            if call is None:
+                raise RuntimeError(f"{self.method.name}: the vision tower did not run before this prefill")
+            orders = self._qwen_order(call["grid"])
+            first = [0] + torch.cumsum(call["grid"][:, 0], 0).tolist()  # each grid row's first record
+            sources = run.image_sources if modality == IMAGE else None
+            if sources is None and len(items) != call["grid"].shape[0]:
+                raise ValueError(f"{self.method.name}: {len(items)} videos in the prompts but the tower encoded "
+                                 f"{call['grid'].shape[0]}: repeated videos (beam search) are not supported")  # fmt: skip
+            for g, (b, k, tokens) in enumerate(items):
+                source = g if sources is None else sources[g]  # generate() repeated the images
+                for f, unit in enumerate(tokens.units):
+                    rows = ((kind[b] == modality) & (image_index[b] == k) & (frame[b] == unit)).nonzero().flatten()
+                    order = orders[first[source] + f].to(hidden.device)
+                    record = call["records"][first[source] + f]
+                    keep, merged = self.method.choose(record["score"][order], record["metric"][order], hidden[b, rows])
+                    yield b, rows, keep, merged
 
     @staticmethod
     def _args(record):

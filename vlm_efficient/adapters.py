@@ -7,6 +7,7 @@ are laid out on a 2-D grid, and where the vision tower is. Methods never look at
 from __future__ import annotations
 
 import inspect
+import math
 from dataclasses import dataclass
 
 import torch
@@ -19,10 +20,17 @@ class ImageTokens:
 
     `coords` is [n, 3] (part, row, col): part 0 is the image (LLaVA-NeXT: its base thumbnail), part 1 the LLaVA-NeXT
     high-resolution grid, part -1 a token with no grid cell (a LLaVA-NeXT newline, a [CLS] feature). For videos
-    part is the frame index."""
+    (`video`) part is the frame index (one frame per temporal patch) and (row, col) the cell in that frame's grid."""
 
     coords: torch.Tensor
-    grid: tuple[int, int]  # (rows, cols) of part 0
+    grid: tuple[int, int]  # (rows, cols) of part 0 (of every frame of a video)
+    video: bool = False
+
+    @property
+    def units(self) -> list[int]:
+        """The parts that methods choosing "per image" treat as one image each: every frame of a video; an image is
+        one unit whatever its parts (LLaVA-NeXT's base and high-resolution grid are one image)."""
+        return sorted(set(self.coords[:, 0].tolist()) - {-1}) if self.video else [-1]
 
     @property
     def num_tokens(self) -> int:
@@ -82,6 +90,18 @@ class ModelAdapter:
 
     def video_tokens(self, model: nn.Module, inputs: dict) -> list[ImageTokens]:
         return []
+
+    def mask_group(self, model: nn.Module, layer_idx: int) -> str | None:
+        """None where the layer's mask is causality and padding only; else a name shared by the layers whose masks
+        are alike (they share one computed mask)."""
+        return None
+
+    def layer_mask(self, model: nn.Module, layer_idx: int, allowed: torch.Tensor, queries: torch.Tensor,
+                   keys: torch.Tensor, layout) -> torch.Tensor:  # fmt: skip
+        """The mask [B, 1, q, kv] of layer layer_idx for rows at original positions queries [B, q] and keys [B, kv]
+        (-1: slot padding), given its causal + padding part `allowed`: families whose masks have more structure
+        (mask_group not None) add it here."""
+        return allowed
 
     def vision_capture_module(self, model: nn.Module) -> nn.Module | None:
         """A module whose call reveals per-image grid sizes (its `grid_thw` argument), or None."""
@@ -225,6 +245,184 @@ class LlavaNextAdapter(ModelAdapter):
         return ImageTokens(torch.cat([base, high]), (side, side))
 
 
+class LlavaOnevisionAdapter(LlavaNextAdapter):
+    """LLaVA-OneVision: LLaVA-NeXT's anyres layout (base grid, then the unpadded high-resolution grid with a newline
+    closing each row, bilinearly shrunk when larger than anyres_max_N tiles) for a sample's single image; in a sample
+    with several images each image is its base grid and one newline. A video is every frame's grid pooled 2x2
+    (bilinear, ceil(side / 2) per side), frame after frame, then one newline.
+
+    The image layout is read off the model's own `pack_image_features` applied to zero "features" with a ones
+    newline (the shrinking mixes cells, so the rows are found from the newlines, as for pre-encoded features)."""
+
+    model_types = ("llava_onevision",)
+
+    def image_tokens(self, model, inputs):
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+        config = model.config
+        side = config.vision_config.image_size // config.vision_config.patch_size
+        sizes = inputs.get("image_sizes")
+        if inputs.get("pixel_values") is None or sizes is None:
+            encoded = encoded_features(inputs)
+            return [] if encoded is None else [self._from_features(model, f, side) for f in encoded]
+        per_sample = inputs.get("batch_num_images")
+        tiled = [True] * len(sizes) if per_sample is None else [n == 1 for n in per_sample.tolist() for _ in range(n)]
+        tile = config.vision_config.image_size
+        features = [torch.zeros(image_size_to_num_patches(size, config.image_grid_pinpoints, tile) if tiles else 1,
+                                side * side, 1) for size, tiles in zip(sizes, tiled)]  # fmt: skip
+        packed, _ = model.model.pack_image_features(
+            features, sizes, image_newline=torch.ones(1), vision_aspect_ratio=config.vision_aspect_ratio
+        )
+        return [self._from_newlines(chunk[:, 0] == 1, side) for chunk in packed]
+
+    def _from_features(self, model, feature, side):
+        newline = model.model.image_newline.to(feature.device, feature.dtype)
+        return self._from_newlines((feature == newline).all(-1).cpu(), side)
+
+    @staticmethod
+    def _from_newlines(is_newline: torch.Tensor, side: int) -> ImageTokens:
+        """The base grid, then rows of the high-resolution grid each closed by a newline (a single newline when the
+        image has no high-resolution grid)."""
+        base = _row_major(side, side)
+        rest = is_newline[side * side :]
+        rows = int(rest.sum())
+        cols = rest.shape[0] // max(rows, 1) - 1
+        expected = torch.zeros(rows, cols + 1, dtype=torch.bool)
+        expected[:, -1] = True
+        if rows == 0 or rest.shape[0] != rows * (cols + 1) or not torch.equal(rest, expected.flatten()):
+            raise ValueError("LLaVA-OneVision image features do not form rows closed by newlines: pass image_sizes "
+                             "and batch_num_images with pixel_values, as the processor builds them")  # fmt: skip
+        high = _row_major(rows, cols + 1, part=1)
+        high[high[:, 2] == cols] = -1
+        return ImageTokens(torch.cat([base, high]), (side, side))
+
+    def video_tokens(self, model, inputs):
+        vision = model.config.vision_config
+        pooled = math.ceil(vision.image_size // vision.patch_size / 2)
+        pixels = inputs.get("pixel_values_videos")
+        if pixels is not None:
+            clips = [pixels.shape[1]] * pixels.shape[0]
+        else:
+            encoded = (inputs.get("mm_encoder_outputs") or {}).get("video")
+            if encoded is None:
+                return []
+            features = encoded.pooler_output  # [videos, frames * pooled^2 + 1, d]
+            clips = [(features.shape[1] - 1) // (pooled * pooled)] * features.shape[0]
+        newline = torch.tensor([[-1, -1, -1]])
+        return [ImageTokens(torch.cat([_row_major(pooled, pooled, part=f) for f in range(frames)] + [newline]),
+                            (pooled, pooled), video=True) for frames in clips]  # fmt: skip
+
+
+class Gemma3Adapter(ModelAdapter):
+    """Gemma3: each image is the SigLIP grid average-pooled to mm_tokens_per_image tokens (a square grid) between
+    begin- and end-of-image tokens. Its decoder alternates sliding-window and full-attention layers (one mask per
+    layer type, each passed to its layers), and image tokens attend to their whole image (a bidirectional block in
+    the mask, from token_type_ids): the engine works on whichever mask a layer receives."""
+
+    model_types = ("gemma3",)
+
+    def pre_rotary_modules(self, attention):
+        """Gemma3 normalises each head's query and key (q_norm / k_norm) after the projection and BEFORE rotary."""
+        return attention.q_norm, attention.k_norm
+
+    def mask_group(self, model, layer_idx):
+        return self.text_config(model).layer_types[layer_idx]
+
+    def layer_mask(self, model, layer_idx, allowed, queries, keys, layout):
+        """As Gemma3's create_masks_for_vision_model: full layers OR(causal, same image), sliding layers
+        AND(window, OR(causal, same image)), padding masked; the window counts original positions."""
+        from .layout import IMAGE  # (layout and method import this module)
+        from .method import at_positions
+
+        image_q = at_positions(torch.where(layout.kind == IMAGE, layout.image_index, -1), queries, -1)
+        image_k = at_positions(torch.where(layout.kind == IMAGE, layout.image_index, -1), keys, -1)
+        same_image = (image_q[:, :, None] == image_k[:, None, :]) & (image_q[:, :, None] >= 0)
+        allowed = allowed | same_image[:, None]
+        if self.text_config(model).layer_types[layer_idx] == "sliding_attention":
+            window = self.text_config(model).sliding_window
+            allowed = allowed & (keys[:, None, :] > queries[:, :, None] - window)[:, None]
+        return allowed
+
+    def image_tokens(self, model, inputs):
+        side = math.isqrt(model.config.mm_tokens_per_image)
+        pixel_values = inputs.get("pixel_values")
+        if pixel_values is not None:
+            num_images = pixel_values.shape[0]
+        else:
+            encoded = (inputs.get("mm_encoder_outputs") or {}).get("image")
+            num_images = 0 if encoded is None else len(encoded.pooler_output)
+        return [ImageTokens(_row_major(side, side), (side, side)) for _ in range(num_images)]
+
+
+class Idefics3Adapter(ModelAdapter):
+    """Idefics3 (SmolVLM's architecture): a large image is split into rows x cols tiles plus the global (downscaled)
+    image; each is encoded alone and pixel-shuffled into a side x side grid of LLM tokens. In the prompt each tile is
+    `<fake_token_around_image><row_r_col_c>` + its tokens, a newline closes each row of tiles, and the global image
+    comes last: `<fake_token_around_image><global-img>` + its tokens + `<fake_token_around_image>` (a small image has
+    the global image only). Layout: part 0 is the global image, part 1 the tiles' joint grid (LLaVA-NeXT's
+    convention: row r*side + i, column c*side + j).
+
+    The config names neither marker token, so the tiles are read off input_ids by the processor's pattern: every
+    token run is preceded by the fake token and a marker; a tile is followed by the next tile's (fake, marker, image
+    token) or by a row's newline; the global image by a fake token that no (marker, image token) follows."""
+
+    model_types = ("idefics3",)
+
+    def text_model(self, model):
+        return model.model.text_model
+
+    def image_tokens(self, model, inputs):
+        input_ids = inputs.get("input_ids")
+        if input_ids is None:
+            raise ValueError("Idefics3: the image layout is read off input_ids; pass input_ids")
+        config = model.config
+        side = config.vision_config.image_size // config.vision_config.patch_size // config.scale_factor
+        items = []
+        for ids in input_ids.tolist():
+            runs = _token_runs(ids, config.image_token_id)
+            fake = ids[runs[0][0] - 2] if runs else None
+            tiles = []
+            for start, end in runs:
+                if end - start != side * side or ids[start - 2] != fake:
+                    raise ValueError(f"Idefics3: image tokens at {start}..{end} do not follow the processor's pattern "
+                                     f"(runs of {side * side} tokens after <fake_token_around_image> and a marker): "
+                                     "build the prompt with the model's processor")  # fmt: skip
+                follow = ids[end : end + 3]
+                is_tile = follow[:1] != [fake] or (len(follow) == 3 and follow[2] == config.image_token_id)
+                if is_tile:
+                    tiles.append(end)
+                    continue
+                items.append(self._image(tiles, ids, side, fake))
+                tiles = []
+            if tiles:
+                raise ValueError("Idefics3: image tiles without their global image: build the prompt with the processor")
+        return items
+
+    @staticmethod
+    def _image(tiles: list[int], ids: list[int], side: int, fake: int) -> ImageTokens:
+        """The tiles (their runs' ends, in prompt order), then the global image."""
+        cols = next((k + 1 for k, end in enumerate(tiles) if ids[end] != fake), len(tiles))
+        parts = []
+        for k in range(len(tiles)):
+            tile = _row_major(side, side, part=1)
+            tile[:, 1] += (k // cols) * side
+            tile[:, 2] += (k % cols) * side
+            parts.append(tile)
+        return ImageTokens(torch.cat(parts + [_row_major(side, side)]), (side, side))
+
+
+def _token_runs(ids: list[int], token: int) -> list[tuple[int, int]]:
+    """[start, end) of each maximal run of `token` in ids."""
+    runs, start = [], None
+    for i, value in enumerate(ids + [None]):
+        if value == token and start is None:
+            start = i
+        elif value != token and start is not None:
+            runs.append((start, i))
+            start = None
+    return runs
+
+
 class QwenVLAdapter(ModelAdapter):
     """Qwen2-VL / Qwen2.5-VL: dynamic resolution; each image is a (t, h, w) patch grid merged spatial_merge_size^2
     patches to one LLM token."""
@@ -234,7 +432,7 @@ class QwenVLAdapter(ModelAdapter):
     def _merge(self, model) -> int:
         return model.config.vision_config.spatial_merge_size
 
-    def _grid_tokens(self, model, grid_thw) -> list[ImageTokens]:
+    def _grid_tokens(self, model, grid_thw, video: bool) -> list[ImageTokens]:
         if grid_thw is None:
             return []
         merge = self._merge(model)
@@ -242,14 +440,14 @@ class QwenVLAdapter(ModelAdapter):
         for t, h, w in grid_thw.tolist():
             rows, cols = h // merge, w // merge
             coords = torch.cat([_row_major(rows, cols, part=frame) for frame in range(t)])
-            out.append(ImageTokens(coords, (rows, cols)))
+            out.append(ImageTokens(coords, (rows, cols), video=video))
         return out
 
     def image_tokens(self, model, inputs):
-        return self._grid_tokens(model, self._grid(inputs, "image"))
+        return self._grid_tokens(model, self._grid(inputs, "image"), video=False)
 
     def video_tokens(self, model, inputs):
-        return self._grid_tokens(model, self._grid(inputs, "video"))
+        return self._grid_tokens(model, self._grid(inputs, "video"), video=True)
 
     def _grid(self, inputs: dict, modality: str) -> torch.Tensor | None:
         grid = inputs.get(f"{modality}_grid_thw")
@@ -302,7 +500,9 @@ class Qwen3VLAdapter(QwenVLAdapter):
 
 ADAPTERS: dict[str, ModelAdapter] = {
     model_type: adapter
-    for adapter in (LlavaAdapter(), LlavaNextAdapter(), QwenVLAdapter(), Qwen3VLAdapter())
+    for adapter in (LlavaAdapter(), LlavaNextAdapter(), LlavaOnevisionAdapter(), Gemma3Adapter(), Idefics3Adapter(),
+                    QwenVLAdapter(),
+                    Qwen3VLAdapter())
     for model_type in adapter.model_types
 }
 

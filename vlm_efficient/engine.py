@@ -230,15 +230,17 @@ class RunState:
                                                  self.current(self.layout.visual, fill=False).sum(1))}  # fmt: skip
         return self.counts["value"]
 
-    def attention_positions(self, layer: int, q_len: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Original positions of this call's query rows [B, q] and of the layer's cached keys [B, kv]."""
+    def attention_positions(self, layer: int, q_len: int, device, kv_len: int | None = None):
+        """Original positions of this call's query rows [B, q] and of the layer's cached keys [B, kv] (the last
+        kv_len of them, where given)."""
         batch = self.layout.batch_size
         if self.prefill:
             positions = self.current_positions().to(device)
             return positions, positions
         queries = torch.arange(self.fed, self.fed + q_len, device=device).expand(batch, -1)
         generated = torch.arange(self.prompt_length, self.fed + q_len, device=device).expand(batch, -1)
-        return queries, torch.cat([self.prompt_keys(layer, device), generated], dim=1)
+        keys = torch.cat([self.prompt_keys(layer, device), generated], dim=1)
+        return queries, keys if kv_len is None else keys[:, -kv_len:]  # a sliding-window cache keeps the last ones
 
     def prompt_keys(self, layer: int, device) -> torch.Tensor:
         """[B, m] original positions of the prompt keys layer `layer` cached (-1 = slot padding)."""
@@ -479,9 +481,15 @@ class Engine:
             grids = {modality: next(captured, None) for modality in ("image", "video") if encoded.get(modality)}
             self._captured_grids.clear()
             inputs = {**kwargs, "captured_grid_thw": grids}
+            static = on_static_cache(cache)
+            if static and self.shrinks and any(self.adapter.mask_group(self.model, i) for i in range(self.num_layers)):
+                raise ValueError(
+                    f"token pruning with HF's static cache does not support {self.model.config.model_type}'s "
+                    "sliding-window layers yet: use the default dynamic cache (no cache_implementation='static')"
+                )
             layout = build_layout(self.adapter, self.model, input_ids, attention_mask, inputs)
             self.run = RunState(layout=layout, prompt_length=input_ids.shape[1], attention_mask_2d=layout.valid,
-                                static_cache=on_static_cache(cache))  # fmt: skip
+                                static_cache=static)  # fmt: skip
             features = encoded_features(kwargs)
             if features and len({id(feature) for feature in features}) < len(features):
                 self.run.image_sources = encoded_sources(features)
@@ -672,7 +680,8 @@ class Engine:
         idx, scaling = module.layer_idx, kwargs.get("scaling")
         if self.run is not None and not self.run.prefill and idx in self.run.ragged:
             return self.ragged_attention(idx, query, key, scaling)
-        if self.router.backend(self.run, query.device) is not None:
+        # the kernels know causality, padding and the methods' edits: a family mask with more (mask_group) stays dense
+        if self.router.backend(self.run, query.device) is not None and self.adapter.mask_group(self.model, idx) is None:
             unrotated = self.pre_rotary(idx, query, key)
             output, delivered = self.router.attend(module, query, key, value, attention_mask, kwargs, unrotated)
         else:
@@ -727,9 +736,9 @@ class Engine:
             return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
         return edited_attention(query, key, value, attention_mask, scaling, edits, unrotated), None
 
-    def attention_context(self, idx: int, query: torch.Tensor) -> AttentionContext:
+    def attention_context(self, idx: int, query: torch.Tensor, kv_len: int | None = None) -> AttentionContext:
         """What attention_edit gets: original positions of this call's query rows and of layer idx's cached keys."""
-        queries, keys = self.run.attention_positions(idx, query.shape[2], query.device)
+        queries, keys = self.run.attention_positions(idx, query.shape[2], query.device, kv_len)
         return AttentionContext(queries, keys, self.run.prefill, query.shape[1])
 
     def attention_edits(self, idx: int, query: torch.Tensor, key: torch.Tensor, known: dict | None = None) -> list:
@@ -747,7 +756,8 @@ class Engine:
                 edit = known[id(method)]
             else:
                 if context is None:
-                    context = self.attention_context(idx, query)
+                    grouped = self.adapter.mask_group(self.model, idx) is not None
+                    context = self.attention_context(idx, query, key.shape[2] if grouped else None)
                 edit = self.method_edit(method, idx, context)
             if edit is not None:
                 edits.append(edit)
@@ -818,12 +828,15 @@ class Engine:
     def _layer_kwargs(self, idx: int, kwargs: dict, run: RunState, device: torch.device) -> dict:
         """Layers on a shrunk sequence get sliced rotary tables and position ids and their own mask; layers that
         share rows and a device (several GPUs with device_map) share one computed copy."""
+        # layers whose family mask has more than causality and padding (adapter.mask_group) get the engine's mask
+        # whenever rows were dropped: the text model's own would be laid over the compact rows
+        group = self.adapter.mask_group(self.model, idx)
         if run.prefill:
-            if run.rows is None:
+            if run.rows is None and (group is None or run.input_positions is None):
                 return kwargs
-            key = ("prefill", id(run.rows), device)
+            key = ("prefill", id(run.rows), group, device)
             if key not in run.layer_kwargs_cache:
-                run.layer_kwargs_cache[key] = self._shrunk_prefill_kwargs(kwargs, run, device)
+                run.layer_kwargs_cache[key] = self._shrunk_prefill_kwargs(kwargs, run, device, idx)
             return {**kwargs, **run.layer_kwargs_cache[key]}
         prompt_keys = run.layer_positions.get(idx)
         if prompt_keys is None:
@@ -832,26 +845,41 @@ class Engine:
         # all precede it and none is slot padding, so no mask is exact and keeps SDPA off its masked path. (After a
         # BEFORE_LLM shrink the text model is given no mask to check: there the engine's mask stays.)
         step = kwargs["position_embeddings"][0].shape[-2]
-        if step == 1 and run.aligned and run.input_positions is None and kwargs.get("attention_mask") is None:
+        if (step == 1 and run.aligned and run.input_positions is None and kwargs.get("attention_mask") is None
+                and group is None):  # fmt: skip
             return kwargs
-        key = ("decode", id(prompt_keys), device)
+        key = ("decode", id(prompt_keys), group, device)
         if key not in run.layer_kwargs_cache:
             prompt_keys = prompt_keys.to(device)
             batch = prompt_keys.shape[0]
             new = torch.arange(run.prompt_length, run.fed + step, device=device).expand(batch, -1)
             queries = torch.arange(run.fed, run.fed + step, device=device).expand(batch, -1)
             keys = torch.cat([prompt_keys, new], dim=1)
-            mask = build_mask(queries, keys, run.attention_mask_2d.to(device))
-            run.layer_kwargs_cache[key] = {"attention_mask": mask}
+            if group is not None:
+                keys = keys[:, -self._cached_keys(kwargs, idx, step) :]
+            run.layer_kwargs_cache[key] = {"attention_mask": self._rows_mask(idx, queries, keys, run, device)}
         return {**kwargs, **run.layer_kwargs_cache[key]}
 
-    def _shrunk_prefill_kwargs(self, kwargs: dict, run: RunState, device: torch.device) -> dict:
+    @staticmethod
+    def _cached_keys(kwargs: dict, idx: int, step: int) -> int:
+        """How many keys layer idx attends to in this decode step: its cached ones (a sliding-window layer keeps
+        only its last window - 1 rows, of the kept ones) and the step's. Asked only for layers with a mask group:
+        the per-head and ragged caches of the other families hold their keys otherwise."""
+        cached = getattr(kv_cache(kwargs).layers[idx], "keys", None)
+        return (0 if cached is None else cached.shape[-2]) + step
+
+    def _rows_mask(self, idx: int, queries: torch.Tensor, keys: torch.Tensor, run: RunState, device) -> torch.Tensor:
+        mask = build_mask(queries, keys, run.attention_mask_2d.to(device))
+        return self.adapter.layer_mask(self.model, idx, mask, queries, keys, run.layout)
+
+    def _shrunk_prefill_kwargs(self, kwargs: dict, run: RunState, device: torch.device, idx: int) -> dict:
         positions = run.positions.to(device)
+        # no padding of either kind (known on the host) and a plain causal family mask: SDPA's flash path
+        plain = run.aligned and not run.layout.padded and self.adapter.mask_group(self.model, idx) is None
+        update = {"attention_mask": None if plain else self._rows_mask(idx, positions, positions, run, device)}
+        if run.rows is None:  # shrunk before the LLM: the text model made the rotary tables of the compact rows
+            return update
         index = run.rows.to(device).clamp(min=0)
-        # no padding of either kind (known on the host): plain causality on the rows, SDPA's flash path
-        plain = run.aligned and not run.layout.padded
-        mask = None if plain else build_mask(positions, positions, run.attention_mask_2d.to(device))
-        update = {"attention_mask": mask}
         cos, sin = kwargs["position_embeddings"]
         update["position_embeddings"] = (_gather_seq(cos, index, -2), _gather_seq(sin, index, -2))
         position_ids = kwargs.get("position_ids")

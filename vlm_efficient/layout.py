@@ -36,6 +36,11 @@ class ModalityLayout:
         return (self.kind == IMAGE) | (self.kind == VIDEO)
 
     @property
+    def frame(self) -> torch.Tensor:
+        """[B, N] frame index of each video token within its video, -1 elsewhere."""
+        return torch.where(self.kind == VIDEO, self.coords[..., 0], -1)
+
+    @property
     def text(self) -> torch.Tensor:
         return self.kind == TEXT
 

@@ -55,9 +55,9 @@ def named_models() -> dict[str, NamedModel]:
     global _BUILT_IN_READ
     if not _BUILT_IN_READ:
         _BUILT_IN_READ = True
-        from .testing import FAMILIES
+        from .testing import FAMILIES, NEW_FAMILIES
 
-        for family in FAMILIES:
+        for family in FAMILIES + NEW_FAMILIES:
             _NAMED_MODELS[f"tiny:{family}"] = NamedModel(f"tiny:{family}", _TinyModel(family),
                                                          f"a small random {family} model (offline, no weights)")
         for point in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):

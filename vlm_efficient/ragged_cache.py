@@ -72,6 +72,11 @@ def store_per_head(engine, run, cache) -> None:
         keeps = [k for m in engine.methods if (k := m.decode_cache_keep(idx, run)) is not None]
         if not keeps:
             continue
+        if engine.adapter.mask_group(engine.model, idx) is not None:
+            raise ValueError(
+                f"a per-head pruned KV cache decodes without layer {idx}'s own mask ({engine.model.config.model_type}: "
+                "sliding windows, image blocks): use plphp:cache=mask, which keeps a dense cache."
+            )
         if layers is None or not isinstance(layers[idx], DynamicLayer) or layers[idx].keys is None:
             raise ValueError(
                 f"{type(cache).__name__}: a per-head pruned KV cache replaces layers of a DynamicCache (the default "

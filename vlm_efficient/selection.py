@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from .layout import VIDEO
+
 
 def check_drop_ratio(method: str, ratio: float) -> None:
     if not 0.0 <= ratio < 1.0:
@@ -26,16 +28,20 @@ def check_positions(method: str, positions: str, engine) -> None:
 
 def keep_per_image(run, ratio: float, choose) -> torch.Tensor:
     """Keep every non-visual row and, of each image, the rows `choose` picks, with count = round((1 - ratio) * n) of
-    its n rows. Images with the same n are chosen in one call (a per-image call would cost a batch of 200 images
+    its n rows. Each frame of a video is an image here (ImageTokens.units), as a video's frames reach an image
+    encoder. Images with the same n are chosen in one call (a per-image call would cost a batch of 200 images
     hundreds of host round trips): choose(samples [I], items (image index in its sample, per image), rows [I, n])
     -> [I, count] indices into each image's rows."""
     image_index = run.current(run.layout.image_index, fill=-1)
-    keep = image_index < 0
+    frame = run.current(run.layout.frame, fill=-1)
+    # video tokens outside every frame (LLaVA-OneVision's closing newline) belong to no frame to choose from: they stay
+    keep = (image_index < 0) | ((run.current(run.layout.kind, fill=0) == VIDEO) & (frame < 0))
     by_size: dict[int, list] = {}
     for b in range(keep.shape[0]):
-        for item in range(len(run.layout.images[b])):
-            rows = (image_index[b] == item).nonzero().flatten()
-            by_size.setdefault(rows.numel(), []).append((b, item, rows))
+        for item, tokens in enumerate(run.layout.images[b]):
+            for unit in tokens.units:
+                rows = ((image_index[b] == item) & (frame[b] == unit)).nonzero().flatten()
+                by_size.setdefault(rows.numel(), []).append((b, item, rows))
     for n, images in by_size.items():
         samples = torch.tensor([b for b, _, _ in images], device=keep.device)
         rows = torch.stack([r for _, _, r in images])

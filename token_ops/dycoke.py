@@ -1,0 +1,76 @@
+"""DyCoke's temporal token merging (Tao et al., CVPR 2025, "DyCoke: Dynamic Compression of Tokens for Fast Video
+Large Language Models"; code github.com/KD-TAO/DyCoke, `dycole_ttm` in llava/model/llava_arch.py), training-free, on
+videos before the LLM.
+
+Per video, frames in windows of four: in each pair of frames (0, 1), (2, 3), ... the second frame keeps only the
+int((1 - R) * n) of its n tokens least similar (cosine) to the token at the same grid cell of the first frame, and
+the first frame stays whole; then in each window starting at frame i (i = 0, 4, ... < frames - 4, the code's loop
+bounds) frame i + 2 is instead pruned the same way against frame i. Dropped tokens repeat what the earlier frame
+already shows ("merged" into it). Images and tokens outside every frame (LLaVA-OneVision's closing newline) stay.
+The second stage of DyCoke (dynamic KV-cache pruning while decoding) is not part of this method.
+
+A frame is one temporal step of the LLM's grid (Qwen: a temporal patch of two frames), as `layout.frame` counts
+them. The default ratio 0.7 is the code's `merging_ratio`. `variant=code`: the public code's first loop ranks the
+tokens of pair i by the similarities of the previous pair (`similarities[(i - 2) // 2]`, the last pair's for the
+first); the default uses each pair's own, as the paper describes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from vlm_efficient.method import BEFORE_LLM, Method
+from vlm_efficient.selection import check_drop_ratio
+from vlm_efficient.registry import register_method
+
+VARIANTS = ("paper", "code")
+
+
+def least_similar(earlier: torch.Tensor, later: torch.Tensor, count: int) -> torch.Tensor:
+    """Indices of the `count` cells whose `later` token [n, d] is least cosine-similar to the `earlier` one; ties go
+    to the earlier cell."""
+    similarity = torch.nn.functional.cosine_similarity(earlier.float(), later.float(), dim=-1)
+    return similarity.sort(stable=True).indices[:count]
+
+
+@register_method
+@dataclass
+class DyCoke(Method):
+    name = "dycoke"
+    summary = "video: drop the tokens of a frame that repeat the frame before (DyCoke's temporal merging) before the LLM"
+
+    ratio: float = 0.7
+    variant: str = "paper"
+
+    def bind(self, engine) -> None:
+        check_drop_ratio("dycoke", self.ratio)
+        if self.variant not in VARIANTS:
+            raise ValueError(f"dycoke: variant={self.variant!r}: use one of {', '.join(VARIANTS)}")
+
+    def prune_layers(self) -> set[int]:
+        return {BEFORE_LLM}
+
+    def select_tokens(self, layer, run, hidden) -> torch.Tensor:
+        image_index = run.current(run.layout.image_index, fill=-1).to(hidden.device)
+        frame = run.current(run.layout.frame, fill=-1).to(hidden.device)
+        keep = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
+        for b, items in enumerate(run.layout.images):
+            for k, tokens in enumerate(items):
+                if tokens.video:
+                    rows = [((image_index[b] == k) & (frame[b] == f)).nonzero().flatten() for f in tokens.units]
+                    for f, kept in self.kept_cells([hidden[b, r] for r in rows]).items():
+                        keep[b, rows[f]] = False
+                        keep[b, rows[f][kept]] = True
+        return keep
+
+    def kept_cells(self, frames: list[torch.Tensor]) -> dict[int, torch.Tensor]:
+        """{frame: kept cell indices} for the pruned frames of one video, frames [F] x [n, d]."""
+        count = int((1.0 - self.ratio) * frames[0].shape[0])
+        pairs = range(0, len(frames) - 1, 2)
+        ranked_by = {i: (i if self.variant == "paper" else pairs[(i - 2) // 2]) for i in pairs}
+        kept = {i + 1: least_similar(frames[j], frames[j + 1], count) for i, j in ranked_by.items()}
+        for i in range(0, len(frames) - 4, 4):
+            kept[i + 2] = least_similar(frames[i], frames[i + 2], count)
+        return kept
