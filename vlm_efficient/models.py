@@ -1,4 +1,5 @@
-"""Loading a model by name: "testbed" (the project's trained LLaVA-architecture model, shipped in the package), a
+"""Loading a model by name: "testbed" (the project's trained LLaVA-architecture model, shipped in the package),
+"testbed-lm" (the same vision side on the pretrained SmolLM2-135M-Instruct, evals/testbed/lm.py), a
 Hugging Face directory or hub id through the standard from_pretrained calls, or "tiny:<family>" (a small random model
 of that family, for trying the pipeline on any architecture without weights)."""
 
@@ -20,6 +21,10 @@ def load_model(name: str, *, device: str = "cpu", dtype: torch.dtype = torch.flo
         from .evals.testbed import TESTBED_DIR
 
         name = str(TESTBED_DIR)
+    if name == "testbed-lm":  # LLaVA on SmolLM2: the trained parts of the checkout + the cached LM, assembled once
+        from .evals.testbed.lm import assembled_dir
+
+        name = str(assembled_dir())
     if name.startswith("tiny:"):
         from .testing import FAMILIES, tiny_model
 

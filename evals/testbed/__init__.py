@@ -45,7 +45,10 @@ def load_testbed(device="cpu", dtype=torch.float32, attn_implementation="sdpa", 
 
 
 def _inputs(model, processor, images, questions):
-    prompts = [build_prompt(q) for q in questions]
+    from vlm_efficient.models import build_prompt as chat_prompt
+
+    # the processor's chat template: the testbed's renders `build_prompt`, testbed-lm's is SmolLM2's ChatML
+    prompts = [chat_prompt(processor, q) for q in questions]
     processor.tokenizer.padding_side = "left"
     inputs = processor(images=list(images), text=prompts, return_tensors="pt", padding=True)
     inputs = inputs.to(model.device)
