@@ -231,9 +231,13 @@ def add_lora(language_model, rank: int, alpha: float) -> list[nn.Parameter]:
 
 
 def lora_state(language_model) -> dict[str, torch.Tensor]:
-    """The LoRA factors of a parametrized LM: {"lora.<module>.A" / ".B": tensor}."""
+    """The LoRA factors of a parametrized LM: {"lora.<module>.A" / ".B": tensor} (none before `add_lora`)."""
+    from torch.nn.utils import parametrize
+
     out = {}
     for name, linear in lora_modules(language_model):
+        if not parametrize.is_parametrized(linear, "weight"):
+            continue
         lora = linear.parametrizations.weight[0]
         out[f"lora.{name}.A"], out[f"lora.{name}.B"] = lora.A.detach(), lora.B.detach()
     return out
@@ -251,7 +255,9 @@ def merge_lora(language_model, state: dict[str, torch.Tensor], rank: int, alpha:
 
 def trained_state(model) -> dict[str, torch.Tensor]:
     """What testbed-lm ships: the vision tower, the projector and the LM's LoRA factors."""
-    out = {f"vision_tower.{k}": v for k, v in model.model.vision_tower.state_dict().items()}
+    # without the "vision_model." level that some transformers versions' CLIPVisionModel has (load_vision_tower)
+    vision = model.model.vision_tower.state_dict()
+    out = {f"vision_tower.{k.removeprefix('vision_model.')}": v for k, v in vision.items()}
     out.update({f"multi_modal_projector.{k}": v for k, v in model.model.multi_modal_projector.state_dict().items()})
     out.update(lora_state(model.model.language_model))
     return out
@@ -266,6 +272,14 @@ def save_trained_parts(model, out: Path, lora: dict, dtype=torch.float16) -> Non
     save_file({k: v.detach().to(dtype).contiguous().cpu() for k, v in trained_state(model).items()}, out / PARTS_FILE)
     config = {"vision_config": model.config.vision_config.to_dict(), "lora": lora, "language_model": GGUF_FILE}
     (out / PARTS_CONFIG).write_text(json.dumps(config, indent=1))
+
+
+def load_vision_tower(vision_tower, state: dict[str, torch.Tensor]) -> None:
+    """Load the "vision_tower.*" entries of `state` (saved by `trained_state`) into a CLIPVisionModel, with or without
+    its "vision_model." level (transformers 5.17 has it, later 5.x not)."""
+    prefix = "vision_model." if any(k.startswith("vision_model.") for k in vision_tower.state_dict()) else ""
+    parts = {k.split(".", 1)[1]: v for k, v in state.items() if k.startswith("vision_tower.")}
+    vision_tower.load_state_dict({prefix + k: v for k, v in parts.items()})
 
 
 def build_model(parts_config: dict, lm_dir: Path | None = None):
@@ -298,9 +312,10 @@ def assemble(parts_dir: Path | None = None):
     config = json.loads((parts_dir / PARTS_CONFIG).read_text())
     model, processor = build_model(config)
     state = {k: v.float() for k, v in load_file(parts_dir / PARTS_FILE).items()}
-    for part in ("vision_tower", "multi_modal_projector"):
-        sub = {k.split(".", 1)[1]: v for k, v in state.items() if k.startswith(part + ".")}
-        getattr(model.model, part).load_state_dict(sub)
+    load_vision_tower(model.model.vision_tower, state)
+    model.model.multi_modal_projector.load_state_dict(
+        {k.split(".", 1)[1]: v for k, v in state.items() if k.startswith("multi_modal_projector.")}
+    )
     if config["lora"]:  # stage 1's parts have none
         merge_lora(model.model.language_model, state, config["lora"]["rank"], config["lora"]["alpha"])
     return model, processor

@@ -52,7 +52,7 @@ STAGE2 = dict(
     caption_prob=0.4, aux_weight=0.2, index_offset=20_000_000, time_budget_s=600, probe_every=500,
 )  # fmt: skip
 STAGES = {"stage1": STAGE1, "stage2": STAGE2}
-SMOKE = dict(steps=3, batch_size=2, warmup=1, workers=0, log_every=1, probe_every=3, time_budget_s=None)
+SMOKE = dict(steps=2, batch_size=2, warmup=1, workers=0, log_every=1, probe_every=3, time_budget_s=None)
 SMOKE_EVAL_N = 1
 EVAL_N = 150
 # For the printed estimate only: sustained bf16 throughput this small model gets on one H100 (576-wide matmuls run
@@ -97,7 +97,8 @@ class Dialogues(torch.utils.data.Dataset):
         i += self.cfg["index_offset"]
         scene = priors.make_scene("train", i)
         rng = random.Random(self.cfg["seed"] * 1_000_003 + i)
-        turns = tasks.conversation(scene, rng, self.cfg["max_turns"], self.cfg["caption_prob"], self.cfg["turn_weights"])
+        cfg = self.cfg
+        turns = tasks.conversation(scene, rng, cfg["max_turns"], cfg["caption_prob"], cfg["turn_weights"])
         ids, labels = encode_dialogue(self.tokenizer, turns, self.n_image_tokens)
         return np.asarray(scene.image()), ids, labels, world.patch_labels(scene)
 
@@ -106,7 +107,8 @@ def probe_set(tokenizer, n_image_tokens: int, per_task: int):
     """Held-out (validation split) single-turn questions, for the teacher-forced exact-match probes of run_probe."""
     items = []
     for cat in ("random", "popular", "adversarial"):
-        rows = tasks.pope("validation", n_images=per_task // 3 + 4, with_images=False, categories=(cat,), world="priors")
+        rows = tasks.pope("validation", n_images=per_task // 3 + 4, with_images=False, categories=(cat,),
+                          world="priors")  # fmt: skip
         items += [(f"pope_{cat}", r["image_source"], r["question"], r["answer"].capitalize()) for r in rows[:per_task]]
     for r in tasks.vqa("validation", n_per_task=per_task, with_images=False, world="priors"):
         items.append((r["task"], r["image_id"], r["question"], r["multiple_choice_answer"]))
@@ -167,8 +169,9 @@ def train_stage(name: str, cfg: dict, out: Path, init: Path | None, smoke: bool)
                        cfg["aux_centre_pos_weight"]).to(device)  # fmt: skip
     captured = {}
     model.model.multi_modal_projector.register_forward_hook(lambda mod, inp, o: captured.__setitem__("f", o))
+    rest = projector + lora + list(heads.parameters())
     groups = [{"params": vision, "lr": cfg["vision_lr"], "base_lr": cfg["vision_lr"]},
-              {"params": projector + lora + list(heads.parameters()), "lr": cfg["lr"], "base_lr": cfg["lr"]}]  # fmt: skip
+              {"params": rest, "lr": cfg["lr"], "base_lr": cfg["lr"]}]  # fmt: skip
     opt = torch.optim.AdamW(groups, betas=cfg["betas"], weight_decay=cfg["weight_decay"], fused=amp)
     trained = [p for g in groups for p in g["params"]]
 
@@ -220,7 +223,8 @@ def train_stage(name: str, cfg: dict, out: Path, init: Path | None, smoke: bool)
         if step % cfg["log_every"] == 0 or step in (1, total):
             record = {"step": step, "loss": round(loss.item(), 5), "aux": round(aux_loss.item(), 4),
                       "aux_shape_acc": round(aux_acc.item(), 4), "lr": opt.param_groups[1]["lr"],
-                      "grad_norm": round(grad_norm.item(), 4), "elapsed_s": round(time.time() - t_start, 1)}  # fmt: skip
+                      "grad_norm": round(grad_norm.item(), 4),
+                      "elapsed_s": round(time.time() - t_start, 1)}  # fmt: skip
             history.append(record)
             bar.write(" ".join(f"{k}={v}" for k, v in record.items()))
         if step % cfg["probe_every"] == 0 or step == total:

@@ -255,7 +255,8 @@ def _scenes(split: str, n: int, start: int = 0, world: str = "base"):
 
 
 def pope(split: str = "test", n_images: int = 100, start: int = 0, per_image: int = 3,
-         categories=("random", "popular", "adversarial"), with_images: bool = True, world: str = "base") -> list[dict]:  # fmt: skip
+         categories=("random", "popular", "adversarial"), with_images: bool = True,
+         world: str = "base") -> list[dict]:  # fmt: skip
     """POPE rows (lmms-lab/POPE columns): per image up to `per_image` present objects (yes) and as many absent
     objects (no) for each negative-sampling category."""
     rows = []
