@@ -19,6 +19,8 @@ POPE random / popular / adversarial, VQA colour / count / position / text, MME, 
 test split of the priors world, from the model assembled from checkpoint/ exactly as users load it). A rerun with
 the same DIR skips the finished stages. Each stage has a time budget: after a timing window its step count is
 lowered to fit (never raised), so the whole run stays under 20 minutes on one H100; the log says the count used.
+Estimated from FLOPs (ASSUMED_H100_FLOPS): stage 1 ~110 s (budget 300 s), stage 2 ~380 s (budget 480 s), the eval
+1-2 min. `--stop-after stage1` / `stage2` cuts the run into commands of under 10 minutes each (rerun to go on).
 The GPU machine needs `gguf` (a wheel) and the GGUF file ($VLM_EFFICIENT_SMOLLM2_GGUF, lm.py) but not peft.
 """
 
@@ -49,7 +51,7 @@ STAGE1 = dict(
 )  # fmt: skip
 STAGE2 = dict(
     STAGE1, seed=202, steps=2600, lr=3e-4, vision_lr=5e-5, lora_rank=16, lora_alpha=32, warmup=100, max_turns=10,
-    caption_prob=0.4, aux_weight=0.2, index_offset=20_000_000, time_budget_s=600, probe_every=500,
+    caption_prob=0.4, aux_weight=0.2, index_offset=20_000_000, time_budget_s=480, probe_every=500,
 )  # fmt: skip
 STAGES = {"stage1": STAGE1, "stage2": STAGE2}
 SMOKE = dict(steps=2, batch_size=2, warmup=1, workers=0, log_every=1, probe_every=3, time_budget_s=None)
@@ -178,9 +180,12 @@ def train_stage(name: str, cfg: dict, out: Path, init: Path | None, smoke: bool)
     data = Dialogues(tokenizer, 10**8, cfg, n_image_tokens)
     sample_tokens = np.mean([len(data[i][1]) for i in range(8)])
     est = estimate_seconds(model, cfg, sample_tokens, lm_trained=bool(lora))
+    full = STAGES[name]
     print(f"{name}: {cfg['steps']} steps x {cfg['batch_size']} dialogues (~{sample_tokens:.0f} tokens each); "
           f"estimated {est:.0f} s on one H100 (at {ASSUMED_H100_FLOPS / 1e12:.0f} TFLOP/s sustained); "
-          f"time budget {cfg['time_budget_s']} s", flush=True)  # fmt: skip
+          f"time budget {cfg['time_budget_s']} s; the full recipe's {name}: {full['steps']} x {full['batch_size']}, "
+          f"estimated {estimate_seconds(model, full, sample_tokens, bool(lora)):.0f} s, at most "
+          f"{full['time_budget_s']} s", flush=True)  # fmt: skip
     loader = torch.utils.data.DataLoader(
         data, batch_size=cfg["batch_size"], shuffle=False, num_workers=cfg["workers"], drop_last=True,
         collate_fn=lambda b: collate(b, pad_id=tokenizer.pad_token_id), pin_memory=amp,
@@ -268,6 +273,9 @@ def main(argv=None):
     ap.add_argument("--out", required=True, help="output directory (rerun with it to resume after a finished stage)")
     ap.add_argument("--smoke", action="store_true", help="a few steps on a few scenes, a tiny eval (CPU check)")
     ap.add_argument("--eval-n", type=int, default=None, help=f"held-out scenes / questions per task (default {EVAL_N})")
+    ap.add_argument("--stop-after", choices=list(STAGES), default=None,
+                    help="stop after this stage (a rerun with the same --out goes on from there): for machines that "
+                         "limit the length of one command")  # fmt: skip
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -286,6 +294,9 @@ def main(argv=None):
             else:
                 train_stage(name, cfg, out, init, args.smoke)
             init = out / name
+            if name == args.stop_after:
+                print(f"stopped after {name} (--stop-after)", flush=True)
+                return
         shutil.copytree(init, out / "checkpoint", dirs_exist_ok=True)
         evaluate_checkpoint(out / "checkpoint", out, args.eval_n or (SMOKE_EVAL_N if args.smoke else EVAL_N))
         print(f"all done in {time.time() - t0:.0f} s", flush=True)
