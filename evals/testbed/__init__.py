@@ -5,7 +5,9 @@
     ask(model, processor, image, "What color is the star?")
 
 `world` draws scenes with complete ground truth, `tasks` turns them into POPE / CHAIR / VQAv2 / MME-shaped rows,
-`train` is the script that made `checkpoint/`, `evaluate` measures it on held-out scenes. The checkpoint is a
+`train` is the script that made `checkpoint/`, `evaluate` measures it on held-out scenes. testbed-lm, the same vision
+side on the pretrained SmolLM2-135M-Instruct: `lm` (loading, caching, assembly), `lm_train`, and its world of priors
+`priors`. The checkpoint is a
 standard HF directory: `LlavaForConditionalGeneration.from_pretrained(TESTBED_DIR)` and
 `AutoProcessor.from_pretrained(TESTBED_DIR)` load it offline.
 
