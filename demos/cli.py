@@ -28,7 +28,7 @@ def _demo(args) -> int:
 def register(subparsers) -> None:
     p = subparsers.add_parser("demo", help="Gradio app: base and wrapped model side by side, kept tokens, attention")
     p.add_argument("--model", default="testbed",
-                   help="testbed, a model directory or hub id, or tiny:<family> (default %(default)s)")  # fmt: skip
+                   help="testbed, testbed-lm, a model directory or hub id, or tiny:<family> (default %(default)s)")  # fmt: skip
     p.add_argument("--port", type=int, default=7860, help="default %(default)s")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--concurrency", type=int, default=2,

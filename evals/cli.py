@@ -5,7 +5,7 @@ from __future__ import annotations
 
 def _common(p, model_default="testbed") -> None:
     p.add_argument("--model", default=model_default,
-                   help="testbed, tiny:<family>, a model directory or a hub id (default %(default)s)")  # fmt: skip
+                   help="testbed, testbed-lm, tiny:<family>, a model directory or a hub id (default %(default)s)")  # fmt: skip
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
 

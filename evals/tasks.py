@@ -2,7 +2,8 @@
 
 Real benchmarks (REFERENCE.md section 5): pope, chair (COCO), vqav2, textvqa, gqa, mme, scienceqa_img.
 Testbed suites, generated from the testbed world and read back through the same loaders and metrics:
-testbed_pope, testbed_chair, testbed_vqa, testbed_mme.
+testbed_pope, testbed_chair, testbed_vqa, testbed_mme; on testbed-lm's world of priors (testbed/priors.py):
+testbed_lm_pope, testbed_lm_chair, testbed_lm_vqa, testbed_lm_mme.
 
     task = get_task("pope", data_dir="DIR")
     docs = task.load(limit=100)
@@ -234,12 +235,13 @@ def _testbed_fingerprint() -> str:
     import hashlib
 
     here = Path(__file__).resolve().parent / "testbed"
-    return hashlib.sha1(b"".join((here / f).read_bytes() for f in ("world.py", "tasks.py"))).hexdigest()[:10]
+    return hashlib.sha1(b"".join((here / f).read_bytes() for f in ("world.py", "priors.py", "tasks.py"))).hexdigest()[:10]
 
 
 class _Testbed:
     default_n = 100
     kind = ""  # generator in testbed.tasks
+    world = "base"  # its scenes: the testbed's world, or "priors" (testbed-lm's, where held-out scenes break priors)
 
     def _load(self, limit):
         import datasets
@@ -268,7 +270,7 @@ class _Testbed:
 
         from .testbed import tasks as T
 
-        rows = self._order(getattr(T, self.kind)("test", n))
+        rows = self._order(getattr(T, self.kind)("test", n, world=self.world))
         encoded = {}  # rows of one scene share its image object: encode each once, lossless and fast
 
         def png(image):
@@ -285,7 +287,8 @@ class _Testbed:
         return rows
 
     def config(self):
-        return {**super().config(), "dataset_path": f"testbed.tasks.{self.kind}", "dataset_kwargs": {"split": "test"}}
+        return {**super().config(), "dataset_path": f"testbed.tasks.{self.kind}",
+                "dataset_kwargs": {"split": "test", "world": self.world}}  # fmt: skip
 
 
 class TestbedPOPE(_Testbed, POPE):
@@ -328,9 +331,27 @@ class TestbedMME(_Testbed, MME):
     name, kind = "testbed_mme", "mme"
 
 
+# The same suites on testbed-lm's world (testbed/priors.py): half the held-out scenes break its co-occurrence, colour
+# and background priors, so popular / adversarial POPE and CHAIR measure prior-driven hallucination.
+class TestbedLMPOPE(TestbedPOPE):
+    name, world = "testbed_lm_pope", "priors"
+
+
+class TestbedLMCHAIR(TestbedCHAIR):
+    name, world = "testbed_lm_chair", "priors"
+
+
+class TestbedLMVQA(TestbedVQA):
+    name, world = "testbed_lm_vqa", "priors"
+
+
+class TestbedLMMME(TestbedMME):
+    name, world = "testbed_lm_mme", "priors"
+
+
 TASKS: dict[str, type[Task]] = {
     t.name: t for t in (POPE, CHAIR, VQAv2, TextVQA, GQA, MME, ScienceQA, TestbedPOPE, TestbedCHAIR, TestbedVQA,
-                        TestbedMME)  # fmt: skip
+                        TestbedMME, TestbedLMPOPE, TestbedLMCHAIR, TestbedLMVQA, TestbedLMMME)  # fmt: skip
 }
 
 

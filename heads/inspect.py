@@ -248,7 +248,7 @@ def _inspect(args) -> int:
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("inspect", help="per layer/head attention maps, sinks and vision heads for one prompt")
-    p.add_argument("--model", default="tiny:llava", help="HF directory or hub id, or tiny:<family>")
+    p.add_argument("--model", default="tiny:llava", help="testbed, testbed-lm, HF directory or hub id, or tiny:<family>")
     p.add_argument("--image", help="image file (default: a built-in sample)")
     p.add_argument("--question", default="What is in the image?")
     p.add_argument("--output", default="inspect_out", help="directory for inspect.json and the heatmaps")

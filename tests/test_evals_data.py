@@ -158,4 +158,5 @@ def test_testbed_suites_through_the_same_loaders():
 def test_unknown_task():
     with pytest.raises(ValueError, match="unknown task 'popee'.*pope"):
         get_task("popee")
-    assert set(REAL) | {"testbed_pope", "testbed_chair", "testbed_vqa", "testbed_mme"} == set(TASKS)
+    suites = {f"{testbed}_{kind}" for testbed in ("testbed", "testbed_lm") for kind in ("pope", "chair", "vqa", "mme")}
+    assert set(REAL) | suites == set(TASKS)

@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compare", help="run a model with and without methods on one image and question")
     p.add_argument("--model", default=DEFAULT_MODEL,
-                   help="testbed, a HF directory or hub id, or tiny:<family> (default %(default)s)")
+                   help="testbed, testbed-lm, a HF directory or hub id, or tiny:<family> (default %(default)s)")
     p.add_argument("--methods", default="fastv:layer=2,ratio=0.5;fastv:layer=2,ratio=0.75",
                    help="spec strings to compare with the base model, ';'-separated (each may '+'-join methods)")
     p.add_argument("--image", help="image file (default: a held-out testbed scene)")

@@ -1,5 +1,5 @@
 """Loading a model by name: a named model from the registry below ("testbed", the project's trained
-LLaVA-architecture model; "tiny:<family>", a small random model of that family, for trying the pipeline on any
+LLaVA-architecture model; "testbed-lm", the same vision side on the pretrained SmolLM2-135M-Instruct; "tiny:<family>", a small random model of that family, for trying the pipeline on any
 architecture without weights), else a Hugging Face directory or hub id through the standard from_pretrained calls.
 
 The registry belongs to the core, so the core never imports the code that makes a named model: the library registers

@@ -5,7 +5,9 @@
     ask(model, processor, image, "What color is the star?")
 
 `world` draws scenes with complete ground truth, `tasks` turns them into POPE / CHAIR / VQAv2 / MME-shaped rows,
-`train` is the script that made `checkpoint/`, `evaluate` measures it on held-out scenes. The checkpoint is a
+`train` is the script that made `checkpoint/`, `evaluate` measures it on held-out scenes. testbed-lm, the same vision
+side on the pretrained SmolLM2-135M-Instruct: `lm` (loading, caching, assembly), `lm_train`, and its world of priors
+`priors`. The checkpoint is a
 standard HF directory: `LlavaForConditionalGeneration.from_pretrained(TESTBED_DIR)` and
 `AutoProcessor.from_pretrained(TESTBED_DIR)` load it offline.
 
@@ -45,7 +47,10 @@ def load_testbed(device="cpu", dtype=torch.float32, attn_implementation="sdpa", 
 
 
 def _inputs(model, processor, images, questions):
-    prompts = [build_prompt(q) for q in questions]
+    from vlm_efficient.models import build_prompt as chat_prompt
+
+    # the processor's chat template: the testbed's renders `build_prompt`, testbed-lm's is SmolLM2's ChatML
+    prompts = [chat_prompt(processor, q) for q in questions]
     processor.tokenizer.padding_side = "left"
     inputs = processor(images=list(images), text=prompts, return_tensors="pt", padding=True)
     inputs = inputs.to(model.device)

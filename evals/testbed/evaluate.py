@@ -79,11 +79,13 @@ def _batched(model, processor, items, batch_size, max_new_tokens, bar):
 
 
 def evaluate(model, processor, n: int = 200, split: str = "test", batch_size: int = 32, progress: bool = True,
-             which=("pope", "vqa", "mme", "captions"), caption_tokens: int = 160, start: int = 0) -> dict:  # fmt: skip
-    pope_rows = tasks.pope(split, n_images=n, start=start) if "pope" in which else []
-    vqa_rows = tasks.vqa(split, n_per_task=n, start=start) if "vqa" in which else []
-    mme_rows = tasks.mme(split, n_images=n, start=start) if "mme" in which else []
-    cap_rows = tasks.captions(split, n_images=n, start=start) if "captions" in which else []
+             which=("pope", "vqa", "mme", "captions"), caption_tokens: int = 160, start: int = 0,
+             world: str = "base") -> dict:  # fmt: skip
+    """`world`: the scenes' generator, "base" (the testbed's) or "priors" (testbed-lm's, tasks.scene_maker)."""
+    pope_rows = tasks.pope(split, n_images=n, start=start, world=world) if "pope" in which else []
+    vqa_rows = tasks.vqa(split, n_per_task=n, start=start, world=world) if "vqa" in which else []
+    mme_rows = tasks.mme(split, n_images=n, start=start, world=world) if "mme" in which else []
+    cap_rows = tasks.captions(split, n_images=n, start=start, world=world) if "captions" in which else []
     total = len(pope_rows) + len(vqa_rows) + len(mme_rows) + len(cap_rows)
     bar = None
     if progress:
@@ -183,7 +185,10 @@ def summary(results: dict) -> str:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None, help="model directory (default: the committed testbed checkpoint)")
+    ap.add_argument("--model", default=None,
+                    help="model directory or testbed-lm (default: the committed testbed checkpoint)")
+    ap.add_argument("--world", default="base", choices=["base", "priors"],
+                    help="scenes of the testbed's world or of testbed-lm's (priors.py)")
     ap.add_argument("--n", type=int, default=200)
     ap.add_argument("--split", default="test", choices=["validation", "test"])
     ap.add_argument("--out", default=None, help="directory for eval.json")
@@ -195,11 +200,16 @@ def main(argv=None):
 
     from . import load_testbed
 
-    model, processor = load_testbed(args.device, getattr(torch, args.dtype), path=args.model)
+    if args.model == "testbed-lm":
+        from vlm_efficient.models import load_model
+
+        model, processor = load_model(args.model, device=args.device, dtype=getattr(torch, args.dtype))
+    else:
+        model, processor = load_testbed(args.device, getattr(torch, args.dtype), path=args.model)
     t = time.time()
     results = evaluate(model, processor, n=args.n, split=args.split, batch_size=args.batch_size,
-                       which=tuple(args.tasks.split(",")))  # fmt: skip
-    results["config"] = {"n": args.n, "split": args.split, "device": args.device, "dtype": args.dtype,
+                       which=tuple(args.tasks.split(",")), world=args.world)  # fmt: skip
+    results["config"] = {"n": args.n, "split": args.split, "world": args.world, "device": args.device, "dtype": args.dtype,
                          "model": args.model or "testbed", "seconds": round(time.time() - t, 1)}  # fmt: skip
     print(summary(results), flush=True)
     if args.out:

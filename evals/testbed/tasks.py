@@ -108,13 +108,25 @@ def chair(captions: list[str], objects: list[list[str]]) -> dict:
 # Object statistics (from training scenes only), for POPE's popular and adversarial negatives
 
 
-@lru_cache(maxsize=1)
-def object_stats(n_scenes: int = 20000) -> tuple[dict, dict]:
+def scene_maker(world: str):
+    """`make_scene(split, index)` of a world: "base" (world.py, the testbed's) or "priors" (priors.py, testbed-lm's)."""
+    if world == "base":
+        return make_scene
+    if world == "priors":
+        from .priors import make_scene as make_prior_scene
+
+        return make_prior_scene
+    raise ValueError(f"unknown world {world!r}: use 'base' or 'priors'")
+
+
+@lru_cache(maxsize=None)
+def object_stats(n_scenes: int = 20000, world: str = "base") -> tuple[dict, dict]:
     """(frequency[shape] = scenes containing it, cooccur[a][b] = scenes containing both), over training scenes."""
     freq: Counter = Counter()
     co: dict[str, Counter] = {s: Counter() for s in SHAPES}
+    make = scene_maker(world)
     for i in range(n_scenes):
-        present = make_scene("train", i).shapes
+        present = make("train", i).shapes
         freq.update(present)
         for a in present:
             for b in present:
@@ -130,7 +142,7 @@ def negatives(scene: Scene, strategy: str, k: int, rng: random.Random | None = N
     if strategy == "random":
         rng = rng or random.Random(scene.seed)
         return rng.sample(absent, min(k, len(absent)))
-    freq, co = object_stats()
+    freq, co = object_stats(world=scene.world)
     if strategy == "popular":
         ranked = sorted(absent, key=lambda s: (-freq.get(s, 0), SHAPES.index(s)))
     elif strategy == "adversarial":
@@ -169,7 +181,12 @@ def where_phrase(position: str) -> str:
 
 
 def caption(scene: Scene, rng: random.Random | None = None) -> str:
-    """Detailed description: object count and background, then every object in reading order, then the sign."""
+    """Detailed description: object count and background, then every object in reading order, then the sign
+    (a scene of the priors world: its free-form `priors.describe`)."""
+    if scene.world == "priors":
+        from .priors import describe
+
+        return describe(scene, rng)
 
     def name(shape):
         if rng is not None and rng.random() < 0.15:
@@ -231,18 +248,20 @@ def question_text(scene, template=0):
 # Benchmark rows
 
 
-def _scenes(split: str, n: int, start: int = 0):
+def _scenes(split: str, n: int, start: int = 0, world: str = "base"):
+    make = scene_maker(world)
     for i in range(start, start + n):
-        yield make_scene(split, i)
+        yield make(split, i)
 
 
 def pope(split: str = "test", n_images: int = 100, start: int = 0, per_image: int = 3,
-         categories=("random", "popular", "adversarial"), with_images: bool = True) -> list[dict]:  # fmt: skip
+         categories=("random", "popular", "adversarial"), with_images: bool = True,
+         world: str = "base") -> list[dict]:  # fmt: skip
     """POPE rows (lmms-lab/POPE columns): per image up to `per_image` present objects (yes) and as many absent
     objects (no) for each negative-sampling category."""
     rows = []
     for category in categories:
-        for scene in _scenes(split, n_images, start):
+        for scene in _scenes(split, n_images, start, world):
             rng = random.Random(f"pope-{scene.seed}-{category}")
             present = sorted(scene.shapes, key=SHAPES.index)
             pos = rng.sample(present, min(per_image, len(present)))
@@ -261,7 +280,8 @@ def pope(split: str = "test", n_images: int = 100, start: int = 0, per_image: in
     return rows
 
 
-def captions(split: str = "test", n_images: int = 100, start: int = 0, with_images: bool = True) -> list[dict]:
+def captions(split: str = "test", n_images: int = 100, start: int = 0, with_images: bool = True,
+             world: str = "base") -> list[dict]:  # fmt: skip
     return [
         {
             "image_id": scene.image_id,
@@ -271,7 +291,7 @@ def captions(split: str = "test", n_images: int = 100, start: int = 0, with_imag
             "ground_truth": scene.ground_truth(),
             "image": scene.image() if with_images else None,
         }
-        for scene in _scenes(split, n_images, start)
+        for scene in _scenes(split, n_images, start, world)
     ]
 
 
@@ -293,13 +313,14 @@ def _vqa_row(qid, scene, question, answer, task, image):
 
 
 def vqa(split: str = "test", n_per_task: int = 100, start: int = 0, tasks=("color", "count", "position", "text"),
-        with_images: bool = True, max_scenes: int = 5000) -> list[dict]:  # fmt: skip
+        with_images: bool = True, max_scenes: int = 5000, world: str = "base") -> list[dict]:  # fmt: skip
     """VQAv2-schema rows: `n_per_task` questions for each task, at most one per task and scene, scenes in order."""
     rows, done = [], Counter()
+    make = scene_maker(world)
     for i in range(start, start + max_scenes):
         if all(done[t] >= n_per_task for t in tasks):
             break
-        scene = make_scene(split, i)
+        scene = make(split, i)
         rng = random.Random(f"vqa-{scene.seed}")
         image = None
         for task in tasks:
@@ -361,11 +382,12 @@ def _mme_pairs(scene: Scene, rng: random.Random) -> list[tuple[str, str, str]]:
     return out
 
 
-def mme(split: str = "test", n_images: int = 100, start: int = 0, with_images: bool = True) -> list[dict]:
+def mme(split: str = "test", n_images: int = 100, start: int = 0, with_images: bool = True,
+        world: str = "base") -> list[dict]:  # fmt: skip
     """MME-style rows: paired Yes/No questions per image and category; question_id is the image name (pairs share
     it, as in MME, so acc+ groups by (category, question_id))."""
     rows = []
-    for scene in _scenes(split, n_images, start):
+    for scene in _scenes(split, n_images, start, world):
         rng = random.Random(f"mme-{scene.seed}")
         image = scene.image() if with_images else None
         for category, question, answer in _mme_pairs(scene, rng):

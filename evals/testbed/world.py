@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass, field
+from typing import ClassVar
 from functools import lru_cache
 
 import numpy as np
@@ -134,6 +135,7 @@ class SceneText:
 
 @dataclass
 class Scene:
+    world: ClassVar[str] = "base"  # which generator drew it (testbed-lm's scenes come from priors.py)
     split: str
     index: int
     seed: int
@@ -171,6 +173,39 @@ def _jitter_rgb(rng: random.Random, rgb, amount: int = 18):
     return tuple(max(0, min(255, v + rng.randint(-amount, amount))) for v in rgb)
 
 
+def visible(colour: str, background: str) -> bool:
+    """Whether an object of `colour` stands out enough from `background` to be drawn on it."""
+    return _colour_distance(COLOURS[colour], BACKGROUNDS[background]) > 120
+
+
+def sign_in_cell(rng: random.Random, background: str, cell: tuple[int, int]) -> SceneText:
+    """A sign with a random word, placed at random in `cell`, in a colour that stands out from `background`."""
+    r, c = cell
+    word = rng.choice(WORDS)
+    sign = rng.choice(sorted(SIGN_COLOURS))
+    if _colour_distance(SIGN_COLOURS[sign][0], BACKGROUNDS[background]) < 110:
+        sign = "black" if sum(BACKGROUNDS[background]) > 380 else "white"
+    font_size = rng.randint(20, 26)
+    w = int(font_size * 0.72 * len(word)) + 18
+    h = font_size + 16
+    x0 = c * CELL + rng.randint(2, max(2, CELL - w - 2))
+    y0 = r * CELL + rng.randint(6, CELL - h - 6)
+    return SceneText(word.upper(), sign, (r, c), (x0, y0, x0 + w, y0 + h), font_size)
+
+
+def object_in_cell(rng: random.Random, shape: str, colour: str, cell: tuple[int, int]) -> SceneObject:
+    """`shape` in `colour` with a random size, jittered position and rotation in `cell`."""
+    r, c = cell
+    size = rng.choice(list(SIZES))
+    side = rng.randint(*SIZES[size])
+    slack = CELL - side
+    cx = c * CELL + CELL // 2 + rng.randint(-slack // 2 + 2, slack // 2 - 2)
+    cy = r * CELL + CELL // 2 + rng.randint(-slack // 2 + 2, slack // 2 - 2)
+    box = (cx - side // 2, cy - side // 2, cx - side // 2 + side, cy - side // 2 + side)
+    angle = rng.uniform(-15, 15)
+    return SceneObject(shape, colour, size, (r, c), box, angle, _jitter_rgb(rng, COLOURS[colour]))
+
+
 def scene_from_seed(seed: int, split: str = "train", index: int | None = None) -> Scene:
     """The scene spec for a seed (no drawing)."""
     rng = random.Random(seed)
@@ -183,17 +218,7 @@ def scene_from_seed(seed: int, split: str = "train", index: int | None = None) -
     has_text = rng.random() < 0.5
     n_objects = rng.randint(1, 6)
     if has_text:
-        r, c = cells.pop()
-        word = rng.choice(WORDS)
-        sign = rng.choice(sorted(SIGN_COLOURS))
-        if _colour_distance(SIGN_COLOURS[sign][0], BACKGROUNDS[background]) < 110:
-            sign = "black" if sum(BACKGROUNDS[background]) > 380 else "white"
-        font_size = rng.randint(20, 26)
-        w = int(font_size * 0.72 * len(word)) + 18
-        h = font_size + 16
-        x0 = c * CELL + rng.randint(2, max(2, CELL - w - 2))
-        y0 = r * CELL + rng.randint(6, CELL - h - 6)
-        scene.texts.append(SceneText(word.upper(), sign, (r, c), (x0, y0, x0 + w, y0 + h), font_size))
+        scene.texts.append(sign_in_cell(rng, background, cells.pop()))
     theme_shapes = THEMES[theme]
     all_weights = [SHAPE_WEIGHTS[s] for s in SHAPES]
     for _ in range(n_objects):
@@ -204,16 +229,9 @@ def scene_from_seed(seed: int, split: str = "train", index: int | None = None) -
             shape = rng.choices(SHAPES, all_weights)[0]
         while True:
             colour = rng.choice(list(COLOURS))
-            if _colour_distance(COLOURS[colour], BACKGROUNDS[background]) > 120:
+            if visible(colour, background):
                 break
-        size = rng.choice(list(SIZES))
-        side = rng.randint(*SIZES[size])
-        slack = CELL - side
-        cx = c * CELL + CELL // 2 + rng.randint(-slack // 2 + 2, slack // 2 - 2)
-        cy = r * CELL + CELL // 2 + rng.randint(-slack // 2 + 2, slack // 2 - 2)
-        box = (cx - side // 2, cy - side // 2, cx - side // 2 + side, cy - side // 2 + side)
-        angle = rng.uniform(-15, 15)
-        scene.objects.append(SceneObject(shape, colour, size, (r, c), box, angle, _jitter_rgb(rng, COLOURS[colour])))
+        scene.objects.append(object_in_cell(rng, shape, colour, (r, c)))
     # Reading order (top-left to bottom-right) for captions and stable ground truth.
     scene.objects.sort(key=lambda o: o.cell)
     return scene
