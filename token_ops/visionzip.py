@@ -16,7 +16,9 @@ features); that is `contextual=None`'s default there (10 : 54 on CLIP towers, th
 Positions: the authors' LLaVA code feeds [CLS] and the dominant tokens, then the contextual ones, with contiguous
 positions. `positions=renumber` gives the kept tokens contiguous positions in prompt order (dominant and contextual
 interleaved as they lie in the image; the authors' reordering, dominant first, is not reproduced); the default keeps
-their original positions (not yet measured against each other on the testbed).
+their original positions, chosen by measurement: on the testbed (CPU, 100 POPE + 100 VQA questions,
+evals/results/testbed_positions_cpu/) VQA accuracy at 75% / 89% pruning is 0.80 / 0.68 with original positions and
+0.65 / 0.53 renumbered (POPE F1 0.970 / 0.938 against 0.970 / 0.928).
 """
 
 from __future__ import annotations
