@@ -35,7 +35,7 @@ def test_spec_strings_and_objects_build_the_same_methods():
 SHIPPED_METHODS = {
     "fastv", "pdrop", "dart", "divprune", "random", "pool", "dyvte", "sparsevlm", "fastervlm", "visionzip", "vmtc",
     "yopo", "avl", "plphp", "pai", "vaf", "var", "act", "ocr_sink", "vhr", "gift", "paint", "adaptvis", "naavit",
-    "ee_mllm", "aki", "cmai", "knockout", "equal_distance", "window",
+    "ee_mllm", "aki", "cmai", "knockout", "equal_distance", "window", "memvr", "frame_causal", "streaming", "dycoke",
 }  # fmt: skip
 
 

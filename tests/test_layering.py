@@ -6,7 +6,7 @@ Layers, lowest first (a module imports only its own layer and those below):
     core      vlm_efficient.<module>            engine, adapters, layouts, the method protocol and registry, models
     methods   vlm_efficient.token_ops.*, .heads.*
     api       vlm_efficient (its __init__)      wrap / unwrap / stats: imports the methods so that they register
-    tools     vlm_efficient.cli, .compare, .heads.inspect, .evals.*, .demos.*   commands, evals, the demo
+    tools     vlm_efficient.cli, .compare, .heads.inspect, .heads.tag, .evals.*, .demos.*   commands, evals, the demo
 
 The graph is read as installed: every module of the packages pyproject.toml installs, found through the import
 system (the install maps the top-level folders into `vlm_efficient`), parsed, never imported. Every import counts,
@@ -26,7 +26,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "vlm_efficient"
 LAYERS = ("kernels", "core", "methods", "api", "tools")
-TOOLS = ("vlm_efficient.cli", "vlm_efficient.compare", "vlm_efficient.heads.inspect", "vlm_efficient.evals",
+TOOLS = ("vlm_efficient.cli", "vlm_efficient.compare", "vlm_efficient.heads.inspect", "vlm_efficient.heads.tag", "vlm_efficient.evals",
          "vlm_efficient.demos")  # fmt: skip
 # The one cycle allowed for now (issue 16: the kernel router calls back into the engine, and the method protocol's
 # annotations name the engine's types). No other cycle may appear.

@@ -331,11 +331,7 @@ class Gemma3Adapter(ModelAdapter):
     def layer_mask(self, model, layer_idx, allowed, queries, keys, layout):
         """As Gemma3's create_masks_for_vision_model: full layers OR(causal, same image), sliding layers
         AND(window, OR(causal, same image)), padding masked; the window counts original positions."""
-        from .layout import IMAGE  # (layout and method import this module)
-        from .method import at_positions
-
-        image_q = at_positions(torch.where(layout.kind == IMAGE, layout.image_index, -1), queries, -1)
-        image_k = at_positions(torch.where(layout.kind == IMAGE, layout.image_index, -1), keys, -1)
+        image_q, image_k = layout.image_index_at(queries), layout.image_index_at(keys)
         same_image = (image_q[:, :, None] == image_k[:, None, :]) & (image_q[:, :, None] >= 0)
         allowed = allowed | same_image[:, None]
         if self.text_config(model).layer_types[layer_idx] == "sliding_attention":

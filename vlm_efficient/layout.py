@@ -12,6 +12,18 @@ from .adapters import ImageTokens, ModelAdapter
 PAD, TEXT, IMAGE, VIDEO = 0, 1, 2, 3
 
 
+def at_positions(per_position: torch.Tensor, positions: torch.Tensor, fill) -> torch.Tensor:
+    """per_position [B, N, ...] (a prompt property, e.g. layout.visual) at original positions [B, n] -> [B, n, ...] on
+    positions' device; positions outside the prompt (-1 slot padding, generated tokens) get `fill`."""
+    per_position = per_position.to(positions.device)
+    length = per_position.shape[1]
+    trailing = [1] * (per_position.dim() - 2)
+    index = positions.clamp(0, length - 1).view(*positions.shape, *trailing)
+    values = per_position.gather(1, index.expand(*positions.shape, *per_position.shape[2:]))
+    inside = (positions >= 0) & (positions < length)
+    return torch.where(inside.view(*positions.shape, *trailing), values, fill)
+
+
 @dataclass
 class ModalityLayout:
     """All tensors are indexed by ORIGINAL prompt position [B, N] and live on the input_ids device."""
@@ -34,6 +46,10 @@ class ModalityLayout:
     @property
     def visual(self) -> torch.Tensor:
         return (self.kind == IMAGE) | (self.kind == VIDEO)
+
+    def image_index_at(self, positions: torch.Tensor) -> torch.Tensor:
+        """[B, n]: the image index of the image tokens at original positions [B, n], -1 for every other position."""
+        return at_positions(torch.where(self.kind == IMAGE, self.image_index, -1), positions, -1)
 
     @property
     def frame(self) -> torch.Tensor:

@@ -33,6 +33,8 @@ from typing import ClassVar
 
 import torch
 
+from .layout import at_positions  # noqa: F401 - methods import it from here
+
 if typing.TYPE_CHECKING:
     from .engine import Engine, RunState
     from .kernels import GroupSpec, MaskSpec
@@ -108,18 +110,6 @@ class Selection:
 
     keep: torch.Tensor
     hidden: torch.Tensor | None = None
-
-
-def at_positions(per_position: torch.Tensor, positions: torch.Tensor, fill) -> torch.Tensor:
-    """per_position [B, N, ...] (a prompt property, e.g. layout.visual) at original positions [B, n] -> [B, n, ...] on
-    positions' device; positions outside the prompt (-1 slot padding, generated tokens) get `fill`."""
-    per_position = per_position.to(positions.device)
-    length = per_position.shape[1]
-    trailing = [1] * (per_position.dim() - 2)
-    index = positions.clamp(0, length - 1).view(*positions.shape, *trailing)
-    values = per_position.gather(1, index.expand(*positions.shape, *per_position.shape[2:]))
-    inside = (positions >= 0) & (positions < length)
-    return torch.where(inside.view(*positions.shape, *trailing), values, fill)
 
 
 @dataclass

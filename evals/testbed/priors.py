@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 from .world import BACKGROUND_STYLES, BACKGROUNDS, COLOURS, GRID, SHAPE_WEIGHTS, SHAPES, SPLITS, Scene, object_in_cell
 from .world import sign_in_cell, visible
+from .words import CHAIR_SYNONYMS, NUMBER_WORDS, STYLE_WORDS, article, plural, where_phrase
 
 PAIRS = (("star", "crescent"), ("heart", "diamond"), ("square", "triangle"), ("circle", "ring"),
          ("arrow", "cross"), ("hexagon", "pentagon"))  # fmt: skip
@@ -117,8 +118,6 @@ def make_scene(split: str, index: int) -> PriorScene:
 def describe(scene: Scene, rng: random.Random | None = None) -> str:
     """A free-form English description with the full scene content: background, every object, the sign. `rng`
     varies the wording (None: the scene's own fixed wording, the reference caption of the held-out tasks)."""
-    from .tasks import CHAIR_SYNONYMS, NUMBER_WORDS, STYLE_WORDS, article, plural, where_phrase
-
     rng = rng or random.Random(f"describe-{scene.seed}")
 
     def name(shape):

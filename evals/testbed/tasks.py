@@ -25,39 +25,11 @@ from collections import Counter
 from functools import lru_cache
 
 from .world import COLOURS, POSITIONS, SHAPES, SIZES, WORDS, Scene, make_scene
+from .words import CHAIR_SYNONYMS, NUMBER_WORDS, STYLE_WORDS, article, plural, where_phrase  # noqa: F401
 
 DESCRIBE = "Please describe this image in detail."
 SHORT_SUFFIX = "\nAnswer the question using a single word or phrase."
 YESNO_SUFFIX = " Please answer yes or no."
-
-# CHAIR-style vocabulary: canonical object -> surface forms (singular; plurals are matched too).
-CHAIR_SYNONYMS = {
-    "circle": ["circle", "disc", "disk"],
-    "square": ["square", "block"],
-    "triangle": ["triangle"],
-    "star": ["star"],
-    "heart": ["heart"],
-    "cross": ["cross", "plus sign"],
-    "diamond": ["diamond", "rhombus", "lozenge"],
-    "hexagon": ["hexagon"],
-    "ring": ["ring", "donut", "doughnut"],
-    "arrow": ["arrow"],
-    "crescent": ["crescent", "moon", "crescent moon"],
-    "pentagon": ["pentagon"],
-}
-NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
-STYLE_WORDS = {"plain": "plain", "gradient": "shaded", "noisy": "grainy", "striped": "striped"}
-
-
-def plural(word: str) -> str:
-    if word.endswith(("s", "x", "sh", "ch")):
-        return word + "es"
-    return word + "s"
-
-
-def article(phrase: str) -> str:
-    return ("an " if phrase[0] in "aeiou" else "a ") + phrase
-
 
 def _surface_regex():
     forms = []
@@ -169,15 +141,6 @@ def referring_expressions(scene: Scene, obj, allow_colour: bool = True) -> list[
             (f"{obj.size} {obj.colour} {obj.shape}", lambda o: (o.shape, o.colour, o.size) == (obj.shape, obj.colour, obj.size)),
         ]  # fmt: skip
     return [phrase for phrase, match in candidates if sum(map(match, scene.objects)) == 1]
-
-
-def where_phrase(position: str) -> str:
-    """'top left' -> 'in the top left', 'top' -> 'at the top', 'left' -> 'on the left', 'center' -> 'in the center'."""
-    if position in ("top", "bottom"):
-        return f"at the {position}"
-    if position in ("left", "right"):
-        return f"on the {position}"
-    return f"in the {position}"
 
 
 def caption(scene: Scene, rng: random.Random | None = None) -> str:
