@@ -288,7 +288,7 @@ class Bench:
             self.result["copy_bandwidth"] = copy_bandwidth(device, 2**30 if device.type == "cuda" else 2**24)
         section["hbm_limit_ms"] = 1e3 * section["lm_weight_bytes"] / self.result["copy_bandwidth"]
         self.write()
-        configs = [("hf-dynamic", "", ""), ("fast", "", "")]
+        configs = [("hf-dynamic", "", ""), ("dynamic", "", ""), ("fast", "", "")]
         configs += [("fast", label, METHODS[label]) for label in methods]
         configs += [("dynamic", label, METHODS[label]) for label in methods]
         for path, label, spec in configs:
@@ -296,7 +296,9 @@ class Bench:
                 section["skipped"] = "budget spent"
                 break
             self.measure(section, model, inputs, path, label, spec)
-        if full:
+        if self.args.profile:
+            self.profile(section, model, inputs)
+        if full and self.args.checks:
             for label, spec in [("", ""), *[(label, METHODS[label]) for label in methods]]:
                 if self.left() > 20:
                     self.check(section, model, inputs, label, spec)
@@ -310,13 +312,45 @@ class Bench:
                     break
         self.write()
 
+    def profile(self, section: dict, model, inputs) -> None:
+        """Where the prefill's time goes: torch.profiler over one generate() of one token for the unwrapped model,
+        the wrapped one (no method) and the fast path (no method); the top operators by host and by device time go to
+        profile_<path>.txt."""
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+        for path in ("hf-dynamic", "dynamic", "fast"):
+            if path != "hf-dynamic":
+                ve.wrap(model, "", fast=path == "fast")
+            try:
+                self.timed(model, inputs, path, 1)
+                with profile(activities=activities) as prof:
+                    wall = self.timed(model, inputs, path, 1)
+                table = prof.key_averages()
+                text = [f"{path}: prefill {wall:.1f} ms wall (profiled)", "",
+                        table.table(sort_by="self_cpu_time_total", row_limit=25)]
+                if torch.cuda.is_available():
+                    text += [table.table(sort_by="self_device_time_total", row_limit=25)]
+                (self.out / f"profile_{path}.txt").write_text("\n".join(text))
+                section.setdefault("profiled_prefill_ms", {})[path] = wall
+                log(f"  profiled {path}: {wall:.1f} ms")
+            except Exception as error:  # noqa: BLE001
+                self.record_failure({}, error, f"{section['name']} profile {path}")
+            finally:
+                if ve.is_wrapped(model):
+                    ve.unwrap(model)
+        self.write()
+
     def run(self) -> dict:
-        try:
-            self.family_checks()
-        except Exception:  # noqa: BLE001
-            self.result["errors"].append({"where": "family checks", "trace": traceback.format_exc()})
+        if self.args.checks:
+            try:
+                self.family_checks()
+            except Exception:  # noqa: BLE001
+                self.result["errors"].append({"where": "family checks", "trace": traceback.format_exc()})
         needed = 20 if self.args.tiny else 120  # seconds a section needs to be worth starting
         for arch, batch_size, methods, full in SECTIONS[: self.args.sections]:
+            if self.args.methods:
+                methods = [label for label in methods if label in self.args.methods]
             if self.left() < needed and self.result["sections"]:
                 self.result.setdefault("skipped_sections", []).append(f"{arch} batch {batch_size}")
                 continue
@@ -401,7 +435,16 @@ def main(argv=None) -> int:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--sections", type=int, default=len(SECTIONS), help="run only the first N sections")
+    parser.add_argument("--methods", help=f"comma-separated labels to run (of {', '.join(METHODS)}); default all")
+    parser.add_argument("--no-checks", dest="checks", action="store_false", help="skip the exactness checks")
+    parser.add_argument("--profile", action="store_true",
+                        help="profile one prefill of the unwrapped, wrapped and fast-path model (profile_<path>.txt)")
     args = parser.parse_args(argv)
+    if args.methods:
+        args.methods = [label.strip() for label in args.methods.split(",")]
+        unknown = [label for label in args.methods if label not in METHODS]
+        if unknown:
+            parser.error(f"unknown method labels {unknown}: choose from {', '.join(METHODS)}")
     if args.new_tokens < 2 or args.repeats < 1:
         parser.error("--new-tokens must be >= 2 and --repeats >= 1")
     if not args.tiny and not torch.cuda.is_available():

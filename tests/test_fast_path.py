@@ -219,3 +219,23 @@ def test_fast_bench_runs_on_the_tiny_models(tmp_path):
     assert "| fast | FastV 50% |" in (tmp_path / "fast_bench.md").read_text()
     assert len(result["family_checks"]) == (1 + len(fast_bench.FAMILY_CHECKS)) * len(FAMILIES)
     assert all(check["tokens_equal"] and check["graph_equals_eager"] for check in result["family_checks"])
+
+
+def test_fast_bench_filters_methods_and_profiles_the_prefill(tmp_path):
+    """--methods runs only the labels named, --no-checks skips every check, --profile writes one operator table per
+    path; an unknown label is refused with the known ones."""
+    import json
+
+    from vlm_efficient.evals import fast_bench
+
+    assert fast_bench.main(["--tiny", "--out", str(tmp_path), "--new-tokens", "2", "--repeats", "1", "--sections", "1",
+                            "--methods", "PAI", "--no-checks", "--profile"]) == 0  # fmt: skip
+    result = json.loads((tmp_path / "fast_bench.json").read_text())
+    (section,) = result["sections"]
+    assert {(row["path"], row["method"]) for row in section["rows"]} == {
+        ("hf-dynamic", ""), ("dynamic", ""), ("fast", ""), ("fast", "PAI"), ("dynamic", "PAI")}  # fmt: skip
+    assert section["checks"] == [] and "family_checks" not in result
+    for path in ("hf-dynamic", "dynamic", "fast"):
+        assert "Self CPU" in (tmp_path / f"profile_{path}.txt").read_text()
+    with pytest.raises(SystemExit):
+        fast_bench.main(["--tiny", "--out", str(tmp_path), "--methods", "FastW"])
