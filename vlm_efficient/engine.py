@@ -714,7 +714,7 @@ class Engine:
         """A decoding call of a layer on a per-head pruned cache: each query head attends to its KV head's kept keys
         (the cache layer already appended this step's token); kernel 4 where the router runs Triton, else the same
         computation in torch ops."""
-        from . import kernels
+        from .kernels import api as kernels
 
         if self.decode_editors and self.attention_edits(idx, query, key):
             raise ValueError(

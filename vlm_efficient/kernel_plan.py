@@ -58,7 +58,7 @@ def kernel_backend(device: torch.device) -> str | None:
     if mode == "off":
         return None
     if mode == "auto":
-        from .kernels import triton_available
+        from .kernels.api import triton_available
 
         return "triton" if device.type == "cuda" and triton_available() else None
     return mode
@@ -70,7 +70,7 @@ def token_roles(layout) -> torch.Tensor:
     text before the first one (layout.before_visual_text), QUESTION the text after the last one without the last
     position (layout.after_visual_text), LAST the last position (left padding: every sample's last token), MIDDLE
     other text (between images), PAD padding. A sample without visual tokens has no PREFIX (its text is QUESTION)."""
-    from .kernels import ROLE_IMAGE, ROLE_LAST, ROLE_MIDDLE, ROLE_PAD, ROLE_PREFIX, ROLE_QUESTION
+    from .kernels.api import ROLE_IMAGE, ROLE_LAST, ROLE_MIDDLE, ROLE_PAD, ROLE_PREFIX, ROLE_QUESTION
 
     role = torch.full(layout.kind.shape, ROLE_MIDDLE, dtype=torch.long, device=layout.kind.device)
     role[layout.before_visual_text] = ROLE_PREFIX
@@ -384,6 +384,6 @@ class KernelRouter:
 
 
 def _kernels():
-    from . import kernels
+    from .kernels import api as kernels
 
     return kernels

@@ -37,7 +37,7 @@ from .layout import at_positions  # noqa: F401 - methods import it from here
 
 if typing.TYPE_CHECKING:
     from .engine import Engine, RunState
-    from .kernels import GroupSpec, MaskSpec
+    from .kernels.api import GroupSpec, MaskSpec
 
 
 BEFORE_LLM = -1  # the stage before decoder layer 0: inputs_embeds with the projected visual features
