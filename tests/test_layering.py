@@ -32,9 +32,6 @@ PACKAGE = "vlm_efficient"
 LAYERS = ("kernels", "core", "methods", "api", "tools")
 TOOLS = ("vlm_efficient.cli", "vlm_efficient.compare", "vlm_efficient.heads.inspect", "vlm_efficient.heads.tag", "vlm_efficient.evals",
          "vlm_efficient.demos")  # fmt: skip
-# The one cycle allowed for now (issue 16: the kernel router calls back into the engine, and the method protocol's
-# annotations name the engine's types). No other cycle may appear.
-KNOWN_CYCLES = [{"vlm_efficient.engine", "vlm_efficient.kernel_plan", "vlm_efficient.method"}]
 
 
 def layer(module: str) -> str:
@@ -167,9 +164,8 @@ def test_no_import_runs_upward(graph):
     assert not upward, "imports running up the layers:\n  " + "\n  ".join(upward) + "\n\nthe graph:\n" + drawn(graph)
 
 
-def test_no_cycles_but_the_known_one(graph):
-    found = cycles(graph)
-    unexpected = [sorted(cycle) for cycle in found if cycle not in KNOWN_CYCLES]
+def test_no_cycles(graph):
+    unexpected = [sorted(cycle) for cycle in cycles(graph)]
     assert not unexpected, f"modules that import each other in a circle: {unexpected}\n\nthe graph:\n{drawn(graph)}"
 
 
