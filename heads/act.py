@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vlm_efficient.kernels import GroupSpec
+from vlm_efficient.kernels.api import GroupSpec
 from vlm_efficient.method import UNSTRUCTURED, AttentionEdit, AttentionRequest, KernelEdit, Method
 from vlm_efficient.registry import register_method
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vlm_efficient.kernels import MaskSpec
+from vlm_efficient.kernels.api import MaskSpec
 from vlm_efficient.layout import VIDEO
 from vlm_efficient.method import AttentionEdit, at_positions
 

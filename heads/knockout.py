@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vlm_efficient.kernels import ROLE_IMAGE, ROLE_LAST, ROLE_MIDDLE, ROLE_PREFIX, ROLE_QUESTION, MaskSpec
+from vlm_efficient.kernels.api import ROLE_IMAGE, ROLE_LAST, ROLE_MIDDLE, ROLE_PREFIX, ROLE_QUESTION, MaskSpec
 from vlm_efficient.registry import register_method
 
 from .common import PrefillMask

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vlm_efficient.kernels import MaskSpec
+from vlm_efficient.kernels.api import MaskSpec
 from vlm_efficient.registry import register_method
 
 from .common import PrefillMask, same_token

@@ -25,7 +25,7 @@ from transformers import LogitsProcessor
 
 from vlm_efficient.adapters import cache_kwarg
 from vlm_efficient.engine import plain_calls
-from vlm_efficient.kernels import GroupSpec
+from vlm_efficient.kernels.api import GroupSpec
 from vlm_efficient.method import AttentionEdit, KernelEdit, Method, PerThread
 from vlm_efficient.registry import register_method
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vlm_efficient.kernels import GroupSpec
+from vlm_efficient.kernels.api import GroupSpec
 from vlm_efficient.method import AttentionEdit, KernelEdit, Method, PerThread, at_positions
 from vlm_efficient.registry import register_method
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vlm_efficient.kernels import MaskSpec
+from vlm_efficient.kernels.api import MaskSpec
 from vlm_efficient.method import at_positions
 from vlm_efficient.registry import register_method
 

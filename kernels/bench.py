@@ -46,7 +46,7 @@ import traceback
 import torch
 import torch.nn.functional as F
 
-from . import (
+from .api import (
     GroupSpec,
     MaskSpec,
     RaggedKVCache,

@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from . import (
+from .api import (
     ROLE_IMAGE,
     ROLE_LAST,
     ROLE_PREFIX,

@@ -18,7 +18,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from . import GroupSpec, MaskSpec, StructuredMask, TokenLayout
+from .api import GroupSpec, MaskSpec, StructuredMask, TokenLayout
 
 KERNEL_MODULES = ("masked_attention", "attention_stats", "group_attention")
 

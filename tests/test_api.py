@@ -198,8 +198,8 @@ def test_cli_reports_bad_input_without_a_traceback(capsys):
 
 
 def test_python_m_runs_from_the_checkout_root():
-    """From the checkout's root its `kernels/` folder is importable as a top-level package and would shadow the
-    Hugging Face `kernels` distribution that recent transformers import: importing vlm_efficient must undo that."""
+    """From the checkout's root (first on sys.path under `python -m`) its `kernels/` folder must not shadow the
+    Hugging Face `kernels` distribution that recent transformers import (tests/test_layering.py says why it cannot)."""
     root = Path(__file__).resolve().parents[1]
     done = subprocess.run([sys.executable, "-m", "vlm_efficient.cli", "methods"], cwd=root, capture_output=True,
                           text=True, timeout=600)

@@ -22,7 +22,7 @@ from test_engine import greedy, two_samples  # noqa: E402
 from vlm_efficient import kernel_plan  # noqa: E402
 from vlm_efficient.heads.pai import PAI  # noqa: E402
 from vlm_efficient.kernel_plan import ENV, LayerPlan, compose, key_padding, kernel_backend  # noqa: E402
-from vlm_efficient.kernels import GroupSpec, MaskSpec  # noqa: E402
+from vlm_efficient.kernels.api import GroupSpec, MaskSpec  # noqa: E402
 from vlm_efficient.method import KernelEdit  # noqa: E402
 from vlm_efficient.testing import FAMILIES, tiny_model  # noqa: E402
 

@@ -12,7 +12,8 @@ import torch
 
 pytest.importorskip("triton")
 
-from vlm_efficient.kernels import GroupSpec, MaskSpec, host_cost  # noqa: E402
+from vlm_efficient.kernels import host_cost  # noqa: E402
+from vlm_efficient.kernels.api import GroupSpec, MaskSpec  # noqa: E402
 from vlm_efficient.kernels.attention_stats import (  # noqa: E402
     attention_with_received_stats_triton,
     received_attention_triton,

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from vlm_efficient.kernels import (
+from vlm_efficient.kernels.api import (
     ROLE_IMAGE,
     ROLE_LAST,
     ROLE_MIDDLE,

@@ -9,34 +9,19 @@
 from __future__ import annotations
 
 import dataclasses
-import os
-import sys
 import weakref
 
+from torch import nn
 
-def _unshadow_source_root() -> None:
-    """Run from a source checkout's root (`python -m vlm_efficient...`), Python puts that root on sys.path, and its
-    `kernels/` folder (installed as vlm_efficient.kernels) shadows the Hugging Face `kernels` distribution, which
-    transformers imports (5.25 requires it). The checkout's packages resolve through the install's package mapping,
-    so the root entry is dropped before transformers loads."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    if os.path.isfile(os.path.join(root, "pyproject.toml")) and os.path.isdir(os.path.join(root, "token_ops")):
-        sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != root]
-
-
-_unshadow_source_root()
-
-from torch import nn  # noqa: E402
-
-from .adapters import ADAPTERS, get_adapter  # noqa: E402
-from .engine import WRAPPED, Engine  # noqa: E402
-from .fast_path import FastPath  # noqa: E402
-from .method import AttentionRequest, Method  # noqa: E402
-from .registry import METHODS, parse_methods, to_spec  # noqa: E402
-from .stats import RunStats, compute_stats  # noqa: E402
+from .adapters import ADAPTERS, get_adapter
+from .engine import WRAPPED, Engine
+from .fast_path import FastPath
+from .method import AttentionRequest, Method
+from .registry import METHODS, parse_methods, to_spec
+from .stats import RunStats, compute_stats
 
 # the shipped methods register themselves on import (registry.register_method); after the core, which they import
-from . import heads, token_ops  # noqa: E402, F401
+from . import shipped_methods  # noqa: F401
 
 __all__ = [
     "ADAPTERS",

@@ -90,7 +90,7 @@ def _step_attention(module, query, key, value, attention_mask, **kwargs):
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
     if isinstance(edits, GroupRoute):
-        from . import kernels
+        from .kernels import api as kernels
 
         output = kernels.group_decode_attention(query, key, value, key_group=edits.groups, spec=edits.spec,
                                                 key_valid=edits.valid, scaling=scaling, key_bias=edits.key_bias)
@@ -601,7 +601,7 @@ class FastPath:
     def _group_route(editing: list, idx: int, run, prompt_keys: torch.Tensor, capacity: int, heads: int):
         """The layer's decoding edits as kernel 3's decoding form where they compose into one group edit (every
         editing method gives a structured form: Method.kernel_edit), else None (the dense edited attention)."""
-        from . import kernels
+        from .kernels import api as kernels
 
         parts = [method.kernel_edit(idx, run, False) for method in editing]
         if any(part is UNSTRUCTURED for part in parts):

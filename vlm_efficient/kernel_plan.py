@@ -44,7 +44,7 @@ from .method import UNSTRUCTURED, AttentionStats, KernelEdit, at_positions, edit
 DECODE_SLACK = 256  # generated keys the decoding key-group buffer holds before it grows
 
 if typing.TYPE_CHECKING:
-    from .engine import Engine, RunState
+    from .run_state import RunState
 
 MODES = ("auto", "off", "triton", "reference")
 ENV = "VLM_EFFICIENT_KERNELS"
@@ -58,7 +58,7 @@ def kernel_backend(device: torch.device) -> str | None:
     if mode == "off":
         return None
     if mode == "auto":
-        from .kernels import triton_available
+        from .kernels.api import triton_available
 
         return "triton" if device.type == "cuda" and triton_available() else None
     return mode
@@ -70,7 +70,7 @@ def token_roles(layout) -> torch.Tensor:
     text before the first one (layout.before_visual_text), QUESTION the text after the last one without the last
     position (layout.after_visual_text), LAST the last position (left padding: every sample's last token), MIDDLE
     other text (between images), PAD padding. A sample without visual tokens has no PREFIX (its text is QUESTION)."""
-    from .kernels import ROLE_IMAGE, ROLE_LAST, ROLE_MIDDLE, ROLE_PAD, ROLE_PREFIX, ROLE_QUESTION
+    from .kernels.api import ROLE_IMAGE, ROLE_LAST, ROLE_MIDDLE, ROLE_PAD, ROLE_PREFIX, ROLE_QUESTION
 
     role = torch.full(layout.kind.shape, ROLE_MIDDLE, dtype=torch.long, device=layout.kind.device)
     role[layout.before_visual_text] = ROLE_PREFIX
@@ -182,11 +182,10 @@ def key_padding(attention_mask: torch.Tensor | None, q_len: int, kv_len: int) ->
 
 # ---- the router ------------------------------------------------------------------------------------------------------
 class KernelRouter:
-    """One per engine. `attend` runs one attention call of a layer (when `backend(run, device)` is not None) and says
-    whose statistics it delivered; its per-run state (routes taken, caches) lives in run.memory(router)."""
-
-    def __init__(self, engine: Engine):
-        self.engine = engine
+    """One per engine, fed one way: the engine asks `layer_plan` for a layer's composed kernel edits, asks the methods
+    without a structured form for their dense edits itself, and hands `attend` the call; `attend` returns the output
+    and the statistics it computed, or None where the call takes the dense path (the engine's). The router never
+    calls back into the engine. Its per-run state (routes taken, caches) lives in run.memory(router)."""
 
     def backend(self, run: RunState | None, device: torch.device) -> str | None:
         if run is None:
@@ -201,14 +200,15 @@ class KernelRouter:
         return run.memory(self).setdefault("routes", {})
 
     # ---- the layer's plan --------------------------------------------------------------------------------------------
-    def _layer(self, layer: int, run: RunState, num_heads: int):
-        """(plan or None for the dense path, methods without a structured form here). Decoding asks once per layer."""
+    def layer_plan(self, layer: int, run: RunState, methods: list, num_heads: int):
+        """(plan or None for the dense path, methods without a structured form here, the layer's decoding cache).
+        Decoding asks once per layer."""
         memory = run.memory(self)
         cache = memory.setdefault("decode", {})
         if not run.prefill and layer in cache:
             return cache[layer]
         parts, unstructured = [], []
-        for method in self.engine.methods:
+        for method in methods:
             if not edits_attention(method):
                 continue
             part = method.kernel_edit(layer, run, run.prefill)
@@ -221,39 +221,27 @@ class KernelRouter:
             cache[layer] = entry
         return entry
 
-    def _dense(self, layer: int, run: RunState, query, key, unstructured) -> list:
-        """The dense edits of the layer when one of its methods without a structured form edits this call, else []
-        (each method asked once)."""
-        if not unstructured:
-            return []
-        context = self.engine.attention_context(layer, query)
-        known = {id(method): self.engine.method_edit(method, layer, context) for method in unstructured}
-        if all(edit is None for edit in known.values()):
-            return []
-        return self.engine.attention_edits(layer, query, key, known)
-
     # ---- one call ----------------------------------------------------------------------------------------------------
-    def attend(self, module, query, key, value, attention_mask, kwargs, unrotated=None):
-        engine, run = self.engine, self.engine.run
+    def attend(self, module, query, key, value, attention_mask, kwargs, run: RunState, layer_plan, requests: list):
+        """One call of a layer whose methods' edits are all structured (`layer_plan`: layer_plan()'s answer, with no
+        dense edit in this call): (output, [(method, AttentionStats)] computed here), or None with the route "dense"
+        recorded where the call needs the dense path. `requests`: [(method, AttentionRequest)] of the layer."""
         layer = module.layer_idx
         backend = self.backend(run, query.device)
         scaling = kwargs.get("scaling")
         scaling = 1.0 / math.sqrt(query.shape[-1]) if scaling is None else scaling
         q_len, kv_len = query.shape[2], key.shape[2]
-        plan, unstructured, decode_cache = self._layer(layer, run, query.shape[1])
-        edits = [] if plan is None else self._dense(layer, run, query, key, unstructured)
+        plan, _, decode_cache = layer_plan
         ok, key_valid = True, None
-        if plan is not None and not edits and not plan.empty:
+        if plan is not None and not plan.empty:
             ok, key_valid = self._padding(run, attention_mask, q_len, kv_len)
         phase = "prefill" if run.prefill else "decode"
         kernels = _kernels()
         decode_group = plan is not None and plan.group is not None and not run.prefill
-        if (plan is None or edits or not ok or (plan.mask is not None and not run.prefill)
+        if (plan is None or not ok or (plan.mask is not None and not run.prefill)
                 or (decode_group and plan.group.spec.num_groups > kernels.MAX_DECODE_GROUPS)):
-            self.routes(run)[(phase, layer)] = "dense"
-            edits = edits or engine.attention_edits(layer, query, key)
-            return engine.dense_attention(module, query, key, value, attention_mask, kwargs, scaling, edits,
-                                          unrotated), ()
+            self.dense(run, layer)
+            return None
         delivered = ()
         if decode_group:
             route = "group"
@@ -272,22 +260,25 @@ class KernelRouter:
             mask = self._structured_mask(run, plan.mask, key_valid, query.device)
             output = kernels.masked_attention(query, key, value, mask=mask, scaling=scaling, backend=backend)
         else:
-            route, output, delivered = self._plain(module, query, key, value, attention_mask, kwargs, scaling)
+            route, output, delivered = self._plain(module, query, key, value, attention_mask, kwargs, scaling, run,
+                                                   requests)
         if plan.scale is not None:
             output = self._scale(output, plan.scale, run, query.device, decode_cache)
             route += "+scale"
         self.routes(run)[(phase, layer)] = route
         return (output, None), delivered
 
-    def _plain(self, module, query, key, value, attention_mask, kwargs, scaling):
+    def dense(self, run: RunState, layer: int) -> None:
+        """Record that this call of `layer` takes the dense path (the engine runs it)."""
+        self.routes(run)[("prefill" if run.prefill else "decode", layer)] = "dense"
+
+    def _plain(self, module, query, key, value, attention_mask, kwargs, scaling, run: RunState, requests: list):
         """No attention edit: SDPA, plus kernel 2's pass over the asked rows when a method asked this layer's
-        statistics (prefill; the first such request, the others are computed after the call as with the kernels off)."""
-        engine, run = self.engine, self.engine.run
-        layer = module.layer_idx
+        statistics (prefill; the first such request, the others are computed after the call as with the kernels off).
+        """
         if run.prefill:
-            for method in engine.methods:
-                request = method.attention_request(layer)
-                if request is None or request.probe or request.queries is None:
+            for method, request in requests:
+                if request.probe or request.queries is None:
                     continue
                 ok, key_valid = self._padding(run, attention_mask, query.shape[2], key.shape[2])
                 if not ok:
@@ -298,9 +289,8 @@ class KernelRouter:
                 received = _kernels().received_attention(
                     query, key, key_valid=key_valid, causal=True, scaling=scaling, stat_queries=rows,
                     per_head=request.per_head, backend=self.backend(run, query.device))
-                method.observe_attention(layer, run, AttentionStats(received=received,
-                                                                    keys=key if request.keys else None))
-                return "stats", output, (method,)
+                return "stats", output, ((method, AttentionStats(received=received,
+                                                                  keys=key if request.keys else None)),)
         return "sdpa", sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)[0], ()
 
     # ---- inputs of the kernels --------------------------------------------------------------------------------------
@@ -384,6 +374,6 @@ class KernelRouter:
 
 
 def _kernels():
-    from . import kernels
+    from .kernels import api as kernels
 
     return kernels

@@ -36,8 +36,8 @@ import torch
 from .layout import at_positions  # noqa: F401 - methods import it from here
 
 if typing.TYPE_CHECKING:
-    from .engine import Engine, RunState
-    from .kernels import GroupSpec, MaskSpec
+    from .run_state import RunState
+    from .kernels.api import GroupSpec, MaskSpec
 
 
 BEFORE_LLM = -1  # the stage before decoder layer 0: inputs_embeds with the projected visual features
@@ -203,8 +203,9 @@ class Method:
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
 
-    def bind(self, engine: Engine) -> None:
-        """Validate the parameters against the wrapped model; raise ValueError with a fix on bad input."""
+    def bind(self, engine) -> None:
+        """Validate the parameters against the wrapped model (`engine`: its vlm_efficient.engine.Engine, not imported
+        here so that the engine sits above the protocol); raise ValueError with a fix on bad input."""
 
     def prune_layers(self) -> set[int]:
         return set()

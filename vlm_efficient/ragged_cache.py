@@ -25,7 +25,7 @@ class RaggedCacheLayer(DynamicLayer):
         keys, values = dense.keys, dense.values
         if keep.shape != keys.shape[:3]:
             raise ValueError(f"per-head keep {tuple(keep.shape)} does not match the cached keys {tuple(keys.shape)}")
-        from .kernels import RaggedKVCache
+        from .kernels.api import RaggedKVCache
 
         self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
         self.ragged = RaggedKVCache.from_dense(keys, values, keep.to(keys.device), max_new_tokens=GENERATED_SLACK)

@@ -1,4 +1,6 @@
-"""vlm_efficient.kernels: Triton attention kernels for visual-token methods, each with a torch reference.
+"""vlm_efficient.kernels.api: the entry points of the Triton attention kernels for visual-token methods, each with a
+torch reference. (The folder has no __init__.py: a top-level `kernels/` package would shadow Hugging Face's `kernels`
+wherever the checkout's root is on sys.path; import from here or from the kernel modules.)
 
 Every entry point runs the Triton kernel when the tensors are on CUDA (and triton imports) and the torch reference
 otherwise. `backend="auto" | "triton" | "reference"` (or `force_reference=True`) overrides that; "triton" on CPU

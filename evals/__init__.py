@@ -1,1 +1,0 @@
-"""vlm_efficient.evals"""
