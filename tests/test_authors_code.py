@@ -846,7 +846,7 @@ def test_renumbered_positions_feed_the_kept_tokens_as_the_authors_code_does(spec
     batch = one_prompt(processor)
     text_model = model.model.language_model
     runs = {}
-    for positions in ("renumber", "original"):
+    for positions in ("original", "renumber"):  # the embeddings captured last: renumber's (VisionZip reorders)
         captured = {}
         ve.wrap(model, f"{spec},positions={positions}")
         def capture(module, args, kwargs):
@@ -875,3 +875,72 @@ def test_renumbered_positions_are_refused_for_qwen():
         ve.wrap(model, "divprune:positions=renumber")
     with pytest.raises(ValueError, match="original or renumber"):
         ve.wrap(tiny_model("llava")[0], "visionzip:positions=other")
+
+
+def visionzip_authors_tower_inputs(model, pixel_values):
+    """What CLIPVisionTower_VisionZip.forward reads (github.com/dvlab-research/VisionZip, visionzip/clip_encoder.py,
+    visionzip/utils.py: CLIPAttention_forward returns raw_key_states.mean(1) as the layer's `metric`): the feature
+    layer's attention weights [B, H, n, n], its output hidden states [B, n, C], its head-averaged keys [B, n, d]."""
+    tower = model.model.vision_tower
+    with torch.no_grad():
+        states = tower(pixel_values, output_hidden_states=True).hidden_states
+    layer = getattr(tower, "vision_model", tower).encoder.layers[model.config.vision_feature_layer]
+    attention = layer.self_attn
+    x = layer.layer_norm1(states[model.config.vision_feature_layer - 1])
+    heads = attention.num_heads
+    q = attention.q_proj(x).view(*x.shape[:2], heads, -1).transpose(1, 2)
+    k = attention.k_proj(x).view(*x.shape[:2], heads, -1).transpose(1, 2)
+    weights = (q @ k.transpose(-1, -2) * attention.scale).softmax(-1)
+    return weights.detach(), states[model.config.vision_feature_layer], k.mean(1).detach()
+
+
+def test_visionzip_renumber_feeds_the_authors_order_and_positions():
+    """positions=renumber on LLaVA: generate() equals the authors' pipeline written out - their tower's tokens
+    (visionzip_authors: CLS, dominant, then contextual), the projector, and llava_arch.py's
+    prepare_inputs_labels_for_multimodal_visionzip (text, image features in that order, text; positions 0..n-1) -
+    less the authors' CLS token, which an HF LLaVA prompt has no placeholder for. Two prompts of different lengths
+    (left padding), each against its own reference (rotary positions are relative: the padding's offset is no
+    difference). Prompt order (positions=original) differs."""
+    from test_engine import greedy
+    from vlm_efficient.token_ops.visionzip import VisionZip
+
+    model, processor = tiny_model("llava")
+    ph = image_placeholder(processor)
+    batch = tiny_batch(processor, [(f"{ph} describe it", [tiny_image(3)]),
+                                   (f"a much longer prompt with {ph} and a question to ask", [tiny_image(1)])])
+    ratio = 0.25
+    runs = {}
+    for positions in ("renumber", "original"):
+        ve.wrap(model, f"visionzip:ratio={ratio},positions={positions}")
+        out = greedy(model, batch)
+        runs[positions] = torch.stack(out.logits, 1), out.sequences
+        ve.unwrap(model)
+    logits, sequences = runs["renumber"]
+    weights, states, metric = visionzip_authors_tower_inputs(model, batch["pixel_values"])
+    method = VisionZip(ratio=ratio)
+    method.share = 10 / 64  # bind's share on CLIP towers
+    dominant, contextual = method.counts(states.shape[1] - 1)
+    assert contextual >= 2 and dominant >= 2  # an order to get wrong
+    tokens, _ = visionzip_authors(weights, states, metric, dominant, contextual)
+    with torch.no_grad():
+        features = model.model.multi_modal_projector(tokens[:, 1:])  # the authors' CLS token dropped
+    image_id = ve.get_adapter(model).image_token_id(model)
+    embed = model.get_input_embeddings()
+    prompt_length = batch["input_ids"].shape[1]
+    for b in range(2):
+        ids = batch["input_ids"][b][batch["attention_mask"][b].bool()]
+        start = int((ids == image_id).nonzero()[0])
+        end = start + int((ids == image_id).sum())
+        generated = sequences[b, prompt_length:-1]
+        with torch.no_grad():
+            full = torch.cat([embed(ids[:start]), features[b], embed(ids[end:]), embed(generated)])[None]
+            hidden = model.model.language_model(inputs_embeds=full,
+                                                position_ids=torch.arange(full.shape[1])[None]).last_hidden_state
+            reference = model.lm_head(hidden)[0, full.shape[1] - generated.shape[0] - 1:]
+        torch.testing.assert_close(logits[b], reference, atol=1e-4, rtol=1e-4)
+    assert (runs["original"][0][:, 0] - logits[:, 0]).abs().max() > 1e-4
+
+
+def test_visionzip_renumber_is_refused_with_pruning_inside_the_llm():
+    with pytest.raises(ValueError, match="positions=original"):
+        ve.wrap(tiny_model("llava")[0], "visionzip:positions=renumber+fastv:layer=1")

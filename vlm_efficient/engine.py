@@ -138,6 +138,13 @@ def renumbered(position_ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return torch.where(valid, first + valid.long().cumsum(1) - 1, position_ids)
 
 
+def reordered(index: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """The kept rows `index` [B, width] (left slots -1) of each sample sorted by their `order` keys [B, n] (>= 0; ties
+    in position order), slots first (Selection.order)."""
+    keys = torch.where(index >= 0, order.gather(1, index.clamp(min=0)), -1)
+    return index.gather(1, keys.sort(dim=1, stable=True).indices)
+
+
 def left_aligned_index(keep: torch.Tensor) -> tuple[torch.Tensor | None, bool]:
     """([B, width] indices of the kept rows of each sample, right-aligned (left slots -1) so the last prompt token
     stays last when samples keep different numbers of rows, or None when every row is kept; whether every sample
@@ -596,9 +603,10 @@ class Engine:
         return hook
 
     # ---- selections: pruning and merging ------------------------------------------------------------------------
-    def _select(self, stage: int, hidden: torch.Tensor, run: RunState) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """Compose the selections of every method acting at `stage`: keeps intersect, merges apply in order."""
-        keep = None
+    def _select(self, stage: int, hidden: torch.Tensor, run: RunState):
+        """Compose the selections of every method acting at `stage`: keeps intersect, merges apply in order; the one
+        `order` a method may give -> (keep or None, hidden, order or None)."""
+        keep = order = None
         for method in self.methods:
             if stage not in method.prune_layers():
                 continue
@@ -610,10 +618,16 @@ class Engine:
             if selected.hidden is not None:
                 hidden = selected.hidden
             keep = selected.keep if keep is None else keep & selected.keep
-        return keep, hidden
+            if selected.order is not None:
+                if order is not None:
+                    raise ValueError(f"{method.name}: two methods reorder the kept tokens at the same stage")
+                order = selected.order
+        return keep, hidden, order
 
     def _apply_selections(self, idx: int, hidden: torch.Tensor, run: RunState) -> torch.Tensor:
-        keep, hidden = self._select(idx, hidden, run)
+        keep, hidden, order = self._select(idx, hidden, run)
+        if order is not None:
+            raise ValueError(f"layer {idx}: a selection's order applies before the LLM only")
         if keep is None:
             return hidden
         index, aligned = left_aligned_index(keep.to(hidden.device))
@@ -630,11 +644,13 @@ class Engine:
         """BEFORE_LLM: shrink the text model's inputs so every layer, layer 0 included, and the KV cache see only the
         kept tokens. The text model then builds its masks and rotary tables for the compact rows itself."""
         embeds = kwargs["inputs_embeds"]
-        keep, embeds = self._select(BEFORE_LLM, embeds, run)
+        keep, embeds, order = self._select(BEFORE_LLM, embeds, run)
         index, run.aligned = (None, True) if keep is None else left_aligned_index(keep.to(embeds.device))
         if index is None:
             kwargs["inputs_embeds"] = embeds
             return
+        if order is not None:
+            index = reordered(index, order.to(index.device))
         run.input_positions = index
         kwargs["inputs_embeds"] = _gather_seq(embeds, index.clamp(min=0), seq_dim=1)
         kwargs["attention_mask"] = _gather_rows(run.attention_mask_2d.to(embeds.device), index, fill=False).long()
