@@ -185,6 +185,9 @@ class RunState:
     pre_rotary_keys: dict[int, torch.Tensor] = field(default_factory=dict)  # prompt keys before rotary, per layer
     counts: dict = field(default_factory=dict)  # row_counts() of the current row set
     ragged: dict = field(default_factory=dict)  # layer -> RaggedCacheLayer: the layers decoding on a per-head cache
+    # positions=renumber inside the LLM: layer -> [B or 1] how far the layer's renumbered last prompt row lies before
+    # the text model's position for it (its decoding positions move back as much)
+    position_shift: dict = field(default_factory=dict)
     gathered: tuple = ()  # (rows, input_positions, positions): `positions` of that row set, gathered once
     # per image of the batch, the vision-tower image it repeats (generate() repeats the encoded images for beam search
     # and num_return_sequences); None: each image was encoded once
@@ -328,6 +331,9 @@ class Engine:
         # methods that may edit attention beside a per-head cache: asked at its decoding calls, refused if they do
         self.decode_editors = [m.name for m in methods if self.per_head_cache and edits_attention(m)
                                and type(m).decode_cache_keep is Method.decode_cache_keep]  # fmt: skip
+        # methods pruning inside the LLM with positions=renumber: every shrunk layer's rows get contiguous positions
+        self.renumbers_inside = any(getattr(m, "positions", "original") == "renumber" for m in methods
+                                    if m.prune_layers() - {BEFORE_LLM})  # fmt: skip
         self.probe_layers = {
             idx for idx in range(self.num_layers)
             if any((r := m.attention_request(idx)) is not None and r.probe for m in methods)
@@ -853,7 +859,26 @@ class Engine:
             key = ("prefill", id(run.rows), group, device)
             if key not in run.layer_kwargs_cache:
                 run.layer_kwargs_cache[key] = self._shrunk_prefill_kwargs(kwargs, run, device, idx)
-            return {**kwargs, **run.layer_kwargs_cache[key]}
+            update = run.layer_kwargs_cache[key]
+            if "position_shift" in update:
+                run.position_shift[idx] = update["position_shift"]
+                update = {k: v for k, v in update.items() if k != "position_shift"}
+            return {**kwargs, **update}
+        shift = run.position_shift.get(idx)
+        if shift is None:
+            return self._decode_kwargs(idx, kwargs, run, device, group)
+        key = ("renumbered decode", id(shift), device)
+        if key not in run.layer_kwargs_cache:
+            position_ids = kwargs["position_ids"].to(device) - shift.to(device)[:, None]
+            run.layer_kwargs_cache[key] = {"position_ids": position_ids,
+                                           "position_embeddings": self._rotary(kwargs, position_ids)}
+        return {**self._decode_kwargs(idx, kwargs, run, device, group), **run.layer_kwargs_cache[key]}
+
+    def _rotary(self, kwargs: dict, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The text model's rotary tables (cos, sin) at `position_ids`, in the dtype of the layer's own."""
+        return self.adapter.text_model(self.model).rotary_emb(kwargs["position_embeddings"][0], position_ids)
+
+    def _decode_kwargs(self, idx: int, kwargs: dict, run: RunState, device, group) -> dict:
         prompt_keys = run.layer_positions.get(idx)
         if prompt_keys is None:
             return kwargs
@@ -896,9 +921,19 @@ class Engine:
         if run.rows is None:  # shrunk before the LLM: the text model made the rotary tables of the compact rows
             return update
         index = run.rows.to(device).clamp(min=0)
+        position_ids = kwargs.get("position_ids")
+        if self.renumbers_inside:
+            # contiguous positions for the current rows, as the authors' code feeds each stage's kept tokens
+            if position_ids is None:
+                position_ids = torch.arange(run.input_length, device=device)[None]
+            position_ids = _gather_seq(position_ids.to(device), index, -1)
+            renumbered_ids = renumbered(position_ids, run.current_valid().to(device))
+            update["position_ids"] = renumbered_ids
+            update["position_embeddings"] = self._rotary(kwargs, renumbered_ids)
+            update["position_shift"] = position_ids[..., -1] - renumbered_ids[..., -1]
+            return update
         cos, sin = kwargs["position_embeddings"]
         update["position_embeddings"] = (_gather_seq(cos, index, -2), _gather_seq(sin, index, -2))
-        position_ids = kwargs.get("position_ids")
         if isinstance(position_ids, torch.Tensor) and position_ids.shape[-1] == run.input_length:
             update["position_ids"] = _gather_seq(position_ids, index, -1)
         return update
