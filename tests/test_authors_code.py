@@ -846,7 +846,7 @@ def test_renumbered_positions_feed_the_kept_tokens_as_the_authors_code_does(spec
     batch = one_prompt(processor)
     text_model = model.model.language_model
     runs = {}
-    for positions in ("renumber", "original"):
+    for positions in ("original", "renumber"):  # the embeddings captured last: renumber's (VisionZip reorders)
         captured = {}
         ve.wrap(model, f"{spec},positions={positions}")
         def capture(module, args, kwargs):
@@ -875,3 +875,207 @@ def test_renumbered_positions_are_refused_for_qwen():
         ve.wrap(model, "divprune:positions=renumber")
     with pytest.raises(ValueError, match="original or renumber"):
         ve.wrap(tiny_model("llava")[0], "visionzip:positions=other")
+
+
+def visionzip_authors_tower_inputs(model, pixel_values):
+    """What CLIPVisionTower_VisionZip.forward reads (github.com/dvlab-research/VisionZip, visionzip/clip_encoder.py,
+    visionzip/utils.py: CLIPAttention_forward returns raw_key_states.mean(1) as the layer's `metric`): the feature
+    layer's attention weights [B, H, n, n], its output hidden states [B, n, C], its head-averaged keys [B, n, d]."""
+    tower = model.model.vision_tower
+    with torch.no_grad():
+        states = tower(pixel_values, output_hidden_states=True).hidden_states
+    layer = getattr(tower, "vision_model", tower).encoder.layers[model.config.vision_feature_layer]
+    attention = layer.self_attn
+    x = layer.layer_norm1(states[model.config.vision_feature_layer - 1])
+    heads = attention.num_heads
+    q = attention.q_proj(x).view(*x.shape[:2], heads, -1).transpose(1, 2)
+    k = attention.k_proj(x).view(*x.shape[:2], heads, -1).transpose(1, 2)
+    weights = (q @ k.transpose(-1, -2) * attention.scale).softmax(-1)
+    return weights.detach(), states[model.config.vision_feature_layer], k.mean(1).detach()
+
+
+def test_visionzip_renumber_feeds_the_authors_order_and_positions():
+    """positions=renumber on LLaVA: generate() equals the authors' pipeline written out - their tower's tokens
+    (visionzip_authors: CLS, dominant, then contextual), the projector, and llava_arch.py's
+    prepare_inputs_labels_for_multimodal_visionzip (text, image features in that order, text; positions 0..n-1) -
+    less the authors' CLS token, which an HF LLaVA prompt has no placeholder for. Two prompts of different lengths
+    (left padding), each against its own reference (rotary positions are relative: the padding's offset is no
+    difference). Prompt order (positions=original) differs."""
+    from test_engine import greedy
+    from vlm_efficient.token_ops.visionzip import VisionZip
+
+    model, processor = tiny_model("llava")
+    ph = image_placeholder(processor)
+    batch = tiny_batch(processor, [(f"{ph} describe it", [tiny_image(3)]),
+                                   (f"a much longer prompt with {ph} and a question to ask", [tiny_image(1)])])
+    ratio = 0.25
+    runs = {}
+    for positions in ("renumber", "original"):
+        ve.wrap(model, f"visionzip:ratio={ratio},positions={positions}")
+        out = greedy(model, batch)
+        runs[positions] = torch.stack(out.logits, 1), out.sequences
+        ve.unwrap(model)
+    logits, sequences = runs["renumber"]
+    weights, states, metric = visionzip_authors_tower_inputs(model, batch["pixel_values"])
+    method = VisionZip(ratio=ratio)
+    method.share = 10 / 64  # bind's share on CLIP towers
+    dominant, contextual = method.counts(states.shape[1] - 1)
+    assert contextual >= 2 and dominant >= 2  # an order to get wrong
+    tokens, _ = visionzip_authors(weights, states, metric, dominant, contextual)
+    with torch.no_grad():
+        features = model.model.multi_modal_projector(tokens[:, 1:])  # the authors' CLS token dropped
+    image_id = ve.get_adapter(model).image_token_id(model)
+    embed = model.get_input_embeddings()
+    prompt_length = batch["input_ids"].shape[1]
+    for b in range(2):
+        ids = batch["input_ids"][b][batch["attention_mask"][b].bool()]
+        start = int((ids == image_id).nonzero()[0])
+        end = start + int((ids == image_id).sum())
+        generated = sequences[b, prompt_length:-1]
+        with torch.no_grad():
+            full = torch.cat([embed(ids[:start]), features[b], embed(ids[end:]), embed(generated)])[None]
+            hidden = model.model.language_model(inputs_embeds=full,
+                                                position_ids=torch.arange(full.shape[1])[None]).last_hidden_state
+            reference = model.lm_head(hidden)[0, full.shape[1] - generated.shape[0] - 1:]
+        torch.testing.assert_close(logits[b], reference, atol=1e-4, rtol=1e-4)
+    assert (runs["original"][0][:, 0] - logits[:, 0]).abs().max() > 1e-4
+
+
+def test_visionzip_renumber_is_refused_with_pruning_inside_the_llm():
+    with pytest.raises(ValueError, match="positions=original"):
+        ve.wrap(tiny_model("llava")[0], "visionzip:positions=renumber+fastv:layer=1")
+
+
+def pdrop_authors_forward(model, embeds, prompt_length, image_index, image_tokens, layer_list, ratio):
+    """github.com/Cooperx521/PyramidDrop, llava/model/modeling_llama_pdrop.py, pdrop_forward + pdrop_rank_drop
+    (inference, one sample, no padding) on `embeds` [1, n, C] = the prompt's embeddings and then the generated
+    tokens' (causal: the prompt's rows are the prefill's): after layer rank_layer - 1 for each rank_layer in
+    layer_list, the last prompt row's attention at layer rank_layer (its input_layernorm, q / k projections, rotary at
+    the current position_ids) ranks the image tokens (pdrop_authors_rank), int(n x ratio^stage) stay, and position_ids
+    become 0..n'-1 (the decoded tokens' positions move back as much, as pdrop_forward's decoding branch moves them).
+    -> (final hidden states [1, n', C], kept image positions per stage). The key heads are repeated for the query
+    heads (grouped-query attention; LLaVA-1.5 has none)."""
+    text = model.model.language_model
+    hidden, rows = embeds, torch.arange(embeds.shape[1])
+    kept = []
+    for layer_idx, decoder_layer in enumerate(text.layers):
+        position_ids = torch.arange(hidden.shape[1])[None]
+        cos, sin = text.rotary_emb(hidden, position_ids)
+        mask = torch.ones(hidden.shape[1], hidden.shape[1], dtype=torch.bool).tril()[None, None]
+        hidden = decoder_layer(hidden, attention_mask=mask, position_embeddings=(cos, sin), position_ids=position_ids)
+        hidden = hidden[0] if isinstance(hidden, tuple) else hidden
+        rank_layer = layer_idx + 1
+        if rank_layer not in layer_list:
+            continue
+        stage = layer_list.index(rank_layer)
+        cur_tokens, keep_length = int(image_tokens * ratio**stage), int(image_tokens * ratio**(stage + 1))
+        attention = text.layers[rank_layer].self_attn
+        x = text.layers[rank_layer].input_layernorm(hidden)
+        q = attention.q_proj(x).view(1, x.shape[1], -1, attention.head_dim).transpose(1, 2)
+        k = attention.k_proj(x).view(1, x.shape[1], -1, attention.head_dim).transpose(1, 2)
+        cos, sin = text.rotary_emb(hidden, torch.arange(hidden.shape[1])[None])
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        last = prompt_length - (image_tokens - cur_tokens) - 1  # prompt_total_len - 1 in the current rows
+        weights = (q[0, :, last:last + 1] @ k[0].transpose(1, 2) / math.sqrt(attention.head_dim))
+        weights = weights.masked_fill(torch.arange(hidden.shape[1]) > last, float("-inf")).softmax(-1)
+        top = pdrop_authors_rank(weights, image_index, cur_tokens, keep_length)
+        start = image_index + cur_tokens
+        index = torch.cat([torch.arange(image_index), top, torch.arange(start, hidden.shape[1])])
+        hidden, rows = hidden[:, index], rows[index]
+        kept.append(rows[image_index:image_index + keep_length].tolist())
+    return text.norm(hidden), kept
+
+
+def test_pdrop_renumber_stages_equal_the_authors_code():
+    """pdrop:positions=renumber: the kept image tokens at every stage and the generated tokens' logits equal the
+    authors' forward written out (pdrop_authors_forward), each prompt of a left-padded batch against its own (rotary
+    positions are relative: the padding's offset is no difference); positions=original keeps other tokens at the
+    later stages or other logits."""
+    from test_engine import greedy
+
+    model, processor = tiny_model("llava")
+    batch = one_image_each(processor)
+    layers, ratio = (1, 2), 0.5
+    runs = {}
+    for positions in ("renumber", "original"):
+        spec = f"pdrop:layers={'/'.join(map(str, layers))},ratio={ratio},positions={positions}"
+        ve.wrap(model, spec)
+        out = greedy(model, batch)
+        run = ve.engine_of(model).run
+        stages = [[[p for p in run.layer_positions[l][b].tolist() if p >= 0 and bool(run.layout.visual[b, p])]
+                   for l in layers] for b in range(2)]
+        runs[positions] = torch.stack(out.logits, 1), out.sequences, stages
+        ve.unwrap(model)
+    logits, sequences, stages = runs["renumber"]
+    prompt_length = batch["input_ids"].shape[1]
+    with torch.no_grad():
+        embeds = model.model.get_input_embeddings()(batch["input_ids"])
+        image_features = model.model.get_image_features(pixel_values=batch["pixel_values"])
+        image_features = getattr(image_features, "pooler_output", image_features)
+        image_features = torch.cat(list(image_features)) if isinstance(image_features, (list, tuple)) else image_features
+        image = batch["input_ids"] == ve.get_adapter(model).image_token_id(model)
+        embeds = embeds.masked_scatter(image[..., None], image_features.reshape(-1, embeds.shape[-1]).to(embeds.dtype))
+    for b in range(2):
+        valid = batch["attention_mask"][b].bool()
+        pad = int((~valid).sum())
+        start, count = image_span(model, batch, b)
+        generated = sequences[b, prompt_length:-1]
+        full = torch.cat([embeds[b][valid], model.get_input_embeddings()(generated)])[None]
+        with torch.no_grad():
+            hidden, kept = pdrop_authors_forward(model, full, prompt_length - pad, start - pad, count, list(layers), ratio)
+            reference = model.lm_head(hidden)[0, hidden.shape[1] - generated.shape[0] - 1:]
+        assert stages[b] == [[p + pad for p in stage] for stage in kept]
+        torch.testing.assert_close(logits[b], reference, atol=1e-4, rtol=1e-4)
+    assert runs["original"][2] != stages or (runs["original"][0] - logits).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("spec", ["pdrop:layers=1/2,ratio=0.5", "sparsevlm:layers=0/1"])
+def test_renumbered_stages_feed_contiguous_positions(spec):
+    """positions=renumber inside the LLM (as github.com/Gumpest/SparseVLMs, modelling_sparse_llama.py, and
+    Cooperx521/PyramidDrop feed each stage): every layer after a stage gets its real rows' positions contiguous from
+    the sample's first, its rotary tables at those positions, and each decoded token the position after the layer's
+    last prompt row; positions=original differs in the logits."""
+    from test_engine import greedy
+
+    model, processor = tiny_model("llava")
+    batch = one_image_each(processor)
+    text = model.model.language_model
+    outputs = {}
+    for positions in ("original", "renumber"):
+        seen = {}
+        ve.wrap(model, f"{spec},positions={positions}")
+
+        def record(idx):
+            def hook(module, args, kwargs):
+                seen.setdefault(idx, []).append((kwargs["position_ids"], kwargs["position_embeddings"]))
+            return hook
+
+        handles = [layer.register_forward_pre_hook(record(i), with_kwargs=True) for i, layer in enumerate(text.layers)]
+        out = greedy(model, batch)
+        run = ve.engine_of(model).run
+        for handle in handles:
+            handle.remove()
+        ve.unwrap(model)
+        outputs[positions] = torch.stack(out.logits, 1)
+    dropped = [idx for idx in seen if run.layer_positions[idx] is not None]  # the layers after a stage
+    for idx in dropped:
+        (prefill_ids, (cos, sin)), (decode_ids, _) = seen[idx][0], seen[idx][1]
+        rows = run.layer_positions[idx]
+        valid = run.valid_keys(rows)
+        for b in range(2):
+            ids = prefill_ids.expand(2, -1)[b][valid[b]]
+            assert torch.equal(ids, torch.arange(int(ids[0]), int(ids[0]) + ids.numel()))
+            assert int(decode_ids.expand(2, -1)[b, 0]) == int(ids[-1]) + 1
+        expected_cos, _ = text.rotary_emb(cos, prefill_ids)
+        torch.testing.assert_close(cos, expected_cos)
+    assert dropped and (outputs["original"] - outputs["renumber"]).abs().max() > 1e-4
+
+
+def test_renumbered_stages_are_refused_for_qwen():
+    with pytest.raises(ValueError, match="3-D"):
+        ve.wrap(tiny_model("qwen2_vl")[0], "pdrop:positions=renumber")
+    with pytest.raises(ValueError, match="3-D"):
+        ve.wrap(tiny_model("qwen2_vl")[0], "sparsevlm:positions=renumber")

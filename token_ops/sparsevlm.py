@@ -13,9 +13,15 @@ Inference").
    tables; USE_VERSION=2_0 has others). `keep` gives that variant as shares of the image's tokens.
 3. Recycling: the top 30% of the deleted tokens by score (int(0.3 n) + 1) are clustered by density-peak kNN clustering
    (DPC-kNN, k = number of clusters = int(0.1 m) + 1) on their hidden states and each cluster is averaged into one
-   token. The public code appends the merged tokens after the kept ones with renumbered positions; here each merged
-   token is written into the row of its cluster centre, which keeps that token's original position. The public code
-   adds 1e-6 random noise to break density ties; here ties go to the earlier token.
+   token. The public code appends the merged tokens after the kept visual ones; here each merged token is written
+   into the row of its cluster centre. The public code adds 1e-6 random noise to break density ties; here ties go to
+   the earlier token.
+
+Positions: the public code (llava/model/language_model/modelling_sparse_llama.py, v1.0) gives the rows after each
+sparse layer contiguous positions (position_ids[:, :new_length]) and decodes each layer at its own cache length;
+`positions=renumber` does the same (the merged tokens in their centres' rows). The default keeps the original
+positions (`positions=original`): on the testbed (CPU, 50 POPE + 50 VQA questions, default keep table,
+evals/results/testbed_positions_staged_cpu/) the two tie (VQA accuracy 0.58, POPE F1 0.939 in both).
 
 The attention rows are read in the three sparse layers only (those layers run the dense reference attention in prefill;
 every other layer stays on SDPA). All visual tokens of a sample (every image) are ranked together.
@@ -29,7 +35,7 @@ import torch
 
 from vlm_efficient.method import AttentionEdit, Method, Selection
 from vlm_efficient.registry import register_method
-from vlm_efficient.selection import cluster_means, top_k_mask
+from vlm_efficient.selection import check_positions, cluster_means, top_k_mask
 
 PAPER_LAYERS, PAPER_DEPTH = (2, 6, 15), 32
 
@@ -112,8 +118,10 @@ class SparseVLM(Method):
     keep: tuple[float, ...] = ()
     recycle: float = 0.3
     cluster_ratio: float = 0.1
+    positions: str = "original"  # or renumber: contiguous positions after each sparse layer, as the authors' code
 
     def bind(self, engine) -> None:
+        check_positions("sparsevlm", self.positions, engine, inside=True)
         depth = engine.num_layers
         stages = self.layers or tuple(sorted({int(l * depth / PAPER_DEPTH + 0.5) for l in PAPER_LAYERS}))
         if list(stages) != sorted(set(stages)) or not all(0 <= l <= depth - 2 for l in stages):

@@ -222,7 +222,11 @@ class VisionCapture:
         for the other families (see image_decisions)."""
         if not self.family.startswith("llava"):
             return None
-        keeps = self._tile_keeps(self._first_call())
+        return self.llava_rows(run, self._tile_keeps(self._first_call()), hidden.device)
+
+    def llava_rows(self, run, keeps: list[torch.Tensor], device) -> torch.Tensor:
+        """Per-tile bool masks [n] of the first vision call scattered onto the current prompt rows [B, n_cur] (text
+        rows and LLaVA-NeXT's newlines True), as llava_keep scatters the keeps."""
         if self.family == "llava_next":
             per_image, tile = [], 0
             for size in self.sizes[0]:
@@ -232,8 +236,8 @@ class VisionCapture:
             keeps = per_image
         if run.image_sources is not None:  # generate() repeated the encoded images (beam search)
             keeps = [keeps[source] for source in run.image_sources]
-        is_image = run.current(run.layout.kind, fill=0).to(hidden.device) == IMAGE
-        return (~is_image).masked_scatter(is_image, torch.cat(keeps).to(hidden.device))
+        is_image = run.current(run.layout.kind, fill=0).to(device) == IMAGE
+        return (~is_image).masked_scatter(is_image, torch.cat(keeps).to(device))
 
     def image_decisions(self, run, hidden: torch.Tensor):
         """Qwen families: yield (sample, rows [n] of one image's or one video frame's LLM tokens, keep [n] bool,

@@ -13,21 +13,28 @@ features); that is `contextual=None`'s default there (10 : 54 on CLIP towers, th
 [CLS] token is dominant in the public code; here it reaches the LLM only with vision_feature_select_strategy='full'
 (and then always stays), as the prompt has no placeholder for it otherwise.
 
-Positions: the authors' LLaVA code feeds [CLS] and the dominant tokens, then the contextual ones, with contiguous
-positions. `positions=renumber` gives the kept tokens contiguous positions in prompt order (dominant and contextual
-interleaved as they lie in the image; the authors' reordering, dominant first, is not reproduced); the default keeps
-their original positions, chosen by measurement: on the testbed (CPU, 100 POPE + 100 VQA questions,
+Positions: the authors' LLaVA code (visionzip/clip_encoder.py, visionzip/llava_arch.py) feeds [CLS] and the
+dominant tokens in position order, then the contextual ones in position order, with contiguous positions.
+`positions=renumber` does the same: each image's kept tokens reach the LLM dominant first, then contextual, with
+contiguous positions (LLaVA-NeXT: the base image's, then the high-resolution grid's, whose newlines stay in place with
+its dominant tokens, and whose contextual tokens follow in grid order; the authors' high-resolution grid has no
+newlines, puts the tiles' [CLS] before the contextual tokens and those tile by tile). The default keeps their
+original positions and the prompt order, chosen by measurement: on the testbed (CPU, 100 POPE + 100 VQA questions,
 evals/results/testbed_positions_cpu/) VQA accuracy at 75% / 89% pruning is 0.80 / 0.68 with original positions and
-0.65 / 0.53 renumbered (POPE F1 0.970 / 0.938 against 0.970 / 0.928).
+0.65 / 0.53 renumbered in prompt order (POPE F1 0.970 / 0.938 against 0.970 / 0.928), and 0.64 / 0.55 renumbered in
+the authors' order (POPE F1 0.970 / 0.938; evals/results/testbed_positions_staged_cpu/visionzip_authors_order_sweep.md).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
 import torch
 
+from vlm_efficient.layout import IMAGE
+from vlm_efficient.method import BEFORE_LLM, Selection
 from vlm_efficient.registry import register_method
 from vlm_efficient.selection import check_drop_ratio, check_positions, top_k_mask
 
@@ -43,11 +50,16 @@ class VisionZip(VisionTowerMethod):
 
     ratio: float = 0.889
     contextual: float | None = None
-    positions: str = "original"  # or renumber: contiguous positions for the kept tokens
+    positions: str = "original"  # or renumber: dominant, then contextual tokens, contiguous positions (as the authors)
 
     def bind(self, engine) -> None:
         check_drop_ratio("visionzip", self.ratio)
         check_positions("visionzip", self.positions, engine)
+        inside = [m.name for m in engine.methods if m.prune_layers() - {BEFORE_LLM}]
+        if self.positions == "renumber" and inside:
+            # the engine's masks for rows pruned inside the LLM order rows by original position
+            raise ValueError(f"visionzip: positions=renumber reorders the image tokens, which {', '.join(inside)} "
+                             "(pruning inside the LLM) cannot follow: use visionzip:positions=original with it")
         if self.contextual is not None and not 0 <= self.contextual < 1:
             raise ValueError(f"visionzip: contextual={self.contextual} must be in [0, 1): the contextual share")
         qwen = engine.model.config.model_type.startswith("qwen")
@@ -59,6 +71,33 @@ class VisionZip(VisionTowerMethod):
         total = math.floor(total_grid * (1.0 - self.ratio) + 0.5)  # keep_count's rounding, on the host
         contextual = min(int(total * self.share + 0.5), total - 1) if total > 1 else 0
         return total - contextual, contextual
+
+    def dominant(self, scores: torch.Tensor) -> torch.Tensor:
+        """[T, n]: each equal-sized tile's dominant tokens (the highest scores; +inf always)."""
+        grid = torch.isfinite(scores)
+        count, _ = self.counts(int(grid[0].sum()))
+        return top_k_mask(scores, grid, torch.full((scores.shape[0],), count)) | ~grid
+
+    def select_tokens(self, layer, run, hidden) -> Selection:
+        selection = super().select_tokens(layer, run, hidden)
+        if self.positions == "original":
+            return selection
+        return dataclasses.replace(selection, order=self.authors_order(run, hidden.device))
+
+    def authors_order(self, run, device) -> torch.Tensor:
+        """Selection.order of positions=renumber: every row in position order, except each image's contextual
+        tokens, which follow the last row of their part (LLaVA-NeXT: base image, high-resolution grid)."""
+        dominant = [self.dominant(record["score"][None])[0] for record in self.capture._first_call()["records"]]
+        image = run.current(run.layout.kind, fill=0).to(device) == IMAGE
+        contextual = image & ~self.capture.llava_rows(run, dominant, device)
+        positions = run.current_positions().to(device)
+        part = run.current(run.layout.coords[..., 0], fill=-1).to(device)
+        index = run.current(run.layout.image_index, fill=-1).to(device)
+        parts = 2 * (int(index.max()) + 1)
+        segment = torch.where(image, 2 * index + (part != 0).long(), parts)
+        end = torch.full((positions.shape[0], parts + 1), -1, device=device)
+        end = end.scatter_reduce(1, segment, positions, "amax")
+        return torch.where(contextual, 2 * end.gather(1, segment) + 1, 2 * positions)
 
     def choose(self, score, metric, features):
         keep, merged = self.choose_tiles(score[None], metric[None], None if features is None else features[None])
@@ -73,8 +112,8 @@ class VisionZip(VisionTowerMethod):
         if len(set(sizes)) > 1:  # tiles of different grid sizes: one at a time
             return super().choose_tiles(scores, metrics, features)
         dominant_count, contextual = self.counts(sizes[0])
-        dominant = top_k_mask(scores, grid, torch.full((scores.shape[0],), dominant_count))
-        keep = dominant | ~grid
+        keep = self.dominant(scores)
+        dominant = keep & grid
         rest = grid & ~dominant
         rest_count = sizes[0] - dominant_count
         if contextual == 0 or rest_count == 0:

@@ -131,6 +131,13 @@ def renumbered(position_ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return torch.where(valid, first + valid.long().cumsum(1) - 1, position_ids)
 
 
+def reordered(index: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """The kept rows `index` [B, width] (left slots -1) of each sample sorted by their `order` keys [B, n] (>= 0; ties
+    in position order), slots first (Selection.order)."""
+    keys = torch.where(index >= 0, order.gather(1, index.clamp(min=0)), -1)
+    return index.gather(1, keys.sort(dim=1, stable=True).indices)
+
+
 def left_aligned_index(keep: torch.Tensor) -> tuple[torch.Tensor | None, bool]:
     """([B, width] indices of the kept rows of each sample, right-aligned (left slots -1) so the last prompt token
     stays last when samples keep different numbers of rows, or None when every row is kept; whether every sample
@@ -196,6 +203,9 @@ class Engine:
         # methods that may edit attention beside a per-head cache: asked at its decoding calls, refused if they do
         self.decode_editors = [m.name for m in methods if self.per_head_cache and edits_attention(m)
                                and type(m).decode_cache_keep is Method.decode_cache_keep]  # fmt: skip
+        # methods pruning inside the LLM with positions=renumber: every shrunk layer's rows get contiguous positions
+        self.renumbers_inside = any(getattr(m, "positions", "original") == "renumber" for m in methods
+                                    if m.prune_layers() - {BEFORE_LLM})  # fmt: skip
         self.probe_layers = {
             idx for idx in range(self.num_layers)
             if any((r := m.attention_request(idx)) is not None and r.probe for m in methods)
@@ -471,9 +481,10 @@ class Engine:
         return hook
 
     # ---- selections: pruning and merging ------------------------------------------------------------------------
-    def _select(self, stage: int, hidden: torch.Tensor, run: RunState) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """Compose the selections of every method acting at `stage`: keeps intersect, merges apply in order."""
-        keep = None
+    def _select(self, stage: int, hidden: torch.Tensor, run: RunState):
+        """Compose the selections of every method acting at `stage`: keeps intersect, merges apply in order; the one
+        `order` a method may give -> (keep or None, hidden, order or None)."""
+        keep = order = None
         for method in self.methods:
             if stage not in method.prune_layers():
                 continue
@@ -485,10 +496,16 @@ class Engine:
             if selected.hidden is not None:
                 hidden = selected.hidden
             keep = selected.keep if keep is None else keep & selected.keep
-        return keep, hidden
+            if selected.order is not None:
+                if order is not None:
+                    raise ValueError(f"{method.name}: two methods reorder the kept tokens at the same stage")
+                order = selected.order
+        return keep, hidden, order
 
     def _apply_selections(self, idx: int, hidden: torch.Tensor, run: RunState) -> torch.Tensor:
-        keep, hidden = self._select(idx, hidden, run)
+        keep, hidden, order = self._select(idx, hidden, run)
+        if order is not None:
+            raise ValueError(f"layer {idx}: a selection's order applies before the LLM only")
         if keep is None:
             return hidden
         index, aligned = left_aligned_index(keep.to(hidden.device))
@@ -505,11 +522,13 @@ class Engine:
         """BEFORE_LLM: shrink the text model's inputs so every layer, layer 0 included, and the KV cache see only the
         kept tokens. The text model then builds its masks and rotary tables for the compact rows itself."""
         embeds = kwargs["inputs_embeds"]
-        keep, embeds = self._select(BEFORE_LLM, embeds, run)
+        keep, embeds, order = self._select(BEFORE_LLM, embeds, run)
         index, run.aligned = (None, True) if keep is None else left_aligned_index(keep.to(embeds.device))
         if index is None:
             kwargs["inputs_embeds"] = embeds
             return
+        if order is not None:
+            index = reordered(index, order.to(index.device))
         run.input_positions = index
         kwargs["inputs_embeds"] = _gather_seq(embeds, index.clamp(min=0), seq_dim=1)
         kwargs["attention_mask"] = _gather_rows(run.attention_mask_2d.to(embeds.device), index, fill=False).long()
@@ -739,7 +758,26 @@ class Engine:
             key = ("prefill", id(run.rows), group, device)
             if key not in run.layer_kwargs_cache:
                 run.layer_kwargs_cache[key] = self._shrunk_prefill_kwargs(kwargs, run, device, idx)
-            return {**kwargs, **run.layer_kwargs_cache[key]}
+            update = run.layer_kwargs_cache[key]
+            if "position_shift" in update:
+                run.position_shift[idx] = update["position_shift"]
+                update = {k: v for k, v in update.items() if k != "position_shift"}
+            return {**kwargs, **update}
+        shift = run.position_shift.get(idx)
+        if shift is None:
+            return self._decode_kwargs(idx, kwargs, run, device, group)
+        key = ("renumbered decode", id(shift), device)
+        if key not in run.layer_kwargs_cache:
+            position_ids = kwargs["position_ids"].to(device) - shift.to(device)[:, None]
+            run.layer_kwargs_cache[key] = {"position_ids": position_ids,
+                                           "position_embeddings": self._rotary(kwargs, position_ids)}
+        return {**self._decode_kwargs(idx, kwargs, run, device, group), **run.layer_kwargs_cache[key]}
+
+    def _rotary(self, kwargs: dict, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The text model's rotary tables (cos, sin) at `position_ids`, in the dtype of the layer's own."""
+        return self.adapter.text_model(self.model).rotary_emb(kwargs["position_embeddings"][0], position_ids)
+
+    def _decode_kwargs(self, idx: int, kwargs: dict, run: RunState, device, group) -> dict:
         prompt_keys = run.layer_positions.get(idx)
         if prompt_keys is None:
             return kwargs
@@ -782,9 +820,19 @@ class Engine:
         if run.rows is None:  # shrunk before the LLM: the text model made the rotary tables of the compact rows
             return update
         index = run.rows.to(device).clamp(min=0)
+        position_ids = kwargs.get("position_ids")
+        if self.renumbers_inside:
+            # contiguous positions for the current rows, as the authors' code feeds each stage's kept tokens
+            if position_ids is None:
+                position_ids = torch.arange(run.input_length, device=device)[None]
+            position_ids = _gather_seq(position_ids.to(device), index, -1)
+            renumbered_ids = renumbered(position_ids, run.current_valid().to(device))
+            update["position_ids"] = renumbered_ids
+            update["position_embeddings"] = self._rotary(kwargs, renumbered_ids)
+            update["position_shift"] = position_ids[..., -1] - renumbered_ids[..., -1]
+            return update
         cos, sin = kwargs["position_embeddings"]
         update["position_embeddings"] = (_gather_seq(cos, index, -2), _gather_seq(sin, index, -2))
-        position_ids = kwargs.get("position_ids")
         if isinstance(position_ids, torch.Tensor) and position_ids.shape[-1] == run.input_length:
             update["position_ids"] = _gather_seq(position_ids, index, -1)
         return update

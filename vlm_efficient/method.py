@@ -110,6 +110,9 @@ class Selection:
 
     keep: torch.Tensor
     hidden: torch.Tensor | None = None
+    # before the LLM only: [B, n_cur] integer keys >= 0; the text model gets the kept rows in ascending key order (ties
+    # in position order) instead of position order (VisionZip's positions=renumber: dominant first, as its authors)
+    order: torch.Tensor | None = None
 
 
 @dataclass

@@ -46,6 +46,9 @@ class RunState:
     pre_rotary_keys: dict[int, torch.Tensor] = field(default_factory=dict)  # prompt keys before rotary, per layer
     counts: dict = field(default_factory=dict)  # row_counts() of the current row set
     ragged: dict = field(default_factory=dict)  # layer -> RaggedCacheLayer: the layers decoding on a per-head cache
+    # positions=renumber inside the LLM: layer -> [B or 1] how far the layer's renumbered last prompt row lies before
+    # the text model's position for it (its decoding positions move back as much)
+    position_shift: dict = field(default_factory=dict)
     gathered: tuple = ()  # (rows, input_positions, positions): `positions` of that row set, gathered once
     # per image of the batch, the vision-tower image it repeats (generate() repeats the encoded images for beam search
     # and num_return_sequences); None: each image was encoded once

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 from .layout import VIDEO
@@ -15,15 +17,22 @@ def check_drop_ratio(method: str, ratio: float) -> None:
 POSITIONS = ("original", "renumber")
 
 
-def check_positions(method: str, positions: str, engine) -> None:
-    """`positions` of a method that drops tokens before the LLM: original (the kept tokens keep their prompt
-    positions) or renumber (contiguous positions for the kept tokens, as the authors' code feeds them); renumbering
-    needs 1-D position ids: Qwen's 3-D rotary positions of an image grid have no contiguous renumbering."""
+def check_positions(method: str, positions: str, engine, inside: bool = False) -> None:
+    """`positions` of a method that drops tokens before the LLM (or, `inside`, at layers of the LLM): original (the
+    kept tokens keep their prompt positions) or renumber (contiguous positions for the kept tokens, as the authors'
+    code feeds them); renumbering needs 1-D position ids: Qwen's 3-D rotary positions of an image grid have no
+    contiguous renumbering. Inside the LLM the engine computes the renumbered rows' rotary tables with the text
+    model's one rotary_emb(x, position_ids)."""
     if positions not in POSITIONS:
         raise ValueError(f"{method}: positions={positions!r}: use original or renumber")
     if positions == "renumber" and engine.model.config.model_type.startswith("qwen"):
         raise ValueError(f"{method}: positions=renumber needs 1-D position ids; Qwen's are 3-D (time, row, column) "
                          "per image token: use positions=original")
+    rotary = getattr(engine.adapter.text_model(engine.model), "rotary_emb", None)
+    if positions == "renumber" and inside and (
+            rotary is None or list(inspect.signature(rotary.forward).parameters) != ["x", "position_ids"]):
+        raise ValueError(f"{method}: positions=renumber inside the LLM needs one rotary table for every layer, "
+                         f"which {engine.model.config.model_type} has not: use positions=original")
 
 
 def keep_per_image(run, ratio: float, choose) -> torch.Tensor:
