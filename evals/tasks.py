@@ -394,7 +394,8 @@ class TestbedVideo(_Testbed, Task):
 
 TASKS: dict[str, type[Task]] = {
     t.name: t for t in (POPE, CHAIR, VQAv2, TextVQA, GQA, MME, ScienceQA, TestbedPOPE, TestbedCHAIR, TestbedVQA,
-                        TestbedMME, TestbedLMPOPE, TestbedLMCHAIR, TestbedLMVQA, TestbedLMMME, TestbedVideo)  # fmt: skip
+                        TestbedMME, TestbedLMPOPE, TestbedLMCHAIR, TestbedLMVQA, TestbedLMMME,
+                        TestbedVideo)  # fmt: skip
 }
 
 

@@ -79,8 +79,9 @@ class DyCoke(Method):
         if len({r.numel() for r in rows}) > 1 or any(
             t.coords[:, 0].min() != t.coords[:, 0].max() for t in items if not t.video
         ):
-            raise ValueError("dycoke: frames=images needs images of one grid and one size (one token count each); "
-                             "give the clip's frames at one resolution, or pass it as a video (frames=video)")  # fmt: skip
+            raise ValueError("dycoke: frames=images needs images of one grid and one size (one token count "
+                             "each); give the clip's frames at one resolution, or pass it as a video "
+                             "(frames=video)")  # fmt: skip
         return [rows] if len(rows) > 1 else []
 
     def kept_cells(self, frames: list[torch.Tensor]) -> dict[int, torch.Tensor]:
