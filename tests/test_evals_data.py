@@ -196,3 +196,30 @@ def test_testbed_video_suite():
         statics = [o for o in scenes[0].objects if o.shape not in (clip.mover.shape, clip.transient.shape)]
         assert all(o in s.objects for s in scenes for o in statics)
         assert not {clip.mover.shape, clip.transient.shape} & {o.shape for o in statics}
+
+
+def test_testbed_video_lmms_eval_yaml_functions():
+    """The shipped YAML's !function targets exist, and read the rows as `vlm-efficient eval` does (lmms-eval itself
+    is optional: tests/test_evals_lmms_eval.py runs the installed client)."""
+    import importlib
+    from pathlib import Path
+
+    import yaml
+
+    from vlm_efficient.evals import lmms_eval_plugin as plugin
+
+    loader = type("Loader", (yaml.SafeLoader,), {})
+    loader.add_constructor("!function", lambda ld, node: ld.construct_scalar(node))
+    config = yaml.load((Path(plugin.TASKS_DIR) / "testbed_video.yaml").read_text(), Loader=loader)
+    functions = {}
+    for key in ("process_docs", "doc_to_visual", "doc_to_text", "process_results"):
+        module, name = config[key].rsplit(".", 1)
+        functions[key] = getattr(importlib.import_module(module), name)
+    task = get_task("testbed_video")
+    docs = functions["process_docs"](None).select(range(4))
+    doc = docs[3]
+    assert doc["question"] == task.load(limit=4)[3]["question"]
+    assert [im.size for im in functions["doc_to_visual"](doc)] == [(336, 336)] * 4
+    assert functions["doc_to_text"](doc) == task.prompt(doc)
+    assert functions["process_results"](doc, [doc["answer"]]) == {"accuracy": 1.0}
+    assert functions["process_results"](doc, ["nowhere"]) == {"accuracy": 0.0}
