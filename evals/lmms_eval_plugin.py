@@ -195,6 +195,25 @@ def _docs(task_name: str):
 pope_docs, mme_docs, vqav2_docs, textvqa_docs, scienceqa_img_docs = map(_docs, ("pope", "mme", "vqav2", "textvqa",
                                                                                "scienceqa_img"))  # fmt: skip
 testbed_pope_docs, testbed_mme_docs, testbed_vqa_docs = map(_docs, ("testbed_pope", "testbed_mme", "testbed_vqa"))
+testbed_video_docs = _docs("testbed_video")
+
+
+def testbed_video_doc_to_visual(doc) -> list:
+    from .tasks import get_task
+
+    return get_task("testbed_video").images(doc)
+
+
+def testbed_video_doc_to_text(doc, lmms_eval_specific_kwargs=None) -> str:
+    from .tasks import get_task
+
+    return get_task("testbed_video").prompt(doc)
+
+
+def testbed_video_process_results(doc, results) -> dict:
+    from .tasks import get_task
+
+    return {"accuracy": get_task("testbed_video").score(doc, results[0])["accuracy"]}
 
 
 def gqa_docs(_placeholder):

@@ -6,6 +6,7 @@
     gqa_match(prediction, answer)                GQA exact match
     mme_answer(prediction); mme_scores(...)      MME's yes / no reading; acc, acc+ per category; perception / cognition
     scienceqa_letter(prediction)                 ScienceQA answer letter
+    chosen_candidate(prediction, candidates)     the multiple-choice candidate an answer names (MVBench layout)
 
 Every benchmark lmms-eval also has is scored as lmms-eval 0.7.3 scores it (answer extraction and normalisation, file
 by file below), so both clients report the same numbers on the same answers; tests/test_evals_lmms_eval.py runs both.
@@ -340,3 +341,23 @@ def scienceqa_letter(prediction: str) -> str | None:
     if len(text) >= 2 and text[0].isupper() and text[1] == ".":
         return text[0]
     return None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Multiple choice in MVBench's layout (candidates as texts, the answer one of them)
+
+
+def chosen_candidate(prediction: str, candidates: list[str]) -> str | None:
+    """The candidate a prediction names: the candidate itself (VQA normalisation: case, punctuation, articles), or its
+    option letter as MVBench's prompt lists them ("(B)", "B", "B. down"), or the one candidate named among its words;
+    else None (no answer, or several candidates named)."""
+    text = (prediction or "").strip()
+    normal = normalize_vqa(text.lower())
+    by_text = {normalize_vqa(c.lower()): c for c in candidates}
+    if normal in by_text:
+        return by_text[normal]
+    letter = re.match(r"^\(?([A-Z])(?:\)|\.|$)", text)
+    if letter and ord(letter.group(1)) - ord("A") < len(candidates):
+        return candidates[ord(letter.group(1)) - ord("A")]
+    named = [c for n, c in by_text.items() if re.search(rf"\b{re.escape(n)}\b", normal)]
+    return named[0] if len(named) == 1 else None

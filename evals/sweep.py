@@ -43,7 +43,7 @@ ALL = {
     "heads": ("pai", "vaf", "var", "act", "ocr_sink", "vhr", "gift", "gift:saliency_layer=1", "paint", "adaptvis",
               "memvr"),
     "masks": ("naavit", "ee_mllm", "window", "cmai", "knockout", "aki", "equal_distance", "frame_causal"),
-    "video": ("dycoke",),  # acts on video frames only: a no-op on the testbed's images
+    "video": ("dycoke", "dual_rope"),  # dycoke acts on video frames only: a no-op on the testbed's images
 }  # fmt: skip
 SPEED_TOKENS = 16  # new tokens of the batch-1 speed measurement
 

@@ -3,7 +3,8 @@
 Real benchmarks (REFERENCE.md section 5): pope, chair (COCO), vqav2, textvqa, gqa, mme, scienceqa_img.
 Testbed suites, generated from the testbed world and read back through the same loaders and metrics:
 testbed_pope, testbed_chair, testbed_vqa, testbed_mme; on testbed-lm's world of priors (testbed/priors.py):
-testbed_lm_pope, testbed_lm_chair, testbed_lm_vqa, testbed_lm_mme.
+testbed_lm_pope, testbed_lm_chair, testbed_lm_vqa, testbed_lm_mme; on the testbed's short clips (testbed/clips.py,
+MVBench's row layout): testbed_video.
 
     task = get_task("pope", data_dir="DIR")
     docs = task.load(limit=100)
@@ -235,13 +236,15 @@ def _testbed_fingerprint() -> str:
     import hashlib
 
     here = Path(__file__).resolve().parent / "testbed"
-    return hashlib.sha1(b"".join((here / f).read_bytes() for f in ("world.py", "priors.py", "tasks.py"))).hexdigest()[:10]
+    files = ("world.py", "priors.py", "tasks.py", "clips.py")
+    return hashlib.sha1(b"".join((here / f).read_bytes() for f in files)).hexdigest()[:10]
 
 
 class _Testbed:
     default_n = 100
     kind = ""  # generator in testbed.tasks
     world = "base"  # its scenes: the testbed's world, or "priors" (testbed-lm's, where held-out scenes break priors)
+    image_column = "image"  # an image per row, or (a clip's frames) a list of images per row
 
     def _load(self, limit):
         import datasets
@@ -268,10 +271,8 @@ class _Testbed:
 
         import datasets
 
-        from .testbed import tasks as T
-
-        rows = self._order(getattr(T, self.kind)("test", n, world=self.world))
-        encoded = {}  # rows of one scene share its image object: encode each once, lossless and fast
+        rows = self._order(self._rows(n))
+        encoded = {}  # rows of one scene share its image objects: encode each once, lossless and fast
 
         def png(image):
             if id(image) not in encoded:
@@ -280,8 +281,17 @@ class _Testbed:
                 encoded[id(image)] = {"bytes": buffer.getvalue(), "path": None}
             return encoded[id(image)]
 
-        rows = [{**r, "image": png(r["image"])} for r in rows]
-        return datasets.Dataset.from_list(rows).cast_column("image", datasets.Image())
+        column = self.image_column
+        if isinstance(rows[0][column], list):
+            rows = [{**r, column: [png(im) for im in r[column]]} for r in rows]
+            return datasets.Dataset.from_list(rows).cast_column(column, datasets.Sequence(datasets.Image()))
+        rows = [{**r, column: png(r[column])} for r in rows]
+        return datasets.Dataset.from_list(rows).cast_column(column, datasets.Image())
+
+    def _rows(self, n) -> list[dict]:
+        from .testbed import tasks as T
+
+        return getattr(T, self.kind)("test", n, world=self.world)
 
     def _order(self, rows):
         return rows
@@ -349,9 +359,43 @@ class TestbedLMMME(TestbedMME):
     name, world = "testbed_lm_mme", "priors"
 
 
+class TestbedVideo(_Testbed, Task):
+    """Video QA on the testbed's short clips (testbed/clips.py), in MVBench's row layout (video, question, candidates,
+    answer) plus task_type and the clip's frames. The frames go to the model as the prompt's images, in order (an
+    image model reads the clip frame by frame; the video methods take a sample's images as the clip's frames where
+    they say so). The answer is the candidate the prediction names (its text, or its letter (A), (B), ... in
+    candidate order); accuracy per task_type and overall."""
+
+    name, kind, image_column, default_n = "testbed_video", "video_qa", "frames", 50  # default_n: clips, 4 rows each
+    higher_is_better = {"accuracy": True}
+
+    def _rows(self, n):
+        from .testbed.clips import video_qa
+
+        return video_qa("test", n)
+
+    def images(self, doc):
+        return [frame.convert("RGB") for frame in doc["frames"]]
+
+    def target(self, doc):
+        return doc["answer"]
+
+    def score(self, doc, prediction):
+        chosen = M.chosen_candidate(prediction, doc["candidates"])
+        return {"pred": chosen, "accuracy": float(chosen == doc["answer"]), "group": doc["task_type"]}
+
+    def aggregate(self, samples):
+        out = super().aggregate(samples)
+        return {**out, **_split_by(samples, "group", self.name, {"accuracy": ("accuracy", None)})}
+
+    def config(self):
+        return {**super().config(), "dataset_path": "testbed.clips.video_qa", "dataset_kwargs": {"split": "test"}}
+
+
 TASKS: dict[str, type[Task]] = {
     t.name: t for t in (POPE, CHAIR, VQAv2, TextVQA, GQA, MME, ScienceQA, TestbedPOPE, TestbedCHAIR, TestbedVQA,
-                        TestbedMME, TestbedLMPOPE, TestbedLMCHAIR, TestbedLMVQA, TestbedLMMME)  # fmt: skip
+                        TestbedMME, TestbedLMPOPE, TestbedLMCHAIR, TestbedLMVQA, TestbedLMMME,
+                        TestbedVideo)  # fmt: skip
 }
 
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vlm_efficient.method import AttentionEdit, Method
+from vlm_efficient.method import AttentionEdit, Method, refuse_layers_with_own_mask
 from vlm_efficient.registry import register_method
 
 from .common import has_image, parse_layers
@@ -52,6 +52,8 @@ class EqualDistance(Method):
                 f"equal_distance: variant={self.variant!r}: use paper (visual-text pairs) or code (every visual key)"
             )
         self.chosen = parse_layers("equal_distance", self.layers, engine.num_layers, range(engine.num_layers))
+        refuse_layers_with_own_mask("equal_distance", engine, self.chosen,
+                                    "the pre-rotary keys kept for decoding follow a full causal cache")  # fmt: skip
         for layer in self.chosen:
             try:
                 engine.adapter.pre_rotary_modules(engine.layers[layer].self_attn)

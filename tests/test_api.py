@@ -36,6 +36,7 @@ SHIPPED_METHODS = {
     "fastv", "pdrop", "dart", "divprune", "random", "pool", "dyvte", "sparsevlm", "fastervlm", "visionzip", "vmtc",
     "yopo", "avl", "plphp", "pai", "vaf", "var", "act", "ocr_sink", "vhr", "gift", "paint", "adaptvis", "naavit",
     "ee_mllm", "aki", "cmai", "knockout", "equal_distance", "window", "memvr", "frame_causal", "streaming", "dycoke",
+    "dual_rope",
 }  # fmt: skip
 
 

@@ -113,3 +113,56 @@ def test_bad_parameters_are_refused():
     for spec, words in [("dycoke:ratio=1", "ratio"), ("dycoke:variant=fast", "paper, code")]:
         with pytest.raises(ValueError, match=words):
             ve.wrap(model, spec)
+
+
+def frames_as_images(processor):
+    """Two samples of a clip's frames given as images (six and four frames), the second with text between frames."""
+    ph = image_placeholder(processor)
+    clips = [tiny_video(0, frames=6), tiny_video(1, frames=4, step=2)]
+    samples = [(f"what happens {ph * 6} here", clips[0]), (f"a longer prompt {ph}{ph} then {ph}{ph} compare", clips[1])]
+    return samples
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_frames_as_images_follow_the_authors_loop(family):
+    model, processor = tiny_model(family)
+    batch = tiny_batch(processor, frames_as_images(processor))
+    embeds = {}
+
+    def record(module, args, kwargs):
+        embeds["x"] = kwargs["inputs_embeds"].clone()
+
+    handle = ve.get_adapter(model).text_model(model).register_forward_pre_hook(record, with_kwargs=True)
+    with torch.no_grad():
+        model(**batch)
+    handle.remove()
+    ve.wrap(model, "dycoke:ratio=0.5,frames=images")
+    with torch.no_grad():
+        model(**batch)
+    run = ve.engine_of(model).run
+    ve.unwrap(model)
+    positions, layout = run.input_positions, run.layout
+    for b, count in enumerate((6, 4)):
+        kept = set(positions[b][positions[b] >= 0].tolist())
+        frames = [(layout.image_index[b] == k).nonzero().flatten() for k in range(count)]
+        pruned = reference_kept([embeds["x"][b, rows] for rows in frames], 0.5, "paper")
+        assert set(pruned) == ({1, 2, 3, 5} if count == 6 else {1, 3})
+        for f, rows in enumerate(frames):
+            want = set(range(rows.numel())) if f not in pruned else pruned[f]
+            assert {t for t, p in enumerate(rows.tolist()) if p in kept} == want, (b, f)
+        assert {p for p in range(layout.length) if layout.valid[b, p] and layout.image_index[b, p] < 0} <= kept
+
+
+def test_frames_as_images_generate_and_refusals():
+    model, processor = tiny_model("llava")
+    logits, reference, run, _ = generate_and_reference(model, tiny_batch(processor, frames_as_images(processor)),
+                                                       "dycoke:ratio=0.5,frames=images")  # fmt: skip
+    assert_close_logits(logits, reference)
+    assert (run.visual_per_layer[0] < run.layout.num_visual).all()
+    with pytest.raises(ValueError, match="video.*images"):
+        ve.wrap(model, "dycoke:frames=clip")
+    model, processor = tiny_model("llava_next")  # anyres tiles: an image is several grids, no frame
+    ph = image_placeholder(processor)
+    ve.wrap(model, "dycoke:frames=images")
+    with pytest.raises(ValueError, match="one grid"):
+        model(**tiny_batch(processor, [(f"two {ph}{ph}", [tiny_image(0), tiny_image(1)])]))

@@ -159,4 +159,67 @@ def test_unknown_task():
     with pytest.raises(ValueError, match="unknown task 'popee'.*pope"):
         get_task("popee")
     suites = {f"{testbed}_{kind}" for testbed in ("testbed", "testbed_lm") for kind in ("pope", "chair", "vqa", "mme")}
-    assert set(REAL) | suites == set(TASKS)
+    assert set(REAL) | suites | {"testbed_video"} == set(TASKS)
+
+
+def test_testbed_video_suite():
+    from vlm_efficient.evals.metrics import chosen_candidate
+    from vlm_efficient.evals.testbed.clips import CELL, make_clip
+
+    task = get_task("testbed_video")
+    docs = task.load(limit=8)
+    assert {"video", "question", "candidates", "answer", "task_type", "question_id"} <= set(docs.column_names)
+    assert all(d["answer"] in d["candidates"] for d in docs)
+    assert {d["task_type"] for d in docs} == {"object_existence", "object_color", "moving_direction"}
+    assert len(task.images(docs[0])) == 4 and task.images(docs[0])[0].size == (336, 336)
+    assert get_task("testbed_video").load(limit=16)[:8]["question"] == docs["question"]  # a prefix of the suite
+    agg = task.aggregate([task.score(d, d["answer"].capitalize() + ".") for d in docs])
+    assert agg["testbed_video"]["accuracy"][0] == 1.0 and agg["testbed_video_moving_direction"]["accuracy"][0] == 1.0
+    assert task.score(docs[0], "(B)")["pred"] == docs[0]["candidates"][1]
+    assert chosen_candidate("It moves up.", ["left", "right", "up", "down"]) == "up"
+    assert chosen_candidate("up or down", ["left", "right", "up", "down"]) is None
+    assert chosen_candidate("", ["yes", "no"]) is None
+    # ground truth: the transient only in its frames, the mover one cell span further each frame, others still
+    for index in range(20):
+        clip = make_clip("test", index)
+        first, last = clip.visible_frames
+        assert 0 < first <= last < clip.frames - 1
+        scenes = [clip.frame_scene(f) for f in range(clip.frames)]
+        for f, scene in enumerate(scenes):
+            assert (clip.transient in scene.objects) == (first <= f <= last)
+            assert sum(o.shape == clip.mover.shape for o in scene.objects) == 1
+        boxes = [next(o.box for o in s.objects if o.shape == clip.mover.shape) for s in scenes]
+        axis, sign = {"right": (0, 1), "left": (0, -1), "down": (1, 1), "up": (1, -1)}[clip.direction]
+        assert sign * (boxes[-1][axis] - boxes[0][axis]) == 2 * CELL
+        cells = [next(o.cell for o in s.objects if o.shape == clip.mover.shape) for s in scenes]
+        assert len({c[axis] for c in cells}) == 1 and len({c[1 - axis] for c in cells}) == 3  # cell: (row, col)
+        statics = [o for o in scenes[0].objects if o.shape not in (clip.mover.shape, clip.transient.shape)]
+        assert all(o in s.objects for s in scenes for o in statics)
+        assert not {clip.mover.shape, clip.transient.shape} & {o.shape for o in statics}
+
+
+def test_testbed_video_lmms_eval_yaml_functions():
+    """The shipped YAML's !function targets exist, and read the rows as `vlm-efficient eval` does (lmms-eval itself
+    is optional: tests/test_evals_lmms_eval.py runs the installed client)."""
+    import importlib
+    from pathlib import Path
+
+    import yaml
+
+    from vlm_efficient.evals import lmms_eval_plugin as plugin
+
+    loader = type("Loader", (yaml.SafeLoader,), {})
+    loader.add_constructor("!function", lambda ld, node: ld.construct_scalar(node))
+    config = yaml.load((Path(plugin.TASKS_DIR) / "testbed_video.yaml").read_text(), Loader=loader)
+    functions = {}
+    for key in ("process_docs", "doc_to_visual", "doc_to_text", "process_results"):
+        module, name = config[key].rsplit(".", 1)
+        functions[key] = getattr(importlib.import_module(module), name)
+    task = get_task("testbed_video")
+    docs = functions["process_docs"](None).select(range(4))
+    doc = docs[3]
+    assert doc["question"] == task.load(limit=4)[3]["question"]
+    assert [im.size for im in functions["doc_to_visual"](doc)] == [(336, 336)] * 4
+    assert functions["doc_to_text"](doc) == task.prompt(doc)
+    assert functions["process_results"](doc, [doc["answer"]]) == {"accuracy": 1.0}
+    assert functions["process_results"](doc, ["nowhere"]) == {"accuracy": 0.0}

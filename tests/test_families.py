@@ -7,7 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+import test_engine
 import test_heads_engine
+import test_heads_frame_causal
 import test_heads_interventions
 import test_heads_masks
 import vlm_efficient as ve
@@ -185,6 +187,21 @@ def test_gemma3_refuses_a_per_head_cache_and_keeps_its_mask_off_the_kernels(monk
     assert not asked
 
 
+@pytest.mark.parametrize("spec", ["avl", "streaming", "equal_distance", "equal_distance:layers=1"])
+def test_gemma3_refuses_methods_that_assume_a_full_causal_cache(spec):
+    """Methods whose decoding state covers every prompt key under the causal mask are refused at wrap, with the
+    layer and why; on the other new families they run (tested below or smoke-run here)."""
+    model, _ = tiny_model("gemma3")
+    with pytest.raises(ValueError, match=rf"{spec.split(':')[0]}: layer \d+ has its own mask \(gemma3: "):
+        ve.wrap(model, spec)
+    assert not ve.is_wrapped(model)
+    for family in ("llava_onevision", "idefics3"):
+        model, processor = tiny_model(family)
+        ve.wrap(model, spec)
+        greedy(model, tiny_batch(processor, [(f"what is {image_placeholder(processor)} this", [tiny_image(0)])]))
+        ve.unwrap(model)
+
+
 # attention edits and masks: the checks the five families run, each against its dense reference (modules imported,
 # not their test functions, so that pytest collects them once, here with the new families)
 EDIT_CHECKS = [
@@ -195,6 +212,8 @@ EDIT_CHECKS = [
     (test_heads_masks, "test_naavit"),
     (test_heads_masks, "test_ee_mllm"),
     (test_heads_masks, "test_window"),
+    (test_heads_masks, "test_aki"),
+    (test_heads_masks, "test_cmai"),
 ]
 
 
@@ -215,3 +234,22 @@ def test_gemma3_static_cache_pruning_is_refused_and_edits_match_the_dynamic_cach
     static = torch.stack(greedy(model, batch, cache_implementation="static").logits, 1)
     ve.unwrap(model)
     torch.testing.assert_close(static, dynamic, atol=ATOL, rtol=ATOL)
+
+
+def test_frame_causal():
+    # idefics3 not here: its image's tiles are separated by text tokens, which the check's reference (a frame = a
+    # contiguous run of image tokens) would split into frames
+    test_heads_frame_causal.test_frame_causal("llava_onevision")
+
+
+def test_frame_causal_is_gemma3s_own_mask():
+    """Gemma3's image tokens already see their whole image (its bidirectional image blocks): frame_causal, whose frames
+    are the images, changes nothing there."""
+    model, processor = tiny_model("gemma3")
+    batch = test_engine.two_samples(processor)
+    plain = greedy(model, batch)
+    ve.wrap(model, "frame_causal")
+    wrapped = greedy(model, batch)
+    ve.unwrap(model)
+    assert torch.equal(plain.sequences, wrapped.sequences)
+    torch.testing.assert_close(torch.stack(wrapped.logits), torch.stack(plain.logits), atol=1e-5, rtol=1e-5)

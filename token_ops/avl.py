@@ -22,7 +22,7 @@ from typing import ClassVar
 
 import torch
 
-from vlm_efficient.method import AttentionEdit, AttentionRequest, Method
+from vlm_efficient.method import AttentionEdit, AttentionRequest, Method, refuse_layers_with_own_mask
 from vlm_efficient.registry import register_method
 from vlm_efficient.selection import keep_count, top_k_mask
 
@@ -45,6 +45,8 @@ class AVL(Method):
             raise ValueError("avl: need 0 <= rate <= compute < 1 (deleted share <= share left out of computation)")
         if self.interval < 1 or not 0 <= self.text_rate < 1:
             raise ValueError("avl: interval must be >= 1 and text_rate in [0, 1)")
+        refuse_layers_with_own_mask("avl", engine, range(engine.num_layers),
+                                    "avl keeps per-key states over every prompt key while decoding")  # fmt: skip
 
     def attention_request(self, layer: int) -> AttentionRequest | None:
         return AttentionRequest(queries="last")

@@ -10,7 +10,9 @@ already shows ("merged" into it). Images and tokens outside every frame (LLaVA-O
 The second stage of DyCoke (dynamic KV-cache pruning while decoding) is not part of this method.
 
 A frame is one temporal step of the LLM's grid (Qwen: a temporal patch of two frames), as `layout.frame` counts
-them. The default ratio 0.7 is the code's `merging_ratio`. `variant=code`: the public code's first loop ranks the
+them. `frames=images`: the images of a sample are the frames of one clip, in prompt order (an image-only model such as
+LLaVA-1.5 reading a clip frame by frame, as the testbed's video suite feeds it); each image is one frame, all of one
+token count (one grid, no LLaVA-NeXT tiles). The default ratio 0.7 is the code's `merging_ratio`. `variant=code`: the public code's first loop ranks the
 tokens of pair i by the similarities of the previous pair (`similarities[(i - 2) // 2]`, the last pair's for the
 first); the default uses each pair's own, as the paper describes.
 """
@@ -26,6 +28,7 @@ from vlm_efficient.selection import check_drop_ratio
 from vlm_efficient.registry import register_method
 
 VARIANTS = ("paper", "code")
+FRAMES = ("video", "images")
 
 
 def least_similar(earlier: torch.Tensor, later: torch.Tensor, count: int) -> torch.Tensor:
@@ -43,11 +46,15 @@ class DyCoke(Method):
 
     ratio: float = 0.7
     variant: str = "paper"
+    frames: str = "video"  # or "images": a sample's images are the frames of one clip
 
     def bind(self, engine) -> None:
         check_drop_ratio("dycoke", self.ratio)
         if self.variant not in VARIANTS:
             raise ValueError(f"dycoke: variant={self.variant!r}: use one of {', '.join(VARIANTS)}")
+        if self.frames not in FRAMES:
+            raise ValueError(f"dycoke: frames={self.frames!r}: use video (a video's frames) or images (a sample's "
+                             "images as the frames of one clip)")  # fmt: skip
 
     def prune_layers(self) -> set[int]:
         return {BEFORE_LLM}
@@ -57,13 +64,25 @@ class DyCoke(Method):
         frame = run.current(run.layout.frame, fill=-1).to(hidden.device)
         keep = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
         for b, items in enumerate(run.layout.images):
-            for k, tokens in enumerate(items):
-                if tokens.video:
-                    rows = [((image_index[b] == k) & (frame[b] == f)).nonzero().flatten() for f in tokens.units]
-                    for f, kept in self.kept_cells([hidden[b, r] for r in rows]).items():
-                        keep[b, rows[f]] = False
-                        keep[b, rows[f][kept]] = True
+            for rows in self.clips(items, image_index[b], frame[b]):
+                for f, kept in self.kept_cells([hidden[b, r] for r in rows]).items():
+                    keep[b, rows[f]] = False
+                    keep[b, rows[f][kept]] = True
         return keep
+
+    def clips(self, items, image_index, frame) -> list[list[torch.Tensor]]:
+        """One sample's clips, each as its frames' token rows (current indices)."""
+        if self.frames == "video":
+            return [[((image_index == k) & (frame == f)).nonzero().flatten() for f in tokens.units]
+                    for k, tokens in enumerate(items) if tokens.video]  # fmt: skip
+        rows = [(image_index == k).nonzero().flatten() for k, tokens in enumerate(items) if not tokens.video]
+        if len({r.numel() for r in rows}) > 1 or any(
+            t.coords[:, 0].min() != t.coords[:, 0].max() for t in items if not t.video
+        ):
+            raise ValueError("dycoke: frames=images needs images of one grid and one size (one token count "
+                             "each); give the clip's frames at one resolution, or pass it as a video "
+                             "(frames=video)")  # fmt: skip
+        return [rows] if len(rows) > 1 else []
 
     def kept_cells(self, frames: list[torch.Tensor]) -> dict[int, torch.Tensor]:
         """{frame: kept cell indices} for the pruned frames of one video, frames [F] x [n, d]."""

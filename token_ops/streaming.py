@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vlm_efficient.method import AttentionRequest, Method, at_positions
+from vlm_efficient.method import AttentionRequest, Method, at_positions, refuse_layers_with_own_mask
 from vlm_efficient.registry import register_method
 
 VISUAL = ("evict", "keep")
@@ -46,6 +46,8 @@ class StreamingKV(Method):
             raise ValueError(f"streaming: visual={self.visual!r}: use evict or keep")
         if not 0 <= self.detect <= 1:
             raise ValueError(f"streaming: detect={self.detect} must be in [0, 1] (0 = off; ACT uses 0.1)")
+        refuse_layers_with_own_mask("streaming", engine, range(engine.num_layers),
+                                    "streaming's per-head kept cache decodes without that mask")  # fmt: skip
         self.kv_heads = engine.text_config.num_key_value_heads
 
     def attention_request(self, layer: int) -> AttentionRequest | None:

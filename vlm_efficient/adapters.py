@@ -69,6 +69,16 @@ class ModelAdapter:
         or [B, n, H, d] (Llama-style attention: the projections)."""
         return attention.q_proj, attention.k_proj
 
+    def pre_rotary_heads(self, output: torch.Tensor, rows: int, head_dim: int) -> torch.Tensor:
+        """An output of `pre_rotary_modules` (`rows` tokens) as [B, H, rows, d]."""
+        return output.reshape(output.shape[0], rows, -1, head_dim).transpose(1, 2)
+
+    def rotary_tables(self, model: nn.Module, layer_idx: int, like: torch.Tensor, positions: torch.Tensor):
+        """(cos, sin) [B, n, d] of layer `layer_idx`'s 1-D rotary position at `positions` [B, n], in `like`'s dtype
+        (the text model's rotary module, as its forward computes them). Families without a 1-D rotary position
+        raise ValueError saying why."""
+        return self.text_model(model).rotary_emb(like, positions)
+
     def vision_tower(self, model: nn.Module) -> nn.Module:
         return model.model.vision_tower
 
@@ -325,8 +335,17 @@ class Gemma3Adapter(ModelAdapter):
         """Gemma3 normalises each head's query and key (q_norm / k_norm) after the projection and BEFORE rotary."""
         return attention.q_norm, attention.k_norm
 
+    def pre_rotary_heads(self, output, rows, head_dim):
+        """Gemma3's q_norm / k_norm run on the heads-first layout [B, H, n, d] already."""
+        return output
+
     def mask_group(self, model, layer_idx):
         return self.text_config(model).layer_types[layer_idx]
+
+    def rotary_tables(self, model, layer_idx, like, positions):
+        """Sliding-window and full-attention layers rotate with their own bases (one table per layer type)."""
+        layer_type = self.text_config(model).layer_types[layer_idx]
+        return self.text_model(model).rotary_emb(like, positions, layer_type)
 
     def layer_mask(self, model, layer_idx, allowed, queries, keys, layout):
         """As Gemma3's create_masks_for_vision_model: full layers OR(causal, same image), sliding layers
@@ -441,6 +460,12 @@ class QwenVLAdapter(ModelAdapter):
 
     def image_tokens(self, model, inputs):
         return self._grid_tokens(model, self._grid(inputs, "image"), video=False)
+
+    def rotary_tables(self, model, layer_idx, like, positions):
+        raise ValueError(
+            "Qwen's M-RoPE is 3-D: its position is (time, height, width) with the time axis already on its own "
+            "rotary channels, so there is no 1-D rotary position to add a second one to"
+        )
 
     def video_tokens(self, model, inputs):
         return self._grid_tokens(model, self._grid(inputs, "video"), video=True)

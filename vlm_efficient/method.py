@@ -271,3 +271,16 @@ class Method:
 def edits_attention(method: Method) -> bool:
     """Whether `method` may edit attention at all (it overrides attention_edit)."""
     return type(method).attention_edit is not Method.attention_edit
+
+
+def refuse_layers_with_own_mask(method: str, engine, layers, why: str) -> None:
+    """ValueError where one of `layers` has a mask of its own (adapter.mask_group: Gemma3's sliding-window layers,
+    whose cache keeps a window, and its image blocks), for methods whose state assumes every prompt key stays cached
+    under the causal mask; `why` says what breaks."""
+    for layer in layers:
+        group = engine.adapter.mask_group(engine.model, layer)
+        if group is not None:
+            raise ValueError(
+                f"{method}: layer {layer} has its own mask ({engine.model.config.model_type}: {group}; sliding layers "
+                f"cache only a window of keys) and {why}: not supported on this family"
+            )

@@ -8,5 +8,5 @@ from .token_ops import (avl, baselines, dart, divprune, dycoke, dyvte, fastervlm
 
 # heads: attention-head interventions, cross-modal masks (heads/README.md; heads/inspect.py and heads/tag.py are
 # commands, not imported here)
-from .heads import (act, adaptvis, aki, cmai, ee_mllm, equal_distance, frame_causal, gift, knockout,  # noqa: F401
-                    memvr, naavit, ocr_sink, pai, paint, vaf, var, vhr, window)
+from .heads import (act, adaptvis, aki, cmai, dual_rope, ee_mllm, equal_distance, frame_causal, gift,  # noqa: F401
+                    knockout, memvr, naavit, ocr_sink, pai, paint, vaf, var, vhr, window)
