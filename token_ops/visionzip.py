@@ -72,10 +72,10 @@ class VisionZip(VisionTowerMethod):
         contextual = min(int(total * self.share + 0.5), total - 1) if total > 1 else 0
         return total - contextual, contextual
 
-    def dominant(self, scores: torch.Tensor) -> torch.Tensor:
-        """[T, n]: each equal-sized tile's dominant tokens (the highest scores; +inf always)."""
+    def dominant(self, scores: torch.Tensor, grid_size: int) -> torch.Tensor:
+        """[T, n]: the dominant tokens of tiles of `grid_size` grid tokens each (the highest scores; +inf always)."""
         grid = torch.isfinite(scores)
-        count, _ = self.counts(int(grid[0].sum()))
+        count, _ = self.counts(grid_size)
         return top_k_mask(scores, grid, torch.full((scores.shape[0],), count)) | ~grid
 
     def select_tokens(self, layer, run, hidden) -> Selection:
@@ -87,7 +87,8 @@ class VisionZip(VisionTowerMethod):
     def authors_order(self, run, device) -> torch.Tensor:
         """Selection.order of positions=renumber: every row in position order, except each image's contextual
         tokens, which follow the last row of their part (LLaVA-NeXT: base image, high-resolution grid)."""
-        dominant = [self.dominant(record["score"][None])[0] for record in self.capture._first_call()["records"]]
+        scores = [record["score"][None] for record in self.capture._first_call()["records"]]
+        dominant = [self.dominant(score, int(torch.isfinite(score).sum()))[0] for score in scores]
         image = run.current(run.layout.kind, fill=0).to(device) == IMAGE
         contextual = image & ~self.capture.llava_rows(run, dominant, device)
         positions = run.current_positions().to(device)
@@ -112,7 +113,7 @@ class VisionZip(VisionTowerMethod):
         if len(set(sizes)) > 1:  # tiles of different grid sizes: one at a time
             return super().choose_tiles(scores, metrics, features)
         dominant_count, contextual = self.counts(sizes[0])
-        keep = self.dominant(scores)
+        keep = self.dominant(scores, sizes[0])
         dominant = keep & grid
         rest = grid & ~dominant
         rest_count = sizes[0] - dominant_count
