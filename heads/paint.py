@@ -8,8 +8,8 @@ the scaled logits of the first group become a + 0.7|a| and those of the second a
 
 This follows the public code (modPAI): the paper also describes a head-specific modulation by each head's visual
 sensitivity, which the code does not contain and is not implemented here. Needs a CLIP tower with a [CLS] token
-whose patches map one to one onto the image tokens: LLaVA-1.5 (model_type llava). LLaVA-NeXT's tiles and Qwen's
-towers (no [CLS]) are refused. The [CLS] attention is computed by hooks on the two ViT attention modules (q and k of
+whose patches map one to one onto the image tokens (the adapter's `cls_patch_tokens`: LLaVA-1.5). LLaVA-NeXT's
+tiles and Qwen's towers (no [CLS]) are refused. The [CLS] attention is computed by hooks on the two ViT attention modules (q and k of
 the [CLS] row only), whatever attention implementation the tower uses.
 """
 
@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from vlm_efficient.adapters import families_with
 from vlm_efficient.kernels.api import GroupSpec
 from vlm_efficient.method import AttentionEdit, KernelEdit, Method, PerThread, at_positions
 from vlm_efficient.registry import register_method
@@ -59,21 +60,20 @@ class PAINT(Method):
     layers: str = ""  # default 2..L-1
 
     def bind(self, engine) -> None:
-        if engine.model.config.model_type != "llava":
+        if not engine.adapter.cls_patch_tokens:
             raise ValueError(
-                "paint: needs a CLIP vision tower with a [CLS] token whose patches are the image tokens (LLaVA-1.5, "
-                f"model_type llava); {engine.model.config.model_type!r} has none or tiles its images"
+                "paint: needs a CLIP vision tower with a [CLS] token whose patches are the image tokens (families: "
+                f"{families_with(lambda adapter: adapter.cls_patch_tokens)}); this model's tower has none or tiles "
+                "its images"
             )
         if self.top < 0 or self.outlier < 0 or not 0 < self.top_ratio <= 1:
             raise ValueError("paint: top and outlier must be >= 0 and top_ratio in (0, 1]")
         self.chosen = parse_layers("paint", self.layers, engine.num_layers, range(2, engine.num_layers))
         # key groups: other, top, outlier
         self.groups = GroupSpec(engine.text_config.num_attention_heads, 3, logit_abs=[0.0, self.top, self.outlier])
-        tower = engine.adapter.vision_tower(engine.model)
-        vit_layers = getattr(tower, "vision_model", tower).encoder.layers  # transformers 5.17 nests it
+        vit_layers = engine.adapter.vision_encoder_layers(engine.model)
         if len(vit_layers) < 2:
             raise ValueError("paint: the vision tower needs at least 2 layers (groups come from layer 0 and L-2)")
-        self.side = engine.model.config.vision_config.image_size // engine.model.config.vision_config.patch_size
 
         def capture(key):
             def hook(module, args, kwargs):
@@ -104,11 +104,11 @@ class PAINT(Method):
         group = torch.zeros(layout.kind.shape, dtype=torch.long)
         image = 0
         for b, items in enumerate(layout.images):
-            for item in range(len(items)):
+            for item, tokens in enumerate(items):
                 positions = (layout.image_index[b] == item).nonzero().flatten()
                 coords = layout.coords[b, positions].cpu()
                 cell = coords[:, 0] == 0  # grid cells of the image (not a [CLS] feature)
-                patch = coords[cell, 1] * self.side + coords[cell, 2]
+                patch = coords[cell, 1] * tokens.grid[1] + coords[cell, 2]
                 coefficient[b, positions[cell].cpu()] = per_image[image, patch].cpu()
                 group[b, positions[cell].cpu()] = group_per_image[image, patch].cpu()
                 image += 1

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from vlm_efficient.adapters import families_with
 from vlm_efficient.registry import register_method
 from vlm_efficient.selection import check_drop_ratio, check_positions
 
@@ -35,10 +36,11 @@ class FasterVLM(VisionTowerMethod):
     def bind(self, engine) -> None:
         check_drop_ratio("fastervlm", self.ratio)
         check_positions("fastervlm", self.positions, engine)
-        if engine.model.config.model_type not in ("llava", "llava_next"):
+        if not engine.adapter.vision_cls_token:
             raise ValueError(
-                "fastervlm: ranks by the vision tower's [CLS] attention and this vision tower has no [CLS] token; "
-                "use visionzip (attention-mean variant) for Qwen models"
+                "fastervlm: ranks by the vision tower's [CLS] attention and this vision tower has no [CLS] token "
+                f"(families with one: {families_with(lambda adapter: adapter.vision_cls_token)}); use visionzip "
+                "(attention-mean variant) for Qwen models"
             )
         super().bind(engine)
 

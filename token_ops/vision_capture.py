@@ -1,11 +1,13 @@
 """Scores and key metrics from the vision tower's attention, for methods that choose visual tokens before the LLM from
 the vision encoder's view (FasterVLM, VisionZip, VMTC).
 
-One vision attention layer is recorded through a registered attention implementation for the vision config (the model
-computes q and k itself, rotary and windows included; the layer's output still comes from SDPA):
+One vision attention layer, which the model's adapter names (`vision_tower_attention`, with the tower's [CLS], tiles
+and token order), is recorded through a registered attention implementation for the vision tower (the model computes
+q and k itself, rotary and windows included; the layer's output still comes from SDPA):
 - CLIP towers (LLaVA, LLaVA-NeXT): the layer that produces the LLM's features (vision_feature_layer, -2); score = the
   [CLS] row's attention to each patch (head mean); metric = the layer's keys averaged over heads (VisionZip's
-  "metric"). One record per tile (LLaVA-NeXT: the base image and each high-resolution tile).
+  "metric"). One record per tile (LLaVA-NeXT: the base image and each high-resolution tile); each LLM row takes the
+  decision of the tile row it is a copy of.
 - Qwen towers (no [CLS]): the last block; score = the attention each patch receives, averaged over the image's query
   patches and the heads (the attention-mean variant VisionZip's authors use on Qwen); a merged LLM token (2x2
   patches) gets the mean of its patches' scores and keys. One record per image and per video frame (the tower
@@ -18,7 +20,6 @@ engine's handle list so `unwrap` removes them and restores the vision attention 
 
 from __future__ import annotations
 
-import functools
 import weakref
 from typing import ClassVar
 
@@ -62,54 +63,32 @@ class _Handle:
 
 
 class VisionCapture:
-    calls: list[dict] = PerThread(list)  # per vision-tower call since the last forward: {"records", "grid", "keep"}
-    sizes: list = PerThread(list)  # LLaVA-NeXT: per get_image_features call, the image sizes
+    """Records the vision tower's attention (one layer, chosen by the model's adapter) for `method`, per thread."""
+
+    calls: list[dict] = PerThread(list)  # per vision-tower call since the last forward: {"records", "grid", ...}
+
     def __init__(self, engine, method, merge_in_vit: bool):
-        model = engine.model
-        self.model = model
-        self.method = method
-        self.family = model.config.model_type
-        if self.family in ("llava", "llava_next"):
-            tower = model.model.vision_tower
-            layers = getattr(tower, "vision_model", tower).encoder.layers
-            feature_layer = model.config.vision_feature_layer
-            if not isinstance(feature_layer, int):
-                raise ValueError(f"{method.name}: needs a single vision_feature_layer, this model uses {feature_layer}")
-            index = feature_layer + len(layers) if feature_layer < 0 else feature_layer - 1
-            if not 0 <= index < len(layers):
-                raise ValueError(f"{method.name}: vision_feature_layer={feature_layer} has no attention layer")
-            self.attention = layers[index].self_attn
-            self.strategy = model.config.vision_feature_select_strategy
-            if self.family == "llava_next" and self.strategy != "default":
-                raise ValueError(f"{method.name}: LLaVA-NeXT with vision_feature_select_strategy='full' is unsupported")
-            self.tower = tower
-        elif self.family in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
-            visual = model.model.visual
-            last = len(visual.blocks) - 1
-            if self.family == "qwen2_5_vl" and last not in visual.fullatt_block_indexes:
-                raise ValueError(f"{method.name}: the last Qwen2.5-VL vision block uses window attention")
-            self.attention = visual.blocks[last].attn
-            self.tower = visual
-            self.unit = visual.spatial_merge_size**2
-        else:
-            raise ValueError(f"{method.name}: no vision-tower attention capture for model_type {self.family!r}")
+        model, adapter = engine.model, engine.adapter
+        self.model, self.adapter, self.method = model, adapter, method
+        self.vision = vision = adapter.vision_tower_attention(model, method.name)
+        self.attention = vision.attention
 
         AttentionInterface.register(VISION_ATTENTION, _vision_attention)
         AttentionMaskInterface.register(VISION_ATTENTION, sdpa_mask)
-        original = model.config.vision_config._attn_implementation
-        model.set_attn_implementation({"vision_config": VISION_ATTENTION})
+        original = adapter.vision_attention_implementation(model)
+        adapter.set_vision_attention_implementation(model, VISION_ATTENTION)
         _CAPTURE_OF[self.attention] = self
         handles = [
-            _Handle(lambda target: target.set_attn_implementation({"vision_config": original}), model),
+            _Handle(lambda target: adapter.set_vision_attention_implementation(target, original), model),
             _Handle(lambda _: _CAPTURE_OF.pop(self.attention, None)),
-            self.tower.register_forward_pre_hook(self._on_tower_call, with_kwargs=True),
+            vision.tower.register_forward_pre_hook(self._on_tower_call, with_kwargs=True),
             model.register_forward_hook(lambda *_: self.reset()),
         ]
-        self.merge_in_vit = merge_in_vit and self.family.startswith("llava")  # Qwen: merged after the merger
+        self.merge_in_vit = merge_in_vit and vision.projector is not None  # else merged on the LLM-side features
         if self.merge_in_vit:
-            handles.append(model.model.multi_modal_projector.register_forward_pre_hook(self._on_projector_call))
-        if self.family == "llava_next":
-            handles.append(self._watch_image_sizes(model.model))
+            handles.append(vision.projector.register_forward_pre_hook(self._on_projector_call))
+        if vision.tiled:  # the projected tiles, to find each LLM token's tile row (tile_sources)
+            handles.append(vision.projector.register_forward_hook(self._on_projector_output))
         for handle in handles:
             engine.add_handle(handle)
 
@@ -117,21 +96,6 @@ class VisionCapture:
     def reset(self) -> None:
         """Vision calls belong to the next prefill (generate() encodes images before it) or to the current forward."""
         self.calls.clear()
-        self.sizes.clear()
-
-    def _watch_image_sizes(self, inner):
-        """LLaVA-NeXT tiles map to LLM tokens through the image sizes, which only get_image_features sees (generate()
-        encodes the images before the prefill): record them on the instance's method, restored on unwrap."""
-        original = inner.get_image_features
-
-        @functools.wraps(original)
-        def get_image_features(*args, **kwargs):
-            sizes = kwargs.get("image_sizes", args[1] if len(args) > 1 else None)
-            self.sizes.append([tuple(int(v) for v in size) for size in sizes])
-            return original(*args, **kwargs)
-
-        inner.get_image_features = get_image_features
-        return _Handle(lambda target: target.__dict__.pop("get_image_features", None), inner)
 
     def _on_tower_call(self, module, args, kwargs):
         grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
@@ -142,9 +106,10 @@ class VisionCapture:
             return
         records = self.calls[-1]["records"]
         metric = key.float().mean(1)  # [B, n, d]: head-averaged keys
-        if self.family.startswith("llava"):
+        unit = self.vision.merge
+        if self.vision.has_cls:
             cls = (query[:, :, :1].float() @ key.float().transpose(-1, -2) * scaling).softmax(-1)[:, :, 0].mean(1)
-            start = 0 if self.strategy == "full" else 1
+            start = 0 if self.vision.cls_feature else 1
             for tile in range(query.shape[0]):
                 score = cls[tile, start:].clone()
                 if start == 0:
@@ -159,9 +124,13 @@ class VisionCapture:
             received += probs.sum(dim=(0, 1))
         received /= n * query.shape[1]
         records.append({
-            "score": received.view(-1, self.unit).mean(1),
-            "metric": metric[0].view(n // self.unit, self.unit, -1).mean(1),
+            "score": received.view(-1, unit).mean(1),
+            "metric": metric[0].view(n // unit, unit, -1).mean(1),
         })  # fmt: skip
+
+    def _on_projector_output(self, module, args, output):
+        if self.calls:
+            self.calls[-1]["tiles"] = output  # [T, n, c]: the call's tiles as LLM features
 
     def _on_projector_call(self, module, args):
         if not self.calls:
@@ -180,31 +149,6 @@ class VisionCapture:
         return (features, *args[1:])
 
     # ---- decisions per LLM token --------------------------------------------------------------------------------
-    def _qwen_order(self, grid: torch.Tensor) -> list[torch.Tensor]:
-        """Per frame of each grid row (an image is one frame), the block-order index of each merged token in LLM
-        order (identity except Qwen2.5's windows, which never cross a frame)."""
-        frames = [(int(t), int(h * w) // self.unit) for t, h, w in grid.tolist()]
-        if self.family != "qwen2_5_vl":
-            return [torch.arange(n) for t, n in frames for _ in range(t)]
-        visual = self.tower
-        if hasattr(visual, "get_window_index"):  # transformers < 5.2x
-            window_index, _ = visual.get_window_index(grid)
-        else:
-            from transformers.vision_utils import get_vision_window_index
-
-            window_index, _ = get_vision_window_index(
-                grid, spatial_merge_size=visual.spatial_merge_size, window_size=visual.window_size,
-                patch_size=visual.patch_size,
-            )  # fmt: skip
-        # window_index[i] = LLM-order token at block row i; each frame's tokens are contiguous in both orders
-        orders, start = [], 0
-        for t, n in frames:
-            for _ in range(t):
-                block = window_index[start : start + n].cpu() - start
-                orders.append(torch.argsort(block))
-                start += n
-        return orders
-
     def _first_call(self) -> dict:
         if not self.calls:
             raise RuntimeError(f"{self.method.name}: the vision tower did not run before this prefill")
@@ -216,28 +160,40 @@ class VisionCapture:
             return call["keep"]
         return [self.method.choose(**self._args(record))[0] for record in call["records"]]
 
-    def llava_keep(self, run, hidden: torch.Tensor) -> torch.Tensor | None:
-        """LLaVA families: [B, n] keep of every prompt row at once (the decisions are per ViT tile, the merges, if
-        any, already happened in the ViT), scattered over the image rows in prompt order with no host read; None
-        for the other families (see image_decisions)."""
-        if not self.family.startswith("llava"):
+    def tile_keep(self, run, hidden: torch.Tensor) -> torch.Tensor | None:
+        """CLIP towers: [B, n] keep of every prompt row at once (the decisions are per ViT tile, the merges, if any,
+        already happened in the ViT), scattered over the image rows; None for the other towers (see
+        image_decisions)."""
+        if self.vision.projector is None:
             return None
-        return self.llava_rows(run, self._tile_keeps(self._first_call()), hidden.device)
+        return self.tile_rows(run, self._tile_keeps(self._first_call()), hidden)
 
-    def llava_rows(self, run, keeps: list[torch.Tensor], device) -> torch.Tensor:
+    def tile_rows(self, run, keeps: list[torch.Tensor], hidden: torch.Tensor) -> torch.Tensor:
         """Per-tile bool masks [n] of the first vision call scattered onto the current prompt rows [B, n_cur] (text
-        rows and LLaVA-NeXT's newlines True), as llava_keep scatters the keeps."""
-        if self.family == "llava_next":
-            per_image, tile = [], 0
-            for size in self.sizes[0]:
-                tiles = self._tiles_of(size)
-                per_image.append(self._pack(torch.stack(keeps[tile : tile + tiles]), size))
-                tile += tiles
-            keeps = per_image
+        rows and LLaVA-NeXT's newlines True), as tile_keep scatters the keeps. `hidden` are the rows as they enter
+        the LLM. Untiled images are their tile's tokens in order (no host read); tiled ones are found by value."""
+        device = hidden.device
+        is_image = run.current(run.layout.kind, fill=0).to(device) == IMAGE
+        if self.vision.tiled:
+            return self._tiled_rows(run, torch.cat(keeps).to(device), hidden, is_image)
         if run.image_sources is not None:  # generate() repeated the encoded images (beam search)
             keeps = [keeps[source] for source in run.image_sources]
-        is_image = run.current(run.layout.kind, fill=0).to(device) == IMAGE
         return (~is_image).masked_scatter(is_image, torch.cat(keeps).to(device))
+
+    def _tiled_rows(self, run, keep: torch.Tensor, hidden: torch.Tensor, is_image: torch.Tensor) -> torch.Tensor:
+        """LLaVA-NeXT: the model packs each image's tiles (base image, then the high-resolution tiles unpadded, with
+        row newlines) by its image size, which generate() passes to no hook point. Each LLM row is an exact copy of
+        one projected tile row, so each image row takes the keep of the tile row it equals (one host read checks
+        that every image row has one); newlines stay."""
+        cell = is_image & (run.current(run.layout.coords[..., 0], fill=-1).to(hidden.device) >= 0)
+        tiles = self._first_call()["tiles"]
+        tiles = tiles.reshape(-1, tiles.shape[-1]).to(hidden.device, hidden.dtype)  # as the model casts them
+        source, found = tile_sources(tiles, hidden)
+        if not bool((found | ~cell).all()):
+            raise RuntimeError(f"{self.method.name}: the image features entering the LLM are not the projected tiles "
+                               "of the vision call before it: wrap no other method that changes them before "
+                               f"{self.method.name}")  # fmt: skip
+        return torch.where(cell, keep[source], ~is_image)
 
     def image_decisions(self, run, hidden: torch.Tensor):
         """Qwen families: yield (sample, rows [n] of one image's or one video frame's LLM tokens, keep [n] bool,
@@ -256,7 +212,7 @@ class VisionCapture:
             call = next(calls, None)
             if call is None:
                 raise RuntimeError(f"{self.method.name}: the vision tower did not run before this prefill")
-            orders = self._qwen_order(call["grid"])
+            orders = self.adapter.vision_token_order(self.model, self.vision, call["grid"])
             first = [0] + torch.cumsum(call["grid"][:, 0], 0).tolist()  # each grid row's first record
             sources = run.image_sources if modality == IMAGE else None
             if sources is None and len(items) != call["grid"].shape[0]:
@@ -274,21 +230,6 @@ class VisionCapture:
     @staticmethod
     def _args(record):
         return {"score": record["score"], "metric": record["metric"], "features": None}
-
-    def _tiles_of(self, size) -> int:
-        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
-
-        config = self.model.config
-        return image_size_to_num_patches(size, config.image_grid_pinpoints, config.vision_config.image_size)
-
-    def _pack(self, keeps: torch.Tensor, size) -> torch.Tensor:
-        """Per-tile keep masks [tiles, n] -> the image's LLM tokens, through the model's own packing (unpadding and
-        row newlines, which always stay)."""
-        packed, _ = self.model.model.pack_image_features(
-            [keeps.float()[..., None]], torch.tensor([size]), self.strategy, image_newline=torch.ones(1)
-        )
-        packed = packed[0] if isinstance(packed, (list, tuple)) else packed
-        return packed[:, 0] > 0.5
 
 
 class VisionTowerMethod(Method):
@@ -325,7 +266,7 @@ class VisionTowerMethod(Method):
         return torch.stack(keeps), merged if any_merged else None
 
     def select_tokens(self, layer, run, hidden) -> Selection:
-        keep = self.capture.llava_keep(run, hidden)
+        keep = self.capture.tile_keep(run, hidden)
         if keep is not None:
             return Selection(keep=keep)
         keep = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
@@ -346,3 +287,25 @@ def grid_counts(score: torch.Tensor, ratio: float) -> tuple[torch.Tensor, int]:
 
 def top(score: torch.Tensor, candidates: torch.Tensor, count: int) -> torch.Tensor:
     return top_k_mask(score[None], candidates[None], torch.tensor([count]))[0]
+
+
+_BITS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def row_fingerprints(rows: torch.Tensor) -> torch.Tensor:
+    """[..., c] -> [...] int64, equal for rows of equal bits: a hash of the bits in integer arithmetic, which wraps and
+    is associative, so a row's fingerprint does not depend on the tensor it sits in."""
+    bits = rows.contiguous().view(_BITS[rows.element_size()]).long()
+    generator = torch.Generator().manual_seed(0)
+    weights = torch.randint(-(2**62), 2**62, (rows.shape[-1],), generator=generator, dtype=torch.long) | 1
+    return (bits * weights.to(rows.device)).sum(-1)
+
+
+def tile_sources(tiles: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For rows [..., c]: (the index of a row of tiles [R, c] equal to each, [...] long; whether it is equal)."""
+    keys = row_fingerprints(tiles)
+    order = keys.argsort()
+    wanted = row_fingerprints(rows)
+    at = torch.searchsorted(keys[order], wanted.flatten()).clamp(max=keys.shape[0] - 1).view_as(wanted)
+    source = order[at]
+    return source, (tiles[source] == rows).all(-1)

@@ -62,9 +62,9 @@ class VisionZip(VisionTowerMethod):
                              "(pruning inside the LLM) cannot follow: use visionzip:positions=original with it")
         if self.contextual is not None and not 0 <= self.contextual < 1:
             raise ValueError(f"visionzip: contextual={self.contextual} must be in [0, 1): the contextual share")
-        qwen = engine.model.config.model_type.startswith("qwen")
-        self.share = self.contextual if self.contextual is not None else (5 / 70 if qwen else 10 / 64)
         super().bind(engine)
+        cls = self.capture.vision.has_cls  # the authors' split on CLIP towers, else their attention-mean variant's
+        self.share = self.contextual if self.contextual is not None else (10 / 64 if cls else 5 / 70)
 
     def counts(self, total_grid: int) -> tuple[int, int]:
         """(dominant, contextual) tokens kept of an image's `total_grid` grid tokens."""
@@ -82,15 +82,16 @@ class VisionZip(VisionTowerMethod):
         selection = super().select_tokens(layer, run, hidden)
         if self.positions == "original":
             return selection
-        return dataclasses.replace(selection, order=self.authors_order(run, hidden.device))
+        return dataclasses.replace(selection, order=self.authors_order(run, hidden))
 
-    def authors_order(self, run, device) -> torch.Tensor:
+    def authors_order(self, run, hidden: torch.Tensor) -> torch.Tensor:
         """Selection.order of positions=renumber: every row in position order, except each image's contextual
         tokens, which follow the last row of their part (LLaVA-NeXT: base image, high-resolution grid)."""
         scores = [record["score"][None] for record in self.capture._first_call()["records"]]
         dominant = [self.dominant(score, int(torch.isfinite(score).sum()))[0] for score in scores]
+        device = hidden.device
         image = run.current(run.layout.kind, fill=0).to(device) == IMAGE
-        contextual = image & ~self.capture.llava_rows(run, dominant, device)
+        contextual = image & ~self.capture.tile_rows(run, dominant, hidden)
         positions = run.current_positions().to(device)
         part = run.current(run.layout.coords[..., 0], fill=-1).to(device)
         index = run.current(run.layout.image_index, fill=-1).to(device)

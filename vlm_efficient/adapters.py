@@ -1,7 +1,9 @@
 """Model adapters: everything that differs between VLM families, in one table keyed by `config.model_type`.
 
 An adapter answers: where the decoder layers are, which token ids are visual, how the visual tokens of each image
-are laid out on a 2-D grid, and where the vision tower is. Methods never look at `model_type`; they ask the adapter.
+are laid out on a 2-D grid, and how the vision tower is read (its attention, [CLS] token, tiles and token order).
+Methods never look at `model_type`; they ask the adapter, and its capability flags say which families can serve them
+(`families_with` names those in a refusal).
 """
 
 from __future__ import annotations
@@ -42,10 +44,30 @@ def _row_major(rows: int, cols: int, part: int = 0) -> torch.Tensor:
     return torch.stack([torch.full_like(r, part), r, c], dim=-1).reshape(-1, 3)
 
 
+@dataclass(frozen=True)
+class VisionTower:
+    """The vision tower as the methods that read its attention see it (ModelAdapter.vision_tower_attention).
+
+    CLIP towers (`projector` set): the tower encodes tiles (an image, or LLaVA-NeXT's base image and high-resolution
+    tiles), each a [CLS] token and patches; the projector maps each tile's ViT features one to one onto LLM features,
+    which the model then packs into the image's LLM tokens. Qwen towers (`projector` None): the tower attends within
+    each image or video frame and merges `merge` patches into each LLM token itself."""
+
+    tower: nn.Module  # a forward pre-hook on it sees each encoding call (Qwen: its grid_thw argument)
+    attention: nn.Module  # the attention layer whose scores the methods read
+    has_cls: bool  # the rows start with a [CLS] token: scores are its attention row; else the attention received
+    cls_feature: bool  # the LLM gets the [CLS] feature too (vision_feature_select_strategy 'full')
+    merge: int  # patches per LLM token
+    projector: nn.Module | None  # ViT features -> LLM features, per tile [T, n, d]; None: the tower projects itself
+    tiled: bool  # an image's LLM tokens are several tiles' features packed (unpadded, with row newlines)
+
+
 class ModelAdapter:
     """Base adapter for HF `*ForConditionalGeneration` VLMs whose text model sits at `model.model.language_model`."""
 
     model_types: tuple[str, ...] = ()
+    vision_cls_token: bool = False  # the vision tower has a [CLS] token whose attention methods can read
+    cls_patch_tokens: bool = False  # ... and each image's LLM tokens are its patches one to one, row-major (no tiles)
 
     def text_model(self, model: nn.Module) -> nn.Module:
         return model.model.language_model
@@ -113,6 +135,29 @@ class ModelAdapter:
         (mask_group not None) add it here."""
         return allowed
 
+    def vision_tower_attention(self, model: nn.Module, reader: str) -> VisionTower:
+        """The vision tower's attention layer that `reader` (a method's name, for errors) scores tokens by."""
+        raise ValueError(f"{reader}: reads the vision tower's attention, which is wired for "
+                         f"{families_with(_reads_vision_attention)} only")  # fmt: skip
+
+    def vision_encoder_layers(self, model: nn.Module) -> nn.ModuleList:
+        """The vision tower's encoder layers (CLIP towers)."""
+        raise ValueError(f"this model's vision tower has no CLIP encoder layers; families with them: "
+                         f"{families_with(lambda adapter: adapter.vision_cls_token)}")  # fmt: skip
+
+    def vision_token_order(self, model: nn.Module, vision: VisionTower, grid: torch.Tensor) -> list[torch.Tensor]:
+        """Per frame of each grid row (t, h, w) of a call of the tower `vision` (an image is one frame): for each LLM
+        token of the frame, in LLM order, its row in the tower's (merged) output of the frame."""
+        return [torch.arange(int(h * w) // vision.merge) for t, h, w in grid.tolist() for _ in range(int(t))]
+
+    def vision_attention_implementation(self, model: nn.Module) -> str:
+        """The attention implementation the vision tower runs (its config's)."""
+        return model.config.vision_config._attn_implementation
+
+    def set_vision_attention_implementation(self, model: nn.Module, name: str) -> None:
+        """Run the vision tower's attention through the registered implementation `name` (the text model's stays)."""
+        model.set_attn_implementation({"vision_config": name})
+
     def vision_capture_module(self, model: nn.Module) -> nn.Module | None:
         """A module whose call reveals per-image grid sizes (its `grid_thw` argument), or None."""
         return None
@@ -167,10 +212,37 @@ def _expanded_grid(grid: torch.Tensor, features: list[torch.Tensor]) -> torch.Te
     return grid[sources]
 
 
+def _clip_encoder_layers(model: nn.Module) -> nn.ModuleList:
+    tower = model.model.vision_tower
+    return getattr(tower, "vision_model", tower).encoder.layers  # transformers 5.17 nests it
+
+
+def _clip_tower_attention(model: nn.Module, reader: str, tiled: bool) -> VisionTower:
+    """LLaVA's CLIP tower: the layer that produces the LLM's features (vision_feature_layer)."""
+    layers = _clip_encoder_layers(model)
+    feature_layer = model.config.vision_feature_layer
+    if not isinstance(feature_layer, int):
+        raise ValueError(f"{reader}: needs a single vision_feature_layer, this model uses {feature_layer}")
+    index = feature_layer + len(layers) if feature_layer < 0 else feature_layer - 1
+    if not 0 <= index < len(layers):
+        raise ValueError(f"{reader}: vision_feature_layer={feature_layer} has no attention layer")
+    return VisionTower(tower=model.model.vision_tower, attention=layers[index].self_attn, has_cls=True,
+                       cls_feature=model.config.vision_feature_select_strategy == "full", merge=1,
+                       projector=model.model.multi_modal_projector, tiled=tiled)  # fmt: skip
+
+
 class LlavaAdapter(ModelAdapter):
     """LLaVA-1.5: every image gives the same square grid of patch features (after [CLS] with strategy 'full')."""
 
     model_types = ("llava",)
+    vision_cls_token = True
+    cls_patch_tokens = True
+
+    def vision_encoder_layers(self, model):
+        return _clip_encoder_layers(model)
+
+    def vision_tower_attention(self, model, reader):
+        return _clip_tower_attention(model, reader, tiled=False)
 
     def image_tokens(self, model, inputs):
         pixel_values = inputs.get("pixel_values")
@@ -193,6 +265,15 @@ class LlavaNextAdapter(ModelAdapter):
     "features", so it follows the installed transformers exactly."""
 
     model_types = ("llava_next",)
+    vision_cls_token = True
+
+    def vision_encoder_layers(self, model):
+        return _clip_encoder_layers(model)
+
+    def vision_tower_attention(self, model, reader):
+        if model.config.vision_feature_select_strategy != "default":
+            raise ValueError(f"{reader}: LLaVA-NeXT with vision_feature_select_strategy='full' is unsupported")
+        return _clip_tower_attention(model, reader, tiled=True)
 
     def image_tokens(self, model, inputs):
         config = model.config
@@ -265,6 +346,9 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
     newline (the shrinking mixes cells, so the rows are found from the newlines, as for pre-encoded features)."""
 
     model_types = ("llava_onevision",)
+    vision_cls_token = False  # a SigLIP tower: no [CLS], and no attention capture wired (LLaVA-NeXT's refused)
+    vision_encoder_layers = ModelAdapter.vision_encoder_layers
+    vision_tower_attention = ModelAdapter.vision_tower_attention
 
     def image_tokens(self, model, inputs):
         from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
@@ -439,10 +523,10 @@ def _token_runs(ids: list[int], token: int) -> list[tuple[int, int]]:
 
 
 class QwenVLAdapter(ModelAdapter):
-    """Qwen2-VL / Qwen2.5-VL: dynamic resolution; each image is a (t, h, w) patch grid merged spatial_merge_size^2
-    patches to one LLM token."""
+    """Qwen2-VL: dynamic resolution; each image is a (t, h, w) patch grid merged spatial_merge_size^2 patches to one
+    LLM token."""
 
-    model_types = ("qwen2_vl", "qwen2_5_vl")
+    model_types = ("qwen2_vl",)
 
     def _merge(self, model) -> int:
         return model.config.vision_config.spatial_merge_size
@@ -481,6 +565,47 @@ class QwenVLAdapter(ModelAdapter):
 
     def vision_capture_module(self, model):
         return model.model.visual
+
+    def vision_tower_attention(self, model, reader):
+        """The last block; the tower has no [CLS] token, so scores are the attention each patch receives."""
+        visual = model.model.visual
+        return VisionTower(tower=visual, attention=visual.blocks[-1].attn, has_cls=False, cls_feature=False,
+                           merge=visual.spatial_merge_size**2, projector=None, tiled=False)  # fmt: skip
+
+
+class Qwen25VLAdapter(QwenVLAdapter):
+    """Qwen2.5-VL: Qwen2-VL's layout; its vision tower attends within windows in most blocks, on tokens it reorders
+    window by window."""
+
+    model_types = ("qwen2_5_vl",)
+
+    def vision_tower_attention(self, model, reader):
+        visual = model.model.visual
+        if len(visual.blocks) - 1 not in visual.fullatt_block_indexes:
+            raise ValueError(f"{reader}: the last Qwen2.5-VL vision block uses window attention")
+        return super().vision_tower_attention(model, reader)
+
+    def vision_token_order(self, model, vision, grid):
+        """The tower's window order undone (windows never cross a frame)."""
+        visual = model.model.visual
+        if hasattr(visual, "get_window_index"):  # transformers < 5.2x
+            window_index, _ = visual.get_window_index(grid)
+        else:
+            from transformers.vision_utils import get_vision_window_index
+
+            window_index, _ = get_vision_window_index(
+                grid, spatial_merge_size=visual.spatial_merge_size, window_size=visual.window_size,
+                patch_size=visual.patch_size,
+            )  # fmt: skip
+        # window_index[i] = LLM-order token at block row i; each frame's tokens are contiguous in both orders
+        orders, start = [], 0
+        for t, h, w in grid.tolist():
+            n = int(h * w) // vision.merge
+            for _ in range(int(t)):
+                block = window_index[start : start + n].cpu() - start
+                orders.append(torch.argsort(block))
+                start += n
+        return orders
 
 
 class Qwen3VLAdapter(QwenVLAdapter):
@@ -522,10 +647,18 @@ class Qwen3VLAdapter(QwenVLAdapter):
 ADAPTERS: dict[str, ModelAdapter] = {
     model_type: adapter
     for adapter in (LlavaAdapter(), LlavaNextAdapter(), LlavaOnevisionAdapter(), Gemma3Adapter(), Idefics3Adapter(),
-                    QwenVLAdapter(),
-                    Qwen3VLAdapter())
+                    QwenVLAdapter(), Qwen25VLAdapter(), Qwen3VLAdapter())
     for model_type in adapter.model_types
 }
+
+
+def families_with(capability) -> str:
+    """The model types whose adapter has `capability` (a predicate on adapters), for refusals: "llava, llava_next"."""
+    return ", ".join(model_type for model_type, adapter in ADAPTERS.items() if capability(adapter))
+
+
+def _reads_vision_attention(adapter: ModelAdapter) -> bool:
+    return type(adapter).vision_tower_attention is not ModelAdapter.vision_tower_attention
 
 
 def get_adapter(model: nn.Module) -> ModelAdapter:
