@@ -137,8 +137,8 @@ class ModelAdapter:
 
     def vision_tower_attention(self, model: nn.Module, reader: str) -> VisionTower:
         """The vision tower's attention layer that `reader` (a method's name, for errors) scores tokens by."""
-        raise ValueError(f"{reader}: reads the vision tower's attention, which is wired for "
-                         f"{families_with(_reads_vision_attention)} only")  # fmt: skip
+        raise ValueError(f"{reader}: no vision-tower attention capture for this model's family; families with one: "
+                         f"{families_with(_reads_vision_attention)}")  # fmt: skip
 
     def vision_encoder_layers(self, model: nn.Module) -> nn.ModuleList:
         """The vision tower's encoder layers (CLIP towers)."""
