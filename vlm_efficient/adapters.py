@@ -101,9 +101,6 @@ class ModelAdapter:
         raise ValueError saying why."""
         return self.text_model(model).rotary_emb(like, positions)
 
-    def vision_tower(self, model: nn.Module) -> nn.Module:
-        return model.model.vision_tower
-
     def image_token_id(self, model: nn.Module) -> int:
         config = model.config
         token_id = getattr(config, "image_token_id", None)
