@@ -221,6 +221,8 @@ def test_kept_and_merged_tokens_follow_the_formula(method, family):
     positions = run.input_positions
     for (b, p), keep in kept_expected.items():
         assert (p in positions[b].tolist()) == keep, (b, p)
+    for b, p in layout.visual.nonzero().tolist():  # LLaVA-NeXT's newlines (no tile row) always stay
+        assert (b, p) in sources or p in positions[b].tolist(), (b, p)
     for (b, p), value in merged_expected.items():
         if not kept_expected[(b, p)]:
             continue

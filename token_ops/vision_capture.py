@@ -193,7 +193,7 @@ class VisionCapture:
             raise RuntimeError(f"{self.method.name}: the image features entering the LLM are not the projected tiles "
                                "of the vision call before it: wrap no other method that changes them before "
                                f"{self.method.name}")  # fmt: skip
-        return torch.where(cell, keep[source], ~is_image)
+        return ~cell | keep[source]  # text rows and newlines stay
 
     def image_decisions(self, run, hidden: torch.Tensor):
         """Qwen families: yield (sample, rows [n] of one image's or one video frame's LLM tokens, keep [n] bool,
