@@ -343,7 +343,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
     newline (the shrinking mixes cells, so the rows are found from the newlines, as for pre-encoded features)."""
 
     model_types = ("llava_onevision",)
-    vision_cls_token = False  # a SigLIP tower: no [CLS], and no attention capture wired (LLaVA-NeXT's refused)
+    vision_cls_token = False  # a SigLIP tower: no [CLS], and no attention capture wired (LLaVA-NeXT's CLIP access does not apply)
     vision_encoder_layers = ModelAdapter.vision_encoder_layers
     vision_tower_attention = ModelAdapter.vision_tower_attention
 
