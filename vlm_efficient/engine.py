@@ -174,7 +174,6 @@ class Engine:
             if all(m.attention_request(idx) is None and not m.uses_unrotated(idx) for m in self.methods)
         )  # fmt: skip
 
-
     # ---- installation -------------------------------------------------------------------------------------------
     def install(self) -> None:
         register_attention()
@@ -208,7 +207,6 @@ class Engine:
             holder.run = self.run
             self.run, self._plain, grids = saved
             self.hooks.captured_grids[:] = grids
-
 
     def copy_unwrapped(self, memo: dict) -> nn.Module:
         """copy.deepcopy of the model as it was before wrap(), under copy's protocol (memo): the hooks of this engine
