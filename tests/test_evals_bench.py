@@ -120,7 +120,7 @@ def test_sync_report_counts_the_package_sites(monkeypatch):
     finally:
         ve.unwrap(model)
     assert not sites["decode"] and sum(sites["prefill"].values()) >= 1, sites
-    assert all(site.startswith("engine.py:") for site in sites["prefill"]), sites
+    assert all(site.startswith("hooks.py:") for site in sites["prefill"]), sites
 
 
 @pytest.mark.parametrize("spec", ["fastv:layer=2,ratio=0.5", "pdrop", "dart", "visionzip", "pai", "vaf", "var:tau=1",

@@ -544,7 +544,7 @@ class FastPath:
 
     @staticmethod
     def _enter_decoding(run) -> None:
-        """The engine's state at the first decoding step (what Engine._on_model_call sets), for asking the methods
+        """The engine's state at the first decoding step (what hooks.ModelHooks.on_model_call sets), for asking the methods
         what they do while decoding."""
         run.fed = run.attention_mask_2d.shape[1]
         run.prefill = False

@@ -11,6 +11,8 @@ MaskSpec, per-head output factors). The router composes a layer's kernel edits i
                one mask                            kernel 1 (masked_attention)                         "mask"
     decoding   one group edit (up to 4 groups)     kernel 3's decoding form (group_decode): one launch  "group"
                                                    over the layer's key-group buffer, no host work
+               a per-head pruned cache (PLPHP)     kernel 4 (ragged_decode_attention; with the kernels  "ragged"
+                                                   off, its torch form)
     otherwise                                      the dense torch path (as with the kernels off)     "dense"
 
 "Otherwise": a method without a structured form edits the layer in this call, two group edits or a group edit and a
@@ -184,7 +186,8 @@ def key_padding(attention_mask: torch.Tensor | None, q_len: int, kv_len: int) ->
 class KernelRouter:
     """One per engine, fed one way: the engine asks `layer_plan` for a layer's composed kernel edits, asks the methods
     without a structured form for their dense edits itself, and hands `attend` the call; `attend` returns the output
-    and the statistics it computed, or None where the call takes the dense path (the engine's). The router never
+    and the statistics it computed, or None where the call takes the dense path (the engine's, recorded by `dense`).
+    A decoding call on a per-head pruned cache goes to `ragged`. The router records every route itself and never
     calls back into the engine. Its per-run state (routes taken, caches) lives in run.memory(router)."""
 
     def backend(self, run: RunState | None, device: torch.device) -> str | None:
@@ -267,6 +270,17 @@ class KernelRouter:
             route += "+scale"
         self.routes(run)[(phase, layer)] = route
         return (output, None), delivered
+
+    def ragged(self, run: RunState, layer: int, query: torch.Tensor, cache, scaling) -> torch.Tensor:
+        """A decoding call of `layer` on a per-head pruned cache (ragged_cache.py, `cache`: its kernels.RaggedKVCache):
+        each query head attends to its KV head's kept keys; kernel 4 where the backend is Triton, else the same
+        computation in torch ops (whatever VLM_EFFICIENT_KERNELS says: no dense cache is left). Route "ragged"."""
+        kernels = _kernels()
+        scaling = kernels.default_scaling(query) if scaling is None else scaling
+        self.routes(run)[("decode", layer)] = "ragged"
+        if self.backend(run, query.device) == "triton":
+            return kernels.ragged_decode_attention(query, cache, scaling=scaling, backend="triton")
+        return kernels.ragged_decode_attention_torch(query, cache, scaling=scaling)
 
     def dense(self, run: RunState, layer: int) -> None:
         """Record that this call of `layer` takes the dense path (the engine runs it)."""
