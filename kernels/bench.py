@@ -46,6 +46,11 @@ import traceback
 import torch
 import torch.nn.functional as F
 
+from vlm_efficient.heads.act import act_groups  # the methods' GroupSpecs (tools sit above the methods)
+from vlm_efficient.heads.pai import pai_groups
+from vlm_efficient.heads.vaf import vaf_groups
+from vlm_efficient.heads.var import var_groups
+
 from .api import (
     GroupSpec,
     MaskSpec,
@@ -393,10 +398,10 @@ class Bench:
             after = torch.zeros(1, n, dtype=torch.bool, device=self.dev)
             after[0, tb + ni:] = True
             cases = {
-                "PAI alpha=0.5 (last row)": (GroupSpec.pai(h, 0.5, image_group=1, num_groups=3), groups, last),
-                "VAR p=0.6 (text rows after the image)": (GroupSpec.var(h, p=0.6, rho=0.5), groups, after),
-                "VAF x1.15 image / x0.95 text (all rows)": (GroupSpec.vaf(h, [0.95, 1.15, 1.15]), groups, None),
-                "ACT beta=0.4 (all rows, sinks = BOS + 5)": (GroupSpec.act(h, 0.4, sink_group=2, num_groups=3),
+                "PAI alpha=0.5 (last row)": (pai_groups(h, 0.5, image_group=1, num_groups=3), groups, last),
+                "VAR p=0.6 (text rows after the image)": (var_groups(h, p=0.6, rho=0.5), groups, after),
+                "VAF x1.15 image / x0.95 text (all rows)": (vaf_groups(h, [0.95, 1.15, 1.15]), groups, None),
+                "ACT beta=0.4 (all rows, sinks = BOS + 5)": (act_groups(h, 0.4, sink_group=2, num_groups=3),
                                                              groups_act, None),
             }
             for name, (spec, grp, sel) in cases.items():

@@ -15,6 +15,11 @@ import time
 
 import torch
 
+from vlm_efficient.heads.act import act_groups  # the methods' GroupSpecs (tools sit above the methods)
+from vlm_efficient.heads.pai import pai_groups
+from vlm_efficient.heads.vaf import vaf_groups
+from vlm_efficient.heads.var import var_groups
+
 from .api import (
     ROLE_IMAGE,
     ROLE_LAST,
@@ -251,10 +256,10 @@ class Checks:
         last = torch.zeros(b, n, dtype=torch.bool, device=self.device)
         last[:, -1] = True
         cases = {
-            "pai": (GroupSpec.pai(hq, 0.5, image_group=1, num_groups=3), last, None),
-            "vaf": (GroupSpec.vaf(hq, [0.95, 1.15, 1.0], heads=[0, 2]), None, None),
-            "var": (GroupSpec.var(hq, p=0.6, rho=0.3, min_image_mass=0.05), sel, None),
-            "act": (GroupSpec.act(hq, 0.4, sink_group=2, num_groups=3), None, None),
+            "pai": (pai_groups(hq, 0.5, image_group=1, num_groups=3), last, None),
+            "vaf": (vaf_groups(hq, [0.95, 1.15, 1.0], heads=[0, 2]), None, None),
+            "var": (var_groups(hq, p=0.6, rho=0.3, min_image_mass=0.05), sel, None),
+            "act": (act_groups(hq, 0.4, sink_group=2, num_groups=3), None, None),
             "mixed+key_bias": (GroupSpec(hq, 3, logit_abs=torch.rand(hq, 3, generator=self.gen),
                                          logit_bias=torch.randn(hq, 3, generator=self.gen),
                                          keep=torch.tensor([1.0, 1.0, 0.3]), receive=torch.tensor([0.0, 1.0, 0.0]),
@@ -308,10 +313,10 @@ class Checks:
         cfgs = [(2, 8, 2, 40, 64), (2, 4, 4, 37, 80), (1, 8, 1, 50, 128)] if tiny else \
             [(2, 32, 32, 700, 128), (2, 28, 4, 3000, 128), (1, 32, 8, 1200, 64)]
         presets = lambda hq: {  # noqa: E731
-            "pai": GroupSpec.pai(hq, 0.5, image_group=1, num_groups=3),
-            "vaf": GroupSpec.vaf(hq, [0.95, 1.15, 1.0, 1.3], heads=[0, 2]),
-            "var": GroupSpec.var(hq, p=0.6, rho=0.3, min_image_mass=0.05),
-            "act": GroupSpec.act(hq, 0.4, sink_group=2, num_groups=3),
+            "pai": pai_groups(hq, 0.5, image_group=1, num_groups=3),
+            "vaf": vaf_groups(hq, [0.95, 1.15, 1.0, 1.3], heads=[0, 2]),
+            "var": var_groups(hq, p=0.6, rho=0.3, min_image_mass=0.05),
+            "act": act_groups(hq, 0.4, sink_group=2, num_groups=3),
             "mixed+key_bias": GroupSpec(hq, 3, logit_abs=torch.rand(hq, 3, generator=self.gen),
                                         logit_bias=torch.randn(hq, 3, generator=self.gen),
                                         keep=torch.tensor([1.0, 1.0, 0.3]), receive=torch.tensor([0.0, 1.0, 0.0])),

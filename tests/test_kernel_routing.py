@@ -20,7 +20,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 import vlm_efficient as ve  # noqa: E402
 from test_engine import greedy, two_samples  # noqa: E402
 from vlm_efficient import kernel_plan  # noqa: E402
-from vlm_efficient.heads.pai import PAI  # noqa: E402
+from vlm_efficient.heads.pai import PAI, pai_groups  # noqa: E402
+from vlm_efficient.heads.var import var_groups  # noqa: E402
 from vlm_efficient.kernel_plan import ENV, LayerPlan, compose, key_padding, kernel_backend  # noqa: E402
 from vlm_efficient.kernels.api import GroupSpec, MaskSpec  # noqa: E402
 from vlm_efficient.method import KernelEdit  # noqa: E402
@@ -172,7 +173,7 @@ def _group(spec, rows=None):
 
 
 def test_compose_rules():
-    pai, var = GroupSpec.pai(4, 0.5), GroupSpec.var(4)
+    pai, var = pai_groups(4, 0.5), var_groups(4)
     scale = KernelEdit(head_scale=torch.ones(1, 4))
     mask = KernelEdit(mask=MaskSpec.naavit())
     assert compose([], 4) == LayerPlan()
