@@ -30,19 +30,17 @@ from vlm_efficient.kernels.api import GroupSpec
 from vlm_efficient.method import AttentionRequest, KernelEdit, Method
 from vlm_efficient.registry import register_method
 
-from .common import check_range, head_column, head_mask, parse_heads, parse_layers, scatter_positions
+from .common import check_range, head_mask, parse_heads, parse_layers, scatter_positions
 
 
 def act_groups(num_heads: int, beta: float = 0.4, sink_group: int = 1, num_groups: int = 2, heads=None) -> GroupSpec:
     """ACT's (and the OCR-head sink's) calibration of one sink group as kernel 3's tables: keep beta of the sink
     mass and spread the rest over every other key in proportion, in `heads` (None: all)."""
-    chosen = head_column(num_heads, heads)
-    keep = torch.ones(num_heads, num_groups)
-    keep[:, sink_group] = beta
-    receive = torch.ones(num_heads, num_groups)
-    receive[:, sink_group] = 0.0
-    return GroupSpec(num_heads, num_groups, keep=keep * chosen + (1 - chosen), receive=receive * chosen,
-                     sink_group=sink_group)
+    keep = torch.ones(num_groups)
+    keep[sink_group] = beta
+    receive = torch.ones(num_groups)
+    receive[sink_group] = 0.0
+    return GroupSpec(num_heads, num_groups, keep=keep, receive=receive, sink_group=sink_group).on_heads(heads)
 
 
 @register_method

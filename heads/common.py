@@ -70,13 +70,6 @@ def parse_heads(method: str, text: str, num_layers: int, num_heads: int) -> dict
     return {layer: tuple(sorted(heads)) for layer, heads in chosen.items()}
 
 
-def head_column(num_heads: int, heads=None) -> torch.Tensor:
-    """[H, 1] float: 1 for the chosen heads (None: every head), 0 elsewhere; a GroupSpec table's head factor."""
-    column = torch.zeros(num_heads, 1)
-    column[list(range(num_heads)) if heads is None else list(heads)] = 1.0
-    return column
-
-
 def head_mask(heads: tuple[int, ...], num_heads: int) -> torch.Tensor:
     """[1, H, 1, 1] boolean of the chosen heads."""
     mask = torch.zeros(num_heads, dtype=torch.bool)

@@ -29,14 +29,14 @@ from vlm_efficient.kernels.api import GroupSpec
 from vlm_efficient.method import KernelEdit, Method, PerThread
 from vlm_efficient.registry import register_method
 
-from .common import has_image, head_column, last_position, pad_token_id, parse_layers, text_only_inputs
+from .common import has_image, last_position, pad_token_id, parse_layers, text_only_inputs
 
 
 def pai_groups(num_heads: int, alpha: float = 0.2, image_group: int = 1, num_groups: int = 2, heads=None) -> GroupSpec:
     """PAI's term as kernel 3's tables: logits of keys in `image_group` a -> a + alpha |a| in `heads` (None: all)."""
-    logit_abs = torch.zeros(num_heads, num_groups)
-    logit_abs[:, image_group] = alpha
-    return GroupSpec(num_heads, num_groups, logit_abs=logit_abs * head_column(num_heads, heads))
+    logit_abs = torch.zeros(num_groups)
+    logit_abs[image_group] = alpha
+    return GroupSpec(num_heads, num_groups, logit_abs=logit_abs).on_heads(heads)
 
 
 @register_method

@@ -17,15 +17,14 @@ from vlm_efficient.kernels.api import GroupSpec
 from vlm_efficient.method import KernelEdit, Method
 from vlm_efficient.registry import register_method
 
-from .common import has_image, head_column, parse_layers, scaled_range, text_after_image
+from .common import has_image, parse_layers, scaled_range, text_after_image
 
 
 def vaf_groups(num_heads: int, weights, heads=None) -> GroupSpec:
     """VAF's (and AdaptVis') term as kernel 3's tables: logits of keys in group g multiplied by weights[g] in `heads`
     (None: all)."""
     weights = torch.as_tensor(weights, dtype=torch.float32)
-    chosen = head_column(num_heads, heads)
-    return GroupSpec(num_heads, weights.numel(), logit_scale=weights[None] * chosen + (1 - chosen))
+    return GroupSpec(num_heads, weights.numel(), logit_scale=weights).on_heads(heads)
 
 
 @register_method

@@ -28,7 +28,7 @@ from vlm_efficient.kernels.api import GroupSpec
 from vlm_efficient.method import UNSTRUCTURED, AttentionEdit, KernelEdit, Method
 from vlm_efficient.registry import register_method
 
-from .common import check_range, head_column, redistribute, rows_after_image, scatter_positions, text_after_image
+from .common import check_range, redistribute, rows_after_image, scatter_positions, text_after_image
 
 
 def rms_normalize(hidden: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -55,14 +55,13 @@ def var_groups(num_heads: int, p: float = 0.6, rho: float = 0.5, min_image_mass:
     """VAR's redistribution as kernel 3's tables, groups text / non-sink image / visual sink: in image-centric rows
     (image mass >= min_image_mass and non-sink share of the image mass >= rho) keep (1-p) of the sink mass and give
     p * M_sink to the non-sink image tokens in proportion; in `heads` (None: all)."""
-    chosen = head_column(num_heads, heads)
-    keep = torch.ones(num_heads, num_groups)
-    keep[:, sink_group] = 1 - p
-    receive = torch.zeros(num_heads, num_groups)
-    receive[:, image_group] = 1.0
-    return GroupSpec(num_heads, num_groups, keep=keep * chosen + (1 - chosen), receive=receive * chosen,
-                     sink_group=sink_group, cond_mass_groups=(image_group, sink_group), cond_mass_min=min_image_mass,
-                     cond_ratio_groups=((image_group,), (image_group, sink_group)), cond_ratio_min=rho)
+    keep = torch.ones(num_groups)
+    keep[sink_group] = 1 - p
+    receive = torch.zeros(num_groups)
+    receive[image_group] = 1.0
+    return GroupSpec(num_heads, num_groups, keep=keep, receive=receive, sink_group=sink_group,
+                     cond_mass_groups=(image_group, sink_group), cond_mass_min=min_image_mass,
+                     cond_ratio_groups=((image_group,), (image_group, sink_group)), cond_ratio_min=rho).on_heads(heads)
 
 
 @register_method

@@ -446,6 +446,9 @@ if triton_available():
 # ----------------------------------------------------------------------------------------------------------------
 # the spec
 
+IDENTITY = (1.0, 0.0, 0.0, 1.0, 0.0)  # the tables' values that change nothing: scale, abs, bias, keep, receive
+
+
 def _table(value, num_heads: int, num_groups: int, default: float) -> torch.Tensor:
     if value is None:
         return torch.full((num_heads, num_groups), float(default))
@@ -482,6 +485,17 @@ class GroupSpec:
         h, g = self.num_heads, self.num_groups
         return (_table(self.logit_scale, h, g, 1.0), _table(self.logit_abs, h, g, 0.0),
                 _table(self.logit_bias, h, g, 0.0), _table(self.keep, h, g, 1.0), _table(self.receive, h, g, 0.0))
+
+    def on_heads(self, heads=None) -> "GroupSpec":
+        """This spec in the query heads `heads` only (None: every head, self): the other heads get identity tables."""
+        if heads is None:
+            return self
+        chosen = torch.zeros(self.num_heads, 1, dtype=torch.bool)
+        chosen[list(heads)] = True
+        tables = [torch.where(chosen, table, identity) for table, identity in zip(self.tables(), IDENTITY)]
+        return GroupSpec(self.num_heads, self.num_groups, *tables, sink_group=self.sink_group,
+                         cond_mass_groups=self.cond_mass_groups, cond_mass_min=self.cond_mass_min,
+                         cond_ratio_groups=self.cond_ratio_groups, cond_ratio_min=self.cond_ratio_min)
 
     # ---- kernel tables ----
     def prepare(self, device):

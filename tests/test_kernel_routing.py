@@ -20,6 +20,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import vlm_efficient as ve  # noqa: E402
 from test_engine import greedy, two_samples  # noqa: E402
 from vlm_efficient import kernel_plan  # noqa: E402
+from vlm_efficient.heads.act import ACT  # noqa: E402
 from vlm_efficient.heads.pai import PAI, pai_groups  # noqa: E402
 from vlm_efficient.heads.var import var_groups  # noqa: E402
 from vlm_efficient.kernel_plan import ENV, LayerPlan, compose, key_padding, kernel_backend  # noqa: E402
@@ -189,6 +190,19 @@ def test_compose_rules():
     assert compose([KernelEdit(mask=MaskSpec.naavit(), rows=torch.ones(1, 3, dtype=torch.bool))], 4) is None
     three = GroupSpec(4, 4, keep=[1.0, 0.5, 0.4, 0.3], receive=[1.0, 0.0, 0.0, 0.0], sink_group=1)
     assert not kernel_plan.kernel_runs(three) and compose([_group(three)], 4) is None
+
+
+@pytest.mark.parametrize("heads", [4, 64])
+def test_act_head_sets(heads):
+    """ACT's structured form: a key's group is the set of heads in which it is a sink (group 0: none), groups in the
+    order of the head sets read as binary numbers (head h = bit h), for any number of heads (64: beyond a bit code)."""
+    sinks = torch.rand(2, heads, 30, generator=torch.Generator().manual_seed(0)) < 0.1
+    edit = ACT(beta=0.4)._kernel_edit(sinks)
+    in_heads = edit.spec.tables()[3] == 0.4  # keep [H, G]: beta in the group's heads
+    assert torch.equal(in_heads[:, edit.groups].permute(1, 0, 2), sinks)
+    assert not in_heads[:, 0].any() and edit.spec.sink_group == 1
+    codes = [sum(1 << h for h in range(heads) if in_heads[h, g]) for g in range(in_heads.shape[1])]
+    assert codes == sorted(set(codes))
 
 
 def test_key_padding():
