@@ -20,12 +20,16 @@ sys.path.insert(0, os.path.dirname(__file__))
 import vlm_efficient as ve  # noqa: E402
 from test_engine import greedy, two_samples  # noqa: E402
 from vlm_efficient import kernel_plan  # noqa: E402
-from vlm_efficient.heads.act import ACT  # noqa: E402
+from vlm_efficient.attention import edited_attention  # noqa: E402
+from vlm_efficient.edits import dense_edit  # noqa: E402
+from vlm_efficient.heads.act import ACT, act_groups  # noqa: E402
 from vlm_efficient.heads.pai import PAI, pai_groups  # noqa: E402
+from vlm_efficient.heads.vaf import vaf_groups  # noqa: E402
 from vlm_efficient.heads.var import var_groups  # noqa: E402
 from vlm_efficient.kernel_plan import ENV, LayerPlan, compose, key_padding, kernel_backend  # noqa: E402
 from vlm_efficient.kernels.api import GroupSpec, MaskSpec  # noqa: E402
-from vlm_efficient.method import KernelEdit  # noqa: E402
+from vlm_efficient.kernels.group_attention import group_attention_reference  # noqa: E402
+from vlm_efficient.method import AttentionContext, KernelEdit  # noqa: E402
 from vlm_efficient.testing import FAMILIES, tiny_model  # noqa: E402
 
 LAYERS = 4  # tiny models
@@ -203,6 +207,41 @@ def test_act_head_sets(heads):
     assert not in_heads[:, 0].any() and edit.spec.sink_group == 1
     codes = [sum(1 << h for h in range(heads) if in_heads[h, g]) for g in range(in_heads.shape[1])]
     assert codes == sorted(set(codes))
+
+
+@pytest.mark.parametrize("name", ["pai", "vaf", "var", "act"])
+def test_dense_edit_is_the_kernel_reference(name):
+    """A group edit's derived dense form (edits.dense_edit through the dense attention) computes what kernel 3's
+    torch reference computes, on the edit's rows, with causal attention and a left-padded sample."""
+    batch, heads, n, dim = 2, 4, 12, 8
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(batch, heads, n, dim, generator=gen) for _ in range(3))
+    groups = torch.randint(0, 3, (batch, n), generator=gen)
+    rows = torch.rand(batch, n, generator=gen) < 0.5
+    spec = {"pai": pai_groups(heads, 0.5, num_groups=3), "vaf": vaf_groups(heads, [1.0, 1.2, 0.9], heads=[1, 3]),
+            "var": var_groups(heads, p=0.6, rho=0.3, min_image_mass=0.1), "act": act_groups(heads, 0.4, 2, 3)}[name]
+    valid = torch.ones(batch, n, dtype=torch.bool)
+    valid[1, :3] = False
+    positions = torch.arange(n).expand(batch, -1)
+    context = AttentionContext(positions, positions, prefill=True, num_heads=heads)
+    edit = dense_edit(KernelEdit(spec=spec, groups=groups, rows=rows), None, context)
+    causal = torch.ones(n, n, dtype=torch.bool).tril()
+    mask = (causal & valid[:, None, :])[:, None]
+    dense = edited_attention(q, k, v, mask, dim ** -0.5, [edit])
+    reference = group_attention_reference(q, k, v, key_group=groups, spec=spec, key_valid=valid, scaling=dim ** -0.5,
+                                          query_select=rows)
+    real = valid[:, :, None, None]  # padding rows: blocked everywhere by the reference, unread by the model
+    torch.testing.assert_close(dense * real, reference * real, atol=1e-6, rtol=1e-6)
+
+
+def test_dense_edit_refuses_what_it_cannot_state():
+    decoding = AttentionContext(torch.full((1, 1), 3), torch.arange(4)[None], prefill=False, num_heads=4)
+    with pytest.raises(ValueError, match="prefill only"):
+        dense_edit(KernelEdit(mask=MaskSpec.naavit()), None, decoding)
+    with pytest.raises(ValueError, match="8 heads"):
+        dense_edit(_group(pai_groups(8, 0.5)), None, decoding)
+    with pytest.raises(ValueError, match="needs `groups`"):
+        dense_edit(KernelEdit(spec=pai_groups(4, 0.5)), None, decoding)
 
 
 def test_key_padding():
