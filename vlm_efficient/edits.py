@@ -9,13 +9,14 @@ kernels compute one definition.
                      GroupSpec's scale / |a| / bias tables (+ key_bias) as the logit terms, its keep / receive
                      redistribution under its row condition as the post_softmax
     head_scale       each head's probabilities multiplied by its factor after the redistribution (= its output)
-    mask             the MaskSpec rule on the kernels' layout of the cached keys (prefill only): the pairs of the
-                     causal + padding mask the rule removes become `mask`, the pairs it adds `allow`
+    mask             the MaskSpec rule on the kernels' layout of the cached keys (prefill only): the pairs it blocks
+                     become `mask`, the later keys it opens `allow`
     rows             the prompt rows the spec / head_scale change (prefill); every decoding row is edited
 """
 
 from __future__ import annotations
 
+import dataclasses
 import typing
 
 import torch
@@ -65,17 +66,17 @@ def dense_edit(edit: KernelEdit, run: RunState, context: AttentionContext) -> At
 
 
 def _mask_fields(spec, run: RunState, context: AttentionContext) -> dict:
-    """{"mask": the causal + padding pairs the rule removes (False), "allow": the pairs it adds, if any} [B, 1, q, kv]
-    on the kernels' layout of this call's keys, the queries being the last q of them (as the kernels take it)."""
+    """{"mask": the pairs the rule blocks whatever their order (False), "allow": the later keys it adds, if any}
+    [B, 1, q, kv] on the kernels' layout of this call's keys, the queries being the last q of them (as the kernels
+    take it). The mask leaves causality to the model's own mask, which a family may widen (Gemma3's image blocks)."""
     from .kernels.api import MaskSpec, dense_allowed
 
     keys = context.key_positions
     q_len, kv_len = context.query_positions.shape[1], keys.shape[1]
-    layout = token_layout(run, keys, at_positions(run.layout.valid, keys, False))
-    rule = dense_allowed(layout, spec, kv_len - q_len, kv_len)
-    causal = dense_allowed(layout, MaskSpec(), kv_len - q_len, kv_len)
-    fields = {"mask": (rule | ~causal)[:, None]}
-    adds = not spec.causal or (spec.image_image == "window" and not spec.window_causal) or bool(spec.mutual_roles)
-    if adds:
-        fields["allow"] = (rule & ~causal)[:, None]
+    blocking = dataclasses.replace(spec, causal=False, window_causal=False)
+    fields = {"mask": dense_allowed(token_layout(run, keys), blocking, kv_len - q_len, kv_len)[:, None]}
+    if not spec.causal or (spec.image_image == "window" and not spec.window_causal) or spec.mutual_roles:
+        layout = token_layout(run, keys, at_positions(run.layout.valid, keys, False))
+        causal = dense_allowed(layout, MaskSpec(), kv_len - q_len, kv_len)
+        fields["allow"] = (dense_allowed(layout, spec, kv_len - q_len, kv_len) & ~causal)[:, None]
     return fields
