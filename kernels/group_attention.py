@@ -775,16 +775,15 @@ def group_attention_triton(query, key, value, *, key_group: torch.Tensor, spec: 
 # ----------------------------------------------------------------------------------------------------------------
 # torch reference
 
-def key_tables(spec: GroupSpec, key_group: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The pre-softmax tables (scale, abs, bias) at each key's group: key_group [B, k] -> three [B, Hq, 1, k]."""
-    group = key_group.long()
-    return tuple(table.to(group.device)[:, group].permute(1, 0, 2)[:, :, None, :] for table in spec.tables()[:3])
+def key_table(table: torch.Tensor, key_group: torch.Tensor) -> torch.Tensor:
+    """A [Hq, G] table at each key's group: key_group [B, k] -> [B, Hq, 1, k]."""
+    return table.to(key_group.device)[:, key_group.long()].permute(1, 0, 2)[:, :, None, :]
 
 
 def group_logits(logits: torch.Tensor, key_group: torch.Tensor, spec: GroupSpec, key_bias=None) -> torch.Tensor:
     """The pre-softmax formula: logits [B, Hq, q, k] (a = q.k * scaling, fp32) of keys in groups key_group [B, k] ->
     a * scale[h, g] + abs[h, g] * |a| + bias[h, g] (+ key_bias [B, k]), for every row (the caller picks the rows)."""
-    scale, ab, bias = key_tables(spec, key_group.to(logits.device))
+    scale, ab, bias = (key_table(table, key_group.to(logits.device)) for table in spec.tables()[:3])
     out = logits * scale + ab * logits.abs() + bias
     return out if key_bias is None else out + key_bias.to(logits.device).float()[:, None, None, :]
 

@@ -30,7 +30,7 @@ if typing.TYPE_CHECKING:
 
 def dense_edit(edit: KernelEdit, run: RunState, context: AttentionContext) -> AttentionEdit:
     """`edit` as the AttentionEdit of the call `context` describes (KernelEdit's docstring has the meaning)."""
-    from .kernels.group_attention import group_redistribution, key_tables
+    from .kernels.group_attention import IDENTITY, group_redistribution, key_table
 
     device = context.key_positions.device
     fields: dict = {}
@@ -42,9 +42,9 @@ def dense_edit(edit: KernelEdit, run: RunState, context: AttentionContext) -> At
         if spec.num_heads != context.num_heads:
             raise ValueError(f"KernelEdit: the GroupSpec has {spec.num_heads} heads, the layer {context.num_heads}")
         groups = at_positions(edit.groups, context.key_positions, 0)
-        scale, ab, bias = key_tables(spec, groups)
-        defaults = {"logit_scale": (scale, 1.0), "logit_abs": (ab, 0.0), "logit_bias": (bias, 0.0)}
-        fields = {name: table for name, (table, identity) in defaults.items() if bool((table != identity).any())}
+        names = ("logit_scale", "logit_abs", "logit_bias")  # only the terms that change something (host tables)
+        fields = {name: key_table(table, groups) for name, table, identity in zip(names, spec.tables(), IDENTITY)
+                  if bool((table != identity).any())}
         if edit.key_bias is not None:
             key_bias = at_positions(edit.key_bias.float(), context.key_positions, 0.0)[:, None, None, :]
             fields["logit_bias"] = fields["logit_bias"] + key_bias if "logit_bias" in fields else key_bias
