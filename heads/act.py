@@ -27,10 +27,20 @@ from dataclasses import dataclass
 import torch
 
 from vlm_efficient.kernels.api import GroupSpec
-from vlm_efficient.method import UNSTRUCTURED, AttentionEdit, AttentionRequest, KernelEdit, Method
+from vlm_efficient.method import AttentionRequest, KernelEdit, Method
 from vlm_efficient.registry import register_method
 
-from .common import check_range, head_mask, key_flags, parse_heads, parse_layers, redistribute, scatter_positions
+from .common import check_range, head_mask, parse_heads, parse_layers, scatter_positions
+
+
+def act_groups(num_heads: int, beta: float = 0.4, sink_group: int = 1, num_groups: int = 2, heads=None) -> GroupSpec:
+    """ACT's (and the OCR-head sink's) calibration of one sink group as kernel 3's tables: keep beta of the sink
+    mass and spread the rest over every other key in proportion, in `heads` (None: all)."""
+    keep = torch.ones(num_groups)
+    keep[sink_group] = beta
+    receive = torch.ones(num_groups)
+    receive[sink_group] = 0.0
+    return GroupSpec(num_heads, num_groups, keep=keep, receive=receive, sink_group=sink_group).on_heads(heads)
 
 
 @register_method
@@ -72,13 +82,6 @@ class ACT(Method):
             positions = run.current_positions().to(sinks.device)
             run.memory(self)[layer] = scatter_positions(sinks, positions, run.layout.length)
 
-    def attention_edit(self, layer, run, context):
-        sinks = run.memory(self).get(layer)
-        if sinks is None:
-            return None
-        source = key_flags(sinks, context.key_positions)[:, :, None, :]  # [B, H, 1, kv]
-        return AttentionEdit(post_softmax=lambda probs: redistribute(probs, source, ~source, self.beta))
-
     def kernel_edit(self, layer, run, prefill):
         sinks = run.memory(self).get(layer)
         if sinks is None:
@@ -90,15 +93,14 @@ class ACT(Method):
 
     def _kernel_edit(self, sinks: torch.Tensor):
         """Sink columns are per head: a key's group is the set of heads in which it is a sink (group 0: none), so the
-        tables keep beta of a group's mass in exactly those heads. Kernel 3 runs up to two such head sets."""
-        heads = sinks.shape[1]
-        if heads > 62:
-            return UNSTRUCTURED
-        bit = torch.arange(heads, device=sinks.device)
-        codes = (sinks.long() << bit[None, :, None]).sum(1)  # [B, N]
-        patterns, groups = torch.unique(torch.cat([codes.new_zeros(1), codes.flatten()]), return_inverse=True)
-        in_heads = ((patterns.cpu()[None, :] >> bit.cpu()[:, None]) & 1).bool()  # [H, G]
+        tables keep beta of a group's mass in exactly those heads. Kernel 3 runs up to two such head sets. Groups are
+        numbered in the order of the head sets read as binary numbers (head h = bit h)."""
+        batch, heads, length = sinks.shape
+        head_sets = sinks.permute(0, 2, 1).flip(-1).reshape(-1, heads).long()  # last head first: binary order
+        patterns, groups = torch.unique(torch.cat([head_sets.new_zeros(1, heads), head_sets]), dim=0,
+                                        return_inverse=True)
+        in_heads = patterns.flip(-1).T.bool().cpu()  # [H, G]
         keep = torch.where(in_heads, self.beta, 1.0)
         spec = GroupSpec(heads, len(patterns), keep=keep, receive=(~in_heads).float(),
                          sink_group=1 if len(patterns) > 1 else None)
-        return KernelEdit(spec=spec, groups=groups[1:].view_as(codes))
+        return KernelEdit(spec=spec, groups=groups[1:].view(batch, length))

@@ -17,11 +17,10 @@ import torch
 
 from vlm_efficient.engine import plain_calls
 from vlm_efficient.kernels.api import GroupSpec
-from vlm_efficient.method import AttentionEdit, KernelEdit, Method, PerThread
+from vlm_efficient.method import KernelEdit, Method, PerThread
 from vlm_efficient.registry import register_method
 
-from .common import (check_range, has_image, last_position, last_prompt_rows, parse_layers, prompt_inputs,
-                     take_pending)
+from .common import check_range, has_image, last_position, parse_layers, prompt_inputs, take_pending
 
 
 @register_method
@@ -60,15 +59,6 @@ class AdaptVis(Method):
 
     def _weight(self, run) -> torch.Tensor:
         return take_pending(self, run, "weight", "adaptvis: no probe ran before this prefill")
-
-    def attention_edit(self, layer, run, context):
-        weight = self._weight(run)
-        if layer not in self.chosen or not has_image(run):
-            return None
-        image = context.keys_where(run.layout.visual)
-        weight = weight.to(image.device)[:, None]
-        scale = torch.where(image, weight, 1.0)[:, None, None, :]
-        return AttentionEdit(logit_scale=scale, rows=last_prompt_rows(context))
 
     def kernel_edit(self, layer, run, prefill):
         weight = self._weight(run)

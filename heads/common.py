@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from vlm_efficient.adapters import CACHE_KWARGS, get_adapter
-from vlm_efficient.method import UNSTRUCTURED, AttentionEdit, KernelEdit, Method
+from vlm_efficient.method import UNSTRUCTURED, KernelEdit, Method
 
 
 def example_layers(num_layers: int) -> str:
@@ -205,8 +205,9 @@ def text_only_inputs(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
 # ---- masks ---------------------------------------------------------------------------------------------------------
 @dataclass
 class PrefillMask(Method):
-    """Base of the cross-modal masks: `allowed(run, context)` [B, q, kv] (False = blocked, ANDed with the causal and
-    padding mask) in the prefill of the chosen layers. Decoding rows are generated text and keep the model's own
+    """Base of the cross-modal masks in the prefill of the chosen layers: `mask_spec(run)`, the rule as a
+    kernels.MaskSpec over kernel_plan.token_roles (kernel 1; the dense path derives its mask from it), or, for a rule
+    with no such form, the method's own attention_edit. Decoding rows are generated text and keep the model's own
     (causal) attention. Masks the model was not trained with cost quality: measure before relying on one."""
 
     layers: str = ""  # default: all layers
@@ -214,16 +215,8 @@ class PrefillMask(Method):
     def bind(self, engine) -> None:
         self.chosen = parse_layers(self.name, self.layers, engine.num_layers, range(engine.num_layers))
 
-    def allowed(self, run, context) -> torch.Tensor:
-        raise NotImplementedError
-
-    def attention_edit(self, layer, run, context):
-        if not context.prefill or layer not in self.chosen or not has_image(run):
-            return None
-        return AttentionEdit(mask=self.allowed(run, context)[:, None])
-
     def mask_spec(self, run):
-        """The rule as a kernels.MaskSpec over kernel_plan.token_roles (kernel 1), or None where it has no such form."""
+        """The rule as a kernels.MaskSpec, or None where it has no such form (then attention_edit states it)."""
         return None
 
     def kernel_edit(self, layer, run, prefill):
@@ -232,7 +225,3 @@ class PrefillMask(Method):
         spec = self.mask_spec(run)
         return UNSTRUCTURED if spec is None else KernelEdit(mask=spec)
 
-
-def same_token(context) -> torch.Tensor:
-    """[B, q, kv]: query row and key are the same token."""
-    return context.query_positions[:, :, None] == context.key_positions[:, None, :]

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from vlm_efficient.kernels.api import ROLE_IMAGE, ROLE_LAST, ROLE_MIDDLE, ROLE_PREFIX, ROLE_QUESTION, MaskSpec
 from vlm_efficient.registry import register_method
 
-from .common import PrefillMask, same_token
+from .common import PrefillMask
 
 
 @register_method
@@ -20,9 +20,6 @@ from .common import PrefillMask, same_token
 class EEMLLM(PrefillMask):
     name = "ee_mllm"
     summary = "mask: image rows attend only to themselves (composite attention, weights reused)"
-
-    def allowed(self, run, context):
-        return ~context.queries_where(run.layout.visual)[:, :, None] | same_token(context)
 
     def mask_spec(self, run):
         # no image -> other image edge (NAAViT's rule) and no image -> text edge

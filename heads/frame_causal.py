@@ -45,6 +45,7 @@ class FrameCausal(PrefillMask):
     summary = "mask: visual tokens see every token of their own frame and everything before it (TC-LLaVA)"
 
     def attention_edit(self, layer, run, context):
+        """Where mask_spec has no form (several frames, or grid parts, in a sample): the frames as added pairs."""
         if not context.prefill or layer not in self.chosen or not has_image(run):
             return None
         memory = run.memory(self)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from vlm_efficient.kernels.api import ROLE_IMAGE, ROLE_LAST, ROLE_MIDDLE, ROLE_PREFIX, ROLE_QUESTION, MaskSpec
+from vlm_efficient.method import AttentionEdit
 from vlm_efficient.registry import register_method
 
 from .common import PrefillMask
@@ -67,7 +68,8 @@ class Knockout(PrefillMask):
             raise ValueError("knockout: give at least one edge, e.g. edges=question-image")
         super().bind(engine)
 
-    def allowed(self, run, context):
+    def attention_edit(self, layer, run, context):
+        """Where some sample has no image (mask_spec's roles cannot tell its spans apart): the edges as a dense mask."""
         blocked = torch.zeros(
             (*context.query_positions.shape, context.key_positions.shape[1]),
             dtype=torch.bool,
@@ -77,7 +79,7 @@ class Knockout(PrefillMask):
             rows_in = context.queries_where(span_positions(run.layout, rows))
             keys_in = context.keys_where(span_positions(run.layout, keys))
             blocked |= rows_in[:, :, None] & keys_in[:, None, :]
-        return ~blocked
+        return AttentionEdit(mask=~blocked[:, None])
 
     def mask_spec(self, run):
         memory = run.memory(self)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from vlm_efficient.kernels.api import MaskSpec
 from vlm_efficient.registry import register_method
 
-from .common import PrefillMask, same_token
+from .common import PrefillMask
 
 
 @register_method
@@ -19,11 +19,6 @@ from .common import PrefillMask, same_token
 class NAAViT(PrefillMask):
     name = "naavit"
     summary = "mask: no attention among image tokens (each sees the text before it and itself)"
-
-    def allowed(self, run, context):
-        visual = run.layout.visual
-        among_images = context.queries_where(visual)[:, :, None] & context.keys_where(visual)[:, None, :]
-        return ~(among_images & ~same_token(context))
 
     def mask_spec(self, run):
         return MaskSpec.naavit()

@@ -16,11 +16,11 @@ from dataclasses import dataclass
 
 import torch
 
-from vlm_efficient.kernels.api import GroupSpec
-from vlm_efficient.method import AttentionEdit, KernelEdit, Method
+from vlm_efficient.method import KernelEdit, Method
 from vlm_efficient.registry import register_method
 
-from .common import check_range, example_heads, head_mask, parse_heads, redistribute
+from .act import act_groups
+from .common import check_range, example_heads, parse_heads
 
 
 @register_method
@@ -43,23 +43,9 @@ class OCRSink(Method):
             )
         self.heads_by_layer = parse_heads("ocr_sink", self.heads, engine.num_layers, self.num_heads)
         self.groups = {  # key groups: others, token 0 (the sink)
-            layer: GroupSpec.act(self.num_heads, self.beta, sink_group=1, num_groups=2, heads=heads)
+            layer: act_groups(self.num_heads, self.beta, sink_group=1, num_groups=2, heads=heads)
             for layer, heads in self.heads_by_layer.items()
         }
-
-    def attention_edit(self, layer, run, context):
-        if layer not in self.heads_by_layer:
-            return None
-        valid = run.layout.valid
-        first = torch.zeros_like(valid)
-        first.scatter_(1, valid.float().argmax(1, keepdim=True), True)
-        sink = context.keys_where(first)[:, None, None, :]
-        heads = head_mask(self.heads_by_layer[layer], self.num_heads).to(sink.device)
-
-        def post_softmax(probs):
-            return torch.where(heads, redistribute(probs, sink, ~sink, self.beta), probs)
-
-        return AttentionEdit(post_softmax=post_softmax)
 
     def kernel_edit(self, layer, run, prefill):
         if layer not in self.heads_by_layer:

@@ -26,10 +26,17 @@ from transformers import LogitsProcessor
 from vlm_efficient.adapters import cache_kwarg
 from vlm_efficient.engine import plain_calls
 from vlm_efficient.kernels.api import GroupSpec
-from vlm_efficient.method import AttentionEdit, KernelEdit, Method, PerThread
+from vlm_efficient.method import KernelEdit, Method, PerThread
 from vlm_efficient.registry import register_method
 
-from .common import has_image, last_position, last_prompt_rows, pad_token_id, parse_layers, text_only_inputs
+from .common import has_image, last_position, pad_token_id, parse_layers, text_only_inputs
+
+
+def pai_groups(num_heads: int, alpha: float = 0.2, image_group: int = 1, num_groups: int = 2, heads=None) -> GroupSpec:
+    """PAI's term as kernel 3's tables: logits of keys in `image_group` a -> a + alpha |a| in `heads` (None: all)."""
+    logit_abs = torch.zeros(num_groups)
+    logit_abs[image_group] = alpha
+    return GroupSpec(num_heads, num_groups, logit_abs=logit_abs).on_heads(heads)
 
 
 @register_method
@@ -45,13 +52,7 @@ class PAI(Method):
         if self.alpha < 0:
             raise ValueError(f"pai: alpha={self.alpha} must be >= 0")
         self.chosen = parse_layers("pai", self.layers, engine.num_layers, range(2, engine.num_layers))
-        self.groups = GroupSpec.pai(engine.text_config.num_attention_heads, self.alpha, image_group=1)
-
-    def attention_edit(self, layer, run, context):
-        if layer not in self.chosen or not has_image(run):
-            return None
-        image = context.keys_where(run.layout.visual)[:, None, None, :]
-        return AttentionEdit(logit_abs=image * self.alpha, rows=last_prompt_rows(context))
+        self.groups = pai_groups(engine.text_config.num_attention_heads, self.alpha, image_group=1)
 
     def kernel_edit(self, layer, run, prefill):
         if layer not in self.chosen or not has_image(run):

@@ -21,10 +21,10 @@ import torch
 
 from vlm_efficient.adapters import families_with
 from vlm_efficient.kernels.api import GroupSpec
-from vlm_efficient.method import AttentionEdit, KernelEdit, Method, PerThread, at_positions
+from vlm_efficient.method import KernelEdit, Method, PerThread
 from vlm_efficient.registry import register_method
 
-from .common import has_image, last_position, last_prompt_rows, parse_layers
+from .common import has_image, last_position, parse_layers
 
 
 def cls_attention(attention, hidden: torch.Tensor) -> torch.Tensor:
@@ -88,19 +88,16 @@ class PAINT(Method):
             engine.add_handle(handle)
 
     def _groups(self, run) -> torch.Tensor:
-        """[B, N] logit |a| coefficient per prompt position, from the last vision-tower call (and, in memory["group"],
-        each position's group: 0 other, 1 top, 2 outlier)."""
+        """[B, N] each prompt position's group (0 other, 1 top, 2 outlier), from the last vision-tower call."""
         memory = run.memory(self)
-        if "coefficient" in memory:
-            return memory["coefficient"]
+        if "group" in memory:
+            return memory["group"]
         layout = run.layout
         images = sum(len(items) for items in layout.images)
         if "first" not in self.captured or self.captured["first"].shape[0] != images:
             raise RuntimeError(f"paint: the vision tower's [CLS] attention for the {images} images was not captured")
         top, outliers = token_groups(self.captured["first"], self.captured["late"], self.top_ratio)
-        per_image = top.float() * self.top + outliers.float() * self.outlier
         group_per_image = top.long() + 2 * outliers.long()  # top excludes the outliers
-        coefficient = torch.zeros(layout.kind.shape, dtype=torch.float32)
         group = torch.zeros(layout.kind.shape, dtype=torch.long)
         image = 0
         for b, items in enumerate(layout.images):
@@ -109,21 +106,12 @@ class PAINT(Method):
                 coords = layout.coords[b, positions].cpu()
                 cell = coords[:, 0] == 0  # grid cells of the image (not a [CLS] feature)
                 patch = coords[cell, 1] * tokens.grid[1] + coords[cell, 2]
-                coefficient[b, positions[cell].cpu()] = per_image[image, patch].cpu()
                 group[b, positions[cell].cpu()] = group_per_image[image, patch].cpu()
                 image += 1
-        memory["coefficient"], memory["group"] = coefficient, group
-        return coefficient
-
-    def attention_edit(self, layer, run, context):
-        if layer not in self.chosen or not has_image(run):
-            return None
-        coefficient = self._groups(run)
-        coefficient = at_positions(coefficient, context.key_positions, 0.0)[:, None, None, :]
-        return AttentionEdit(logit_abs=coefficient, rows=last_prompt_rows(context))
+        memory["group"] = group
+        return group
 
     def kernel_edit(self, layer, run, prefill):
         if layer not in self.chosen or not has_image(run):
             return None
-        self._groups(run)
-        return KernelEdit(spec=self.groups, groups=run.memory(self)["group"], rows=last_position(run.layout))
+        return KernelEdit(spec=self.groups, groups=self._groups(run), rows=last_position(run.layout))

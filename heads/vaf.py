@@ -14,10 +14,17 @@ from dataclasses import dataclass
 import torch
 
 from vlm_efficient.kernels.api import GroupSpec
-from vlm_efficient.method import AttentionEdit, KernelEdit, Method
+from vlm_efficient.method import KernelEdit, Method
 from vlm_efficient.registry import register_method
 
-from .common import has_image, parse_layers, rows_after_image, scaled_range, text_after_image
+from .common import has_image, parse_layers, scaled_range, text_after_image
+
+
+def vaf_groups(num_heads: int, weights, heads=None) -> GroupSpec:
+    """VAF's (and AdaptVis') term as kernel 3's tables: logits of keys in group g multiplied by weights[g] in `heads`
+    (None: all)."""
+    weights = torch.as_tensor(weights, dtype=torch.float32)
+    return GroupSpec(num_heads, weights.numel(), logit_scale=weights).on_heads(heads)
 
 
 @register_method
@@ -35,15 +42,7 @@ class VAF(Method):
             raise ValueError(f"vaf: image_scale={self.image_scale} and system_scale={self.system_scale} must be > 0")
         self.chosen = parse_layers("vaf", self.layers, engine.num_layers, scaled_range(9, 14, engine.num_layers))
         heads = engine.text_config.num_attention_heads
-        self.groups = GroupSpec.vaf(heads, [1.0, self.image_scale, self.system_scale])  # other, image, system
-
-    def attention_edit(self, layer, run, context):
-        if layer not in self.chosen or not has_image(run):
-            return None
-        image = context.keys_where(run.layout.visual)
-        system = context.keys_where(run.layout.before_visual_text)
-        scale = torch.where(image, self.image_scale, torch.where(system, self.system_scale, 1.0))
-        return AttentionEdit(logit_scale=scale[:, None, None, :], rows=rows_after_image(run, context))
+        self.groups = vaf_groups(heads, [1.0, self.image_scale, self.system_scale])  # other, image, system
 
     def kernel_edit(self, layer, run, prefill):
         if layer not in self.chosen or not has_image(run):

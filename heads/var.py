@@ -50,6 +50,20 @@ def sink_tokens(normed: torch.Tensor, dims: torch.Tensor, tau: float) -> torch.T
     return (normed.abs() * dims[:, None, :]).amax(-1) > tau
 
 
+def var_groups(num_heads: int, p: float = 0.6, rho: float = 0.5, min_image_mass: float = 0.2, text_group: int = 0,
+               image_group: int = 1, sink_group: int = 2, num_groups: int = 3, heads=None) -> GroupSpec:
+    """VAR's redistribution as kernel 3's tables, groups text / non-sink image / visual sink: in image-centric rows
+    (image mass >= min_image_mass and non-sink share of the image mass >= rho) keep (1-p) of the sink mass and give
+    p * M_sink to the non-sink image tokens in proportion; in `heads` (None: all)."""
+    keep = torch.ones(num_groups)
+    keep[sink_group] = 1 - p
+    receive = torch.zeros(num_groups)
+    receive[image_group] = 1.0
+    return GroupSpec(num_heads, num_groups, keep=keep, receive=receive, sink_group=sink_group,
+                     cond_mass_groups=(image_group, sink_group), cond_mass_min=min_image_mass,
+                     cond_ratio_groups=((image_group,), (image_group, sink_group)), cond_ratio_min=rho).on_heads(heads)
+
+
 @register_method
 @dataclass
 class VAR(Method):
@@ -87,8 +101,8 @@ class VAR(Method):
         if not self.chosen:
             raise ValueError("var: needs at least 4 layers (sinks from layer 2, last layer excluded)")
         # key groups: text, non-sink image, visual sink (the paper's rule; the code's variant has no such form)
-        self.groups = GroupSpec.var(engine.text_config.num_attention_heads, p=self.p, rho=self.rho,
-                                    min_image_mass=self.min_image)
+        self.groups = var_groups(engine.text_config.num_attention_heads, p=self.p, rho=self.rho,
+                                 min_image_mass=self.min_image)
 
     def observes_hidden(self, layer: int) -> bool:
         return layer in self.chosen
@@ -105,28 +119,6 @@ class VAR(Method):
         if bool((sinks & run.layout.visual.to(sinks.device)).any()):  # else nothing to redistribute in this layer
             run.memory(self)[layer] = sinks
 
-    def attention_edit(self, layer, run, context):
-        sinks = run.memory(self).get(layer)
-        if layer not in self.chosen or sinks is None:
-            return None
-        visual = context.keys_where(run.layout.visual)[:, None, None, :]
-        sink = context.keys_where(sinks)[:, None, None, :]
-        visual_sink = visual & sink
-        paper = self.variant == "paper"
-        source, keep = (visual_sink, 1.0 - self.p) if paper else (sink, self.p)
-        receivers = visual & ~sink
-
-        def post_softmax(probs):
-            image = (probs * visual).sum(-1)
-            on_sinks = (probs * visual_sink).sum(-1)
-            if paper:
-                centric = (image >= self.min_image) & (image - on_sinks >= self.rho * image)
-            else:
-                centric = (image >= self.min_image) & (on_sinks / (image + 1e-6) <= self.rho)
-            return torch.where(centric[..., None], redistribute(probs, source, receivers, keep), probs)
-
-        return AttentionEdit(post_softmax=post_softmax, rows=rows_after_image(run, context))
-
     def kernel_edit(self, layer, run, prefill):
         sinks = run.memory(self).get(layer)
         if layer not in self.chosen or sinks is None:
@@ -136,3 +128,19 @@ class VAR(Method):
         visual = run.layout.visual.to(sinks.device)
         groups = torch.where(visual & sinks, 2, visual.long())
         return KernelEdit(spec=self.groups, groups=groups, rows=text_after_image(run.layout))
+
+    def attention_edit(self, layer, run, context):
+        """variant=code only (the paper's rule is kernel_edit): the code's condition has no GroupSpec form."""
+        sinks = run.memory(self).get(layer)
+        visual = context.keys_where(run.layout.visual)[:, None, None, :]
+        sink = context.keys_where(sinks)[:, None, None, :]
+        visual_sink = visual & sink
+        receivers = visual & ~sink
+
+        def post_softmax(probs):
+            image = (probs * visual).sum(-1)
+            on_sinks = (probs * visual_sink).sum(-1)
+            centric = (image >= self.min_image) & (on_sinks / (image + 1e-6) <= self.rho)
+            return torch.where(centric[..., None], redistribute(probs, sink, receivers, self.p), probs)
+
+        return AttentionEdit(post_softmax=post_softmax, rows=rows_after_image(run, context))

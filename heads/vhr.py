@@ -22,7 +22,7 @@ import torch
 
 from vlm_efficient.adapters import get_adapter
 from vlm_efficient.engine import plain_calls
-from vlm_efficient.method import AttentionEdit, KernelEdit, Method, PerThread
+from vlm_efficient.method import KernelEdit, Method, PerThread
 from vlm_efficient.registry import register_method
 
 from .common import last_position, parse_layers, prompt_inputs, take_pending, text_only_inputs
@@ -115,16 +115,6 @@ class VHR(Method):
 
     def edits_head_outputs(self) -> bool:
         return True
-
-    def attention_edit(self, layer, run, context):
-        factors = self._factors(run)
-        if not context.prefill or layer not in self.chosen:
-            return None
-        scale = factors[:, layer].to(context.query_positions.device)[:, :, None, None]
-        rows = torch.zeros_like(context.query_positions, dtype=torch.bool)
-        rows[:, -1] = True
-        # the output of a head is probs @ V: scaling the row's probabilities scales that head's output
-        return AttentionEdit(post_softmax=lambda probs: probs * scale, rows=rows)
 
     def kernel_edit(self, layer, run, prefill):
         factors = self._factors(run)

@@ -56,8 +56,8 @@ group_attention(query, key, value, *, key_group, spec: GroupSpec, key_valid=None
     logit_bias (pre-softmax: a -> a*scale + abs*|a| + bias, a = q.k*scaling), keep / receive (exact post-softmax
     redistribution: c_g = keep + receive * freed / received-mass), sink_group (few keys, e.g. token 0 or the visual
     sinks), an optional row condition (VAR's image-centric rows). query_select BoolTensor [B, Nq]: rows modified
-    (None = all). key_bias FloatTensor [B, Nk]: extra per-key logit bias on selected rows (GIFT). Presets:
-    GroupSpec.pai(Hq, alpha, image_group), .vaf(Hq, weights), .var(Hq, p, rho, ...), .act(Hq, beta, sink_group).
+    (None = all). key_bias FloatTensor [B, Nk]: extra per-key logit bias on selected rows. The methods build their
+    own GroupSpecs (e.g. heads/pai.py::pai_groups, heads/var.py::var_groups); the kernels know only the tables.
     Formulas: group_attention.py docstring. Specs the kernel cannot run (more than two distinct keep/receive columns
     besides the sink group) fall back to the reference with a warning under backend="auto". Without key padding the
     unmodified tiles come from SDPA's default backend and the output is a transposed view of SDPA's (as for

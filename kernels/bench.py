@@ -393,10 +393,16 @@ class Bench:
             after = torch.zeros(1, n, dtype=torch.bool, device=self.dev)
             after[0, tb + ni:] = True
             cases = {
-                "PAI alpha=0.5 (last row)": (GroupSpec.pai(h, 0.5, image_group=1, num_groups=3), groups, last),
-                "VAR p=0.6 (text rows after the image)": (GroupSpec.var(h, p=0.6, rho=0.5), groups, after),
-                "VAF x1.15 image / x0.95 text (all rows)": (GroupSpec.vaf(h, [0.95, 1.15, 1.15]), groups, None),
-                "ACT beta=0.4 (all rows, sinks = BOS + 5)": (GroupSpec.act(h, 0.4, sink_group=2, num_groups=3),
+                # the methods' tables (heads/pai.py, var.py, vaf.py, act.py) for groups text / image / sink
+                "PAI alpha=0.5 (last row)": (GroupSpec(h, 3, logit_abs=[0.0, 0.5, 0.0]), groups, last),
+                "VAR p=0.6 (text rows after the image)": (
+                    GroupSpec(h, 3, keep=[1.0, 1.0, 0.4], receive=[0.0, 1.0, 0.0], sink_group=2,
+                              cond_mass_groups=(1, 2), cond_mass_min=0.2, cond_ratio_groups=((1,), (1, 2)),
+                              cond_ratio_min=0.5), groups, after),
+                "VAF x1.15 image / x0.95 text (all rows)": (GroupSpec(h, 3, logit_scale=[0.95, 1.15, 1.15]), groups,
+                                                            None),
+                "ACT beta=0.4 (all rows, sinks = BOS + 5)": (GroupSpec(h, 3, keep=[1.0, 1.0, 0.4],
+                                                                       receive=[1.0, 1.0, 0.0], sink_group=2),
                                                              groups_act, None),
             }
             for name, (spec, grp, sel) in cases.items():

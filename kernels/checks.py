@@ -251,10 +251,13 @@ class Checks:
         last = torch.zeros(b, n, dtype=torch.bool, device=self.device)
         last[:, -1] = True
         cases = {
-            "pai": (GroupSpec.pai(hq, 0.5, image_group=1, num_groups=3), last, None),
-            "vaf": (GroupSpec.vaf(hq, [0.95, 1.15, 1.0], heads=[0, 2]), None, None),
-            "var": (GroupSpec.var(hq, p=0.6, rho=0.3, min_image_mass=0.05), sel, None),
-            "act": (GroupSpec.act(hq, 0.4, sink_group=2, num_groups=3), None, None),
+            # the methods' tables (heads/pai.py, vaf.py, var.py, act.py) for groups text / image / sink
+            "pai": (GroupSpec(hq, 3, logit_abs=[0.0, 0.5, 0.0]), last, None),
+            "vaf": (GroupSpec(hq, 3, logit_scale=[0.95, 1.15, 1.0]).on_heads([0, 2]), None, None),
+            "var": (GroupSpec(hq, 3, keep=[1.0, 1.0, 0.4], receive=[0.0, 1.0, 0.0], sink_group=2,
+                              cond_mass_groups=(1, 2), cond_mass_min=0.05,
+                              cond_ratio_groups=((1,), (1, 2)), cond_ratio_min=0.3), sel, None),
+            "act": (GroupSpec(hq, 3, keep=[1.0, 1.0, 0.4], receive=[1.0, 1.0, 0.0], sink_group=2), None, None),
             "mixed+key_bias": (GroupSpec(hq, 3, logit_abs=torch.rand(hq, 3, generator=self.gen),
                                          logit_bias=torch.randn(hq, 3, generator=self.gen),
                                          keep=torch.tensor([1.0, 1.0, 0.3]), receive=torch.tensor([0.0, 1.0, 0.0]),
@@ -308,10 +311,12 @@ class Checks:
         cfgs = [(2, 8, 2, 40, 64), (2, 4, 4, 37, 80), (1, 8, 1, 50, 128)] if tiny else \
             [(2, 32, 32, 700, 128), (2, 28, 4, 3000, 128), (1, 32, 8, 1200, 64)]
         presets = lambda hq: {  # noqa: E731
-            "pai": GroupSpec.pai(hq, 0.5, image_group=1, num_groups=3),
-            "vaf": GroupSpec.vaf(hq, [0.95, 1.15, 1.0, 1.3], heads=[0, 2]),
-            "var": GroupSpec.var(hq, p=0.6, rho=0.3, min_image_mass=0.05),
-            "act": GroupSpec.act(hq, 0.4, sink_group=2, num_groups=3),
+            "pai": GroupSpec(hq, 3, logit_abs=[0.0, 0.5, 0.0]),
+            "vaf": GroupSpec(hq, 4, logit_scale=[0.95, 1.15, 1.0, 1.3]).on_heads([0, 2]),
+            "var": GroupSpec(hq, 3, keep=[1.0, 1.0, 0.4], receive=[0.0, 1.0, 0.0], sink_group=2,
+                             cond_mass_groups=(1, 2), cond_mass_min=0.05,
+                              cond_ratio_groups=((1,), (1, 2)), cond_ratio_min=0.3),
+            "act": GroupSpec(hq, 3, keep=[1.0, 1.0, 0.4], receive=[1.0, 1.0, 0.0], sink_group=2),
             "mixed+key_bias": GroupSpec(hq, 3, logit_abs=torch.rand(hq, 3, generator=self.gen),
                                         logit_bias=torch.randn(hq, 3, generator=self.gen),
                                         keep=torch.tensor([1.0, 1.0, 0.3]), receive=torch.tensor([0.0, 1.0, 0.0])),

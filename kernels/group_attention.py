@@ -32,7 +32,9 @@ key-group tensor and reused by every layer that passes the same tensor. Pre-soft
 are expanded on the host into per-key vectors (scale +- abs folded with scaling*log2e, bias*log2e), so the loop
 does one multiply (+ one select for abs, one add for bias) per logit.
 
-The torch reference `group_attention_reference` computes exactly the formulas above in fp32.
+The torch reference `group_attention_reference` computes exactly the formulas above in fp32; its two halves,
+`group_logits` (pre-softmax) and `group_redistribution` (post-softmax), are also the engine's dense path for a
+method's group edit (vlm_efficient/edits.py).
 """
 
 from __future__ import annotations
@@ -444,6 +446,9 @@ if triton_available():
 # ----------------------------------------------------------------------------------------------------------------
 # the spec
 
+IDENTITY = (1.0, 0.0, 0.0, 1.0, 0.0)  # the tables' values that change nothing: scale, abs, bias, keep, receive
+
+
 def _table(value, num_heads: int, num_groups: int, default: float) -> torch.Tensor:
     if value is None:
         return torch.full((num_heads, num_groups), float(default))
@@ -481,53 +486,16 @@ class GroupSpec:
         return (_table(self.logit_scale, h, g, 1.0), _table(self.logit_abs, h, g, 0.0),
                 _table(self.logit_bias, h, g, 0.0), _table(self.keep, h, g, 1.0), _table(self.receive, h, g, 0.0))
 
-    # ---- presets (heads=None: every head) ----
-    @staticmethod
-    def _heads_mask(num_heads, heads):
-        m = torch.zeros(num_heads, 1)
-        m[list(range(num_heads)) if heads is None else list(heads)] = 1.0
-        return m
-
-    @classmethod
-    def pai(cls, num_heads: int, alpha: float = 0.2, image_group: int = 1, num_groups: int = 2, heads=None):
-        """PAI: image-key logits a -> a + alpha * |a| (use query_select = the last row)."""
-        ab = torch.zeros(num_heads, num_groups)
-        ab[:, image_group] = alpha
-        return cls(num_heads, num_groups, logit_abs=ab * cls._heads_mask(num_heads, heads))
-
-    @classmethod
-    def vaf(cls, num_heads: int, weights, heads=None):
-        """ClearSight/VAF, AdaptVis: logits of group g multiplied by weights[g]."""
-        w = torch.as_tensor(weights, dtype=torch.float32)
-        m = cls._heads_mask(num_heads, heads)
-        return cls(num_heads, w.numel(), logit_scale=w[None] * m + (1 - m))
-
-    @classmethod
-    def var(cls, num_heads: int, p: float = 0.6, rho: float = 0.5, min_image_mass: float = 0.2,
-            text_group: int = 0, image_group: int = 1, sink_group: int = 2, num_groups: int = 3, heads=None):
-        """VAR: groups text / non-sink image / visual sink. In image-centric rows (image mass >= min_image_mass and
-        non-sink share of the image mass >= rho) keep (1-p) of the sink mass and give p * M_sink to the non-sink
-        image tokens in proportion."""
-        m = cls._heads_mask(num_heads, heads)
-        keep = torch.ones(num_heads, num_groups)
-        keep[:, sink_group] = 1 - p
-        keep = keep * m + (1 - m)
-        recv = torch.zeros(num_heads, num_groups)
-        recv[:, image_group] = 1.0
-        recv = recv * m
-        return cls(num_heads, num_groups, keep=keep, receive=recv, sink_group=sink_group,
-                   cond_mass_groups=(image_group, sink_group), cond_mass_min=min_image_mass,
-                   cond_ratio_groups=((image_group,), (image_group, sink_group)), cond_ratio_min=rho)
-
-    @classmethod
-    def act(cls, num_heads: int, beta: float = 0.4, sink_group: int = 1, num_groups: int = 2, heads=None):
-        """ACT / OCR-head sink: keep beta of the sink mass, spread the rest over every other key in proportion."""
-        m = cls._heads_mask(num_heads, heads)
-        keep = torch.ones(num_heads, num_groups)
-        keep[:, sink_group] = beta
-        recv = torch.ones(num_heads, num_groups)
-        recv[:, sink_group] = 0.0
-        return cls(num_heads, num_groups, keep=keep * m + (1 - m), receive=recv * m, sink_group=sink_group)
+    def on_heads(self, heads=None) -> "GroupSpec":
+        """This spec in the query heads `heads` only (None: every head, self): the other heads get identity tables."""
+        if heads is None:
+            return self
+        chosen = torch.zeros(self.num_heads, 1, dtype=torch.bool)
+        chosen[list(heads)] = True
+        tables = [torch.where(chosen, table, identity) for table, identity in zip(self.tables(), IDENTITY)]
+        return GroupSpec(self.num_heads, self.num_groups, *tables, sink_group=self.sink_group,
+                         cond_mass_groups=self.cond_mass_groups, cond_mass_min=self.cond_mass_min,
+                         cond_ratio_groups=self.cond_ratio_groups, cond_ratio_min=self.cond_ratio_min)
 
     # ---- kernel tables ----
     def prepare(self, device):
@@ -807,36 +775,35 @@ def group_attention_triton(query, key, value, *, key_group: torch.Tensor, spec: 
 # ----------------------------------------------------------------------------------------------------------------
 # torch reference
 
-def group_attention_reference(query, key, value, *, key_group: torch.Tensor, spec: GroupSpec, key_valid=None,
-                              causal: bool = True, scaling: float, query_select=None, key_bias=None,
-                              return_probs: bool = False):
-    """fp32, dense: exactly the formulas of the module docstring, per group (no classes, no tricks)."""
-    batch, hq, hkv, nq, nk, d = check_qkv(query, key, value)
-    dev = query.device
-    scale, ab, bias, keep, recv = (t.to(dev) for t in spec.tables())
-    g = key_group.to(dev).long()  # [B, Nk]
-    k = repeat_kv(key, hq // hkv).float()
-    v = repeat_kv(value, hq // hkv).float()
-    a = (query.float() @ k.transpose(-1, -2)) * scaling  # [B, H, Nq, Nk]
+def key_table(table: torch.Tensor, key_group: torch.Tensor) -> torch.Tensor:
+    """A [Hq, G] table at each key's group: key_group [B, k] -> [B, Hq, 1, k]."""
+    return table.to(key_group.device)[:, key_group.long()].permute(1, 0, 2)[:, :, None, :]
 
-    def per_key(table):  # [Hq, G] -> [B, Hq, 1, Nk]
-        return table[:, g].permute(1, 0, 2)[:, :, None, :]
 
-    mod = a * per_key(scale) + per_key(ab) * a.abs() + per_key(bias)
-    if key_bias is not None:
-        mod = mod + key_bias.to(dev).float()[:, None, None, :]
-    sel = torch.ones(batch, nq, dtype=torch.bool, device=dev) if query_select is None else query_select.bool()
-    a = torch.where(sel[:, None, :, None], mod, a)
-    allowed = dense_mask(nq, nk, causal=causal, key_valid=key_valid, device=dev)[:, None]
-    a = a.masked_fill(~allowed, torch.finfo(torch.float32).min)
-    probs = torch.softmax(a, -1) * allowed
-    onehot = torch.nn.functional.one_hot(g, spec.num_groups).float()  # [B, Nk, G]
+def group_logits(logits: torch.Tensor, key_group: torch.Tensor, spec: GroupSpec, key_bias=None) -> torch.Tensor:
+    """The pre-softmax formula: logits [B, Hq, q, k] (a = q.k * scaling, fp32) of keys in groups key_group [B, k] ->
+    a * scale[h, g] + abs[h, g] * |a| + bias[h, g] (+ key_bias [B, k]), for every row (the caller picks the rows)."""
+    scale, ab, bias = (key_table(table, key_group.to(logits.device)) for table in spec.tables()[:3])
+    out = logits * scale + ab * logits.abs() + bias
+    return out if key_bias is None else out + key_bias.to(logits.device).float()[:, None, None, :]
+
+
+def group_redistribution(probs: torch.Tensor, key_group: torch.Tensor, spec: GroupSpec,
+                         selected: torch.Tensor | None = None) -> torch.Tensor:
+    """The post-softmax formula: probabilities [B, Hq, q, k] (fp32, zero on blocked keys) of keys in groups key_group
+    [B, k] -> P' = c_g(j) P_j on the rows where it applies (selected [B, q] or None = every row, a positive receiving
+    mass, the optional row condition); other rows unchanged."""
+    dev = probs.device
+    _, _, _, keep, recv = (t.to(dev) for t in spec.tables())
+    onehot = torch.nn.functional.one_hot(key_group.to(dev).long(), spec.num_groups).float()  # [B, k, G]
     mass = torch.einsum("bhqk,bkg->bhqg", probs, onehot)
     keep_h = keep[None, :, None, :]
     recv_h = recv[None, :, None, :]
     freed = ((1 - keep_h) * mass).sum(-1)
     received = (recv_h * mass).sum(-1)
-    active = sel[:, None, :] & (received > 0) & allowed.any(-1)
+    active = received > 0
+    if selected is not None:
+        active = active & selected.to(dev)[:, None, :]
     if spec.cond_mass_groups:
         active = active & (mass[..., list(spec.cond_mass_groups)].sum(-1) >= spec.cond_mass_min)
     if spec.cond_ratio_groups is not None:
@@ -844,8 +811,24 @@ def group_attention_reference(query, key, value, *, key_group: torch.Tensor, spe
         den = mass[..., list(spec.cond_ratio_groups[1])].sum(-1)
         active = active & (num >= spec.cond_ratio_min * den)
     coef = keep_h + recv_h * (freed / torch.where(received > 0, received, 1))[..., None]
-    coef = torch.where(active[..., None], coef, 1.0)  # [B, H, Nq, G]
-    coef_key = torch.einsum("bhqg,bkg->bhqk", coef, onehot)
-    probs2 = probs * coef_key
+    coef = torch.where(active[..., None], coef, 1.0)  # [B, H, q, G]
+    return probs * torch.einsum("bhqg,bkg->bhqk", coef, onehot)
+
+
+def group_attention_reference(query, key, value, *, key_group: torch.Tensor, spec: GroupSpec, key_valid=None,
+                              causal: bool = True, scaling: float, query_select=None, key_bias=None,
+                              return_probs: bool = False):
+    """fp32, dense: exactly the formulas of the module docstring, per group (no classes, no tricks)."""
+    batch, hq, hkv, nq, nk, d = check_qkv(query, key, value)
+    dev = query.device
+    k = repeat_kv(key, hq // hkv).float()
+    v = repeat_kv(value, hq // hkv).float()
+    a = (query.float() @ k.transpose(-1, -2)) * scaling  # [B, H, Nq, Nk]
+    sel = torch.ones(batch, nq, dtype=torch.bool, device=dev) if query_select is None else query_select.bool()
+    a = torch.where(sel[:, None, :, None], group_logits(a, key_group, spec, key_bias), a)
+    allowed = dense_mask(nq, nk, causal=causal, key_valid=key_valid, device=dev)[:, None]
+    a = a.masked_fill(~allowed, torch.finfo(torch.float32).min)
+    probs = torch.softmax(a, -1) * allowed
+    probs2 = group_redistribution(probs, key_group, spec, sel)
     out = (probs2 @ v).to(query.dtype).transpose(1, 2).contiguous()
     return (out, probs2) if return_probs else out

@@ -110,8 +110,8 @@ def entry_point_calls(n: int, *, device="cpu", heads: int = 32, head_dim: int = 
         rows = sys.modules[f"{__package__}.group_attention"]._ROW_LISTS
         rows[id(last_row)] = (weakref.ref(last_row), last_row._version,
                               torch.empty(1, 1, dtype=torch.int32, device=device))
-    pai = GroupSpec.pai(heads, 0.5, image_group=1)
-    vaf = GroupSpec.vaf(heads, [0.95, 1.15])
+    pai = GroupSpec(heads, 2, logit_abs=[0.0, 0.5])  # PAI's tables (heads/pai.py): image keys a + 0.5|a|
+    vaf = GroupSpec(heads, 2, logit_scale=[0.95, 1.15])  # VAF's (heads/vaf.py): text x0.95, image x1.15
     return {
         "K1 causal": lambda: flash_attention_triton(q, k, v, scaling=scaling),
         "K1 NAAViT": lambda: masked_attention_triton(q, k, v, mask=naavit, scaling=scaling),

@@ -20,10 +20,16 @@ sys.path.insert(0, os.path.dirname(__file__))
 import vlm_efficient as ve  # noqa: E402
 from test_engine import greedy, two_samples  # noqa: E402
 from vlm_efficient import kernel_plan  # noqa: E402
-from vlm_efficient.heads.pai import PAI  # noqa: E402
+from vlm_efficient.attention import edited_attention  # noqa: E402
+from vlm_efficient.edits import dense_edit  # noqa: E402
+from vlm_efficient.heads.act import ACT, act_groups  # noqa: E402
+from vlm_efficient.heads.pai import PAI, pai_groups  # noqa: E402
+from vlm_efficient.heads.vaf import vaf_groups  # noqa: E402
+from vlm_efficient.heads.var import var_groups  # noqa: E402
 from vlm_efficient.kernel_plan import ENV, LayerPlan, compose, key_padding, kernel_backend  # noqa: E402
 from vlm_efficient.kernels.api import GroupSpec, MaskSpec  # noqa: E402
-from vlm_efficient.method import KernelEdit  # noqa: E402
+from vlm_efficient.kernels.group_attention import group_attention_reference  # noqa: E402
+from vlm_efficient.method import AttentionContext, KernelEdit  # noqa: E402
 from vlm_efficient.testing import FAMILIES, tiny_model  # noqa: E402
 
 LAYERS = 4  # tiny models
@@ -172,7 +178,7 @@ def _group(spec, rows=None):
 
 
 def test_compose_rules():
-    pai, var = GroupSpec.pai(4, 0.5), GroupSpec.var(4)
+    pai, var = pai_groups(4, 0.5), var_groups(4)
     scale = KernelEdit(head_scale=torch.ones(1, 4))
     mask = KernelEdit(mask=MaskSpec.naavit())
     assert compose([], 4) == LayerPlan()
@@ -188,6 +194,54 @@ def test_compose_rules():
     assert compose([KernelEdit(mask=MaskSpec.naavit(), rows=torch.ones(1, 3, dtype=torch.bool))], 4) is None
     three = GroupSpec(4, 4, keep=[1.0, 0.5, 0.4, 0.3], receive=[1.0, 0.0, 0.0, 0.0], sink_group=1)
     assert not kernel_plan.kernel_runs(three) and compose([_group(three)], 4) is None
+
+
+@pytest.mark.parametrize("heads", [4, 64])
+def test_act_head_sets(heads):
+    """ACT's structured form: a key's group is the set of heads in which it is a sink (group 0: none), groups in the
+    order of the head sets read as binary numbers (head h = bit h), for any number of heads (64: beyond a bit code)."""
+    sinks = torch.rand(2, heads, 30, generator=torch.Generator().manual_seed(0)) < 0.1
+    edit = ACT(beta=0.4)._kernel_edit(sinks)
+    in_heads = edit.spec.tables()[3] == 0.4  # keep [H, G]: beta in the group's heads
+    assert torch.equal(in_heads[:, edit.groups].permute(1, 0, 2), sinks)
+    assert not in_heads[:, 0].any() and edit.spec.sink_group == 1
+    codes = [sum(1 << h for h in range(heads) if in_heads[h, g]) for g in range(in_heads.shape[1])]
+    assert codes == sorted(set(codes))
+
+
+@pytest.mark.parametrize("name", ["pai", "vaf", "var", "act"])
+def test_dense_edit_is_the_kernel_reference(name):
+    """A group edit's derived dense form (edits.dense_edit through the dense attention) computes what kernel 3's
+    torch reference computes, on the edit's rows, with causal attention and a left-padded sample."""
+    batch, heads, n, dim = 2, 4, 12, 8
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(batch, heads, n, dim, generator=gen) for _ in range(3))
+    groups = torch.randint(0, 3, (batch, n), generator=gen)
+    rows = torch.rand(batch, n, generator=gen) < 0.5
+    spec = {"pai": pai_groups(heads, 0.5, num_groups=3), "vaf": vaf_groups(heads, [1.0, 1.2, 0.9], heads=[1, 3]),
+            "var": var_groups(heads, p=0.6, rho=0.3, min_image_mass=0.1), "act": act_groups(heads, 0.4, 2, 3)}[name]
+    valid = torch.ones(batch, n, dtype=torch.bool)
+    valid[1, :3] = False
+    positions = torch.arange(n).expand(batch, -1)
+    context = AttentionContext(positions, positions, prefill=True, num_heads=heads)
+    edit = dense_edit(KernelEdit(spec=spec, groups=groups, rows=rows), None, context)
+    causal = torch.ones(n, n, dtype=torch.bool).tril()
+    mask = (causal & valid[:, None, :])[:, None]
+    dense = edited_attention(q, k, v, mask, dim ** -0.5, [edit])
+    reference = group_attention_reference(q, k, v, key_group=groups, spec=spec, key_valid=valid, scaling=dim ** -0.5,
+                                          query_select=rows)
+    real = valid[:, :, None, None]  # padding rows: blocked everywhere by the reference, unread by the model
+    torch.testing.assert_close(dense * real, reference * real, atol=1e-6, rtol=1e-6)
+
+
+def test_dense_edit_refuses_what_it_cannot_state():
+    decoding = AttentionContext(torch.full((1, 1), 3), torch.arange(4)[None], prefill=False, num_heads=4)
+    with pytest.raises(ValueError, match="prefill only"):
+        dense_edit(KernelEdit(mask=MaskSpec.naavit()), None, decoding)
+    with pytest.raises(ValueError, match="8 heads"):
+        dense_edit(_group(pai_groups(8, 0.5)), None, decoding)
+    with pytest.raises(ValueError, match="needs `groups`"):
+        dense_edit(KernelEdit(spec=pai_groups(4, 0.5)), None, decoding)
 
 
 def test_key_padding():

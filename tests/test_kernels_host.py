@@ -12,8 +12,10 @@ import torch
 
 pytest.importorskip("triton")
 
+from vlm_efficient.heads.pai import pai_groups  # noqa: E402
+from vlm_efficient.heads.vaf import vaf_groups  # noqa: E402
 from vlm_efficient.kernels import host_cost  # noqa: E402
-from vlm_efficient.kernels.api import GroupSpec, MaskSpec  # noqa: E402
+from vlm_efficient.kernels.api import MaskSpec  # noqa: E402
 from vlm_efficient.kernels.attention_stats import (  # noqa: E402
     attention_with_received_stats_triton,
     received_attention_triton,
@@ -41,8 +43,8 @@ def _calls():
     last = torch.zeros(2, N, dtype=torch.bool)
     last[:, -1] = True
     rows = torch.tensor([[N - 1, 3], [N - 1, -1]])
-    pai, vaf = GroupSpec.pai(HEADS, 0.5), GroupSpec.vaf(HEADS, [0.9, 1.2])
-    vaf_two_heads = GroupSpec.vaf(HEADS, [0.9, 1.2], heads=[0, 2])
+    pai, vaf = pai_groups(HEADS, 0.5), vaf_groups(HEADS, [0.9, 1.2])
+    vaf_two_heads = vaf_groups(HEADS, [0.9, 1.2], heads=[0, 2])
     scaling = HEAD_DIM ** -0.5
     forward, rows_pass = ["_attn_fwd_kernel"], ["_rows_logits_kernel", "_rows_finalize_kernel"]
     return {
@@ -105,7 +107,7 @@ def test_key_tables_built_once_per_key_group_tensor(monkeypatch):
     or after an in-place change."""
     ga = sys.modules["vlm_efficient.kernels.group_attention"]
     q, k, v, _ = _inputs()
-    spec = GroupSpec.pai(HEADS, 0.5)
+    spec = pai_groups(HEADS, 0.5)
     groups = (torch.arange(N) % 3 == 1).long().expand(2, N).contiguous()
     built = []
     original = ga._per_key

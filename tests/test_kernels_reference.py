@@ -34,6 +34,10 @@ from vlm_efficient.kernels.api import (
 )
 from vlm_efficient.kernels.attention_stats import received_from_probs
 from vlm_efficient.kernels.masked_attention import attention_from_mask
+from vlm_efficient.heads.act import act_groups
+from vlm_efficient.heads.pai import pai_groups
+from vlm_efficient.heads.vaf import vaf_groups
+from vlm_efficient.heads.var import var_groups
 
 
 def _layout(n=22, b=2):
@@ -277,10 +281,10 @@ def test_group_reference_vs_loop(name):
     q, k, v, groups, sel, kv = _group_inputs()
     hq = q.shape[1]
     specs = {
-        "pai": GroupSpec.pai(hq, 0.5, image_group=1, num_groups=3),
-        "vaf": GroupSpec.vaf(hq, [0.95, 1.15, 1.0], heads=[1, 3]),
-        "var": GroupSpec.var(hq, p=0.6, rho=0.3, min_image_mass=0.1),
-        "act": GroupSpec.act(hq, 0.4, sink_group=2, num_groups=3),
+        "pai": pai_groups(hq, 0.5, image_group=1, num_groups=3),
+        "vaf": vaf_groups(hq, [0.95, 1.15, 1.0], heads=[1, 3]),
+        "var": var_groups(hq, p=0.6, rho=0.3, min_image_mass=0.1),
+        "act": act_groups(hq, 0.4, sink_group=2, num_groups=3),
         "mixed": GroupSpec(hq, 3, logit_scale=torch.rand(hq, 3) + 0.5, logit_abs=torch.rand(hq, 3),
                            logit_bias=torch.randn(hq, 3), keep=torch.tensor([1.0, 0.7, 0.3]),
                            receive=torch.tensor([1.0, 0.0, 0.0]), sink_group=2),
@@ -299,8 +303,8 @@ def test_group_reference_vs_loop(name):
 def test_group_var_condition_splits_rows():
     q, k, v, groups, sel, kv = _group_inputs(seed=5, n=16)
     hq = q.shape[1]
-    spec = GroupSpec.var(hq, p=0.6, rho=0.5, min_image_mass=0.3)
-    nocond = GroupSpec.var(hq, p=0.6, rho=0.0, min_image_mass=0.0)
+    spec = var_groups(hq, p=0.6, rho=0.5, min_image_mass=0.3)
+    nocond = var_groups(hq, p=0.6, rho=0.0, min_image_mass=0.0)
     with_c = group_attention_reference(q, k, v, key_group=groups, spec=spec, key_valid=kv, scaling=0.35,
                                        query_select=sel)
     without = group_attention_reference(q, k, v, key_group=groups, spec=nocond, key_valid=kv, scaling=0.35,
@@ -314,12 +318,12 @@ def test_group_var_condition_splits_rows():
 
 
 def test_group_prepare_classes():
-    prep = GroupSpec.var(4).prepare("cpu")
+    prep = var_groups(4).prepare("cpu")
     assert prep["two_class"] and prep["sink"] == 2 and prep["has_cond"]
     assert prep["cm_bits"] == 0b110 and prep["cn_bits"] == 0b010 and prep["cd_bits"] == 0b110
-    prep = GroupSpec.act(4, sink_group=1, num_groups=3).prepare("cpu")
+    prep = act_groups(4, sink_group=1, num_groups=3).prepare("cpu")
     assert not prep["two_class"] and prep["sink"] == 1
-    prep = GroupSpec.pai(4).prepare("cpu")
+    prep = pai_groups(4).prepare("cpu")
     assert prep["has_pre"] and not prep["has_post"] and prep["sink"] is None
     with pytest.raises(NotImplementedError):
         GroupSpec(2, 3, keep=torch.tensor([1.0, 0.5, 0.7])).prepare("cpu")

@@ -30,7 +30,8 @@ from dataclasses import dataclass
 import torch
 
 from vlm_efficient.heads.window import NeighbourWindow
-from vlm_efficient.method import AttentionEdit, Method
+from vlm_efficient.edits import dense_edit
+from vlm_efficient.method import AttentionEdit, KernelEdit, Method
 from vlm_efficient.registry import register_method
 
 
@@ -108,7 +109,9 @@ class YOPO(Method):
         memory = run.memory(self)
         image_keys = context.keys_where(run.layout.visual)[:, None, None, :]
         image_rows = context.queries_where(run.layout.visual)[:, None, :, None]
-        mask = self.window_mask.allowed(run, context)[:, None] if self.window_mask and context.prefill else None
+        mask = None
+        if self.window_mask and context.prefill:
+            mask = dense_edit(KernelEdit(mask=self.window_mask.mask_spec(run)), run, context).mask
 
         def post_softmax(probs):
             inactive = None

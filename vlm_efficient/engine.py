@@ -36,9 +36,10 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from . import attention_stats
 from .adapters import ModelAdapter, get_adapter
 from .attention import edited_attention
+from .edits import dense_edit
 from .hooks import ModelHooks
 from .kernel_plan import KernelRouter
-from .method import BEFORE_LLM, AttentionContext, Method, PerThread, edits_attention
+from .method import BEFORE_LLM, UNSTRUCTURED, AttentionContext, Method, PerThread, edits_attention
 from .pre_rotary import PreRotaryCapture
 from .run_state import RunState
 from .shrinking import ShrunkLayerInputs
@@ -333,8 +334,13 @@ class Engine:
         return edits
 
     def method_edit(self, method: Method, idx: int, context: AttentionContext):
-        """One method's AttentionEdit for this call (or None), as the dense path takes it."""
-        edit = method.attention_edit(idx, self.run, context)
+        """One method's AttentionEdit for this call (or None), as the dense path takes it: derived from its structured
+        edit, or its attention_edit where it has none."""
+        structured = method.kernel_edit(idx, self.run, context.prefill)
+        if structured is UNSTRUCTURED:
+            edit = method.attention_edit(idx, self.run, context)
+        else:
+            edit = None if structured is None else dense_edit(structured, self.run, context)
         if edit is not None and edit.allow is not None:  # added pairs never reach padding or slot-padding keys
             valid = self.run.valid_keys(context.key_positions)
             edit = dataclasses.replace(edit, allow=edit.allow & valid[:, None, None])

@@ -21,12 +21,12 @@ One generate() call:
 
 Decoding edits (head methods): after the prefill every method that may edit attention is asked, layer by layer, as at
 the first decoding step. Where it edits and declares a decoding form that stays the same at every step (a structured
-Method.kernel_edit, which the engine too reuses at every step), its AttentionEdit is made once over the whole static
-buffer (prompt keys, then the generated slots). A layer whose structured edits compose into one group edit
-(kernel_plan.compose: PAI's attention edit, VAF, VAR, AdaptVis) runs kernel 3's decoding form inside the step, as the
-dynamic path's router does; other edited layers run the dense edited attention (ACT, PAINT). Edits made of tensors
-(and the group kernel's key groups) are copied into buffers of a kept step at each call; a step with post-softmax
-functions (ACT: they hold this call's tensors) serves its call only.
+Method.kernel_edit, which the engine too reuses at every step), its AttentionEdit (derived from that form,
+vlm_efficient/edits.py) is made once over the whole static buffer (prompt keys, then the generated slots). A layer
+whose structured edits compose into one group edit (kernel_plan.compose: PAI's attention edit, VAF, VAR, AdaptVis)
+runs kernel 3's decoding form inside the step, as the dynamic path's router does; other edited layers run the dense
+edited attention (ACT, PAINT). Edits made of tensors (and the group kernel's key groups) are copied into buffers of a
+kept step at each call; a step with post-softmax functions (ACT: they hold this call's tensors) serves its call only.
 
 Refused, with a pointer to the dynamic path: at wrap, methods that cache per head (PLPHP), sliding-window layers, a
 model spread over devices; at generate, beams and other decoding modes, a cache passed in or cache_implementation,

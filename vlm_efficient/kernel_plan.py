@@ -1,9 +1,10 @@
 """Kernel routing: which attention path each layer's call takes, and the translation of the methods' structured edits
 (KernelEdit, vlm_efficient/method.py) into the inputs of the Triton kernels (vlm_efficient.kernels).
 
-A method states its attention change twice: `attention_edit` (dense tensors over the current rows and keys: the torch
-path and the reference) and, where it can, `kernel_edit` (per original prompt position: key groups + a GroupSpec, a
-MaskSpec, per-head output factors). The router composes a layer's kernel edits into one plan and picks the path:
+A method states its attention change once: `kernel_edit` (per original prompt position: key groups + a GroupSpec, a
+MaskSpec, per-head output factors), from which vlm_efficient/edits.py derives the dense path's AttentionEdit; only an
+edit with no structured form answers UNSTRUCTURED and writes a dense `attention_edit`. The router composes a layer's
+kernel edits into one plan and picks the path:
 
     prefill    no edit, no statistics asked        SDPA, untouched                                   "sdpa"
                no edit, statistics asked           SDPA + kernel 2's pass over the asked rows         "stats"
@@ -83,20 +84,36 @@ def token_roles(layout) -> torch.Tensor:
     return role
 
 
-def _position_layout(layout) -> dict[str, torch.Tensor]:
-    """Per prompt position [B, N]: image flag, role, image id (one id per image and grid part; a visual token without
-    a grid cell, e.g. a LLaVA-NeXT row newline, gets an id of its own), grid row and column."""
-    visual = layout.visual
-    part, row, col = layout.coords.unbind(-1)
-    positions = torch.arange(layout.length, device=visual.device).expand_as(visual)
-    image_id = torch.where(part >= 0, layout.image_index.clamp(min=0) * 4096 + part, (1 << 21) + positions)
-    return {
-        "is_image": visual,
-        "role": token_roles(layout),
-        "image_id": torch.where(visual, image_id, -1),
-        "grid_row": torch.where(visual, row, -1),
-        "grid_col": torch.where(visual, col, -1),
-    }
+def _position_layout(run: RunState) -> dict[str, torch.Tensor]:
+    """Per prompt position [B, N], once per run: image flag, role, image id (one id per image and grid part; a visual
+    token without a grid cell, e.g. a LLaVA-NeXT row newline, gets an id of its own), grid row and column."""
+    memory = run.memory(_position_layout)
+    if "fields" not in memory:
+        layout = run.layout
+        visual = layout.visual
+        part, row, col = layout.coords.unbind(-1)
+        positions = torch.arange(layout.length, device=visual.device).expand_as(visual)
+        image_id = torch.where(part >= 0, layout.image_index.clamp(min=0) * 4096 + part, (1 << 21) + positions)
+        memory["fields"] = {
+            "is_image": visual,
+            "role": token_roles(layout),
+            "image_id": torch.where(visual, image_id, -1),
+            "grid_row": torch.where(visual, row, -1),
+            "grid_col": torch.where(visual, col, -1),
+        }
+    return memory["fields"]
+
+
+def token_layout(run: RunState, positions: torch.Tensor, valid: torch.Tensor | None = None):
+    """The kernels' TokenLayout of the tokens at ORIGINAL positions [B, n] (a layer's rows or cached keys; -1 = slot
+    padding, a PAD token). `valid` [B, n]: the valid keys (default: every position)."""
+    kernels = _kernels()
+    fields = {name: at_positions(values, positions, -1 if name != "is_image" else False)
+              for name, values in _position_layout(run).items()}
+    fields["role"] = torch.where(positions >= 0, fields["role"], kernels.ROLE_PAD)
+    valid = valid if valid is not None else torch.ones_like(fields["is_image"])
+    return kernels.TokenLayout(is_image=fields["is_image"], valid=valid, role=fields["role"],
+                               image_id=fields["image_id"], grid_row=fields["grid_row"], grid_col=fields["grid_col"])
 
 
 # ---- composition -----------------------------------------------------------------------------------------------------
@@ -353,24 +370,13 @@ class KernelRouter:
     def _structured_mask(self, run: RunState, spec, key_valid, device):
         """The kernels.StructuredMask of `spec` on the current rows, built once per rows (its block lists are cached on
         it, so every layer on the same rows reuses them)."""
-        kernels = _kernels()
-        memory = run.memory(self)
-        if "layout" not in memory:
-            memory["layout"] = _position_layout(run.layout)
         rows = run.rows
-        cache = memory.setdefault("structured", {})
+        cache = run.memory(self).setdefault("structured", {})
         key = (id(rows), spec, str(device))
         entry = cache.get(key)
         if entry is None or entry[0] is not rows:
-            positions = run.current_positions().to(device)
-            fields = {name: at_positions(values, positions, -1 if name != "is_image" else False)
-                      for name, values in memory["layout"].items()}
-            fields["role"] = torch.where(positions >= 0, fields["role"], kernels.ROLE_PAD)
-            valid = key_valid if key_valid is not None else torch.ones_like(fields["is_image"])
-            layout = kernels.TokenLayout(is_image=fields["is_image"], valid=valid, role=fields["role"],
-                                         image_id=fields["image_id"], grid_row=fields["grid_row"],
-                                         grid_col=fields["grid_col"])
-            entry = cache[key] = (rows, kernels.StructuredMask(layout, spec))
+            layout = token_layout(run, run.current_positions().to(device), key_valid)
+            entry = cache[key] = (rows, _kernels().StructuredMask(layout, spec))
         return entry[1]
 
     def _scale(self, output: torch.Tensor, edit: KernelEdit, run: RunState, device, decode_cache: dict):

@@ -5,14 +5,15 @@ Callbacks (all optional; the engine only calls what a method declares):
 - `attention_request(layer)`: statistics this method needs from a layer's prefill attention (which query rows, per
   head or head-averaged, the keys). The engine computes only those rows and hands them to `observe_attention`.
   A `probe` request is computed at the start of the layer, on its input, before the layer's own pruning.
-- `attention_edit(layer, run, context)`: a change to that layer's attention in this call (logit scaling, |a| terms,
-  biases, extra masks, added pairs, pre-rotary logits, a post-softmax function), in terms of the current query rows
-  and cached keys. Layers where no method edits stay on SDPA; edited layers run the dense torch reference (or a
-  Triton kernel on CUDA). `uses_unrotated(layer)` declares the layers whose edits need the pre-rotary q and k.
-- `kernel_edit(layer, run, prefill)`: the same change as attention_edit in structured form (a KernelEdit: key groups
-  with per (head, group) tables, a mask rule, per-head output factors), which the attention kernels consume; the
-  engine composes the methods' forms per layer (vlm_efficient/kernel_plan.py). Optional: without it the layer runs
-  the dense path.
+- `kernel_edit(layer, run, prefill)`: a change to that layer's attention, stated ONCE, in structured form (a
+  KernelEdit, per original prompt position: key groups with per (head, group) tables, a mask rule over token roles,
+  per-head output factors). The attention kernels run it (vlm_efficient/kernel_plan.py composes the methods' forms
+  per layer), and the engine's dense torch path runs the AttentionEdit derived from it (vlm_efficient/edits.py).
+- `attention_edit(layer, run, context)`: only for a change with no structured form (kernel_edit answers
+  UNSTRUCTURED): dense tensors over the current query rows and cached keys (logit scaling, |a| terms, biases,
+  extra masks, added pairs, pre-rotary logits, a post-softmax function). Such a layer runs the dense path.
+  `uses_unrotated(layer)` declares the layers whose edits need the pre-rotary q and k.
+  Layers where no method edits stay on SDPA.
 - `head_output_scale(layer, run)`: per-head factors on the attention output before o_proj (VHR-style).
 - `observe_hidden(layer, run, hidden)`: the hidden states entering a layer (sink detection), when
   `observes_hidden(layer)` says so.
@@ -134,7 +135,9 @@ class AttentionContext:
 
 @dataclass
 class AttentionEdit:
-    """A declarative change to one layer's attention. Tensors broadcast to [B, H, q, kv] (use [B, 1, 1, kv] for a
+    """A declarative change to one call of a layer's attention, what the dense path runs: derived from a method's
+    KernelEdit (vlm_efficient/edits.py::dense_edit) or, for an edit with no structured form, given by its
+    attention_edit. Tensors broadcast to [B, H, q, kv] (use [B, 1, 1, kv] for a
     per-key factor, [1, H, 1, 1] for a per-head one). Logits a (after scaling) become
         a * logit_scale + logit_abs * |a| + logit_bias
     then `mask` (False = blocked) is ANDed with the causal/padding mask, the softmax is taken in fp32, and
@@ -174,10 +177,10 @@ UNSTRUCTURED = _Unstructured()  # Method.kernel_edit: this edit has no structure
 
 @dataclass
 class KernelEdit:
-    """The structured form of a method's AttentionEdit: the same change in the terms the attention kernels take
-    (vlm_efficient.kernels). Described per ORIGINAL prompt position [B, N] rather than per current row and key, so one
-    description serves every layer's rows (pruned or not) and every decoding step: keys of generated tokens belong to
-    group 0, and decoding rows are always edited (as by every method's attention_edit here).
+    """A method's attention edit in structured form, the terms the attention kernels take (vlm_efficient.kernels); the
+    dense path's AttentionEdit is derived from it (vlm_efficient/edits.py::dense_edit). Described per ORIGINAL prompt
+    position [B, N] rather than per current row and key, so one description serves every layer's rows (pruned or not)
+    and every decoding step: keys of generated tokens belong to group 0, and decoding rows are always edited.
 
     - `spec` + `groups` (kernel 3, group_attention): `groups` [B, N] int is each prompt position's key group, `spec` a
       kernels.GroupSpec of per (query head, group) tables: a -> a * scale + abs * |a| + bias before the softmax (plus
@@ -225,13 +228,14 @@ class Method:
         return None
 
     def attention_edit(self, layer: int, run: RunState, context: AttentionContext) -> AttentionEdit | None:
+        """The edit of this call in dense form; asked only where kernel_edit answers UNSTRUCTURED."""
         return None
 
     def kernel_edit(self, layer: int, run: RunState, prefill: bool) -> KernelEdit | None | _Unstructured:
-        """attention_edit(layer, run, ...) in structured form, or None where attention_edit returns None. Asked once per
-        layer for the prefill (prefill=True) and once per layer for all decoding steps (prefill=False: the answer is
-        reused at every step). The default, UNSTRUCTURED, says there is none: the engine then calls attention_edit
-        and runs that layer's dense path."""
+        """This method's edit of layer `layer`'s attention (None: no edit). The routed path asks once per layer for
+        the prefill (prefill=True) and once per layer for all decoding steps (prefill=False: the answer is reused at
+        every step); the dense path may ask at every call. UNSTRUCTURED (the default) says the edit has no
+        structured form: the engine then calls attention_edit and runs that layer's dense path."""
         return UNSTRUCTURED
 
     def decode_cache_keep(self, layer: int, run: RunState) -> torch.Tensor | None:
@@ -269,8 +273,9 @@ class Method:
 
 
 def edits_attention(method: Method) -> bool:
-    """Whether `method` may edit attention at all (it overrides attention_edit)."""
-    return type(method).attention_edit is not Method.attention_edit
+    """Whether `method` may edit attention at all (it overrides kernel_edit or attention_edit)."""
+    kind = type(method)
+    return kind.kernel_edit is not Method.kernel_edit or kind.attention_edit is not Method.attention_edit
 
 
 def refuse_layers_with_own_mask(method: str, engine, layers, why: str) -> None:
