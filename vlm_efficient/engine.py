@@ -43,6 +43,7 @@ from .kernel_plan import KernelRouter
 from .layout import build_layout
 from .method import (BEFORE_LLM, AttentionContext, AttentionStats, Method, PerThread, Selection,
                      edits_attention)
+from .placement import execution_device, head_shards
 from .ragged_cache import store_per_head
 from .run_state import RunState, _gather_rows
 from .static_cache import allocated_bytes, on_static_cache, padding_mask, written_keys
@@ -83,6 +84,17 @@ def _engine_attention(module, query, key, value, attention_mask, **kwargs):
         # no method acts in this layer: SDPA untouched, without the engine's per-call routing (host time that a
         # batch-1 prefill and every decoding step pay in full)
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    if engine.shards is not None:
+        # tensor parallel: the methods see every rank's heads (placement.py); this rank keeps its own heads' output
+        shards = engine.shards
+        output, weights = _acting_attention(engine, module, *map(shards.gather, (query, key, value)), attention_mask,
+                                            kwargs)
+        return shards.local(output, 2), (None if weights is None else shards.local(weights, 1))
+    return _acting_attention(engine, module, query, key, value, attention_mask, kwargs)
+
+
+def _acting_attention(engine, module, query, key, value, attention_mask, kwargs: dict):
+    """An attention call of a layer where a method acts (or a probe or output_attentions asks)."""
     if engine.probing is not None:
         # a probe wants this layer's attention statistics before the layer really runs: no output is needed
         engine.deliver_stats(engine.probing, module.layer_idx, query, key, attention_mask, kwargs.get("scaling"))
@@ -194,6 +206,7 @@ class Engine:
         try:
             for method in methods:
                 method.bind(self)
+            self.shards = head_shards(self)  # tensor parallelism (tp_plan), or None
         except Exception:
             self.uninstall_handles()  # hooks a method's bind() added before a later one refused
             raise
@@ -432,6 +445,8 @@ class Engine:
             if run is None:
                 return None
             hidden = args[0] if args else kwargs.pop("hidden_states")
+            # the layer's device under accelerate's dispatch: this layer's inputs are built there (placement.py)
+            hidden = hidden.to(execution_device(module, hidden.device))
             if run.prefill:
                 if self.probe_layers and idx in self.probe_layers:
                     self._run_probes(idx, module, hidden, self._layer_kwargs(idx, kwargs, run, hidden.device), run)
