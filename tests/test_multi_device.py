@@ -22,6 +22,7 @@ from accelerate.hooks import AlignDevicesHook
 
 import vlm_efficient as ve
 from test_engine import greedy, two_samples
+from test_gpu import assert_same_up_to_near_ties, exact_fp32  # noqa: F401 (a fixture)
 from vlm_efficient.testing import save_tiny, tiny_model
 
 # the methods the issue names, with the layer counts of the tiny models (4 layers)
@@ -161,3 +162,83 @@ def test_tensor_parallel_refuses_what_cannot_run_sharded(tmp_path):
         assert "per-head pruned KV cache" in rank["refused"]["plphp"]
         assert "o_proj" in rank["refused"]["vhr"]
         assert "pre-rotary" in rank["refused"]["equal_distance"]
+
+
+# ---- on GPUs (skipped without CUDA; tests/multi_gpu.sh runs them on a two-GPU machine) ------------------------------
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+needs_two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+
+
+def split_map(model, first, second) -> dict:
+    """Everything on `first`, decoder layers 2 and 3 on `second`."""
+    placement = device_map(model, lambda i: second if i >= 2 else first)
+    return {name: second if name.endswith((".2", ".3")) else first for name in placement}
+
+
+@needs_cuda
+@pytest.mark.parametrize("spec", SPECS)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_split_between_cuda_and_cpu_matches_the_cpu_run(family, spec, exact_fp32):
+    """Layers 0-1 on cuda:0, 2-3 on the CPU: the CPU run's kept rows, and its tokens up to near ties."""
+    model, processor = tiny_model(family)
+    batch = two_samples(processor)
+    reference, kept = run(model, batch, spec)
+    model = dispatch_model(model, device_map=split_map(model, 0, "cpu"))
+    out, split_kept = run(model, batch.to("cuda"), spec)
+    assert split_kept == kept
+    assert_same_up_to_near_ties(reference, out)
+
+
+@needs_two_gpus
+@pytest.mark.parametrize("spec", SPECS)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_split_across_two_gpus_matches_one_gpu(family, spec, exact_fp32):
+    """Layers 0-1 on cuda:0, 2-3 on cuda:1: the tokens, logits and kept rows of the model on cuda:0 alone."""
+    model, processor = tiny_model(family)
+    batch = two_samples(processor).to("cuda:0")
+    model.to("cuda:0")
+    reference, kept = run(model, batch, spec)
+    model = dispatch_model(model, device_map=split_map(model, 0, 1))
+    out, split_kept = run(model, batch, spec)
+    assert split_kept == kept
+    assert torch.equal(out.sequences.cpu(), reference.sequences.cpu())
+    torch.testing.assert_close(torch.stack(out.logits).cpu(), torch.stack(reference.logits).cpu(), rtol=1e-5,
+                               atol=1e-5)  # fmt: skip
+
+
+class CrossDeviceCopies(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the copies of a tensor from one device to another."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func in (torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default):
+            source = args[1] if func is torch.ops.aten.copy_.default else args[0]
+            target = out if func is torch.ops.aten._to_copy.default else args[0]
+            self.count += source.device != target.device
+        return out
+
+
+@needs_cuda
+@pytest.mark.parametrize("spec", ["fastv:layer=2,ratio=0.5", "pdrop:layers=1/2/3", "naavit", "var:tau=2"])
+def test_tensors_move_only_where_the_layers_device_changes(spec):
+    """Split at layer 2 (cuda:0 | cpu): the wrapped model copies no more tensors between devices than the unwrapped
+    one, which accelerate hands the same masks and rotary tables to every CPU layer (the engine builds a layer's
+    inputs once per device: placement.execution_device)."""
+    model, processor = tiny_model("llava")
+    model = dispatch_model(model, device_map=split_map(model, 0, "cpu"))
+    batch = two_samples(processor).to("cuda")
+    counts = {}
+    for wrapped in (False, True):
+        if wrapped:
+            ve.wrap(model, spec)
+        with CrossDeviceCopies() as copies:
+            greedy(model, batch)
+        counts[wrapped] = copies.count
+        if wrapped:
+            ve.unwrap(model)
+    assert 0 < counts[True] <= counts[False], counts

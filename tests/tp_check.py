@@ -32,8 +32,11 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # fp32 ranks compare exactly
     model = AutoModelForImageTextToText.from_pretrained(args.model, dtype=dtype,
                                                         tp_plan=None if args.single else "auto")  # fmt: skip
+    if args.single and torch.cuda.is_available():
+        model.to("cuda")  # the reference on the ranks' kind of device
     processor = AutoProcessor.from_pretrained(args.model)
     device = next(model.parameters()).device
     batch = two_samples(processor).to(device)

@@ -57,7 +57,8 @@ class HeadShards:
 
 # what a method may keep outside the attention call, on the rank's own heads only: it cannot run sharded
 _UNSHARDABLE = {
-    "a per-head pruned KV cache (decode_cache_keep)": lambda m: type(m).decode_cache_keep is not Method.decode_cache_keep,
+    "a per-head pruned KV cache (decode_cache_keep)":
+        lambda m: type(m).decode_cache_keep is not Method.decode_cache_keep,
     "per-head output scales applied on o_proj's input (edits_head_outputs)": lambda m: m.edits_head_outputs(),
 }
 
