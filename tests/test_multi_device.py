@@ -156,12 +156,14 @@ def test_tensor_parallel_keeps_the_single_process_run(family, tmp_path):
 
 
 def test_tensor_parallel_refuses_what_cannot_run_sharded(tmp_path):
+    """Methods keeping per-head state outside the attention call, and a plan not sharding o_proj by heads."""
     save_tiny("llava", tmp_path / "model")
     ranks = torchrun(["--model", str(tmp_path / "model"), "--refusals", "plphp", "vhr", "equal_distance"], tmp_path)
     for rank in ranks:
         assert "per-head pruned KV cache" in rank["refused"]["plphp"]
         assert "o_proj" in rank["refused"]["vhr"]
         assert "pre-rotary" in rank["refused"]["equal_distance"]
+        assert "row-wise (by heads)" in rank["refused"]["o_proj by rows"]
 
 
 # ---- on GPUs (skipped without CUDA; tests/multi_gpu.sh runs them on a two-GPU machine) ------------------------------

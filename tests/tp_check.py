@@ -64,6 +64,15 @@ def main() -> None:
         else:
             ve.unwrap(model)
             result["refused"][spec] = None
+    if args.refusals:  # a plan that shards o_proj by output features instead of by heads (its input)
+        from torch.distributed.tensor import Shard, distribute_tensor
+
+        whole = o_proj.weight.full_tensor().detach()
+        o_proj.weight = torch.nn.Parameter(distribute_tensor(whole, o_proj.weight.device_mesh, [Shard(0)]))
+        try:
+            ve.wrap(model, "fastv")
+        except ValueError as error:
+            result["refused"]["o_proj by rows"] = str(error)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, f"rank{os.environ.get('RANK', 0)}.json"), "w") as f:
         json.dump(result, f)
