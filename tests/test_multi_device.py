@@ -244,3 +244,11 @@ def test_tensors_move_only_where_the_layers_device_changes(spec):
         if wrapped:
             ve.unwrap(model)
     assert 0 < counts[True] <= counts[False], counts
+
+
+def test_tensor_parallel_refuses_a_family_whose_plan_leaves_the_layers_whole(tmp_path):
+    """Qwen3-VL's plan in transformers shards only embed_tokens and lm_head."""
+    save_tiny("qwen3_vl", tmp_path / "model")
+    for rank in torchrun(["--model", str(tmp_path / "model"), "--no-plan"], tmp_path):
+        assert rank["local_heads"] == 4
+        assert "no decoder layer" in rank["refused"]["no plan"] and "device_map" in rank["refused"]["no plan"]

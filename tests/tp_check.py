@@ -30,6 +30,7 @@ def main() -> None:
     parser.add_argument("--refusals", nargs="*", default=[])
     parser.add_argument("--single", action="store_true", help="one process, no tp_plan: the reference")
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--no-plan", action="store_true", help="check that wrap() refuses (the family has no plan)")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # fp32 ranks compare exactly
@@ -47,7 +48,12 @@ def main() -> None:
     weight = o_proj.weight.to_local() if hasattr(o_proj.weight, "to_local") else o_proj.weight
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     result = {"local_heads": weight.shape[1] // head_dim, "refused": {}}
-    for spec in ["", *args.specs]:
+    if args.no_plan:  # a family whose plan leaves the decoder layers whole
+        try:
+            ve.wrap(model, "fastv")
+        except ValueError as error:
+            result["refused"]["no plan"] = str(error)
+    for spec in [] if args.no_plan else ["", *args.specs]:
         ve.wrap(model, spec)
         try:
             out = greedy(model, batch)

@@ -73,6 +73,13 @@ def head_shards(engine) -> HeadShards | None:
     weight = getattr(o_proj, "weight", None)
     sharded = [name for name, p in layer.named_parameters() if isinstance(p, DTensor)]
     if not sharded:
+        elsewhere = [name for name, p in engine.model.named_parameters() if isinstance(p, DTensor)]
+        if elsewhere:
+            raise ValueError(
+                f"tensor parallelism: transformers' tp_plan for {engine.model.config.model_type} shards "
+                f"{', '.join(elsewhere)} but no decoder layer: every rank would hold and run the whole language "
+                "model. Load this family with device_map='auto' (layers across GPUs) instead."
+            )
         return None
     if not isinstance(weight, DTensor) or tuple(weight.placements) != (Shard(1),):
         raise ValueError(
@@ -93,4 +100,6 @@ def head_shards(engine) -> HeadShards | None:
                 "under tensor parallelism (tp_plan): it cannot run sharded. Load the model with device_map instead."
             )
     mesh = weight.device_mesh
+    if mesh.ndim > 1:  # transformers' (pp, fsdp, tp) mesh
+        mesh = mesh["tp"]
     return HeadShards(group=mesh.get_group(), size=mesh.size(), rank=mesh.get_local_rank())
