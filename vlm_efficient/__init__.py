@@ -49,6 +49,10 @@ def wrap(model: nn.Module, methods="", fast: bool = False) -> nn.Module:
             "before wrapping it again"
         )
     engine = Engine(model, parse_methods(methods))
+    if fast and engine.shards is not None:
+        engine.uninstall_handles()  # hooks the methods' bind() added
+        raise ValueError("wrap(..., fast=True): the fast path's CUDA graphs do not run under tensor parallelism "
+                         "(tp_plan); wrap without fast=True")
     engine.install()
     if fast:
         try:

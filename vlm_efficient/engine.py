@@ -40,6 +40,7 @@ from .edits import dense_edit
 from .hooks import ModelHooks
 from .kernel_plan import KernelRouter
 from .method import BEFORE_LLM, UNSTRUCTURED, AttentionContext, Method, PerThread, edits_attention
+from .placement import head_shards
 from .pre_rotary import PreRotaryCapture
 from .run_state import RunState
 from .shrinking import ShrunkLayerInputs
@@ -80,6 +81,17 @@ def _engine_attention(module, query, key, value, attention_mask, **kwargs):
         # no method acts in this layer: SDPA untouched, without the engine's per-call routing (host time that a
         # batch-1 prefill and every decoding step pay in full)
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    if engine.shards is not None:
+        # tensor parallel: the methods see every rank's heads (placement.py); this rank keeps its own heads' output
+        shards = engine.shards
+        output, weights = _acting_attention(engine, module, *map(shards.gather, (query, key, value)), attention_mask,
+                                            kwargs)
+        return shards.local(output, 2), (None if weights is None else shards.local(weights, 1))
+    return _acting_attention(engine, module, query, key, value, attention_mask, kwargs)
+
+
+def _acting_attention(engine, module, query, key, value, attention_mask, kwargs: dict):
+    """An attention call of a layer where a method acts (or a probe or output_attentions asks)."""
     if engine.probing is not None:
         # a probe wants this layer's attention statistics before the layer really runs: no output is needed
         attention_stats.deliver_stats(engine.probing, module.layer_idx, engine.run, query, key, attention_mask,
@@ -126,6 +138,7 @@ class Engine:
         try:
             for method in methods:
                 method.bind(self)
+            self.shards = head_shards(self)  # tensor parallelism (tp_plan), or None
         except Exception:
             self.hooks.remove()  # hooks a method's bind() added before a later one refused
             raise

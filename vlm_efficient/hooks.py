@@ -28,6 +28,7 @@ from . import attention_stats, shrinking
 from .adapters import ModelAdapter, encoded_features, encoded_sources, kv_cache
 from .layout import build_layout
 from .method import BEFORE_LLM, PerThread
+from .placement import execution_device
 from .ragged_cache import store_per_head
 from .run_state import RunState
 from .static_cache import allocated_bytes, on_static_cache, padding_mask
@@ -226,6 +227,8 @@ class ModelHooks:
             if run is None:
                 return None
             hidden = args[0] if args else kwargs.pop("hidden_states")
+            # the layer's device under accelerate's dispatch: this layer's inputs are built there (placement.py)
+            hidden = hidden.to(execution_device(module, hidden.device))
             if run.prefill:
                 if engine.probe_layers and idx in engine.probe_layers:
                     layer_kwargs = engine.layer_inputs(idx, kwargs, run, hidden.device)

@@ -246,8 +246,9 @@ class ShrunkLayerInputs:
             update["position_embeddings"] = self._rotary(kwargs, renumbered_ids)
             update["position_shift"] = position_ids[..., -1] - renumbered_ids[..., -1]
             return update
+        # on the layer's device: layers there share this copy (the text model made the tables on its own device)
         cos, sin = kwargs["position_embeddings"]
-        update["position_embeddings"] = (_gather_seq(cos, index, -2), _gather_seq(sin, index, -2))
+        update["position_embeddings"] = (_gather_seq(cos, index, -2).to(device), _gather_seq(sin, index, -2).to(device))
         if isinstance(position_ids, torch.Tensor) and position_ids.shape[-1] == run.input_length:
-            update["position_ids"] = _gather_seq(position_ids, index, -1)
+            update["position_ids"] = _gather_seq(position_ids, index, -1).to(device)
         return update
