@@ -51,6 +51,27 @@ def test_every_registered_method_parses_and_its_spec_round_trips():
         assert ve.parse_methods(method.spec()) == [method], name
 
 
+def test_a_method_file_is_all_a_new_method_needs(tmp_path):
+    """shipped_methods imports exactly the modules of a method folder that define a method (an @register_method line at
+    the start of a line), whatever else the folder holds."""
+    import types
+
+    from vlm_efficient.shipped_methods import method_modules
+
+    (tmp_path / "new_method.py").write_text("@register_method\n@dataclass\nclass New(Method):\n    name = 'new'\n")
+    (tmp_path / "helper.py").write_text("def f():\n    return 1  # mentions @register_method only inside a line\n")
+    (tmp_path / "command.py").write_text("# @register_method in a comment\n")
+    folder = types.SimpleNamespace(__path__=[str(tmp_path)])
+    assert method_modules(folder) == ["new_method"]
+    # the shipped folders: every defining module is imported and every registered class comes from one of them
+    from vlm_efficient import heads, token_ops
+    from vlm_efficient.registry import METHODS
+
+    defining = {f"{p.__name__}.{m}" for p in (token_ops, heads) for m in method_modules(p)}
+    assert {cls.__module__ for cls in METHODS.values()} == defining
+    assert "vlm_efficient.heads.inspect" not in defining and "vlm_efficient.heads.tag" not in defining
+
+
 def test_register_method_refuses_taken_and_malformed_names():
     from dataclasses import dataclass
 

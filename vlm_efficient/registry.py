@@ -2,9 +2,9 @@
 
 A spec string names methods and their parameters: `"fastv:layer=2,ratio=0.5"`; several methods are joined with
 `+` and applied in that order. A method registers itself where it is defined, with `@register_method` on its
-dataclass (its `name` is the spec's name); the package's API (vlm_efficient/__init__.py) imports the method packages,
-so every shipped method is registered before a spec is parsed. Adding a method is one file (and its import in its
-package's __init__)."""
+dataclass (its `name` is the spec's name); the package's API (vlm_efficient/__init__.py) imports shipped_methods.py,
+which imports every method module, so every shipped method is registered before a spec is parsed. Adding a method is
+one file."""
 
 from __future__ import annotations
 

@@ -1,12 +1,24 @@
-"""The methods that ship with the package: importing this module imports each method's module, whose class registers
-itself (registry.register_method). vlm_efficient's __init__ imports it after the core. A new method is its file plus
-its module's name here (the method folders hold no __init__.py: see pyproject.toml's [tool.setuptools])."""
+"""The methods that ship with the package: importing this module imports every module of the method folders
+(token_ops/, heads/) that defines a method, i.e. has a line starting with `@register_method`; its class registers
+itself there (registry.register_method). vlm_efficient's __init__ imports this module after the core. A new method is
+its file alone. The folders' other modules are helpers, imported by the methods that use them, or commands
+(heads/inspect.py, heads/tag.py) that sit above the core and are never imported here (tests/test_layering.py)."""
 
-# token_ops: visual-token pruning, merging and exit
-from .token_ops import (avl, baselines, dart, divprune, dycoke, dyvte, fastervlm, fastv, plphp,  # noqa: F401
-                        pyramid_drop, sparsevlm, streaming, visionzip, vmtc, yopo)
+import importlib
+import pkgutil
+import re
+from pathlib import Path
 
-# heads: attention-head interventions, cross-modal masks (heads/README.md; heads/inspect.py and heads/tag.py are
-# commands, not imported here)
-from .heads import (act, adaptvis, aki, cmai, dual_rope, ee_mllm, equal_distance, frame_causal, gift,  # noqa: F401
-                    knockout, memvr, naavit, ocr_sink, pai, paint, vaf, var, vhr, window)
+_DEFINES_A_METHOD = re.compile(r"^@register_method\b", re.MULTILINE)
+
+
+def method_modules(package) -> list[str]:
+    """Names of the modules in `package`'s folder that define a method, sorted."""
+    return sorted(info.name for info in pkgutil.iter_modules(package.__path__)
+                  if _DEFINES_A_METHOD.search((Path(info.module_finder.path) / f"{info.name}.py").read_text()))
+
+
+for _folder in ("token_ops", "heads"):
+    _package = importlib.import_module(f"{__package__}.{_folder}")  # namespace folders: no `from . import` edge
+    for _name in method_modules(_package):
+        importlib.import_module(f"{_package.__name__}.{_name}")
