@@ -1,7 +1,7 @@
 """The host time a wrapped model adds: LLaVA-1.5-7B's depth (32 decoder and 24 vision layers, every hook and kernel
 launch of the real model) at tiny widths and a 56 px image, on CPU, where the compute is then negligible and a
 forward's time is Python and op dispatch. That is what bounds a batch-1 prefill and every decoding step of a 7B VLM
-on a GPU (evals/results/gpu_bench_run6: the base prefill's kernels take 20.6 ms of a 35 ms forward on an H100), so a
+on a GPU (results/gpu_bench_run6: the base prefill's kernels take 20.6 ms of a 35 ms forward on an H100), so a
 method's ratio here is the floor of its batch-1 wall-clock ratio there, measurable without a GPU.
 
     python -m vlm_efficient.evals.host_overhead --methods "fastv:layer=2,ratio=0.5;pdrop" [--output DIR]

@@ -12,7 +12,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 @pytest.mark.parametrize("section", ["plain", "masked", "stats", "group", "group_decode", "ragged", "ragged_graph"])
 def test_kernel_matches_reference_on_gpu(section):
     pytest.importorskip("triton")
-    from vlm_efficient.kernels.checks import Checks
+    from vlm_efficient.evals.kernel_checks import Checks
 
     res = Checks("gpu", "cuda").run([section])
     failed = [f"{name}: {detail}" for name, ok, detail in res if not ok]
@@ -23,7 +23,7 @@ def test_entry_points_never_sync_on_gpu():
     """Once a layout's caches are built, no kernel entry point waits for the GPU (torch's sync debug mode raises on
     any synchronising call)."""
     pytest.importorskip("triton")
-    from vlm_efficient.kernels.host_cost import entry_point_calls
+    from vlm_efficient.evals.kernel_host_cost import entry_point_calls
 
     calls = entry_point_calls(651, device="cuda", heads=8)
     for call in calls.values():

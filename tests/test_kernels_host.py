@@ -1,4 +1,4 @@
-"""The host side of the kernel entry points, with every Triton launch stubbed (kernels/host_cost.py): once a layout's
+"""The host side of the kernel entry points, with every Triton launch stubbed (evals/kernel_host_cost.py): once a layout's
 caches are built, a call reads no tensor value on the host (what would wait for the GPU), and each call takes the
 route its docstring promises (which launches; SDPA for the untouched tiles). No timing here: the benchmark's
 "wrapper" and "host" sections report it."""
@@ -14,7 +14,7 @@ pytest.importorskip("triton")
 
 from vlm_efficient.heads.pai import pai_groups  # noqa: E402
 from vlm_efficient.heads.vaf import vaf_groups  # noqa: E402
-from vlm_efficient.kernels import host_cost  # noqa: E402
+from vlm_efficient.evals import kernel_host_cost as host_cost  # noqa: E402
 from vlm_efficient.kernels.api import MaskSpec  # noqa: E402
 from vlm_efficient.kernels.attention_stats import (  # noqa: E402
     attention_with_received_stats_triton,

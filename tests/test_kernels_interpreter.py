@@ -1,6 +1,6 @@
 """The Triton kernels on CPU through Triton's interpreter, against the torch references.
 
-TRITON_INTERPRET=1 has to be set before triton is imported, so the checks (vlm_efficient/kernels/checks.py, tiny
+TRITON_INTERPRET=1 has to be set before triton is imported, so the checks (vlm_efficient/evals/kernel_checks.py, tiny
 shapes) run once in a subprocess and each test below asserts one kernel's share of the results."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ SECTIONS = ["plain", "masked", "stats", "group", "group_decode", "ragged"]
 @pytest.fixture(scope="module")
 def results():
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.run([sys.executable, "-m", "vlm_efficient.kernels.checks", "--size", "tiny", "--device", "cpu",
+    proc = subprocess.run([sys.executable, "-m", "vlm_efficient.evals.kernel_checks", "--size", "tiny", "--device", "cpu",
                            "--json", "--only", *SECTIONS], capture_output=True, text=True, env=env, timeout=600)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("JSON:")]
     assert lines, f"checks produced no result\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"

@@ -12,7 +12,7 @@ of LLaVA-1.5's 576 tokens (56), i.e. `ratio=0.902`.
 Positions: the authors' code gathers the position ids of the kept tokens (llava_arch.py: position_ids[:, keep_indexs],
 original positions where position_ids are given) but LLaVA's generate passes none there, and the model then numbers
 the shrunk prompt contiguously: `positions=renumber`. The default keeps the original positions, chosen by
-measurement: on the testbed (CPU, 100 POPE + 100 VQA questions, evals/results/testbed_positions_cpu/) VQA accuracy at
+measurement: on the testbed (CPU, 100 POPE + 100 VQA questions, results/testbed_positions_cpu/) VQA accuracy at
 75% / 89% pruning is 0.83 / 0.82 with original positions and 0.71 / 0.67 renumbered (POPE F1 0.970 in all four).
 """
 

@@ -9,7 +9,7 @@ VisionZip's attention-mean variant is the counterpart).
 Positions: the authors' code (github.com/Theia-4869/FasterVLM) feeds the kept tokens with contiguous positions
 (`positions=renumber`); the default keeps their original positions (`positions=original`), like every other method
 here, chosen by measurement: on the testbed (CPU, 100 POPE + 100 VQA questions,
-evals/results/testbed_positions_cpu/) VQA accuracy at 75% / 89% pruning is 0.73 / 0.58 with original positions and
+results/testbed_positions_cpu/) VQA accuracy at 75% / 89% pruning is 0.73 / 0.58 with original positions and
 0.61 / 0.51 renumbered (POPE F1 0.970 / 0.905 in both).
 """
 

@@ -9,7 +9,7 @@ Pruning happens once per boundary at prefill. Positions: the public code (llava/
 pdrop_rank_drop and pdrop_forward) re-numbers the kept tokens contiguously after each drop, so later stages rank with
 those positions, and moves each decoded token's position back by the tokens dropped before its layer;
 `positions=renumber` does the same. The default keeps the original positions (`positions=original`), chosen by
-measurement: on the testbed (CPU, 50 POPE + 50 VQA questions, ratio 0.5, evals/results/testbed_positions_staged_cpu/)
+measurement: on the testbed (CPU, 50 POPE + 50 VQA questions, ratio 0.5, results/testbed_positions_staged_cpu/)
 VQA accuracy is 0.78 with original positions and 0.74 renumbered (POPE F1 0.939 in both).
 """
 

@@ -21,7 +21,7 @@ Positions: the public code (llava/model/language_model/modelling_sparse_llama.py
 sparse layer contiguous positions (position_ids[:, :new_length]) and decodes each layer at its own cache length;
 `positions=renumber` does the same (the merged tokens in their centres' rows). The default keeps the original
 positions (`positions=original`): on the testbed (CPU, 50 POPE + 50 VQA questions, default keep table,
-evals/results/testbed_positions_staged_cpu/) the two tie (VQA accuracy 0.58, POPE F1 0.939 in both).
+results/testbed_positions_staged_cpu/) the two tie (VQA accuracy 0.58, POPE F1 0.939 in both).
 
 The attention rows are read in the three sparse layers only (those layers run the dense reference attention in prefill;
 every other layer stays on SDPA). All visual tokens of a sample (every image) are ranked together.

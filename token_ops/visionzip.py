@@ -20,9 +20,9 @@ contiguous positions (LLaVA-NeXT: the base image's, then the high-resolution gri
 its dominant tokens, and whose contextual tokens follow in grid order; the authors' high-resolution grid has no
 newlines, puts the tiles' [CLS] before the contextual tokens and those tile by tile). The default keeps their
 original positions and the prompt order, chosen by measurement: on the testbed (CPU, 100 POPE + 100 VQA questions,
-evals/results/testbed_positions_cpu/) VQA accuracy at 75% / 89% pruning is 0.80 / 0.68 with original positions and
+results/testbed_positions_cpu/) VQA accuracy at 75% / 89% pruning is 0.80 / 0.68 with original positions and
 0.65 / 0.53 renumbered in prompt order (POPE F1 0.970 / 0.938 against 0.970 / 0.928), and 0.64 / 0.55 renumbered in
-the authors' order (POPE F1 0.970 / 0.938; evals/results/testbed_positions_staged_cpu/visionzip_authors_order_sweep.md).
+the authors' order (POPE F1 0.970 / 0.938; results/testbed_positions_staged_cpu/visionzip_authors_order_sweep.md).
 """
 
 from __future__ import annotations

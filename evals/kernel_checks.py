@@ -1,7 +1,7 @@
 """Kernel-vs-reference checks shared by the CPU interpreter tests and the GPU tests.
 
-    TRITON_INTERPRET=1 python -m vlm_efficient.kernels.checks --size tiny --json   # CPU, Triton interpreter
-    python -m vlm_efficient.kernels.checks --size gpu                               # CUDA
+    TRITON_INTERPRET=1 python -m vlm_efficient.evals.kernel_checks --size tiny --json   # CPU, Triton interpreter
+    python -m vlm_efficient.evals.kernel_checks --size gpu                               # CUDA
 
 Every check draws fresh random inputs, poisons outputs it can (NaN-filled `out=` where the API has one), and
 returns (name, ok, detail). Negative checks make sure a wrong mask / wrong query row is detected."""
@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from .api import (
+from ..kernels.api import (
     ROLE_IMAGE,
     ROLE_LAST,
     ROLE_PREFIX,
@@ -33,7 +33,9 @@ from .api import (
     ragged_decode_attention,
     received_attention,
 )
-from .ragged_decode import dense_masked_decode
+from ..kernels.ragged_decode import dense_masked_decode
+
+_KERNELS = __package__.rsplit(".", 1)[0] + ".kernels"  # the kernels' package, beside this one
 
 TOL = {torch.bfloat16: 1.5e-2, torch.float16: 4e-3, torch.float32: 1e-4}
 STATS_TOL = 1e-3
@@ -285,7 +287,7 @@ class Checks:
             self.record(f"group {name} {str(dt_j)[6:]} unpadded", e < TOL[dt_j] and not torch.isnan(o).any(),
                         f"rel={e:.2e}")
         # no padding, more selected rows than the rows path takes: VAR on 64-row tiles next to SDPA's
-        ga_module = sys.modules[f"{__package__}.group_attention"]
+        ga_module = sys.modules[f"{_KERNELS}.group_attention"]
         spec, qsel, _ = cases["var"]
         q, k, v = _qkv(b, hq, hkv, n, n, d, torch.bfloat16, self.device, self.gen)
         kw = dict(key_group=groups, spec=spec, query_select=qsel.clone())  # a new tensor: no cached row list
@@ -429,7 +431,7 @@ class Checks:
 
 
 def _bm_bn(q):
-    from .masked_attention import _pick_config
+    from ..kernels.masked_attention import _pick_config
     bm, bn, _, _ = _pick_config(q.shape[-1], q.shape[2], q.device, "lists")
     return bm, bn
 

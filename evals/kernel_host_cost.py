@@ -18,7 +18,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from .api import GroupSpec, MaskSpec, StructuredMask, TokenLayout
+from ..kernels.api import GroupSpec, MaskSpec, StructuredMask, TokenLayout
+
+_KERNELS = __package__.rsplit(".", 1)[0] + ".kernels"  # the kernels' package, beside this one
 
 KERNEL_MODULES = ("masked_attention", "attention_stats", "group_attention")
 
@@ -42,7 +44,7 @@ def stubbed_launches(stub_sdpa: bool = False):
     log: list = []
     saved = []
     for short in KERNEL_MODULES:
-        module = sys.modules[f"{__package__}.{short}"]
+        module = sys.modules[f"{_KERNELS}.{short}"]
         for name, value in vars(module).items():
             # a JITFunction, or the interpreter's stand-in for one under TRITON_INTERPRET=1
             if name.endswith("_kernel") and type(value).__module__.startswith("triton."):
@@ -93,9 +95,9 @@ def entry_point_calls(n: int, *, device="cpu", heads: int = 32, head_dim: int = 
                       naavit: StructuredMask | None = None) -> dict:
     """{name: zero-argument call} of each kernel entry point on one prompt of n tokens (35 text, image, 40 text), the
     way a model's layer calls it (per-layout inputs built before: masks, key groups, selected rows)."""
-    from .attention_stats import attention_with_received_stats_triton, received_attention_triton
-    from .group_attention import group_attention_triton
-    from .masked_attention import flash_attention_triton, masked_attention_triton
+    from ..kernels.attention_stats import attention_with_received_stats_triton, received_attention_triton
+    from ..kernels.group_attention import group_attention_triton
+    from ..kernels.masked_attention import flash_attention_triton, masked_attention_triton
 
     naavit = naavit or prompt_mask(n)
     layout = naavit.layout
@@ -107,7 +109,7 @@ def entry_point_calls(n: int, *, device="cpu", heads: int = 32, head_dim: int = 
     last_row[0, -1] = True
     if str(device) == "meta":  # meta tensors hold no values to list the selected rows from: file the list (row n-1)
         import weakref
-        rows = sys.modules[f"{__package__}.group_attention"]._ROW_LISTS
+        rows = sys.modules[f"{_KERNELS}.group_attention"]._ROW_LISTS
         rows[id(last_row)] = (weakref.ref(last_row), last_row._version,
                               torch.empty(1, 1, dtype=torch.int32, device=device))
     pai = GroupSpec(heads, 2, logit_abs=[0.0, 0.5])  # PAI's tables (heads/pai.py): image keys a + 0.5|a|
@@ -134,7 +136,7 @@ def prompt_mask(n: int, spec: MaskSpec | None = None) -> StructuredMask:
 def _meta_ready(n: int, heads: int, head_dim: int):
     """entry_point_calls on meta tensors, the mask's per-layout caches (block lists, packed tokens) built on the CPU
     and filed under the meta device, whose tensors hold no values to build them from."""
-    from .masked_attention import _pick_config, mask_args
+    from ..kernels.masked_attention import _pick_config, mask_args
 
     mask = prompt_mask(n)
     bm, bn, _, _ = _pick_config(head_dim, n, torch.device("meta"), "lists")

