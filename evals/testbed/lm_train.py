@@ -273,10 +273,16 @@ def main(argv=None):
     ap.add_argument("--out", required=True, help="output directory (rerun with it to resume after a finished stage)")
     ap.add_argument("--smoke", action="store_true", help="a few steps on a few scenes, a tiny eval (CPU check)")
     ap.add_argument("--eval-n", type=int, default=None, help=f"held-out scenes / questions per task (default {EVAL_N})")
+    ap.add_argument("--time-budgets", default=None, metavar="S1,S2",
+                    help="each stage's time budget in seconds, instead of the recipe's (a shorter run where GPU time is "
+                         "scarce; the log and <stage>_loss.json record the steps it fitted)")  # fmt: skip
     ap.add_argument("--stop-after", choices=list(STAGES), default=None,
                     help="stop after this stage (a rerun with the same --out goes on from there): for machines that "
                          "limit the length of one command")  # fmt: skip
     args = ap.parse_args(argv)
+    budgets = [float(b) for b in args.time_budgets.split(",")] if args.time_budgets else None
+    if budgets is not None and (len(budgets) != len(STAGES) or min(budgets) <= 0):
+        ap.error(f"--time-budgets takes {len(STAGES)} positive numbers of seconds, one per stage: e.g. 300,480")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     log = open(out / "train_log.txt", "a")
@@ -287,8 +293,10 @@ def main(argv=None):
         L.language_model_dir()  # the GGUF conversion, once, before the stages
         print(f"language model ready ({time.time() - t0:.0f} s)", flush=True)
         init = None
-        for name, cfg in STAGES.items():
+        for index, (name, cfg) in enumerate(STAGES.items()):
             cfg = dict(cfg, **(SMOKE if args.smoke else {}))
+            if budgets is not None:
+                cfg["time_budget_s"] = budgets[index]
             if (out / f"{name}_loss.json").exists():
                 print(f"{name}: done already ({out / name}), skipped", flush=True)
             else:

@@ -7,8 +7,11 @@
 #   bash evals/testbed/lm_train_device.sh piece            # keeps this call's pieces in /root/gg
 #   bash evals/testbed/lm_train_device.sh stage1           # joins the pieces (checksum), converts, trains stage 1
 #   bash evals/testbed/lm_train_device.sh rest             # stage 2 and the held-out eval (rerun if cut off)
-# $OUT gets train_log.txt, eval.json and lm_run.tar.part-* (the whole run folder: rejoin with cat, then untar;
-# checkpoint/ is what evals/testbed/lm_checkpoint/ holds).
+#   bash evals/testbed/lm_train_device.sh stage2           # or stage 2 alone (its parts come back; eval elsewhere)
+# $OUT gets train_log.txt, eval.json and lm_run.tar.part-* (the run folder without the stages' parts, except
+# stage2/ after `stage2`: rejoin with cat, then untar; checkpoint/ is what evals/testbed/lm_checkpoint/ holds;
+# a rerun of lm_train with the same --out on stage2/ evaluates it). BUDGETS="S1,S2" shortens the stages
+# (lm_train --time-budgets) where device time is scarce.
 set -u
 STEP=$1
 RUN=/root/lm_run
@@ -20,20 +23,23 @@ SHA256=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
 mkdir -p /root/gg
 for piece in .gg/p*; do [ -f "$piece" ] && cp "$piece" /root/gg/; done
 ls /root/gg
-report() {
+TRAIN=(python3 -m vlm_efficient.evals.testbed.lm_train --out "$RUN" ${BUDGETS:+--time-budgets "$BUDGETS"})
+report() {  # $1: the stage folders to leave out
   cp "$RUN/train_log.txt" "$OUT/" 2>/dev/null
   cp "$RUN/eval.json" "$OUT/" 2>/dev/null
-  (cd /root && tar cf - --exclude=stage1 --exclude=stage2 lm_run | split -b 15M -d - "$OUT/lm_run.tar.part-")
+  (cd /root && tar cf - "${@/#/--exclude=lm_run/}" lm_run | split -b 15M -d - "$OUT/lm_run.tar.part-")
 }
 case $STEP in
   piece) ;;
   stage1)
     cat /root/gg/p? > "$GGUF"
     echo "$SHA256  $GGUF" | sha256sum -c - || exit 1
-    VLM_EFFICIENT_SMOLLM2_GGUF=$GGUF timeout 560 python3 -m vlm_efficient.evals.testbed.lm_train --out "$RUN" \
-      --stop-after stage1
-    report ;;
+    VLM_EFFICIENT_SMOLLM2_GGUF=$GGUF timeout 560 "${TRAIN[@]}" --stop-after stage1
+    report stage1 stage2 ;;
+  stage2)
+    VLM_EFFICIENT_SMOLLM2_GGUF=$GGUF timeout "${LIMIT:-570}" "${TRAIN[@]}" --stop-after stage2
+    report stage1 ;;
   rest)
-    VLM_EFFICIENT_SMOLLM2_GGUF=$GGUF timeout "${LIMIT:-570}" python3 -m vlm_efficient.evals.testbed.lm_train --out "$RUN"
-    report ;;
+    VLM_EFFICIENT_SMOLLM2_GGUF=$GGUF timeout "${LIMIT:-570}" "${TRAIN[@]}"
+    report stage1 stage2 ;;
 esac
