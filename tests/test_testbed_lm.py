@@ -264,3 +264,13 @@ def test_the_testbed_lm_suites_are_the_testbed_suites_on_the_priors_world(monkey
         (r["image_source"], r["question"], r["answer"]) for r in rows}  # fmt: skip
     chair = get_task("testbed_lm_chair").load(limit=2)
     assert chair[0]["caption"] == priors.describe(priors.make_scene("test", 0))
+
+
+@pytest.mark.parametrize("budgets", ["300", "300,0", "300,480,60", "a,b"])
+def test_training_refuses_time_budgets_that_are_not_one_positive_number_per_stage(budgets, tmp_path, capsys):
+    from vlm_efficient.evals.testbed import lm_train
+
+    with pytest.raises(SystemExit):
+        lm_train.main(["--out", str(tmp_path), "--time-budgets", budgets])
+    assert "--time-budgets" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # refused before anything ran
