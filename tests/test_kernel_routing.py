@@ -29,6 +29,7 @@ from vlm_efficient.heads.var import var_groups  # noqa: E402
 from vlm_efficient.kernel_plan import ENV, LayerPlan, compose, key_padding, kernel_backend  # noqa: E402
 from vlm_efficient.kernels.api import GroupSpec, MaskSpec  # noqa: E402
 from vlm_efficient.kernels.group_attention import group_attention_reference  # noqa: E402
+from vlm_efficient.kernels.masked_attention import masked_attention_reference  # noqa: E402
 from vlm_efficient.method import AttentionContext, KernelEdit  # noqa: E402
 from vlm_efficient.testing import FAMILIES, tiny_model  # noqa: E402
 
@@ -126,6 +127,25 @@ def test_paint_routes_to_kernel_3():
     dense, routed, routes = run_both("llava", "paint")
     assert_same(dense, routed)
     assert {layer: routes[("prefill", layer)] for layer in range(LAYERS)} == layers("group", {2, 3})
+
+
+def test_a_kernel_route_is_one_declaration(monkeypatch):
+    """A Route added to kernel_plan.ROUTES (here kernel 1's torch reference, declared ahead of "mask") runs the calls
+    it takes, under its name; the other calls keep their routes."""
+    mask_reference = kernel_plan.Route(
+        "mask_reference", ("prefill",), "one mask: kernel 1's torch reference",
+        takes=lambda plan, call: plan.mask is not None and call.causal_padding,
+        run=lambda plan, call: masked_attention_reference(call.query, call.key, call.value,
+                                                          mask=call.structured_mask(plan.mask), scaling=call.scaling))
+    declared = kernel_plan.ROUTES
+    monkeypatch.setattr(kernel_plan, "ROUTES", (mask_reference, *declared))
+    dense, routed, routes = run_both("llava", "naavit+pai:alpha=0.5")
+    assert_same(dense, routed)
+    assert [routes[("prefill", layer)] for layer in range(LAYERS)] == ["mask_reference", "mask_reference", "dense",
+                                                                       "dense"]
+    assert [routes[("decode", layer)] for layer in range(LAYERS)] == ["sdpa", "sdpa", "group", "group"]
+    monkeypatch.undo()
+    assert kernel_plan.ROUTES is declared
 
 
 def test_group_edit_with_output_scale_sampling():

@@ -4,22 +4,17 @@
 A method states its attention change once: `kernel_edit` (per original prompt position: key groups + a GroupSpec, a
 MaskSpec, per-head output factors), from which vlm_efficient/edits.py derives the dense path's AttentionEdit; only an
 edit with no structured form answers UNSTRUCTURED and writes a dense `attention_edit`. The router composes a layer's
-kernel edits into one plan and picks the path:
+kernel edits into one plan (`compose`) and runs the first of ROUTES, the kernel routes, that takes the call; a route
+is one declaration, Route(name, phases, summary, takes, run), whose `takes(plan, call)` holds its refusals. The table,
+generated from ROUTES (first match wins):
 
-    prefill    no edit, no statistics asked        SDPA, untouched                                   "sdpa"
-               no edit, statistics asked           SDPA + kernel 2's pass over the asked rows         "stats"
-               one group edit                      kernel 3 (group_attention)                          "group"
-               one mask                            kernel 1 (masked_attention)                         "mask"
-    decoding   one group edit (up to 4 groups)     kernel 3's decoding form (group_decode): one launch  "group"
-                                                   over the layer's key-group buffer, no host work
-               a per-head pruned cache (PLPHP)     kernel 4 (ragged_decode_attention; with the kernels  "ragged"
-                                                   off, its torch form)
-    otherwise                                      the dense torch path (as with the kernels off)     "dense"
+    route    phase           when it takes the call: what runs
+{ROUTES}
 
-"Otherwise": a method without a structured form edits the layer in this call, two group edits or a group edit and a
-mask in one layer, a mask outside the prefill, a GroupSpec kernel 3 cannot run (GroupSpec.prepare refuses it), or an
-attention mask that is not causal + key padding, a decoding group edit with more than 4 groups. A head_scale
-multiplies the output of whichever path runs ("+scale").
+The dense path also takes the calls of a layer whose edits do not compose into one plan (two group edits, or a group
+edit and a mask, in one layer; a GroupSpec kernel 3 cannot run, which GroupSpec.prepare refuses) and those where a
+method without a structured form edits the layer. A head_scale multiplies the output of whichever route runs
+("+scale").
 Statistics requests other than the first of a layer, and probes, are computed after the call as with the kernels off.
 The route never depends on the backend, so the CPU tests with the torch references cover the GPU's routes.
 Decoding asks each layer's kernel edits once (methods fix their edits at prefill) and reuses them at every step.
@@ -33,8 +28,10 @@ When: the environment variable VLM_EFFICIENT_KERNELS, read once per generate() /
 
 from __future__ import annotations
 
+import functools
 import math
 import os
+import textwrap
 import typing
 from dataclasses import dataclass
 
@@ -199,6 +196,185 @@ def key_padding(attention_mask: torch.Tensor | None, q_len: int, kv_len: int) ->
     return bool(ok), (None if everything else key_valid)
 
 
+# ---- one call and the routes ----------------------------------------------------------------------------------------
+class LayerCall:
+    """One attention call of a layer as the routes see it: its tensors, run and statistics requests, the kernels'
+    inputs built from them (once per run, or per layer for decoding, in the router's run memory), and the statistics
+    a route computed for the methods (`delivered`)."""
+
+    def __init__(self, router, module, query, key, value, attention_mask, kwargs, run: RunState, requests: list,
+                 decode_cache: dict):
+        self.module, self.query, self.key, self.value = module, query, key, value
+        self.attention_mask, self.kwargs, self.run, self.requests = attention_mask, kwargs, run, requests
+        self.decode_cache = decode_cache  # the layer's decoding inputs, kept across steps (layer_plan)
+        self.memory = run.memory(router)
+        self.backend = router.backend(run, query.device)
+        self.phase = "prefill" if run.prefill else "decode"
+        scaling = kwargs.get("scaling")
+        self.scaling = 1.0 / math.sqrt(query.shape[-1]) if scaling is None else scaling
+        self.delivered: list[tuple[typing.Any, AttentionStats]] = []
+        self._padding = None  # `padding`, once a route asks
+
+    @property
+    def padding(self) -> tuple[bool, torch.Tensor | None]:
+        """key_padding() of the call's mask, cached per mask tensor for the prefill (every layer on the same rows
+        shares one). Asked only by the routes that need it: one host sync per prefill mask."""
+        if self._padding is None:
+            mask, q_len, kv_len = self.attention_mask, self.query.shape[2], self.key.shape[2]
+            if mask is None or q_len == 1:
+                self._padding = key_padding(mask, q_len, kv_len)
+            else:
+                cache = self.memory.setdefault("masks", {})
+                entry = cache.get(id(mask))
+                if entry is None or entry[0] is not mask:
+                    entry = cache[id(mask)] = (mask, key_padding(mask, q_len, kv_len))
+                self._padding = entry[1]
+        return self._padding
+
+    @property
+    def causal_padding(self) -> bool:
+        """Whether the call's mask is causal + key padding (what the kernels express)."""
+        return self.padding[0]
+
+    @property
+    def key_valid(self) -> torch.Tensor | None:
+        return self.padding[1]
+
+    def sdpa(self) -> torch.Tensor:
+        return sdpa_attention_forward(self.module, self.query, self.key, self.value, self.attention_mask,
+                                      **self.kwargs)[0]
+
+    def group_inputs(self, edit: KernelEdit) -> dict:
+        """Kernel 3's key_group [B, kv], query_select [B, q] or None and key_bias [B, kv] or None for a prefill call,
+        built once per (rows, edit tensors): layers that share them get the same tensors, so kernel 3 builds its
+        per-key tables once per forward, not per layer."""
+        run = self.run
+        cache = self.memory.setdefault("group_inputs", {})
+        sources = (run.rows, run.input_positions, edit.groups, edit.rows, edit.key_bias)
+        key = (*map(id, sources), str(self.query.device))
+        entry = cache.get(key)
+        if entry is None or any(a is not b for a, b in zip(entry[0], sources)):
+            positions = run.current_positions().to(self.query.device)
+            entry = cache[key] = (sources, {
+                "key_group": at_positions(edit.groups, positions, 0),
+                "query_select": None if edit.rows is None else at_positions(edit.rows, positions, False),
+                "key_bias": None if edit.key_bias is None else at_positions(edit.key_bias.float(), positions, 0.0),
+            })
+        return entry[1]
+
+    def decode_keys(self, edit: KernelEdit) -> dict:
+        """Kernel 3's decoding key_group int32 [B, >= kv] and key_bias [B, >= kv] or None: the groups of the prompt
+        keys the layer cached, then group 0 (and bias 0) for the generated keys, in buffers DECODE_SLACK keys longer
+        than the cache that grow (double) only when the cache outgrows them."""
+        cache, kv_len = self.decode_cache, self.key.shape[2]
+        if "groups" not in cache or cache["groups"].shape[1] < kv_len:
+            if "prompt" not in cache:
+                prompt = self.run.prompt_keys(self.module.layer_idx, self.query.device)
+                bias = None if edit.key_bias is None else at_positions(edit.key_bias.float(), prompt, 0.0)
+                cache["prompt"] = (at_positions(edit.groups, prompt, 0).to(torch.int32), bias)
+            groups, bias = cache["prompt"]
+            extra = max(kv_len + DECODE_SLACK, 2 * cache.get("capacity", 0)) - groups.shape[1]
+            cache["groups"] = F.pad(groups, (0, extra))
+            cache["bias"] = None if bias is None else F.pad(bias, (0, extra))
+            cache["capacity"] = cache["groups"].shape[1]
+        return {"key_group": cache["groups"], "key_bias": cache["bias"]}
+
+    def structured_mask(self, spec):
+        """The kernels.StructuredMask of `spec` on the current rows, built once per rows (its block lists are cached on
+        it, so every layer on the same rows reuses them)."""
+        rows, device = self.run.rows, self.query.device
+        cache = self.memory.setdefault("structured", {})
+        key = (id(rows), spec, str(device))
+        entry = cache.get(key)
+        if entry is None or entry[0] is not rows:
+            layout = token_layout(self.run, self.run.current_positions().to(device), self.key_valid)
+            entry = cache[key] = (rows, _kernels().StructuredMask(layout, spec))
+        return entry[1]
+
+    def scaled(self, output: torch.Tensor, edit: KernelEdit) -> torch.Tensor:
+        """output [B, q, H, d] x head_scale [B, H] on the edit's rows (every decoding row; the factors of a decoding
+        call are converted once)."""
+        device = self.query.device
+        if not self.run.prefill:
+            if "scale" not in self.decode_cache:
+                self.decode_cache["scale"] = edit.head_scale.to(device=device, dtype=output.dtype)[:, None, :, None]
+            return output * self.decode_cache["scale"]
+        factors = edit.head_scale.to(device=device, dtype=output.dtype)[:, None, :, None]
+        if edit.rows is None:
+            return output * factors
+        rows = at_positions(edit.rows, self.run.current_positions().to(device), False)
+        return torch.where(rows[:, :, None, None], output * factors, output)
+
+
+@dataclass(frozen=True)
+class Route:
+    """A kernel route: in a call of one of its `phases`, where `takes(plan, call)` accepts the layer's LayerPlan and
+    the LayerCall (its refusals included), `run(plan, call)` computes the output [B, q, H, d]."""
+
+    name: str  # what routes() records; a plan's head_scale adds "+scale"
+    phases: tuple[str, ...]
+    summary: str  # its line in the module docstring's table
+    takes: typing.Callable[[LayerPlan, LayerCall], bool]
+    run: typing.Callable[[LayerPlan, LayerCall], torch.Tensor]
+
+
+PREFILL, DECODE = ("prefill",), ("decode",)
+
+
+def _plain_attention(plan: LayerPlan) -> bool:
+    """The plan changes no attention weights (at most the output, by a head_scale)."""
+    return plan.group is None and plan.mask is None
+
+
+def _row_stats_request(call: LayerCall):
+    """The layer's first (method, request) for statistics over chosen rows, or None. The others, and probes, are
+    computed after the call as with the kernels off."""
+    return next(((method, request) for method, request in call.requests
+                 if not request.probe and request.queries is not None), None)
+
+
+def _sdpa_and_row_stats(plan: LayerPlan, call: LayerCall) -> torch.Tensor:
+    """The output exactly as the "sdpa" route computes it, the statistics from kernel 2's small pass over the rows."""
+    method, request = _row_stats_request(call)
+    rows = call.run.query_rows(request).to(call.query.device)
+    output = call.sdpa()
+    received = _kernels().received_attention(
+        call.query, call.key, key_valid=call.key_valid, causal=True, scaling=call.scaling, stat_queries=rows,
+        per_head=request.per_head, backend=call.backend)
+    call.delivered.append((method, AttentionStats(received=received, keys=call.key if request.keys else None)))
+    return output
+
+
+# Checked in order; the first route that takes the call runs it, none: the dense path.
+ROUTES = (
+    Route("group", DECODE, "one group edit with up to 4 groups: kernel 3's decoding form (group_decode), one launch "
+          "over the layer's key-group buffer, no host work",
+          takes=lambda plan, call: (plan.group is not None and call.causal_padding
+                                    and plan.group.spec.num_groups <= _kernels().MAX_DECODE_GROUPS),
+          run=lambda plan, call: _kernels().group_decode_attention(
+              call.query, call.key, call.value, spec=plan.group.spec, key_valid=call.key_valid, scaling=call.scaling,
+              backend=call.backend, **call.decode_keys(plan.group))),
+    Route("group", PREFILL, "one group edit: kernel 3 (group_attention)",
+          takes=lambda plan, call: plan.group is not None and call.causal_padding,
+          run=lambda plan, call: _kernels().group_attention(
+              call.query, call.key, call.value, spec=plan.group.spec, key_valid=call.key_valid, causal=True,
+              scaling=call.scaling, backend=call.backend, **call.group_inputs(plan.group))),
+    Route("mask", PREFILL, "one mask: kernel 1 (masked_attention)",
+          takes=lambda plan, call: plan.mask is not None and call.causal_padding,
+          run=lambda plan, call: _kernels().masked_attention(
+              call.query, call.key, call.value, mask=call.structured_mask(plan.mask), scaling=call.scaling,
+              backend=call.backend)),
+    Route("stats", PREFILL, "no edit, statistics over chosen rows asked: SDPA + kernel 2's pass over those rows",
+          takes=lambda plan, call: (_plain_attention(plan) and _row_stats_request(call) is not None
+                                    and call.causal_padding),
+          run=_sdpa_and_row_stats),
+    # a head_scale on another mask takes the dense path, as every structured edit does
+    Route("sdpa", PREFILL + DECODE, "no edit: SDPA, untouched",
+          takes=lambda plan, call: _plain_attention(plan) and (plan.scale is None or call.causal_padding),
+          run=lambda plan, call: call.sdpa()),
+)
+
+
 # ---- the router ------------------------------------------------------------------------------------------------------
 class KernelRouter:
     """One per engine, fed one way: the engine asks `layer_plan` for a layer's composed kernel edits, asks the methods
@@ -244,49 +420,21 @@ class KernelRouter:
     # ---- one call ----------------------------------------------------------------------------------------------------
     def attend(self, module, query, key, value, attention_mask, kwargs, run: RunState, layer_plan, requests: list):
         """One call of a layer whose methods' edits are all structured (`layer_plan`: layer_plan()'s answer, with no
-        dense edit in this call): (output, [(method, AttentionStats)] computed here), or None with the route "dense"
-        recorded where the call needs the dense path. `requests`: [(method, AttentionRequest)] of the layer."""
-        layer = module.layer_idx
-        backend = self.backend(run, query.device)
-        scaling = kwargs.get("scaling")
-        scaling = 1.0 / math.sqrt(query.shape[-1]) if scaling is None else scaling
-        q_len, kv_len = query.shape[2], key.shape[2]
+        dense edit in this call): the first of ROUTES that takes it runs, then the plan's head_scale ("+scale");
+        (output, [(method, AttentionStats)] computed here), or None with the route "dense" recorded where none takes
+        it. `requests`: [(method, AttentionRequest)] of the layer."""
         plan, _, decode_cache = layer_plan
-        ok, key_valid = True, None
-        if plan is not None and not plan.empty:
-            ok, key_valid = self._padding(run, attention_mask, q_len, kv_len)
-        phase = "prefill" if run.prefill else "decode"
-        kernels = _kernels()
-        decode_group = plan is not None and plan.group is not None and not run.prefill
-        if (plan is None or not ok or (plan.mask is not None and not run.prefill)
-                or (decode_group and plan.group.spec.num_groups > kernels.MAX_DECODE_GROUPS)):
-            self.dense(run, layer)
+        call = LayerCall(self, module, query, key, value, attention_mask, kwargs, run, requests, decode_cache)
+        route = None if plan is None else next(
+            (route for route in ROUTES if call.phase in route.phases and route.takes(plan, call)), None)
+        if route is None:
+            self.dense(run, module.layer_idx)
             return None
-        delivered = ()
-        if decode_group:
-            route = "group"
-            group, key_bias = self._decode_keys(plan.group, layer, run, query.device, kv_len, decode_cache)
-            output = kernels.group_decode_attention(query, key, value, key_group=group, spec=plan.group.spec,
-                                                    key_valid=key_valid, scaling=scaling, key_bias=key_bias,
-                                                    backend=backend)
-        elif plan.group is not None:
-            route = "group"
-            group, rows, key_bias = self._group_inputs(plan.group, run, query)
-            output = kernels.group_attention(query, key, value, key_group=group, spec=plan.group.spec,
-                                             key_valid=key_valid, causal=True, scaling=scaling,
-                                             query_select=rows, key_bias=key_bias, backend=backend)
-        elif plan.mask is not None:
-            route = "mask"
-            mask = self._structured_mask(run, plan.mask, key_valid, query.device)
-            output = kernels.masked_attention(query, key, value, mask=mask, scaling=scaling, backend=backend)
-        else:
-            route, output, delivered = self._plain(module, query, key, value, attention_mask, kwargs, scaling, run,
-                                                   requests)
+        output, name = route.run(plan, call), route.name
         if plan.scale is not None:
-            output = self._scale(output, plan.scale, run, query.device, decode_cache)
-            route += "+scale"
-        self.routes(run)[(phase, layer)] = route
-        return (output, None), delivered
+            output, name = call.scaled(output, plan.scale), name + "+scale"
+        self.routes(run)[(call.phase, module.layer_idx)] = name
+        return (output, None), tuple(call.delivered)
 
     def ragged(self, run: RunState, layer: int, query: torch.Tensor, cache, scaling) -> torch.Tensor:
         """A decoding call of `layer` on a per-head pruned cache (ragged_cache.py, `cache`: its kernels.RaggedKVCache):
@@ -303,97 +451,24 @@ class KernelRouter:
         """Record that this call of `layer` takes the dense path (the engine runs it)."""
         self.routes(run)[("prefill" if run.prefill else "decode", layer)] = "dense"
 
-    def _plain(self, module, query, key, value, attention_mask, kwargs, scaling, run: RunState, requests: list):
-        """No attention edit: SDPA, plus kernel 2's pass over the asked rows when a method asked this layer's
-        statistics (prefill; the first such request, the others are computed after the call as with the kernels off).
-        """
-        if run.prefill:
-            for method, request in requests:
-                if request.probe or request.queries is None:
-                    continue
-                ok, key_valid = self._padding(run, attention_mask, query.shape[2], key.shape[2])
-                if not ok:
-                    break
-                rows = run.query_rows(request).to(query.device)
-                # the output exactly as the "sdpa" route computes it, the statistics from a small pass over the rows
-                output = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)[0]
-                received = _kernels().received_attention(
-                    query, key, key_valid=key_valid, causal=True, scaling=scaling, stat_queries=rows,
-                    per_head=request.per_head, backend=self.backend(run, query.device))
-                return "stats", output, ((method, AttentionStats(received=received,
-                                                                  keys=key if request.keys else None)),)
-        return "sdpa", sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)[0], ()
 
-    # ---- inputs of the kernels --------------------------------------------------------------------------------------
-    def _padding(self, run: RunState, attention_mask, q_len: int, kv_len: int):
-        """key_padding(), cached per mask tensor for the prefill (every layer on the same rows shares one)."""
-        if attention_mask is None or q_len == 1:
-            return key_padding(attention_mask, q_len, kv_len)
-        cache = run.memory(self).setdefault("masks", {})
-        entry = cache.get(id(attention_mask))
-        if entry is None or entry[0] is not attention_mask:
-            entry = cache[id(attention_mask)] = (attention_mask, key_padding(attention_mask, q_len, kv_len))
-        return entry[1]
-
-    def _group_inputs(self, edit: KernelEdit, run: RunState, query):
-        """(key groups [B, kv], selected rows [B, q] or None, key bias [B, kv] or None) of a prefill call, built once
-        per (rows, edit tensors): layers that share them get the same tensors, so kernel 3 builds its per-key tables
-        once per forward, not per layer."""
-        cache = run.memory(self).setdefault("group_inputs", {})
-        sources = (run.rows, run.input_positions, edit.groups, edit.rows, edit.key_bias)
-        key = (*map(id, sources), str(query.device))
-        entry = cache.get(key)
-        if entry is None or any(a is not b for a, b in zip(entry[0], sources)):
-            positions = run.current_positions().to(query.device)
-            group = at_positions(edit.groups, positions, 0)
-            rows = None if edit.rows is None else at_positions(edit.rows, positions, False)
-            bias = None if edit.key_bias is None else at_positions(edit.key_bias.float(), positions, 0.0)
-            entry = cache[key] = (sources, (group, rows, bias))
-        return entry[1]
-
-    def _decode_keys(self, edit: KernelEdit, layer: int, run: RunState, device, kv_len: int, cache: dict):
-        """(groups int32 [B, >= kv_len], key bias [B, >= kv_len] or None) of a decoding call: the groups of the prompt
-        keys layer `layer` cached, then group 0 (and bias 0) for the generated keys, in buffers DECODE_SLACK keys
-        longer than the cache that grow (double) only when the cache outgrows them."""
-        if "groups" not in cache or cache["groups"].shape[1] < kv_len:
-            if "prompt" not in cache:
-                prompt = run.prompt_keys(layer, device)
-                bias = None if edit.key_bias is None else at_positions(edit.key_bias.float(), prompt, 0.0)
-                cache["prompt"] = (at_positions(edit.groups, prompt, 0).to(torch.int32), bias)
-            groups, bias = cache["prompt"]
-            extra = max(kv_len + DECODE_SLACK, 2 * cache.get("capacity", 0)) - groups.shape[1]
-            cache["groups"] = F.pad(groups, (0, extra))
-            cache["bias"] = None if bias is None else F.pad(bias, (0, extra))
-            cache["capacity"] = cache["groups"].shape[1]
-        return cache["groups"], cache["bias"]
-
-    def _structured_mask(self, run: RunState, spec, key_valid, device):
-        """The kernels.StructuredMask of `spec` on the current rows, built once per rows (its block lists are cached on
-        it, so every layer on the same rows reuses them)."""
-        rows = run.rows
-        cache = run.memory(self).setdefault("structured", {})
-        key = (id(rows), spec, str(device))
-        entry = cache.get(key)
-        if entry is None or entry[0] is not rows:
-            layout = token_layout(run, run.current_positions().to(device), key_valid)
-            entry = cache[key] = (rows, _kernels().StructuredMask(layout, spec))
-        return entry[1]
-
-    def _scale(self, output: torch.Tensor, edit: KernelEdit, run: RunState, device, decode_cache: dict):
-        """output [B, q, H, d] x head_scale [B, H] on the edit's rows (every decoding row; the factors of a decoding
-        call are converted once)."""
-        if not run.prefill:
-            if "scale" not in decode_cache:
-                decode_cache["scale"] = edit.head_scale.to(device=device, dtype=output.dtype)[:, None, :, None]
-            return output * decode_cache["scale"]
-        factors = edit.head_scale.to(device=device, dtype=output.dtype)[:, None, :, None]
-        if edit.rows is None:
-            return output * factors
-        rows = at_positions(edit.rows, run.current_positions().to(device), False)
-        return torch.where(rows[:, :, None, None], output * factors, output)
-
-
+@functools.cache  # a routed call asks up to three times: one import lookup, not one per ask
 def _kernels():
     from .kernels import api as kernels
 
     return kernels
+
+
+def _route_table() -> str:
+    """The module docstring's table: ROUTES, then the two routes outside it."""
+    rows = [(route.name, "/".join(route.phases), route.summary) for route in ROUTES] + [
+        ("ragged", "decode", "a per-head pruned cache (PLPHP, KernelRouter.ragged): kernel 4 "
+                             "(ragged_decode_attention; with the kernels off, its torch form)"),
+        ("dense", "any", "no route takes the call (a mask outside the prefill, a decoding group edit with more than "
+                         "4 groups, an attention mask that is not causal + key padding under an edit): the dense "
+                         "torch path, as with the kernels off")]
+    return "\n".join(textwrap.fill(summary, 120, initial_indent=f"    {name:9}{phase:16}", subsequent_indent=" " * 29)
+                     for name, phase, summary in rows)
+
+
+__doc__ = __doc__.replace("{ROUTES}", _route_table())
