@@ -8,7 +8,7 @@ import torch
 
 import vlm_efficient as ve
 from vlm_efficient import shrinking
-from vlm_efficient.shrinking import build_mask
+from vlm_efficient.shrinking import causal_mask_at_positions
 from reference import extend_inputs, kept_key_masks, masked_reference
 from test_engine import greedy, two_samples
 from vlm_efficient.token_ops.divprune import max_min_diverse
@@ -48,7 +48,8 @@ def test_unpadded_pruned_layers_run_without_a_mask(family, spec, monkeypatch):
     model, processor = tiny_model(family)
     batch = tiny_batch(processor, [(f"what is {image_placeholder(processor)} this", [tiny_image(0)])])
     built = []
-    monkeypatch.setattr(shrinking, "build_mask", lambda *args: built.append(args) or build_mask(*args))
+    monkeypatch.setattr(shrinking, "causal_mask_at_positions",
+                        lambda *args: built.append(args) or causal_mask_at_positions(*args))
     _assert_matches_cache_free_reference(model, batch, spec)
     assert not built
 

@@ -34,7 +34,8 @@ def _gather_seq(tensor: torch.Tensor, index: torch.Tensor, seq_dim: int) -> torc
     return tensor.gather(seq_dim, index.to(tensor.device).view(view).expand(expand))
 
 
-def build_mask(query_positions: torch.Tensor, key_positions: torch.Tensor, attention_mask_2d: torch.Tensor):
+def causal_mask_at_positions(query_positions: torch.Tensor, key_positions: torch.Tensor,
+                             attention_mask_2d: torch.Tensor):
     """Causal + padding mask [B, 1, q, kv] between rows identified by original positions (-1 = slot padding)."""
     key_valid = (key_positions >= 0) & attention_mask_2d.gather(1, key_positions.clamp(min=0))
     allowed = key_valid[:, None, :] & (key_positions[:, None, :] <= query_positions[:, :, None])
@@ -224,7 +225,7 @@ class ShrunkLayerInputs:
         return (0 if cached is None else cached.shape[-2]) + step
 
     def _rows_mask(self, idx: int, queries: torch.Tensor, keys: torch.Tensor, run: RunState, device) -> torch.Tensor:
-        mask = build_mask(queries, keys, run.attention_mask_2d.to(device))
+        mask = causal_mask_at_positions(queries, keys, run.attention_mask_2d.to(device))
         return self.adapter.layer_mask(self.model, idx, mask, queries, keys, run.layout)
 
     def _shrunk_prefill_kwargs(self, kwargs: dict, run: RunState, device: torch.device, idx: int) -> dict:
