@@ -33,9 +33,8 @@ from ..kernels.api import (
     ragged_decode_attention,
     received_attention,
 )
+from ..kernels import group_attention as ga_module
 from ..kernels.ragged_decode import dense_masked_decode
-
-_KERNELS = __package__.rsplit(".", 1)[0] + ".kernels"  # the kernels' package, beside this one
 
 TOL = {torch.bfloat16: 1.5e-2, torch.float16: 4e-3, torch.float32: 1e-4}
 STATS_TOL = 1e-3
@@ -287,7 +286,6 @@ class Checks:
             self.record(f"group {name} {str(dt_j)[6:]} unpadded", e < TOL[dt_j] and not torch.isnan(o).any(),
                         f"rel={e:.2e}")
         # no padding, more selected rows than the rows path takes: VAR on 64-row tiles next to SDPA's
-        ga_module = sys.modules[f"{_KERNELS}.group_attention"]
         spec, qsel, _ = cases["var"]
         q, k, v = _qkv(b, hq, hkv, n, n, d, torch.bfloat16, self.device, self.gen)
         kw = dict(key_group=groups, spec=spec, query_select=qsel.clone())  # a new tensor: no cached row list

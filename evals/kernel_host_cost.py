@@ -12,17 +12,15 @@ Two uses:
 from __future__ import annotations
 
 import contextlib
-import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
+from ..kernels import attention_stats, group_attention, masked_attention
 from ..kernels.api import GroupSpec, MaskSpec, StructuredMask, TokenLayout
 
-_KERNELS = __package__.rsplit(".", 1)[0] + ".kernels"  # the kernels' package, beside this one
-
-KERNEL_MODULES = ("masked_attention", "attention_stats", "group_attention")
+KERNEL_MODULES = (masked_attention, attention_stats, group_attention)
 
 
 class _StubKernel:
@@ -43,8 +41,7 @@ def stubbed_launches(stub_sdpa: bool = False):
     tensor of its output's shape (meta tensors, or when only the host side is of interest)."""
     log: list = []
     saved = []
-    for short in KERNEL_MODULES:
-        module = sys.modules[f"{_KERNELS}.{short}"]
+    for module in KERNEL_MODULES:
         for name, value in vars(module).items():
             # a JITFunction, or the interpreter's stand-in for one under TRITON_INTERPRET=1
             if name.endswith("_kernel") and type(value).__module__.startswith("triton."):
@@ -109,7 +106,7 @@ def entry_point_calls(n: int, *, device="cpu", heads: int = 32, head_dim: int = 
     last_row[0, -1] = True
     if str(device) == "meta":  # meta tensors hold no values to list the selected rows from: file the list (row n-1)
         import weakref
-        rows = sys.modules[f"{_KERNELS}.group_attention"]._ROW_LISTS
+        rows = group_attention._ROW_LISTS
         rows[id(last_row)] = (weakref.ref(last_row), last_row._version,
                               torch.empty(1, 1, dtype=torch.int32, device=device))
     pai = GroupSpec(heads, 2, logit_abs=[0.0, 0.5])  # PAI's tables (heads/pai.py): image keys a + 0.5|a|

@@ -280,12 +280,14 @@ def main(argv=None):
                     help="stop after this stage (a rerun with the same --out goes on from there): for machines that "
                          "limit the length of one command")  # fmt: skip
     args = ap.parse_args(argv)
-    try:
-        budgets = [float(b) for b in args.time_budgets.split(",")] if args.time_budgets else None
-    except ValueError:
-        budgets = [0.0]
-    if budgets is not None and (len(budgets) != len(STAGES) or min(budgets) <= 0):
-        ap.error(f"--time-budgets takes {len(STAGES)} positive numbers of seconds, one per stage: e.g. 300,480")
+    budgets = None
+    if args.time_budgets:
+        try:
+            budgets = [float(b) for b in args.time_budgets.split(",")]
+        except ValueError:
+            budgets = []
+        if len(budgets) != len(STAGES) or min(budgets, default=0) <= 0:
+            ap.error(f"--time-budgets takes {len(STAGES)} positive numbers of seconds, one per stage: e.g. 300,480")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     log = open(out / "train_log.txt", "a")
