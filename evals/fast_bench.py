@@ -15,7 +15,9 @@ batch 1. What is measured, per (path, method):
   route compiles there: reported as warm-up seconds); min_new_tokens = N so every call decodes N tokens;
 - paths: "hf-dynamic" (the unwrapped model, DynamicCache), "hf-static" (cache_implementation="static", which
   generate() compiles: the unwrapped model, then, where that worked, wrap(spec) on the same route), "fast"
-  (wrap(spec, fast=True); spec "" = the unwrapped model on the fast path) and "dynamic" (wrap(spec));
+  (wrap(spec, fast=True); spec "" = the unwrapped model on the fast path), with --compiled also "fast-compiled"
+  (wrap(spec, fast="compile"): the step compiled before its capture; its compile time is in the warm-up column) and
+  "dynamic" (wrap(spec));
 - checks: greedy tokens of the fast path against the dynamic path for 8 tokens (mismatches reported, not raised), and
   the CUDA graph's replay against the same step run eagerly (tokens and logits).
 Every configuration runs in its own try/except; the JSON and the markdown table are rewritten after each.
@@ -55,6 +57,7 @@ SECTIONS = [  # (architecture, batch size, methods, whether to run the checks an
     ("llava-next-7b", 1, ["FastV 75%", "VisionZip 75%", "DART 75%"], False),
     ("llava-next-7b", 8, ["FastV 75%"], False),
 ]
+FAST = {"fast": True, "fast-compiled": "compile"}  # the fast path's bench paths -> wrap(..., fast=)
 TINY = {"llava-1.5-7b": "tiny:llava", "llava-next-7b": "tiny:llava_next"}
 CHECK_TOKENS = 8
 
@@ -110,7 +113,10 @@ class Bench:
 
     def write(self) -> None:
         self.result["elapsed_s"] = round(time.perf_counter() - self.start, 1)
-        (self.out / "fast_bench.json").write_text(json.dumps(self.result, indent=1, default=str))
+        kept = {"tokens"}  # tensors kept for comparisons, not written
+        result = dict(self.result, sections=[{k: v for k, v in section.items() if k not in kept}
+                                             for section in self.result["sections"]])  # fmt: skip
+        (self.out / "fast_bench.json").write_text(json.dumps(result, indent=1, default=str))
         (self.out / "fast_bench.md").write_text(format_markdown(self.result))
 
     def build(self, arch: str, batch_size: int):
@@ -154,8 +160,8 @@ class Bench:
         log(f"  {path:10s} {label or 'base':14s}", end="")
         device = next(model.parameters()).device
         try:
-            if path in ("fast", "dynamic") or spec:  # hf-static with a spec: the wrapped model on HF's route
-                ve.wrap(model, spec, fast=path == "fast")
+            if path in FAST or path == "dynamic" or spec:  # hf-static with a spec: the wrapped model on HF's route
+                ve.wrap(model, spec, fast=FAST.get(path, False))
             n = self.args.new_tokens
             start = time.perf_counter()
             self.timed(model, inputs, path, n)
@@ -170,11 +176,16 @@ class Bench:
             row["total_ms"] = statistics.median(total)
             row["decode_ms_per_token"] = (row["total_ms"] - row["prefill_ms"]) / (n - 1)
             row["rounds"] = {"prefill_ms": prefill, "total_ms": total}
+            tokens = self.generate(model, inputs, path, n)
+            section.setdefault("tokens", {})[(path, label)] = tokens
+            if path == "fast-compiled" and ("fast", label) in section["tokens"]:  # the same greedy tokens compiled?
+                row["tokens_equal_fast"] = bool(torch.equal(tokens, section["tokens"][("fast", label)]))
             if ve.is_wrapped(model):
                 row["kv_cache_mib"] = ve.stats(model).kv_cache_bytes / 2**20
             fast_path = ve.engine_of(model).fast_path if ve.is_wrapped(model) else None
             if fast_path is not None:
                 row["graph"] = fast_path.last_step is not None and fast_path.last_step.graph is not None
+                row["compiled"] = fast_path.last_step is not None and fast_path.last_step.compiled
                 row["capture_error"] = fast_path.capture_error
             if device.type == "cuda":
                 row["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
@@ -290,6 +301,8 @@ class Bench:
         self.write()
         configs = [("hf-dynamic", "", ""), ("dynamic", "", ""), ("fast", "", "")]
         configs += [("fast", label, METHODS[label]) for label in methods]
+        if self.args.compiled:
+            configs += [("fast-compiled", label, METHODS[label] if label else "") for label in ["", *methods]]
         configs += [("dynamic", label, METHODS[label]) for label in methods]
         for path, label, spec in configs:
             if self.left() < 15:
@@ -367,6 +380,11 @@ def _fmt(value, spec: str = ".1f") -> str:
     return "" if value is None else format(value, spec)
 
 
+def _tokens_note(row: dict) -> str:
+    equal = row.get("tokens_equal_fast")
+    return "" if equal is None else f"tokens {'equal' if equal else 'DIFFER from'} the fast path's"
+
+
 def format_markdown(result: dict) -> str:
     bandwidth = result.get("copy_bandwidth")
     lines = [
@@ -385,7 +403,7 @@ def format_markdown(result: dict) -> str:
         lines += ["", f"## {section['name']} ({section.get('prompt_tokens')} prompt tokens, HBM limit "
                       f"{_fmt(limit, '.2f')} ms/token, LM weights {section.get('lm_weight_bytes', 0) / 1e9:.2f} GB)",
                   "", "| path | method | prefill ms | prefill speed-up vs fast base | decode ms/token | x HBM limit | "
-                      "decode vs fast base | decode vs HF dynamic | KV MiB | warm-up s | error (or graph capture error) |",
+                      "decode vs fast base | decode vs HF dynamic | KV MiB | warm-up s | error, capture error or token check |",
                   "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for r in rows:
             decode, prefill = r.get("decode_ms_per_token"), r.get("prefill_ms")
@@ -401,7 +419,7 @@ def format_markdown(result: dict) -> str:
                 f"{_fmt(decode, '.2f')} | {_fmt(decode / limit if decode and limit else None, '.2f')} | "
                 f"{ratio(fast_base, 'decode_ms_per_token')} | {ratio(hf_base, 'decode_ms_per_token')} | "
                 f"{_fmt(r.get('kv_cache_mib'))} | {_fmt(r.get('warmup_s'))} | "
-                f"{(r.get('error') or r.get('capture_error') or '')[:120]} |"
+                f"{(r.get('error') or r.get('capture_error') or _tokens_note(r))[:120]} |"
             )
         if section["checks"]:
             lines += ["", "Checks (fast path vs dynamic path, greedy, 8 tokens; graph replay vs the same step eager):", "",
@@ -437,6 +455,8 @@ def main(argv=None) -> int:
     parser.add_argument("--sections", type=int, default=len(SECTIONS), help="run only the first N sections")
     parser.add_argument("--methods", help=f"comma-separated labels to run (of {', '.join(METHODS)}); default all")
     parser.add_argument("--no-checks", dest="checks", action="store_false", help="skip the exactness checks")
+    parser.add_argument("--compiled", action="store_true",
+                        help='also time wrap(spec, fast="compile") for the base and every method (path fast-compiled)')
     parser.add_argument("--profile", action="store_true",
                         help="profile one prefill of the unwrapped, wrapped and fast-path model (profile_<path>.txt)")
     args = parser.parse_args(argv)

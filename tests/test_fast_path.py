@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 import vlm_efficient as ve
 from test_engine import two_samples
@@ -199,6 +200,35 @@ def test_unwrap_restores_generate():
     assert torch.equal(generate(model, batch).sequences, reference)
 
 
+@pytest.mark.parametrize("family,spec", [("llava", "fastv:layer=2,ratio=0.5"), ("qwen2_vl", "pai")])
+def test_compiled_step_equals_dynamic_path(family, spec):
+    """fast="compile": the step compiled by torch.compile (PAI's group kernel an operator in the graph) gives the
+    dynamic path's tokens; the step is built (compiled) once and kept for the next call, which gives the same."""
+    model, processor = tiny_model(family)
+    batch = two_samples(processor)
+    ve.wrap(model, spec)
+    dynamic = generate(model, batch)
+    ve.unwrap(model)
+    ve.wrap(model, spec, fast="compile")
+    fast_path = ve.engine_of(model).fast_path
+    counters.clear()
+    compiled = generate(model, batch)
+    step, build_s = fast_path.last_step, fast_path.last_build_s
+    assert step.compiled and build_s > 0
+    assert dict(counters["graph_break"]) == {}  # one graph: the group kernel is an operator, not a break
+    assert_same(dynamic, compiled)
+    assert torch.equal(generate(model, batch).sequences, dynamic.sequences)
+    assert fast_path.last_step is step and fast_path.last_build_s == build_s
+    ve.unwrap(model)
+
+
+def test_fast_takes_true_false_or_compile():
+    model, _ = tiny_model("llava")
+    with pytest.raises(ValueError, match="fast takes False, True or 'compile'"):
+        ve.wrap(model, "", fast="graph")
+    assert not ve.is_wrapped(model)
+
+
 def test_fast_bench_runs_on_the_tiny_models(tmp_path):
     """The GPU benchmark script's CPU smoke run: every configuration of its first section runs, and its checks find
     the fast path's tokens equal to the dynamic path's."""
@@ -229,11 +259,14 @@ def test_fast_bench_filters_methods_and_profiles_the_prefill(tmp_path):
     from vlm_efficient.evals import fast_bench
 
     assert fast_bench.main(["--tiny", "--out", str(tmp_path), "--new-tokens", "2", "--repeats", "1", "--sections", "1",
-                            "--methods", "PAI", "--no-checks", "--profile"]) == 0  # fmt: skip
+                            "--methods", "PAI", "--no-checks", "--profile", "--compiled"]) == 0  # fmt: skip
     result = json.loads((tmp_path / "fast_bench.json").read_text())
     (section,) = result["sections"]
     assert {(row["path"], row["method"]) for row in section["rows"]} == {
-        ("hf-dynamic", ""), ("dynamic", ""), ("fast", ""), ("fast", "PAI"), ("dynamic", "PAI")}  # fmt: skip
+        ("hf-dynamic", ""), ("dynamic", ""), ("fast", ""), ("fast", "PAI"), ("dynamic", "PAI"), ("fast-compiled", ""),
+        ("fast-compiled", "PAI")}  # fmt: skip
+    assert [row["compiled"] for row in section["rows"] if row["path"].startswith("fast")] == [False, False, True, True]
+    assert [row["tokens_equal_fast"] for row in section["rows"] if row["path"] == "fast-compiled"] == [True, True]
     assert section["checks"] == [] and "family_checks" not in result
     for path in ("hf-dynamic", "dynamic", "fast"):
         assert "Self CPU" in (tmp_path / f"profile_{path}.txt").read_text()

@@ -38,11 +38,14 @@ __all__ = [
     "wrap",
 ]
 
-def wrap(model: nn.Module, methods="", fast: bool = False) -> nn.Module:
+def wrap(model: nn.Module, methods="", fast: bool | str = False) -> nn.Module:
     """Apply `methods` (a Method, a list of them, or a spec string like "fastv:layer=2,ratio=0.5") to `model` in
     place and return it. Wrapping an already wrapped model is an error: call `unwrap(model)` first.
     `fast=True`: model.generate decodes on static buffers, in a CUDA graph on CUDA (vlm_efficient/fast_path.py);
-    with no methods it is the unwrapped model on the same path."""
+    with no methods it is the unwrapped model on the same path. `fast="compile"`: the same, with the decoding step
+    compiled by torch.compile before its capture (fused kernels; the first call with new buffer sizes compiles)."""
+    if fast not in (False, True, "compile"):
+        raise ValueError(f"wrap(..., fast={fast!r}): fast takes False, True or 'compile'")
     if model in WRAPPED:
         raise RuntimeError(
             f"model is already wrapped with {to_spec(WRAPPED[model].methods)!r}; call vlm_efficient.unwrap(model) "
@@ -56,7 +59,7 @@ def wrap(model: nn.Module, methods="", fast: bool = False) -> nn.Module:
     engine.install()
     if fast:
         try:
-            engine.fast_path = FastPath(engine)
+            engine.fast_path = FastPath(engine, compiled=fast == "compile")
         except Exception:
             engine.uninstall()
             raise
@@ -76,7 +79,7 @@ class _CopyWrapped:
         model = self.model()
         engine = engine_of(model)
         memo[id(self)] = None  # the copy's own copier is set by wrap()
-        fast = engine.fast_path is not None
+        fast = engine.fast_path is not None and ("compile" if engine.fast_path.compiled else True)
         if fast:  # the fast path's generate() holds this model's graphs and buffers: the copy gets its own
             memo[id(vars(model)["generate"])] = None
         copied = engine.copy_unwrapped(memo)

@@ -41,7 +41,9 @@ import collections
 import contextlib
 import dataclasses
 import inspect
+import itertools
 import threading
+import time
 import warnings
 import weakref
 
@@ -77,6 +79,11 @@ class GroupRoute:
     groups: torch.Tensor
     key_bias: torch.Tensor | None
     valid: torch.Tensor | None = None
+    spec_id: int = dataclasses.field(init=False, default=-1)  # the spec's number for the operator (group_decode)
+
+    def __post_init__(self):
+        self.spec_id = next(_spec_ids)
+        _SPECS[self.spec_id] = self.spec
 
     def tensors(self) -> dict:
         return {"groups": self.groups, "key_bias": self.key_bias}
@@ -90,12 +97,30 @@ def _step_attention(module, query, key, value, attention_mask, **kwargs):
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
     if isinstance(edits, GroupRoute):
-        from .kernels import api as kernels
-
-        output = kernels.group_decode_attention(query, key, value, key_group=edits.groups, spec=edits.spec,
-                                                key_valid=edits.valid, scaling=scaling, key_bias=edits.key_bias)
+        output = group_decode(query, key, value, edits.valid, edits.groups, edits.key_bias, scaling, edits.spec_id)
         return output, None
     return edited_attention(query, key, value, attention_mask, scaling, edits), None
+
+
+# a compiled step sees kernel 3's decoding form as one operator (no graph break; the CUDA graph records its launch);
+# its GroupSpec (tables and conditions, not tensors an operator can take) is found by the number GroupRoute gives it
+_SPECS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+_spec_ids = itertools.count()
+
+
+@torch.library.custom_op("vlm_efficient::fast_group_decode", mutates_args=())
+def group_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, valid: torch.Tensor | None,
+                 groups: torch.Tensor, key_bias: torch.Tensor | None, scaling: float, spec_id: int) -> torch.Tensor:
+    from .kernels import api as kernels
+
+    return kernels.group_decode_attention(query, key, value, key_group=groups, spec=_SPECS[spec_id], key_valid=valid,
+                                          scaling=scaling, key_bias=key_bias)  # fmt: skip
+
+
+@group_decode.register_fake
+def _(query, key, value, valid, groups, key_bias, scaling, spec_id):
+    batch, heads, rows, head_dim = query.shape
+    return query.new_empty(batch, rows, heads, head_dim)
 
 
 AttentionInterface.register(ATTENTION_NAME, _step_attention)
@@ -181,8 +206,12 @@ class StaticStep:
     """The buffers and the decoding step of one (batch size, buffer sizes) combination, and on CUDA its graph."""
 
     def __init__(self, parts: dict, batch: int, capacities: list[int], group_of: list[int], kv_shape, dtype,
-                 device, rotary_shape, layer_position_shape):  # fmt: skip
+                 device, rotary_shape, layer_position_shape, compiled: bool = False):  # fmt: skip
         self.parts, self.group_of = parts, group_of
+        # compiled: torch.compile fuses the step's small kernels (norms, rotary, activations, residuals); the CUDA
+        # graph then records the fused kernels. Compiled on the first run (the warm-up of capture() on CUDA)
+        self.forward = torch.compile(self._forward, dynamic=False) if compiled else self._forward
+        self.compiled = compiled
         kv_heads, head_dim = kv_shape
         new = dict(device=device)
         self.keys = [torch.zeros(batch, kv_heads, c, head_dim, dtype=dtype, **new) for c in capacities]
@@ -228,6 +257,10 @@ class StaticStep:
 
     def step(self) -> None:
         """One decoding step on the buffers: the same calls every time, no host read."""
+        with self._edited_attention():
+            self.forward()
+
+    def _forward(self) -> None:
         parts = self.parts
         for mask, index in zip(self.masks, self.write_index):
             mask.index_fill_(3, index, True)  # the step's own key joins the keys it attends to
@@ -235,11 +268,10 @@ class StaticStep:
         position_embeddings = parts["rotary"](hidden, self.last_rotary + self.offset)
         positions = None if self.last_layer_position is None else self.last_layer_position + self.offset
         cache = {parts["cache_name"]: self.cache}
-        with self._edited_attention():
-            for layer, group in zip(parts["layers"], self.group_of):
-                out = layer(hidden, attention_mask=self.masks[group], position_ids=positions,
-                            position_embeddings=position_embeddings, use_cache=True, **cache)  # fmt: skip
-                hidden = out[0] if isinstance(out, tuple) else out
+        for layer, group in zip(parts["layers"], self.group_of):
+            out = layer(hidden, attention_mask=self.masks[group], position_ids=positions,
+                        position_embeddings=position_embeddings, use_cache=True, **cache)  # fmt: skip
+            hidden = out[0] if isinstance(out, tuple) else out
         self.logits.copy_(parts["lm_head"](parts["norm"](hidden[:, -1:]))[:, -1].float())
         for index in self.write_index:
             index.add_(1)
@@ -304,7 +336,7 @@ class StaticStep:
 class FastPath:
     """The fast path of one wrapped model: its generate(), the positions it records at prefill, its captured steps."""
 
-    def __init__(self, engine):
+    def __init__(self, engine, compiled: bool = False):
         if not supported():
             raise RuntimeError(
                 "fast=True needs a transformers whose generate() takes custom_generate=<callable> (5.17 and later); "
@@ -337,6 +369,8 @@ class FastPath:
         self.steps: collections.OrderedDict = collections.OrderedDict()
         self._lock = threading.Lock()  # one static step and one set of buffers: concurrent calls take turns
         self.use_graph = True  # on CUDA; False replays the same step eagerly (to check the graph against it)
+        self.compiled = compiled  # steps kept across calls are compiled (torch.compile) before their capture
+        self.last_build_s: float | None = None  # seconds the last new step took to build (compile, capture)
         self.capture_error: str | None = None  # why the last failed capture failed (the step then runs eagerly)
         self.last_step: StaticStep | None = None
         self._recorded: dict = {}
@@ -516,15 +550,20 @@ class FastPath:
                self.use_graph, structure)  # fmt: skip
         step = self.steps.pop(key, None) if kept else None
         if step is None:
+            started = time.perf_counter()
             while kept and len(self.steps) >= MAX_GRAPHS:
                 self.steps.popitem(last=False)
             with torch.inference_mode(False):  # plain tensors: later calls may run outside inference mode
                 step = StaticStep(self.parts, keys.shape[0], capacities, group_of, (keys.shape[1], keys.shape[3]),
                                   keys.dtype, device, self._recorded["rotary"].shape,
-                                  None if layer_position is None else layer_position.shape)  # fmt: skip
+                                  None if layer_position is None else layer_position.shape,
+                                  compiled=self.compiled and kept)  # a step for one call is not worth compiling
             step.set_edits(edits, static=kept)
             if kept:
                 step.load_edits(edits)
+            if step.compiled and not (device.type == "cuda" and self.use_graph):
+                with engine.plain():
+                    step.step()  # compiles here, not in the first decoding step (load() then resets the buffers)
             if device.type == "cuda" and self.use_graph:
                 try:
                     with engine.plain():
@@ -534,6 +573,7 @@ class FastPath:
                     warnings.warn(f"fast path: capturing the decoding step in a CUDA graph failed ({self.capture_error}); "
                                   "decoding runs the same step eagerly", RuntimeWarning, stacklevel=2)  # fmt: skip
                     step.graph = None
+            self.last_build_s = time.perf_counter() - started
         elif edits:
             step.load_edits(edits)
         if kept:

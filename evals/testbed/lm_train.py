@@ -186,9 +186,11 @@ def train_stage(name: str, cfg: dict, out: Path, init: Path | None, smoke: bool)
           f"time budget {cfg['time_budget_s']} s; the full recipe's {name}: {full['steps']} x {full['batch_size']}, "
           f"estimated {estimate_seconds(model, full, sample_tokens, bool(lora)):.0f} s, at most "
           f"{full['time_budget_s']} s", flush=True)  # fmt: skip
+    # transformers 5.17's GGUF tokenizer sets no pad token (5.25 does); padding is masked out of the loss
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     loader = torch.utils.data.DataLoader(
         data, batch_size=cfg["batch_size"], shuffle=False, num_workers=cfg["workers"], drop_last=True,
-        collate_fn=lambda b: collate(b, pad_id=tokenizer.pad_token_id), pin_memory=amp,
+        collate_fn=lambda b: collate(b, pad_id=pad_id), pin_memory=amp,
         prefetch_factor=4 if cfg["workers"] else None,
     )  # fmt: skip
     probe = probe_set(tokenizer, n_image_tokens, per_task=1 if smoke else 48)
