@@ -179,7 +179,9 @@ class Bench:
             tokens = self.generate(model, inputs, path, n)
             section.setdefault("tokens", {})[(path, label)] = tokens
             if path == "fast-compiled" and ("fast", label) in section["tokens"]:  # the same greedy tokens compiled?
-                row["tokens_equal_fast"] = bool(torch.equal(tokens, section["tokens"][("fast", label)]))
+                differ = (tokens != section["tokens"][("fast", label)]).any(0).nonzero().flatten()
+                row["tokens_equal_fast"] = differ.numel() == 0
+                row["first_mismatch_position"] = int(differ[0]) - inputs["input_ids"].shape[1] if differ.numel() else None
             if ve.is_wrapped(model):
                 row["kv_cache_mib"] = ve.stats(model).kv_cache_bytes / 2**20
             fast_path = ve.engine_of(model).fast_path if ve.is_wrapped(model) else None
@@ -382,7 +384,11 @@ def _fmt(value, spec: str = ".1f") -> str:
 
 def _tokens_note(row: dict) -> str:
     equal = row.get("tokens_equal_fast")
-    return "" if equal is None else f"tokens {'equal' if equal else 'DIFFER from'} the fast path's"
+    if equal is None:
+        return ""
+    if equal:
+        return "tokens equal the fast path's"
+    return f"tokens differ from the fast path's from new token {row['first_mismatch_position']}"
 
 
 def format_markdown(result: dict) -> str:
