@@ -274,3 +274,24 @@ def test_training_refuses_time_budgets_that_are_not_one_positive_number_per_stag
         lm_train.main(["--out", str(tmp_path), "--time-budgets", budgets])
     assert "--time-budgets" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())  # refused before anything ran
+
+
+def test_the_committed_parts_give_fixed_logits_and_describe_a_held_out_scene():
+    """The trained parts in evals/testbed/lm_checkpoint (H100, 2026-12-06) as users load them: fixed logits on a fixed
+    held-out scene, and a greedy description naming both of its objects (a blue square, an orange triangle)."""
+    from vlm_efficient.models import load_model
+
+    model, processor = load_model("testbed-lm")
+    inputs = _fixed_inputs(processor)
+    with torch.no_grad():
+        logits = model(**inputs).logits[0, -1]
+        answer = model.generate(**inputs, max_new_tokens=40, do_sample=False)[:, inputs["input_ids"].shape[1]:]
+    assert int(logits.argmax()) == TRAINED_ARGMAX
+    torch.testing.assert_close(logits[:6], torch.tensor(TRAINED_LOGITS), atol=2e-3, rtol=0)
+    text = processor.batch_decode(answer, skip_special_tokens=True)[0]
+    assert "square" in text and "triangle" in text, text
+
+
+# measured on transformers 5.25 / torch 2.13 CPU (2026-12-06) with the committed parts
+TRAINED_ARGMAX = 2122
+TRAINED_LOGITS = [14.51105, 13.71635, 15.92475, 11.80696, 11.5795, 10.98925]
