@@ -44,6 +44,7 @@ VARIANTS = ("paper", "code")
 class AKI(PrefillMask):
     name = "aki"
     summary = "mask: image rows may also see the text after them in the prompt (modality-mutual; prefill only)"
+    reported = "POPE 79.8 -> 82.7, trained with the mask (training-free use is not reported)"
     pending_ids = PerThread()  # input_ids of the calling thread's next prefill
 
     variant: str = "paper"

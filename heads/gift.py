@@ -120,6 +120,7 @@ def top_heads(mass: torch.Tensor, count: int) -> torch.Tensor:
 class GIFT(Method):
     name = "gift"
     summary = "saliency from gaze shifts at prefill; boost salient image and question attention while decoding"
+    reported = "CHAIR_S ~49 -> 39.8, CHAIR_I -> 10.6 (LLaVA-1.5-7B); Qwen2-VL-7B 24.8 / 9.1 -> 21.2 / 7.7"
 
     alpha: float = 5.0
     beta: float = 1.0  # variant=paper only

@@ -28,6 +28,7 @@ from .common import check_range, example_heads, parse_heads
 class OCRSink(Method):
     name = "ocr_sink"
     summary = "in chosen OCR heads keep beta of token 0's attention, spread the rest in proportion"
+    reported = "text-reading accuracy up; no hallucination benchmark"
 
     heads: str = ""  # layer.head/... (required)
     beta: float = 0.4

@@ -44,6 +44,7 @@ def pai_groups(num_heads: int, alpha: float = 0.2, image_group: int = 1, num_gro
 class PAI(Method):
     name = "pai"
     summary = "image-key logits a -> a + alpha|a| for the predicting row, layers 2..L-1"
+    reported = "CHAIR_S / CHAIR_I down, POPE F1 up (LLaVA-1.5, MiniGPT-4, Shikra; with its contrastive term)"
 
     alpha: float = 0.2
     layers: str = ""  # e.g. 2-31; default 2..L-1

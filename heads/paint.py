@@ -40,7 +40,7 @@ def cls_attention(attention, hidden: torch.Tensor) -> torch.Tensor:
 def token_groups(first: torch.Tensor, late: torch.Tensor, top_ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
     """From [CLS] attention to the patches at ViT layer 0 and at the second-to-last layer ([images, patches]): the top
     group (top_ratio by layer-0 attention, outliers removed) and the outliers (> Q3 + 1.5 IQR of the late attention)."""
-    q1, q3 = torch.quantile(late, torch.tensor([0.25, 0.75], dtype=late.dtype), dim=1, keepdim=True)
+    q1, q3 = torch.quantile(late, torch.tensor([0.25, 0.75], dtype=late.dtype, device=late.device), dim=1, keepdim=True)
     outliers = late > q3 + 1.5 * (q3 - q1)
     count = int(first.shape[1] * top_ratio)
     top = torch.zeros_like(outliers).scatter(1, first.topk(count, dim=1).indices, True)
@@ -52,6 +52,7 @@ def token_groups(first: torch.Tensor, late: torch.Tensor, top_ratio: float) -> t
 class PAINT(Method):
     name = "paint"
     summary = "PAI-style |a| boost on image tokens picked by ViT [CLS] attention (top 25% at layer 0, late outliers)"
+    reported = "in-context hallucination (CHAIR) down (LLaVA-1.5)"
     captured = PerThread(dict)  # the calling thread's last vision-tower [CLS] attentions
 
     top: float = 0.7

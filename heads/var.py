@@ -69,6 +69,7 @@ def var_groups(num_heads: int, p: float = 0.6, rho: float = 0.5, min_image_mass:
 class VAR(Method):
     name = "var"
     summary = "move p of the visual-sink attention to the other image tokens in image-centric heads"
+    reported = "hallucination benchmarks (CHAIR, POPE) improve along with general and vision-centric VQA"
 
     p: float = 0.6
     rho: float = 0.5

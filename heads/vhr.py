@@ -91,6 +91,7 @@ def vhr_head_factors(model, inputs: dict, alpha: float = 2.0, layers=None) -> to
 class VHR(Method):
     name = "vhr"
     summary = "x alpha on heads whose output diverges most with vs without the image (later half)"
+    reported = "CHAIR_S ~49 -> 33.3, CHAIR_I -> 9.71 (LLaVA-1.5-7B); POPE up"
     pending = PerThread()  # the head factors of the calling thread's next prefill
 
     alpha: float = 2.0

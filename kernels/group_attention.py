@@ -605,16 +605,22 @@ def _per_key(tables, key_group: torch.Tensor):
 KEY_TABLES_KEPT = 8  # per-layout entries a spec keeps (one per distinct key_group / key_bias pair alive)
 
 
+def _version(tensor: torch.Tensor | None):
+    """The in-place version of a cached input; None for an inference tensor (made under torch.inference_mode, which
+    counts no versions), so that entries built from one are never reused: they are rebuilt at each call."""
+    return None if tensor is None or tensor.is_inference() else tensor._version
+
+
 def _key_tables(spec: GroupSpec, prep: dict, key_group: torch.Tensor, key_bias, scaling: float, device):
     """The group kernel's per-key inputs: (fpos, fneg, fbias, batch stride, head stride), sink index list and count,
     class-1 flags. Built once per (key_group, key_bias) tensor pair and kept on the spec while those tensors live
     unmodified, so the layers of one forward that pass the same tensors do no host work for them."""
     cache = spec._cache.setdefault(("key_tables", float(scaling), str(device)), {})
     ident = (id(key_group), id(key_bias))
-    versions = (key_group._version, None if key_bias is None else key_bias._version)
+    versions = (_version(key_group), _version(key_bias))
     entry = cache.get(ident)
     if (entry is not None and entry[0]() is key_group and (key_bias is None or entry[1]() is key_bias)
-            and entry[2] == versions):
+            and entry[2] == versions and versions[0] is not None and (key_bias is None or versions[1] is not None)):
         return entry[3]
     dz = placeholder(device)
     fz = placeholder(device, torch.float32)
@@ -663,7 +669,7 @@ def _selected_rows(query_select: torch.Tensor) -> torch.Tensor | None:
     layout, none per layer."""
     key = id(query_select)
     entry = _ROW_LISTS.get(key)
-    if entry is not None and entry[0]() is query_select and entry[1] == query_select._version:
+    if entry is not None and entry[0]() is query_select and entry[1] is not None and entry[1] == _version(query_select):
         return entry[2]
     sel = query_select.bool()
     counts = sel.sum(1)
@@ -675,7 +681,7 @@ def _selected_rows(query_select: torch.Tensor) -> torch.Tensor | None:
         rows = torch.where(used, order, -1).to(torch.int32).contiguous()
     if len(_ROW_LISTS) >= KEY_TABLES_KEPT:
         _ROW_LISTS.pop(next(iter(_ROW_LISTS)))
-    _ROW_LISTS[key] = (weakref.ref(query_select), query_select._version, rows)
+    _ROW_LISTS[key] = (weakref.ref(query_select), _version(query_select), rows)
     return rows
 
 

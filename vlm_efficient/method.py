@@ -208,6 +208,7 @@ class Method:
 
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
+    reported: ClassVar[str] = ""  # the effect its paper reports on the benchmarks it targets (evals' reports show it)
 
     def bind(self, engine) -> None:
         """Validate the parameters against the wrapped model (`engine`: its vlm_efficient.engine.Engine, not imported

