@@ -459,7 +459,8 @@ def main(argv=None) -> int:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--sections", type=int, default=len(SECTIONS), help="run only the first N sections")
-    parser.add_argument("--methods", help=f"comma-separated labels to run (of {', '.join(METHODS)}); default all")
+    labels = ", ".join(METHODS).replace("%", "%%")  # argparse formats help with %: "FastV 50%" must be escaped
+    parser.add_argument("--methods", help=f"comma-separated labels to run (of {labels}); default all")
     parser.add_argument("--no-checks", dest="checks", action="store_false", help="skip the exactness checks")
     parser.add_argument("--compiled", action="store_true",
                         help='also time wrap(spec, fast="compile") for the base and every method (path fast-compiled)')
