@@ -63,10 +63,12 @@ def vision_flops(model, inputs) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
     images = {key: inputs[key] for key in ("pixel_values", "image_sizes", "image_grid_thw") if key in inputs}
-    if not images:
-        return 0.0
+    videos = {key: inputs[key] for key in ("pixel_values_videos", "video_grid_thw") if key in inputs}
     with torch.inference_mode(), FlopCounterMode(display=False) as counter:
-        model.model.get_image_features(**images)
+        if images:
+            model.model.get_image_features(**images)
+        if videos:
+            model.model.get_video_features(**videos)
     return float(counter.get_total_flops())
 
 
@@ -306,7 +308,11 @@ def check_arch_fits(name: str, layers: int | None, device, dtype: torch.dtype, a
 
 def model_image_size(inputs, processor) -> str:
     """The image as the model sees it after its processor: "336x336 px", "5 tiles of 336x336 px" (LLaVA-NeXT), or
-    the patch grid's side in pixels (Qwen)."""
+    the patch grid's side in pixels (Qwen; a clip: its temporal steps of that grid)."""
+    if "video_grid_thw" in inputs:
+        steps, rows, cols = inputs["video_grid_thw"][0].tolist()
+        patch = processor.image_processor.patch_size
+        return f"a clip of {steps} temporal steps of {rows * patch}x{cols * patch} px"
     if "image_grid_thw" in inputs:
         _, rows, cols = inputs["image_grid_thw"][0].tolist()
         patch = processor.image_processor.patch_size
@@ -317,10 +323,11 @@ def model_image_size(inputs, processor) -> str:
 
 
 def bench(model_name: str, specs: list[str], *, device="cpu", dtype=torch.float32, layers=None, batch_size=1,
-          image_size=None, max_new_tokens=32, repeats=3, output=None, profile=False) -> dict:  # fmt: skip
+          image_size=None, max_new_tokens=32, repeats=3, output=None, profile=False, video_frames=0) -> dict:  # fmt: skip
     """Measure each spec (the first should be "", the base) on `model_name`; write bench.json / .md / .png to
     `output` when given. A random architecture on CPU has CPU_LAYERS layers unless `layers` is given, and one
-    whose weights do not fit the device's memory is refused with the --layers that would."""
+    whose weights do not fit the device's memory is refused with the --layers that would. `video_frames`: each
+    sample is a synthetic clip of that many frames of `image_size` instead of an image (Qwen architectures)."""
     from vlm_efficient import parse_methods
 
     from .archs import ARCHS, DEFAULT_IMAGE_SIZE, build_arch
@@ -328,8 +335,8 @@ def bench(model_name: str, specs: list[str], *, device="cpu", dtype=torch.float3
 
     for spec in specs:
         parse_methods(spec)  # a bad spec fails before the model is built
-    if repeats < 1 or max_new_tokens < 2 or batch_size < 1:
-        raise ValueError("--repeats and --batch-size must be >= 1 and --max-new-tokens >= 2")
+    if repeats < 1 or max_new_tokens < 2 or batch_size < 1 or video_frames < 0:
+        raise ValueError("--repeats and --batch-size must be >= 1, --max-new-tokens >= 2, --video-frames >= 0")
     torch.manual_seed(0)
     if model_name in ARCHS:
         if layers is None and torch.device(device).type == "cpu":
@@ -341,14 +348,15 @@ def bench(model_name: str, specs: list[str], *, device="cpu", dtype=torch.float3
     else:
         model, processor = load_eval_model(model_name, device, dtype)
     size = image_size or DEFAULT_IMAGE_SIZE.get(model_name, 336)
-    inputs = describe_inputs(processor, size, batch_size, model)
+    inputs = describe_inputs(processor, size, batch_size, model, video_frames)
     runs = {spec or "base": run for spec, run in measure_all(model, inputs, specs, max_new_tokens, repeats).items()}
     base = runs[specs[0] or "base"]
     for run in runs.values():
         add_ratios(run, base)
     vision = vision_flops(model, inputs)
     result = {"model": model_name, "device": str(device), "dtype": str(dtype).replace("torch.", ""), "layers": layers,
-              "batch_size": batch_size, "image_size": size, "model_image": model_image_size(inputs, processor),
+              "batch_size": batch_size, "image_size": size, "video_frames": video_frames,
+              "prompt_tokens": int(inputs["input_ids"].shape[1]), "model_image": model_image_size(inputs, processor),
               "max_new_tokens": max_new_tokens, "repeats": repeats,
               "parameters": sum(p.numel() for p in model.parameters()), "vision_flops": vision,
               "runs": runs}  # fmt: skip
@@ -374,7 +382,10 @@ def _write(result: dict, output) -> None:
 def format_bench(result: dict) -> str:
     """A markdown table, one row per method; each speed with the range of its rounds."""
     seen = result.get("model_image")
-    image = f"image {result['image_size']} px" + (f", {seen} as the model sees it" if seen else "")
+    frames = result.get("video_frames")
+    image = (f"{frames}-frame clip of {result['image_size']} px" if frames else f"image {result['image_size']} px")
+    image += (f", {seen} as the model sees it" if seen else "") + (
+        f", {result['prompt_tokens']} prompt tokens" if "prompt_tokens" in result else "")
     head = (f"{result['model']} on {result['device']} ({result['dtype']}, batch {result['batch_size']}, "
             f"{image}, {result['max_new_tokens']} new tokens"
             f"{', ' + str(result['layers']) + ' layers' if result['layers'] else ''})")  # fmt: skip

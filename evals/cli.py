@@ -89,7 +89,7 @@ def _bench(args) -> int:
     result = bench(args.model, [""] + split_specs(args.methods), device=args.device,
                    dtype=getattr(torch, args.dtype), layers=args.layers, batch_size=args.batch_size,
                    image_size=args.image_size, max_new_tokens=args.max_new_tokens, repeats=args.repeats,
-                   output=args.output, profile=args.profile)  # fmt: skip
+                   output=args.output, profile=args.profile, video_frames=args.video_frames)  # fmt: skip
     print(format_bench(result))
     if args.profile:
         print("\n" + format_profile(result["profiles"]))
@@ -140,6 +140,9 @@ def register(subparsers) -> None:
                         "GPU, 3 on CPU; one that does not fit the device's memory is refused")  # fmt: skip
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--image-size", type=int, default=None, help="square image side in pixels (default per model)")
+    p.add_argument("--video-frames", type=int, default=0,
+                   help="each sample a synthetic clip of this many frames of --image-size instead of an image "
+                        "(Qwen architectures; 0: an image)")  # fmt: skip
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3,
                    help="timed rounds per method; each measure is its best round, shown with the rounds' range")

@@ -59,26 +59,37 @@ def _peak_memory(device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # process peak RSS (Linux: KiB)
 
 
-def batch_inputs(processor, prompts: list[str], images: list[list], model):
-    """The processor's left-padded batch of `prompts` and their images, on the model's device, pixels in its dtype
-    (model None: as the processor made them, on the CPU)."""
+def batch_inputs(processor, prompts: list[str], images: list[list], model, videos: list[list] | None = None):
+    """The processor's left-padded batch of `prompts` and their images (and clips: lists of frames), on the model's
+    device, pixels in its dtype (model None: as the processor made them, on the CPU)."""
     flat = [im for ims in images for im in ims]
-    inputs = processor(images=flat or None, text=prompts, padding=True, padding_side="left", return_tensors="pt")
+    clips = [clip for sample in videos or [] for clip in sample]
+    inputs = processor(images=flat or None, videos=clips or None, text=prompts, padding=True, padding_side="left",
+                       return_tensors="pt")  # fmt: skip
     if model is None:
         return inputs
     inputs = inputs.to(next(model.parameters()).device)
-    if "pixel_values" in inputs:
-        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    for key in ("pixel_values", "pixel_values_videos"):
+        if key in inputs:
+            inputs[key] = inputs[key].to(model.dtype)
     return inputs
 
 
-def describe_inputs(processor, image_size: int, batch_size: int, model=None):
-    """batch_inputs of `batch_size` synthetic square images and a request to describe each (the benchmarks' input)."""
+def describe_inputs(processor, image_size: int, batch_size: int, model=None, video_frames: int = 0):
+    """batch_inputs of `batch_size` synthetic square images and a request to describe each (the benchmarks' input);
+    with `video_frames`, one synthetic clip of that many frames per sample instead of the image."""
     from vlm_efficient.models import build_prompt
-    from vlm_efficient.testing import tiny_image
+    from vlm_efficient.testing import tiny_image, tiny_video
 
+    size = (image_size, image_size)
+    if video_frames:
+        if getattr(processor, "video_token", None) is None:
+            raise ValueError(f"--video-frames: {type(processor).__name__} takes no videos; use a Qwen architecture")
+        prompt = build_prompt(processor, "Please describe this video in detail.", num_images=0, num_videos=1)
+        videos = [[tiny_video(i, frames=video_frames, size=size)] for i in range(batch_size)]
+        return batch_inputs(processor, [prompt] * batch_size, [[]] * batch_size, model, videos)
     prompt = build_prompt(processor, "Please describe this image in detail.")
-    images = [[tiny_image(i, size=(image_size, image_size))] for i in range(batch_size)]
+    images = [[tiny_image(i, size=size)] for i in range(batch_size)]
     return batch_inputs(processor, [prompt] * batch_size, images, model)
 
 

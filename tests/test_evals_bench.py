@@ -214,6 +214,23 @@ def test_host_overhead_times_every_method_against_the_base(tmp_path):
     assert "| fastv:layer=2,ratio=0.5 |" in (tmp_path / "host_overhead.md").read_text()
 
 
+def test_bench_cli_video_clips(tmp_path, capsys):
+    """--video-frames: each sample of a left-padded batch is a synthetic clip (Qwen: 8 frames of 56 px -> 4 temporal
+    steps of 2x2 merged tokens); DyCoke merges across frames; the tower's FLOPs count the clip; an image-only model
+    refuses it with the fix."""
+    out = tmp_path / "bench"
+    args = ["bench", "--model", "tiny:qwen2_vl", "--video-frames", "8", "--image-size", "56", "--batch-size", "2",
+            "--methods", "dycoke:ratio=0.75", "--repeats", "1", "--max-new-tokens", "3", "--output", str(out)]  # fmt: skip
+    assert main(args) == 0
+    assert "8-frame clip of 56 px, a clip of 4 temporal steps of 56x56 px" in capsys.readouterr().out
+    result = json.loads((out / "bench.json").read_text())
+    base, merged = result["runs"]["base"], result["runs"]["dycoke:ratio=0.75"]
+    assert base["visual_tokens_kept"] == 16 and merged["visual_tokens_kept"] < 16 and merged["flops_ratio"] < 1
+    assert result["video_frames"] == 8 and result["vision_flops"] > 0
+    assert main(["bench", "--model", "tiny:llava", "--video-frames", "4"]) == 2
+    assert "takes no videos" in capsys.readouterr().err
+
+
 def test_vision_flops_count_the_tower_and_projector():
     """The FLOP-allowed speed-up counts the vision tower and projector the timed prefill also runs: on the meta
     device, LLaVA-1.5-7B's count equals CLIP-L/336's hand count (24 layers on 577 tokens, patch convolution,

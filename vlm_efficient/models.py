@@ -148,15 +148,18 @@ def _load_processor(name: str, model_type: str):
         return IMAGE_ONLY_QWEN_PROCESSORS[model_type].from_pretrained(name)
 
 
-def build_prompt(processor, question: str, num_images: int = 1) -> str:
-    """The model's own chat template when it has one, else the images' placeholders followed by the question."""
+def build_prompt(processor, question: str, num_images: int = 1, num_videos: int = 0) -> str:
+    """The model's own chat template when it has one, else the images' and videos' placeholders followed by the
+    question."""
     if getattr(processor, "chat_template", None):
-        content = [{"type": "image"} for _ in range(num_images)] + [{"type": "text", "text": question}]
-        messages = [{"role": "user", "content": content}]
+        content = [{"type": "image"}] * num_images + [{"type": "video"}] * num_videos
+        messages = [{"role": "user", "content": content + [{"type": "text", "text": question}]}]
         return processor.apply_chat_template(messages, add_generation_prompt=True)
-    from .testing import image_placeholder
+    from .testing import image_placeholder, video_placeholder
 
-    return " ".join([image_placeholder(processor)] * num_images) + "\n" + question
+    placeholders = [image_placeholder(processor)] * num_images
+    placeholders += [video_placeholder(processor)] * num_videos if num_videos else []
+    return " ".join(placeholders) + "\n" + question
 
 
 def build_inputs(processor, image, question: str, device, dtype):
