@@ -606,9 +606,11 @@ KEY_TABLES_KEPT = 8  # per-layout entries a spec keeps (one per distinct key_gro
 
 
 def _version(tensor: torch.Tensor | None):
-    """The in-place version of a cached input; None for an inference tensor (made under torch.inference_mode, which
-    counts no versions), so that entries built from one are never reused: they are rebuilt at each call."""
-    return None if tensor is None or tensor.is_inference() else tensor._version
+    """The in-place version of a cached input. An inference tensor (made under torch.inference_mode, as the layout
+    tensors are when a caller generates in it) counts no versions: it is taken as unchanged while it lives, which holds
+    for the inputs the router builds (per forward, never written in place; the fast path's reloaded buffers are plain
+    tensors, made outside inference mode)."""
+    return None if tensor is None else ("inference" if tensor.is_inference() else tensor._version)
 
 
 def _key_tables(spec: GroupSpec, prep: dict, key_group: torch.Tensor, key_bias, scaling: float, device):
@@ -620,7 +622,7 @@ def _key_tables(spec: GroupSpec, prep: dict, key_group: torch.Tensor, key_bias, 
     versions = (_version(key_group), _version(key_bias))
     entry = cache.get(ident)
     if (entry is not None and entry[0]() is key_group and (key_bias is None or entry[1]() is key_bias)
-            and entry[2] == versions and versions[0] is not None and (key_bias is None or versions[1] is not None)):
+            and entry[2] == versions):
         return entry[3]
     dz = placeholder(device)
     fz = placeholder(device, torch.float32)
@@ -669,7 +671,7 @@ def _selected_rows(query_select: torch.Tensor) -> torch.Tensor | None:
     layout, none per layer."""
     key = id(query_select)
     entry = _ROW_LISTS.get(key)
-    if entry is not None and entry[0]() is query_select and entry[1] is not None and entry[1] == _version(query_select):
+    if entry is not None and entry[0]() is query_select and entry[1] == _version(query_select):
         return entry[2]
     sel = query_select.bool()
     counts = sel.sum(1)
