@@ -63,9 +63,9 @@ def batch_inputs(processor, prompts: list[str], images: list[list], model, video
     """The processor's left-padded batch of `prompts` and their images (and clips: lists of frames), on the model's
     device, pixels in its dtype (model None: as the processor made them, on the CPU)."""
     flat = [im for ims in images for im in ims]
-    clips = [clip for sample in videos or [] for clip in sample]
-    inputs = processor(images=flat or None, videos=clips or None, text=prompts, padding=True, padding_side="left",
-                       return_tensors="pt")  # fmt: skip
+    clips = {"videos": [clip for sample in videos for clip in sample]} if videos else {}  # image-only processors: none
+    inputs = processor(images=flat or None, text=prompts, padding=True, padding_side="left", return_tensors="pt",
+                       **clips)  # fmt: skip
     if model is None:
         return inputs
     inputs = inputs.to(next(model.parameters()).device)
