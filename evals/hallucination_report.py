@@ -16,8 +16,7 @@ import argparse
 import json
 from pathlib import Path
 
-from vlm_efficient.registry import METHODS
-
+from vlm_efficient.registry import parse_methods
 
 
 def _column(metrics: dict, task_kind: str, metric: str) -> str | None:
@@ -30,8 +29,7 @@ def _column(metrics: dict, task_kind: str, metric: str) -> str | None:
 
 
 def _reported(spec: str) -> str:
-    names = [part.split(":")[0].strip() for part in spec.split("+")]
-    return "; ".join(f"{n}: {METHODS[n].reported}" for n in names if n in METHODS and METHODS[n].reported)
+    return "; ".join(f"{m.name}: {m.reported}" for m in parse_methods(spec) if m.reported)
 
 
 def report(summary: dict, goal: float = 0.3) -> dict:

@@ -40,7 +40,8 @@ def cls_attention(attention, hidden: torch.Tensor) -> torch.Tensor:
 def token_groups(first: torch.Tensor, late: torch.Tensor, top_ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
     """From [CLS] attention to the patches at ViT layer 0 and at the second-to-last layer ([images, patches]): the top
     group (top_ratio by layer-0 attention, outliers removed) and the outliers (> Q3 + 1.5 IQR of the late attention)."""
-    q1, q3 = torch.quantile(late, torch.tensor([0.25, 0.75], dtype=late.dtype, device=late.device), dim=1, keepdim=True)
+    quartiles = torch.tensor([0.25, 0.75], dtype=late.dtype, device=late.device)
+    q1, q3 = torch.quantile(late, quartiles, dim=1, keepdim=True)
     outliers = late > q3 + 1.5 * (q3 - q1)
     count = int(first.shape[1] * top_ratio)
     top = torch.zeros_like(outliers).scatter(1, first.topk(count, dim=1).indices, True)

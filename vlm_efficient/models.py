@@ -158,7 +158,8 @@ def build_prompt(processor, question: str, num_images: int = 1, num_videos: int 
     from .testing import image_placeholder, video_placeholder
 
     placeholders = [image_placeholder(processor)] * num_images
-    placeholders += [video_placeholder(processor)] * num_videos if num_videos else []
+    if num_videos:  # image-only processors have no video placeholder
+        placeholders += [video_placeholder(processor)] * num_videos
     return " ".join(placeholders) + "\n" + question
 
 
