@@ -75,7 +75,12 @@ def _settle(page) -> None:
 
 
 def _loaded(image) -> bool:
-    return image.evaluate("img => img.complete && img.naturalWidth > 0")
+    """Whether the image loaded and decoded to pixels; one still loading (its src just changed) is waited for, and
+    one that fails to load is not loaded."""
+    return image.evaluate("""img => img.complete ? img.naturalWidth > 0 : new Promise(resolve => {
+        img.addEventListener("load", () => resolve(img.naturalWidth > 0), {once: true});
+        img.addEventListener("error", () => resolve(false), {once: true});
+    })""")
 
 
 def test_a_sample_answers_side_by_side_with_the_overlay(browser):
