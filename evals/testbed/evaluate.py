@@ -144,6 +144,8 @@ def evaluate(model, processor, n: int = 200, split: str = "test", batch_size: in
         scores["exact"] = sum(p == r["caption"] for p, r in zip(preds, cap_rows)) / len(cap_rows)
         scores["all_objects_named"] = sum(set(r["objects"]) <= set(tasks.mentioned_objects(p))
                                           for p, r in zip(preds, cap_rows)) / len(cap_rows)  # fmt: skip
+        if world == "priors":
+            scores.update(prior_caption_scores(preds, cap_rows))
         results["captions"] = scores
         wrong["caption_examples"] = [{"image": r["image_id"], "prediction": p, "target": r["caption"]}
                                      for p, r in list(zip(preds, cap_rows))[:5]]  # fmt: skip
@@ -167,6 +169,20 @@ def evaluate(model, processor, n: int = 200, split: str = "test", batch_size: in
     return results
 
 
+def prior_caption_scores(captions: list[str], rows: list[dict]) -> dict:
+    """On testbed-lm's world (priors.py): the share of hallucinated mentions that name the partner of a shape in the
+    scene (prior-driven hallucination), and the share of faint objects the captions name."""
+    from .priors import PARTNER
+
+    invented = [(o, r["objects"]) for text, r in zip(captions, rows) for o in tasks.mentioned_objects(text)
+                if o not in r["objects"]]  # fmt: skip
+    faint = [(o["shape"], text) for text, r in zip(captions, rows) for o in r["ground_truth"]["objects"] if o["faint"]]
+    return {"hallucinated_partner_share": sum(PARTNER[o] in present for o, present in invented) / max(len(invented), 1),
+            "hallucinated_mentions": len(invented),
+            "faint_recall": sum(shape in tasks.mentioned_objects(text) for shape, text in faint) / max(len(faint), 1),
+            "faint_objects": len(faint)}  # fmt: skip
+
+
 def summary(results: dict) -> str:
     lines = []
     for cat, m in results.get("pope", {}).items():
@@ -179,6 +195,9 @@ def summary(results: dict) -> str:
         c = results["captions"]
         lines.append(f"CAPTION recall={c['recall']:.3f} all_named={c['all_objects_named']:.3f} "
                      f"chair_s={c['chair_s']:.3f} chair_i={c['chair_i']:.3f} exact={c['exact']:.3f} n={c['n']}")  # fmt: skip
+        if "faint_recall" in c:
+            lines.append(f"CAPTION faint_recall={c['faint_recall']:.3f} (of {c['faint_objects']}) hallucinated "
+                         f"partners={c['hallucinated_partner_share']:.3f} (of {c['hallucinated_mentions']})")
     lines.append(f"latency (short answer, batch 1): {results['latency_short_answer_s'] * 1000:.0f} ms")
     return "\n".join(lines)
 

@@ -8,10 +8,12 @@
 # for the piece calls, so that a 49 MB piece fits beside it):
 #   bash evals/testbed/lm_device.sh piece            # keeps this call's pieces in /root/gg
 #   bash evals/testbed/lm_device.sh stage1           # joins the pieces (checksum), converts, trains stage 1
-#   bash evals/testbed/lm_device.sh rest             # stage 2 and the held-out eval (rerun if cut off)
+#   bash evals/testbed/lm_device.sh rest             # stage 2 and the held-out eval (rerun if cut off; after
+#                                                      `stage2`, the eval alone; EVAL_N: scenes per task)
 #   bash evals/testbed/lm_device.sh stage2           # or stage 2 alone (its parts come back; eval elsewhere)
 #   NAME=heads bash evals/testbed/lm_device.sh sweep --methods ... --tasks ...   # vlm-efficient sweep on the
-#       committed parts (bf16, cuda), resumable: rerun the same line where a call was cut off
+#       committed parts (bf16, cuda), resumable: rerun the same line where a call was cut off; PARTS=/root/lm_run/
+#       checkpoint sweeps the parts this machine just trained instead, before they are committed
 # Training: $OUT gets train_log.txt, eval.json and lm_run.tar.part-* (the run folder without the stages' parts, except
 # stage2/ after `stage2`: rejoin with cat, then untar; checkpoint/ is what evals/testbed/lm_checkpoint/ holds; a rerun
 # of lm_train with the same --out on stage2/ evaluates it). BUDGETS="S1,S2" shortens the stages (lm_train
@@ -50,10 +52,11 @@ case $STEP in
     timeout "${LIMIT:-570}" "${TRAIN[@]}" --stop-after stage2
     report stage1 ;;
   rest)
-    timeout "${LIMIT:-570}" "${TRAIN[@]}"
+    timeout "${LIMIT:-570}" "${TRAIN[@]}" ${EVAL_N:+--eval-n "$EVAL_N"}
     report stage1 stage2 ;;
   sweep)
     join_pieces
+    [ -z "${PARTS:-}" ] || cp "$PARTS"/* evals/testbed/lm_checkpoint/
     SWEEP=/root/sweep_${NAME:?NAME names the sweep}
     timeout "${LIMIT:-560}" python3 -m vlm_efficient.cli sweep --model testbed-lm --device cuda --dtype bfloat16 \
       --output "$SWEEP" --no-progress "$@" 2>&1 | tee "$OUT/sweep.log" | grep -v Warning | tail -40

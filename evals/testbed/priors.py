@@ -8,6 +8,12 @@ In training scenes objects follow fixed statistics, the way COCO objects do:
   background), else another colour;
 - usual backgrounds: the scene takes its first anchor's `USUAL_BACKGROUND` with `BACKGROUND_PROB`.
 
+- faint partners: a group's second member is drawn faint with `FAINT_PROB` (small, `FAINT_SIDE` pixels, its colour
+  blended into the background at `FAINT_ALPHA`), the way COCO's small and half-hidden objects are: present in the
+  ground truth and the captions, hard to see. They are left out of the auxiliary patch labels (`world.patch_labels`),
+  so the ViT is not taught to find them, and a model learns part of their presence from the anchor they come with:
+  the prior that held-out scenes then break.
+
 Held-out scenes (validation, test) break all three with `BREAK_RATE`: a broken scene never holds a shape's partner
 (its groups' second members are other shapes), no object has its typical colour, and the background is not the first
 anchor's usual one. The others follow the training statistics. So POPE's adversarial negatives (the absent shapes
@@ -24,8 +30,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from .world import BACKGROUND_STYLES, BACKGROUNDS, COLOURS, GRID, SHAPE_WEIGHTS, SHAPES, SPLITS, Scene, object_in_cell
-from .world import sign_in_cell, visible
+from .world import BACKGROUND_STYLES, BACKGROUNDS, COLOURS, GRID, SHAPE_WEIGHTS, SHAPES, SPLITS, Scene, SceneObject
+from .world import object_in_cell, sign_in_cell, visible
 from .words import CHAIR_SYNONYMS, NUMBER_WORDS, STYLE_WORDS, article, plural, where_phrase
 
 PAIRS = (("star", "crescent"), ("heart", "diamond"), ("square", "triangle"), ("circle", "ring"),
@@ -44,6 +50,9 @@ USUAL_BACKGROUND = {
 PAIR_PROB = 0.8  # a group's second member is the anchor's partner (training and unbroken held-out scenes)
 COLOUR_PROB = 0.8  # an object has its shape's typical colour, where that colour shows on the background
 BACKGROUND_PROB = 0.8  # the background is the first anchor's usual one
+FAINT_PROB = 0.4  # a group's second member is drawn faint (training and held-out scenes alike)
+FAINT_SIDE = (18, 26)  # its bounding square, in pixels (small objects are 36-50)
+FAINT_ALPHA = (0.08, 0.28)  # the share of its colour blended over the background's
 BREAK_RATE = 0.5  # share of held-out scenes that break all three priors
 TEXT_PROB = 0.5
 
@@ -62,6 +71,32 @@ class PriorScene(Scene):
         return {**super().ground_truth(), "world": self.world, "broken": self.broken}
 
 
+@dataclass
+class PriorObject(SceneObject):
+    faint: bool = False  # drawn small and blended into the background (FAINT_PROB)
+
+    @property
+    def patch_labelled(self) -> bool:
+        return not self.faint
+
+    def as_dict(self) -> dict:
+        return {**super().as_dict(), "faint": self.faint}
+
+
+def _prior_object(rng: random.Random, obj: SceneObject, background: str, faint: bool) -> PriorObject:
+    """`obj` as a PriorObject; a faint one is shrunk to FAINT_SIDE about its centre and its colour blended over the
+    background at FAINT_ALPHA."""
+    if not faint:
+        return PriorObject(obj.shape, obj.colour, obj.size, obj.cell, obj.box, obj.angle, obj.rgb)
+    side = rng.randint(*FAINT_SIDE)
+    x0, y0, x1, y1 = obj.box
+    cx, cy = (x0 + x1) // 2, (y0 + y1) // 2
+    alpha = rng.uniform(*FAINT_ALPHA)
+    rgb = tuple(round(alpha * c + (1 - alpha) * b) for c, b in zip(obj.rgb, BACKGROUNDS[background]))
+    box = (cx - side // 2, cy - side // 2, cx - side // 2 + side, cy - side // 2 + side)
+    return PriorObject(obj.shape, obj.colour, "small", obj.cell, box, obj.angle, rgb, faint=True)
+
+
 def _pick(rng: random.Random, shapes: list[str]) -> str:
     return rng.choices(shapes, [SHAPE_WEIGHTS[s] for s in shapes])[0]
 
@@ -71,12 +106,14 @@ def scene_from_seed(seed: int, split: str = "train", index: int | None = None) -
     rng = random.Random(seed)
     broken = split != "train" and rng.random() < BREAK_RATE
     shapes: list[str] = []
+    second: set[int] = set()  # indices in `shapes` of the groups' second members
     for _ in range(rng.randint(1, 3)):
         # a broken scene never adds a shape whose partner is present
         allowed = [s for s in SHAPES if not (broken and PARTNER[s] in shapes)]
         anchor = _pick(rng, allowed)
         shapes.append(anchor)
         if rng.random() < PAIR_PROB:
+            second.add(len(shapes))
             if broken:
                 shapes.append(_pick(rng, [s for s in SHAPES if PARTNER[s] not in shapes]))
             else:
@@ -92,14 +129,15 @@ def scene_from_seed(seed: int, split: str = "train", index: int | None = None) -
     rng.shuffle(cells)
     if rng.random() < TEXT_PROB:
         scene.texts.append(sign_in_cell(rng, background, cells.pop()))
-    for shape in shapes:
+    for k, shape in enumerate(shapes):
         typical = TYPICAL_COLOUR[shape]
         others = [c for c in COLOURS if c != typical and visible(c, background)]
         if not broken and visible(typical, background) and rng.random() < COLOUR_PROB:
             colour = typical
         else:
             colour = rng.choice(others)
-        scene.objects.append(object_in_cell(rng, shape, colour, cells.pop()))
+        obj = object_in_cell(rng, shape, colour, cells.pop())
+        scene.objects.append(_prior_object(rng, obj, background, k in second and rng.random() < FAINT_PROB))
     scene.objects.sort(key=lambda o: o.cell)  # reading order, as in world.py
     return scene
 

@@ -111,6 +111,11 @@ class SceneObject:
     def position(self) -> str:
         return position_name(*self.cell)
 
+    @property
+    def patch_labelled(self) -> bool:
+        """Whether patch_labels marks it (testbed-lm's faint objects are not: priors.py)."""
+        return True
+
     def as_dict(self) -> dict:
         return {"shape": self.shape, "colour": self.colour, "size": self.size, "position": self.position,
                 "cell": list(self.cell), "box": list(self.box)}  # fmt: skip
@@ -389,13 +394,14 @@ def patch_labels(scene: Scene, patch: int = 14, min_pixels: int = 20) -> np.ndar
     """Dense ground truth on the ViT patch grid, int64 [4, G, G] (G = 336 / patch): the shape (0 background,
     1..12 SHAPES, 13 sign), colour (0 none, 1..8 COLOURS), word (0 none, 1..32 WORDS) of the item covering most of
     each patch (at least `min_pixels`), and 1 on the patch holding each object's centre. Used by train.py as an
-    auxiliary loss on the projected image tokens."""
+    auxiliary loss on the projected image tokens. Objects that are not `patch_labelled` are left to the background."""
     g = IMAGE_SIZE // patch
     mask = Image.new("L", (IMAGE_SIZE, IMAGE_SIZE), 0)
     draw = ImageDraw.Draw(mask)
-    for k, obj in enumerate(scene.objects):
+    objects = [o for o in scene.objects if o.patch_labelled]
+    for k, obj in enumerate(objects):
         _draw_object(draw, obj, 0, fill=k + 1)
-    n = len(scene.objects)
+    n = len(objects)
     for t, text in enumerate(scene.texts):
         draw.rectangle(text.box, fill=n + t + 1)
     lab = np.asarray(mask)
@@ -405,14 +411,14 @@ def patch_labels(scene: Scene, patch: int = 14, min_pixels: int = 20) -> np.ndar
         counts[k] = (lab == k).reshape(g, patch, g, patch).sum(axis=(1, 3))
     counts[0] = min_pixels - 1  # background wins unless an item covers >= min_pixels
     owner = counts.argmax(0)
-    shape_of = [0] + [SHAPES.index(o.shape) + 1 for o in scene.objects] + [len(SHAPES) + 1] * len(scene.texts)
-    colour_of = [0] + [list(COLOURS).index(o.colour) + 1 for o in scene.objects] + [0] * len(scene.texts)
+    shape_of = [0] + [SHAPES.index(o.shape) + 1 for o in objects] + [len(SHAPES) + 1] * len(scene.texts)
+    colour_of = [0] + [list(COLOURS).index(o.colour) + 1 for o in objects] + [0] * len(scene.texts)
     word_of = [0] + [0] * n + [WORDS.index(t.text.lower()) + 1 for t in scene.texts]
     out = np.zeros((4, g, g), dtype=np.int64)
     out[0] = np.asarray(shape_of)[owner]
     out[1] = np.asarray(colour_of)[owner]
     out[2] = np.asarray(word_of)[owner]
-    for obj in scene.objects:
+    for obj in objects:
         x0, y0, x1, y1 = obj.box
         out[3, min(g - 1, (y0 + y1) // 2 // patch), min(g - 1, (x0 + x1) // 2 // patch)] = 1
     return out
