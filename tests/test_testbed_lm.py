@@ -103,6 +103,27 @@ def test_prior_caption_scores_count_invented_partners_and_named_faint_objects():
     assert evaluate.prior_caption_scores(silent, rows)["faint_recall"] == 0
 
 
+def test_pope_prior_rates_split_the_negatives_by_partner_and_the_positives_by_faintness():
+    from vlm_efficient.evals.testbed import evaluate
+
+    rows = tasks.pope("test", n_images=40, with_images=False, world="priors")
+    right = evaluate.pope_prior_rates([r["answer"] for r in rows], rows, "test")
+    assert {k: m["yes"] for k, m in right.items()} == {"partner_negatives": 0, "other_negatives": 0,
+                                                       "faint_positives": 1, "clear_positives": 1}  # fmt: skip
+    assert sum(m["n"] for m in right.values()) == len(rows) and min(m["n"] for m in right.values()) > 0
+    # a model that says yes exactly to the partners of what it sees, and misses every faint object
+    scenes = {i: priors.make_scene("test", i) for i in range(40)}
+    said = []
+    for r in rows:
+        scene = scenes[int(r["image_source"].rsplit("_", 1)[1])]
+        shape = r["question"].split()[3]
+        clear = {o.shape for o in scene.objects if not o.faint}
+        said.append("yes" if shape in clear or shape in {priors.PARTNER[s] for s in clear} else "no")
+    rates = evaluate.pope_prior_rates(said, rows, "test")
+    assert rates["other_negatives"]["yes"] == 0 and rates["clear_positives"]["yes"] == 1
+    assert rates["partner_negatives"]["yes"] > 0.5 and 0 < rates["faint_positives"]["yes"] < 1
+
+
 def test_adversarial_pope_negatives_of_broken_scenes_are_the_missing_partners():
     rows = tasks.pope("test", n_images=40, with_images=False, categories=("adversarial",), world="priors")
     scenes = {s.image_id: s for s in (priors.make_scene("test", i) for i in range(40))}

@@ -20,6 +20,7 @@ import time
 import torch
 
 from . import tasks
+from .world import SHAPES
 
 _NUMBERS = {w: str(i) for i, w in enumerate(tasks.NUMBER_WORDS)}
 _ARTICLES = {"a", "an", "the"}
@@ -111,6 +112,8 @@ def evaluate(model, processor, n: int = 200, split: str = "test", batch_size: in
             for i in idx:
                 if yes_no(preds[i]) != pope_rows[i]["answer"]:
                     keep_wrong(f"pope_{cat}", pope_rows[i], preds[i], pope_rows[i]["answer"])
+        if world == "priors":
+            results["pope_prior"] = pope_prior_rates([yes_no(p) for p in preds], pope_rows, split)
     if vqa_rows:
         preds = _batched(model, processor, [(r["image"], r["question"] + tasks.SHORT_SUFFIX) for r in vqa_rows],
                          batch_size, 8, bar)  # fmt: skip
@@ -169,6 +172,25 @@ def evaluate(model, processor, n: int = 200, split: str = "test", batch_size: in
     return results
 
 
+def pope_prior_rates(answers: list[str], rows: list[dict], split: str) -> dict:
+    """On testbed-lm's world (priors.py), over every POPE row of every split: the "yes" rate on negatives that are the
+    partner of a shape in the scene (the prior's pull) and on the other negatives, and on positives whose every
+    instance is faint and on the others. Each entry: {"n": rows, "yes": rate}."""
+    from .priors import PARTNER, make_scene
+
+    kinds: dict[str, list[bool]] = {"partner_negatives": [], "other_negatives": [], "faint_positives": [],
+                                    "clear_positives": []}  # fmt: skip
+    for answer, row in zip(answers, rows):
+        scene = make_scene(split, int(row["image_source"].rsplit("_", 1)[1]))
+        shape = next(s for s in SHAPES if f" {s} in the image" in row["question"])
+        if row["answer"] == "no":
+            kind = "partner_negatives" if shape in {PARTNER[s] for s in scene.shapes} else "other_negatives"
+        else:
+            kind = "faint_positives" if all(o.faint for o in scene.objects if o.shape == shape) else "clear_positives"
+        kinds[kind].append(answer == "yes")
+    return {kind: {"n": len(said), "yes": sum(said) / max(len(said), 1)} for kind, said in kinds.items()}
+
+
 def prior_caption_scores(captions: list[str], rows: list[dict]) -> dict:
     """On testbed-lm's world (priors.py): the share of hallucinated mentions that name the partner of a shape in the
     scene (prior-driven hallucination), and the share of faint objects the captions name."""
@@ -187,6 +209,9 @@ def summary(results: dict) -> str:
     lines = []
     for cat, m in results.get("pope", {}).items():
         lines.append(f"POPE {cat:<12} acc={m['accuracy']:.3f} f1={m['f1']:.3f} yes={m['yes_ratio']:.2f} n={m['n']}")
+    if "pope_prior" in results:
+        lines.append("POPE prior, yes rate: " + ", ".join(f"{kind} {m['yes']:.3f} (of {m['n']})"
+                                                         for kind, m in results["pope_prior"].items()))
     for task, m in results.get("vqa", {}).items():
         lines.append(f"VQA  {task:<12} acc={m['accuracy']:.3f} n={m['n']}")
     for cat, m in results.get("mme", {}).items():
