@@ -40,6 +40,7 @@ def report(summary: dict, goal: float = 0.3) -> dict:
     columns = {
         "CHAIR_S": _column(base["metrics"], "chair", "chair_s"),
         "CHAIR_I": _column(base["metrics"], "chair", "chair_i"),
+        "CHAIR_S, invented partners": _column(base["metrics"], "chair", "chair_s_partner"),  # testbed-lm's prior
         "caption recall": _column(base["metrics"], "chair", "recall"),
         "POPE adversarial F1": _column(base["metrics"], "pope_adversarial", "f1"),
     }

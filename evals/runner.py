@@ -215,7 +215,7 @@ def _device_label(model) -> str:
 def run_task(model, processor, batches: Batches, out: Path, *, max_new_tokens=None, progress=True, rank=0, world=1,
              state=None, warm_up=True):  # fmt: skip
     """Generate every missing batch owned by this process (with `warm_up`, the first one also once before, untimed);
-    returns all samples (main process) or None."""
+    returns (all samples, whether this call generated any) on the main process, else (None, ...)."""
     from tqdm.auto import tqdm
 
     task = batches.task
@@ -250,7 +250,7 @@ def run_task(model, processor, batches: Batches, out: Path, *, max_new_tokens=No
     if state is not None:
         state.wait_for_everyone()
     if rank != 0:
-        return None
+        return None, bool(todo)
     parts = sorted(out.glob(f"samples_{task.name}*.jsonl"))
     done = _read_samples(parts)
     missing = [d for d in range(n) if d not in done]
@@ -263,7 +263,7 @@ def run_task(model, processor, batches: Batches, out: Path, *, max_new_tokens=No
     for part in parts:
         if part != final:
             part.unlink()
-    return samples
+    return samples, bool(todo)
 
 
 def efficiency_summary(samples: list[dict]) -> dict:
@@ -318,6 +318,7 @@ def evaluate(model, processor, tasks, output, *, methods: str = "", limit=None, 
     results_path = out / "results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
     devices = set()  # where the samples were generated (a resumed run may have started elsewhere)
+    generated = False  # whether this call generated samples (else it only re-scores stored ones)
     for key in ("results", "group_subtasks", "configs", "versions", "n-shot", "higher_is_better", "n-samples",
                 "efficiency"):  # fmt: skip
         results.setdefault(key, {})
@@ -334,8 +335,9 @@ def evaluate(model, processor, tasks, output, *, methods: str = "", limit=None, 
         for index, task in enumerate(task_objs):
             task = kept[task.name].task
             # one warm-up per call: the model is warm for the later tasks
-            samples = run_task(model, processor, kept[task.name], out, max_new_tokens=max_new_tokens,
-                               progress=progress, rank=rank, world=world, state=state, warm_up=index == 0)  # fmt: skip
+            samples, new = run_task(model, processor, kept[task.name], out, max_new_tokens=max_new_tokens,
+                                    progress=progress, rank=rank, world=world, state=state, warm_up=index == 0)  # fmt: skip
+            generated |= new
             if samples is None:
                 continue
             recorded = results.get("config", {}).get("device", _device_label(model))  # samples older than the field
@@ -363,9 +365,10 @@ def evaluate(model, processor, tasks, output, *, methods: str = "", limit=None, 
                          "world_size": world}  # fmt: skip
     import transformers
 
-    results["versions_software"] = {"vlm_efficient": _version(), "torch": torch.__version__,
-                                    "transformers": transformers.__version__}  # fmt: skip
-    results["date"] = datetime.datetime.now().strftime("%Y%m%d_%H%M%S")
+    if generated or "versions_software" not in results:  # a call that only re-scores keeps the generating software
+        results["versions_software"] = {"vlm_efficient": _version(), "torch": torch.__version__,
+                                        "transformers": transformers.__version__}  # fmt: skip
+        results["date"] = datetime.datetime.now().strftime("%Y%m%d_%H%M%S")
     tmp = results_path.with_suffix(".tmp")
     tmp.write_text(json.dumps(results, indent=2))
     tmp.replace(results_path)

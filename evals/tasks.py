@@ -348,7 +348,25 @@ class TestbedLMPOPE(TestbedPOPE):
 
 
 class TestbedLMCHAIR(TestbedCHAIR):
+    """CHAIR on the priors world, plus the part of it the prior explains: `chair_s_partner`, the captions that invent
+    the usual partner of a shape in the scene (priors.PARTNER), and `partner_share`, the share of invented mentions
+    that are such partners. Computed from each sample's doc and hallucinated mentions, so stored samples re-score."""
+
     name, world = "testbed_lm_chair", "priors"
+    higher_is_better = {**TestbedCHAIR.higher_is_better, "chair_s_partner": False}
+    PRIOR_RATIOS = {"chair_s_partner": ("caption_partner_hallucinated", None),
+                    "partner_share": ("partner_hallucinations", "hallucinations")}  # fmt: skip
+
+    def aggregate(self, samples):
+        from .testbed.priors import PARTNER
+
+        def with_partners(sample):
+            partners = {PARTNER[o] for o in sample["doc"]["objects"]}
+            invented = sum(o in partners for o in sample["hallucinated"])
+            return {**sample, "partner_hallucinations": float(invented), "caption_partner_hallucinated": float(invented > 0)}
+
+        scored = [with_partners(s) for s in samples]
+        return {self.name: {**super().aggregate(scored)[self.name], **_ratios(scored, self.PRIOR_RATIOS)}}
 
 
 class TestbedLMVQA(TestbedVQA):

@@ -112,8 +112,12 @@ def test_resume_after_kill_gives_identical_results(tiny, data_dir, tmp_path, mon
             {k: v for k, v in s.items() if k != "efficiency"} for s in b]  # fmt: skip
 
     calls.clear()
-    again = evaluate(model, processor, tasks, out, **kw)  # complete: nothing is generated again
+    stored = json.loads((out / "results.json").read_text())
+    monkeypatch.setattr(runner.torch, "__version__", "0.0-rescorer")  # a later process, other software
+    again = evaluate(model, processor, tasks, out, **kw)  # complete: nothing is generated again, only re-scored
     assert calls == [] and _strip(again) == _strip(full)
+    # the software and date are those of the call that generated the samples, not of the re-scoring one
+    assert again["versions_software"] == stored["versions_software"] and again["date"] == stored["date"]
 
 
 def test_other_settings_refused(tiny, data_dir, tmp_path):

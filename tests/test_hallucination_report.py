@@ -41,6 +41,16 @@ def test_relative_changes_noise_and_the_goal(tmp_path):
     assert "| pai | 0.200 -> 0.120, -40%*" in text and "goal 50%: missed" in text
 
 
+def test_testbed_lms_invented_partners_get_their_own_column_when_the_sweep_has_them():
+    summary = _summary(_row("pai", 0.12, 0.05, 0.90))
+    assert "CHAIR_S, invented partners" not in H.report(summary)["columns"]
+    for row, partners in zip(summary["rows"], (0.10, 0.04)):
+        row["metrics"]["t_chair chair_s_partner"], row["stderr"]["t_chair chair_s_partner"] = partners, 0.02
+    cell = H.report(summary)["rows"][0]["cells"]["CHAIR_S, invented partners"]
+    assert cell["relative"] == pytest.approx(-0.6) and cell["beyond_noise"]
+    assert "CHAIR_S, invented partners (base -> method, change)" in H.format_report(H.report(summary))
+
+
 def test_a_cut_within_the_noise_does_not_meet_the_goal():
     summary = _summary(_row("vaf", 0.10, 0.05, 0.90))
     assert H.report(summary)["verdict"]["met"]  # 0.20 -> 0.10 with a standard error of 0.02

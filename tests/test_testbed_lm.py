@@ -124,6 +124,20 @@ def test_pope_prior_rates_split_the_negatives_by_partner_and_the_positives_by_fa
     assert rates["partner_negatives"]["yes"] > 0.5 and 0 < rates["faint_positives"]["yes"] < 1
 
 
+def test_testbed_lm_chair_counts_the_captions_that_invent_a_partner():
+    from vlm_efficient.evals.tasks import get_task
+
+    task = get_task("testbed_lm_chair")
+    doc = {"objects": ["square", "heart"]}  # partners: triangle, diamond
+    captions = ["A square and a heart.", "A square, a heart and a triangle.", "A square, a heart and a star.",
+                "A square, a diamond and a star."]  # fmt: skip
+    samples = [{"doc": doc, **task.score(doc, c)} for c in captions]
+    scores = {k: v for k, (v, _) in task.aggregate(samples)["testbed_lm_chair"].items()}
+    assert scores["chair_s"] == 0.75 and scores["chair_s_partner"] == 0.5
+    assert scores["partner_share"] == pytest.approx(2 / 4)  # 4 invented mentions, 2 of them partners
+    assert task.higher_is_better["chair_s_partner"] is False
+
+
 def test_adversarial_pope_negatives_of_broken_scenes_are_the_missing_partners():
     rows = tasks.pope("test", n_images=40, with_images=False, categories=("adversarial",), world="priors")
     scenes = {s.image_id: s for s in (priors.make_scene("test", i) for i in range(40))}
