@@ -215,7 +215,8 @@ def _device_label(model) -> str:
 def run_task(model, processor, batches: Batches, out: Path, *, max_new_tokens=None, progress=True, rank=0, world=1,
              state=None, warm_up=True):  # fmt: skip
     """Generate every missing batch owned by this process (with `warm_up`, the first one also once before, untimed);
-    returns (all samples, whether this call generated any) on the main process, else (None, ...)."""
+    returns (all samples, whether any document of any rank lacked a sample before this call) on the main process,
+    else (None, the same flag)."""
     from tqdm.auto import tqdm
 
     task = batches.task
@@ -224,6 +225,7 @@ def run_task(model, processor, batches: Batches, out: Path, *, max_new_tokens=No
     mine = final if world == 1 else out / f"samples_{task.name}.rank{rank}.jsonl"
     _trim_partial_line(mine)
     done = _read_samples(sorted(out.glob(f"samples_{task.name}*.jsonl")))
+    fresh = any(d not in done for d in range(n))  # the same on every rank: all ranks' samples were read
     owned = [(i, b) for i, b in enumerate(batches.ids) if i % world == rank]
     todo = [(i, b) for i, b in owned if not all(d in done for d in b)]
     # leave=None: kept on screen unless nested under the bar of a sweep
@@ -250,7 +252,7 @@ def run_task(model, processor, batches: Batches, out: Path, *, max_new_tokens=No
     if state is not None:
         state.wait_for_everyone()
     if rank != 0:
-        return None, bool(todo)
+        return None, fresh
     parts = sorted(out.glob(f"samples_{task.name}*.jsonl"))
     done = _read_samples(parts)
     missing = [d for d in range(n) if d not in done]
@@ -263,7 +265,7 @@ def run_task(model, processor, batches: Batches, out: Path, *, max_new_tokens=No
     for part in parts:
         if part != final:
             part.unlink()
-    return samples, bool(todo)
+    return samples, fresh
 
 
 def efficiency_summary(samples: list[dict]) -> dict:

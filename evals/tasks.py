@@ -358,12 +358,13 @@ class TestbedLMCHAIR(TestbedCHAIR):
                     "partner_share": ("partner_hallucinations", "hallucinations")}  # fmt: skip
 
     def aggregate(self, samples):
-        from .testbed.priors import PARTNER
+        from .testbed.priors import partners_of
 
         def with_partners(sample):
-            partners = {PARTNER[o] for o in sample["doc"]["objects"]}
+            partners = partners_of(sample["doc"]["objects"])
             invented = sum(o in partners for o in sample["hallucinated"])
-            return {**sample, "partner_hallucinations": float(invented), "caption_partner_hallucinated": float(invented > 0)}
+            return {**sample, "partner_hallucinations": float(invented),
+                    "caption_partner_hallucinated": float(invented > 0)}  # fmt: skip
 
         scored = [with_partners(s) for s in samples]
         return {self.name: {**super().aggregate(scored)[self.name], **_ratios(scored, self.PRIOR_RATIOS)}}

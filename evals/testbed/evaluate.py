@@ -176,15 +176,19 @@ def pope_prior_rates(answers: list[str], rows: list[dict], split: str) -> dict:
     """On testbed-lm's world (priors.py), over every POPE row of every split: the "yes" rate on negatives that are the
     partner of a shape in the scene (the prior's pull) and on the other negatives, and on positives whose every
     instance is faint and on the others. Each entry: {"n": rows, "yes": rate}."""
-    from .priors import PARTNER, make_scene
+    from .priors import make_scene, partners_of
 
     kinds: dict[str, list[bool]] = {"partner_negatives": [], "other_negatives": [], "faint_positives": [],
                                     "clear_positives": []}  # fmt: skip
+    scenes: dict = {}  # image -> its scene (each image has several rows)
     for answer, row in zip(answers, rows):
-        scene = make_scene(split, int(row["image_source"].rsplit("_", 1)[1]))
+        image = row["image_source"]
+        if image not in scenes:
+            scenes[image] = make_scene(split, int(image.rsplit("_", 1)[1]))
+        scene = scenes[image]
         shape = next(s for s in SHAPES if f" {s} in the image" in row["question"])
         if row["answer"] == "no":
-            kind = "partner_negatives" if shape in {PARTNER[s] for s in scene.shapes} else "other_negatives"
+            kind = "partner_negatives" if shape in partners_of(scene.shapes) else "other_negatives"
         else:
             kind = "faint_positives" if all(o.faint for o in scene.objects if o.shape == shape) else "clear_positives"
         kinds[kind].append(answer == "yes")
@@ -194,12 +198,12 @@ def pope_prior_rates(answers: list[str], rows: list[dict], split: str) -> dict:
 def prior_caption_scores(captions: list[str], rows: list[dict]) -> dict:
     """On testbed-lm's world (priors.py): the share of hallucinated mentions that name the partner of a shape in the
     scene (prior-driven hallucination), and the share of faint objects the captions name."""
-    from .priors import PARTNER
+    from .priors import partners_of
 
     invented = [(o, r["objects"]) for text, r in zip(captions, rows) for o in tasks.mentioned_objects(text)
                 if o not in r["objects"]]  # fmt: skip
     faint = [(o["shape"], text) for text, r in zip(captions, rows) for o in r["ground_truth"]["objects"] if o["faint"]]
-    return {"hallucinated_partner_share": sum(PARTNER[o] in present for o, present in invented) / max(len(invented), 1),
+    return {"hallucinated_partner_share": sum(o in partners_of(present) for o, present in invented) / max(len(invented), 1),
             "hallucinated_mentions": len(invented),
             "faint_recall": sum(shape in tasks.mentioned_objects(text) for shape, text in faint) / max(len(faint), 1),
             "faint_objects": len(faint)}  # fmt: skip

@@ -37,6 +37,12 @@ from .words import CHAIR_SYNONYMS, NUMBER_WORDS, STYLE_WORDS, article, plural, w
 PAIRS = (("star", "crescent"), ("heart", "diamond"), ("square", "triangle"), ("circle", "ring"),
          ("arrow", "cross"), ("hexagon", "pentagon"))  # fmt: skip
 PARTNER = {a: b for pair in PAIRS for a, b in (pair, pair[::-1])}
+
+
+def partners_of(shapes) -> set[str]:
+    """The usual partners of `shapes` (what a model that answers from the prior adds to a scene holding them)."""
+    return {PARTNER[s] for s in shapes}
+
 TYPICAL_COLOUR = {
     "star": "yellow", "crescent": "white", "heart": "red", "diamond": "purple", "square": "blue",
     "triangle": "orange", "circle": "green", "ring": "black", "arrow": "white", "cross": "black",
@@ -87,14 +93,14 @@ def _prior_object(rng: random.Random, obj: SceneObject, background: str, faint: 
     """`obj` as a PriorObject; a faint one is shrunk to FAINT_SIDE about its centre and its colour blended over the
     background at FAINT_ALPHA."""
     if not faint:
-        return PriorObject(obj.shape, obj.colour, obj.size, obj.cell, obj.box, obj.angle, obj.rgb)
+        return PriorObject(**vars(obj))
     side = rng.randint(*FAINT_SIDE)
     x0, y0, x1, y1 = obj.box
     cx, cy = (x0 + x1) // 2, (y0 + y1) // 2
     alpha = rng.uniform(*FAINT_ALPHA)
     rgb = tuple(round(alpha * c + (1 - alpha) * b) for c, b in zip(obj.rgb, BACKGROUNDS[background]))
     box = (cx - side // 2, cy - side // 2, cx - side // 2 + side, cy - side // 2 + side)
-    return PriorObject(obj.shape, obj.colour, "small", obj.cell, box, obj.angle, rgb, faint=True)
+    return PriorObject(**{**vars(obj), "size": "small", "box": box, "rgb": rgb}, faint=True)
 
 
 def _pick(rng: random.Random, shapes: list[str]) -> str:
