@@ -11,8 +11,9 @@ batch 1. What is measured, per (path, method):
   decoding step = the language model's weight bytes / that bandwidth;
 - prefill ms = one generate() with max_new_tokens=1 (vision tower, prefill, first token) and decode ms/token =
   (generate() of N tokens - that) / (N - 1); both host time included (synchronize before and after each whole call),
-  median of --repeats alternating rounds after one warm-up call (the fast path captures its graph there, HF's static
-  route compiles there: reported as warm-up seconds); min_new_tokens = N so every call decodes N tokens;
+  median of --repeats alternating rounds after the warm-up calls (one generate() of N tokens, then one of 1 token:
+  the fast path captures its decoding graph and its prefill segments there, HF's static route compiles there:
+  reported as warm-up seconds); min_new_tokens = N so every call decodes N tokens;
 - paths: "hf-dynamic" (the unwrapped model, DynamicCache), "hf-static" (cache_implementation="static", which
   generate() compiles: the unwrapped model, then, where that worked, wrap(spec) on the same route), "fast"
   (wrap(spec, fast=True); spec "" = the unwrapped model on the fast path), with --compiled also "fast-compiled"
@@ -165,8 +166,10 @@ class Bench:
             n = self.args.new_tokens
             start = time.perf_counter()
             self.timed(model, inputs, path, n)
-            if path == "hf-static":
-                self.timed(model, inputs, path, 1)  # the prefill length compiles separately
+            if path == "hf-static" or path in FAST:
+                # HF's static route compiles the prefill length separately; the fast path captures a prefill segment
+                # the second time its shapes are seen (fast_prefill.CAPTURE_AFTER)
+                self.timed(model, inputs, path, 1)
             row["warmup_s"] = round(time.perf_counter() - start, 2)
             prefill, total = [], []
             for _ in range(self.args.repeats):
@@ -189,6 +192,12 @@ class Bench:
                 row["graph"] = fast_path.last_step is not None and fast_path.last_step.graph is not None
                 row["compiled"] = fast_path.last_step is not None and fast_path.last_step.compiled
                 row["capture_error"] = fast_path.capture_error
+                prefill = fast_path.prefill
+                row["prefill_segments"] = [list(segment) for segment in prefill.last_segments]  # (start, end, graph)
+                row["prefill_capture_s"] = prefill.graphs.last_capture_s
+                row["prefill_capture_error"] = prefill.graphs.capture_error
+                row["encoder_graph"] = fast_path.encoder.last_replayed
+                row["encoder_capture_error"] = fast_path.encoder.graphs.capture_error
             if device.type == "cuda":
                 row["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
             log(f" prefill {row['prefill_ms']:8.1f} ms  decode {row['decode_ms_per_token']:7.2f} ms/token  "

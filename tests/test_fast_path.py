@@ -272,3 +272,48 @@ def test_fast_bench_filters_methods_and_profiles_the_prefill(tmp_path):
         assert "Self CPU" in (tmp_path / f"profile_{path}.txt").read_text()
     with pytest.raises(SystemExit):
         fast_bench.main(["--tiny", "--out", str(tmp_path), "--methods", "FastW"])
+
+
+@pytest.mark.parametrize("family,spec,module_layers", [
+    ("llava", "", set()),
+    ("llava", "fastv:layer=2,ratio=0.5", {1, 2}),  # scores in layer 1 (a probe), prunes entering layer 2
+    ("qwen2_vl", "pdrop:layers=1/3,ratio=0.5", {1, 3}),
+    ("qwen3_vl", "", {0, 1}),  # deepstack adds visual features after the first layers (adapter.acts_after_layer)
+    ("llava", "vaf", {1, 2}),  # VAF edits the middle layers' attention; its other layers are plain
+])  # fmt: skip
+def test_prefill_runs_plain_layers_as_segments(family, spec, module_layers):
+    """The lean prefill calls the layers where something acts as modules and the others as segments, and leaves the
+    engine's per-layer record as the dynamic path does."""
+    model, processor = tiny_model(family)
+    dynamic, fast = dynamic_then_fast(model, two_samples(processor), spec)
+    assert_same(dynamic, fast)
+    segments = ve.engine_of(model).fast_path.prefill.last_segments
+    in_segments = {idx for start, end, _ in segments for idx in range(start, end)}
+    layers = ve.engine_of(model).num_layers
+    assert in_segments == set(range(layers)) - module_layers
+    assert not any(replayed for _, _, replayed in segments)  # CPU: no graph
+    run = ve.engine_of(model).run
+    assert len(run.tokens_per_layer) == layers and sorted(run.layer_positions) == list(range(layers))
+    ve.unwrap(model)
+
+
+def test_a_layer_with_a_foreign_hook_runs_as_a_module():
+    """A hook this library did not install (a user's, or a method's own) must run: its layer leaves the segments,
+    and the tokens are those of the dynamic path with the same hook."""
+    model, processor = tiny_model("llava")
+    layer = model.model.language_model.layers[2]
+    handle = layer.mlp.register_forward_hook(lambda module, args, output: output * 1.5)
+    try:
+        dynamic, fast = dynamic_then_fast(model, two_samples(processor), "")
+        assert_same(dynamic, fast)
+        segments = ve.engine_of(model).fast_path.prefill.last_segments
+        assert [(start, end) for start, end, _ in segments] == [(0, 2), (3, 4)]
+    finally:
+        handle.remove()
+        ve.unwrap(model)
+    # without the hook the whole model is one segment again, and the tokens change back
+    ve.wrap(model, "", fast=True)
+    plain = generate(model, two_samples(processor))
+    assert [(start, end) for start, end, _ in ve.engine_of(model).fast_path.prefill.last_segments] == [(0, 4)]
+    assert not torch.equal(plain.logits[0], fast.logits[0])
+    ve.unwrap(model)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -173,3 +175,31 @@ def test_triton_routes_on_7b_shapes_bf16(llava_7b_shapes, spec, monkeypatch):
     assert torch.isfinite(first_routed).all()
     error = float((first_routed - first_dense).norm() / first_dense.norm())
     assert error < 3e-2, f"{spec}: relative error {error:.2e}, routes {routes}"
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "qwen3_vl"])
+@pytest.mark.parametrize("spec", ["", "fastv:layer=2,ratio=0.5", "vaf"])
+def test_fast_prefill_segment_graphs_replay_as_eager(family, spec, exact_fp32):
+    """The fast path's prefill segments: eager on the first sighting of their shapes, captured on the second,
+    replayed after; the same tokens and first logits each time, and the dynamic path's tokens."""
+    model, processor = tiny_model(family)
+    model.cuda()
+    batch = two_samples(processor).to("cuda")
+    ve.wrap(model, spec)
+    dynamic = greedy(model, batch)
+    ve.unwrap(model)
+    ve.wrap(model, spec, fast=True)
+    prefill = ve.engine_of(model).fast_path.prefill
+    calls = []
+    for _ in range(3):
+        calls.append(greedy(model, batch))
+        calls[-1].segments = list(prefill.last_segments)
+    assert prefill.capture_error is None
+    assert calls[0].segments and not any(replayed for *_, replayed in calls[0].segments)
+    assert all(replayed for *_, replayed in calls[2].segments)
+    for call in calls[1:]:
+        assert torch.equal(call.sequences, calls[0].sequences)
+        torch.testing.assert_close(call.logits[0], calls[0].logits[0], atol=1e-5, rtol=1e-5)
+    ve.unwrap(model)
+    reference = SimpleNamespace(sequences=dynamic.sequences.cpu(), logits=[step.cpu() for step in dynamic.logits])
+    assert_same_up_to_near_ties(reference, calls[2])

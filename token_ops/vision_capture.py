@@ -82,7 +82,7 @@ class VisionCapture:
             _Handle(lambda target: adapter.set_vision_attention_implementation(target, original), model),
             _Handle(lambda _: _CAPTURE_OF.pop(self.attention, None)),
             vision.tower.register_forward_pre_hook(self._on_tower_call, with_kwargs=True),
-            model.register_forward_hook(lambda *_: self.reset()),
+            model.register_forward_hook(lambda *_: self.reset(), always_call=True),  # also after a raise
         ]
         self.merge_in_vit = merge_in_vit and vision.projector is not None  # else merged on the LLM-side features
         if self.merge_in_vit:

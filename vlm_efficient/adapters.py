@@ -165,6 +165,10 @@ class ModelAdapter:
     def after_decoder_layer(self, layer_idx: int, hidden_states: torch.Tensor, run) -> torch.Tensor:
         return hidden_states
 
+    def acts_after_layer(self, layer_idx: int, run) -> bool:
+        """Whether after_decoder_layer changes layer `layer_idx`'s output in this call."""
+        return False
+
 
 # transformers 5.25 renamed the forward kwarg `past_key_values` (and the outputs' field) to `cache`; the old name
 # stays a deprecated alias until 5.40. Both ends of the supported range are read through these two.
@@ -621,12 +625,15 @@ class Qwen3VLAdapter(QwenVLAdapter):
         memory["embeds"] = kwargs.pop("deepstack_visual_embeds", None)
         memory["mask"] = kwargs.pop("visual_pos_masks", None)
 
+    def acts_after_layer(self, layer_idx, run):
+        embeds = run.memory(self).get("embeds")
+        return embeds is not None and layer_idx < len(embeds)
+
     def after_decoder_layer(self, layer_idx, hidden_states, run):
-        memory = run.memory(self)
-        embeds = memory.get("embeds")
-        if embeds is None or layer_idx >= len(embeds):
+        if not self.acts_after_layer(layer_idx, run):
             return hidden_states
-        mask = memory["mask"].to(hidden_states.device)
+        memory = run.memory(self)
+        embeds, mask = memory["embeds"], memory["mask"].to(hidden_states.device)
         # Row of each original visual token inside the deepstack tensor (visual tokens in row-major order).
         visual_row = torch.cumsum(mask.flatten().long(), 0).view_as(mask) - 1
         positions = run.positions  # original position of each current row, -1 for slot padding

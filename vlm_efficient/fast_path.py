@@ -4,8 +4,9 @@
     model.generate(**inputs, max_new_tokens=32)   # the dynamic path's greedy tokens
 
 One generate() call:
-- the prefill runs exactly as on the dynamic path, through the wrapped model: every pruning decision is made there
-  and the kept keys land in the model's DynamicCache;
+- the prefill makes every decision the dynamic path makes, through the wrapped model, and the kept keys land in the
+  generate() cache; but layers where nothing acts run as captured segments, and on transformers 5.25 the image
+  encoding too (vlm_efficient/fast_prefill.py);
 - the plan: each layer's kept prompt keys and values are copied into static buffers [B, Hkv, kept + new tokens
   (rounded up to BUCKET), d]; samples that keep different numbers of keys are padded and masked. Layers that cache
   the same prompt keys share one boolean mask and one device-side write index; a device-side offset continues each
@@ -54,8 +55,9 @@ from transformers.generation.utils import GenerateDecoderOnlyOutput, GenerationM
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from .adapters import CACHE_KWARGS, cache_kwarg, kv_cache
+from .adapters import CACHE_KWARGS, cache_kwarg
 from .attention import edited_attention
+from .fast_prefill import LeanEncoder, LeanPrefill
 from .kernel_plan import compose
 from .method import UNSTRUCTURED, AttentionContext, Method, at_positions, edits_attention
 
@@ -378,7 +380,12 @@ class FastPath:
         self._finished: list = [None, None]  # see _note_finished
         self._pinned = None
         engine.add_handle(text_model.rotary_emb.register_forward_pre_hook(self._record_rotary, with_kwargs=True))
-        engine.add_handle(engine.layers[0].register_forward_pre_hook(self._record_layer_position, with_kwargs=True))
+        self.prefill = LeanPrefill(engine, self.parts, lambda: self.use_graph)
+        self.encoder = LeanEncoder(engine, lambda: self.use_graph)
+        self.prefill.on_first_layer = self._record_first_layer_inputs
+        handle = engine.layers[0].register_forward_pre_hook(self._record_layer_position, with_kwargs=True)
+        engine.add_handle(handle)
+        self.prefill.own_ids.add(handle.id)
         model.generate = self.generate
 
     def uninstall(self) -> None:
@@ -393,6 +400,10 @@ class FastPath:
             self._recorded["rotary"] = positions[..., -1:].clone()
 
     def _record_layer_position(self, module, args, kwargs):
+        self._record_first_layer_inputs(kwargs)
+
+    def _record_first_layer_inputs(self, kwargs: dict) -> None:
+        """The first decoder layer's inputs (as its hooks left them): the last prompt token's position ids."""
         if self._recording:
             positions = kwargs.get("position_ids")
             self._recorded["layer"] = None if positions is None else positions[..., -1:].clone()
@@ -405,6 +416,7 @@ class FastPath:
                 raise ValueError(f"the fast path (fast=True) runs its own decoding loop and takes no {name}; "
                                  f"{DYNAMIC_PATH}")  # fmt: skip
         with self._lock:
+            kwargs = self.encoder.prepare(kwargs)
             return type(self.model).generate(self.model, *args, custom_generate=self.decode, **kwargs)
 
     @staticmethod
@@ -431,7 +443,7 @@ class FastPath:
         self._recorded.clear()
         self._recording = True
         try:
-            outputs = model._prefill(input_ids, config, model_kwargs)
+            logits, cache = self.prefill(model, input_ids, config, model_kwargs, self.parts["cache_name"])
         finally:
             self._recording = False
         keep_scores = config.return_dict_in_generate and config.output_scores
@@ -457,17 +469,13 @@ class FastPath:
             return input_ids, unfinished & ~stopping_criteria(input_ids, None)
 
         unfinished = torch.ones(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
-        logits = outputs.logits[:, -1].to(copy=True, dtype=torch.float32, device=input_ids.device)
-        cache = kv_cache(outputs)
-        del outputs
+        logits = logits.to(input_ids.device)
         input_ids, unfinished = choose(logits, input_ids, unfinished)
         steps = config.max_length - input_ids.shape[1]
         run = self.engine.run
         prompt_mask = run.attention_mask_2d
         done = 0
         if steps > 0 and bool(unfinished.any()):
-            if cache is None:
-                raise RuntimeError("the prefill returned no KV cache to decode from")
             step = self._plan(cache, steps, input_ids.device)
             del cache
             with self.engine.plain():

@@ -55,14 +55,17 @@ class ModelHooks:
     def __init__(self, engine):
         self.engine = engine
         self.handles: list = []
+        self.own_ids: set[int] = set()  # the hooks install() put on the model: the engine's bookkeeping and routing
 
     # ---- installation -------------------------------------------------------------------------------------------
     def install(self) -> None:
         engine, model, adapter = self.engine, self.engine.model, self.engine.adapter
+        first = len(self.handles)
         self.add(model.register_forward_pre_hook(self.on_model_call, with_kwargs=True))
         # grids seen inside a forward belong to that forward; only those seen between calls (generate() encodes
-        # the images before prefill) are carried to the next prefill
-        self.add(model.register_forward_hook(lambda *_: self.captured_grids.clear()))
+        # the images before prefill) are carried to the next prefill; also after a forward that raised (the fast
+        # path's lean prefill stops the forward at the first decoder layer)
+        self.add(model.register_forward_hook(lambda *_: self.captured_grids.clear(), always_call=True))
         vision = adapter.vision_capture_module(model)
         if vision is not None:
             self.add(vision.register_forward_pre_hook(self.on_vision_call, with_kwargs=True))
@@ -78,6 +81,7 @@ class ModelHooks:
                 for part, module in zip(("query", "key"), modules):
                     capture = engine.pre_rotary_capture.hook(idx, part, lambda: engine.run)
                     self.add(module.register_forward_hook(capture))
+        self.own_ids = {h.id for h in self.handles[first:] if isinstance(h, RemovableHandle)}
 
     def add(self, handle) -> None:
         """Keep a hook handle (or anything with .remove()): remove() removes it."""
@@ -235,10 +239,7 @@ class ModelHooks:
                     attention_stats.run_probes(engine, idx, module, hidden, layer_kwargs)
                 if idx in engine.prune_layers and run.layout.has_visual:
                     hidden = shrinking.apply_selections(engine.methods, idx, hidden, run)
-                run.layer_positions[idx] = run.positions
-                tokens, visual = run.row_counts()
-                run.tokens_per_layer.append(tokens)
-                run.visual_per_layer.append(visual)
+                run.enter_layer(idx)
             for method in engine.methods:
                 if method.observes_hidden(idx):
                     method.observe_hidden(idx, run, hidden)

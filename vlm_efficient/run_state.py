@@ -77,6 +77,13 @@ class RunState:
             self.gathered = (self.rows, self.input_positions, _gather_rows(self.input_positions, self.rows, fill=-1))
         return self.gathered[2]
 
+    def enter_layer(self, idx: int) -> None:
+        """The record of a prefill's layer `idx` on the current rows: the prompt keys it caches, its row counts."""
+        self.layer_positions[idx] = self.positions
+        tokens, visual = self.row_counts()
+        self.tokens_per_layer.append(tokens)
+        self.visual_per_layer.append(visual)
+
     def current_positions(self) -> torch.Tensor:
         positions = self.positions
         if positions is not None:

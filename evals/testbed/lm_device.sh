@@ -18,7 +18,7 @@
 # stage2/ after `stage2`: rejoin with cat, then untar; checkpoint/ is what evals/testbed/lm_checkpoint/ holds; a rerun
 # of lm_train with the same --out on stage2/ evaluates it). BUDGETS="S1,S2" shortens the stages (lm_train
 # --time-budgets) where device time is scarce. Sweep: $OUT gets sweep_$NAME.tar.part-* (sweep.md, sweep.json, plots,
-# the per-spec runs) and sweep.log.
+# the per-spec runs) and sweep_$NAME.log.
 set -u
 STEP=$1
 shift
@@ -59,6 +59,6 @@ case $STEP in
     [ -z "${PARTS:-}" ] || cp "$PARTS"/* evals/testbed/lm_checkpoint/
     SWEEP=/root/sweep_${NAME:?NAME names the sweep}
     timeout "${LIMIT:-560}" python3 -m vlm_efficient.cli sweep --model testbed-lm --device cuda --dtype bfloat16 \
-      --output "$SWEEP" --no-progress "$@" 2>&1 | tee "$OUT/sweep.log" | grep -v Warning | tail -40
+      --output "$SWEEP" --no-progress "$@" 2>&1 | tee "$OUT/sweep_$NAME.log" | grep -v Warning | tail -40
     (cd /root && tar cf - "sweep_$NAME" | split -b 15M -d - "$OUT/sweep_$NAME.tar.part-") ;;
 esac

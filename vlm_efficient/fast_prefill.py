@@ -1,0 +1,395 @@
+"""The fast path's prefill: the decoder layers where no method acts run as captured segments (one CUDA graph per run
+of consecutive plain layers and input shapes), the others through the wrapped model as on the dynamic path; and, on
+a transformers whose generate() encodes the images before the prefill (`mm_encoder_outputs`, 5.25), that encoding as
+one captured graph where no method hooks the vision side.
+
+At batch 1 a prefill is host-bound: Hugging Face's Python around ~40 kernel launches per decoder layer costs more than
+the GPU's work (README, "The prefill, explained"), so pruning shortens only the part the host hides. Here:
+- the wrapped model's forward runs as usual (vision tower, projector, the BEFORE_LLM stage, the text model's mask and
+  rotary tables) up to its first decoder layer, where a pre-hook stops it (TextModelEntry) with that layer's inputs;
+- the layers then run in order from here. A layer where a method acts (probes, prunes, edits, observes, injects) or
+  that carries a hook this library did not put there is called as a module, so every hook acts as on the dynamic
+  path. A run of consecutive layers where nothing acts is a segment: its layers run inside Engine.plain() on the
+  inputs the engine gives the segment's first layer (sliced rotary tables and masks after pruning), with a cache of
+  its own whose keys and values are then appended to the generate() cache. The engine's per-layer record (kept
+  positions, row counts) is written as its layer hook would;
+- on CUDA a segment whose input shapes were seen before is captured in a CUDA graph and replayed: one launch for
+  the whole segment, no host work per layer. A shape seen for the first time runs the same code eagerly (a prompt
+  length seen once is not worth a capture);
+- the final norm and the LM head run on the last row only (the logits generate() reads).
+
+The image encoder (LeanEncoder): generate() calls the model's get_image_features before the prefill. Where nothing
+but the engine hooks the vision side and the family's engine needs no grid from the tower's call (LLaVA-style), the
+fast path makes that call itself, as generate() would, and passes its output as `mm_encoder_outputs`: eagerly the
+first time its input shapes are seen, then from a CUDA graph. An encoder that cannot be captured (a host read inside,
+e.g. splitting features by image size) stays eager.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import inspect
+import time
+
+import torch
+from torch.nn.modules import module as global_hooks
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from .adapters import CACHE_KWARGS
+from .method import PerThread, edits_attention
+
+MAX_SEGMENT_GRAPHS = 8  # captured segments kept per model (least recently used dropped)
+MAX_ENCODER_GRAPHS = 4  # captured image encodings kept per model
+CAPTURE_AFTER = 2  # a segment's input shapes are captured the second time they are seen
+
+
+class TextModelEntry(Exception):
+    """Raised by the first decoder layer's pre-hook during a lean prefill: the text model's inputs to its layers."""
+
+    def __init__(self, hidden: torch.Tensor, kwargs: dict):
+        super().__init__("lean prefill: the wrapped model's forward stops at its first decoder layer")
+        self.hidden, self.kwargs = hidden, kwargs
+
+
+class _SegmentKV(CacheLayerMixin):
+    """One layer's keys and values as a segment computes them: kept as the tensors the attention produced (inside a
+    CUDA graph they live in its memory pool and are refilled by every replay)."""
+
+    is_compileable = False
+
+    def __init__(self):
+        super().__init__()
+        self.keys = self.values = None
+        self.is_initialized = True
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        pass
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        self.keys, self.values = key_states, value_states
+        return key_states, value_states
+
+    def get_seq_length(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[-2]
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+
+def _flat(kwargs: dict) -> list[tuple[str, int | None, torch.Tensor]]:
+    """The tensors of a layer call's kwargs as (name, index in a tuple or None, tensor)."""
+    found = []
+    for name, value in kwargs.items():
+        if isinstance(value, torch.Tensor):
+            found.append((name, None, value))
+        elif isinstance(value, tuple) and value and all(isinstance(v, torch.Tensor) for v in value):
+            found.extend((name, i, v) for i, v in enumerate(value))
+    return found
+
+
+def _signature(kwargs: dict):
+    """What a captured segment depends on besides tensor contents: tensor shapes and dtypes, other values as given.
+    None where a value cannot be compared (the segment then runs eagerly)."""
+    parts = []
+    for name, value in sorted(kwargs.items()):
+        if isinstance(value, torch.Tensor):
+            parts.append((name, tuple(value.shape), value.dtype, value.device))
+        elif isinstance(value, tuple) and value and all(isinstance(v, torch.Tensor) for v in value):
+            parts.append((name, tuple((tuple(v.shape), v.dtype, v.device) for v in value)))
+        else:
+            try:
+                hash(value)
+            except TypeError:
+                return None
+            parts.append((name, value))
+    return tuple(parts)
+
+
+@dataclasses.dataclass
+class Segment:
+    """Layers [start, end) run inside Engine.plain() on one set of layer kwargs, with a cache of their own; on CUDA
+    recorded in a graph (capture) that replay() runs on new inputs."""
+
+    start: int
+    end: int
+    parts: dict  # the fast path's model parts (layers, cache kwarg name)
+    engine: object
+    graph: torch.cuda.CUDAGraph | None = None
+    inputs: tuple | None = None  # (hidden, kwargs) buffers a captured graph reads
+    output: torch.Tensor | None = None  # the hidden state a captured graph writes
+    cache: Cache | None = None
+
+    def forward(self, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        layers = self.parts["layers"]
+        self.cache = Cache(layers=[_SegmentKV() for _ in layers])
+        kwargs = {**kwargs, self.parts["cache_name"]: self.cache}
+        with self.engine.plain():
+            for idx in range(self.start, self.end):
+                out = layers[idx](hidden, **kwargs)
+                hidden = out[0] if isinstance(out, tuple) else out
+        return hidden
+
+    def capture(self, hidden: torch.Tensor, kwargs: dict) -> Segment:
+        self.inputs = (hidden.clone(), _buffers(kwargs))
+        self.graph, self.output = _capture(lambda: self.forward(*self.inputs))
+        return self
+
+    def replay(self, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        hidden_buffer, buffers = self.inputs
+        hidden_buffer.copy_(hidden)
+        _load(buffers, kwargs)
+        self.graph.replay()
+        return self.output
+
+    def kv(self, idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        layer = self.cache.layers[idx]
+        return layer.keys, layer.values
+
+
+def _capture(fn, warmups: int = 2):
+    """(graph, output of fn()) with fn recorded in a CUDA graph; warm-up runs on a side stream first, as cuBLAS and
+    SDPA need before a capture."""
+    device = torch.cuda.current_device()
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        for _ in range(warmups):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        output = fn()
+    return graph, output
+
+
+def _buffers(kwargs: dict) -> dict:
+    """Copies of a call's kwargs whose tensors (alone or in tuples) a captured graph reads."""
+    def copy(value):
+        if isinstance(value, torch.Tensor):
+            return value.clone()
+        if isinstance(value, tuple) and value and all(isinstance(v, torch.Tensor) for v in value):
+            return tuple(v.clone() for v in value)
+        return value
+
+    return {name: copy(value) for name, value in kwargs.items()}
+
+
+def _load(buffers: dict, kwargs: dict) -> None:
+    for (_, _, buffer), (_, _, value) in zip(_flat(buffers), _flat(kwargs)):
+        buffer.copy_(value)
+
+
+class _Sightings:
+    """Which input signatures to capture: the CAPTURE_AFTER-th sighting of one (on CUDA), never one whose capture
+    failed; the captured ones, least recently used dropped past `keep`."""
+
+    def __init__(self, keep: int):
+        self.keep = keep
+        self.captured: collections.OrderedDict = collections.OrderedDict()
+        self.seen: collections.Counter = collections.Counter()
+        self.last_capture_s: float | None = None
+        self.capture_error: str | None = None
+
+    def get(self, key):
+        if key in self.captured:
+            self.captured.move_to_end(key)
+            return self.captured[key]
+        return None
+
+    def due(self, key) -> bool:
+        self.seen[key] += 1
+        return self.seen[key] == CAPTURE_AFTER
+
+    def add(self, key, make):
+        """make() -> the captured thing, or an exception (then None: the key stays eager)."""
+        started = time.perf_counter()
+        try:
+            made = make()
+        except Exception as error:  # the same work still runs, eagerly
+            self.capture_error = f"{type(error).__name__}: {error}"
+            return None
+        self.last_capture_s = time.perf_counter() - started
+        while len(self.captured) >= self.keep:
+            self.captured.popitem(last=False)
+        self.captured[key] = made
+        return made
+
+
+class LeanEncoder:
+    """generate()'s image encoding before the prefill, made by the fast path (see the module docstring)."""
+
+    def __init__(self, engine, use_graph):
+        self.engine, self._use_graph = engine, use_graph
+        self.graphs = _Sightings(keep=MAX_ENCODER_GRAPHS)
+        self.last_replayed = False  # whether the last call's images came from a captured graph
+
+    def prepare(self, kwargs: dict) -> dict:
+        """generate()'s kwargs with the images encoded as generate() would (`mm_encoder_outputs`): from a captured
+        graph where one exists or is due (CUDA), else eagerly."""
+        self.last_replayed = False
+        model, engine = self.engine.model, self.engine
+        if (not isinstance(kwargs.get("pixel_values"), torch.Tensor) or kwargs.get("mm_encoder_outputs") is not None
+                or not getattr(model, "_supports_mm_encoder_outputs", lambda: False)()
+                or "image" not in getattr(model, "input_modalities", ())
+                or engine.adapter.vision_capture_module(model) is not None or not self._vision_plain()):  # fmt: skip
+            return kwargs
+        encode = model.base_model.get_image_features
+        # the arguments generate() would give it: its parameters found in the kwargs (generate() then drops them)
+        names = [name for name in inspect.signature(encode).parameters if name != "kwargs" and name in kwargs]
+        inputs = {name: kwargs[name] for name in names}
+        signature = _signature(inputs)
+        captured = None
+        if signature is not None and kwargs["pixel_values"].device.type == "cuda" and self._use_graph():
+            captured = self.graphs.get(signature)
+            if captured is None and self.graphs.due(signature):
+
+                def make():
+                    buffers = _buffers(inputs)
+                    with engine.plain():
+                        graph, output = _capture(lambda: encode(**buffers, return_dict=True))
+                    return graph, buffers, output
+
+                captured = self.graphs.add(signature, make)
+        if captured is not None:
+            graph, buffers, output = captured
+            _load(buffers, inputs)
+            graph.replay()
+            self.last_replayed = True
+        else:
+            output = encode(**inputs, return_dict=True)
+        rest = {name: value for name, value in kwargs.items() if name not in names}
+        return {**rest, "mm_encoder_outputs": {"image": output}}
+
+    def _vision_plain(self) -> bool:
+        """No hook on the vision side (the base model's modules outside the text model) but the engine's own."""
+        model = self.engine.model
+        text = {id(module) for module in self.engine.adapter.text_model(model).modules()}
+        own = self.engine.hooks.own_ids
+        for module in model.base_model.modules():
+            if module is model.base_model or id(module) in text:
+                continue
+            for hooks in (module._forward_pre_hooks, module._forward_hooks):
+                if any(handle_id not in own for handle_id in hooks):
+                    return False
+        return True
+
+
+class LeanPrefill:
+    """The prefill of a fast-path model (see the module docstring). One per FastPath; calls hold its lock."""
+
+    _active: bool = PerThread(bool)  # the calling thread's prefill is a lean one: the first layer's pre-hook stops it
+
+    def __init__(self, engine, parts: dict, use_graph):
+        self.engine, self.parts, self._use_graph = engine, parts, use_graph
+        self.graphs = _Sightings(keep=MAX_SEGMENT_GRAPHS)
+        self.last_segments: list[tuple[int, int, bool]] = []  # (start, end, replayed from a graph) of the last call
+        handle = parts["layers"][0].register_forward_pre_hook(self._stop, with_kwargs=True, prepend=True)
+        engine.add_handle(handle)
+        self.own_ids = {handle.id}  # with the engine's own (hooks.ModelHooks.own_ids): hooks that leave a layer plain
+
+    def _stop(self, module, args, kwargs):
+        if self._active and not self.engine.in_plain_block:  # not a method's side pass (Engine.plain)
+            hidden = args[0] if args else kwargs.pop("hidden_states")
+            raise TextModelEntry(hidden, kwargs)
+
+    # ---- one prefill ------------------------------------------------------------------------------------------
+    def __call__(self, model, input_ids, config, model_kwargs, cache_name: str):
+        """generate()'s prefill: (logits of the last row [B, vocab] in float32, the generate() cache)."""
+        self._active = True
+        try:
+            model._prefill(input_ids, config, model_kwargs)
+        except TextModelEntry as entry:
+            hidden, kwargs = entry.hidden, entry.kwargs
+        else:
+            raise RuntimeError("the lean prefill did not reach the model's first decoder layer")
+        finally:
+            self._active = False
+        cache = kwargs.get(cache_name)
+        if cache is None:
+            raise RuntimeError("the prefill built no KV cache to decode from")
+        hidden = self._layers(hidden, kwargs, cache)
+        parts = self.parts
+        logits = parts["lm_head"](parts["norm"](hidden[:, -1:]))[:, -1]
+        return logits.to(copy=True, dtype=torch.float32), cache
+
+    def _layers(self, hidden: torch.Tensor, kwargs: dict, cache) -> torch.Tensor:
+        engine, run, layers = self.engine, self.engine.run, self.parts["layers"]
+        self.last_segments = []
+        for start, end, plain in self.plan(run):
+            if not plain:
+                for idx in range(start, end):
+                    out = layers[idx](hidden, **kwargs)
+                    hidden = out[0] if isinstance(out, tuple) else out
+                continue
+            layer_kwargs = None
+            for idx in range(start, end):  # what the engine's layer hook records for each layer
+                run.enter_layer(idx)
+                inputs = engine.layer_inputs(idx, kwargs, run, hidden.device)
+                if layer_kwargs is None:  # the segment's own cache replaces generate()'s
+                    layer_kwargs = {k: v for k, v in inputs.items() if k not in CACHE_KWARGS}
+            if start == 0:
+                self.on_first_layer(layer_kwargs)
+            segment, replayed = self._segment(start, end, hidden, layer_kwargs)
+            hidden = segment.replay(hidden, layer_kwargs) if replayed else segment.forward(hidden, layer_kwargs)
+            for idx in range(start, end):
+                cache.update(*segment.kv(idx), idx)
+            self.last_segments.append((start, end, replayed))
+        return hidden
+
+    def on_first_layer(self, layer_kwargs: dict) -> None:
+        """Set by the fast path: what it records from the first layer's inputs."""
+
+    def _segment(self, start: int, end: int, hidden: torch.Tensor, kwargs: dict) -> tuple[Segment, bool]:
+        """The segment for these layers and input shapes: a captured one where it exists or where these shapes are
+        seen for the CAPTURE_AFTER-th time (CUDA), else an eager one."""
+        signature = _signature(kwargs)
+        if signature is None or hidden.device.type != "cuda" or not self._use_graph():
+            return Segment(start, end, self.parts, self.engine), False
+        key = (start, end, tuple(hidden.shape), hidden.dtype, hidden.device, signature)
+        captured = self.graphs.get(key)
+        if captured is None and self.graphs.due(key):
+            captured = self.graphs.add(key, lambda: Segment(start, end, self.parts, self.engine).capture(hidden, kwargs))
+        return (captured, True) if captured is not None else (Segment(start, end, self.parts, self.engine), False)
+
+    # ---- which layers are plain -----------------------------------------------------------------------------
+    def plan(self, run) -> list[tuple[int, int, bool]]:
+        """[(start, end, plain)]: maximal runs of layers that are all plain (a segment) or all called as modules."""
+        flags = [self._plain(idx, run) for idx in range(self.engine.num_layers)]
+        runs, start = [], 0
+        for idx in range(1, len(flags) + 1):
+            if idx == len(flags) or flags[idx] != flags[start]:
+                runs.append((start, idx, flags[start]))
+                start = idx
+        return runs
+
+    def _plain(self, idx: int, run) -> bool:
+        """Nothing acts in layer `idx` at this prefill: no probe, pruning, attention edit (a structured one that is None
+        here) or statistics, observed hidden state, head-output scale, pre-rotary capture or injection after it, and
+        no hook on its modules but the engine's own (a method's or a user's hook must run: the layer is then called
+        as a module)."""
+        engine, methods = self.engine, self.engine.methods
+        if (idx in engine.probe_layers or idx in engine.prune_layers or engine.shards is not None or run.static_cache
+                or engine.per_head_cache):  # fmt: skip
+            return False
+        if any(m.observes_hidden(idx) or m.edits_head_outputs() or m.uses_unrotated(idx)
+               or m.attention_request(idx) is not None for m in methods):  # fmt: skip
+            return False
+        if idx not in engine.plain_layers:  # a method may edit attention: plain where none edits this prefill's layer
+            if engine.router.backend(run, run.layout.kind.device) is not None:
+                return False  # the kernel router may take the layer's call
+            if any(edits_attention(m) and m.kernel_edit(idx, run, True) is not None for m in methods):
+                return False  # an edit here (or one with no structured form, which only a call can tell)
+        if engine.adapter.acts_after_layer(idx, run):
+            return False
+        if global_hooks._global_forward_pre_hooks or global_hooks._global_forward_hooks:
+            return False
+        own = self.engine.hooks.own_ids | self.own_ids
+        for module in self.parts["layers"][idx].modules():
+            for hooks in (module._forward_pre_hooks, module._forward_hooks):
+                if any(handle_id not in own for handle_id in hooks):
+                    return False
+        return True
