@@ -317,3 +317,63 @@ def test_a_layer_with_a_foreign_hook_runs_as_a_module():
     assert [(start, end) for start, end, _ in ve.engine_of(model).fast_path.prefill.last_segments] == [(0, 4)]
     assert not torch.equal(plain.logits[0], fast.logits[0])
     ve.unwrap(model)
+
+
+def _copy_into(target, source) -> None:
+    if isinstance(target, torch.Tensor):
+        target.copy_(source)
+    elif isinstance(target, (tuple, list)):
+        for t, s in zip(target, source):
+            _copy_into(t, s)
+    elif isinstance(target, dict):  # a ModelOutput too
+        for key in target:
+            _copy_into(target[key], source[key])
+
+
+def _stand_in_capture(fn, warmups=2):
+    """A CPU stand-in for fast_prefill._capture: the recorded call's output object, refilled in place by replay() from
+    a new run of the same call on the same buffers (what a CUDA graph's replay does to its static outputs)."""
+    output = fn()
+
+    class Graph:
+        def replay(self):
+            _copy_into(output, fn())
+
+    return Graph(), output
+
+
+@pytest.mark.parametrize("spec", ["", "fastv:layer=2,ratio=0.5"])
+def test_captured_prefill_reloads_each_calls_inputs(spec, monkeypatch):
+    """The capture logic of the lean prefill and of the image encoding (transformers 5.25), with a CPU stand-in for CUDA
+    graphs: eager at the first sighting of the input shapes, captured at the second, replayed after; two batches of
+    the same shapes but other images and words alternate, and every call gives the dynamic path's tokens for its
+    own batch (a replay that kept the previous call's inputs would give the other batch's)."""
+    from vlm_efficient import fast_prefill
+
+    monkeypatch.setattr(fast_prefill, "_capture", _stand_in_capture)
+    monkeypatch.setattr(fast_prefill.LeanPrefill, "_graphs", lambda self, device: True)
+    monkeypatch.setattr(fast_prefill.LeanEncoder, "_graphs", lambda self, device: True)
+    model, processor = tiny_model("llava")
+    ph = image_placeholder(processor)
+    batches = [two_samples(processor), tiny_batch(processor, [
+        (f"who is {ph} this", [tiny_image(3)]),
+        (f"a much longer prompt with {ph} and then {ph} compare them", [tiny_image(4), tiny_image(5)]),
+    ])]  # fmt: skip
+    assert batches[0]["input_ids"].shape == batches[1]["input_ids"].shape
+    if spec:
+        ve.wrap(model, spec)
+    expected = [generate(model, batch) for batch in batches]
+    assert not torch.equal(expected[0].sequences, expected[1].sequences)
+    if spec:
+        ve.unwrap(model)
+    ve.wrap(model, spec, fast=True)
+    fast_path = ve.engine_of(model).fast_path
+    encodes = getattr(model, "_supports_mm_encoder_outputs", lambda: False)()  # transformers 5.25
+    for call, which in enumerate([0, 0, 1, 0, 1]):
+        out = generate(model, batches[which])
+        assert_same(expected[which], out)
+        replayed = [flag for *_, flag in fast_path.prefill.last_segments]
+        assert replayed and all(flag == (call >= 1) for flag in replayed)
+        assert fast_path.encoder.last_replayed == (encodes and call >= 1)
+    assert fast_path.prefill.graphs.capture_error is None and fast_path.encoder.graphs.capture_error is None
+    ve.unwrap(model)

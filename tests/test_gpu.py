@@ -180,8 +180,8 @@ def test_triton_routes_on_7b_shapes_bf16(llava_7b_shapes, spec, monkeypatch):
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl", "qwen3_vl"])
 @pytest.mark.parametrize("spec", ["", "fastv:layer=2,ratio=0.5", "vaf"])
 def test_fast_prefill_segment_graphs_replay_as_eager(family, spec, exact_fp32):
-    """The fast path's prefill segments: eager on the first sighting of their shapes, captured on the second,
-    replayed after; the same tokens and first logits each time, and the dynamic path's tokens."""
+    """The fast path's prefill segments (and image encoding): eager on the first sighting of their shapes, captured
+    on the second, replayed after; the same tokens and first logits each time, and the dynamic path's tokens."""
     model, processor = tiny_model(family)
     model.cuda()
     batch = two_samples(processor).to("cuda")
@@ -194,9 +194,14 @@ def test_fast_prefill_segment_graphs_replay_as_eager(family, spec, exact_fp32):
     for _ in range(3):
         calls.append(greedy(model, batch))
         calls[-1].segments = list(prefill.last_segments)
-    assert prefill.capture_error is None
+    encoder = ve.engine_of(model).fast_path.encoder
+    assert prefill.graphs.capture_error is None and encoder.graphs.capture_error is None
     assert calls[0].segments and not any(replayed for *_, replayed in calls[0].segments)
     assert all(replayed for *_, replayed in calls[2].segments)
+    # transformers 5.25 encodes the images before the prefill: LLaVA's encoding is captured too (Qwen's engine reads
+    # the grids from its vision tower's calls, so its encoding stays eager)
+    encodes_first = getattr(model, "_supports_mm_encoder_outputs", lambda: False)()
+    assert encoder.last_replayed == (family == "llava" and encodes_first)
     for call in calls[1:]:
         assert torch.equal(call.sequences, calls[0].sequences)
         torch.testing.assert_close(call.logits[0], calls[0].logits[0], atol=1e-5, rtol=1e-5)

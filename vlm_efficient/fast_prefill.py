@@ -39,9 +39,10 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from .adapters import CACHE_KWARGS
 from .method import PerThread, edits_attention
 
-MAX_SEGMENT_GRAPHS = 8  # captured segments kept per model (least recently used dropped)
+MAX_SEGMENT_GRAPHS = 4  # captured segments kept per model (least recently used dropped; each holds its KV)
 MAX_ENCODER_GRAPHS = 4  # captured image encodings kept per model
 CAPTURE_AFTER = 2  # a segment's input shapes are captured the second time they are seen
+TRANSFORMERS_RECORDER = "transformers.utils.output_capturing"  # the module of transformers' output-recording hooks
 
 
 class TextModelEntry(Exception):
@@ -150,6 +151,18 @@ class Segment:
         return layer.keys, layer.values
 
 
+def _foreign_hooks(modules, own_ids: set) -> bool:
+    """Whether any of these modules has a forward (pre-)hook that is neither one of `own_ids` nor transformers' own
+    output recorder (installed on first use; it records only where outputs are asked for, which the fast path
+    refuses, and a captured call's output keeps what it recorded)."""
+    for module in modules:
+        for hooks in (module._forward_pre_hooks, module._forward_hooks):
+            for handle_id, hook in hooks.items():
+                if handle_id not in own_ids and getattr(hook, "__module__", None) != TRANSFORMERS_RECORDER:
+                    return True
+    return False
+
+
 def _capture(fn, warmups: int = 2):
     """(graph, output of fn()) with fn recorded in a CUDA graph; warm-up runs on a side stream first, as cuBLAS and
     SDPA need before a capture."""
@@ -243,7 +256,7 @@ class LeanEncoder:
         inputs = {name: kwargs[name] for name in names}
         signature = _signature(inputs)
         captured = None
-        if signature is not None and kwargs["pixel_values"].device.type == "cuda" and self._use_graph():
+        if signature is not None and self._graphs(kwargs["pixel_values"].device):
             captured = self.graphs.get(signature)
             if captured is None and self.graphs.due(signature):
 
@@ -264,18 +277,15 @@ class LeanEncoder:
         rest = {name: value for name, value in kwargs.items() if name not in names}
         return {**rest, "mm_encoder_outputs": {"image": output}}
 
+    def _graphs(self, device: torch.device) -> bool:
+        return device.type == "cuda" and self._use_graph()
+
     def _vision_plain(self) -> bool:
         """No hook on the vision side (the base model's modules outside the text model) but the engine's own."""
         model = self.engine.model
         text = {id(module) for module in self.engine.adapter.text_model(model).modules()}
-        own = self.engine.hooks.own_ids
-        for module in model.base_model.modules():
-            if module is model.base_model or id(module) in text:
-                continue
-            for hooks in (module._forward_pre_hooks, module._forward_hooks):
-                if any(handle_id not in own for handle_id in hooks):
-                    return False
-        return True
+        vision = (m for m in model.base_model.modules() if m is not model.base_model and id(m) not in text)
+        return not _foreign_hooks(vision, self.engine.hooks.own_ids)
 
 
 class LeanPrefill:
@@ -347,13 +357,16 @@ class LeanPrefill:
         """The segment for these layers and input shapes: a captured one where it exists or where these shapes are
         seen for the CAPTURE_AFTER-th time (CUDA), else an eager one."""
         signature = _signature(kwargs)
-        if signature is None or hidden.device.type != "cuda" or not self._use_graph():
+        if signature is None or not self._graphs(hidden.device):
             return Segment(start, end, self.parts, self.engine), False
         key = (start, end, tuple(hidden.shape), hidden.dtype, hidden.device, signature)
         captured = self.graphs.get(key)
         if captured is None and self.graphs.due(key):
             captured = self.graphs.add(key, lambda: Segment(start, end, self.parts, self.engine).capture(hidden, kwargs))
         return (captured, True) if captured is not None else (Segment(start, end, self.parts, self.engine), False)
+
+    def _graphs(self, device: torch.device) -> bool:
+        return device.type == "cuda" and self._use_graph()
 
     # ---- which layers are plain -----------------------------------------------------------------------------
     def plan(self, run) -> list[tuple[int, int, bool]]:
@@ -387,9 +400,4 @@ class LeanPrefill:
             return False
         if global_hooks._global_forward_pre_hooks or global_hooks._global_forward_hooks:
             return False
-        own = self.engine.hooks.own_ids | self.own_ids
-        for module in self.parts["layers"][idx].modules():
-            for hooks in (module._forward_pre_hooks, module._forward_hooks):
-                if any(handle_id not in own for handle_id in hooks):
-                    return False
-        return True
+        return not _foreign_hooks(self.parts["layers"][idx].modules(), self.engine.hooks.own_ids | self.own_ids)
