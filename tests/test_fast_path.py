@@ -330,8 +330,8 @@ def _copy_into(target, source) -> None:
             _copy_into(target[key], source[key])
 
 
-def _stand_in_capture(fn, warmups=2):
-    """A CPU stand-in for fast_prefill._capture: the recorded call's output object, refilled in place by replay() from
+def _stand_in_capture(fn, device, warmups=2):
+    """A CPU stand-in for fast_prefill.capture_graph: the recorded call's output object, refilled in place by replay() from
     a new run of the same call on the same buffers (what a CUDA graph's replay does to its static outputs)."""
     output = fn()
 
@@ -342,15 +342,19 @@ def _stand_in_capture(fn, warmups=2):
     return Graph(), output
 
 
-@pytest.mark.parametrize("spec", ["", "fastv:layer=2,ratio=0.5"])
-def test_captured_prefill_reloads_each_calls_inputs(spec, monkeypatch):
+@pytest.mark.parametrize("spec, vision_plain", [
+    ("", True), ("fastv:layer=2,ratio=0.5", True),
+    ("visionzip:ratio=0.75", False),  # reads the tower's attention through its own hooks: the encoding stays eager
+])  # fmt: skip
+def test_captured_prefill_reloads_each_calls_inputs(spec, vision_plain, monkeypatch):
     """The capture logic of the lean prefill and of the image encoding (transformers 5.25), with a CPU stand-in for CUDA
     graphs: eager at the first sighting of the input shapes, captured at the second, replayed after; two batches of
     the same shapes but other images and words alternate, and every call gives the dynamic path's tokens for its
-    own batch (a replay that kept the previous call's inputs would give the other batch's)."""
+    own batch (a replay that kept the previous call's inputs would give the other batch's; so would VisionZip's
+    capture of the tower's attention if it were not reset after the forward the lean prefill stops)."""
     from vlm_efficient import fast_prefill
 
-    monkeypatch.setattr(fast_prefill, "_capture", _stand_in_capture)
+    monkeypatch.setattr(fast_prefill, "capture_graph", _stand_in_capture)
     monkeypatch.setattr(fast_prefill.LeanPrefill, "_graphs", lambda self, device: True)
     monkeypatch.setattr(fast_prefill.LeanEncoder, "_graphs", lambda self, device: True)
     model, processor = tiny_model("llava")
@@ -374,6 +378,6 @@ def test_captured_prefill_reloads_each_calls_inputs(spec, monkeypatch):
         assert_same(expected[which], out)
         replayed = [flag for *_, flag in fast_path.prefill.last_segments]
         assert replayed and all(flag == (call >= 1) for flag in replayed)
-        assert fast_path.encoder.last_replayed == (encodes and call >= 1)
+        assert fast_path.encoder.last_replayed == (encodes and vision_plain and call >= 1)
     assert fast_path.prefill.graphs.capture_error is None and fast_path.encoder.graphs.capture_error is None
     ve.unwrap(model)

@@ -57,7 +57,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .adapters import CACHE_KWARGS, cache_kwarg
 from .attention import edited_attention
-from .fast_prefill import LeanEncoder, LeanPrefill
+from .fast_prefill import LeanEncoder, LeanPrefill, capture_graph
 from .kernel_plan import compose
 from .method import UNSTRUCTURED, AttentionContext, Method, at_positions, edits_attention
 
@@ -301,17 +301,7 @@ class StaticStep:
     def capture(self) -> None:
         """Record step() in a CUDA graph (after warm-up runs on a side stream, which cuBLAS and SDPA need before a
         capture). The buffers' contents are loaded after this: warm-up and capture leave them undefined."""
-        device = self.logits.device
-        stream = torch.cuda.Stream(device)
-        stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                self.step()
-        torch.cuda.current_stream(device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self.step()
-        self.graph = graph
+        self.graph, _ = capture_graph(self.step, self.logits.device)
 
     def load(self, prompt_kv: list, group_valid: list, last_rotary, last_layer_position) -> None:
         """Fill the buffers for one call: the kept prompt keys and values, the masks (the valid kept keys), write

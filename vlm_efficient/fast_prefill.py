@@ -136,7 +136,7 @@ class Segment:
 
     def capture(self, hidden: torch.Tensor, kwargs: dict) -> Segment:
         self.inputs = (hidden.clone(), _buffers(kwargs))
-        self.graph, self.output = _capture(lambda: self.forward(*self.inputs))
+        self.graph, self.output = capture_graph(lambda: self.forward(*self.inputs), hidden.device)
         return self
 
     def replay(self, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
@@ -163,10 +163,9 @@ def _foreign_hooks(modules, own_ids: set) -> bool:
     return False
 
 
-def _capture(fn, warmups: int = 2):
-    """(graph, output of fn()) with fn recorded in a CUDA graph; warm-up runs on a side stream first, as cuBLAS and
-    SDPA need before a capture."""
-    device = torch.cuda.current_device()
+def capture_graph(fn, device: torch.device, warmups: int = 2):
+    """(graph, output of fn()) with fn recorded in a CUDA graph on `device`; warm-up runs on a side stream first, as
+    cuBLAS and SDPA need before a capture."""
     stream = torch.cuda.Stream(device)
     stream.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(stream):
@@ -263,7 +262,8 @@ class LeanEncoder:
                 def make():
                     buffers = _buffers(inputs)
                     with engine.plain():
-                        graph, output = _capture(lambda: encode(**buffers, return_dict=True))
+                        graph, output = capture_graph(lambda: encode(**buffers, return_dict=True),
+                                                      kwargs["pixel_values"].device)
                     return graph, buffers, output
 
                 captured = self.graphs.add(signature, make)
