@@ -191,8 +191,10 @@ def _buffers(kwargs: dict) -> dict:
 
 
 def _load(buffers: dict, kwargs: dict) -> None:
-    for (_, _, buffer), (_, _, value) in zip(_flat(buffers), _flat(kwargs)):
-        buffer.copy_(value)
+    """Copy a call's tensors into the buffers of the same names (the signatures matched, so the same set)."""
+    values = {(name, index): value for name, index, value in _flat(kwargs)}
+    for name, index, buffer in _flat(buffers):
+        buffer.copy_(values[name, index])
 
 
 class _Sightings:
