@@ -233,3 +233,49 @@ def test_bad_mask_parameters(spec):
     model, _ = tiny_model("llava")
     with pytest.raises(ValueError):
         ve.wrap(model, spec)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_edits_on_a_few_rows_run_those_rows_only(padded):
+    """Where every edit limits itself to some rows (PAI's last row, VAF's question), the engine's dense path runs SDPA
+    for all rows and the edited attention for those rows only (attention.edited_rows_attention): the same output as
+    the dense edited attention over every row, with GQA, per-row and per-key terms, a mask, a row-wise post-softmax
+    function, samples editing different numbers of rows, and left padding."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from vlm_efficient.attention import edited_rows_attention, rows_edited
+
+    torch.manual_seed(0)
+    batch, heads, kv_heads, q_len, dim = 2, 4, 2, 12, 8
+    q = torch.randn(batch, heads, q_len, dim)
+    k, v = torch.randn(batch, kv_heads, q_len, dim), torch.randn(batch, kv_heads, q_len, dim)
+    mask = None
+    if padded:  # sample 0 is left-padded by 3 tokens: a boolean causal mask over the real ones
+        causal = torch.ones(q_len, q_len, dtype=torch.bool).tril()
+        mask = causal.expand(batch, 1, q_len, q_len).clone()
+        mask[0, :, :, :3] = False
+        mask[0, 0, :3, :3] = torch.eye(3, dtype=torch.bool)  # padding rows see themselves (no NaN), as HF's do
+    rows = torch.zeros(batch, q_len, dtype=torch.bool)
+    rows[0, -1] = True
+    rows[1, -3:] = True
+    last = torch.zeros(batch, q_len, dtype=torch.bool)
+    last[:, -1] = True
+    edits = [
+        AttentionEdit(logit_abs=torch.rand(batch, heads, 1, q_len), rows=rows, rowwise_post=True,
+                      post_softmax=lambda probs: probs * torch.linspace(0.5, 1.5, heads)[None, :, None, None]),
+        AttentionEdit(logit_bias=torch.randn(batch, 1, q_len, q_len), mask=torch.rand(batch, 1, q_len, q_len) > 0.2,
+                      rows=last),
+    ]  # fmt: skip
+    assert torch.equal(rows_edited(edits), rows | last)
+    reference = edited_attention(q, k, v, mask, 0.35, edits)
+
+    class Module:
+        is_causal, num_key_value_groups, training = True, heads // kv_heads, False
+
+    unedited, _ = sdpa_attention_forward(Module(), q, k, v, mask, scaling=0.35)
+    out = edited_rows_attention(q, k, v, mask, 0.35, edits, rows | last, 3, unedited)
+    torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(unedited[:, -1], reference[:, -1], atol=1e-3)  # the edits do change the edited rows
+    # an edit on every row, or a post-softmax function that is not row-wise: the whole call stays dense
+    assert rows_edited([AttentionEdit(logit_abs=torch.ones(1))]) is None
+    assert rows_edited([AttentionEdit(rows=rows, post_softmax=lambda probs: probs)]) is None

@@ -4,6 +4,8 @@ These are the CPU path and the references for the Triton kernels in `vlm_efficie
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 
@@ -68,7 +70,8 @@ def _marked_pairs(edits, name: str) -> torch.Tensor | None:
     return union
 
 
-def edited_attention(query, key, value, attention_mask, scaling: float, edits, unrotated=None, weights: bool = False):
+def edited_attention(query, key, value, attention_mask, scaling: float, edits, unrotated=None, weights: bool = False,
+                     query_rows: torch.Tensor | None = None, q_total: int | None = None):
     """Dense attention with AttentionEdits applied in order; the torch reference of the group-attention kernel.
 
     query [B, Hq, q, d], key/value [B, Hkv, kv, d]; returns [B, q, Hq, d] like HF attention functions (and, with
@@ -78,7 +81,8 @@ def edited_attention(query, key, value, attention_mask, scaling: float, edits, u
     `unrotated` take their base logit from them; marked pairs on keys beyond m keep the rotated logit.
     Order (AttentionEdit's docstring): base logits (unrotated pairs), scale / |a| / bias per edit, allowed =
     (causal & padding | any `allow`) & every `mask`, fp32 softmax, post_softmax per edit. `allow` is trusted to name
-    valid keys only (the engine ANDs it with them)."""
+    valid keys only (the engine ANDs it with them). `query_rows` [B, q] with `q_total`: the given query rows are these
+    rows of a call of q_total rows (edited_rows_attention), for the causal and padding mask."""
     batch, heads, q_len, _ = query.shape
     kv_len = key.shape[2]
     groups = heads // key.shape[1]
@@ -95,8 +99,8 @@ def edited_attention(query, key, value, attention_mask, scaling: float, edits, u
         plain = (plain_query.float() @ repeat_kv(plain_key, groups).float().transpose(-1, -2)) * scaling
         head = torch.where(pre_rotary[..., :known], plain, logits[..., :known])
         logits = torch.cat([head, logits[..., known:]], dim=-1) if known < kv_len else head
-    rows = torch.arange(q_len, device=query.device).expand(batch, -1)
-    allowed = allowed_keys(attention_mask, rows, q_len, kv_len).expand(batch, heads, -1, -1)
+    rows = torch.arange(q_len, device=query.device).expand(batch, -1) if query_rows is None else query_rows
+    allowed = allowed_keys(attention_mask, rows, q_total or q_len, kv_len).expand(batch, heads, -1, -1)
     blocked = None
     for edit in edits:
         edited = logits
@@ -122,3 +126,39 @@ def edited_attention(query, key, value, attention_mask, scaling: float, edits, u
             probs = changed if edit.rows is None else torch.where(edit.rows[:, None, :, None], changed, probs)
     out = (probs @ repeat_kv(value, groups).float()).to(query.dtype).transpose(1, 2).contiguous()
     return (out, probs.to(query.dtype)) if weights else out
+
+
+def rows_edited(edits) -> torch.Tensor | None:
+    """[B, q] the query rows these edits change, where every edit limits itself to its `rows` (no added or pre-rotary
+    pairs, and any post_softmax works row by row); else None."""
+    union = None
+    for edit in edits:
+        if (edit.rows is None or edit.allow is not None or edit.unrotated is not None
+                or (edit.post_softmax is not None and not edit.rowwise_post)):  # fmt: skip
+            return None
+        union = edit.rows if union is None else union | edit.rows
+    return union
+
+
+def edited_rows_attention(query, key, value, attention_mask, scaling: float, edits, rows: torch.Tensor, width: int,
+                          unedited: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """edited_attention's output at the cost of the edited rows only: `unedited` [B, q, Hq, d] (the call's plain
+    attention) with the `rows` [B, q] that the edits change (at most `width` per sample) recomputed by the dense edited
+    attention. The edits must allow it (rows_edited)."""
+    batch, heads, q_len, dim = query.shape
+    if width == 0:
+        return unedited
+    order = torch.sort((~rows).to(torch.int8), dim=1, stable=True).indices[:, :width]  # each sample's edited rows first
+
+    def take(tensor: torch.Tensor | None) -> torch.Tensor | None:
+        if tensor is None or tensor.dim() != 4 or tensor.shape[2] != q_len:
+            return tensor  # None, or the same for every row
+        tensor = tensor.expand(batch, -1, -1, -1)
+        return tensor.gather(2, order[:, None, :, None].expand(-1, tensor.shape[1], -1, tensor.shape[3]))
+
+    picked = [dataclasses.replace(edit, rows=edit.rows.gather(1, order), logit_scale=take(edit.logit_scale),
+                                  logit_abs=take(edit.logit_abs), logit_bias=take(edit.logit_bias),
+                                  mask=take(edit.mask)) for edit in edits]  # fmt: skip
+    queries = query.gather(2, order[:, None, :, None].expand(-1, heads, -1, dim))
+    out = edited_attention(queries, key, value, attention_mask, scaling, picked, query_rows=order, q_total=q_len)
+    return unedited.scatter(1, order[:, :, None, None].expand(-1, -1, heads, dim), out)

@@ -62,7 +62,7 @@ def dense_edit(edit: KernelEdit, run: RunState, context: AttentionContext) -> At
     if posts:
         fields["post_softmax"] = posts[0] if len(posts) == 1 else lambda probs: posts[1](posts[0](probs))
     rows = context.queries_where(edit.rows) if edit.rows is not None and context.prefill else None
-    return AttentionEdit(rows=rows, **fields)
+    return AttentionEdit(rows=rows, rowwise_post=True, **fields)  # its post-softmax terms are per key and head
 
 
 def _mask_fields(spec, run: RunState, context: AttentionContext) -> dict:

@@ -35,7 +35,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from . import attention_stats
 from .adapters import ModelAdapter, get_adapter
-from .attention import edited_attention
+from .attention import edited_attention, edited_rows_attention, rows_edited
 from .edits import dense_edit
 from .hooks import ModelHooks
 from .kernel_plan import KernelRouter
@@ -47,6 +47,7 @@ from .shrinking import ShrunkLayerInputs
 from .static_cache import written_keys
 
 ATTENTION_NAME = "vlm_efficient"
+ROW_EDIT_SHARE = 4  # edits on at most 1 / ROW_EDIT_SHARE of a prefill's rows: only those rows run densely
 
 # attention module -> engine; weak so a deleted model leaves nothing behind.
 _ENGINE_OF_ATTENTION: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -317,6 +318,13 @@ class Engine:
         """The path with the kernels off: SDPA untouched, or the dense torch attention where `edits` edit the call."""
         if not edits:
             return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+        rows = rows_edited(edits) if query.shape[2] > 1 else None
+        if rows is not None:
+            width = int(rows.sum(1).max())
+            if width * ROW_EDIT_SHARE <= query.shape[2]:  # a few rows edited (PAI's last row, VAF's question): SDPA
+                unedited, _ = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+                return edited_rows_attention(query, key, value, attention_mask, scaling, edits, rows, width,
+                                             unedited), None  # fmt: skip
         return edited_attention(query, key, value, attention_mask, scaling, edits, unrotated), None
 
     def attention_context(self, idx: int, query: torch.Tensor, kv_len: int | None = None) -> AttentionContext:

@@ -165,6 +165,9 @@ class AttentionEdit:
     rows: torch.Tensor | None = None
     allow: torch.Tensor | None = None
     unrotated: torch.Tensor | None = None
+    # post_softmax treats each query row on its own (it may be given only some rows): then, where every edit of a
+    # prefill call limits itself to a few `rows`, the engine computes only those rows densely and the others by SDPA
+    rowwise_post: bool = False
 
 
 class _Unstructured:
