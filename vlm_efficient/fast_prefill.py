@@ -393,11 +393,11 @@ class LeanPrefill:
         if any(m.observes_hidden(idx) or m.edits_head_outputs() or m.uses_unrotated(idx)
                or m.attention_request(idx) is not None for m in methods):  # fmt: skip
             return False
-        if idx not in engine.plain_layers:  # a method may edit attention: plain where none edits this prefill's layer
-            if engine.router.backend(run, run.layout.kind.device) is not None:
-                return False  # the kernel router may take the layer's call
-            if any(edits_attention(m) and m.kernel_edit(idx, run, True) is not None for m in methods):
-                return False  # an edit here (or one with no structured form, which only a call can tell)
+        # a method may edit attention: plain where every editing method's structured edit of this prefill's layer is
+        # None (UNSTRUCTURED: only a call can tell), so that the dynamic path too runs SDPA here, routed or not
+        if idx not in engine.plain_layers and any(edits_attention(m) and m.kernel_edit(idx, run, True) is not None
+                                                  for m in methods):  # fmt: skip
+            return False
         if engine.adapter.acts_after_layer(idx, run):
             return False
         if global_hooks._global_forward_pre_hooks or global_hooks._global_forward_hooks:
