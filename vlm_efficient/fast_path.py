@@ -370,13 +370,13 @@ class FastPath:
         self._finished: list = [None, None]  # see _note_finished
         self._pinned = None
         engine.add_handle(text_model.rotary_emb.register_forward_pre_hook(self._record_rotary, with_kwargs=True))
-        self.prefill = LeanPrefill(engine, self.parts, lambda: self.use_graph)
-        self.encoder = LeanEncoder(engine, lambda: self.use_graph)
-        self.prefill.on_first_layer = self._record_first_layer_inputs
-        handle = engine.layers[0].register_forward_pre_hook(self._record_layer_position, with_kwargs=True)
-        engine.add_handle(handle)
-        self.prefill.own_ids.add(handle.id)
+        self.prefill = LeanPrefill(engine, self.parts, self.graphs_on, self._record_first_layer_inputs)
+        self.encoder = LeanEncoder(engine, self.graphs_on)
         model.generate = self.generate
+
+    def graphs_on(self, device: torch.device) -> bool:
+        """Whether steps, prefill segments and image encodings on `device` are captured in CUDA graphs."""
+        return device.type == "cuda" and self.use_graph
 
     def uninstall(self) -> None:
         vars(self.model).pop("generate", None)
@@ -388,9 +388,6 @@ class FastPath:
         if self._recording:
             positions = args[1] if len(args) > 1 else kwargs["position_ids"]
             self._recorded["rotary"] = positions[..., -1:].clone()
-
-    def _record_layer_position(self, module, args, kwargs):
-        self._record_first_layer_inputs(kwargs)
 
     def _record_first_layer_inputs(self, kwargs: dict) -> None:
         """The first decoder layer's inputs (as its hooks left them): the last prompt token's position ids."""
@@ -559,10 +556,10 @@ class FastPath:
             step.set_edits(edits, static=kept)
             if kept:
                 step.load_edits(edits)
-            if step.compiled and not (device.type == "cuda" and self.use_graph):
+            if step.compiled and not self.graphs_on(device):
                 with engine.plain():
                     step.step()  # compiles here, not in the first decoding step (load() then resets the buffers)
-            if device.type == "cuda" and self.use_graph:
+            if self.graphs_on(device):
                 try:
                     with engine.plain():
                         step.capture()

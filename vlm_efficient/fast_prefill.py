@@ -81,13 +81,18 @@ class _SegmentKV(CacheLayerMixin):
         return -1
 
 
+def _tensor_tuple(value) -> bool:
+    """A non-empty tuple of tensors (the rotary tables (cos, sin) of a layer call)."""
+    return isinstance(value, tuple) and bool(value) and all(isinstance(v, torch.Tensor) for v in value)
+
+
 def _flat(kwargs: dict) -> list[tuple[str, int | None, torch.Tensor]]:
     """The tensors of a layer call's kwargs as (name, index in a tuple or None, tensor)."""
     found = []
     for name, value in kwargs.items():
         if isinstance(value, torch.Tensor):
             found.append((name, None, value))
-        elif isinstance(value, tuple) and value and all(isinstance(v, torch.Tensor) for v in value):
+        elif _tensor_tuple(value):
             found.extend((name, i, v) for i, v in enumerate(value))
     return found
 
@@ -99,7 +104,7 @@ def _signature(kwargs: dict):
     for name, value in sorted(kwargs.items()):
         if isinstance(value, torch.Tensor):
             parts.append((name, tuple(value.shape), value.dtype, value.device))
-        elif isinstance(value, tuple) and value and all(isinstance(v, torch.Tensor) for v in value):
+        elif _tensor_tuple(value):
             parts.append((name, tuple((tuple(v.shape), v.dtype, v.device) for v in value)))
         else:
             try:
@@ -183,7 +188,7 @@ def _buffers(kwargs: dict) -> dict:
     def copy(value):
         if isinstance(value, torch.Tensor):
             return value.clone()
-        if isinstance(value, tuple) and value and all(isinstance(v, torch.Tensor) for v in value):
+        if _tensor_tuple(value):
             return tuple(v.clone() for v in value)
         return value
 
@@ -236,8 +241,8 @@ class _Sightings:
 class LeanEncoder:
     """generate()'s image encoding before the prefill, made by the fast path (see the module docstring)."""
 
-    def __init__(self, engine, use_graph):
-        self.engine, self._use_graph = engine, use_graph
+    def __init__(self, engine, graphs_on):
+        self.engine, self.graphs_on = engine, graphs_on  # graphs_on(device): whether to capture there
         self.graphs = _Sightings(keep=MAX_ENCODER_GRAPHS)
         self.last_replayed = False  # whether the last call's images came from a captured graph
 
@@ -257,7 +262,7 @@ class LeanEncoder:
         inputs = {name: kwargs[name] for name in names}
         signature = _signature(inputs)
         captured = None
-        if signature is not None and self._graphs(kwargs["pixel_values"].device):
+        if signature is not None and self.graphs_on(kwargs["pixel_values"].device):
             captured = self.graphs.get(signature)
             if captured is None and self.graphs.due(signature):
 
@@ -279,9 +284,6 @@ class LeanEncoder:
         rest = {name: value for name, value in kwargs.items() if name not in names}
         return {**rest, "mm_encoder_outputs": {"image": output}}
 
-    def _graphs(self, device: torch.device) -> bool:
-        return device.type == "cuda" and self._use_graph()
-
     def _vision_plain(self) -> bool:
         """No hook on the vision side (the base model's modules outside the text model) but the engine's own."""
         model = self.engine.model
@@ -295,13 +297,20 @@ class LeanPrefill:
 
     _active: bool = PerThread(bool)  # the calling thread's prefill is a lean one: the first layer's pre-hook stops it
 
-    def __init__(self, engine, parts: dict, use_graph):
-        self.engine, self.parts, self._use_graph = engine, parts, use_graph
+    def __init__(self, engine, parts: dict, graphs_on, on_first_layer):
+        """`graphs_on(device)`: whether to capture there; `on_first_layer(kwargs)`: what the fast path records from the
+        first decoder layer's inputs as the engine's hook leaves them (from its pre-hook where the layer runs as a
+        module, from the segment's inputs where it does not)."""
+        self.engine, self.parts, self.graphs_on, self.on_first_layer = engine, parts, graphs_on, on_first_layer
         self.graphs = _Sightings(keep=MAX_SEGMENT_GRAPHS)
         self.last_segments: list[tuple[int, int, bool]] = []  # (start, end, replayed from a graph) of the last call
-        handle = parts["layers"][0].register_forward_pre_hook(self._stop, with_kwargs=True, prepend=True)
-        engine.add_handle(handle)
-        self.own_ids = {handle.id}  # with the engine's own (hooks.ModelHooks.own_ids): hooks that leave a layer plain
+        first = parts["layers"][0]
+        handles = [first.register_forward_pre_hook(self._stop, with_kwargs=True, prepend=True),
+                   first.register_forward_pre_hook(lambda module, args, kwargs: on_first_layer(kwargs),
+                                                   with_kwargs=True)]  # fmt: skip
+        for handle in handles:
+            engine.add_handle(handle)
+        self.own_ids = {h.id for h in handles}  # with ModelHooks.own_ids: the hooks that leave a layer plain
 
     def _stop(self, module, args, kwargs):
         if self._active and not self.engine.in_plain_block:  # not a method's side pass (Engine.plain)
@@ -352,23 +361,17 @@ class LeanPrefill:
             self.last_segments.append((start, end, replayed))
         return hidden
 
-    def on_first_layer(self, layer_kwargs: dict) -> None:
-        """Set by the fast path: what it records from the first layer's inputs."""
-
     def _segment(self, start: int, end: int, hidden: torch.Tensor, kwargs: dict) -> tuple[Segment, bool]:
         """The segment for these layers and input shapes: a captured one where it exists or where these shapes are
         seen for the CAPTURE_AFTER-th time (CUDA), else an eager one."""
         signature = _signature(kwargs)
-        if signature is None or not self._graphs(hidden.device):
+        if signature is None or not self.graphs_on(hidden.device):
             return Segment(start, end, self.parts, self.engine), False
         key = (start, end, tuple(hidden.shape), hidden.dtype, hidden.device, signature)
         captured = self.graphs.get(key)
         if captured is None and self.graphs.due(key):
             captured = self.graphs.add(key, lambda: Segment(start, end, self.parts, self.engine).capture(hidden, kwargs))
         return (captured, True) if captured is not None else (Segment(start, end, self.parts, self.engine), False)
-
-    def _graphs(self, device: torch.device) -> bool:
-        return device.type == "cuda" and self._use_graph()
 
     # ---- which layers are plain -----------------------------------------------------------------------------
     def plan(self, run) -> list[tuple[int, int, bool]]:
