@@ -30,6 +30,7 @@ import argparse
 import gc
 import json
 import os
+import re
 import statistics
 import sys
 import time
@@ -321,7 +322,7 @@ class Bench:
                 break
             self.measure(section, model, inputs, path, label, spec)
         if self.args.profile:
-            self.profile(section, model, inputs)
+            self.profile(section, model, inputs, methods)
         if full and self.args.checks:
             for label, spec in [("", ""), *[(label, METHODS[label]) for label in methods]]:
                 if self.left() > 20:
@@ -336,31 +337,49 @@ class Bench:
                     break
         self.write()
 
-    def profile(self, section: dict, model, inputs) -> None:
-        """Where the prefill's time goes: torch.profiler over one generate() of one token for the unwrapped model,
-        the wrapped one (no method) and the fast path (no method); the top operators by host and by device time go to
-        profile_<path>.txt."""
+    def profile(self, section: dict, model, inputs, methods: list[str]) -> None:
+        """Where the prefill's time goes: one generate() of one token for the unwrapped model, the wrapped one (no
+        method), the fast path with no method and the fast path with each of the section's methods. torch.profiler's top
+        operators by host and by device time, then cProfile's top Python functions by own time over a second call,
+        go to profile_<path>[_<method>].txt."""
+        import cProfile
+        import io
+        import pstats
+
         from torch.profiler import ProfilerActivity, profile
 
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-        for path in ("hf-dynamic", "dynamic", "fast"):
+        runs = [("hf-dynamic", "", ""), ("dynamic", "", ""), ("fast", "", "")]
+        runs += [("fast", label, METHODS[label]) for label in methods]
+        for path, label, spec in runs:
+            if self.left() < 20:
+                break
+            name = path + (f"_{re.sub(r'[^A-Za-z0-9]+', '', label)}" if label else "")
             if path != "hf-dynamic":
-                ve.wrap(model, "", fast=path == "fast")
+                ve.wrap(model, spec, fast=path == "fast")
             try:
                 for _ in range(2):  # the fast path captures its prefill segments at the second call
                     self.timed(model, inputs, path, 1)
                 with profile(activities=activities) as prof:
                     wall = self.timed(model, inputs, path, 1)
+                python = cProfile.Profile()
+                python.enable()
+                python_wall = self.timed(model, inputs, path, 1)
+                python.disable()
+                stream = io.StringIO()
+                pstats.Stats(python, stream=stream).sort_stats("tottime").print_stats(30)
                 table = prof.key_averages()
-                text = [f"{path}: prefill {wall:.1f} ms wall (profiled)", "",
+                text = [f"{path} {label or 'base'}: prefill {wall:.1f} ms wall (profiled)", "",
                         table.table(sort_by="self_cpu_time_total", row_limit=25)]
                 if torch.cuda.is_available():
                     text += [table.table(sort_by="self_device_time_total", row_limit=25)]
-                (self.out / f"profile_{path}.txt").write_text("\n".join(text))
-                section.setdefault("profiled_prefill_ms", {})[path] = wall
-                log(f"  profiled {path}: {wall:.1f} ms")
+                text += [f"cProfile, one more call ({python_wall:.1f} ms wall under cProfile), by own time:",
+                         stream.getvalue()]
+                (self.out / f"profile_{name}.txt").write_text("\n".join(text))
+                section.setdefault("profiled_prefill_ms", {})[name] = wall
+                log(f"  profiled {name}: {wall:.1f} ms")
             except Exception as error:  # noqa: BLE001
-                self.record_failure({}, error, f"{section['name']} profile {path}")
+                self.record_failure({}, error, f"{section['name']} profile {name}")
             finally:
                 if ve.is_wrapped(model):
                     ve.unwrap(model)

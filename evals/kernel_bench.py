@@ -18,6 +18,8 @@ Sections (--sections; default all, in this order):
            per head; the fused "logits" variant) vs SDPA default alone: the overhead
   k3       group reweighting: PAI (last row), VAR (rows after the image), VAF and ACT (all rows) vs SDPA default
   host     host microseconds per call of every kernel entry point at each N (from the k1-k3 timings)
+  launch   host us per call at N = 651 with bound launches (kernels/launch.py) and through Triton's own launch, and a
+           Python profile of the bound calls (DIR/launch_profile.txt)
   wrapper  the Python part of that host time with every launch stubbed (host_cost.py; runs without a GPU too)
   k4       ragged per-head decode (CUDA-graph replay, rotating caches)
 Every call is timed three ways:
@@ -424,6 +426,47 @@ class Bench:
                 self.row(section="host", case=f"{r['section'].upper()} {r['case']}", n=r["n"],
                          host_us=r["ours"]["host_us"], baseline_host_us=r["base"]["host_us"])
 
+    def launch(self):
+        """Host microseconds per call of every kernel entry point at N = 651 (kernel_host_cost.entry_point_calls), with
+        bound launches (kernels/launch.py, the default) and with every launch through Triton's own JITFunction.run, in
+        the same run; then cProfile's top functions by own time over 200 bound calls, in DIR/launch_profile.txt."""
+        import cProfile
+        import io
+        import pstats
+
+        from ..kernels.launch import binding
+        from .kernel_host_cost import entry_point_calls
+
+        report = []
+        n, calls, rounds = (self.sizes[0], 1, 1) if self.smoke else (651, 200, 5)
+        for name, call in entry_point_calls(n, device=self.dev, heads=self.heads, head_dim=self.hd).items():
+            host = {}
+            for bound in (False, True):
+                with binding(bound):
+                    call()
+                    self.sync()
+                    best = math.inf  # the best round: interference only adds
+                    for _ in range(rounds):
+                        start = time.perf_counter()
+                        for _ in range(calls):
+                            call()
+                        best = min(best, (time.perf_counter() - start) / calls * 1e6)
+                        self.sync()
+                    host[bound] = best
+            python = cProfile.Profile()
+            python.enable()
+            for _ in range(calls):
+                call()
+            python.disable()
+            self.sync()
+            stream = io.StringIO()
+            pstats.Stats(python, stream=stream).sort_stats("tottime").print_stats(15)
+            report += [f"== {name} (N = {n}, {calls} bound calls)", stream.getvalue()]
+            self.row(section="launch", kernel=name, n=n, host_us_bound=host[True], host_us_triton=host[False])
+        if self.out_dir:
+            with open(os.path.join(self.out_dir, "launch_profile.txt"), "w") as f:
+                f.write("\n".join(report))
+
     def wrapper(self):
         """The Python part of the host time (launches stubbed, meta tensors): host_cost.wrapper_report."""
         from .kernel_host_cost import wrapper_report
@@ -587,6 +630,10 @@ def write_markdown(res, path, command):
                         [f"| {c} | " + " | ".join(f"{_fmt(by.get((c, n), NAN), 1)} ({_fmt(base.get((c, n), NAN), 1)})"
                                                  for n in sizes)
                          + f" | {_host_verdict(by.get((c, 651), NAN))} |" for c in cases])
+    lines += _table("### Launch binding: host microseconds per call (kernels/launch.py)",
+                    "| entry point | N | bound (default) | through Triton's JITFunction.run | target at 651 |",
+                    [f"| {r['kernel']} | {r['n']:,} | {_fmt(r['host_us_bound'], 1)} | {_fmt(r['host_us_triton'], 1)} | "
+                     f"{_host_verdict(r['host_us_bound'])} |" for r in section("launch")])
     lines += _table("### Python wrapper microseconds per call (launches and SDPA stubbed, meta tensors)",
                     "| entry point | N | wrapper us | launches |",
                     [f"| {r['kernel']} | {r['n']:,} | {_fmt(r['wrapper_us'], 1)} | {', '.join(r['launches'])} |"
@@ -606,7 +653,7 @@ def write_markdown(res, path, command):
         f.write("\n".join(lines) + "\n")
 
 
-SECTIONS = ["ceil", "sweep", "k1", "k2", "k3", "host", "wrapper", "k4"]
+SECTIONS = ["ceil", "sweep", "k1", "k2", "k3", "host", "launch", "wrapper", "k4"]
 
 
 def main(argv=None):

@@ -24,7 +24,7 @@ if [ "${CHECKS:-1}" = "1" ]; then
   done
 fi
 for sec in ${SECTIONS:-sweep k1 k2 k3 k4}; do
-  case "$sec" in ceil|host|wrapper) continue ;; esac   # nothing to compile
+  case "$sec" in ceil|host|launch|wrapper) continue ;; esac   # nothing to compile (launch compiles as it goes)
   python3 -m vlm_efficient.evals.kernel_bench --warm --sections $sec > "/tmp/warm_$sec.txt" 2>&1 &
   pids+=($!)
 done
@@ -34,7 +34,7 @@ cat /tmp/warm_*.txt > "$OUT/warm.txt" 2>/dev/null
 T1=$(date +%s)
 echo "parallel phase: $((T1 - T0)) s"
 BUDGET=$(( ${LIMIT:-560} - (T1 - T0) ))
-python3 -m vlm_efficient.evals.kernel_bench --out "$OUT" --budget "$BUDGET" --sections ${SECTIONS:-ceil sweep k1 k2 k3 host wrapper k4} \
+python3 -m vlm_efficient.evals.kernel_bench --out "$OUT" --budget "$BUDGET" --sections ${SECTIONS:-ceil sweep k1 k2 k3 host launch wrapper k4} \
   > "$OUT/bench.log" 2>&1
 grep -v '^ROW' "$OUT/bench.log" | tail -80
 echo "== checks: $(grep -c '^PASS' "$OUT/checks.txt") pass, $(grep -c '^FAIL' "$OUT/checks.txt") fail"

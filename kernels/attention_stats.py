@@ -33,6 +33,7 @@ import torch
 
 from ._common import byte_flags, cdiv, check_qkv, next_pow2, repeat_kv, triton_available
 from .configs import launch_config
+from .launch import launch
 from .layout import StructuredMask
 from .masked_attention import (attention_from_mask, block_m_for, dense_mask, launch_fwd, mask_args, placeholder,
                                sdpa_attention, sdpa_routable)
@@ -258,7 +259,7 @@ def received_attention_triton(query, key, *, stat_queries: torch.Tensor, scaling
     else:
         m = mask_args(None, dev)
         kvalid = byte_flags(key_valid) if key_valid is not None else placeholder(dev)
-    _rows_logits_kernel[(batch * hq, n_chunks)](
+    launch(_rows_logits_kernel, (batch * hq, n_chunks),
         query, key, rows, x, partial[0], partial[1], kvalid, m.info, m.grid, m.knock,
         *query.stride()[:3], *key.stride()[:3],
         rows.stride(0), kvalid.stride(0) if key_valid is not None and mask is None else 0,
@@ -269,7 +270,7 @@ def received_attention_triton(query, key, *, stat_queries: torch.Tensor, scaling
         WINDOW_CAUSAL=m.window_causal, MUTUAL=m.mutual, KNOCK=m.knock_on, num_warps=warps, num_stages=stages)
     received = torch.empty(batch, hq // head_div, nk, dtype=torch.float32, device=dev)
     block, pairs = FINALIZE_TILE[kind]
-    _rows_finalize_kernel[(batch * (hq // head_div), cdiv(nk, block))](
+    launch(_rows_finalize_kernel, (batch * (hq // head_div), cdiv(nk, block)),
         x, partial[0], partial[1], rows, received, rows.stride(0), hq, nq, nk, n_rows, n_chunks, head_div,
         BLOCK=block, SB=16, PB=pairs, CB=max(2, next_pow2(n_chunks)), num_warps=4)
     return received[:, 0] if per_head is False else received
@@ -305,7 +306,7 @@ def attention_with_received_stats_triton(query, key, value, *, key_valid=None, c
                                  stats={"mode": 1, "rows": rows}, want_lse=True)
         received = torch.empty(batch, hq // head_div, nk, dtype=torch.float32, device=query.device)
         block = 512 if query.is_cuda else 32
-        _stats_finalize_kernel[(batch * (hq // head_div), -(-nk // block))](
+        launch(_stats_finalize_kernel, (batch * (hq // head_div), -(-nk // block)),
             x, lse, rows, received, rows.stride(0), hq, nq, nk, n_rows, head_div, BLOCK=block, SB=16, num_warps=4)
     else:
         if n_rows <= SHARED_ROWS_MAX:  # every program scans the list itself (no host work)

@@ -46,6 +46,7 @@ import torch
 
 from ._common import block_d, byte_flags, cdiv, check_qkv, last_dim_contiguous, next_pow2, repeat_kv, triton_available
 from .configs import launch_config
+from .launch import launch
 from .masked_attention import dense_mask, placeholder, sdpa_attention, sdpa_routable
 
 LOG2E = 1.4426950408889634
@@ -708,12 +709,12 @@ def _group_rows(query, key, value, out, rows, spec, prep, key_group, key_bias, h
                PRE_BIAS=prep["pre_bias"] or key_bias is not None, TWO_CLASS=prep["two_class"])
     kvalid = placeholder(dev)  # the SDPA route has no key padding
     strides = (*query.stride()[:3], *key.stride()[:3], *value.stride()[:3])
-    _group_rows_kernel[(batch * hq, n_chunks)](
+    launch(_group_rows_kernel, (batch * hq, n_chunks),
         query, key, value, rows, stat, acc, kvalid, fpos, fneg, fbias, cls1, head_on,
         *strides, sfb, sfh, 0, hq, hq // hkv, nq, nk, nk - nq, float(scaling), n_rows, n_chunks, per_chunk,
         HEAD_D=d, BLOCK_D=bd, ROW_BLOCK=16, BLOCK_N=block_n, CAUSAL=causal, HAS_KVALID=False, **pre,
         num_warps=warps, num_stages=stages)
-    _group_rows_merge_kernel[(batch * hq, cdiv(n_rows, 16))](
+    launch(_group_rows_merge_kernel, (batch * hq, cdiv(n_rows, 16)),
         query, key, value, out, rows, stat, acc, kvalid, fpos, fneg, fbias, head_on, prep["post"], sink_idx,
         sink_cnt, *strides, *out.stride()[:3], sfb, sfh, 0, hq, hq // hkv, nq, nk, nk - nq, float(scaling), n_rows,
         n_chunks, prep["cm_bits"], float(spec.cond_mass_min), prep["cn_bits"], prep["cd_bits"],
@@ -764,7 +765,7 @@ def group_attention_triton(query, key, value, *, key_group: torch.Tensor, spec: 
     dz = placeholder(dev)
     kvalid = byte_flags(key_valid.to(device=dev)) if key_valid is not None else dz
     nqb = cdiv(nq, bm)
-    _group_fwd_kernel[(batch * hq, nqb)](
+    launch(_group_fwd_kernel, (batch * hq, nqb),
         query, key, value, out, kvalid, qsel if qsel is not None else dz, fpos, fneg, fbias, cls1, head_on,
         prep["post"], sink_idx, sink_cnt,
         *query.stride()[:3], *key.stride()[:3], *value.stride()[:3], *out.stride()[:3], sfb, sfh, kvalid.stride(0),

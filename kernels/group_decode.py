@@ -20,6 +20,7 @@ import torch
 
 from ._common import block_d, check_qkv, last_dim_contiguous, next_pow2, triton_available
 from .group_attention import LOG2E, GroupSpec, group_attention_reference
+from .launch import launch
 
 MAX_GROUPS = 4
 
@@ -212,7 +213,7 @@ def group_decode_triton(query, key, value, *, key_group, spec: GroupSpec, key_va
     out = torch.empty(batch, 1, hq, d, dtype=query.dtype, device=query.device)
     valid = key_valid.view(torch.uint8) if key_valid is not None and key_valid.dtype == torch.bool else key_valid
     interp = query.device.type != "cuda"
-    _group_decode_kernel[(batch * hkv,)](
+    launch(_group_decode_kernel, (batch * hkv,),
         query, key, value, out, group, key_bias if key_bias is not None else group,
         valid if valid is not None else group, prep["table"],
         query.stride(0), query.stride(1), key.stride(0), key.stride(1), key.stride(2),

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from ._common import (block_d, byte_flags, cdiv, check_qkv, interpret_mode, last_dim_contiguous, repeat_kv,
                       triton_available)
 from .configs import launch_config
+from .launch import launch
 from .layout import StructuredMask
 
 LOG2E = 1.4426950408889634
@@ -480,10 +481,11 @@ _PLACEHOLDERS: dict = {}
 def placeholder(device, dtype=torch.int32):
     """A one-element tensor for a pointer argument the kernel neither reads nor writes, one per (device, dtype): no
     allocation (and no fill launch) per call."""
-    key = (str(device), dtype)
-    if key not in _PLACEHOLDERS:
-        _PLACEHOLDERS[key] = torch.zeros(1, dtype=dtype, device=device)
-    return _PLACEHOLDERS[key]
+    key = (device, dtype)
+    found = _PLACEHOLDERS.get(key)
+    if found is None:
+        found = _PLACEHOLDERS[key] = torch.zeros(1, dtype=dtype, device=device)
+    return found
 
 
 class MaskArgs(typing.NamedTuple):
@@ -597,7 +599,7 @@ def launch_fwd(query, key, value, *, scaling: float, causal: bool = True, key_va
     else:
         qsel, head_on = dz, dz
     grid_dims = (batch * hq, nqb)
-    _attn_fwd_kernel[grid_dims](
+    launch(_attn_fwd_kernel, grid_dims,
         query, key, value, out, lse, kvalid, margs.info, margs.grid, margs.knock, *lists_args,
         stat_rows, stat_norm, stat_out, stat_x, n_stat, qsel, head_on,
         *query.stride()[:3], *key.stride()[:3], *value.stride()[:3], *out.stride()[:3],

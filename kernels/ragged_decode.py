@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from ._common import block_d, cdiv, next_pow2, repeat_kv, triton_available
+from .launch import launch
 
 LOG2E = 1.4426950408889634
 
@@ -241,7 +242,7 @@ def ragged_decode_attention_triton(query: torch.Tensor, cache: RaggedKVCache, *,
     bh = batch * cache.num_kv_heads
     direct = cache.n_split == 1
     interp = query.device.type != "cuda"
-    _ragged_split_kernel[(bh, cache.n_split)](
+    launch(_ragged_split_kernel, (bh, cache.n_split),
         query, cache.k_buf, cache.v_buf, cache.offsets, cache.lengths, out, po, pl,
         query.stride(0), query.stride(1), out.stride(0), out.stride(2),
         cache.num_kv_heads, g, float(scaling) * LOG2E, cache.n_split, cache.split_len,
@@ -249,7 +250,7 @@ def ragged_decode_attention_triton(query: torch.Tensor, cache: RaggedKVCache, *,
         num_warps=DECODE_CONFIG["num_warps"], num_stages=1 if interp else DECODE_CONFIG["num_stages"],
     )
     if not direct:
-        _ragged_combine_kernel[(bh,)](
+        launch(_ragged_combine_kernel, (bh,),
             po, pl, out, out.stride(0), out.stride(2), cache.num_kv_heads, g, cache.n_split,
             HEAD_D=d, BLOCK_D=bd, BLOCK_G=bg, num_warps=4,
         )

@@ -252,8 +252,8 @@ def test_fast_bench_runs_on_the_tiny_models(tmp_path):
 
 
 def test_fast_bench_filters_methods_and_profiles_the_prefill(tmp_path):
-    """--methods runs only the labels named, --no-checks skips every check, --profile writes one operator table per
-    path; an unknown label is refused with the known ones."""
+    """--methods runs only the labels named, --no-checks skips every check, --profile writes one operator table and one
+    Python profile per path and fast-path method; an unknown label is refused with the known ones."""
     import json
 
     from vlm_efficient.evals import fast_bench
@@ -268,8 +268,9 @@ def test_fast_bench_filters_methods_and_profiles_the_prefill(tmp_path):
     assert [row["compiled"] for row in section["rows"] if row["path"].startswith("fast")] == [False, False, True, True]
     assert [row["tokens_equal_fast"] for row in section["rows"] if row["path"] == "fast-compiled"] == [True, True]
     assert section["checks"] == [] and "family_checks" not in result
-    for path in ("hf-dynamic", "dynamic", "fast"):
-        assert "Self CPU" in (tmp_path / f"profile_{path}.txt").read_text()
+    for name in ("hf-dynamic", "dynamic", "fast", "fast_PAI"):
+        text = (tmp_path / f"profile_{name}.txt").read_text()
+        assert "Self CPU" in text and "cProfile" in text and "tottime" in text
     with pytest.raises(SystemExit):
         fast_bench.main(["--tiny", "--out", str(tmp_path), "--methods", "FastW"])
 

@@ -167,3 +167,88 @@ def test_inference_tensors_are_accepted_and_cached_while_they_live(monkeypatch):
         assert groups.is_inference() and len(built) == 1
         group_attention_triton(q, k, v, key_group=groups.clone(), spec=spec, scaling=0.125, query_select=last)
         assert len(built) == 2
+
+
+def _fake_kernel(x_ptr, n, scale, BLOCK=16, FLAG=False):  # the signature a fake JIT kernel carries
+    pass
+
+
+class _FakeCompiled:
+    """A compiled kernel: its launcher records what it is handed."""
+
+    function, packed_metadata = "function", "metadata"
+
+    def __init__(self, launches):
+        self.launches = launches
+
+    def run(self, grid_0, grid_1, grid_2, stream, function, packed_metadata, launch_metadata, enter, exit_, *args):
+        self.launches.append(("bound", (grid_0, grid_1, grid_2), stream, args))
+
+
+class _FakeJIT:
+    """Stands in for a JITFunction: kernel[grid](*args, **meta) 'compiles' (a new compiled kernel) and launches."""
+
+    device_caches: dict = {}
+
+    def __init__(self):
+        import inspect
+        self.signature = inspect.signature(_fake_kernel)
+        self.launches: list = []
+
+    def __getitem__(self, grid):
+        def run(*args, **meta):
+            self.launches.append(("triton", tuple(grid), args, meta))
+            return _FakeCompiled(self.launches)
+        return run
+
+
+def test_a_bound_launch_skips_triton_only_for_a_specialization_it_has_launched(monkeypatch):
+    """kernels/launch.py: the second call with the same specialization goes straight to the compiled kernel's launcher,
+    with every argument in signature order (constexprs and defaults after the positional ones); a change in anything
+    Triton specializes on (dtype, 16-byte alignment, an integer's divisibility by 16 or equality to 1, a constexpr, a
+    launch option) goes through Triton again, and so does every call while a launch hook is set."""
+    from types import SimpleNamespace
+
+    from vlm_efficient.kernels import launch as bound
+
+    hooks = SimpleNamespace(launch_enter_hook=None, launch_exit_hook=None)
+    monkeypatch.setattr(bound, "_HOOKS", hooks)
+    monkeypatch.setattr(bound, "_DEVICE_AND_STREAM", (lambda: 0, lambda device: 1234))
+    monkeypatch.setattr(bound, "_BOUND", {})
+    kernel = _FakeJIT()
+    x = torch.zeros(64)
+
+    def routes():
+        return [entry[0] for entry in kernel.launches]
+
+    bound.launch(kernel, (4, 2), x, 32, 0.5, BLOCK=64, num_warps=4)
+    bound.launch(kernel, (4, 2), torch.ones(64), 48, 0.25, BLOCK=64, num_warps=4)  # same specialization
+    assert routes() == ["triton", "bound"]
+    assert kernel.launches[1][1:3] == ((4, 2, 1), 1234)
+    args = kernel.launches[1][3]
+    assert args[1:] == (48, 0.25, 64, False) and torch.equal(args[0], torch.ones(64))
+    for changed in [dict(args=(x, 33, 0.5)),  # not a multiple of 16
+                    dict(args=(x, 1, 0.5)),  # equal to 1
+                    dict(args=(x[1:], 32, 0.5)),  # 4 bytes off a 16-byte boundary
+                    dict(args=(x.half(), 32, 0.5)),
+                    dict(args=(x, 2**40, 0.5)),  # 64-bit
+                    dict(args=(x, 32, 0.5), BLOCK=128),
+                    dict(args=(x, 32, 0.5), FLAG=True),
+                    dict(args=(x, 32, 0.5), num_warps=8)]:
+        kernel.launches.clear()
+        meta = {"BLOCK": 64, "num_warps": 4, **{k: v for k, v in changed.items() if k != "args"}}
+        bound.launch(kernel, (4,), *changed["args"], **meta)
+        bound.launch(kernel, (4,), *changed["args"], **meta)
+        assert routes() == ["triton", "bound"], changed
+        assert kernel.launches[1][3][3:] == (meta["BLOCK"], meta.get("FLAG", False))
+    kernel.launches.clear()
+    hooks.launch_enter_hook = print  # a profiler's hook: Triton calls it, so every launch goes through Triton
+    bound.launch(kernel, (4, 2), x, 32, 0.5, BLOCK=64, num_warps=4)
+    assert routes() == ["triton"]
+    hooks.launch_enter_hook = None
+    with pytest.raises(TypeError, match="no specialization key"):
+        bound.launch(kernel, (4,), [1, 2], 32, 0.5, BLOCK=64, num_warps=4)
+    kernel.launches.clear()
+    monkeypatch.delattr(_FakeJIT, "device_caches")  # the interpreter's kernels (TRITON_INTERPRET=1) launch through it
+    bound.launch(kernel, (4, 2), x, 32, 0.5, BLOCK=64, num_warps=4)
+    assert routes() == ["triton"]
