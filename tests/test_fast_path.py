@@ -277,7 +277,7 @@ def test_fast_bench_filters_methods_and_profiles_the_prefill(tmp_path):
 
 @pytest.mark.parametrize("family,spec,module_layers", [
     ("llava", "", set()),
-    ("llava", "fastv:layer=2,ratio=0.5", {1, 2}),  # scores in layer 1 (a probe), prunes entering layer 2
+    ("llava", "fastv:layer=2,ratio=0.5", {1}),  # scores in layer 1; its selection before layer 2 starts a segment
     ("qwen2_vl", "pdrop:layers=1/3,ratio=0.5", {1, 3}),
     ("qwen3_vl", "", {0, 1}),  # deepstack adds visual features after the first layers (adapter.acts_after_layer)
     ("llava", "vaf", {1, 2}),  # VAF edits the middle layers' attention; its other layers are plain
@@ -292,6 +292,8 @@ def test_prefill_runs_plain_layers_as_segments(family, spec, module_layers):
     in_segments = {idx for start, end, _ in segments for idx in range(start, end)}
     layers = ve.engine_of(model).num_layers
     assert in_segments == set(range(layers)) - module_layers
+    starts = {start for start, _, _ in segments}
+    assert all(idx in starts for idx in ve.engine_of(model).prune_layers & in_segments)  # selections run between
     assert not any(replayed for _, _, replayed in segments)  # CPU: no graph
     run = ve.engine_of(model).run
     assert len(run.tokens_per_layer) == layers and sorted(run.layer_positions) == list(range(layers))

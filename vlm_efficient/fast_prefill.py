@@ -36,6 +36,7 @@ import torch
 from torch.nn.modules import module as global_hooks
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from . import shrinking
 from .adapters import CACHE_KWARGS
 from .method import PerThread, edits_attention
 
@@ -346,6 +347,8 @@ class LeanPrefill:
                     out = layers[idx](hidden, **kwargs)
                     hidden = out[0] if isinstance(out, tuple) else out
                 continue
+            if start in engine.prune_layers and run.layout.has_visual:  # as the layer hook does, before the layer
+                hidden = shrinking.apply_selections(engine.methods, start, hidden, run)
             layer_kwargs = None
             for idx in range(start, end):  # what the engine's layer hook records for each layer
                 run.enter_layer(idx)
@@ -375,23 +378,25 @@ class LeanPrefill:
 
     # ---- which layers are plain -----------------------------------------------------------------------------
     def plan(self, run) -> list[tuple[int, int, bool]]:
-        """[(start, end, plain)]: maximal runs of layers that are all plain (a segment) or all called as modules."""
+        """[(start, end, plain)]: maximal runs of layers that are all plain (a segment) or all called as modules. A
+        plain layer where a method prunes starts a segment: its selection runs before the segment, on the host's
+        side, as the layer hook's would."""
         flags = [self._plain(idx, run) for idx in range(self.engine.num_layers)]
+        prunes = self.engine.prune_layers
         runs, start = [], 0
         for idx in range(1, len(flags) + 1):
-            if idx == len(flags) or flags[idx] != flags[start]:
+            if idx == len(flags) or flags[idx] != flags[start] or (flags[idx] and idx in prunes):
                 runs.append((start, idx, flags[start]))
                 start = idx
         return runs
 
     def _plain(self, idx: int, run) -> bool:
-        """Nothing acts in layer `idx` at this prefill: no probe, pruning, attention edit (a structured one that is None
+        """Nothing acts in layer `idx` at this prefill but a selection before it (plan()): no probe, attention edit (a structured one that is None
         here) or statistics, observed hidden state, head-output scale, pre-rotary capture or injection after it, and
         no hook on its modules but the engine's own (a method's or a user's hook must run: the layer is then called
         as a module)."""
         engine, methods = self.engine, self.engine.methods
-        if (idx in engine.probe_layers or idx in engine.prune_layers or engine.shards is not None or run.static_cache
-                or engine.per_head_cache):  # fmt: skip
+        if idx in engine.probe_layers or engine.shards is not None or run.static_cache or engine.per_head_cache:
             return False
         if any(m.observes_hidden(idx) or m.edits_head_outputs() or m.uses_unrotated(idx)
                or m.attention_request(idx) is not None for m in methods):  # fmt: skip
