@@ -20,6 +20,7 @@ import torch
 
 _INT32 = 2**31
 _INT64 = 2**63
+_TENSOR = torch.Tensor
 
 
 def _arg_key(arg):
@@ -28,9 +29,8 @@ def _arg_key(arg):
         return arg.dtype, arg.data_ptr() % 16 == 0
     if isinstance(arg, bool):
         return bool, arg
-    if isinstance(arg, int):
-        width = 0 if -_INT32 <= arg < _INT32 else 1 if -_INT64 <= arg < _INT64 else 2
-        return arg == 1, arg % 16 == 0, width
+    if isinstance(arg, int):  # (as the inlined key in launch()) one, multiple of 16, 32-bit, below unsigned 64-bit
+        return arg == 1, arg % 16 == 0, -_INT32 <= arg < _INT32, arg < _INT64
     if arg is None or isinstance(arg, (float, str)):
         return type(arg)
     raise TypeError(f"launch: no specialization key for an argument of type {type(arg).__name__}")
@@ -82,7 +82,10 @@ def launch(kernel, grid, *args, **meta):
         return kernel[grid](*args, **meta)
     current_device, current_stream = _DEVICE_AND_STREAM
     device = current_device()
-    key = (id(kernel), device, tuple(meta.items()), tuple([_arg_key(a) for a in args]))
+    # _arg_key inlined for the two common types (half the cost of a call per argument)
+    key = (id(kernel), device, tuple(meta.items()), tuple([
+        (a.dtype, a.data_ptr() % 16 == 0) if type(a) is _TENSOR
+        else (a == 1, a % 16 == 0, -_INT32 <= a < _INT32, a < _INT64) if type(a) is int else _arg_key(a) for a in args]))
     bound = _BOUND.get(key)
     if bound is None:
         compiled = kernel[grid](*args, **meta)
