@@ -383,3 +383,17 @@ def test_captured_prefill_reloads_each_calls_inputs(spec, vision_plain, monkeypa
         assert fast_path.encoder.last_replayed == (encodes and vision_plain and call >= 1)
     assert fast_path.prefill.graphs.capture_error is None and fast_path.encoder.graphs.capture_error is None
     ve.unwrap(model)
+
+
+def test_sightings_count_the_recent_signatures_only(monkeypatch):
+    """A server sees many prompt lengths: the lean prefill counts the MAX_SIGHTINGS most recently seen input signatures
+    (a capture is due at the CAPTURE_AFTER-th sighting of one), not every signature ever seen."""
+    from vlm_efficient import fast_prefill
+
+    monkeypatch.setattr(fast_prefill, "MAX_SIGHTINGS", 3)
+    sightings = fast_prefill._Sightings(keep=2)
+    assert [sightings.due(key) for key in "aab"] == [False, True, False]
+    for key in "cde":  # 'a' and 'b' are forgotten
+        sightings.due(key)
+    assert len(sightings.seen) == 3
+    assert [sightings.due("a"), sightings.due("e")] == [False, True]

@@ -43,6 +43,7 @@ from .method import PerThread, edits_attention
 MAX_SEGMENT_GRAPHS = 4  # captured segments kept per model (least recently used dropped; each holds its KV)
 MAX_ENCODER_GRAPHS = 4  # captured image encodings kept per model
 CAPTURE_AFTER = 2  # a segment's input shapes are captured the second time they are seen
+MAX_SIGHTINGS = 256  # input signatures counted per model (the least recently seen forgotten)
 TRANSFORMERS_RECORDER = "transformers.utils.output_capturing"  # the module of transformers' output-recording hooks
 
 
@@ -204,13 +205,13 @@ def _load(buffers: dict, kwargs: dict) -> None:
 
 
 class _Sightings:
-    """Which input signatures to capture: the CAPTURE_AFTER-th sighting of one (on CUDA), never one whose capture
-    failed; the captured ones, least recently used dropped past `keep`."""
+    """Which input signatures to capture: the CAPTURE_AFTER-th sighting of one (on CUDA), among the MAX_SIGHTINGS
+    most recently seen; never one whose capture failed; the captured ones, least recently used dropped past `keep`."""
 
     def __init__(self, keep: int):
         self.keep = keep
         self.captured: collections.OrderedDict = collections.OrderedDict()
-        self.seen: collections.Counter = collections.Counter()
+        self.seen: dict = {}  # signature -> sightings, the most recent last
         self.last_capture_s: float | None = None
         self.capture_error: str | None = None
 
@@ -221,8 +222,11 @@ class _Sightings:
         return None
 
     def due(self, key) -> bool:
-        self.seen[key] += 1
-        return self.seen[key] == CAPTURE_AFTER
+        count = self.seen.pop(key, 0) + 1
+        if len(self.seen) >= MAX_SIGHTINGS:  # forget the oldest sighting: a server sees many prompt lengths
+            self.seen.pop(next(iter(self.seen)))
+        self.seen[key] = count
+        return count == CAPTURE_AFTER
 
     def add(self, key, make):
         """make() -> the captured thing, or an exception (then None: the key stays eager)."""
