@@ -62,6 +62,11 @@ def _runtime():
     _DEVICE_AND_STREAM = (active.get_current_device, active.get_current_stream)
 
 
+def _hooked(hook) -> bool:
+    """A launch hook is set: a function, or (Triton >= 3.6) a non-empty HookChain (an empty one is always there)."""
+    return hook is not None and bool(getattr(hook, "calls", True))
+
+
 def _tail(kernel, n_positional: int, meta: dict) -> tuple:
     """The kernel's arguments after the positional ones, in signature order, as Triton's binder fills them in (the
     launcher takes every argument, constexprs included)."""
@@ -78,7 +83,7 @@ def launch(kernel, grid, *args, **meta):
         return kernel[grid](*args, **meta)
     if _HOOKS is None:
         _runtime()
-    if _HOOKS.launch_enter_hook is not None or _HOOKS.launch_exit_hook is not None:
+    if _hooked(_HOOKS.launch_enter_hook) or _hooked(_HOOKS.launch_exit_hook):
         return kernel[grid](*args, **meta)
     current_device, current_stream = _DEVICE_AND_STREAM
     device = current_device()
