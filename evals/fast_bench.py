@@ -340,8 +340,8 @@ class Bench:
     def profile(self, section: dict, model, inputs, methods: list[str]) -> None:
         """Where the prefill's time goes: one generate() of one token for the unwrapped model, the wrapped one (no
         method), the fast path with no method and the fast path with each of the section's methods. torch.profiler's top
-        operators by host and by device time, then cProfile's top Python functions by own time over a second call,
-        go to profile_<path>[_<method>].txt."""
+        operators by host and by device time, cProfile's top Python functions by own time over a second call and, on
+        CUDA, the synchronizing calls of a third by Python line (host_reads) go to profile_<path>[_<method>].txt."""
         import cProfile
         import io
         import pstats
@@ -368,6 +368,7 @@ class Bench:
                 python.disable()
                 stream = io.StringIO()
                 pstats.Stats(python, stream=stream).sort_stats("tottime").print_stats(30)
+                host_reads = self.host_reads(model, inputs, path)
                 table = prof.key_averages()
                 text = [f"{path} {label or 'base'}: prefill {wall:.1f} ms wall (profiled)", "",
                         table.table(sort_by="self_cpu_time_total", row_limit=25)]
@@ -375,6 +376,11 @@ class Bench:
                     text += [table.table(sort_by="self_device_time_total", row_limit=25)]
                 text += [f"cProfile, one more call ({python_wall:.1f} ms wall under cProfile), by own time:",
                          stream.getvalue()]
+                if host_reads is not None:
+                    section.setdefault("prefill_host_reads", {})[name] = sum(host_reads.values())
+                    text += [f"Host reads (synchronizing calls) in one more call: {sum(host_reads.values())}, by where "
+                             "they were made (innermost frames of this package and transformers):"]
+                    text += [f"{count:4d}  {where}" for where, count in host_reads.most_common()]
                 (self.out / f"profile_{name}.txt").write_text("\n".join(text))
                 section.setdefault("profiled_prefill_ms", {})[name] = wall
                 log(f"  profiled {name}: {wall:.1f} ms")
@@ -384,6 +390,27 @@ class Bench:
                 if ve.is_wrapped(model):
                     ve.unwrap(model)
         self.write()
+
+    def host_reads(self, model, inputs, path: str):
+        """collections.Counter {Python line: count} of the synchronizing CUDA calls (a tensor read on the host, a
+        blocking copy) that one prefill makes, from torch.cuda's sync debug mode; None off CUDA."""
+        import collections
+        import warnings
+
+        if not torch.cuda.is_available():
+            return None
+        sites: collections.Counter = collections.Counter()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                self.timed(model, inputs, path, 1)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        for warning in caught:  # a warning from C++ names the Python line that made the call
+            if "synchroniz" in str(warning.message):
+                sites[f"{warning.filename.split('site-packages/')[-1]}:{warning.lineno}"] += 1
+        return sites
 
     def run(self) -> dict:
         if self.args.checks:
