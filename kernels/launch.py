@@ -8,9 +8,11 @@ launches; its compiled kernel is then kept under a key that determines Triton's 
 and 16-byte alignment, each integer's divisibility by 16, equality to 1 and width, every constexpr and launch option,
 the current device), and later calls with that key hand their arguments straight to the compiled kernel's launcher.
 
-The key is at least as fine as Triton's own, so a bound call runs the kernel Triton would have picked. Where Triton's
-launch hooks are set (a profiler such as proton), and under the interpreter (TRITON_INTERPRET=1), every call goes
-through Triton."""
+The key is at least as fine as Triton's own, so a bound call runs the kernel Triton would have picked; a kernel whose
+positional arguments include a constexpr is never bound. Skipped on a bound call: Triton's check that the globals a
+kernel reads have not changed since it was compiled (ours read none). Where Triton's launch hooks are set (a profiler
+such as proton; Triton 3.6 always keeps a hook chain there, which counts when it is not empty), and under the
+interpreter (TRITON_INTERPRET=1), every call goes through Triton."""
 
 from __future__ import annotations
 
@@ -94,7 +96,10 @@ def launch(kernel, grid, *args, **meta):
     bound = _BOUND.get(key)
     if bound is None:
         compiled = kernel[grid](*args, **meta)
-        if getattr(compiled, "run", None) is not None:  # a launched kernel (not an asynchronous compile's future)
+        # bound: a launched kernel (not an asynchronous compile's future) none of whose positional arguments is a
+        # constexpr (Triton compiles one per value, which the key's integer classes do not tell apart)
+        if (getattr(compiled, "run", None) is not None
+                and not any(param.is_constexpr for param in getattr(kernel, "params", ())[:len(args)])):
             _BOUND[key] = _Bound(compiled, _tail(kernel, len(args), meta))
         return compiled
     compiled = bound.compiled
@@ -114,7 +119,3 @@ def binding(enabled: bool):
     finally:
         _ENABLED[0] = saved
 
-
-def bound_count() -> int:
-    """How many specializations have a bound launch (tests, benchmarks)."""
-    return len(_BOUND)

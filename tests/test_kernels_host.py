@@ -206,7 +206,8 @@ def test_a_bound_launch_skips_triton_only_for_a_specialization_it_has_launched(m
     """kernels/launch.py: the second call with the same specialization goes straight to the compiled kernel's launcher,
     with every argument in signature order (constexprs and defaults after the positional ones); a change in anything
     Triton specializes on (dtype, 16-byte alignment, an integer's divisibility by 16 or equality to 1, a constexpr, a
-    launch option) goes through Triton again, and so does every call while a launch hook is set."""
+    launch option) goes through Triton again, and so does every call while a launch hook is set or where a constexpr
+    is passed positionally."""
     from types import SimpleNamespace
 
     from vlm_efficient.kernels import launch as bound
@@ -254,6 +255,12 @@ def test_a_bound_launch_skips_triton_only_for_a_specialization_it_has_launched(m
     hooks.launch_enter_hook = None
     with pytest.raises(TypeError, match="no specialization key"):
         bound.launch(kernel, (4,), [1, 2], 32, 0.5, BLOCK=64, num_warps=4)
+    kernel.launches.clear()  # a constexpr passed positionally: Triton compiles one per value, so it is never bound
+    kernel.params = [SimpleNamespace(is_constexpr=name == "n") for name in kernel.signature.parameters]
+    bound._BOUND.clear()
+    for n in (32, 48):
+        bound.launch(kernel, (4,), x, n, 0.5, BLOCK=64, num_warps=4)
+    assert routes() == ["triton", "triton"]
     kernel.launches.clear()
     monkeypatch.delattr(_FakeJIT, "device_caches")  # the interpreter's kernels (TRITON_INTERPRET=1) launch through it
     bound.launch(kernel, (4, 2), x, 32, 0.5, BLOCK=64, num_warps=4)
