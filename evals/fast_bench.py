@@ -378,8 +378,8 @@ class Bench:
                          stream.getvalue()]
                 if host_reads is not None:
                     section.setdefault("prefill_host_reads", {})[name] = sum(host_reads.values())
-                    text += [f"Host reads (synchronizing calls) in one more call: {sum(host_reads.values())}, by where "
-                             "they were made (innermost frames of this package and transformers):"]
+                    text += [f"Host reads (synchronizing calls) in one more call: {sum(host_reads.values())}, by the "
+                             "Python line that made them:"]
                     text += [f"{count:4d}  {where}" for where, count in host_reads.most_common()]
                 (self.out / f"profile_{name}.txt").write_text("\n".join(text))
                 section.setdefault("profiled_prefill_ms", {})[name] = wall

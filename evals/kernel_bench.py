@@ -435,7 +435,7 @@ class Bench:
         import pstats
 
         from ..kernels.launch import binding
-        from .kernel_host_cost import entry_point_calls
+        from .kernel_host_cost import best_us_per_call, entry_point_calls
 
         report = []
         n, calls, rounds = (self.sizes[0], 1, 1) if self.smoke else (651, 200, 5)
@@ -445,14 +445,7 @@ class Bench:
                 with binding(bound):
                     call()
                     self.sync()
-                    best = math.inf  # the best round: interference only adds
-                    for _ in range(rounds):
-                        start = time.perf_counter()
-                        for _ in range(calls):
-                            call()
-                        best = min(best, (time.perf_counter() - start) / calls * 1e6)
-                        self.sync()
-                    host[bound] = best
+                    host[bound] = best_us_per_call(call, calls, rounds, self.sync)
             python = cProfile.Profile()
             python.enable()
             for _ in range(calls):

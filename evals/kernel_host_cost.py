@@ -155,11 +155,18 @@ def wrapper_report(sizes=(651, 2955, 8267), heads: int = 32, head_dim: int = 128
                 log.clear()
                 call()
                 launches = [entry[0] for entry in log]
-                rounds = []
-                for _ in range(5):
-                    start = time.perf_counter()
-                    for _ in range(calls):
-                        call()
-                    rounds.append((time.perf_counter() - start) / calls * 1e6)
-                rows.append(dict(kernel=name, n=n, wrapper_us=min(rounds), launches=launches))
+                rows.append(dict(kernel=name, n=n, wrapper_us=best_us_per_call(call, calls), launches=launches))
     return rows
+
+
+def best_us_per_call(call, calls: int, rounds: int = 5, sync=lambda: None) -> float:
+    """Host microseconds per call of `call`: the best of `rounds` rounds of `calls` back-to-back calls (the best: the
+    CPU is shared, and interference only adds); `sync()` after each round (a GPU's queue drained outside the timing)."""
+    best = float("inf")
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for _ in range(calls):
+            call()
+        best = min(best, (time.perf_counter() - start) / calls * 1e6)
+        sync()
+    return best

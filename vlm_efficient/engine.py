@@ -43,7 +43,7 @@ from .method import BEFORE_LLM, UNSTRUCTURED, AttentionContext, Method, PerThrea
 from .placement import head_shards
 from .pre_rotary import PreRotaryCapture
 from .run_state import RunState
-from .shrinking import ShrunkLayerInputs
+from .shrinking import ShrunkLayerInputs, apply_selections
 from .static_cache import written_keys
 
 ATTENTION_NAME = "vlm_efficient"
@@ -178,6 +178,13 @@ class Engine:
     @property
     def plain_layers(self) -> frozenset[int]:
         return frozenset(range(self.num_layers)) if self._plain else self._acting_plain_layers
+
+    def select_before(self, idx: int, hidden: torch.Tensor, run: RunState) -> torch.Tensor:
+        """Layer idx's input rows at a prefill after the selections of the methods pruning there (the layer hook's and
+        the lean prefill's one rule)."""
+        if idx in self.prune_layers and run.layout.has_visual:
+            return apply_selections(self.methods, idx, hidden, run)
+        return hidden
 
     def _plain_layers(self) -> frozenset[int]:
         """Layers whose attention calls no method acts on: no edit (no method edits attention anywhere), no statistics,

@@ -36,7 +36,6 @@ import torch
 from torch.nn.modules import module as global_hooks
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from . import shrinking
 from .adapters import CACHE_KWARGS
 from .method import PerThread, edits_attention
 
@@ -359,8 +358,7 @@ class LeanPrefill:
                     out = layers[idx](hidden, **kwargs)
                     hidden = out[0] if isinstance(out, tuple) else out
                 continue
-            if start in engine.prune_layers and run.layout.has_visual:  # as the layer hook does, before the layer
-                hidden = shrinking.apply_selections(engine.methods, start, hidden, run)
+            hidden = engine.select_before(start, hidden, run)  # as the layer hook does (plan(): a segment's start)
             layer_kwargs = None
             for idx in range(start, end):  # what the engine's layer hook records for each layer
                 run.enter_layer(idx)
@@ -403,10 +401,10 @@ class LeanPrefill:
         return runs
 
     def _plain(self, idx: int, run) -> bool:
-        """Nothing acts in layer `idx` at this prefill but a selection before it (plan()): no probe, attention edit (a structured one that is None
-        here) or statistics, observed hidden state, head-output scale, pre-rotary capture or injection after it, and
-        no hook on its modules but the engine's own (a method's or a user's hook must run: the layer is then called
-        as a module)."""
+        """Nothing acts in layer `idx` at this prefill but a selection before it (plan()): no probe, attention edit (a
+        structured one that is None here) or statistics, observed hidden state, head-output scale, pre-rotary capture
+        or injection after it, and no hook on its modules but the engine's own (a method's or a user's hook must run:
+        the layer is then called as a module)."""
         engine, methods = self.engine, self.engine.methods
         if idx in engine.probe_layers or engine.shards is not None or run.static_cache or engine.per_head_cache:
             return False

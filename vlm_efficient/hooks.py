@@ -237,8 +237,7 @@ class ModelHooks:
                 if engine.probe_layers and idx in engine.probe_layers:
                     layer_kwargs = engine.layer_inputs(idx, kwargs, run, hidden.device)
                     attention_stats.run_probes(engine, idx, module, hidden, layer_kwargs)
-                if idx in engine.prune_layers and run.layout.has_visual:
-                    hidden = shrinking.apply_selections(engine.methods, idx, hidden, run)
+                hidden = engine.select_before(idx, hidden, run)
                 run.enter_layer(idx)
             for method in engine.methods:
                 if method.observes_hidden(idx):
