@@ -195,6 +195,7 @@ class Bench:
                 row["capture_error"] = fast_path.capture_error
                 prefill = fast_path.prefill
                 row["prefill_segments"] = [list(segment) for segment in prefill.last_segments]  # (start, end, graph)
+                row["last_row_deferred"] = prefill.deferred_last_row  # run as the first decoding step
                 row["prefill_capture_s"] = prefill.graphs.last_capture_s
                 row["prefill_capture_error"] = prefill.graphs.capture_error
                 row["encoder_graph"] = fast_path.encoder.last_replayed

@@ -29,6 +29,7 @@ class AdaptVis(Method):
     name = "adaptvis"
     summary = "probe the first-token confidence; image-key logits x0.5 if < 0.4, else x1.5"
     reported = "spatial-reasoning accuracy up (WhatsUp, VSR); no hallucination benchmark"
+    prefill_edits_last_row_as_decoding = True
     pending = PerThread()  # the key weights of the calling thread's next prefill
 
     threshold: float = 0.4

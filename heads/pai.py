@@ -45,6 +45,7 @@ class PAI(Method):
     name = "pai"
     summary = "image-key logits a -> a + alpha|a| for the predicting row, layers 2..L-1"
     reported = "CHAIR_S / CHAIR_I down, POPE F1 up (LLaVA-1.5, MiniGPT-4, Shikra; with its contrastive term)"
+    prefill_edits_last_row_as_decoding = True
 
     alpha: float = 0.2
     layers: str = ""  # e.g. 2-31; default 2..L-1

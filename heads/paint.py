@@ -54,6 +54,7 @@ class PAINT(Method):
     name = "paint"
     summary = "PAI-style |a| boost on image tokens picked by ViT [CLS] attention (top 25% at layer 0, late outliers)"
     reported = "in-context hallucination (CHAIR) down (LLaVA-1.5)"
+    prefill_edits_last_row_as_decoding = True
     captured = PerThread(dict)  # the calling thread's last vision-tower [CLS] attentions
 
     top: float = 0.7

@@ -44,6 +44,6 @@ class FasterVLM(VisionTowerMethod):
             )
         super().bind(engine)
 
-    def choose(self, score, metric, features):
-        grid, count = grid_counts(score, self.ratio)
+    def choose(self, score, metric, features, grid_size=None):
+        grid, count = grid_counts(score, self.ratio, grid_size)
         return top(score, grid, count) | ~grid, None

@@ -29,7 +29,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from vlm_efficient.layout import IMAGE, VIDEO
-from vlm_efficient.method import BEFORE_LLM, Method, PerThread, Selection
+from vlm_efficient.method import BEFORE_LLM, EncoderRecord, Method, PerThread, Selection
 from vlm_efficient.selection import keep_count, top_k_mask
 
 VISION_ATTENTION = "vlm_efficient_vision"
@@ -84,18 +84,32 @@ class VisionCapture:
             vision.tower.register_forward_pre_hook(self._on_tower_call, with_kwargs=True),
             model.register_forward_hook(lambda *_: self.reset(), always_call=True),  # also after a raise
         ]
+        vision_hooks = [handles[2]]  # the hooks on vision-side modules (EncoderRecord.hook_ids)
         self.merge_in_vit = merge_in_vit and vision.projector is not None  # else merged on the LLM-side features
         if self.merge_in_vit:
-            handles.append(vision.projector.register_forward_pre_hook(self._on_projector_call))
+            vision_hooks.append(vision.projector.register_forward_pre_hook(self._on_projector_call))
         if vision.tiled:  # the projected tiles, to find each LLM token's tile row (tile_sources)
-            handles.append(vision.projector.register_forward_hook(self._on_projector_output))
-        for handle in handles:
+            vision_hooks.append(vision.projector.register_forward_hook(self._on_projector_output))
+        for handle in handles[:2] + vision_hooks:
             engine.add_handle(handle)
+        self.vision_hook_ids = frozenset(handle.id for handle in vision_hooks)
 
     # ---- recording ---------------------------------------------------------------------------------------------
     def reset(self) -> None:
         """Vision calls belong to the next prefill (generate() encodes images before it) or to the current forward."""
         self.calls.clear()
+
+    def encoder_record(self) -> EncoderRecord:
+        """The tower calls one encoding leaves (records, decisions, merged tiles), for a captured encoding: every step
+        of recording and choosing runs on the device with sizes known on the host (the records' grid_size)."""
+
+        def copied(calls):  # new lists and dicts around the same tensors: a prefill may add to a call
+            return [{**call, "records": list(call["records"])} for call in calls]
+
+        def restore(calls):
+            self.calls[:] = copied(calls)
+
+        return EncoderRecord(self.vision_hook_ids, self.reset, lambda: copied(self.calls), restore)
 
     def _on_tower_call(self, module, args, kwargs):
         grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
@@ -114,7 +128,8 @@ class VisionCapture:
                 score = cls[tile, start:].clone()
                 if start == 0:
                     score[0] = float("inf")  # the [CLS] feature itself, when the LLM gets it, always stays
-                records.append({"score": score, "metric": metric[tile, start:]})
+                grid_size = query.shape[2] - 1  # every patch; the [CLS] is not one
+                records.append({"score": score, "metric": metric[tile, start:], "grid_size": grid_size})
             return
         n = query.shape[2]
         received = torch.zeros(n, device=query.device)
@@ -126,6 +141,7 @@ class VisionCapture:
         records.append({
             "score": received.view(-1, unit).mean(1),
             "metric": metric[0].view(n // unit, unit, -1).mean(1),
+            "grid_size": n // unit,
         })  # fmt: skip
 
     def _on_projector_output(self, module, args, output):
@@ -140,7 +156,7 @@ class VisionCapture:
         records = call["records"]
         scores = torch.stack([record["score"] for record in records])
         metrics = torch.stack([record["metric"] for record in records])
-        keep, merged = self.method.choose_tiles(scores, metrics, features[: len(records)])
+        keep, merged = self.method.choose_tiles(scores, metrics, features[: len(records)], records[0]["grid_size"])
         call["keep"] = list(keep.unbind(0))
         if merged is None:
             return None
@@ -158,7 +174,8 @@ class VisionCapture:
         """Each tile's keep [n] (decided at the projector when the method merges in the ViT, else here)."""
         if "keep" in call:
             return call["keep"]
-        return [self.method.choose(**self._args(record))[0] for record in call["records"]]
+        return [self.method.choose(record["score"], record["metric"], None, record["grid_size"])[0]
+                for record in call["records"]]  # fmt: skip
 
     def tile_keep(self, run, hidden: torch.Tensor) -> torch.Tensor | None:
         """CLIP towers: [B, n] keep of every prompt row at once (the decisions are per ViT tile, the merges, if any,
@@ -224,18 +241,16 @@ class VisionCapture:
                     rows = ((kind[b] == modality) & (image_index[b] == k) & (frame[b] == unit)).nonzero().flatten()
                     order = orders[first[source] + f].to(hidden.device)
                     record = call["records"][first[source] + f]
-                    keep, merged = self.method.choose(record["score"][order], record["metric"][order], hidden[b, rows])
+                    keep, merged = self.method.choose(record["score"][order], record["metric"][order], hidden[b, rows],
+                                                      record["grid_size"])  # fmt: skip
                     yield b, rows, keep, merged
-
-    @staticmethod
-    def _args(record):
-        return {"score": record["score"], "metric": record["metric"], "features": None}
 
 
 class VisionTowerMethod(Method):
     """Base of the methods that pick (and merge) visual tokens before the LLM from the vision tower's attention.
     Subclasses define `choose(score [n], metric [n, d], features [n, c] or None) -> (keep [n], merged [n, c] or None)`
-    over one tile's or image's tokens in LLM order; scores of +inf mark tokens that always stay ([CLS])."""
+    over one tile's or image's tokens in LLM order; scores of +inf mark tokens that always stay ([CLS]). `grid_size`,
+    the finite scores' count, is what the host knows of it (the tower's records); None: counted (one host read)."""
 
     merge_in_vit: ClassVar[bool] = False
     reads_vision_tower: ClassVar[bool] = True
@@ -250,16 +265,20 @@ class VisionTowerMethod(Method):
     def prune_layers(self) -> set[int]:
         return {BEFORE_LLM}
 
-    def choose(self, score, metric, features):
+    def encoder_record(self) -> EncoderRecord:
+        return self.capture.encoder_record()
+
+    def choose(self, score, metric, features, grid_size: int | None = None):
         raise NotImplementedError
 
-    def choose_tiles(self, scores, metrics, features) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """`choose` over equal-sized tiles at once: scores [T, n], metrics [T, n, d], features [T, n, c] ->
-        (keep [T, n], merged [T, n, c] or None). This one loops over the tiles; a method may do them together."""
+    def choose_tiles(self, scores, metrics, features, grid_size: int | None = None):
+        """`choose` over tiles at once: scores [T, n], metrics [T, n, d], features [T, n, c] -> (keep [T, n], merged
+        [T, n, c] or None); `grid_size`: every tile's, where the host knows it. This one loops over the tiles; a
+        method may do them together."""
         merged = features.clone()
         keeps, any_merged = [], False
         for tile in range(scores.shape[0]):
-            keep, tile_merged = self.choose(scores[tile], metrics[tile], features[tile])
+            keep, tile_merged = self.choose(scores[tile], metrics[tile], features[tile], grid_size)
             keeps.append(keep)
             if tile_merged is not None:
                 merged[tile], any_merged = tile_merged, True
@@ -279,14 +298,21 @@ class VisionTowerMethod(Method):
         return Selection(keep=keep, hidden=merged_hidden)
 
 
-def grid_counts(score: torch.Tensor, ratio: float) -> tuple[torch.Tensor, int]:
+def grid_sizes(scores: torch.Tensor, grid_size: int | None) -> list[int]:
+    """Each tile's grid tokens (finite scores) of scores [T, n]: `grid_size` for every tile where the host knows it,
+    else counted (one host read)."""
+    if grid_size is not None:
+        return [grid_size] * scores.shape[0]
+    return torch.isfinite(scores).sum(1).tolist()
+
+
+def grid_counts(score: torch.Tensor, ratio: float, grid_size: int | None) -> tuple[torch.Tensor, int]:
     """(grid tokens [n] bool, how many of them survive dropping `ratio`)."""
-    grid = torch.isfinite(score)
-    return grid, int(keep_count(grid.sum()[None], ratio))
+    return torch.isfinite(score), keep_count(grid_sizes(score[None], grid_size)[0], ratio)
 
 
 def top(score: torch.Tensor, candidates: torch.Tensor, count: int) -> torch.Tensor:
-    return top_k_mask(score[None], candidates[None], torch.tensor([count]))[0]
+    return top_k_mask(score[None], candidates[None], torch.full((1,), count, device=score.device))[0]
 
 
 _BITS = {2: torch.int16, 4: torch.int32, 8: torch.int64}

@@ -28,7 +28,6 @@ the authors' order (POPE F1 0.970 / 0.938; results/testbed_positions_staged_cpu/
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 
 import torch
@@ -36,9 +35,9 @@ import torch
 from vlm_efficient.layout import IMAGE
 from vlm_efficient.method import BEFORE_LLM, Selection
 from vlm_efficient.registry import register_method
-from vlm_efficient.selection import check_drop_ratio, check_positions, top_k_mask
+from vlm_efficient.selection import check_drop_ratio, check_positions, keep_count, top_k_mask
 
-from .vision_capture import VisionTowerMethod
+from .vision_capture import VisionTowerMethod, grid_sizes
 
 
 @register_method
@@ -68,7 +67,7 @@ class VisionZip(VisionTowerMethod):
 
     def counts(self, total_grid: int) -> tuple[int, int]:
         """(dominant, contextual) tokens kept of an image's `total_grid` grid tokens."""
-        total = math.floor(total_grid * (1.0 - self.ratio) + 0.5)  # keep_count's rounding, on the host
+        total = keep_count(total_grid, self.ratio)
         contextual = min(int(total * self.share + 0.5), total - 1) if total > 1 else 0
         return total - contextual, contextual
 
@@ -76,7 +75,7 @@ class VisionZip(VisionTowerMethod):
         """[T, n]: the dominant tokens of tiles of `grid_size` grid tokens each (the highest scores; +inf always)."""
         grid = torch.isfinite(scores)
         count, _ = self.counts(grid_size)
-        return top_k_mask(scores, grid, torch.full((scores.shape[0],), count)) | ~grid
+        return top_k_mask(scores, grid, torch.full((scores.shape[0],), count, device=scores.device)) | ~grid
 
     def select_tokens(self, layer, run, hidden) -> Selection:
         selection = super().select_tokens(layer, run, hidden)
@@ -87,8 +86,8 @@ class VisionZip(VisionTowerMethod):
     def authors_order(self, run, hidden: torch.Tensor) -> torch.Tensor:
         """Selection.order of positions=renumber: every row in position order, except each image's contextual
         tokens, which follow the last row of their part (LLaVA-NeXT: base image, high-resolution grid)."""
-        scores = [record["score"][None] for record in self.capture._first_call()["records"]]
-        dominant = [self.dominant(score, int(torch.isfinite(score).sum()))[0] for score in scores]
+        records = self.capture._first_call()["records"]
+        dominant = [self.dominant(record["score"][None], record["grid_size"])[0] for record in records]
         device = hidden.device
         image = run.current(run.layout.kind, fill=0).to(device) == IMAGE
         contextual = image & ~self.capture.tile_rows(run, dominant, hidden)
@@ -101,16 +100,17 @@ class VisionZip(VisionTowerMethod):
         end = end.scatter_reduce(1, segment, positions, "amax")
         return torch.where(contextual, 2 * end.gather(1, segment) + 1, 2 * positions)
 
-    def choose(self, score, metric, features):
-        keep, merged = self.choose_tiles(score[None], metric[None], None if features is None else features[None])
+    def choose(self, score, metric, features, grid_size=None):
+        keep, merged = self.choose_tiles(score[None], metric[None], None if features is None else features[None],
+                                         grid_size)  # fmt: skip
         return keep[0], None if merged is None else merged[0]
 
-    def choose_tiles(self, scores, metrics, features):
-        """Every tile at once (their grid sizes known on the host with one read): the dominant tokens by score, then
-        among the rest in position order every (rest // contextual)-th one a target, the others merged into the
-        target of the most similar metric (ties: the earliest target)."""
+    def choose_tiles(self, scores, metrics, features, grid_size=None):
+        """Every tile at once (their grid sizes known on the host): the dominant tokens by score, then among the rest
+        in position order every (rest // contextual)-th one a target, the others merged into the target of the most
+        similar metric (ties: the earliest target)."""
         grid = torch.isfinite(scores)
-        sizes = grid.sum(1).tolist()
+        sizes = grid_sizes(scores, grid_size)
         if len(set(sizes)) > 1:  # tiles of different grid sizes: one at a time
             return super().choose_tiles(scores, metrics, features)
         dominant_count, contextual = self.counts(sizes[0])

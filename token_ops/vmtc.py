@@ -21,7 +21,7 @@ import torch
 from vlm_efficient.registry import register_method
 from vlm_efficient.selection import check_drop_ratio, cluster_means, keep_count, top_k_mask
 
-from .vision_capture import VisionTowerMethod
+from .vision_capture import VisionTowerMethod, grid_sizes
 
 
 def cosine_kmeans(x: torch.Tensor, clusters: int, iterations: int) -> torch.Tensor:
@@ -54,21 +54,22 @@ class VMTC(VisionTowerMethod):
             raise ValueError("vmtc: primary must be in (0, 1] and iterations >= 1")
         super().bind(engine)
 
-    def choose(self, score, metric, features):
-        keep, merged = self.choose_tiles(score[None], metric[None], None if features is None else features[None])
+    def choose(self, score, metric, features, grid_size=None):
+        keep, merged = self.choose_tiles(score[None], metric[None], None if features is None else features[None],
+                                         grid_size)  # fmt: skip
         return keep[0], None if merged is None else merged[0]
 
-    def choose_tiles(self, scores, metrics, features):
-        """Every tile at once when their grid sizes agree (LLaVA's tiles; one host read): the primary tokens by score,
-        then the redundant ones condensed by K-Means and merging, batched over the tiles."""
+    def choose_tiles(self, scores, metrics, features, grid_size=None):
+        """Every tile at once when their grid sizes agree (LLaVA's tiles; known on the host): the primary tokens by
+        score, then the redundant ones condensed by K-Means and merging, batched over the tiles."""
         grid = torch.isfinite(scores)
-        sizes = grid.sum(1).tolist()
+        sizes = grid_sizes(scores, grid_size)
         if len(set(sizes)) > 1:
             return super().choose_tiles(scores, metrics, features)
         tiles, n = scores.shape
-        total = int(keep_count(torch.tensor([sizes[0]]), self.ratio))
+        total = keep_count(sizes[0], self.ratio)
         primary_count = min(max(int(total * self.primary + 0.5), 1), sizes[0])
-        primary = top_k_mask(scores, grid, torch.full((tiles,), primary_count))
+        primary = top_k_mask(scores, grid, torch.full((tiles,), primary_count, device=scores.device))
         keep = primary | ~grid
         redundant_count = sizes[0] - primary_count
         clusters = min(total - primary_count, redundant_count)
@@ -85,22 +86,24 @@ class VMTC(VisionTowerMethod):
         hosts, means = condense(features.reshape(tiles * n, width), scores.reshape(-1),
                                 (redundant + offsets * n).flatten(), (assignment + offsets * clusters).flatten(),
                                 tiles * clusters)
-        merged = features.clone().reshape(tiles * n, width)
+        # one spare row past the last takes the empty clusters' writes (no host read to leave them out)
+        merged = torch.cat([features.reshape(tiles * n, width), features.new_zeros(1, width)])
         merged[hosts] = means
-        keep = keep.reshape(-1)
+        keep = torch.cat([keep.reshape(-1), keep.new_zeros(1)])
         keep[hosts] = True
-        return keep.view(tiles, n), merged.view(tiles, n, width)
+        return keep[:-1].view(tiles, n), merged[:-1].view(tiles, n, width)
 
 
 def condense(features, score, members, assignment, clusters: int):
-    """Every non-empty cluster of `members` (rows of features) averaged into the row of its highest-scoring member,
-    the first such row on ties: -> (host rows, their merged features). All clusters at once: a loop over clusters
-    reads the device per cluster, hundreds of times per image."""
+    """Every cluster of `members` (rows of features) averaged into the row of its highest-scoring member, the first
+    such row on ties: -> (host rows [clusters], their merged features); an empty cluster's host row is
+    features.shape[0], one past the last. All clusters at once and no host read: a loop over clusters reads the
+    device per cluster, hundreds of times per image, and an encoding captured in a CUDA graph may read it never."""
     member_score = score[members].float()
     best = member_score.new_full((clusters,), float("-inf")).scatter_reduce(0, assignment, member_score, "amax")
-    is_best = member_score == best[assignment]
-    first = torch.full((clusters,), features.shape[0], dtype=members.dtype, device=members.device)
-    first = first.scatter_reduce(0, assignment[is_best], members[is_best], "amin")
-    means, counts = cluster_means(features[members], assignment, clusters)
-    filled = counts > 0
-    return first[filled], means[filled].to(features.dtype)
+    past_last = features.shape[0]
+    candidates = torch.where(member_score == best[assignment], members, past_last)
+    first = torch.full((clusters,), past_last, dtype=members.dtype, device=members.device)
+    first = first.scatter_reduce(0, assignment, candidates, "amin")
+    means, _ = cluster_means(features[members], assignment, clusters)
+    return first, means.to(features.dtype)

@@ -303,9 +303,10 @@ class StaticStep:
         capture). The buffers' contents are loaded after this: warm-up and capture leave them undefined."""
         self.graph, _ = capture_graph(self.step, self.logits.device)
 
-    def load(self, prompt_kv: list, group_valid: list, last_rotary, last_layer_position) -> None:
+    def load(self, prompt_kv: list, group_valid: list, last_rotary, last_layer_position, offset: int = 1) -> None:
         """Fill the buffers for one call: the kept prompt keys and values, the masks (the valid kept keys), write
-        indices after each key set, and the last prompt positions."""
+        indices after each key set, and the last prompt positions; the first step's positions are those + `offset`
+        (0: that step is the last prompt row)."""
         for keys, values, (k, v) in zip(self.keys, self.values, prompt_kv):
             keys[:, :, : k.shape[2]].copy_(k)
             values[:, :, : v.shape[2]].copy_(v)
@@ -313,7 +314,7 @@ class StaticStep:
             mask.zero_()
             mask[:, 0, 0, : valid.shape[1]].copy_(valid)
             index.fill_(valid.shape[1])
-        self.offset.fill_(1)
+        self.offset.fill_(offset)
         self.last_rotary.copy_(last_rotary)
         if self.last_layer_position is not None:
             self.last_layer_position.copy_(last_layer_position)
@@ -456,15 +457,24 @@ class FastPath:
             return input_ids, unfinished & ~stopping_criteria(input_ids, None)
 
         unfinished = torch.ones(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
+        run = self.engine.run
+        prompt_mask = run.attention_mask_2d
+        step = None
+        if logits is None:  # the prefill left its last row to the first step (LeanPrefill.deferred_last_row)
+            step = self._plan(cache, config.max_length - input_ids.shape[1], input_ids.device, last_row=True)
+            del cache
+            with self.engine.plain():
+                step.tokens.copy_(input_ids[:, -1:])
+                step.run()
+            logits = step.logits.clone()
         logits = logits.to(input_ids.device)
         input_ids, unfinished = choose(logits, input_ids, unfinished)
         steps = config.max_length - input_ids.shape[1]
-        run = self.engine.run
-        prompt_mask = run.attention_mask_2d
         done = 0
         if steps > 0 and bool(unfinished.any()):
-            step = self._plan(cache, steps, input_ids.device)
-            del cache
+            if step is None:
+                step = self._plan(cache, steps, input_ids.device)
+                del cache
             with self.engine.plain():
                 while done < steps:
                     step.tokens.copy_(input_ids[:, -1:])
@@ -476,6 +486,7 @@ class FastPath:
                     done += 1
                     input_ids, unfinished = choose(step.logits.clone(), input_ids, unfinished)
                     self._note_finished(done, unfinished)
+        if step is not None:
             run.allocated_kv_bytes = step.kv_bytes()
         # the engine's record of the call, as the dynamic path leaves it (stats)
         run.decode_steps = done
@@ -509,10 +520,11 @@ class FastPath:
         return bool(noted)
 
     # ---- the plan ----------------------------------------------------------------------------------------------
-    def _plan(self, cache, steps: int, device) -> StaticStep:
+    def _plan(self, cache, steps: int, device, last_row: bool = False) -> StaticStep:
         """After the prefill: the methods' decoding edits, then the static step whose buffers hold each layer's kept
         prompt keys plus `steps` new ones, loaded (and captured first where it is new). A step whose decoding edits
-        include a post-softmax function is captured for this call only: the function holds this call's tensors."""
+        include a post-softmax function is captured for this call only: the function holds this call's tensors.
+        `last_row`: the cache's last prompt row is left out, and the step's first run is that row."""
         engine, run = self.engine, self.engine.run
         if run is None or "rotary" not in self._recorded:
             raise RuntimeError("the fast path saw no prefill through the wrapped model")
@@ -525,7 +537,11 @@ class FastPath:
             if layer.keys.shape[2] != keys_at.shape[1]:
                 raise RuntimeError(f"layer {idx} cached {layer.keys.shape[2]} prompt keys, the engine recorded "
                                    f"{keys_at.shape[1]}")  # fmt: skip
-            prompt_kv.append((layer.keys, layer.values))
+            if last_row:  # every sample's last prompt key is the last column (left padding, nothing pruned)
+                prompt_kv.append((layer.keys[:, :, :-1], layer.values[:, :, :-1]))
+                keys_at = keys_at[:, :-1]
+            else:
+                prompt_kv.append((layer.keys, layer.values))
             prompt_keys.append(keys_at)
             identity = id(run.layer_positions.get(idx))  # layers that cache the same prompt keys share a mask
             if identity not in sets:
@@ -574,7 +590,7 @@ class FastPath:
         if kept:
             self.steps[key] = step
         self.last_step = step
-        step.load(prompt_kv, group_valid, self._recorded["rotary"], layer_position)
+        step.load(prompt_kv, group_valid, self._recorded["rotary"], layer_position, offset=0 if last_row else 1)
         return step
 
     @staticmethod

@@ -19,10 +19,12 @@ the GPU's work (README, "The prefill, explained"), so pruning shortens only the 
 - the final norm and the LM head run on the last row only (the logits generate() reads).
 
 The image encoder (LeanEncoder): generate() calls the model's get_image_features before the prefill. Where nothing
-but the engine hooks the vision side and the family's engine needs no grid from the tower's call (LLaVA-style), the
+but the engine and methods with an EncoderRecord (VisionZip, FasterVLM, VMTC: their recording and choosing run on
+the device) hook the vision side, and the family's engine needs no grid from the tower's call (LLaVA-style), the
 fast path makes that call itself, as generate() would, and passes its output as `mm_encoder_outputs`: eagerly the
-first time its input shapes are seen, then from a CUDA graph. An encoder that cannot be captured (a host read inside,
-e.g. splitting features by image size) stays eager.
+first time its input shapes are seen, then from a CUDA graph, after whose replay the methods' records are put back
+as the captured call left them. An encoder that cannot be captured (a host read inside, e.g. splitting features by
+image size) stays eager.
 """
 
 from __future__ import annotations
@@ -268,6 +270,7 @@ class LeanEncoder:
         names = [name for name in inspect.signature(encode).parameters if name != "kwargs" and name in kwargs]
         inputs = {name: kwargs[name] for name in names}
         signature = _signature(inputs)
+        records = self._records()
         captured = None
         if signature is not None and self.graphs_on(kwargs["pixel_values"].device):
             captured = self.graphs.get(signature)
@@ -275,30 +278,44 @@ class LeanEncoder:
 
                 def make():
                     buffers = _buffers(inputs)
-                    with engine.plain():
-                        graph, output = capture_graph(lambda: encode(**buffers, return_dict=True),
-                                                      kwargs["pixel_values"].device)
-                    return graph, buffers, output
+
+                    def encode_once():  # the methods' records of this call alone, taken after it
+                        for record in records:
+                            record.clear()
+                        with engine.plain():
+                            output = encode(**buffers, return_dict=True)
+                        return output, [record.take() for record in records]
+
+                    graph, (output, states) = capture_graph(encode_once, kwargs["pixel_values"].device)
+                    return graph, buffers, output, states
 
                 captured = self.graphs.add(signature, make)
         if captured is not None:
-            graph, buffers, output = captured
+            graph, buffers, output, states = captured
             _load(buffers, inputs)
             graph.replay()
+            for record, state in zip(records, states):  # what the methods' hooks would have left
+                record.restore(state)
             self.last_replayed = True
         else:
             output = encode(**inputs, return_dict=True)
         rest = {name: value for name, value in kwargs.items() if name not in names}
         return {**rest, "mm_encoder_outputs": {"image": output}}
 
+    def _records(self) -> list:
+        """The EncoderRecords of the methods acting now (none inside a plain block)."""
+        return [record for method in self.engine.methods if (record := method.encoder_record()) is not None]
+
     def _vision_plain(self) -> bool:
-        """No hook on the vision side (the base model's modules outside the text model) but the engine's own."""
+        """No hook on the vision side (the base model's modules outside the text model) but the engine's own and those
+        of methods whose EncoderRecord names them."""
         model = self.engine.model
         if self._vision_modules is None:  # walked once: a wrapped model's module tree does not change
             text = {id(module) for module in self.engine.adapter.text_model(model).modules()}
             self._vision_modules = [m for m in model.base_model.modules()
                                     if m is not model.base_model and id(m) not in text]  # fmt: skip
-        return not _foreign_hooks(self._vision_modules, self.engine.hooks.own_ids)
+        recorded = set().union(*(record.hook_ids for record in self._records()))
+        return not _foreign_hooks(self._vision_modules, self.engine.hooks.own_ids | recorded)
 
 
 class LeanPrefill:
@@ -313,6 +330,7 @@ class LeanPrefill:
         self.engine, self.parts, self.graphs_on, self.on_first_layer = engine, parts, graphs_on, on_first_layer
         self.graphs = _Sightings(keep=MAX_SEGMENT_GRAPHS)
         self.last_segments: list[tuple[int, int, bool]] = []  # (start, end, replayed from a graph) of the last call
+        self.deferred_last_row = False  # the last call left its last prompt row to the first decoding step
         # each layer's modules, listed once (a wrapped model's module tree does not change; walking it per prefill
         # cost about 2 ms of host time on LLaVA-1.5-7B)
         self._layer_modules = [list(layer.modules()) for layer in parts["layers"]]
@@ -331,7 +349,13 @@ class LeanPrefill:
 
     # ---- one prefill ------------------------------------------------------------------------------------------
     def __call__(self, model, input_ids, config, model_kwargs, cache_name: str):
-        """generate()'s prefill: (logits of the last row [B, vocab] in float32, the generate() cache)."""
+        """generate()'s prefill: (logits of the last row [B, vocab] in float32, the generate() cache); where every
+        acting method edits the last prompt row only, as it edits decoding rows (Method.prefill_edits_last_row_as_
+        decoding: PAI, PAINT, AdaptVis), (None, the cache) and `deferred_last_row`: the layers run as the plain model
+        runs them, and the caller drops the last row's keys and runs that row as a first decoding step with the edits
+        (rows before it are the same either way: nothing edits them, and they do not see the last row)."""
+        methods = self.engine.methods
+        self.deferred_last_row = bool(methods) and all(m.prefill_edits_last_row_as_decoding for m in methods)
         self._active = True
         try:
             model._prefill(input_ids, config, model_kwargs)
@@ -345,6 +369,8 @@ class LeanPrefill:
         if cache is None:
             raise RuntimeError("the prefill built no KV cache to decode from")
         hidden = self._layers(hidden, kwargs, cache)
+        if self.deferred_last_row:
+            return None, cache
         parts = self.parts
         logits = parts["lm_head"](parts["norm"](hidden[:, -1:]))[:, -1]
         return logits.to(copy=True, dtype=torch.float32), cache
@@ -404,7 +430,7 @@ class LeanPrefill:
         """Nothing acts in layer `idx` at this prefill but a selection before it (plan()): no probe, attention edit (a
         structured one that is None here) or statistics, observed hidden state, head-output scale, pre-rotary capture
         or injection after it, and no hook on its modules but the engine's own (a method's or a user's hook must run:
-        the layer is then called as a module)."""
+        the layer is then called as a module). An edit of the last row is none where that row is deferred."""
         engine, methods = self.engine, self.engine.methods
         if idx in engine.probe_layers or engine.shards is not None or run.static_cache or engine.per_head_cache:
             return False
@@ -413,8 +439,8 @@ class LeanPrefill:
             return False
         # a method may edit attention: plain where every editing method's structured edit of this prefill's layer is
         # None (UNSTRUCTURED: only a call can tell), so that the dynamic path too runs SDPA here, routed or not
-        if idx not in engine.plain_layers and any(edits_attention(m) and m.kernel_edit(idx, run, True) is not None
-                                                  for m in methods):  # fmt: skip
+        if (not self.deferred_last_row and idx not in engine.plain_layers
+                and any(edits_attention(m) and m.kernel_edit(idx, run, True) is not None for m in methods)):  # fmt: skip
             return False
         if engine.adapter.acts_after_layer(idx, run):
             return False

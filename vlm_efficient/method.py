@@ -22,6 +22,8 @@ Callbacks (all optional; the engine only calls what a method declares):
 - `prune_layers()`: stages at which `select_tokens` may drop or merge tokens: decoder layer indices (at the layer's
   start, in prefill) or BEFORE_LLM (the projected visual features, before any decoder layer). The engine shrinks
   hidden states, rotary tables, masks, position ids and, through the model itself, the KV cache.
+- `encoder_record()`: for a method whose hooks act on the vision side, what they keep of one image encoding, so the
+  fast path may still run that encoding as a CUDA graph (EncoderRecord); None keeps such an encoding eager.
 """
 
 from __future__ import annotations
@@ -205,6 +207,23 @@ class KernelEdit:
     rows: torch.Tensor | None = None
 
 
+@dataclass(frozen=True)
+class EncoderRecord:
+    """What a method's hooks on the vision side keep of one image encoding, for the fast path to capture that encoding
+    in a CUDA graph with the hooks acting. A replay reruns their GPU work (recorded attention, a merge) but not their
+    Python, so the state they leave is taken once, after the captured call, and put back after every replay: its
+    tensors live in the graph's memory, which each replay refills.
+
+    hook_ids: the ids of the method's hooks on vision-side modules (the others still keep the encoding eager);
+    clear(): forget what earlier encodings left (before the captured call); take() -> the state one encoding left;
+    restore(state): make it what the calling thread's hooks left."""
+
+    hook_ids: frozenset[int]
+    clear: typing.Callable[[], None]
+    take: typing.Callable[[], object]
+    restore: typing.Callable[[object], None]
+
+
 @dataclass
 class Method:
     """Base of every intervention. Subclasses are dataclasses whose fields are the method's parameters."""
@@ -212,6 +231,10 @@ class Method:
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
     reported: ClassVar[str] = ""  # the effect its paper reports on the benchmarks it targets (evals' reports show it)
+    # Its prefill edits the last prompt row only, with the edit it makes at every decoding step (the same structured
+    # kernel_edit, text keys in group 0), and does nothing else there: the last prompt token's row is then a first
+    # decoding step, and the fast path may run the rest of the prompt as the plain model does (PAI, PAINT, AdaptVis)
+    prefill_edits_last_row_as_decoding: ClassVar[bool] = False
 
     def bind(self, engine) -> None:
         """Validate the parameters against the wrapped model (`engine`: its vlm_efficient.engine.Engine, not imported
@@ -266,6 +289,11 @@ class Method:
 
     def observe_hidden(self, layer: int, run: RunState, hidden: torch.Tensor) -> None:
         """The hidden states entering `layer` (prefill and decode), for methods that declared observes_hidden."""
+
+    def encoder_record(self) -> EncoderRecord | None:
+        """For hooks this method put on the vision side: what they keep of one encoding (EncoderRecord), where their
+        work runs in a CUDA graph (no host read, fixed shapes); None (the default) keeps such an encoding eager."""
+        return None
 
     def spec(self) -> str:
         """The spec string that rebuilds this method: `name:key=value,...`."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import math
 
 import torch
 
@@ -54,14 +55,17 @@ def keep_per_image(run, ratio: float, choose) -> torch.Tensor:
     for n, images in by_size.items():
         samples = torch.tensor([b for b, _, _ in images], device=keep.device)
         rows = torch.stack([r for _, _, r in images])
-        count = int(keep_count(torch.tensor([n]), ratio))
+        count = keep_count(n, ratio)
         picked = rows.gather(1, choose(samples, [item for _, item, _ in images], rows, count).to(rows.device))
         keep[samples[:, None].expand_as(picked), picked] = True
     return keep
 
 
-def keep_count(available: torch.Tensor, ratio: float) -> torch.Tensor:
-    """How many of `available` tokens survive dropping `ratio` of them (round half up, per sample)."""
+def keep_count(available, ratio: float):
+    """How many of `available` tokens survive dropping `ratio` of them (round half up, per sample): a tensor's counts
+    as a tensor, an int's on the host (the same float64 arithmetic)."""
+    if isinstance(available, int):
+        return math.floor(available * (1.0 - ratio) + 0.5)
     return torch.floor(available.double() * (1.0 - ratio) + 0.5).long()
 
 
@@ -85,6 +89,8 @@ def keep_top_visual(run, scores: torch.Tensor, ratio: float) -> torch.Tensor:
 def cluster_means(values: torch.Tensor, assignment: torch.Tensor, clusters: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean [clusters, d] in float32 of the rows of `values` [m, d] in each cluster of `assignment` [m] (zeros for an
     empty cluster), their counts [clusters]): every cluster's merge in one scatter."""
-    counts = torch.bincount(assignment, minlength=clusters)
+    # not bincount: on CUDA it reads the largest id on the host
+    counts = torch.zeros(clusters, dtype=torch.long, device=assignment.device).index_add_(
+        0, assignment, torch.ones_like(assignment))
     sums = values.new_zeros(clusters, values.shape[-1], dtype=torch.float32).index_add_(0, assignment, values.float())
     return sums / counts.clamp(min=1)[:, None], counts

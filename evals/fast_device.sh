@@ -1,0 +1,28 @@
+#!/bin/bash
+# The fast path on the device tool's GPU in one call (from the repository root): transformers 5.25 from wheels in
+# .whl/tf525 where present (the device has 5.17, whose generate() does not encode the images before the prefill),
+# the package, then the fast path's benchmark with per-method profiles and the CUDA tests.
+#   OUT=DIR BENCH_S=250 TESTS_S=240 bash evals/fast_device.sh   -> DIR/fast_device.tgz (fast_bench/, gpu_tests/),
+#                                                                 DIR/fast_bench.md, DIR/gpu_tests.txt
+set -u
+OUT=${OUT:-/tmp/fast_device}
+mkdir -p "$OUT/fast_bench" "$OUT/gpu_tests"
+if ls .whl/tf525/*.whl > /dev/null 2>&1; then
+  python3 -m pip install -q --no-deps --target /root/tf525 .whl/tf525/*.whl
+  export PYTHONPATH=/root/tf525
+fi
+python3 -m pip install -q --no-deps --no-build-isolation -e . > /dev/null
+python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)"
+if [ "${BENCH_S:-250}" -gt 0 ]; then
+  timeout "${BENCH_S:-250}" python3 -m vlm_efficient.evals.fast_bench --out "$OUT/fast_bench" --sections 1 \
+    --methods "${METHODS:-FastV 75%,VisionZip 75%,PAI}" --profile --budget $(( ${BENCH_S:-250} - 40 )) \
+    > "$OUT/fast_bench/log.txt" 2>&1
+  cp "$OUT/fast_bench/fast_bench.md" "$OUT/" 2>/dev/null || tail -20 "$OUT/fast_bench/log.txt"
+fi
+if [ "${TESTS_S:-240}" -gt 0 ]; then
+  OUT="$OUT/gpu_tests" LIMIT="${TESTS_S:-240}" FILES="${FILES:-tests/test_gpu.py tests/test_kernels_gpu.py}" \
+    bash tests/gpu_tests.sh > /dev/null
+  cp "$OUT/gpu_tests/gpu_tests.txt" "$OUT/"
+fi
+tar czf "$OUT/fast_device.tgz" -C "$OUT" fast_bench gpu_tests
+cat "$OUT/fast_bench.md" "$OUT/gpu_tests.txt" 2>/dev/null
