@@ -8,7 +8,7 @@ import torch
 
 import vlm_efficient as ve
 from vlm_efficient import shrinking
-from vlm_efficient.shrinking import causal_mask_at_positions
+from vlm_efficient.shrinking import causal_mask_at_positions, left_aligned_index
 from reference import extend_inputs, kept_key_masks, masked_reference
 from test_engine import greedy, two_samples
 from vlm_efficient.token_ops.divprune import max_min_diverse
@@ -52,6 +52,27 @@ def test_unpadded_pruned_layers_run_without_a_mask(family, spec, monkeypatch):
                         lambda *args: built.append(args) or causal_mask_at_positions(*args))
     _assert_matches_cache_free_reference(model, batch, spec)
     assert not built
+
+
+@pytest.mark.parametrize("spec, known", [("fastv:layer=2,ratio=0.5", [True]), ("pdrop:layers=1/2/3,ratio=0.5", [True] * 3),
+                                         ("random:ratio=0.25+fastv:layer=2,ratio=0.5", [False, False])])
+def test_host_known_kept_counts_equal_the_keeps(family, spec, known, monkeypatch):
+    """FastV and PyramidDrop give each sample's kept count from the host (the layout's image token counts), so no
+    host read sizes the shrunk rows: on a padded batch of one and two images those counts equal the keeps' own, and
+    the output the cache-free reference. After a selection whose counts the host does not know (random), the
+    counts are read. (VisionZip and FasterVLM on untiled images: tests/test_token_ops_vision.py.)"""
+    given = []
+
+    def checked(keep, host_counts=None):
+        given.append(host_counts is not None)
+        if host_counts is not None:
+            assert host_counts == keep.sum(1).tolist()
+        return left_aligned_index(keep, host_counts)
+
+    monkeypatch.setattr(shrinking, "left_aligned_index", checked)
+    model, processor = tiny_model(family)
+    _assert_matches_cache_free_reference(model, two_samples(processor), spec)
+    assert given == known
 
 
 def _assert_matches_cache_free_reference(model, batch, spec):

@@ -300,3 +300,32 @@ def test_vmtc_tiles_chosen_together_equal_tiles_chosen_one_at_a_time(spec):
     kept = int(keep_count(torch.tensor([49]), method.ratio))
     assert torch.equal(keep, keep_one) and keep[:, 1:].sum(1).tolist() == [kept] * 3
     torch.testing.assert_close(merged, merged_one)
+
+
+@pytest.mark.parametrize("spec, family, known", [
+    ("visionzip:ratio=0.75", "llava", True), ("visionzip:ratio=0.5,contextual=0.4", "llava", True),
+    ("fastervlm:ratio=0.5", "llava", True), ("vmtc:ratio=0.5", "llava", False),
+    ("visionzip:ratio=0.75", "llava_next", False), ("visionzip:ratio=0.75", "qwen2_vl", False),
+])  # fmt: skip
+def test_host_known_kept_counts_of_untiled_images(spec, family, known, monkeypatch):
+    """On untiled CLIP images, VisionZip and FasterVLM count each sample's kept image rows on the host (tile_kept of the
+    grid size), so no host read sizes the shrunk prompt: on a padded batch of one and two images the counts equal the
+    keep's own. Tiled images (LLaVA-NeXT), Qwen's per-image decisions and VMTC's clusters are counted on the device."""
+    from vlm_efficient import shrinking
+
+    given, plain = [], shrinking.left_aligned_index
+
+    def checked(keep, host_counts=None):
+        given.append(host_counts is not None)
+        if host_counts is not None:
+            assert host_counts == keep.sum(1).tolist()
+        return plain(keep, host_counts)
+
+    monkeypatch.setattr(shrinking, "left_aligned_index", checked)
+    model, processor = tiny_model(family)
+    ve.wrap(model, spec)
+    try:
+        greedy(model, two_samples(processor))
+    finally:
+        ve.unwrap(model)
+    assert given == [known]

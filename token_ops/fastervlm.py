@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from vlm_efficient.adapters import families_with
 from vlm_efficient.registry import register_method
-from vlm_efficient.selection import check_drop_ratio, check_positions
+from vlm_efficient.selection import check_drop_ratio, check_positions, keep_count
 
 from .vision_capture import VisionTowerMethod, grid_counts, top
 
@@ -43,6 +43,9 @@ class FasterVLM(VisionTowerMethod):
                 "(attention-mean variant) for Qwen models"
             )
         super().bind(engine)
+
+    def tile_kept(self, grid_size: int) -> int:
+        return keep_count(grid_size, self.ratio)
 
     def choose(self, score, metric, features, grid_size=None):
         grid, count = grid_counts(score, self.ratio, grid_size)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vlm_efficient.method import AttentionRequest, Method
+from vlm_efficient.method import AttentionRequest, Method, Selection
 from vlm_efficient.registry import register_method
 from vlm_efficient.selection import check_drop_ratio, keep_top_visual
 
@@ -47,7 +47,7 @@ class FastV(Method):
     def observe_attention(self, layer, run, stats) -> None:
         run.memory(self)["scores"] = stats.received
 
-    def select_tokens(self, layer, run, hidden) -> torch.Tensor | None:
+    def select_tokens(self, layer, run, hidden) -> Selection | None:
         scores = run.memory(self).pop("scores", None)
         if scores is None:
             return None

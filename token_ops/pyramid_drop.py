@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vlm_efficient.method import AttentionRequest, Method
+from vlm_efficient.method import AttentionRequest, Method, Selection
 from vlm_efficient.registry import register_method
 from vlm_efficient.selection import check_positions, top_k_mask
 
@@ -58,9 +58,13 @@ class PyramidDrop(Method):
     def observe_attention(self, layer, run, stats) -> None:
         run.memory(self)["scores"] = stats.received
 
-    def select_tokens(self, layer, run, hidden) -> torch.Tensor | None:
+    def select_tokens(self, layer, run, hidden) -> Selection:
         scores = run.memory(self).pop("scores")
         stage = self.boundaries.index(layer) + 1
         visual = run.current(run.layout.visual, fill=False).to(scores.device)
-        keep = (run.layout.num_visual.to(scores.device).double() * self.ratio**stage).long()
-        return ~visual | top_k_mask(scores, visual, keep)
+        share = self.ratio**stage
+        keep = (run.layout.num_visual.to(scores.device).double() * share).long()
+        kept = None  # the same counts on the host (float64, truncated), capped by the visual rows left
+        if run.visual_rows is not None:
+            kept = [min(int(total * share), rows) for total, rows in zip(run.layout.visual_counts, run.visual_rows)]
+        return Selection(keep=~visual | top_k_mask(scores, visual, keep), visual_kept=kept)

@@ -90,7 +90,7 @@ class VisionCapture:
             vision_hooks.append(vision.projector.register_forward_pre_hook(self._on_projector_call))
         if vision.tiled:  # the projected tiles, to find each LLM token's tile row (tile_sources)
             vision_hooks.append(vision.projector.register_forward_hook(self._on_projector_output))
-        for handle in handles[:2] + vision_hooks:
+        for handle in handles + vision_hooks[1:]:
             engine.add_handle(handle)
         self.vision_hook_ids = frozenset(handle.id for handle in vision_hooks)
 
@@ -185,6 +185,18 @@ class VisionCapture:
             return None
         return self.tile_rows(run, self._tile_keeps(self._first_call()), hidden)
 
+    def kept_per_sample(self, run) -> list[int] | None:
+        """Untiled images (one tile each, as tile_keep scatters them): each sample's kept image rows, from the grid size
+        the host knows, where the method can count them (tile_kept); None for tiled images and videos."""
+        if self.vision.tiled or any(item.video for items in run.layout.images for item in items):
+            return None
+        record = self._first_call()["records"][0]
+        kept = self.method.tile_kept(record["grid_size"])
+        if kept is None:
+            return None
+        per_image = kept + record["score"].shape[0] - record["grid_size"]  # the always-kept [CLS] feature, if any
+        return [per_image * len(items) for items in run.layout.images]
+
     def tile_rows(self, run, keeps: list[torch.Tensor], hidden: torch.Tensor) -> torch.Tensor:
         """Per-tile bool masks [n] of the first vision call scattered onto the current prompt rows [B, n_cur] (text
         rows and LLaVA-NeXT's newlines True), as tile_keep scatters the keeps. `hidden` are the rows as they enter
@@ -271,6 +283,10 @@ class VisionTowerMethod(Method):
     def choose(self, score, metric, features, grid_size: int | None = None):
         raise NotImplementedError
 
+    def tile_kept(self, grid_size: int) -> int | None:
+        """How many of a tile's `grid_size` grid tokens `choose` keeps, where the host can say without the scores."""
+        return None
+
     def choose_tiles(self, scores, metrics, features, grid_size: int | None = None):
         """`choose` over tiles at once: scores [T, n], metrics [T, n, d], features [T, n, c] -> (keep [T, n], merged
         [T, n, c] or None); `grid_size`: every tile's, where the host knows it. This one loops over the tiles; a
@@ -287,7 +303,7 @@ class VisionTowerMethod(Method):
     def select_tokens(self, layer, run, hidden) -> Selection:
         keep = self.capture.tile_keep(run, hidden)
         if keep is not None:
-            return Selection(keep=keep)
+            return Selection(keep=keep, visual_kept=self.capture.kept_per_sample(run))
         keep = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
         merged_hidden = None
         for b, rows, keep_rows, merged in self.capture.image_decisions(run, hidden):

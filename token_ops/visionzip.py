@@ -71,6 +71,10 @@ class VisionZip(VisionTowerMethod):
         contextual = min(int(total * self.share + 0.5), total - 1) if total > 1 else 0
         return total - contextual, contextual
 
+    def tile_kept(self, grid_size: int) -> int:
+        dominant, contextual = self.counts(grid_size)
+        return dominant + min(contextual, grid_size - dominant)  # choose_tiles' targets: exactly that many
+
     def dominant(self, scores: torch.Tensor, grid_size: int) -> torch.Tensor:
         """[T, n]: the dominant tokens of tiles of `grid_size` grid tokens each (the highest scores; +inf always)."""
         grid = torch.isfinite(scores)

@@ -171,7 +171,8 @@ class ModelHooks:
                 )
             layout = build_layout(engine.adapter, engine.model, input_ids, attention_mask, inputs)
             engine.run = run = RunState(layout=layout, prompt_length=input_ids.shape[1],
-                                        attention_mask_2d=layout.valid, static_cache=static)  # fmt: skip
+                                        attention_mask_2d=layout.valid, static_cache=static,
+                                        visual_rows=layout.visual_counts)  # fmt: skip
             features = encoded_features(kwargs)
             if features and len({id(feature) for feature in features}) < len(features):
                 run.image_sources = encoded_sources(features)

@@ -69,6 +69,11 @@ class ModalityLayout:
         return self.visual.sum(1)
 
     @property
+    def visual_counts(self) -> list[int]:
+        """Each sample's visual tokens, known on the host (its items' token counts)."""
+        return [sum(item.num_tokens for item in items) for items in self.images]
+
+    @property
     def last_visual_position(self) -> torch.Tensor:
         """[B] position of the last visual token (-1 where a sample has none)."""
         positions = torch.arange(self.length, device=self.kind.device).expand_as(self.kind)

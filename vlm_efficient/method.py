@@ -116,6 +116,9 @@ class Selection:
     # before the LLM only: [B, n_cur] integer keys >= 0; the text model gets the kept rows in ascending key order (ties
     # in position order) instead of position order (VisionZip's positions=renumber: dominant first, as its authors)
     order: torch.Tensor | None = None
+    # for a selection that keeps every non-visual row: how many visual rows each sample keeps, known on the host, so
+    # that shrinking needs no host read of the kept counts (a read waits for the GPU's queue)
+    visual_kept: list[int] | None = None
 
 
 @dataclass

@@ -36,6 +36,7 @@ class RunState:
     input_positions: torch.Tensor | None = None  # [B, n_in]; None = the whole prompt
     rows: torch.Tensor | None = None  # [B, n_cur] indices into the input rows (-1 = slot padding); None = all
     aligned: bool = True  # every sample has the same number of current rows (no slot padding), known on the host
+    visual_rows: list[int] | None = None  # each sample's visual rows among the current rows, on the host; None: unknown
     last_position_ids: torch.Tensor | None = None  # position ids of the last prompt token, when the input shrank
     layer_positions: dict[int, torch.Tensor | None] = field(default_factory=dict)  # cached prompt keys per layer
     tokens_per_layer: list[torch.Tensor] = field(default_factory=list)  # [B] valid rows entering each layer

@@ -8,6 +8,7 @@ import math
 import torch
 
 from .layout import VIDEO
+from .method import Selection
 
 
 def check_drop_ratio(method: str, ratio: float) -> None:
@@ -79,11 +80,12 @@ def top_k_mask(scores: torch.Tensor, candidates: torch.Tensor, k: torch.Tensor) 
     return candidates & (rank < k.to(rank.device)[:, None])
 
 
-def keep_top_visual(run, scores: torch.Tensor, ratio: float) -> torch.Tensor:
+def keep_top_visual(run, scores: torch.Tensor, ratio: float) -> Selection:
     """Keep every non-visual row and the top (1 - ratio) of each sample's visual rows by `scores` [B, n_cur]."""
     visual = run.current(run.layout.visual, fill=False).to(scores.device)
     keep_visual = top_k_mask(scores, visual, keep_count(visual.sum(1), ratio))
-    return ~visual | keep_visual
+    kept = None if run.visual_rows is None else [keep_count(rows, ratio) for rows in run.visual_rows]
+    return Selection(keep=~visual | keep_visual, visual_kept=kept)
 
 
 def cluster_means(values: torch.Tensor, assignment: torch.Tensor, clusters: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -61,12 +61,16 @@ def reordered(index: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
     return index.gather(1, keys.sort(dim=1, stable=True).indices)
 
 
-def left_aligned_index(keep: torch.Tensor) -> tuple[torch.Tensor | None, bool]:
+def left_aligned_index(keep: torch.Tensor, host_counts: list[int] | None = None) -> tuple[torch.Tensor | None, bool]:
     """([B, width] indices of the kept rows of each sample, right-aligned (left slots -1) so the last prompt token
     stays last when samples keep different numbers of rows, or None when every row is kept; whether every sample
-    keeps the same number of rows). One host read (the counts' extremes): the width sizes the tensors."""
+    keeps the same number of rows). The width sizes the tensors: one host read of the counts' extremes, unless the
+    host knows each sample's count (`host_counts`, keep.sum(1) as a list)."""
     counts = keep.sum(1)
-    low, width = torch.stack([counts.min(), counts.max()]).tolist()
+    if host_counts is None:
+        low, width = torch.stack([counts.min(), counts.max()]).tolist()
+    else:
+        low, width = min(host_counts), max(host_counts)
     if low == keep.shape[1]:
         return None, True
     # a stable sort puts each sample's dropped rows first and its kept rows last, both in position order
@@ -78,8 +82,10 @@ def left_aligned_index(keep: torch.Tensor) -> tuple[torch.Tensor | None, bool]:
 # ---- selections: pruning and merging -----------------------------------------------------------------------------
 def select(methods: list[Method], stage: int, hidden: torch.Tensor, run: RunState):
     """Compose the selections of every method acting at `stage`: keeps intersect, merges apply in order; the one
-    `order` a method may give -> (keep or None, hidden, order or None)."""
+    `order` a method may give -> (keep or None, hidden, order or None, each sample's kept rows where the host knows
+    them or None). Updates run.visual_rows to the kept rows' visual counts where the host knows them."""
     keep = order = None
+    selections = []
     for method in methods:
         if stage not in method.prune_layers():
             continue
@@ -88,6 +94,7 @@ def select(methods: list[Method], stage: int, hidden: torch.Tensor, run: RunStat
             continue
         if isinstance(selected, torch.Tensor):
             selected = Selection(keep=selected)
+        selections.append(selected)
         if selected.hidden is not None:
             hidden = selected.hidden
         keep = selected.keep if keep is None else keep & selected.keep
@@ -95,17 +102,26 @@ def select(methods: list[Method], stage: int, hidden: torch.Tensor, run: RunStat
             if order is not None:
                 raise ValueError(f"{method.name}: two methods reorder the kept tokens at the same stage")
             order = selected.order
-    return keep, hidden, order
+    if keep is None:
+        return None, hidden, None, None
+    # one selection that keeps every non-visual row and counts its visual ones: the kept rows are the current rows
+    # less the visual ones it drops (slot-padding rows are not visual, so they count as kept, as in keep.sum(1))
+    visual_kept = selections[0].visual_kept if len(selections) == 1 else None
+    counts = None
+    if visual_kept is not None and run.visual_rows is not None:
+        counts = [hidden.shape[1] - rows + kept for rows, kept in zip(run.visual_rows, visual_kept)]
+    run.visual_rows = visual_kept
+    return keep, hidden, order, counts
 
 
 def apply_selections(methods: list[Method], idx: int, hidden: torch.Tensor, run: RunState) -> torch.Tensor:
     """Layer idx's input rows after the selections of the methods pruning there; run.rows follows."""
-    keep, hidden, order = select(methods, idx, hidden, run)
+    keep, hidden, order, counts = select(methods, idx, hidden, run)
     if order is not None:
         raise ValueError(f"layer {idx}: a selection's order applies before the LLM only")
     if keep is None:
         return hidden
-    index, aligned = left_aligned_index(keep.to(hidden.device))
+    index, aligned = left_aligned_index(keep.to(hidden.device), counts)
     if index is None:
         return hidden
     run.aligned = run.aligned and aligned
@@ -120,8 +136,8 @@ def shrink_input(methods: list[Method], kwargs: dict, run: RunState) -> None:
     """BEFORE_LLM: shrink the text model's inputs so every layer, layer 0 included, and the KV cache see only the
     kept tokens. The text model then builds its masks and rotary tables for the compact rows itself."""
     embeds = kwargs["inputs_embeds"]
-    keep, embeds, order = select(methods, BEFORE_LLM, embeds, run)
-    index, run.aligned = (None, True) if keep is None else left_aligned_index(keep.to(embeds.device))
+    keep, embeds, order, counts = select(methods, BEFORE_LLM, embeds, run)
+    index, run.aligned = (None, True) if keep is None else left_aligned_index(keep.to(embeds.device), counts)
     if index is None:
         kwargs["inputs_embeds"] = embeds
         return
