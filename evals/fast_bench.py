@@ -6,7 +6,7 @@ process, plus its exactness checks at 7B shapes.
 
 Sections, in order, each started only while the time budget (--budget seconds) lasts: LLaVA-1.5-7B batch 1 (every
 path and method, then the exactness checks, then Hugging Face's static cache), LLaVA-1.5-7B batch 8, LLaVA-NeXT-7B
-batch 1. What is measured, per (path, method):
+batch 1, LLaVA-NeXT-7B batch 8 (--sections N: the first N; --only 1,4: those). What is measured, per (path, method):
 - the copy bandwidth of the device (a 1 GiB device-to-device copy, read + write bytes / time) and the HBM limit of one
   decoding step = the language model's weight bytes / that bandwidth;
 - prefill ms = one generate() with max_new_tokens=1 (vision tower, prefill, first token) and decode ms/token =
@@ -420,7 +420,8 @@ class Bench:
             except Exception:  # noqa: BLE001
                 self.result["errors"].append({"where": "family checks", "trace": traceback.format_exc()})
         needed = 20 if self.args.tiny else 120  # seconds a section needs to be worth starting
-        for arch, batch_size, methods, full in SECTIONS[: self.args.sections]:
+        chosen = self.args.only or range(1, self.args.sections + 1)
+        for arch, batch_size, methods, full in [SECTIONS[n - 1] for n in chosen]:
             if self.args.methods:
                 methods = [label for label in methods if label in self.args.methods]
             if self.left() < needed and self.result["sections"]:
@@ -516,6 +517,8 @@ def main(argv=None) -> int:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--sections", type=int, default=len(SECTIONS), help="run only the first N sections")
+    numbered = "; ".join(f"{n} {arch} batch {batch}" for n, (arch, batch, _, _) in enumerate(SECTIONS, 1))
+    parser.add_argument("--only", help=f"comma-separated section numbers to run instead ({numbered})")
     labels = ", ".join(METHODS).replace("%", "%%")  # argparse formats help with %: "FastV 50%" must be escaped
     parser.add_argument("--methods", help=f"comma-separated labels to run (of {labels}); default all")
     parser.add_argument("--no-checks", dest="checks", action="store_false", help="skip the exactness checks")
@@ -529,6 +532,11 @@ def main(argv=None) -> int:
         unknown = [label for label in args.methods if label not in METHODS]
         if unknown:
             parser.error(f"unknown method labels {unknown}: choose from {', '.join(METHODS)}")
+    if args.only:
+        numbers = [n.strip() for n in args.only.split(",")]
+        if not all(n.isdigit() and 1 <= int(n) <= len(SECTIONS) for n in numbers):
+            parser.error(f"--only {args.only}: comma-separated section numbers from 1 to {len(SECTIONS)}")
+        args.only = [int(n) for n in numbers]
     if args.new_tokens < 2 or args.repeats < 1:
         parser.error("--new-tokens must be >= 2 and --repeats >= 1")
     if not args.tiny and not torch.cuda.is_available():

@@ -2,6 +2,7 @@
 # The fast path on the device tool's GPU in one call (from the repository root): transformers 5.25 from wheels in
 # .whl/tf525 where present (the device has 5.17, whose generate() does not encode the images before the prefill),
 # the package, then the fast path's benchmark with per-method profiles and the CUDA tests.
+# SECTIONS (fast_bench --only, default 1), METHODS and PROFILE (default --profile; PROFILE= for none) choose the bench.
 #   OUT=DIR BENCH_S=250 TESTS_S=240 bash evals/fast_device.sh   -> DIR/fast_device.tgz (fast_bench/, gpu_tests/),
 #                                                                 DIR/fast_bench.md, DIR/gpu_tests.txt
 set -u
@@ -14,8 +15,8 @@ fi
 python3 -m pip install -q --no-deps --no-build-isolation -e . > /dev/null
 python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)"
 if [ "${BENCH_S:-250}" -gt 0 ]; then
-  timeout "${BENCH_S:-250}" python3 -m vlm_efficient.evals.fast_bench --out "$OUT/fast_bench" --sections 1 \
-    --methods "${METHODS:-FastV 75%,VisionZip 75%,PAI}" --profile --budget $(( ${BENCH_S:-250} - 40 )) \
+  timeout "${BENCH_S:-250}" python3 -m vlm_efficient.evals.fast_bench --out "$OUT/fast_bench" --only "${SECTIONS:-1}" \
+    --methods "${METHODS:-FastV 75%,VisionZip 75%,PAI}" ${PROFILE---profile} --budget $(( ${BENCH_S:-250} - 40 )) \
     > "$OUT/fast_bench/log.txt" 2>&1
   cp "$OUT/fast_bench/fast_bench.md" "$OUT/" 2>/dev/null || tail -20 "$OUT/fast_bench/log.txt"
 fi

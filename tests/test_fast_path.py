@@ -284,6 +284,24 @@ def test_fast_bench_filters_methods_and_profiles_the_prefill(tmp_path):
         fast_bench.main(["--tiny", "--out", str(tmp_path), "--methods", "FastW"])
 
 
+def test_fast_bench_runs_the_sections_named(tmp_path):
+    """--only runs the sections named by number (here LLaVA-NeXT at batch 8, on its tiny model) and refuses a number
+    that names none."""
+    import json
+
+    from vlm_efficient.evals import fast_bench
+
+    assert fast_bench.main(["--tiny", "--out", str(tmp_path), "--new-tokens", "2", "--repeats", "1", "--only", "4",
+                            "--no-checks"]) == 0  # fmt: skip
+    (section,) = json.loads((tmp_path / "fast_bench.json").read_text())["sections"]
+    assert (section["arch"], section["batch_size"]) == ("llava-next-7b", 8)
+    assert {(row["path"], row["method"]) for row in section["rows"]} == {
+        ("hf-dynamic", ""), ("dynamic", ""), ("fast", ""), ("fast", "FastV 75%"), ("dynamic", "FastV 75%")}
+    for bad in ("0", "5", "1,x"):
+        with pytest.raises(SystemExit):
+            fast_bench.main(["--tiny", "--out", str(tmp_path), "--only", bad])
+
+
 @pytest.mark.parametrize("family,spec,module_layers", [
     ("llava", "", set()),
     ("llava", "fastv:layer=2,ratio=0.5", {1}),  # scores in layer 1; its selection before layer 2 starts a segment
