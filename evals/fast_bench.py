@@ -287,6 +287,7 @@ class Bench:
                     row["tokens_equal"] = bool(torch.equal(fast.sequences, dynamic.sequences))
                     row["max_logit_diff"] = max(float((a - b).abs().max()) for a, b in zip(fast.logits, dynamic.logits))
                     row["graph_equals_eager"] = bool(torch.equal(torch.stack(fast.logits), torch.stack(eager.logits)))
+                    row["graph_vs_eager_max_diff"] = float((torch.stack(fast.logits) - torch.stack(eager.logits)).abs().max())
                 except Exception as error:  # noqa: BLE001
                     row["error"] = f"{type(error).__name__}: {error}"[:500]
                     self.result["errors"].append({"where": f"family check {family} {spec}",
@@ -498,11 +499,12 @@ def format_markdown(result: dict) -> str:
     if result.get("family_checks"):
         lines += ["", "Tiny models of every family, left-padded batch of one and two images, 8 tokens (fast path vs "
                       "dynamic path; graph replay vs eager replay of the same step):", "",
-                  "| family | method | tokens equal | max logit diff | graph = eager | error |", "|---|---|---|---|---|---|"]
+                  "| family | method | tokens equal | max logit diff | graph = eager (bits) | graph vs eager max diff | error |",
+                  "|---|---|---|---|---|---|---|"]
         for c in result["family_checks"]:
             lines.append(f"| {c['family']} | {c['spec'] or 'base'} | {c.get('tokens_equal', '')} | "
                          f"{_fmt(c.get('max_logit_diff'), '.3g')} | {c.get('graph_equals_eager', '')} | "
-                         f"{c.get('error', '')[:120]} |")  # fmt: skip
+                         f"{_fmt(c.get('graph_vs_eager_max_diff'), '.3g')} | {c.get('error', '')[:120]} |")  # fmt: skip
     if result.get("skipped_sections"):
         lines += ["", f"Skipped (budget): {', '.join(result['skipped_sections'])}"]
     lines += ["", f"{len(result['errors'])} errors (traces in fast_bench.json); elapsed {result.get('elapsed_s')} s", ""]

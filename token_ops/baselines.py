@@ -15,7 +15,7 @@ import torch
 
 from vlm_efficient.method import BEFORE_LLM, Method, Selection
 from vlm_efficient.registry import register_method
-from vlm_efficient.selection import check_drop_ratio, keep_per_image
+from vlm_efficient.selection import check_drop_ratio, keep_per_image, row_sums
 
 
 @register_method
@@ -69,8 +69,7 @@ class GridPool(Method):
         for b in range(hidden.shape[0]):
             rows = on_grid[b].nonzero().flatten()
             groups, inverse = torch.unique(block[b, rows], dim=0, return_inverse=True)
-            sums = torch.zeros(len(groups), hidden.shape[-1], dtype=torch.float32, device=hidden.device)
-            sums.index_add_(0, inverse, hidden[b, rows].float())
+            sums = row_sums(hidden[b, rows], inverse, len(groups))
             counts = torch.bincount(inverse, minlength=len(groups)).clamp(min=1)
             first = torch.full((len(groups),), hidden.shape[1], dtype=torch.long, device=hidden.device)
             first.scatter_reduce_(0, inverse, rows, reduce="amin")

@@ -35,7 +35,7 @@ import torch
 from vlm_efficient.layout import IMAGE
 from vlm_efficient.method import BEFORE_LLM, Selection
 from vlm_efficient.registry import register_method
-from vlm_efficient.selection import check_drop_ratio, check_positions, keep_count, top_k_mask
+from vlm_efficient.selection import check_drop_ratio, check_positions, keep_count, row_sums, top_k_mask
 
 from .vision_capture import VisionTowerMethod, grid_sizes
 
@@ -139,8 +139,9 @@ class VisionZip(VisionTowerMethod):
         # [T, n]: the position of each row's most similar target (meaningful on `others` rows)
         joined = targets.gather(1, (unit @ target_units.transpose(1, 2)).argmax(-1))
         weight = others.float()
-        sums = torch.zeros(features.shape, dtype=torch.float32, device=features.device)
-        sums.scatter_add_(1, joined[..., None].expand_as(sums), features.float() * weight[..., None])
-        counts = torch.zeros_like(weight).scatter_add_(1, joined, weight).clamp(min=1)
+        tiles, n, width = features.shape
+        flat = (joined + torch.arange(tiles, device=joined.device)[:, None] * n).flatten()  # one flat sum over tiles
+        sums = row_sums((features.float() * weight[..., None]).view(-1, width), flat, tiles * n).view(tiles, n, width)
+        counts = torch.zeros_like(weight).scatter_add_(1, joined, weight).clamp(min=1)  # whole numbers: exact
         added = (features.float() + sums / counts[..., None]).to(features.dtype)
         return keep, torch.where(target[..., None], added, features)

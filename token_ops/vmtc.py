@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from vlm_efficient.registry import register_method
-from vlm_efficient.selection import check_drop_ratio, cluster_means, keep_count, top_k_mask
+from vlm_efficient.selection import check_drop_ratio, cluster_means, keep_count, row_sums, top_k_mask
 
 from .vision_capture import VisionTowerMethod, grid_sizes
 
@@ -27,11 +27,14 @@ from .vision_capture import VisionTowerMethod, grid_sizes
 def cosine_kmeans(x: torch.Tensor, clusters: int, iterations: int) -> torch.Tensor:
     """Cluster of each row of x [..., m, d] (spherical K-Means from evenly spaced rows; every leading index apart)."""
     unit = torch.nn.functional.normalize(x.float(), dim=-1)
+    # each leading index's clusters offset, for one flat sum over all of them
+    offsets = torch.arange(x[..., 0, 0].numel(), device=x.device).view(*x.shape[:-2], 1) * clusters
     starts = torch.linspace(0, x.shape[-2] - 1, clusters, device=x.device).round().long()
     centres = unit[..., starts, :]
     for _ in range(iterations):
         assignment = (unit @ centres.transpose(-1, -2)).argmax(-1)
-        sums = torch.zeros_like(centres).scatter_add_(-2, assignment[..., None].expand_as(unit), unit)
+        sums = row_sums(unit.reshape(-1, unit.shape[-1]), (assignment + offsets).flatten(),
+                        offsets.numel() * clusters).view(centres.shape)
         empty = sums.norm(dim=-1, keepdim=True) == 0
         centres = torch.where(empty, centres, torch.nn.functional.normalize(sums, dim=-1))
     return (unit @ centres.transpose(-1, -2)).argmax(-1)
@@ -89,8 +92,7 @@ class VMTC(VisionTowerMethod):
         # one spare row past the last takes the empty clusters' writes (no host read to leave them out)
         merged = torch.cat([features.reshape(tiles * n, width), features.new_zeros(1, width)])
         merged[hosts] = means
-        keep = torch.cat([keep.reshape(-1), keep.new_zeros(1)])
-        keep[hosts] = True
+        keep = torch.cat([keep.reshape(-1), keep.new_zeros(1)]).index_fill_(0, hosts, True)  # no scalar copied in
         return keep[:-1].view(tiles, n), merged[:-1].view(tiles, n, width)
 
 

@@ -88,11 +88,18 @@ def keep_top_visual(run, scores: torch.Tensor, ratio: float) -> Selection:
     return Selection(keep=~visual | keep_visual, visual_kept=kept)
 
 
+def row_sums(values: torch.Tensor, index: torch.Tensor, rows: int) -> torch.Tensor:
+    """[rows, d] float32: the rows of `values` [m, d] summed into row index[m]. The same bits on every run: on CUDA,
+    index_add_ and scatter_add_ add floats with atomics in an order that changes from run to run (so a captured
+    graph's replay would not equal its eager run), where index_put_ with accumulate sorts the indices first."""
+    return values.new_zeros(rows, values.shape[-1], dtype=torch.float32).index_put_(
+        (index,), values.float(), accumulate=True)
+
+
 def cluster_means(values: torch.Tensor, assignment: torch.Tensor, clusters: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean [clusters, d] in float32 of the rows of `values` [m, d] in each cluster of `assignment` [m] (zeros for an
     empty cluster), their counts [clusters]): every cluster's merge in one scatter."""
-    # not bincount: on CUDA it reads the largest id on the host
+    # not bincount: on CUDA it reads the largest id on the host (integer adds: the same in any order)
     counts = torch.zeros(clusters, dtype=torch.long, device=assignment.device).index_add_(
         0, assignment, torch.ones_like(assignment))
-    sums = values.new_zeros(clusters, values.shape[-1], dtype=torch.float32).index_add_(0, assignment, values.float())
-    return sums / counts.clamp(min=1)[:, None], counts
+    return row_sums(values, assignment, clusters) / counts.clamp(min=1)[:, None], counts
