@@ -150,12 +150,12 @@ def test_decoding_steps_read_nothing_on_the_host(monkeypatch, spec):
 
 
 @pytest.mark.parametrize("spec, expected",
-                         [("fastv:layer=2,ratio=0.5", 0), ("pdrop", 0), ("dart", 1), ("visionzip", 0)])
+                         [("fastv:layer=2,ratio=0.5", 0), ("pdrop", 0), ("dart", 0), ("visionzip", 0)])
 def test_pruning_reads_the_host_only_for_counts_it_cannot_know(monkeypatch, spec, expected):
     """At prefill, batch 2, a pruning method reads the device on the host once per pruning layer (the kept counts,
-    which size the shrunk tensors) unless the host knows them (Selection.visual_kept): FastV and PyramidDrop keep a
-    number of image tokens set by the layout's counts, VisionZip on untiled images one set by the vision tower's grid
-    size; DART's counts are read. Beyond that only the layout, built before the vision tower has queued any GPU work. A batch-1
+    which size the shrunk tensors) unless the host knows them (Selection.visual_kept): FastV, PyramidDrop and DART
+    keep a number of image tokens set by the layout's counts, VisionZip on untiled images one set by the vision
+    tower's grid size. Beyond that only the layout, built before the vision tower has queued any GPU work. A batch-1
     prefill of a 7B model is host-bound (evals/README.md): every mid-forward read stalls the host until the GPU
     drains."""
     import vlm_efficient as ve

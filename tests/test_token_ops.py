@@ -54,13 +54,18 @@ def test_unpadded_pruned_layers_run_without_a_mask(family, spec, monkeypatch):
     assert not built
 
 
-@pytest.mark.parametrize("spec, known", [("fastv:layer=2,ratio=0.5", [True]), ("pdrop:layers=1/2/3,ratio=0.5", [True] * 3),
-                                         ("random:ratio=0.25+fastv:layer=2,ratio=0.5", [False, False])])
+@pytest.mark.parametrize("spec, known", [
+    ("fastv:layer=2,ratio=0.5", [True]), ("pdrop:layers=1/2/3,ratio=0.5", [True] * 3),
+    ("dart:layer=2,ratio=0.5,image_pivots=2,text_pivots=2", [True]), ("dart:layer=2,ratio=0.9", [True]),
+    ("dart:layer=2,count=code,truncation=24", [True]),
+    ("random:ratio=0.25+fastv:layer=2,ratio=0.5", [False, False]),
+])  # fmt: skip
 def test_host_known_kept_counts_equal_the_keeps(family, spec, known, monkeypatch):
-    """FastV and PyramidDrop give each sample's kept count from the host (the layout's image token counts), so no
-    host read sizes the shrunk rows: on a padded batch of one and two images those counts equal the keeps' own, and
-    the output the cache-free reference. After a selection whose counts the host does not know (random), the
-    counts are read. (VisionZip and FasterVLM on untiled images: tests/test_token_ops_vision.py.)"""
+    """FastV, PyramidDrop and DART give each sample's kept count from the host (the layout's image and question token
+    counts), so no host read sizes the shrunk rows: on a padded batch of one and two images those counts equal the
+    keeps' own (DART's also where one sample's candidates run out: count=code, truncation=24), and the output the
+    cache-free reference. After a selection whose counts the host does not know (random), the counts are read.
+    (VisionZip and FasterVLM on untiled images: tests/test_token_ops_vision.py.)"""
     given = []
 
     def checked(keep, host_counts=None):

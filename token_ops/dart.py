@@ -17,11 +17,12 @@ Kept tokens keep their original positions, as in the authors' code (position_ids
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
-from vlm_efficient.method import AttentionRequest, Method
+from vlm_efficient.method import AttentionRequest, Method, Selection
 from vlm_efficient.registry import register_method
 from vlm_efficient.selection import check_drop_ratio, top_k_mask
 
@@ -62,14 +63,34 @@ class DART(Method):
         keys = stats.keys  # [B, Hkv, n, d]
         run.memory(self)["key_norm"] = keys.float().abs().sum(dim=(1, 3))  # L1 norm over all heads' keys
 
-    def select_tokens(self, layer, run, hidden) -> torch.Tensor | None:
+    def select_tokens(self, layer, run, hidden) -> Selection | None:
         key_norm = run.memory(self).pop("key_norm", None)
         if key_norm is None:
             return None
         states = torch.nn.functional.normalize(self.final_norm(hidden).float(), dim=-1)
         visual = run.current(run.layout.visual, fill=False).to(hidden.device)
         question = run.current(run.layout.after_visual_text, fill=False).to(hidden.device)
-        return ~visual | self.kept_image_rows(key_norm.to(hidden.device), states, visual, question)
+        keep = ~visual | self.kept_image_rows(key_norm.to(hidden.device), states, visual, question)
+        return Selection(keep=keep, visual_kept=self.kept_counts(run))
+
+    def kept_counts(self, run) -> list[int] | None:
+        """Each sample's kept image rows as kept_image_rows keeps them, from counts the host knows (the layout's), where
+        the rows are still the prompt's: its image pivots, then per pivot (image and text) up to per_pivot more, as
+        many as the candidates allow."""
+        questions = run.layout.after_visual_text_counts
+        if run.visual_rows is None or run.positions is not None or questions is None:
+            return None
+        pivots = self.image_pivots + self.text_pivots
+        kept = []
+        for images, question in zip(run.visual_rows, questions):
+            if self.count == "code":
+                per_pivot = self.truncation // pivots
+            else:  # the same float64 arithmetic as on the device
+                per_pivot = math.floor(images * (1 - self.ratio) / pivots)
+            image_pivots = min(images, self.image_pivots)
+            steps = image_pivots + min(question, self.text_pivots)
+            kept.append(image_pivots + min(images - image_pivots, steps * per_pivot))
+        return kept
 
     def kept_image_rows(self, key_norm, states, visual, question) -> torch.Tensor:
         """[B, n] kept image rows, every sample at once (per-sample counts stay on the device: no host sync)."""

@@ -34,6 +34,7 @@ class ModalityLayout:
     images: list[list[ImageTokens]]  # per sample, its visual items in prompt order
     has_visual: bool  # any visual token in the batch (known on the host: asking the device would be a sync)
     padded: bool  # any padding position
+    after_visual_text_counts: list[int] | None = None  # per sample, after_visual_text's positions, known on the host
 
     @property
     def batch_size(self) -> int:
@@ -106,16 +107,23 @@ def build_layout(
     image_index = torch.full_like(input_ids, -1)
     coords = torch.full((batch, length, 3), -1, dtype=torch.long, device=device)
     images: list[list[ImageTokens]] = [[] for _ in range(batch)]
-    padded = attention_mask is not None and not bool(valid.all())
     has_visual = False
 
     streams = [(IMAGE, adapter.image_token_id(model), None)]
     video_id = adapter.video_token_id(model)
     if video_id is not None:
         streams.append((VIDEO, video_id, adapter.video_tokens(model, inputs)))
-    for modality, token_id, items in streams:
-        is_token = (input_ids == token_id) & valid
-        per_sample = is_token.sum(1).tolist()  # the one host read of the stream
+    is_tokens = [(input_ids == token_id) & valid for _, token_id, _ in streams]
+    visual = torch.stack(is_tokens).any(0)
+    positions = torch.arange(length, device=device)
+    last_visual = torch.where(visual, positions, -1).amax(1, keepdim=True)
+    after_visual_text = valid & ~visual & (positions > last_visual)
+    # the layout's one host read: each stream's placeholders, the text after the last visual token and the real
+    # tokens, per sample
+    *stream_counts, after_visual_counts, valid_counts = torch.stack(
+        [*(is_token.sum(1) for is_token in is_tokens), after_visual_text.sum(1), valid.sum(1)]).tolist()
+    padded = attention_mask is not None and min(valid_counts) < length
+    for (modality, token_id, items), is_token, per_sample in zip(streams, is_tokens, stream_counts):
         total = sum(per_sample)
         if items is None:
             items = adapter.image_tokens(model, inputs)
@@ -155,4 +163,4 @@ def build_layout(
         image_index = torch.where(is_token, on_device[rank, 0], image_index)
         coords = torch.where(is_token[..., None], on_device[rank, 1:], coords)
     return ModalityLayout(kind=kind, image_index=image_index, coords=coords, images=images, has_visual=has_visual,
-                          padded=padded)
+                          padded=padded, after_visual_text_counts=after_visual_counts)

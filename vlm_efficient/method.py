@@ -21,7 +21,9 @@ Callbacks (all optional; the engine only calls what a method declares):
   keeps only those in the KV cache (a per-head ragged cache) and decodes that layer with kernel 4.
 - `prune_layers()`: stages at which `select_tokens` may drop or merge tokens: decoder layer indices (at the layer's
   start, in prefill) or BEFORE_LLM (the projected visual features, before any decoder layer). The engine shrinks
-  hidden states, rotary tables, masks, position ids and, through the model itself, the KV cache.
+  hidden states, rotary tables, masks, position ids and, through the model itself, the KV cache. A Selection that
+  says how many visual rows each sample keeps (`visual_kept`, from counts the host knows) spares the host read that
+  otherwise sizes the shrunk rows.
 - `encoder_record()`: for a method whose hooks act on the vision side, what they keep of one image encoding, so the
   fast path may still run that encoding as a CUDA graph (EncoderRecord); None keeps such an encoding eager.
 """
