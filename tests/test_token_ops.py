@@ -8,9 +8,10 @@ import torch
 
 import vlm_efficient as ve
 from vlm_efficient import shrinking
-from vlm_efficient.shrinking import causal_mask_at_positions, left_aligned_index
+from vlm_efficient.shrinking import causal_mask_at_positions
 from reference import extend_inputs, kept_key_masks, masked_reference
 from test_engine import greedy, two_samples
+from test_token_ops_helpers import checking_host_counts
 from vlm_efficient.token_ops.divprune import max_min_diverse
 from vlm_efficient.testing import FAMILIES, image_placeholder, tiny_batch, tiny_image, tiny_model
 
@@ -66,15 +67,7 @@ def test_host_known_kept_counts_equal_the_keeps(family, spec, known, monkeypatch
     keeps' own (DART's also where one sample's candidates run out: count=code, truncation=24), and the output the
     cache-free reference. After a selection whose counts the host does not know (random), the counts are read.
     (VisionZip and FasterVLM on untiled images: tests/test_token_ops_vision.py.)"""
-    given = []
-
-    def checked(keep, host_counts=None):
-        given.append(host_counts is not None)
-        if host_counts is not None:
-            assert host_counts == keep.sum(1).tolist()
-        return left_aligned_index(keep, host_counts)
-
-    monkeypatch.setattr(shrinking, "left_aligned_index", checked)
+    given = checking_host_counts(monkeypatch)
     model, processor = tiny_model(family)
     _assert_matches_cache_free_reference(model, two_samples(processor), spec)
     assert given == known

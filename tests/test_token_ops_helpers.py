@@ -148,3 +148,20 @@ __all__ = [
     "recorded_probs",
     "two_samples",
 ]
+
+
+def checking_host_counts(monkeypatch) -> list[bool]:
+    """Patch the pruning step's row alignment to check every kept count the host gives against the keep's own; the
+    list returned records, per alignment, whether the host gave them."""
+    from vlm_efficient import shrinking
+
+    given, plain = [], shrinking.left_aligned_index
+
+    def checked(keep, host_counts=None):
+        given.append(host_counts is not None)
+        if host_counts is not None:
+            assert host_counts == keep.sum(1).tolist()
+        return plain(keep, host_counts)
+
+    monkeypatch.setattr(shrinking, "left_aligned_index", checked)
+    return given

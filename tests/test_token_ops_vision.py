@@ -13,7 +13,8 @@ from transformers.models.llava_next.modeling_llava_next import get_anyres_image_
 
 import vlm_efficient as ve
 from test_engine import greedy
-from test_token_ops_helpers import capture_entering, check_batched_equals_alone, check_generate, two_samples
+from test_token_ops_helpers import (capture_entering, check_batched_equals_alone, check_generate, checking_host_counts,
+                                    two_samples)
 from vlm_efficient.selection import keep_count
 from vlm_efficient.testing import FAMILIES, tiny_model
 
@@ -311,17 +312,7 @@ def test_host_known_kept_counts_of_untiled_images(spec, family, known, monkeypat
     """On untiled CLIP images, VisionZip and FasterVLM count each sample's kept image rows on the host (tile_kept of the
     grid size), so no host read sizes the shrunk prompt: on a padded batch of one and two images the counts equal the
     keep's own. Tiled images (LLaVA-NeXT), Qwen's per-image decisions and VMTC's clusters are counted on the device."""
-    from vlm_efficient import shrinking
-
-    given, plain = [], shrinking.left_aligned_index
-
-    def checked(keep, host_counts=None):
-        given.append(host_counts is not None)
-        if host_counts is not None:
-            assert host_counts == keep.sum(1).tolist()
-        return plain(keep, host_counts)
-
-    monkeypatch.setattr(shrinking, "left_aligned_index", checked)
+    given = checking_host_counts(monkeypatch)
     model, processor = tiny_model(family)
     ve.wrap(model, spec)
     try:
