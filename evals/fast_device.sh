@@ -3,6 +3,12 @@
 # .whl/tf525 where present (the device has 5.17, whose generate() does not encode the images before the prefill),
 # the package, then the fast path's benchmark with per-method profiles and the CUDA tests.
 # SECTIONS (fast_bench --only, default 1), METHODS and PROFILE (default --profile; PROFILE= for none) choose the bench.
+# The wheels (the device reaches no registry; carry .whl/tf525, under 64 MiB): transformers 5.25.0, huggingface_hub
+# 2.4.0, tokenizers 0.23.3 and hub 2's own new dependencies (httpx2, httpcore2, h11, anyio, idna, truststore, click,
+# hf_xet), for the device's Python 3.12:
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 \
+#     --platform manylinux2014_x86_64 -d .whl/tf525 transformers==5.25.0 huggingface_hub==2.4.0 tokenizers==0.23.3 \
+#     httpx2 httpcore2 h11 anyio idna truststore click hf_xet
 #   OUT=DIR BENCH_S=250 TESTS_S=240 bash evals/fast_device.sh   -> DIR/fast_device.tgz (fast_bench/, gpu_tests/),
 #                                                                 DIR/fast_bench.md, DIR/gpu_tests.txt
 set -u
