@@ -304,14 +304,17 @@ def test_vmtc_tiles_chosen_together_equal_tiles_chosen_one_at_a_time(spec):
 
 
 @pytest.mark.parametrize("spec, family, known", [
-    ("visionzip:ratio=0.75", "llava", True), ("visionzip:ratio=0.5,contextual=0.4", "llava", True),
-    ("fastervlm:ratio=0.5", "llava", True), ("vmtc:ratio=0.5", "llava", False),
-    ("visionzip:ratio=0.75", "llava_next", False), ("visionzip:ratio=0.75", "qwen2_vl", False),
+    ("visionzip:ratio=0.75", "llava", [True]), ("visionzip:ratio=0.5,contextual=0.4", "llava", [True]),
+    ("fastervlm:ratio=0.5", "llava", [True]), ("vmtc:ratio=0.5", "llava", [False]),
+    ("visionzip:ratio=0.75", "llava_next", [False]), ("visionzip:ratio=0.75", "qwen2_vl", [False]),
+    ("visionzip:ratio=0.75+fastv:layer=2,ratio=0.5", "llava", [True, True]),
+    ("vmtc:ratio=0.5+fastv:layer=2,ratio=0.5", "llava", [False, False]),
 ])  # fmt: skip
 def test_host_known_kept_counts_of_untiled_images(spec, family, known, monkeypatch):
     """On untiled CLIP images, VisionZip and FasterVLM count each sample's kept image rows on the host (tile_kept of the
     grid size), so no host read sizes the shrunk prompt: on a padded batch of one and two images the counts equal the
-    keep's own. Tiled images (LLaVA-NeXT), Qwen's per-image decisions and VMTC's clusters are counted on the device."""
+    keep's own, and FastV after them counts from theirs. Tiled images (LLaVA-NeXT), Qwen's per-image decisions and
+    VMTC's clusters are counted on the device, and so is a FastV after them."""
     given = checking_host_counts(monkeypatch)
     model, processor = tiny_model(family)
     ve.wrap(model, spec)
@@ -319,4 +322,4 @@ def test_host_known_kept_counts_of_untiled_images(spec, family, known, monkeypat
         greedy(model, two_samples(processor))
     finally:
         ve.unwrap(model)
-    assert given == [known]
+    assert given == known
