@@ -286,8 +286,9 @@ class Bench:
                         eager = model.generate(**batch, **kw)
                     row["tokens_equal"] = bool(torch.equal(fast.sequences, dynamic.sequences))
                     row["max_logit_diff"] = max(float((a - b).abs().max()) for a, b in zip(fast.logits, dynamic.logits))
-                    row["graph_equals_eager"] = bool(torch.equal(torch.stack(fast.logits), torch.stack(eager.logits)))
-                    row["graph_vs_eager_max_diff"] = float((torch.stack(fast.logits) - torch.stack(eager.logits)).abs().max())
+                    graph_logits, eager_logits = torch.stack(fast.logits), torch.stack(eager.logits)
+                    row["graph_equals_eager"] = bool(torch.equal(graph_logits, eager_logits))
+                    row["graph_vs_eager_max_diff"] = float((graph_logits - eager_logits).abs().max())
                 except Exception as error:  # noqa: BLE001
                     row["error"] = f"{type(error).__name__}: {error}"[:500]
                     self.result["errors"].append({"where": f"family check {family} {spec}",

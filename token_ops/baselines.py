@@ -15,7 +15,7 @@ import torch
 
 from vlm_efficient.method import BEFORE_LLM, Method, Selection
 from vlm_efficient.registry import register_method
-from vlm_efficient.selection import check_drop_ratio, keep_per_image, row_sums
+from vlm_efficient.selection import check_drop_ratio, cluster_means, keep_per_image
 
 
 @register_method
@@ -69,10 +69,9 @@ class GridPool(Method):
         for b in range(hidden.shape[0]):
             rows = on_grid[b].nonzero().flatten()
             groups, inverse = torch.unique(block[b, rows], dim=0, return_inverse=True)
-            sums = row_sums(hidden[b, rows], inverse, len(groups))
-            counts = torch.bincount(inverse, minlength=len(groups)).clamp(min=1)
+            means, _ = cluster_means(hidden[b, rows], inverse, len(groups))
             first = torch.full((len(groups),), hidden.shape[1], dtype=torch.long, device=hidden.device)
             first.scatter_reduce_(0, inverse, rows, reduce="amin")
             keep[b, first] = True
-            merged[b, first] = (sums / counts[:, None]).to(hidden.dtype)
+            merged[b, first] = means.to(hidden.dtype)
         return Selection(keep=keep, hidden=merged)

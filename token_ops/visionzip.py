@@ -139,9 +139,7 @@ class VisionZip(VisionTowerMethod):
         # [T, n]: the position of each row's most similar target (meaningful on `others` rows)
         joined = targets.gather(1, (unit @ target_units.transpose(1, 2)).argmax(-1))
         weight = others.float()
-        tiles, n, width = features.shape
-        flat = (joined + torch.arange(tiles, device=joined.device)[:, None] * n).flatten()  # one flat sum over tiles
-        sums = row_sums((features.float() * weight[..., None]).view(-1, width), flat, tiles * n).view(tiles, n, width)
+        sums = row_sums(features.float() * weight[..., None], joined, features.shape[1])
         counts = torch.zeros_like(weight).scatter_add_(1, joined, weight).clamp(min=1)  # whole numbers: exact
         added = (features.float() + sums / counts[..., None]).to(features.dtype)
         return keep, torch.where(target[..., None], added, features)

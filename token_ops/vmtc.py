@@ -27,14 +27,11 @@ from .vision_capture import VisionTowerMethod, grid_sizes
 def cosine_kmeans(x: torch.Tensor, clusters: int, iterations: int) -> torch.Tensor:
     """Cluster of each row of x [..., m, d] (spherical K-Means from evenly spaced rows; every leading index apart)."""
     unit = torch.nn.functional.normalize(x.float(), dim=-1)
-    # each leading index's clusters offset, for one flat sum over all of them
-    offsets = torch.arange(x[..., 0, 0].numel(), device=x.device).view(*x.shape[:-2], 1) * clusters
     starts = torch.linspace(0, x.shape[-2] - 1, clusters, device=x.device).round().long()
     centres = unit[..., starts, :]
     for _ in range(iterations):
         assignment = (unit @ centres.transpose(-1, -2)).argmax(-1)
-        sums = row_sums(unit.reshape(-1, unit.shape[-1]), (assignment + offsets).flatten(),
-                        offsets.numel() * clusters).view(centres.shape)
+        sums = row_sums(unit, assignment, clusters)
         empty = sums.norm(dim=-1, keepdim=True) == 0
         centres = torch.where(empty, centres, torch.nn.functional.normalize(sums, dim=-1))
     return (unit @ centres.transpose(-1, -2)).argmax(-1)

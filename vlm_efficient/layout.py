@@ -83,14 +83,20 @@ class ModalityLayout:
     @property
     def after_visual_text(self) -> torch.Tensor:
         """Text after the last visual token: the instruction / question span."""
-        positions = torch.arange(self.length, device=self.kind.device)
-        return self.text & (positions[None, :] > self.last_visual_position[:, None])
+        return text_after_last_visual(self.text, self.visual)
 
     @property
     def before_visual_text(self) -> torch.Tensor:
         positions = torch.arange(self.length, device=self.kind.device)
         first = torch.where(self.visual, positions, self.length).amin(1)
         return self.text & (positions[None, :] < first[:, None])
+
+
+def text_after_last_visual(text: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
+    """[B, N]: the `text` positions after each sample's last `visual` one (every text position where it has none)."""
+    positions = torch.arange(text.shape[1], device=text.device)
+    last = torch.where(visual, positions, -1).amax(1, keepdim=True)
+    return text & (positions > last)
 
 
 def build_layout(
@@ -115,9 +121,7 @@ def build_layout(
         streams.append((VIDEO, video_id, adapter.video_tokens(model, inputs)))
     is_tokens = [(input_ids == token_id) & valid for _, token_id, _ in streams]
     visual = torch.stack(is_tokens).any(0)
-    positions = torch.arange(length, device=device)
-    last_visual = torch.where(visual, positions, -1).amax(1, keepdim=True)
-    after_visual_text = valid & ~visual & (positions > last_visual)
+    after_visual_text = text_after_last_visual(valid & ~visual, visual)
     # the layout's one host read: each stream's placeholders, the text after the last visual token and the real
     # tokens, per sample
     *stream_counts, after_visual_counts, valid_counts = torch.stack(

@@ -89,14 +89,21 @@ def keep_top_visual(run, scores: torch.Tensor, ratio: float) -> Selection:
 
 
 def row_sums(values: torch.Tensor, index: torch.Tensor, rows: int) -> torch.Tensor:
-    """[rows, d] float32: the rows of `values` [m, d] summed into row index[m], the same bits on every run. On CUDA,
-    index_add_ and scatter_add_ add floats with atomics in an order that changes from run to run (a captured graph's
-    replay would not equal its eager run), where index_put_ with accumulate sorts the indices first; on the CPU it is
-    the other way round (index_put_ adds in parallel with atomics on large inputs, index_add_ adds row by row)."""
-    sums = values.new_zeros(rows, values.shape[-1], dtype=torch.float32)
+    """[..., rows, d] float32: for each leading index, the rows of `values` [..., m, d] summed into row index[..., m]
+    (all leading indices in one flat sum), the same bits on every run. On CUDA, index_add_ and scatter_add_ add floats
+    with atomics in an order that changes from run to run (a captured graph's replay would not equal its eager run),
+    where index_put_ with accumulate sorts the indices first; on the CPU it is the other way round (index_put_ adds in
+    parallel with atomics on large inputs, index_add_ adds row by row)."""
+    leading, width = values.shape[:-2], values.shape[-1]
+    count = math.prod(leading)
+    flat = (index + torch.arange(count, device=index.device).view(*leading, 1) * rows).flatten()
+    values = values.reshape(-1, width).float()
+    sums = values.new_zeros(count * rows, width)
     if values.is_cuda:
-        return sums.index_put_((index,), values.float(), accumulate=True)
-    return sums.index_add_(0, index, values.float())
+        sums.index_put_((flat,), values, accumulate=True)
+    else:
+        sums.index_add_(0, flat, values)
+    return sums.view(*leading, rows, width)
 
 
 def cluster_means(values: torch.Tensor, assignment: torch.Tensor, clusters: int) -> tuple[torch.Tensor, torch.Tensor]:
