@@ -327,6 +327,36 @@ def test_prefill_runs_plain_layers_as_segments(family, spec, module_layers):
     ve.unwrap(model)
 
 
+def test_segments_keys_and_values_become_the_cache_uncopied(monkeypatch):
+    """The keys and values a segment computes are generate()'s cache layers as they are: the plan copies them into its
+    static buffers, and nothing copies them before (a cache update would concatenate them onto an empty tensor). The
+    layers called as modules update the cache as on the dynamic path."""
+    from vlm_efficient import fast_prefill
+    from vlm_efficient.fast_path import FastPath
+
+    model, processor = tiny_model("llava")
+    computed, planned = {}, {}
+    kv, plan = fast_prefill.Segment.kv, FastPath._plan
+
+    def recording_kv(segment, idx):
+        computed[idx] = kv(segment, idx)
+        return computed[idx]
+
+    def recording_plan(fast_path, cache, *args, **kwargs):
+        planned.update({idx: (layer.keys, layer.values) for idx, layer in enumerate(cache.layers)})
+        return plan(fast_path, cache, *args, **kwargs)
+
+    monkeypatch.setattr(fast_prefill.Segment, "kv", recording_kv)
+    monkeypatch.setattr(FastPath, "_plan", recording_plan)
+    dynamic, fast = dynamic_then_fast(model, two_samples(processor), "fastv:layer=2,ratio=0.5")
+    assert_same(dynamic, fast)
+    layers = ve.engine_of(model).num_layers
+    assert sorted(planned) == list(range(layers)) and 0 < len(computed) < layers  # a module layer, then segments
+    for idx, (keys, values) in computed.items():
+        assert planned[idx][0] is keys and planned[idx][1] is values
+    ve.unwrap(model)
+
+
 def test_a_layer_with_a_foreign_hook_runs_as_a_module():
     """A hook this library did not install (a user's, or a method's own) must run: its layer leaves the segments,
     and the tokens are those of the dynamic path with the same hook."""

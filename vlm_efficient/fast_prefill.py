@@ -11,8 +11,8 @@ the GPU's work (README, "The prefill, explained"), so pruning shortens only the 
   that carries a hook this library did not put there is called as a module, so every hook acts as on the dynamic
   path. A run of consecutive layers where nothing acts is a segment: its layers run inside Engine.plain() on the
   inputs the engine gives the segment's first layer (sliced rotary tables and masks after pruning), with a cache of
-  its own whose keys and values are then appended to the generate() cache. The engine's per-layer record (kept
-  positions, row counts) is written as its layer hook would;
+  its own whose keys and values then become the generate() cache's layers (not copied: _adopt). The engine's
+  per-layer record (kept positions, row counts) is written as its layer hook would;
 - on CUDA a segment whose input shapes were seen before is captured in a CUDA graph and replayed: one launch for
   the whole segment, no host work per layer. A shape seen for the first time runs the same code eagerly (a prompt
   length seen once is not worth a capture);
@@ -36,7 +36,7 @@ import time
 
 import torch
 from torch.nn.modules import module as global_hooks
-from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
 
 from .adapters import CACHE_KWARGS
 from .method import PerThread, edits_attention
@@ -157,6 +157,18 @@ class Segment:
     def kv(self, idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         layer = self.cache.layers[idx]
         return layer.keys, layer.values
+
+
+def _adopt(cache: Cache, idx: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+    """A segment's keys and values as layer idx of generate()'s cache, without the copy a cache update makes where the
+    layer is still empty (a DynamicLayer concatenates onto an empty tensor): 64 copies and launches per LLaVA-1.5-7B
+    prefill. The fast path's plan copies them into its static buffers before any later call replays the segment."""
+    layer = cache.layers[idx]
+    if type(layer) is DynamicLayer and not layer.is_initialized:
+        layer.lazy_initialization(keys, values)  # what a first update records (device, dtype: per version)
+        layer.keys, layer.values = keys, values
+    else:
+        cache.update(keys, values, idx)
 
 
 def _foreign_hooks(modules, own_ids: set) -> bool:
@@ -396,7 +408,7 @@ class LeanPrefill:
             segment, replayed = self._segment(start, end, hidden, layer_kwargs)
             hidden = segment.replay(hidden, layer_kwargs) if replayed else segment.forward(hidden, layer_kwargs)
             for idx in range(start, end):
-                cache.update(*segment.kv(idx), idx)
+                _adopt(cache, idx, *segment.kv(idx))
             self.last_segments.append((start, end, replayed))
         return hidden
 
