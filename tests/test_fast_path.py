@@ -4,6 +4,7 @@ evals/fast_bench.py on a GPU."""
 
 from __future__ import annotations
 
+import functools
 import threading
 
 import pytest
@@ -354,6 +355,45 @@ def test_segments_keys_and_values_become_the_cache_uncopied(monkeypatch):
     assert sorted(planned) == list(range(layers)) and 0 < len(computed) < layers  # a module layer, then segments
     for idx, (keys, values) in computed.items():
         assert planned[idx][0] is keys and planned[idx][1] is values
+    ve.unwrap(model)
+
+
+def _same_layout(a, b) -> bool:
+    same_items = all(len(x) == len(y) and all(torch.equal(i.coords, j.coords) and i.grid == j.grid and i.video == j.video
+                                              for i, j in zip(x, y)) for x, y in zip(a.images, b.images))  # fmt: skip
+    return (same_items and len(a.images) == len(b.images) and torch.equal(a.kind, b.kind)
+            and torch.equal(a.image_index, b.image_index) and torch.equal(a.coords, b.coords)
+            and (a.has_visual, a.padded, a.after_visual_text_counts)
+            == (b.has_visual, b.padded, b.after_visual_text_counts))  # fmt: skip
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_layout_is_built_before_the_image_encoding(family, monkeypatch):
+    """Where the fast path encodes the images itself (LLaVA-style families on a transformers that takes
+    mm_encoder_outputs), the layout is built from generate()'s inputs before that encoding is queued and the prefill
+    takes it instead of building its own; on every family the fast path's layout is the dynamic path's."""
+    from vlm_efficient import fast_prefill, hooks
+
+    model, processor = tiny_model(family)
+    batch = two_samples(processor)
+    ve.wrap(model, "fastv:layer=2,ratio=0.5")
+    generate(model, batch)
+    dynamic = ve.engine_of(model).latest_run.layout
+    ve.unwrap(model)
+    built, events = [], []
+    build, encode = hooks.build_layout, model.base_model.get_image_features
+    monkeypatch.setattr(hooks, "build_layout", lambda *args: built.append(build(*args)) or events.append("layout")
+                        or built[-1])  # fmt: skip
+    encoding = functools.wraps(encode)(lambda *args, **kwargs: events.append("encode") or encode(*args, **kwargs))
+    monkeypatch.setattr(model.base_model, "get_image_features", encoding)  # its signature kept (LeanEncoder reads it)
+    ve.wrap(model, "fastv:layer=2,ratio=0.5", fast=True)
+    generate(model, batch)
+    engine = ve.engine_of(model)
+    assert _same_layout(engine.latest_run.layout, dynamic)
+    assert built == [engine.latest_run.layout]  # built once, and taken by the prefill
+    assert engine.hooks.prebuilt_layout is None and engine.hooks.confirmed_layout is None
+    if family in ("llava", "llava_next"):  # the families whose encoding the fast path makes
+        assert events == ["layout", "encode"]
     ve.unwrap(model)
 
 

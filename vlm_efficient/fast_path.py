@@ -404,8 +404,11 @@ class FastPath:
                 raise ValueError(f"the fast path (fast=True) runs its own decoding loop and takes no {name}; "
                                  f"{DYNAMIC_PATH}")  # fmt: skip
         with self._lock:
-            kwargs = self.encoder.prepare(kwargs)
-            return type(self.model).generate(self.model, *args, custom_generate=self.decode, **kwargs)
+            try:
+                kwargs = self.encoder.prepare(kwargs)
+                return type(self.model).generate(self.model, *args, custom_generate=self.decode, **kwargs)
+            finally:
+                self.engine.hooks.prebuilt_layout = self.engine.hooks.confirmed_layout = None  # none left over
 
     @staticmethod
     def _check_config(config, model_kwargs: dict) -> None:
@@ -428,6 +431,7 @@ class FastPath:
         drops them for a callable, and generate() above refuses a streamer)."""
         config = generation_config
         self._check_config(config, model_kwargs)
+        self.engine.hooks.confirm_prebuilt_layout(input_ids, model_kwargs.get("attention_mask"))
         self._recorded.clear()
         self._recording = True
         try:

@@ -26,7 +26,7 @@ from torch.utils.hooks import RemovableHandle
 
 from . import attention_stats, shrinking
 from .adapters import ModelAdapter, encoded_features, encoded_sources, kv_cache
-from .layout import build_layout
+from .layout import ModalityLayout, build_layout
 from .method import BEFORE_LLM, PerThread
 from .placement import execution_device
 from .ragged_cache import store_per_head
@@ -45,12 +45,21 @@ def _new_tokens_only(kwargs: dict, fed: int) -> None:
     kwargs.pop("mm_encoder_outputs", None)
 
 
+def _identity(*tensors) -> tuple:
+    """What tells tensors apart without reading them: storage pointer, shape, strides, device and the version counter
+    (which views share with their base and every in-place write advances)."""
+    return tuple(None if t is None else (t.data_ptr(), tuple(t.shape), t.stride(), t.device, t._version)
+                 for t in tensors)  # fmt: skip
+
+
 class ModelHooks:
     """The hooks of one engine (vlm_efficient.engine.Engine) on its model, and those its methods add in bind(). The
     callbacks read and move the engine's per-call state (engine.run); everything they do beyond that is delegated
     to shrinking.py, attention_stats.py and pre_rotary.py."""
 
     captured_grids: list[torch.Tensor] = PerThread(list)  # grid_thw of vision-tower calls made before prefill
+    prebuilt_layout: tuple | None = PerThread()  # (the inputs' identity, their layout): prebuild_layout
+    confirmed_layout: ModalityLayout | None = PerThread()  # the next prefill's layout: confirm_prebuilt_layout
 
     def __init__(self, engine):
         self.engine = engine
@@ -86,6 +95,27 @@ class ModelHooks:
     def add(self, handle) -> None:
         """Keep a hook handle (or anything with .remove()): remove() removes it."""
         self.handles.append(handle)
+
+    def prebuild_layout(self, inputs: dict) -> None:
+        """Build the layout of a coming prefill now, from generate()'s inputs (input_ids and the images' own inputs).
+        The fast path calls this before it queues the image encoding, so that the layout's one host read does not wait
+        for the encoding on the GPU, and confirm_prebuilt_layout() at its prefill."""
+        input_ids, attention_mask = inputs.get("input_ids"), inputs.get("attention_mask")
+        self.prebuilt_layout = self.confirmed_layout = None
+        if not isinstance(input_ids, torch.Tensor) or not isinstance(attention_mask, (torch.Tensor, type(None))):
+            return
+        engine = self.engine
+        layout = build_layout(engine.adapter, engine.model, input_ids, padding_mask(attention_mask, prefill=True),
+                              {**inputs, "captured_grid_thw": {}})  # fmt: skip
+        self.prebuilt_layout = (_identity(input_ids, attention_mask), layout)
+
+    def confirm_prebuilt_layout(self, input_ids: torch.Tensor, attention_mask) -> None:
+        """The prefill's forward takes the prebuilt layout where generate() hands its decoding loop the tensors it was
+        built from (or views with the same shape and contents: data pointer, shape, strides and version counter
+        equal). Asked there, not in the forward: generate() gives the forward a copy of input_ids."""
+        prebuilt, self.prebuilt_layout = self.prebuilt_layout, None
+        if prebuilt is not None and prebuilt[0] == _identity(input_ids, attention_mask):
+            self.confirmed_layout = prebuilt[1]
 
     def before_prefill(self, fn) -> None:
         """Call fn(forward kwargs) before each prefill of the model (not before decode steps, not inside plain side
@@ -169,7 +199,11 @@ class ModelHooks:
                     f"token pruning with HF's static cache does not support {engine.model.config.model_type}'s "
                     "sliding-window layers yet: use the default dynamic cache (no cache_implementation='static')"
                 )
-            layout = build_layout(engine.adapter, engine.model, input_ids, attention_mask, inputs)
+            layout = None
+            if not engine.in_plain_block:  # a side pass of a method builds its own
+                layout, self.confirmed_layout = self.confirmed_layout, None
+            if layout is None:
+                layout = build_layout(engine.adapter, engine.model, input_ids, attention_mask, inputs)
             engine.run = run = RunState(layout=layout, prompt_length=input_ids.shape[1],
                                         attention_mask_2d=layout.valid, static_cache=static,
                                         visual_rows=layout.visual_counts)  # fmt: skip
