@@ -39,94 +39,24 @@ scales (VHR). Methods' observe_hidden is not called while decoding.
 from __future__ import annotations
 
 import collections
-import contextlib
-import dataclasses
 import inspect
-import itertools
 import threading
 import time
 import warnings
-import weakref
 
 import torch
-from transformers import AttentionInterface
 from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.generation.utils import GenerateDecoderOnlyOutput, GenerationMixin, GenerationMode
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .adapters import CACHE_KWARGS, cache_kwarg
-from .attention import edited_attention
+from .fast_attention import (GroupRoute, edit_structure, edit_tensors, empty_like_edits, group_route, reloadable,
+                             routed)  # fmt: skip
 from .fast_prefill import LeanEncoder, LeanPrefill, capture_graph
-from .kernel_plan import compose
-from .method import UNSTRUCTURED, AttentionContext, Method, at_positions, edits_attention
+from .method import UNSTRUCTURED, AttentionContext, Method, edits_attention
 
 BUCKET = 64  # buffer lengths round up to this: calls whose prompts keep similar numbers of keys share one graph
 MAX_GRAPHS = 4  # captured steps (graphs and their buffers) kept per model; the least recently used is dropped
 DYNAMIC_PATH = "use the dynamic path: vlm_efficient.wrap(model, spec) without fast=True"
-EDIT_TENSORS = ("logit_scale", "logit_abs", "logit_bias", "mask", "rows")  # AttentionEdit fields a step can reload
-ATTENTION_NAME = "vlm_efficient_fast"  # the attention implementation while a step with decoding edits is recorded
-# attention module -> its layer's decoding edits (a list of AttentionEdits: the dense edited attention; or a GroupRoute:
-# kernel 3's decoding form), while a step with decoding edits is recorded or run eagerly
-_DECODE_EDITS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-@dataclasses.dataclass
-class GroupRoute:
-    """A layer whose decoding edits compose into one group edit (kernel_plan.compose): kernel 3's decoding form over
-    the whole static buffer, as the dynamic path's router runs it. `groups` / `key_bias` [B, capacity] hold the kept
-    prompt keys' groups then group 0 for the generated slots; `valid` is a view of the step's mask of the layer."""
-
-    spec: object  # kernels.GroupSpec; its folded tables are the ones the graph reads
-    groups: torch.Tensor
-    key_bias: torch.Tensor | None
-    valid: torch.Tensor | None = None
-    spec_id: int = dataclasses.field(init=False, default=-1)  # the spec's number for the operator (group_decode)
-
-    def __post_init__(self):
-        self.spec_id = next(_spec_ids)
-        _SPECS[self.spec_id] = self.spec
-
-    def tensors(self) -> dict:
-        return {"groups": self.groups, "key_bias": self.key_bias}
-
-
-def _step_attention(module, query, key, value, attention_mask, **kwargs):
-    """SDPA, or where the step's plan gives this layer decoding edits: kernel 3 (a GroupRoute) or the dense edited
-    attention."""
-    edits = _DECODE_EDITS.get(module)
-    if not edits:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
-    if isinstance(edits, GroupRoute):
-        output = group_decode(query, key, value, edits.valid, edits.groups, edits.key_bias, scaling, edits.spec_id)
-        return output, None
-    return edited_attention(query, key, value, attention_mask, scaling, edits), None
-
-
-# a compiled step sees kernel 3's decoding form as one operator (no graph break; the CUDA graph records its launch);
-# its GroupSpec (tables and conditions, not tensors an operator can take) is found by the number GroupRoute gives it
-_SPECS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
-_spec_ids = itertools.count()
-
-
-@torch.library.custom_op("vlm_efficient::fast_group_decode", mutates_args=())
-def group_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, valid: torch.Tensor | None,
-                 groups: torch.Tensor, key_bias: torch.Tensor | None, scaling: float, spec_id: int) -> torch.Tensor:
-    from .kernels import api as kernels
-
-    return kernels.group_decode_attention(query, key, value, key_group=groups, spec=_SPECS[spec_id], key_valid=valid,
-                                          scaling=scaling, key_bias=key_bias)  # fmt: skip
-
-
-@group_decode.register_fake
-def _(query, key, value, valid, groups, key_bias, scaling, spec_id):
-    batch, heads, rows, head_dim = query.shape
-    return query.new_empty(batch, rows, heads, head_dim)
-
-
-AttentionInterface.register(ATTENTION_NAME, _step_attention)
-AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
 
 
 def supported() -> bool:
@@ -161,47 +91,6 @@ class StaticKVLayer(CacheLayerMixin):
 
     def get_max_length(self) -> int:
         return self.keys.shape[2]
-
-
-def _tensors(layer_edits) -> list[dict]:
-    """The tensors a kept step reloads at each call: per AttentionEdit its EDIT_TENSORS, or a GroupRoute's buffers."""
-    if isinstance(layer_edits, GroupRoute):
-        return [layer_edits.tensors()]
-    return [{name: getattr(edit, name) for name in EDIT_TENSORS} for edit in layer_edits]
-
-
-def _empty_like(layer_edits):
-    """Edits of the same structure as `layer_edits` whose tensors are new buffers (filled by load_edits)."""
-    def empty(tensors: dict) -> dict:
-        return {name: torch.empty_like(t) for name, t in tensors.items() if t is not None}
-
-    if isinstance(layer_edits, GroupRoute):
-        return dataclasses.replace(layer_edits, **empty(layer_edits.tensors()))
-    return [dataclasses.replace(edit, **empty(tensors)) for edit, tensors in zip(layer_edits, _tensors(layer_edits))]
-
-
-def _reloadable(layer_edits) -> bool:
-    """Whether a kept step can serve these edits by reloading tensors: no post-softmax function (it holds this call's
-    tensors) and every edit field a tensor."""
-    if isinstance(layer_edits, GroupRoute):
-        return True
-    return all(edit.post_softmax is None and all(isinstance(t, (torch.Tensor, type(None))) for t in tensors.values())
-               for edit, tensors in zip(layer_edits, _tensors(layer_edits)))  # fmt: skip
-
-
-def _structure(layer_edits) -> tuple:
-    """What a captured step depends on besides the reloaded tensors: their shapes and dtypes, and a GroupRoute's spec
-    values (the graph reads the folded tables of the spec it was captured with)."""
-    shapes = tuple(tuple((name, tuple(t.shape), t.dtype) for name, t in tensors.items() if t is not None)
-                   for tensors in _tensors(layer_edits))  # fmt: skip
-    if not isinstance(layer_edits, GroupRoute):
-        return shapes
-    spec = layer_edits.spec
-    if "fast_path" not in spec._cache:
-        tables = torch.cat([t.flatten() for t in spec.tables()]).tolist()
-        spec._cache["fast_path"] = (spec.num_heads, spec.num_groups, spec.cond_mass_groups, spec.cond_mass_min,
-                                    spec.cond_ratio_groups, spec.cond_ratio_min, tuple(tables))  # fmt: skip
-    return shapes, spec._cache["fast_path"]
 
 
 class StaticStep:
@@ -241,7 +130,7 @@ class StaticStep:
             self.edits = edits
         else:
             with torch.inference_mode(False):
-                self.edits = {idx: _empty_like(layer_edits) for idx, layer_edits in edits.items()}
+                self.edits = {idx: empty_like_edits(layer_edits) for idx, layer_edits in edits.items()}
         for idx, route in self.edits.items():
             if isinstance(route, GroupRoute):  # the kernel's valid keys: the layer's mask, updated in place per step
                 mask = self.masks[self.group_of[idx]]
@@ -249,7 +138,7 @@ class StaticStep:
 
     def load_edits(self, edits: dict) -> None:
         for idx, layer_edits in edits.items():
-            for buffers, tensors in zip(_tensors(self.edits[idx]), _tensors(layer_edits)):
+            for buffers, tensors in zip(edit_tensors(self.edits[idx]), edit_tensors(layer_edits)):
                 for name, tensor in tensors.items():
                     if tensor is not None:
                         buffers[name].copy_(tensor)
@@ -259,7 +148,7 @@ class StaticStep:
 
     def step(self) -> None:
         """One decoding step on the buffers: the same calls every time, no host read."""
-        with self._edited_attention():
+        with routed(self.parts["config"], self.parts["layers"], self.edits):
             self.forward()
 
     def _forward(self) -> None:
@@ -278,25 +167,6 @@ class StaticStep:
         for index in self.write_index:
             index.add_(1)
         self.offset.add_(1)
-
-    @contextlib.contextmanager
-    def _edited_attention(self):
-        """Where the plan gave layers decoding edits: their attention calls run the dense edited attention with them
-        (the other layers stay on SDPA) while the step is recorded or run eagerly."""
-        if not self.edits:
-            yield
-            return
-        config, layers = self.parts["config"], self.parts["layers"]
-        saved = config._attn_implementation
-        config._attn_implementation = ATTENTION_NAME
-        for idx, edits in self.edits.items():
-            _DECODE_EDITS[layers[idx].self_attn] = edits
-        try:
-            yield
-        finally:
-            config._attn_implementation = saved
-            for idx in self.edits:
-                _DECODE_EDITS.pop(layers[idx].self_attn, None)
 
     def capture(self) -> None:
         """Record step() in a CUDA graph (after warm-up runs on a side stream, which cuBLAS and SDPA need before a
@@ -556,8 +426,8 @@ class FastPath:
         edits = self._decode_edits(run, device, prompt_keys, capacities)
         # edits made of tensors only are reloaded into a kept step's buffers; a post-softmax function holds this
         # call's tensors, so its step serves this call only
-        kept = all(_reloadable(layer_edits) for layer_edits in edits.values())
-        structure = tuple((idx, _structure(layer_edits)) for idx, layer_edits in sorted(edits.items())) if kept else None
+        kept = all(reloadable(layer_edits) for layer_edits in edits.values())
+        structure = tuple((idx, edit_structure(layer_edits)) for idx, layer_edits in sorted(edits.items())) if kept else None
         keys = prompt_kv[0][0]
         layer_position = self._recorded.get("layer")
         key = (keys.shape[0], tuple(capacities), tuple(group_of), keys.shape[1], keys.shape[3], keys.dtype, device,
@@ -622,7 +492,7 @@ class FastPath:
         queries = torch.full((batch, 1), run.fed, device=device)
         found: dict[int, list] = {}
         for idx, (kept, capacity) in enumerate(zip(prompt_keys, capacities)):
-            route = self._group_route(editing, idx, run, kept, capacity, heads)
+            route = group_route(editing, idx, run, kept, capacity, heads)
             if route is not None:
                 found[idx] = route
                 continue
@@ -651,28 +521,6 @@ class FastPath:
                     )
                 found.setdefault(idx, []).append(edit)
         return found
-
-    @staticmethod
-    def _group_route(editing: list, idx: int, run, prompt_keys: torch.Tensor, capacity: int, heads: int):
-        """The layer's decoding edits as kernel 3's decoding form where they compose into one group edit (every
-        editing method gives a structured form: Method.kernel_edit), else None (the dense edited attention)."""
-        from .kernels import api as kernels
-
-        parts = [method.kernel_edit(idx, run, False) for method in editing]
-        if any(part is UNSTRUCTURED for part in parts):
-            return None
-        plan = compose([part for part in parts if part is not None], heads)
-        if plan is None or plan.group is None or plan.mask is not None or plan.scale is not None:
-            return None
-        edit = plan.group
-        if edit.spec.num_groups > kernels.MAX_DECODE_GROUPS:
-            return None
-        extra = capacity - prompt_keys.shape[1]
-        groups = torch.nn.functional.pad(at_positions(edit.groups, prompt_keys, 0).to(torch.int32), (0, extra))
-        bias = None
-        if edit.key_bias is not None:
-            bias = torch.nn.functional.pad(at_positions(edit.key_bias.float(), prompt_keys, 0.0), (0, extra))
-        return GroupRoute(edit.spec, groups, bias)
 
     def _refuse_head_scales(self, run) -> None:
         """Head-output scales (VHR) act on the o_proj input through a hook that the fast step does not run."""

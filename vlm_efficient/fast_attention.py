@@ -1,0 +1,172 @@
+"""The fast path's attention: SDPA, or where a layer has decoding edits, kernel 3's decoding form (a GroupRoute: the
+layer's structured edits composed into one group edit) or the dense edited attention; and the helpers that keep a
+captured graph's edits in buffers reloaded per call. Used by the static decoding step (fast_path.py) and by the prefill
+segments whose last row is edited as a decoding row (fast_prefill.py)."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import itertools
+import weakref
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from .attention import edited_attention
+from .kernel_plan import compose
+from .method import UNSTRUCTURED, at_positions
+
+EDIT_TENSORS = ("logit_scale", "logit_abs", "logit_bias", "mask", "rows")  # AttentionEdit fields a step can reload
+ATTENTION_NAME = "vlm_efficient_fast"  # the attention implementation while layers with edits run (routed)
+# attention module -> its layer's decoding edits (a list of AttentionEdits: the dense edited attention; or a GroupRoute:
+# kernel 3's decoding form), while they run (routed)
+_DECODE_EDITS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+@dataclasses.dataclass
+class GroupRoute:
+    """A layer whose decoding edits compose into one group edit (kernel_plan.compose): kernel 3's decoding form over
+    the whole static buffer, as the dynamic path's router runs it. `groups` / `key_bias` [B, capacity] hold the kept
+    prompt keys' groups then group 0 for the generated slots; `valid` is a view of the step's mask of the layer."""
+
+    spec: object  # kernels.GroupSpec; its folded tables are the ones the graph reads
+    groups: torch.Tensor
+    key_bias: torch.Tensor | None
+    valid: torch.Tensor | None = None
+    spec_id: int = dataclasses.field(init=False, default=-1)  # the spec's number for the operator (group_decode)
+
+    def __post_init__(self):
+        self.spec_id = next(_spec_ids)
+        _SPECS[self.spec_id] = self.spec
+
+    def tensors(self) -> dict:
+        return {"groups": self.groups, "key_bias": self.key_bias}
+
+
+def routed_attention(module, query, key, value, attention_mask, **kwargs):
+    """SDPA, or where the layer has decoding edits (`routed`): kernel 3 (a GroupRoute) or the dense edited attention.
+    A GroupRoute in a call of several rows (a prefill whose edits act on its last row only,
+    Method.prefill_edits_last_row_as_decoding) runs SDPA for all rows and kernel 3's decoding form for the last."""
+    edits = _DECODE_EDITS.get(module)
+    if not edits:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
+    if not isinstance(edits, GroupRoute):
+        return edited_attention(query, key, value, attention_mask, scaling, edits), None
+    if query.shape[2] == 1:
+        return group_decode(query, key, value, edits.valid, edits.groups, edits.key_bias, scaling, edits.spec_id), None
+    output, _ = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    last = group_decode(query[:, :, -1:], key, value, edits.valid, edits.groups, edits.key_bias, scaling, edits.spec_id)
+    return torch.cat([output[:, :-1], last.to(output.dtype)], dim=1), None
+
+
+# a compiled step sees kernel 3's decoding form as one operator (no graph break; the CUDA graph records its launch);
+# its GroupSpec (tables and conditions, not tensors an operator can take) is found by the number GroupRoute gives it
+_SPECS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+_spec_ids = itertools.count()
+
+
+@torch.library.custom_op("vlm_efficient::fast_group_decode", mutates_args=())
+def group_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, valid: torch.Tensor | None,
+                 groups: torch.Tensor, key_bias: torch.Tensor | None, scaling: float, spec_id: int) -> torch.Tensor:
+    from .kernels import api as kernels
+
+    return kernels.group_decode_attention(query, key, value, key_group=groups, spec=_SPECS[spec_id], key_valid=valid,
+                                          scaling=scaling, key_bias=key_bias)  # fmt: skip
+
+
+@group_decode.register_fake
+def _(query, key, value, valid, groups, key_bias, scaling, spec_id):
+    batch, heads, rows, head_dim = query.shape
+    return query.new_empty(batch, rows, heads, head_dim)
+
+
+AttentionInterface.register(ATTENTION_NAME, routed_attention)
+AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
+
+
+def edit_tensors(layer_edits) -> list[dict]:
+    """The tensors a kept step reloads at each call: per AttentionEdit its EDIT_TENSORS, or a GroupRoute's buffers."""
+    if isinstance(layer_edits, GroupRoute):
+        return [layer_edits.tensors()]
+    return [{name: getattr(edit, name) for name in EDIT_TENSORS} for edit in layer_edits]
+
+
+def empty_like_edits(layer_edits):
+    """Edits of the same structure as `layer_edits` whose tensors are new buffers (filled by load_edits)."""
+    def empty(tensors: dict) -> dict:
+        return {name: torch.empty_like(t) for name, t in tensors.items() if t is not None}
+
+    if isinstance(layer_edits, GroupRoute):
+        return dataclasses.replace(layer_edits, **empty(layer_edits.tensors()))
+    return [dataclasses.replace(edit, **empty(tensors)) for edit, tensors in zip(layer_edits, edit_tensors(layer_edits))]
+
+
+def reloadable(layer_edits) -> bool:
+    """Whether a kept step can serve these edits by reloading tensors: no post-softmax function (it holds this call's
+    tensors) and every edit field a tensor."""
+    if isinstance(layer_edits, GroupRoute):
+        return True
+    return all(edit.post_softmax is None and all(isinstance(t, (torch.Tensor, type(None))) for t in tensors.values())
+               for edit, tensors in zip(layer_edits, edit_tensors(layer_edits)))  # fmt: skip
+
+
+def edit_structure(layer_edits) -> tuple:
+    """What a captured step depends on besides the reloaded tensors: their shapes and dtypes, and a GroupRoute's spec
+    values (the graph reads the folded tables of the spec it was captured with)."""
+    shapes = tuple(tuple((name, tuple(t.shape), t.dtype) for name, t in tensors.items() if t is not None)
+                   for tensors in edit_tensors(layer_edits))  # fmt: skip
+    if not isinstance(layer_edits, GroupRoute):
+        return shapes
+    spec = layer_edits.spec
+    if "fast_path" not in spec._cache:
+        tables = torch.cat([t.flatten() for t in spec.tables()]).tolist()
+        spec._cache["fast_path"] = (spec.num_heads, spec.num_groups, spec.cond_mass_groups, spec.cond_mass_min,
+                                    spec.cond_ratio_groups, spec.cond_ratio_min, tuple(tables))  # fmt: skip
+    return shapes, spec._cache["fast_path"]
+
+
+@contextlib.contextmanager
+def routed(config, layers, edits: dict):
+    """While it lasts, the attention calls of layers[idx] for idx in `edits` run with those edits (routed_attention);
+    the other layers stay on SDPA."""
+    if not edits:
+        yield
+        return
+    saved = config._attn_implementation
+    config._attn_implementation = ATTENTION_NAME
+    for idx, layer_edits in edits.items():
+        _DECODE_EDITS[layers[idx].self_attn] = layer_edits
+    try:
+        yield
+    finally:
+        config._attn_implementation = saved
+        for idx in edits:
+            _DECODE_EDITS.pop(layers[idx].self_attn, None)
+
+
+def group_route(editing: list, idx: int, run, keys_at: torch.Tensor, capacity: int, heads: int, prefill: bool = False):
+    """Layer idx's edits by the methods `editing` as kernel 3's decoding form over keys at original positions
+    `keys_at` [B, n] then capacity - n generated slots (group 0), where they compose into one group edit (every editing
+    method gives a structured form: Method.kernel_edit), else None (the dense edited attention). `prefill`: the edits
+    of this prefill's layer (whose rows, for the methods that run this, are its last row), else of a decoding step."""
+    from .kernels import api as kernels
+
+    parts = [method.kernel_edit(idx, run, prefill) for method in editing]
+    if any(part is UNSTRUCTURED for part in parts):
+        return None
+    plan = compose([part for part in parts if part is not None], heads)
+    if plan is None or plan.group is None or plan.mask is not None or plan.scale is not None:
+        return None
+    edit = plan.group
+    if edit.spec.num_groups > kernels.MAX_DECODE_GROUPS:
+        return None
+    extra = capacity - keys_at.shape[1]
+    groups = torch.nn.functional.pad(at_positions(edit.groups, keys_at, 0).to(torch.int32), (0, extra))
+    bias = None
+    if edit.key_bias is not None:
+        bias = torch.nn.functional.pad(at_positions(edit.key_bias.float(), keys_at, 0.0), (0, extra))
+    return GroupRoute(edit.spec, groups, bias)
