@@ -196,6 +196,7 @@ class Bench:
                 prefill = fast_path.prefill
                 row["prefill_segments"] = [list(segment) for segment in prefill.last_segments]  # (start, end, graph)
                 row["last_row_deferred"] = prefill.deferred_last_row  # run as the first decoding step
+                row["last_row_routed"] = prefill.routed_last_row  # kernel 3's decoding form inside the segments
                 row["prefill_capture_s"] = prefill.graphs.last_capture_s
                 row["prefill_capture_error"] = prefill.graphs.capture_error
                 row["encoder_graph"] = fast_path.encoder.last_replayed

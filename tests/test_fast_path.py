@@ -145,11 +145,12 @@ def test_decoding_edits_equal_dynamic_path(family, spec):
     assert edits  # the edited attention really ran
     group = spec != "act"
     assert all(isinstance(route, GroupRoute) == group for route in edits.values())
-    deferred = fast_path.prefill.deferred_last_row
-    assert deferred == (spec in ("pai", "adaptvis"))  # they edit the last prompt row only, as they edit decoding rows
-    if deferred:  # the prompt ran as the plain model runs it; its last row was the first step, with the edits
-        assert [(start, end) for start, end, _ in fast_path.prefill.last_segments] == [(0, len(fast_path.parts["layers"]))]
-    assert_same(dynamic, fast, exact_prefill=not deferred)
+    prefill = fast_path.prefill
+    last_row = spec in ("pai", "adaptvis")  # they edit the last prompt row only, as they edit decoding rows
+    assert prefill.routed_last_row == last_row and not prefill.deferred_last_row
+    if last_row:  # the prompt ran as segments, whose edited layers ran the last row through kernel 3's decoding form
+        assert [(start, end) for start, end, _ in prefill.last_segments] == [(0, len(fast_path.parts["layers"]))]
+    assert_same(dynamic, fast, exact_prefill=not last_row)
     ve.unwrap(model)
 
 
@@ -459,6 +460,8 @@ def _stand_in_capture(fn, device, warmups=2):
     # read the tower's attention through their own hooks, which the encoding's graph replays (EncoderRecord)
     ("visionzip:ratio=0.75", True), ("fastervlm:ratio=0.75", True), ("vmtc:ratio=0.75", True),
     ("paint", False),  # hooks the tower's layers with no EncoderRecord: the encoding stays eager
+    # the last prompt row's edits in the segments (their key groups reloaded per call), or deferred to the first step
+    ("pai", True), ("adaptvis", True), ("pai+adaptvis", True),
 ])  # fmt: skip
 def test_captured_prefill_reloads_each_calls_inputs(spec, vision_plain, monkeypatch):
     """The capture logic of the lean prefill and of the image encoding (transformers 5.25), with a CPU stand-in for CUDA
@@ -489,7 +492,10 @@ def test_captured_prefill_reloads_each_calls_inputs(spec, vision_plain, monkeypa
     encodes = getattr(model, "_supports_mm_encoder_outputs", lambda: False)()  # transformers 5.25
     for call, which in enumerate([0, 0, 1, 0, 1]):
         out = generate(model, batches[which])
-        assert_same(expected[which], out, exact_prefill=not fast_path.prefill.deferred_last_row)
+        prefill = fast_path.prefill
+        assert_same(expected[which], out, exact_prefill=not (prefill.deferred_last_row or prefill.routed_last_row))
+        assert prefill.routed_last_row == (spec in ("pai", "adaptvis", "paint"))
+        assert prefill.deferred_last_row == (spec == "pai+adaptvis")  # two group edits: no one route
         replayed = [flag for *_, flag in fast_path.prefill.last_segments]
         assert replayed and all(flag == (call >= 1) for flag in replayed)
         assert fast_path.encoder.last_replayed == (encodes and vision_plain and call >= 1)

@@ -183,7 +183,7 @@ def test_fast_prefill_segment_graphs_replay_as_eager(family, spec, exact_fp32):
     """The fast path's prefill segments (and image encoding): eager on the first sighting of their shapes, captured
     on the second, replayed after; the same tokens and first logits each time, and the dynamic path's tokens. The
     vision-tower methods' recording, choosing and merging are inside the encoding's graph on LLaVA; PAI's prompt is
-    one plain segment and its last row the captured decoding step's first run."""
+    one segment whose edited layers run its last row through kernel 3's decoding form inside the graph."""
     model, processor = tiny_model(family)
     model.cuda()
     batch = two_samples(processor).to("cuda")
@@ -200,6 +200,7 @@ def test_fast_prefill_segment_graphs_replay_as_eager(family, spec, exact_fp32):
     assert prefill.graphs.capture_error is None and encoder.graphs.capture_error is None
     assert calls[0].segments and not any(replayed for *_, replayed in calls[0].segments)
     assert all(replayed for *_, replayed in calls[2].segments)
+    assert prefill.routed_last_row == (spec == "pai") and not prefill.deferred_last_row
     # transformers 5.25 encodes the images before the prefill: LLaVA's encoding is captured too (Qwen's engine reads
     # the grids from its vision tower's calls, so its encoding stays eager)
     encodes_first = getattr(model, "_supports_mm_encoder_outputs", lambda: False)()

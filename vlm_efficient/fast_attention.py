@@ -148,14 +148,13 @@ def routed(config, layers, edits: dict):
             _DECODE_EDITS.pop(layers[idx].self_attn, None)
 
 
-def group_route(editing: list, idx: int, run, keys_at: torch.Tensor, capacity: int, heads: int, prefill: bool = False):
-    """Layer idx's edits by the methods `editing` as kernel 3's decoding form over keys at original positions
-    `keys_at` [B, n] then capacity - n generated slots (group 0), where they compose into one group edit (every editing
-    method gives a structured form: Method.kernel_edit), else None (the dense edited attention). `prefill`: the edits
-    of this prefill's layer (whose rows, for the methods that run this, are its last row), else of a decoding step."""
+def group_route(parts: list, keys_at: torch.Tensor | None, capacity: int, heads: int) -> GroupRoute | None:
+    """A layer's structured edits `parts` (each editing method's Method.kernel_edit, None where it does not edit) as
+    kernel 3's decoding form over keys at original positions `keys_at` [B, n] (None: every prompt position, in order)
+    then capacity - n generated slots (group 0), where they compose into one group edit; else None (the dense edited
+    attention)."""
     from .kernels import api as kernels
 
-    parts = [method.kernel_edit(idx, run, prefill) for method in editing]
     if any(part is UNSTRUCTURED for part in parts):
         return None
     plan = compose([part for part in parts if part is not None], heads)
@@ -164,9 +163,23 @@ def group_route(editing: list, idx: int, run, keys_at: torch.Tensor, capacity: i
     edit = plan.group
     if edit.spec.num_groups > kernels.MAX_DECODE_GROUPS:
         return None
-    extra = capacity - keys_at.shape[1]
-    groups = torch.nn.functional.pad(at_positions(edit.groups, keys_at, 0).to(torch.int32), (0, extra))
-    bias = None
-    if edit.key_bias is not None:
-        bias = torch.nn.functional.pad(at_positions(edit.key_bias.float(), keys_at, 0.0), (0, extra))
-    return GroupRoute(edit.spec, groups, bias)
+    def at_keys(per_position: torch.Tensor, fill) -> torch.Tensor:
+        found = per_position if keys_at is None else at_positions(per_position, keys_at, fill)
+        return torch.nn.functional.pad(found, (0, capacity - found.shape[1]))
+
+    bias = None if edit.key_bias is None else at_keys(edit.key_bias.float(), 0.0)
+    return GroupRoute(edit.spec, at_keys(edit.groups, 0).to(torch.int32), bias)
+
+
+def route_buffers(routes: dict[int, GroupRoute]) -> dict[int, GroupRoute]:
+    """Routes of the same structure as `routes` whose tensors, valid keys included, are new buffers (a captured
+    graph reads them; load_routes fills them for each call)."""
+    return {idx: dataclasses.replace(empty_like_edits(route), valid=route.valid.clone()) for idx, route in routes.items()}
+
+
+def load_routes(buffers: dict[int, GroupRoute], routes: dict[int, GroupRoute]) -> None:
+    for idx, route in routes.items():
+        buffers[idx].valid.copy_(route.valid)
+        for name, tensor in route.tensors().items():
+            if tensor is not None:
+                getattr(buffers[idx], name).copy_(tensor)

@@ -492,7 +492,7 @@ class FastPath:
         queries = torch.full((batch, 1), run.fed, device=device)
         found: dict[int, list] = {}
         for idx, (kept, capacity) in enumerate(zip(prompt_keys, capacities)):
-            route = group_route(editing, idx, run, kept, capacity, heads)
+            route = group_route([method.kernel_edit(idx, run, False) for method in editing], kept, capacity, heads)
             if route is not None:
                 found[idx] = route
                 continue

@@ -16,6 +16,10 @@ the GPU's work (README, "The prefill, explained"), so pruning shortens only the 
 - on CUDA a segment whose input shapes were seen before is captured in a CUDA graph and replayed: one launch for
   the whole segment, no host work per layer. A shape seen for the first time runs the same code eagerly (a prompt
   length seen once is not worth a capture);
+- where every method edits the last prompt row only, as it edits decoding rows (PAI, PAINT, AdaptVis), the edited
+  layers run in the segments too: SDPA for every row, then the last row again through kernel 3's decoding form with
+  the layer's composed group edit (fast_attention.routed_attention; the key groups are buffers reloaded per call).
+  Edits that do not compose into one group edit defer the last row to the first decoding step instead;
 - the final norm and the LM head run on the last row only (the logits generate() reads).
 
 The image encoder (LeanEncoder): generate() calls the model's get_image_features before the prefill. Where nothing
@@ -39,6 +43,7 @@ from torch.nn.modules import module as global_hooks
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
 
 from .adapters import CACHE_KWARGS
+from .fast_attention import GroupRoute, edit_structure, group_route, load_routes, route_buffers, routed
 from .method import PerThread, edits_attention
 
 MAX_SEGMENT_GRAPHS = 4  # captured segments kept per model (least recently used dropped; each holds its KV)
@@ -125,32 +130,35 @@ class Segment:
 
     start: int
     end: int
-    parts: dict  # the fast path's model parts (layers, cache kwarg name)
+    parts: dict  # the fast path's model parts (layers, cache kwarg name, text config)
     engine: object
     graph: torch.cuda.CUDAGraph | None = None
-    inputs: tuple | None = None  # (hidden, kwargs) buffers a captured graph reads
+    inputs: tuple | None = None  # (hidden, kwargs, routes) buffers a captured graph reads
     output: torch.Tensor | None = None  # the hidden state a captured graph writes
     cache: Cache | None = None
 
-    def forward(self, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, kwargs: dict, routes: dict[int, GroupRoute]) -> torch.Tensor:
+        """`routes`: layers whose last row runs kernel 3's decoding form (LeanPrefill's last-row routes)."""
         layers = self.parts["layers"]
         self.cache = Cache(layers=[_SegmentKV() for _ in layers])
         kwargs = {**kwargs, self.parts["cache_name"]: self.cache}
-        with self.engine.plain():
+        with self.engine.plain(), routed(self.parts["config"], layers, routes):
             for idx in range(self.start, self.end):
                 out = layers[idx](hidden, **kwargs)
                 hidden = out[0] if isinstance(out, tuple) else out
         return hidden
 
-    def capture(self, hidden: torch.Tensor, kwargs: dict) -> Segment:
-        self.inputs = (hidden.clone(), _buffers(kwargs))
+    def capture(self, hidden: torch.Tensor, kwargs: dict, routes: dict[int, GroupRoute]) -> Segment:
+        self.inputs = (hidden.clone(), _buffers(kwargs), route_buffers(routes))
+        load_routes(self.inputs[2], routes)  # filled before the warm-up runs (kernel 3 reads its groups)
         self.graph, self.output = capture_graph(lambda: self.forward(*self.inputs), hidden.device)
         return self
 
-    def replay(self, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
-        hidden_buffer, buffers = self.inputs
+    def replay(self, hidden: torch.Tensor, kwargs: dict, routes: dict[int, GroupRoute]) -> torch.Tensor:
+        hidden_buffer, buffers, route_buffers_ = self.inputs
         hidden_buffer.copy_(hidden)
         _load(buffers, kwargs)
+        load_routes(route_buffers_, routes)
         self.graph.replay()
         return self.output
 
@@ -344,6 +352,8 @@ class LeanPrefill:
         self.graphs = _Sightings(keep=MAX_SEGMENT_GRAPHS)
         self.last_segments: list[tuple[int, int, bool]] = []  # (start, end, replayed from a graph) of the last call
         self.deferred_last_row = False  # the last call left its last prompt row to the first decoding step
+        self.routed_last_row = False  # the last call ran its last prompt row's edits in its segments (_last_row_routes)
+        self.last_row_only = False  # every method of the last call edits the last prompt row only, as a decoding row
         # each layer's modules, listed once (a wrapped model's module tree does not change; walking it per prefill
         # cost about 2 ms of host time on LLaVA-1.5-7B)
         self._layer_modules = [list(layer.modules()) for layer in parts["layers"]]
@@ -362,13 +372,17 @@ class LeanPrefill:
 
     # ---- one prefill ------------------------------------------------------------------------------------------
     def __call__(self, model, input_ids, config, model_kwargs, cache_name: str):
-        """generate()'s prefill: (logits of the last row [B, vocab] in float32, the generate() cache); where every
-        acting method edits the last prompt row only, as it edits decoding rows (Method.prefill_edits_last_row_as_
-        decoding: PAI, PAINT, AdaptVis), (None, the cache) and `deferred_last_row`: the layers run as the plain model
-        runs them, and the caller drops the last row's keys and runs that row as a first decoding step with the edits
-        (rows before it are the same either way: nothing edits them, and they do not see the last row)."""
+        """generate()'s prefill: (logits of the last row [B, vocab] in float32, the generate() cache).
+
+        Where every acting method edits the last prompt row only, as it edits decoding rows
+        (Method.prefill_edits_last_row_as_decoding: PAI, PAINT, AdaptVis), the layers run as segments all the same:
+        where each edited layer's edits compose into one group edit, the segments run that layer's last row through
+        kernel 3's decoding form (`routed_last_row`); else the prefill returns (None, the cache) with
+        `deferred_last_row`: the layers run as the plain model runs them, and the caller drops the last row's keys and
+        runs that row as a first decoding step with the edits (rows before it are the same either way: nothing edits
+        them, and they do not see the last row)."""
         methods = self.engine.methods
-        self.deferred_last_row = bool(methods) and all(m.prefill_edits_last_row_as_decoding for m in methods)
+        self.last_row_only = bool(methods) and all(m.prefill_edits_last_row_as_decoding for m in methods)
         self._active = True
         try:
             model._prefill(input_ids, config, model_kwargs)
@@ -391,6 +405,9 @@ class LeanPrefill:
     def _layers(self, hidden: torch.Tensor, kwargs: dict, cache) -> torch.Tensor:
         engine, run, layers = self.engine, self.engine.run, self.parts["layers"]
         self.last_segments = []
+        routes = self._last_row_routes(run, hidden.device) if self.last_row_only else None
+        self.routed_last_row = routes is not None
+        self.deferred_last_row = self.last_row_only and routes is None
         for start, end, plain in self.plan(run):
             if not plain:
                 for idx in range(start, end):
@@ -406,23 +423,47 @@ class LeanPrefill:
                     layer_kwargs = {k: v for k, v in inputs.items() if k not in CACHE_KWARGS}
             if start == 0:
                 self.on_first_layer(layer_kwargs)
-            segment, replayed = self._segment(start, end, hidden, layer_kwargs)
-            hidden = segment.replay(hidden, layer_kwargs) if replayed else segment.forward(hidden, layer_kwargs)
+            in_segment = {idx: route for idx, route in (routes or {}).items() if start <= idx < end}
+            segment, replayed = self._segment(start, end, hidden, layer_kwargs, in_segment)
+            run_segment = segment.replay if replayed else segment.forward
+            hidden = run_segment(hidden, layer_kwargs, in_segment)
             for idx in range(start, end):
                 _adopt(cache, idx, *segment.kv(idx))
             self.last_segments.append((start, end, replayed))
         return hidden
 
-    def _segment(self, start: int, end: int, hidden: torch.Tensor, kwargs: dict) -> tuple[Segment, bool]:
-        """The segment for these layers and input shapes: a captured one where it exists or where these shapes are
+    def _last_row_routes(self, run, device) -> dict[int, GroupRoute] | None:
+        """{layer: its edits of this prefill as kernel 3's decoding form over every prompt key} for the layers the
+        methods edit (all of them edit the last prompt row only, as a decoding row); None where a layer's edits do not
+        compose into one group edit (the last row is then deferred to the first decoding step)."""
+        engine = self.engine
+        editing = [m for m in engine.methods if edits_attention(m)]
+        heads, valid = engine.text_config.num_attention_heads, run.attention_mask_2d.to(device).bool()
+        routes = {}
+        for idx in range(engine.num_layers):
+            parts = [method.kernel_edit(idx, run, True) for method in editing]
+            if all(part is None for part in parts):
+                continue
+            route = group_route(parts, None, run.prompt_length, heads)
+            if route is None:
+                return None
+            route.valid = valid
+            routes[idx] = route
+        return routes
+
+    def _segment(self, start: int, end: int, hidden: torch.Tensor, kwargs: dict,
+                 routes: dict[int, GroupRoute]) -> tuple[Segment, bool]:  # fmt: skip
+        """The segment for these layers, input shapes and routes: a captured one where it exists or where these are
         seen for the CAPTURE_AFTER-th time (CUDA), else an eager one."""
         signature = _signature(kwargs)
         if signature is None or not self.graphs_on(hidden.device):
             return Segment(start, end, self.parts, self.engine), False
-        key = (start, end, tuple(hidden.shape), hidden.dtype, hidden.device, signature)
+        routing = tuple((idx, edit_structure(route)) for idx, route in sorted(routes.items()))
+        key = (start, end, tuple(hidden.shape), hidden.dtype, hidden.device, signature, routing)
         captured = self.graphs.get(key)
         if captured is None and self.graphs.due(key):
-            captured = self.graphs.add(key, lambda: Segment(start, end, self.parts, self.engine).capture(hidden, kwargs))
+            make = Segment(start, end, self.parts, self.engine).capture
+            captured = self.graphs.add(key, lambda: make(hidden, kwargs, routes))
         return (captured, True) if captured is not None else (Segment(start, end, self.parts, self.engine), False)
 
     # ---- which layers are plain -----------------------------------------------------------------------------
@@ -443,7 +484,7 @@ class LeanPrefill:
         """Nothing acts in layer `idx` at this prefill but a selection before it (plan()): no probe, attention edit (a
         structured one that is None here) or statistics, observed hidden state, head-output scale, pre-rotary capture
         or injection after it, and no hook on its modules but the engine's own (a method's or a user's hook must run:
-        the layer is then called as a module). An edit of the last row is none where that row is deferred."""
+        the layer is then called as a module). An edit of the last row only is run by the segments or deferred (__call__)."""
         engine, methods = self.engine, self.engine.methods
         if idx in engine.probe_layers or engine.shards is not None or run.static_cache or engine.per_head_cache:
             return False
@@ -452,7 +493,7 @@ class LeanPrefill:
             return False
         # a method may edit attention: plain where every editing method's structured edit of this prefill's layer is
         # None (UNSTRUCTURED: only a call can tell), so that the dynamic path too runs SDPA here, routed or not
-        if (not self.deferred_last_row and idx not in engine.plain_layers
+        if (not self.last_row_only and idx not in engine.plain_layers
                 and any(edits_attention(m) and m.kernel_edit(idx, run, True) is not None for m in methods)):  # fmt: skip
             return False
         if engine.adapter.acts_after_layer(idx, run):
