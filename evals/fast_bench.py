@@ -5,8 +5,9 @@ process, plus its exactness checks at 7B shapes.
     python -m vlm_efficient.evals.fast_bench --out DIR --tiny     # CPU smoke run on the tiny models (tests)
 
 Sections, in order, each started only while the time budget (--budget seconds) lasts: LLaVA-1.5-7B batch 1 (every
-path and method, then the exactness checks, then Hugging Face's static cache), LLaVA-1.5-7B batch 8, LLaVA-NeXT-7B
-batch 1, LLaVA-NeXT-7B batch 8 (--sections N: the first N; --only 1,4: those). What is measured, per (path, method):
+path and image method, then the exactness checks, then Hugging Face's static cache), LLaVA-1.5-7B batch 8,
+LLaVA-NeXT-7B batch 1, LLaVA-NeXT-7B batch 8, Qwen2-VL-7B batch 1 on a 32-frame clip at 336 px (--sections N: the
+first N; --only 1,4: those). What is measured, per (path, method):
 - the copy bandwidth of the device (a 1 GiB device-to-device copy, read + write bytes / time) and the HBM limit of one
   decoding step = the language model's weight bytes / that bandwidth;
 - prefill ms = one generate() with max_new_tokens=1 (vision tower, prefill, first token) and decode ms/token =
@@ -36,6 +37,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -51,16 +53,35 @@ METHODS = {
     "VAF": "vaf",
     "VAR": "var:tau=3,sink_dims=0/1/2/3",  # random weights have no massive dims: tau=3 (as evals/gpu_bench.sh)
     "ACT": "act",
+    "DyCoke 75%": "dycoke:ratio=0.75",  # video: temporal merging of each frame pair
+    "DivPrune 90%": "divprune:ratio=0.9",  # per frame on a video
 }
 FAMILY_CHECKS = ["FastV 50%", "VisionZip 75%", "ACT"]
-SECTIONS = [  # (architecture, batch size, methods, whether to run the checks and HF's static route)
-    ("llava-1.5-7b", 1, list(METHODS), True),
-    ("llava-1.5-7b", 8, ["FastV 75%", "VisionZip 75%"], False),
-    ("llava-next-7b", 1, ["FastV 75%", "VisionZip 75%", "DART 75%"], False),
-    ("llava-next-7b", 8, ["FastV 75%"], False),
+
+
+class Section(NamedTuple):
+    arch: str
+    batch_size: int
+    methods: list[str]
+    full: bool  # whether to run the checks and HF's static route
+    video_frames: int = 0  # each sample a synthetic clip of this many frames (VIDEO_IMAGE_SIZE px) instead of an image
+
+    @property
+    def name(self) -> str:
+        return f"{self.arch} batch {self.batch_size}" + (f" video {self.video_frames} frames" if self.video_frames else "")
+
+
+VIDEO_IMAGE_SIZE = 336  # 32 frames at 336 px: 2,304 video tokens on Qwen2-VL (README, video token reduction)
+SECTIONS = [
+    Section("llava-1.5-7b", 1, ["FastV 50%", "FastV 75%", "VisionZip 75%", "DART 75%", "PyramidDrop", "PAI", "VAF", "VAR",
+                                "ACT"], True),
+    Section("llava-1.5-7b", 8, ["FastV 75%", "VisionZip 75%"], False),
+    Section("llava-next-7b", 1, ["FastV 75%", "VisionZip 75%", "DART 75%"], False),
+    Section("llava-next-7b", 8, ["FastV 75%"], False),
+    Section("qwen2-vl-7b", 1, ["DyCoke 75%", "FastV 75%", "DivPrune 90%"], False, video_frames=32),
 ]
 FAST = {"fast": True, "fast-compiled": "compile"}  # the fast path's bench paths -> wrap(..., fast=)
-TINY = {"llava-1.5-7b": "tiny:llava", "llava-next-7b": "tiny:llava_next"}
+TINY = {"llava-1.5-7b": "tiny:llava", "llava-next-7b": "tiny:llava_next", "qwen2-vl-7b": "tiny:qwen2_vl"}
 CHECK_TOKENS = 8
 
 
@@ -121,8 +142,9 @@ class Bench:
         (self.out / "fast_bench.json").write_text(json.dumps(result, indent=1, default=str))
         (self.out / "fast_bench.md").write_text(format_markdown(self.result))
 
-    def build(self, arch: str, batch_size: int):
-        """The model of `arch` (kept for the next section of the same architecture) and a batch of its inputs."""
+    def build(self, arch: str, batch_size: int, video_frames: int = 0):
+        """The model of `arch` (kept for the next section of the same architecture) and a batch of its inputs (a clip
+        of `video_frames` frames per sample where given)."""
         from .archs import DEFAULT_IMAGE_SIZE, build_arch
         from .runner import describe_inputs
         from .runner import load_eval_model
@@ -138,8 +160,8 @@ class Bench:
             else:
                 self.built = (arch, *build_arch(arch, "cuda", torch.bfloat16))
         _, model, processor = self.built
-        size = 112 if self.args.tiny else DEFAULT_IMAGE_SIZE[arch]
-        return model, describe_inputs(processor, size, batch_size, model)
+        size = 112 if self.args.tiny else VIDEO_IMAGE_SIZE if video_frames else DEFAULT_IMAGE_SIZE[arch]
+        return model, describe_inputs(processor, size, batch_size, model, video_frames)
 
     def generate(self, model, inputs, path: str, new_tokens: int, **kw):
         kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, **kw)
@@ -300,13 +322,14 @@ class Bench:
                 log(f"  family check {row}")
         self.write()
 
-    def section(self, arch: str, batch_size: int, methods: list[str], full: bool) -> None:
-        name = f"{arch} batch {batch_size}"
-        section = {"name": name, "arch": arch, "batch_size": batch_size, "rows": [], "checks": []}
+    def section(self, chosen: Section, methods: list[str]) -> None:
+        arch, batch_size, full = chosen.arch, chosen.batch_size, chosen.full
+        section = {"name": chosen.name, "arch": arch, "batch_size": batch_size, "video_frames": chosen.video_frames,
+                   "rows": [], "checks": []}  # fmt: skip
         self.result["sections"].append(section)
-        log(f"== {name} ({self.left():.0f} s left)")
+        log(f"== {chosen.name} ({self.left():.0f} s left)")
         start = time.perf_counter()
-        model, inputs = self.build(arch, batch_size)
+        model, inputs = self.build(arch, batch_size, chosen.video_frames)
         device = next(model.parameters()).device
         section["build_s"] = round(time.perf_counter() - start, 1)
         section["prompt_tokens"] = int(inputs["input_ids"].shape[1])
@@ -424,16 +447,17 @@ class Bench:
                 self.result["errors"].append({"where": "family checks", "trace": traceback.format_exc()})
         needed = 20 if self.args.tiny else 120  # seconds a section needs to be worth starting
         chosen = self.args.only or range(1, self.args.sections + 1)
-        for arch, batch_size, methods, full in [SECTIONS[n - 1] for n in chosen]:
+        for section in [SECTIONS[n - 1] for n in chosen]:
+            methods = section.methods
             if self.args.methods:
                 methods = [label for label in methods if label in self.args.methods]
             if self.left() < needed and self.result["sections"]:
-                self.result.setdefault("skipped_sections", []).append(f"{arch} batch {batch_size}")
+                self.result.setdefault("skipped_sections", []).append(section.name)
                 continue
             try:
-                self.section(arch, batch_size, methods, full)
+                self.section(section, methods)
             except Exception:  # noqa: BLE001 - a section that fails to build leaves the others
-                self.result["errors"].append({"where": f"{arch} batch {batch_size}", "trace": traceback.format_exc()})
+                self.result["errors"].append({"where": section.name, "trace": traceback.format_exc()})
                 log(traceback.format_exc())
         self.write()
         return self.result
@@ -521,7 +545,7 @@ def main(argv=None) -> int:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--sections", type=int, default=len(SECTIONS), help="run only the first N sections")
-    numbered = "; ".join(f"{n} {arch} batch {batch}" for n, (arch, batch, _, _) in enumerate(SECTIONS, 1))
+    numbered = "; ".join(f"{n} {section.name}" for n, section in enumerate(SECTIONS, 1))
     parser.add_argument("--only", help=f"comma-separated section numbers to run instead ({numbered})")
     labels = ", ".join(METHODS).replace("%", "%%")  # argparse formats help with %: "FastV 50%" must be escaped
     parser.add_argument("--methods", help=f"comma-separated labels to run (of {labels}); default all")

@@ -256,7 +256,7 @@ def test_fast_bench_runs_on_the_tiny_models(tmp_path):
     assert {("hf-dynamic", ""), ("fast", ""), ("hf-static", ""), ("fast", "FastV 75%"), ("dynamic", "DART 75%"),
             ("hf-static", "FastV 75%"), ("hf-static", "PAI")} <= paths  # fmt: skip
     assert all(row["decode_ms_per_token"] is not None for row in section["rows"])
-    assert [check["tokens_equal"] for check in section["checks"]] == [True] * (1 + len(fast_bench.METHODS))
+    assert [check["tokens_equal"] for check in section["checks"]] == [True] * (1 + len(fast_bench.SECTIONS[0].methods))
     assert "| fast | FastV 50% |" in (tmp_path / "fast_bench.md").read_text()
     assert len(result["family_checks"]) == (1 + len(fast_bench.FAMILY_CHECKS)) * len(FAMILIES)
     assert all(check["tokens_equal"] and check["graph_equals_eager"] for check in result["family_checks"])
@@ -299,9 +299,29 @@ def test_fast_bench_runs_the_sections_named(tmp_path):
     assert (section["arch"], section["batch_size"]) == ("llava-next-7b", 8)
     assert {(row["path"], row["method"]) for row in section["rows"]} == {
         ("hf-dynamic", ""), ("dynamic", ""), ("fast", ""), ("fast", "FastV 75%"), ("dynamic", "FastV 75%")}
-    for bad in ("0", "5", "1,x"):
+    for bad in ("0", str(len(fast_bench.SECTIONS) + 1), "1,x"):
         with pytest.raises(SystemExit):
             fast_bench.main(["--tiny", "--out", str(tmp_path), "--only", bad])
+
+
+def test_fast_bench_times_the_video_section(tmp_path):
+    """Section 5: Qwen2-VL on a 32-frame clip per sample (its tiny model here), the video methods on the fast path and
+    the dynamic path, each reducing the clip's tokens."""
+    import json
+
+    from vlm_efficient.evals import fast_bench
+
+    assert fast_bench.main(["--tiny", "--out", str(tmp_path), "--new-tokens", "2", "--repeats", "1", "--only", "5",
+                            "--no-checks"]) == 0  # fmt: skip
+    result = json.loads((tmp_path / "fast_bench.json").read_text())
+    assert result["errors"] == []
+    (section,) = result["sections"]
+    assert (section["arch"], section["video_frames"]) == ("qwen2-vl-7b", 32)
+    rows = {(row["path"], row["method"]): row for row in section["rows"]}
+    for label in ("DyCoke 75%", "FastV 75%", "DivPrune 90%"):
+        assert {("fast", label), ("dynamic", label)} <= set(rows)
+        assert rows["fast", label]["prefill_ms"] > 0
+        assert rows["fast", label]["kv_cache_mib"] < rows["fast", ""]["kv_cache_mib"]  # fewer keys cached
 
 
 @pytest.mark.parametrize("family,spec,module_layers", [

@@ -243,3 +243,16 @@ def test_visionzip_follows_its_formula_in_every_frame(family):
         kept, _ = _expected("visionzip", record, plain[0, frame_positions])
         got = {i for i, p in enumerate(frame_positions.tolist()) if p in kept_positions}
         assert got == kept, f
+
+
+@pytest.mark.parametrize("spec", ["", "fastv:layer=2,ratio=0.5", "dycoke:ratio=0.7", "divprune:ratio=0.5"])
+def test_fast_path_with_videos_equals_dynamic_path(family, spec):
+    """wrap(..., fast=True) on a padded batch of a clip alone and an image with a clip: the dynamic path's greedy tokens
+    and logits (the video methods' selections run in the lean prefill, the static step decodes)."""
+    from test_fast_path import assert_same, dynamic_then_fast
+
+    model, processor = tiny_model(family)
+    dynamic, fast = dynamic_then_fast(model, video_batch(processor), spec)
+    assert_same(dynamic, fast)
+    assert ve.engine_of(model).fast_path.last_step is not None  # decoded on the static step
+    ve.unwrap(model)
