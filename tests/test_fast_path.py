@@ -390,9 +390,9 @@ def _same_layout(a, b) -> bool:
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_layout_is_built_before_the_image_encoding(family, monkeypatch):
-    """Where the fast path encodes the images itself (LLaVA-style families on a transformers that takes
-    mm_encoder_outputs), the layout is built from generate()'s inputs before that encoding is queued and the prefill
-    takes it instead of building its own; on every family the fast path's layout is the dynamic path's."""
+    """The layout is built from generate()'s inputs before the images' encoding is queued (by the fast path itself on
+    LLaVA-style families, by generate() on Qwen's with transformers 5.25, by the prefill's forward on 5.17) and the
+    prefill takes it instead of building its own; on every family it is the dynamic path's layout."""
     from vlm_efficient import fast_prefill, hooks
 
     model, processor = tiny_model(family)
@@ -413,8 +413,10 @@ def test_layout_is_built_before_the_image_encoding(family, monkeypatch):
     assert _same_layout(engine.latest_run.layout, dynamic)
     assert built == [engine.latest_run.layout]  # built once, and taken by the prefill
     assert engine.hooks.prebuilt_layout is None and engine.hooks.confirmed_layout is None
-    if family in ("llava", "llava_next"):  # the families whose encoding the fast path makes
-        assert events == ["layout", "encode"]
+    assert events == ["layout", "encode"]
+    built.clear()
+    generate(model, tiny_batch(processor, [(f"who is {image_placeholder(processor)} this", [tiny_image(3)])]))
+    assert built == [engine.latest_run.layout]  # also where generate() drops a mask of ones (no padding)
     ve.unwrap(model)
 
 

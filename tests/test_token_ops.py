@@ -59,14 +59,16 @@ def test_unpadded_pruned_layers_run_without_a_mask(family, spec, monkeypatch):
     ("fastv:layer=2,ratio=0.5", [True]), ("pdrop:layers=1/2/3,ratio=0.5", [True] * 3),
     ("dart:layer=2,ratio=0.5,image_pivots=2,text_pivots=2", [True]), ("dart:layer=2,ratio=0.9", [True]),
     ("dart:layer=2,count=code,truncation=24", [True]),
-    ("random:ratio=0.25+fastv:layer=2,ratio=0.5", [False, False]),
+    ("random:ratio=0.25+fastv:layer=2,ratio=0.5", [True, True]), ("divprune:ratio=0.5+fastv:layer=2,ratio=0.5", [True, True]),
+    ("sparsevlm:layers=2,recycle=0", [False]),
 ])  # fmt: skip
 def test_host_known_kept_counts_equal_the_keeps(family, spec, known, monkeypatch):
     """FastV, PyramidDrop and DART give each sample's kept count from the host (the layout's image and question token
-    counts), so no host read sizes the shrunk rows: on a padded batch of one and two images those counts equal the
-    keeps' own (DART's also where one sample's candidates run out: count=code, truncation=24), and the output the
-    cache-free reference. After a selection whose counts the host does not know (random), the counts are read.
-    (VisionZip and FasterVLM on untiled images: tests/test_token_ops_vision.py.)"""
+    counts), and so do the per-image choosers (random, DivPrune: each image's size and ratio), so no host read sizes
+    the shrunk rows: on a padded batch of one and two images those counts equal the keeps' own (DART's also where one
+    sample's candidates run out: count=code, truncation=24), and the output the cache-free reference. A selection
+    whose counts the host does not know (SparseVLM's, set by a matrix rank) has them read. (VisionZip and FasterVLM on
+    untiled images: tests/test_token_ops_vision.py; DyCoke and the per-frame choosers on videos: test_video.py.)"""
     given = checking_host_counts(monkeypatch)
     model, processor = tiny_model(family)
     _assert_matches_cache_free_reference(model, two_samples(processor), spec)

@@ -256,3 +256,40 @@ def test_fast_path_with_videos_equals_dynamic_path(family, spec):
     assert_same(dynamic, fast)
     assert ve.engine_of(model).fast_path.last_step is not None  # decoded on the static step
     ve.unwrap(model)
+
+
+@pytest.mark.parametrize("spec", ["dycoke:ratio=0.7", "divprune:ratio=0.5", "random:ratio=0.5"])
+def test_video_kept_counts_are_known_on_the_host(family, spec, monkeypatch):
+    """DyCoke and the per-frame choosers give each sample's kept count from the host (frame sizes and the ratio), so
+    shrinking reads nothing; the counts equal the keep's own (checked by checking_host_counts)."""
+    from test_token_ops_helpers import checking_host_counts
+
+    given = checking_host_counts(monkeypatch)
+    model, processor = tiny_model(family)
+    ve.wrap(model, spec)
+    greedy(model, video_batch(processor))
+    ve.unwrap(model)
+    assert given == [True]
+
+
+def test_unit_rows_need_no_host_read(family, monkeypatch):
+    """Before anything is pruned, each frame's and image's rows come from one device sort cut at sizes the host knows
+    (no nonzero, which waits for the device), and equal the rows a nonzero per unit finds; after pruning they are
+    found by nonzero."""
+    from vlm_efficient.selection import unit_rows
+
+    model, processor = tiny_model(family)
+    ve.wrap(model, "")
+    greedy(model, video_batch(processor))
+    run = ve.engine_of(model).latest_run
+    ve.unwrap(model)
+    run.rows = run.input_positions = None
+    layout = run.layout
+    expected = [(b, item, ((layout.image_index[b] == item) & (layout.frame[b] == unit)).nonzero().flatten())
+                for b, items in enumerate(layout.images) for item, tokens in enumerate(items) for unit in tokens.units]
+    assert len(expected) > 4  # a 4-frame clip's two temporal patches, a padded 3-frame one's and an image
+    with monkeypatch.context() as patched:
+        patched.setattr(torch.Tensor, "nonzero", lambda *args, **kwargs: pytest.fail("nonzero read the device"))
+        found = unit_rows(run, layout.image_index, layout.frame)
+    assert [(b, item) for b, item, _ in found] == [(b, item) for b, item, _ in expected]
+    assert all(torch.equal(rows, want) for (_, _, rows), (_, _, want) in zip(found, expected))

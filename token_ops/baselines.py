@@ -33,7 +33,7 @@ class RandomKeep(Method):
     def prune_layers(self) -> set[int]:
         return {BEFORE_LLM}
 
-    def select_tokens(self, layer, run, hidden) -> torch.Tensor:
+    def select_tokens(self, layer, run, hidden) -> Selection:
         def choose(samples, items, rows, count):
             generators = [torch.Generator().manual_seed(self.seed * 1_000_003 + item) for item in items]
             return torch.stack([torch.randperm(rows.shape[1], generator=g)[:count] for g in generators])

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vlm_efficient.method import BEFORE_LLM, Method
+from vlm_efficient.method import BEFORE_LLM, Method, Selection
 from vlm_efficient.registry import register_method
 from vlm_efficient.selection import check_drop_ratio, check_positions, keep_per_image
 
@@ -62,7 +62,7 @@ class DivPrune(Method):
     def prune_layers(self) -> set[int]:
         return {BEFORE_LLM}
 
-    def select_tokens(self, layer, run, hidden) -> torch.Tensor:
+    def select_tokens(self, layer, run, hidden) -> Selection:
         return keep_per_image(
             run, self.ratio, lambda samples, items, rows, count: max_min_diverse(hidden[samples[:, None], rows], count)
         )

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
-from vlm_efficient.method import BEFORE_LLM, Method
-from vlm_efficient.selection import check_drop_ratio
+from vlm_efficient.method import BEFORE_LLM, Method, Selection
+from vlm_efficient.selection import check_drop_ratio, unit_rows
 from vlm_efficient.registry import register_method
 
 VARIANTS = ("paper", "code")
@@ -59,30 +59,35 @@ class DyCoke(Method):
     def prune_layers(self) -> set[int]:
         return {BEFORE_LLM}
 
-    def select_tokens(self, layer, run, hidden) -> torch.Tensor:
+    def select_tokens(self, layer, run, hidden) -> Selection:
         image_index = run.current(run.layout.image_index, fill=-1).to(hidden.device)
         frame = run.current(run.layout.frame, fill=-1).to(hidden.device)
         keep = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
-        for b, items in enumerate(run.layout.images):
-            for rows in self.clips(items, image_index[b], frame[b]):
-                for f, kept in self.kept_cells([hidden[b, r] for r in rows]).items():
-                    keep[b, rows[f]] = False
-                    keep[b, rows[f][kept]] = True
-        return keep
+        visual_kept = None if run.visual_rows is None else list(run.visual_rows)  # counted on the host
+        for b, rows in self.clips(run, image_index, frame):
+            for f, kept in self.kept_cells([hidden[b, r] for r in rows]).items():
+                keep[b, rows[f]] = False
+                keep[b, rows[f][kept]] = True
+                if visual_kept is not None:
+                    visual_kept[b] -= rows[f].numel() - kept.numel()
+        return Selection(keep=keep, visual_kept=visual_kept)
 
-    def clips(self, items, image_index, frame) -> list[list[torch.Tensor]]:
-        """One sample's clips, each as its frames' token rows (current indices)."""
-        if self.frames == "video":
-            return [[((image_index == k) & (frame == f)).nonzero().flatten() for f in tokens.units]
-                    for k, tokens in enumerate(items) if tokens.video]  # fmt: skip
-        rows = [(image_index == k).nonzero().flatten() for k, tokens in enumerate(items) if not tokens.video]
-        if len({r.numel() for r in rows}) > 1 or any(
-            t.coords[:, 0].min() != t.coords[:, 0].max() for t in items if not t.video
-        ):
+    def clips(self, run, image_index, frame) -> list[tuple[int, list[torch.Tensor]]]:
+        """[(sample, its frames' token rows (current indices))], one per clip."""
+        clips: dict[tuple[int, int], list] = {}
+        for b, item, rows in unit_rows(run, image_index, frame):
+            tokens = run.layout.images[b][item]
+            if tokens.video == (self.frames == "video"):  # frames=images: a sample's images make one clip
+                clips.setdefault((b, item if tokens.video else -1), []).append((tokens, rows))
+        def one_grid(frames) -> bool:  # one token count, one part (no LLaVA-NeXT tiles)
+            return len({t.num_tokens for t, _ in frames}) == 1 and all(len(set(t.coords[:, 0].tolist())) == 1
+                                                                      for t, _ in frames)  # fmt: skip
+
+        if self.frames == "images" and not all(one_grid(frames) for frames in clips.values()):
             raise ValueError("dycoke: frames=images needs images of one grid and one size (one token count "
                              "each); give the clip's frames at one resolution, or pass it as a video "
                              "(frames=video)")  # fmt: skip
-        return [rows] if len(rows) > 1 else []
+        return [(b, [rows for _, rows in frames]) for (b, _), frames in clips.items() if len(frames) > 1]
 
     def kept_cells(self, frames: list[torch.Tensor]) -> dict[int, torch.Tensor]:
         """{frame: kept cell indices} for the pruned frames of one video, frames [F] x [n, d]."""

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 
 from vlm_efficient.method import AttentionRequest, Method, Selection
 from vlm_efficient.registry import register_method

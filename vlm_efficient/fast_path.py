@@ -275,6 +275,8 @@ class FastPath:
                                  f"{DYNAMIC_PATH}")  # fmt: skip
         with self._lock:
             try:
+                # the layout's host read now, before the images' encoding is queued (here or in generate())
+                self.engine.hooks.prebuild_layout(kwargs)
                 kwargs = self.encoder.prepare(kwargs)
                 return type(self.model).generate(self.model, *args, custom_generate=self.decode, **kwargs)
             finally:

@@ -285,7 +285,6 @@ class LeanEncoder:
                 or "image" not in getattr(model, "input_modalities", ())
                 or engine.adapter.vision_capture_module(model) is not None or not self._vision_plain()):  # fmt: skip
             return kwargs
-        engine.hooks.prebuild_layout(kwargs)  # its host read now, not behind the encoding's GPU work
         encode = model.base_model.get_image_features
         # the arguments generate() would give it: its parameters found in the kwargs (generate() then drops them)
         names = [name for name in inspect.signature(encode).parameters if name != "kwargs" and name in kwargs]

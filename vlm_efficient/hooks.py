@@ -112,10 +112,15 @@ class ModelHooks:
     def confirm_prebuilt_layout(self, input_ids: torch.Tensor, attention_mask) -> None:
         """The prefill's forward takes the prebuilt layout where generate() hands its decoding loop the tensors it was
         built from (or views with the same shape and contents: data pointer, shape, strides and version counter
-        equal). Asked there, not in the forward: generate() gives the forward a copy of input_ids."""
+        equal), or the same input_ids and no mask where the prebuilt one had no padding (generate() drops a mask of
+        ones). Asked there, not in the forward: generate() gives the forward a copy of input_ids."""
         prebuilt, self.prebuilt_layout = self.prebuilt_layout, None
-        if prebuilt is not None and prebuilt[0] == _identity(input_ids, attention_mask):
-            self.confirmed_layout = prebuilt[1]
+        if prebuilt is None:
+            return
+        (ids, mask), layout = prebuilt
+        if ids == _identity(input_ids)[0] and (mask == _identity(attention_mask)[0]
+                                               or (attention_mask is None and not layout.padded)):  # fmt: skip
+            self.confirmed_layout = layout
 
     def before_prefill(self, fn) -> None:
         """Call fn(forward kwargs) before each prefill of the model (not before decode steps, not inside plain side

@@ -37,29 +37,63 @@ def check_positions(method: str, positions: str, engine, inside: bool = False) -
                          f"which {engine.model.config.model_type} has not: use positions=original")
 
 
-def keep_per_image(run, ratio: float, choose) -> torch.Tensor:
+def unit_rows(run, image_index: torch.Tensor, frame: torch.Tensor) -> list[tuple[int, int, torch.Tensor]]:
+    """[(sample, item, current rows [n] of one unit)] for every unit (ImageTokens.units: an image, or one frame of a
+    video) of every visual item, in prompt order; `image_index` and `frame` are the layout's on the current rows.
+    Where the current rows are the prompt's own (nothing pruned or merged yet), one device sort groups the rows of each
+    unit and the host cuts them at the unit sizes it knows (the items' coords): no host read, which at batch 1 would
+    make the host wait for the vision tower. Otherwise one nonzero per unit."""
+    units = [(b, item, tokens, unit) for b, items in enumerate(run.layout.images)
+             for item, tokens in enumerate(items) for unit in tokens.units]  # fmt: skip
+    if run.positions is not None or not units:
+        return [(b, item, ((image_index[b] == item) & (frame[b] == unit)).nonzero().flatten())
+                for b, item, _, unit in units]  # fmt: skip
+    # key: (item, frame) in that order; rows of no unit (text, a video's frameless tokens) last
+    stride = 2 + max(int(tokens.coords[:, 0].max()) for _, _, tokens, _ in units)
+    video = run.layout.kind == VIDEO
+    in_unit = (image_index >= 0) & ~(video & (frame < 0))
+    key = torch.where(in_unit, image_index * stride + frame + 1, torch.iinfo(torch.long).max)
+    grouped = key.sort(dim=1, stable=True).indices
+    found, start = [], dict.fromkeys(range(len(run.layout.images)), 0)
+    for b, item, tokens, unit in units:
+        size = tokens.num_tokens if not tokens.video else int((tokens.coords[:, 0] == unit).sum())
+        found.append((b, item, grouped[b, start[b] : start[b] + size]))
+        start[b] += size
+    return found
+
+
+def keep_per_image(run, ratio: float, choose) -> Selection:
     """Keep every non-visual row and, of each image, the rows `choose` picks, with count = round((1 - ratio) * n) of
     its n rows. Each frame of a video is an image here (ImageTokens.units), as a video's frames reach an image
     encoder. Images with the same n are chosen in one call (a per-image call would cost a batch of 200 images
     hundreds of host round trips): choose(samples [I], items (image index in its sample, per image), rows [I, n])
-    -> [I, count] indices into each image's rows."""
+    -> [I, count] distinct indices into each image's rows. The kept visual counts are known on the host where the
+    current visual rows are (Selection.visual_kept)."""
     image_index = run.current(run.layout.image_index, fill=-1)
     frame = run.current(run.layout.frame, fill=-1)
     # video tokens outside every frame (LLaVA-OneVision's closing newline) belong to no frame to choose from: they stay
     keep = (image_index < 0) | ((run.current(run.layout.kind, fill=0) == VIDEO) & (frame < 0))
+    kept = None if run.visual_rows is None else list(run.visual_rows)
     by_size: dict[int, list] = {}
-    for b in range(keep.shape[0]):
-        for item, tokens in enumerate(run.layout.images[b]):
-            for unit in tokens.units:
-                rows = ((image_index[b] == item) & (frame[b] == unit)).nonzero().flatten()
-                by_size.setdefault(rows.numel(), []).append((b, item, rows))
+    for b, item, rows in unit_rows(run, image_index, frame):
+        by_size.setdefault(rows.numel(), []).append((b, item, rows))
+        if kept is not None:
+            kept[b] -= rows.numel() - keep_count(rows.numel(), ratio)
     for n, images in by_size.items():
-        samples = torch.tensor([b for b, _, _ in images], device=keep.device)
+        samples = host_to(torch.tensor([b for b, _, _ in images]), keep.device)
         rows = torch.stack([r for _, _, r in images])
         count = keep_count(n, ratio)
         picked = rows.gather(1, choose(samples, [item for _, item, _ in images], rows, count).to(rows.device))
         keep[samples[:, None].expand_as(picked), picked] = True
-    return keep
+    return Selection(keep=keep, visual_kept=kept)
+
+
+def host_to(values: torch.Tensor, device) -> torch.Tensor:
+    """A small host tensor on `device` without waiting for the device's queue (pinned memory, an asynchronous copy): a
+    plain copy from pageable memory waits for the stream's earlier work."""
+    if torch.device(device).type != "cuda":
+        return values.to(device)
+    return values.pin_memory().to(device, non_blocking=True)
 
 
 def keep_count(available, ratio: float):
