@@ -132,7 +132,8 @@ def test_noop_wrap_and_unwrap_are_exact(family):
         assert torch.equal(greedy(model, batch).sequences, tokens)
 
 
-SPECS = ["fastv:layer=2,ratio=0.5", "dart:layer=2,ratio=0.5", "divprune:ratio=0.5", "random:ratio=0.5"]
+SPECS = ["fastv:layer=2,ratio=0.5", "pdrop:layers=1/2/3,ratio=0.5", "dart:layer=2,ratio=0.5", "divprune:ratio=0.5",
+         "random:ratio=0.5"]  # fmt: skip
 
 
 @pytest.mark.parametrize("spec", SPECS)
@@ -159,6 +160,24 @@ def test_batched_equals_alone(family, spec):
             start = together.sequences.shape[1] - len(together.logits)
             assert torch.equal(together.sequences[b, start : start + steps], alone.sequences[0, -steps:])
     ve.unwrap(model)
+
+
+@pytest.mark.parametrize("spec", ["", "fastv:layer=2,ratio=0.5", "divprune:ratio=0.5", "pai"])
+def test_fast_path_equals_dynamic_path(family, spec):
+    """wrap(..., fast=True) gives the dynamic path's greedy tokens and logits on every batch (images, several images,
+    videos); Gemma3's sliding-window layers are refused at wrap, naming the dynamic path."""
+    from test_fast_path import assert_same, dynamic_then_fast
+
+    model, processor = tiny_model(family)
+    if family == "gemma3":
+        with pytest.raises(ValueError, match="sliding_attention.*dynamic path"):
+            ve.wrap(model, spec, fast=True)
+        assert not ve.is_wrapped(model)
+        return
+    for _, samples, videos in batches(family, processor):
+        dynamic, fast = dynamic_then_fast(model, tiny_batch(processor, samples, videos=videos), spec)
+        assert_same(dynamic, fast, exact_prefill=not ve.engine_of(model).fast_path.prefill.routed_last_row)
+        ve.unwrap(model)
 
 
 def test_vision_tower_methods_are_refused_with_the_reason():

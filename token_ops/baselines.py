@@ -72,6 +72,6 @@ class GridPool(Method):
             means, _ = cluster_means(hidden[b, rows], inverse, len(groups))
             first = torch.full((len(groups),), hidden.shape[1], dtype=torch.long, device=hidden.device)
             first.scatter_reduce_(0, inverse, rows, reduce="amin")
-            keep[b, first] = True
+            keep[b].index_fill_(0, first, True)  # not keep[b, first] = True: a host bool copied over waits for the device
             merged[b, first] = means.to(hidden.dtype)
         return Selection(keep=keep, hidden=merged)

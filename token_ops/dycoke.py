@@ -66,8 +66,8 @@ class DyCoke(Method):
         visual_kept = None if run.visual_rows is None else list(run.visual_rows)  # counted on the host
         for b, rows in self.clips(run, image_index, frame):
             for f, kept in self.kept_cells([hidden[b, r] for r in rows]).items():
-                keep[b, rows[f]] = False
-                keep[b, rows[f][kept]] = True
+                # index_fill_: an assignment of a Python bool would copy it from the host and wait for the device
+                keep[b].index_fill_(0, rows[f], False).index_fill_(0, rows[f][kept], True)
                 if visual_kept is not None:
                     visual_kept[b] -= rows[f].numel() - kept.numel()
         return Selection(keep=keep, visual_kept=visual_kept)

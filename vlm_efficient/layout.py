@@ -12,6 +12,14 @@ from .adapters import ImageTokens, ModelAdapter
 PAD, TEXT, IMAGE, VIDEO = 0, 1, 2, 3
 
 
+def host_to(values: torch.Tensor, device) -> torch.Tensor:
+    """A small host tensor on `device` without waiting for the device's queue (pinned memory, an asynchronous copy): a
+    copy from pageable memory waits for the stream's earlier work, which at batch 1 is the host's whole lead."""
+    if torch.device(device).type != "cuda":
+        return values.to(device)
+    return values.pin_memory().to(device, non_blocking=True)
+
+
 def at_positions(per_position: torch.Tensor, positions: torch.Tensor, fill) -> torch.Tensor:
     """per_position [B, N, ...] (a prompt property, e.g. layout.visual) at original positions [B, n] -> [B, n, ...] on
     positions' device; positions outside the prompt (-1 slot padding, generated tokens) get `fill`."""
@@ -162,7 +170,7 @@ def build_layout(
         token_number = torch.repeat_interleave(torch.tensor(number), sizes)
         token_coords = torch.cat([item.coords for item in items])
         rank = (is_token.flatten().long().cumsum(0) - 1).clamp(min=0).view(batch, length)
-        on_device = torch.cat([token_number[:, None], token_coords], dim=1).to(device)  # one copy to the device
+        on_device = host_to(torch.cat([token_number[:, None], token_coords], dim=1), device)  # one copy, no wait
         kind = torch.where(is_token, modality, kind)
         image_index = torch.where(is_token, on_device[rank, 0], image_index)
         coords = torch.where(is_token[..., None], on_device[rank, 1:], coords)

@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from .layout import VIDEO
+from .layout import VIDEO, host_to
 from .method import Selection
 
 
@@ -86,14 +86,6 @@ def keep_per_image(run, ratio: float, choose) -> Selection:
         picked = rows.gather(1, choose(samples, [item for _, item, _ in images], rows, count).to(rows.device))
         keep[samples[:, None].expand_as(picked), picked] = True
     return Selection(keep=keep, visual_kept=kept)
-
-
-def host_to(values: torch.Tensor, device) -> torch.Tensor:
-    """A small host tensor on `device` without waiting for the device's queue (pinned memory, an asynchronous copy): a
-    plain copy from pageable memory waits for the stream's earlier work."""
-    if torch.device(device).type != "cuda":
-        return values.to(device)
-    return values.pin_memory().to(device, non_blocking=True)
 
 
 def keep_count(available, ratio: float):
