@@ -20,7 +20,7 @@ from vlm_efficient.kernels.api import GroupSpec
 from vlm_efficient.method import KernelEdit, Method, PerThread
 from vlm_efficient.registry import register_method
 
-from .common import check_range, has_image, last_position, parse_layers, prompt_inputs, take_pending
+from .common import check_range, has_image, last_position, parse_layers, per_run, prompt_inputs, take_pending
 
 
 @register_method
@@ -66,6 +66,9 @@ class AdaptVis(Method):
         weight = self._weight(run)
         if layer not in self.chosen or not has_image(run):
             return None
-        visual = run.layout.visual
-        sure = (weight.to(visual.device) != self.smooth).long()[:, None]
-        return KernelEdit(spec=self.groups, groups=torch.where(visual, 1 + sure, 0), rows=last_position(run.layout))
+        def build():
+            visual = run.layout.visual
+            sure = (weight.to(visual.device) != self.smooth).long()[:, None]
+            return KernelEdit(spec=self.groups, groups=torch.where(visual, 1 + sure, 0), rows=last_position(run.layout))
+
+        return per_run(self, run, "kernel_edit", build)

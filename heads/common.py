@@ -99,6 +99,15 @@ def last_prompt_rows(context) -> torch.Tensor:
     return rows
 
 
+def per_run(method, run, key: str, build):
+    """build() once per call (kept in the run's memory under `key`): an edit that is the same at every layer and step
+    is then one object, which the fast path turns into one kernel route for all those layers."""
+    memory = run.memory(method)
+    if key not in memory:
+        memory[key] = build()
+    return memory[key]
+
+
 def last_position(layout) -> torch.Tensor:
     """[B, N]: the last prompt position (left padding: every sample's last token), last_prompt_rows' prefill row per
     prompt position (kernel edits)."""

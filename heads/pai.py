@@ -29,7 +29,7 @@ from vlm_efficient.kernels.api import GroupSpec
 from vlm_efficient.method import KernelEdit, Method, PerThread
 from vlm_efficient.registry import register_method
 
-from .common import has_image, last_position, pad_token_id, parse_layers, text_only_inputs
+from .common import has_image, last_position, pad_token_id, parse_layers, per_run, text_only_inputs
 
 
 def pai_groups(num_heads: int, alpha: float = 0.2, image_group: int = 1, num_groups: int = 2, heads=None) -> GroupSpec:
@@ -59,7 +59,8 @@ class PAI(Method):
     def kernel_edit(self, layer, run, prefill):
         if layer not in self.chosen or not has_image(run):
             return None
-        return KernelEdit(spec=self.groups, groups=run.layout.visual.long(), rows=last_position(run.layout))
+        return per_run(self, run, "kernel_edit", lambda: KernelEdit(spec=self.groups, groups=run.layout.visual.long(),
+                                                                   rows=last_position(run.layout)))  # fmt: skip
 
 
 class PAIContrastive(LogitsProcessor):

@@ -24,7 +24,7 @@ from vlm_efficient.kernels.api import GroupSpec
 from vlm_efficient.method import KernelEdit, Method, PerThread
 from vlm_efficient.registry import register_method
 
-from .common import has_image, last_position, parse_layers
+from .common import has_image, last_position, parse_layers, per_run
 
 
 def cls_attention(attention, hidden: torch.Tensor) -> torch.Tensor:
@@ -117,4 +117,5 @@ class PAINT(Method):
     def kernel_edit(self, layer, run, prefill):
         if layer not in self.chosen or not has_image(run):
             return None
-        return KernelEdit(spec=self.groups, groups=self._groups(run), rows=last_position(run.layout))
+        return per_run(self, run, "kernel_edit", lambda: KernelEdit(spec=self.groups, groups=self._groups(run),
+                                                                   rows=last_position(run.layout)))  # fmt: skip

@@ -150,6 +150,8 @@ def test_decoding_edits_equal_dynamic_path(family, spec):
     assert prefill.routed_last_row == last_row and not prefill.deferred_last_row
     if last_row:  # the prompt ran as segments, whose edited layers ran the last row through kernel 3's decoding form
         assert [(start, end) for start, end, _ in prefill.last_segments] == [(0, len(fast_path.parts["layers"]))]
+        # one edit for every edited layer (Method.kernel_edit per run): one route, one set of buffers in the step
+        assert len({id(route) for route in edits.values()}) == 1
     assert_same(dynamic, fast, exact_prefill=not last_row)
     ve.unwrap(model)
 

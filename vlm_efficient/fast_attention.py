@@ -171,14 +171,33 @@ def group_route(parts: list, keys_at: torch.Tensor | None, capacity: int, heads:
     return GroupRoute(edit.spec, at_keys(edit.groups, 0).to(torch.int32), bias)
 
 
+def edits_key(edits: dict) -> tuple:
+    """What a graph captured with these layer edits ({layer: edits}) depends on: per layer the structure of its edits
+    (edit_structure) and the first layer that shares them (layers given one edits object share one set of buffers)."""
+    structure, first = {}, {}
+    for idx, layer_edits in sorted(edits.items()):
+        if id(layer_edits) not in structure:
+            structure[id(layer_edits)], first[id(layer_edits)] = edit_structure(layer_edits), idx
+    return tuple((idx, first[id(layer_edits)], structure[id(layer_edits)]) for idx, layer_edits in sorted(edits.items()))
+
+
 def route_buffers(routes: dict[int, GroupRoute]) -> dict[int, GroupRoute]:
     """Routes of the same structure as `routes` whose tensors, valid keys included, are new buffers (a captured
-    graph reads them; load_routes fills them for each call)."""
-    return {idx: dataclasses.replace(empty_like_edits(route), valid=route.valid.clone()) for idx, route in routes.items()}
+    graph reads them; load_routes fills them for each call). Layers that share a route share its buffers."""
+    made = {}
+    for route in routes.values():
+        if id(route) not in made:
+            made[id(route)] = dataclasses.replace(empty_like_edits(route), valid=route.valid.clone())
+    return {idx: made[id(route)] for idx, route in routes.items()}
 
 
 def load_routes(buffers: dict[int, GroupRoute], routes: dict[int, GroupRoute]) -> None:
+    """Copy this call's routes into the buffers, once per shared buffer (`routes` share where the buffers do)."""
+    loaded = set()
     for idx, route in routes.items():
+        if id(buffers[idx]) in loaded:
+            continue
+        loaded.add(id(buffers[idx]))
         buffers[idx].valid.copy_(route.valid)
         for name, tensor in route.tensors().items():
             if tensor is not None:

@@ -49,7 +49,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.generation.utils import GenerateDecoderOnlyOutput, GenerationMixin, GenerationMode
 
 from .adapters import CACHE_KWARGS, cache_kwarg
-from .fast_attention import (GroupRoute, edit_structure, edit_tensors, empty_like_edits, group_route, reloadable,
+from .fast_attention import (GroupRoute, edit_tensors, edits_key, empty_like_edits, group_route, reloadable,
                              routed)  # fmt: skip
 from .fast_prefill import LeanEncoder, LeanPrefill, capture_graph
 from .method import UNSTRUCTURED, AttentionContext, Method, edits_attention
@@ -129,15 +129,23 @@ class StaticStep:
         if not static:
             self.edits = edits
         else:
+            made = {}  # layers given one edits object share their buffers (edits_key keeps the sharing in the step's key)
             with torch.inference_mode(False):
-                self.edits = {idx: empty_like_edits(layer_edits) for idx, layer_edits in edits.items()}
+                for layer_edits in edits.values():
+                    if id(layer_edits) not in made:
+                        made[id(layer_edits)] = empty_like_edits(layer_edits)
+            self.edits = {idx: made[id(layer_edits)] for idx, layer_edits in edits.items()}
         for idx, route in self.edits.items():
             if isinstance(route, GroupRoute):  # the kernel's valid keys: the layer's mask, updated in place per step
                 mask = self.masks[self.group_of[idx]]
                 route.valid = mask.view(mask.shape[0], mask.shape[-1])
 
     def load_edits(self, edits: dict) -> None:
+        loaded = set()  # shared buffers are loaded once
         for idx, layer_edits in edits.items():
+            if id(self.edits[idx]) in loaded:
+                continue
+            loaded.add(id(self.edits[idx]))
             for buffers, tensors in zip(edit_tensors(self.edits[idx]), edit_tensors(layer_edits)):
                 for name, tensor in tensors.items():
                     if tensor is not None:
@@ -429,7 +437,7 @@ class FastPath:
         # edits made of tensors only are reloaded into a kept step's buffers; a post-softmax function holds this
         # call's tensors, so its step serves this call only
         kept = all(reloadable(layer_edits) for layer_edits in edits.values())
-        structure = tuple((idx, edit_structure(layer_edits)) for idx, layer_edits in sorted(edits.items())) if kept else None
+        structure = edits_key(edits) if kept else None
         keys = prompt_kv[0][0]
         layer_position = self._recorded.get("layer")
         key = (keys.shape[0], tuple(capacities), tuple(group_of), keys.shape[1], keys.shape[3], keys.dtype, device,
@@ -493,8 +501,15 @@ class FastPath:
         batch, heads = run.layout.batch_size, engine.text_config.num_attention_heads
         queries = torch.full((batch, 1), run.fed, device=device)
         found: dict[int, list] = {}
+        # layers given the same edit objects over the same keys share one route (the parts are kept referenced, so
+        # their ids are not reused within the loop)
+        routes = {}
         for idx, (kept, capacity) in enumerate(zip(prompt_keys, capacities)):
-            route = group_route([method.kernel_edit(idx, run, False) for method in editing], kept, capacity, heads)
+            parts = [method.kernel_edit(idx, run, False) for method in editing]
+            key = (*map(id, parts), id(kept), capacity)
+            if key not in routes:
+                routes[key] = (parts, group_route(parts, kept, capacity, heads))
+            route = routes[key][1]
             if route is not None:
                 found[idx] = route
                 continue

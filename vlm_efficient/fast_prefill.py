@@ -43,7 +43,7 @@ from torch.nn.modules import module as global_hooks
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
 
 from .adapters import CACHE_KWARGS
-from .fast_attention import GroupRoute, edit_structure, group_route, load_routes, route_buffers, routed
+from .fast_attention import GroupRoute, edits_key, group_route, load_routes, route_buffers, routed
 from .method import PerThread, edits_attention
 
 MAX_SEGMENT_GRAPHS = 4  # captured segments kept per model (least recently used dropped; each holds its KV)
@@ -438,16 +438,19 @@ class LeanPrefill:
         engine = self.engine
         editing = [m for m in engine.methods if edits_attention(m)]
         heads, valid = engine.text_config.num_attention_heads, run.attention_mask_2d.to(device).bool()
-        routes = {}
+        # made: layers given the same edit objects share one route (the parts stay referenced: no id is reused)
+        routes, made = {}, {}
         for idx in range(engine.num_layers):
             parts = [method.kernel_edit(idx, run, True) for method in editing]
             if all(part is None for part in parts):
                 continue
-            route = group_route(parts, None, run.prompt_length, heads)
-            if route is None:
-                return None
-            route.valid = valid
-            routes[idx] = route
+            key = tuple(map(id, parts))
+            if key not in made:
+                made[key] = (parts, group_route(parts, None, run.prompt_length, heads))
+                if made[key][1] is None:
+                    return None
+                made[key][1].valid = valid
+            routes[idx] = made[key][1]
         return routes
 
     def _segment(self, start: int, end: int, hidden: torch.Tensor, kwargs: dict,
@@ -457,8 +460,7 @@ class LeanPrefill:
         signature = _signature(kwargs)
         if signature is None or not self.graphs_on(hidden.device):
             return Segment(start, end, self.parts, self.engine), False
-        routing = tuple((idx, edit_structure(route)) for idx, route in sorted(routes.items()))
-        key = (start, end, tuple(hidden.shape), hidden.dtype, hidden.device, signature, routing)
+        key = (start, end, tuple(hidden.shape), hidden.dtype, hidden.device, signature, edits_key(routes))
         captured = self.graphs.get(key)
         if captured is None and self.graphs.due(key):
             make = Segment(start, end, self.parts, self.engine).capture
