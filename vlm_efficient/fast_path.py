@@ -414,24 +414,25 @@ class FastPath:
             raise RuntimeError("the fast path saw no prefill through the wrapped model")
         self._enter_decoding(run)
         self._refuse_head_scales(run)
-        prompt_kv, prompt_keys, group_of, sets, group_valid = [], [], [], {}, []
+        prompt_kv, prompt_keys, group_of, sets, group_keys, group_valid = [], [], [], {}, [], []
         for idx in range(engine.num_layers):
             layer = cache.layers[idx]
-            keys_at = run.prompt_keys(idx, device)
-            if layer.keys.shape[2] != keys_at.shape[1]:
+            identity = id(run.layer_positions.get(idx))  # layers that cache the same prompt keys share a mask
+            if identity not in sets:  # and one tensor of their keys' positions (their edits can then share a route)
+                sets[identity] = len(sets)
+                keys_at = run.prompt_keys(idx, device)
+                group_keys.append(keys_at[:, :-1] if last_row else keys_at)
+                group_valid.append(run.valid_keys(group_keys[-1]))
+            group_of.append(sets[identity])
+            keys_at = group_keys[group_of[-1]]
+            if layer.keys.shape[2] != keys_at.shape[1] + last_row:
                 raise RuntimeError(f"layer {idx} cached {layer.keys.shape[2]} prompt keys, the engine recorded "
-                                   f"{keys_at.shape[1]}")  # fmt: skip
+                                   f"{keys_at.shape[1] + last_row}")  # fmt: skip
             if last_row:  # every sample's last prompt key is the last column (left padding, nothing pruned)
                 prompt_kv.append((layer.keys[:, :, :-1], layer.values[:, :, :-1]))
-                keys_at = keys_at[:, :-1]
             else:
                 prompt_kv.append((layer.keys, layer.values))
             prompt_keys.append(keys_at)
-            identity = id(run.layer_positions.get(idx))  # layers that cache the same prompt keys share a mask
-            if identity not in sets:
-                sets[identity] = len(sets)
-                group_valid.append(run.valid_keys(keys_at))
-            group_of.append(sets[identity])
         capacities = [-(-(k.shape[1] + steps) // BUCKET) * BUCKET for k in prompt_keys]
         edits = self._decode_edits(run, device, prompt_keys, capacities)
         # edits made of tensors only are reloaded into a kept step's buffers; a post-softmax function holds this
