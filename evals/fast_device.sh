@@ -11,6 +11,8 @@
 #     httpx2 httpcore2 h11 anyio idna truststore click hf_xet
 #   OUT=DIR BENCH_S=250 TESTS_S=240 bash evals/fast_device.sh   -> DIR/fast_device.tgz (fast_bench/, gpu_tests/),
 #                                                                 DIR/fast_bench.md, DIR/gpu_tests.txt
+# Into the repository, flat (results/.gitignore ignores a run folder's sub-folders, which lost run 8's files):
+#   mkdir results/fast_bench_h100_runN && tar xzf DIR/fast_device.tgz -C results/fast_bench_h100_runN --strip-components=1
 set -u
 OUT=${OUT:-/tmp/fast_device}
 mkdir -p "$OUT/fast_bench" "$OUT/gpu_tests"
