@@ -405,7 +405,7 @@ class LeanPrefill:
         engine, run, layers = self.engine, self.engine.run, self.parts["layers"]
         self.last_segments = []
         routes = self._last_row_routes(run, hidden.device) if self.last_row_only else None
-        self.routed_last_row = routes is not None
+        self.routed_last_row = bool(routes)
         self.deferred_last_row = self.last_row_only and routes is None
         for start, end, plain in self.plan(run):
             if not plain:
