@@ -293,3 +293,59 @@ def test_unit_rows_need_no_host_read(family, monkeypatch):
         found = unit_rows(run, layout.image_index, layout.frame)
     assert [(b, item) for b, item, _ in found] == [(b, item) for b, item, _ in expected]
     assert all(torch.equal(rows, want) for (_, _, rows), (_, _, want) in zip(found, expected))
+
+
+def _vision_host_reads(model, batch) -> int:
+    """tolist / item calls inside the vision tower during a greedy generate() (the tower's host reads)."""
+    reads, inside = [0], [False]
+    visual = model.model.visual
+    handles = [visual.register_forward_pre_hook(lambda *_: inside.__setitem__(0, True)),
+               visual.register_forward_hook(lambda *_: inside.__setitem__(0, False))]  # fmt: skip
+    tolist, item = torch.Tensor.tolist, torch.Tensor.item
+
+    def counted(read):
+        def call(self, *args, **kwargs):
+            reads[0] += inside[0]
+            return read(self, *args, **kwargs)
+        return call
+
+    try:
+        torch.Tensor.tolist, torch.Tensor.item = counted(tolist), counted(item)
+        greedy(model, batch)
+    finally:
+        torch.Tensor.tolist, torch.Tensor.item = tolist, item
+        for handle in handles:
+            handle.remove()
+    return reads[0]
+
+
+@pytest.mark.parametrize("image_size", [None, (112, 84)])
+def test_fast_path_packs_the_vision_tower(family, image_size):
+    """On the fast path the packed vision tower (every image and frame of a call in one sequence) runs without
+    transformers' host read per layer: frames and images of one size as one batched attention, others cut as
+    transformers cuts them; the dynamic path's tokens and logits either way. unwrap gives the tower its own attention
+    back, also on a deep copy (which is wrapped again from the unwrapped copy)."""
+    import copy
+
+    from test_fast_path import assert_same
+
+    model, processor = tiny_model(family)
+    ph, vp = image_placeholder(processor), video_placeholder(processor)
+    samples = [(f"what is {ph} and {vp}", [tiny_image(0)]),  # (112, 84): the images of one call of two sizes
+               (f"a much longer prompt with {ph} and then {vp} compare them", [tiny_image(1, image_size)])]
+    batch = tiny_batch(processor, samples, videos=[[tiny_video(0)], [tiny_video(1, frames=3)]])
+    layers = len(model.model.visual.blocks)
+    plain_reads = _vision_host_reads(model, batch)
+    dynamic = greedy(model, batch)
+    ve.wrap(model, "", fast=True)
+    assert model.config.vision_config._attn_implementation == "vlm_efficient_flash_packed"
+    fast_reads = _vision_host_reads(model, batch)
+    assert_same(dynamic, greedy(model, batch))
+    if image_size is None:
+        assert fast_reads <= plain_reads - layers  # no read per layer
+    copied = copy.deepcopy(model)  # wrapped again from the unwrapped copy
+    assert copied.config.vision_config._attn_implementation == "vlm_efficient_flash_packed"
+    ve.unwrap(copied)
+    assert copied.config.vision_config._attn_implementation == "sdpa"
+    ve.unwrap(model)
+    assert model.config.vision_config._attn_implementation == "sdpa"

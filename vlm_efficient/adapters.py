@@ -68,6 +68,9 @@ class ModelAdapter:
     model_types: tuple[str, ...] = ()
     vision_cls_token: bool = False  # the vision tower has a [CLS] token whose attention methods can read
     cls_patch_tokens: bool = False  # ... and each image's LLM tokens are its patches one to one, row-major (no tiles)
+    # the vision tower attends over every image and frame of a call as one packed sequence cut at cu_seqlens, which
+    # transformers' SDPA route cuts with a host read per layer (the fast path gives it packed_vision_attention)
+    packed_vision_tower: bool = False
 
     def text_model(self, model: nn.Module) -> nn.Module:
         return model.model.language_model
@@ -528,6 +531,7 @@ class QwenVLAdapter(ModelAdapter):
     LLM token."""
 
     model_types = ("qwen2_vl",)
+    packed_vision_tower = True
 
     def _merge(self, model) -> int:
         return model.config.vision_config.spatial_merge_size

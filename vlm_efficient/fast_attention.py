@@ -88,6 +88,35 @@ AttentionInterface.register(ATTENTION_NAME, routed_attention)
 AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
 
 
+PACKED_VISION_ATTENTION = "vlm_efficient_flash_packed"  # the fast path's packed vision towers (why "flash": below)
+
+
+def packed_vision_attention(module, query, key, value, attention_mask, scaling=None, cu_seq_lens_q=None,
+                            max_length_q=None, **kwargs):  # fmt: skip
+    """A packed vision tower's attention (Qwen-VL: query [1, H, N, d] over every image and frame of the call, cut into
+    sequences at cu_seq_lens_q) without the host read per layer that transformers' SDPA route makes to cut it
+    (`lengths.tolist()` in every layer: 96 synchronizing calls per 32-frame Qwen2-VL prefill, each waiting for the
+    GPU). Where every sequence has the longest one's length (the frames of a clip, images of one size: then
+    max_length_q x count == N, known on the host), one SDPA over [count, H, L, d]; else the same cut as transformers',
+    read once per layer. transformers gives a tower this packed call (cu_seq_lens_q, max_length_q, read once per tower
+    call) only where the implementation's name contains "flash" (utils.generic.is_flash_attention_requested): hence
+    the name."""
+    heads, length, head_dim = query.shape[1:]
+    count = cu_seq_lens_q.shape[0] - 1
+    if max_length_q is not None and max_length_q * count == length:
+        q, k, v = (t[0].reshape(t.shape[1], count, max_length_q, head_dim).transpose(0, 1) for t in (query, key, value))
+        output = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scaling)  # [count, H, L, d]
+        return output.transpose(0, 1).reshape(heads, length, head_dim).transpose(0, 1)[None], None
+    sizes = (cu_seq_lens_q[1:] - cu_seq_lens_q[:-1]).tolist()
+    parts = [sdpa_attention_forward(module, q, k, v, None, scaling=scaling, is_causal=False)[0]
+             for q, k, v in zip(*(t.split(sizes, dim=2) for t in (query, key, value)))]  # fmt: skip
+    return torch.cat(parts, dim=1), None
+
+
+AttentionInterface.register(PACKED_VISION_ATTENTION, packed_vision_attention)
+AttentionMaskInterface.register(PACKED_VISION_ATTENTION, sdpa_mask)
+
+
 def edit_tensors(layer_edits) -> list[dict]:
     """The tensors a kept step reloads at each call: per AttentionEdit its EDIT_TENSORS, or a GroupRoute's buffers."""
     if isinstance(layer_edits, GroupRoute):

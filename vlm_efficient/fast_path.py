@@ -49,8 +49,8 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.generation.utils import GenerateDecoderOnlyOutput, GenerationMixin, GenerationMode
 
 from .adapters import CACHE_KWARGS, cache_kwarg
-from .fast_attention import (GroupRoute, edit_tensors, edits_key, empty_like_edits, group_route, reloadable,
-                             routed)  # fmt: skip
+from .fast_attention import (PACKED_VISION_ATTENTION, GroupRoute, edit_tensors, edits_key, empty_like_edits,
+                             group_route, reloadable, routed)  # fmt: skip
 from .fast_prefill import LeanEncoder, LeanPrefill, capture_graph
 from .method import UNSTRUCTURED, AttentionContext, Method, edits_attention
 
@@ -204,6 +204,20 @@ class StaticStep:
             self.step()
 
 
+class _ConfigUndo:
+    """Undoes a config attribute the fast path set, with a hook handle's interface: remove() at unwrap,
+    remove_from_copy(memo) on a deep copy of the wrapped model (the copy's config is memo's copy of this one)."""
+
+    def __init__(self, config, name: str, original):
+        self.config, self.name, self.original = config, name, original
+
+    def remove(self) -> None:
+        setattr(self.config, self.name, self.original)
+
+    def remove_from_copy(self, memo: dict) -> None:
+        setattr(memo[id(self.config)], self.name, self.original)
+
+
 class FastPath:
     """The fast path of one wrapped model: its generate(), the positions it records at prefill, its captured steps."""
 
@@ -251,6 +265,11 @@ class FastPath:
         engine.add_handle(text_model.rotary_emb.register_forward_pre_hook(self._record_rotary, with_kwargs=True))
         self.prefill = LeanPrefill(engine, self.parts, self.graphs_on, self._record_first_layer_inputs)
         self.encoder = LeanEncoder(engine, self.graphs_on)
+        vision = getattr(model.config, "vision_config", None)
+        if engine.adapter.packed_vision_tower and vision is not None and vision._attn_implementation == "sdpa":
+            # set on the config: set_attn_implementation refuses a "flash" name that is not a hub kernel
+            vision._attn_implementation = PACKED_VISION_ATTENTION
+            engine.add_handle(_ConfigUndo(vision, "_attn_implementation", "sdpa"))
         model.generate = self.generate
 
     def graphs_on(self, device: torch.device) -> bool:
