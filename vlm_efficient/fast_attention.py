@@ -29,8 +29,10 @@ _DECODE_EDITS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 @dataclasses.dataclass
 class GroupRoute:
     """A layer whose decoding edits compose into one group edit (kernel_plan.compose): kernel 3's decoding form over
-    the whole static buffer, as the dynamic path's router runs it. `groups` / `key_bias` [B, capacity] hold the kept
-    prompt keys' groups then group 0 for the generated slots; `valid` is a view of the step's mask of the layer."""
+    the whole static buffer, as the dynamic path's router runs it, or over a prefill's keys for its last row.
+    `groups` / `key_bias` [B, capacity] hold the kept prompt keys' groups then group 0 for the generated slots;
+    `valid` [B, capacity] the keys that count: in the decoding step a view of the step's mask of the layer, in a
+    prefill segment the prompt's padding mask."""
 
     spec: object  # kernels.GroupSpec; its folded tables are the ones the graph reads
     groups: torch.Tensor
