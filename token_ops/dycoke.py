@@ -79,6 +79,7 @@ class DyCoke(Method):
             tokens = run.layout.images[b][item]
             if tokens.video == (self.frames == "video"):  # frames=images: a sample's images make one clip
                 clips.setdefault((b, item if tokens.video else -1), []).append((tokens, rows))
+
         def one_grid(frames) -> bool:  # one token count, one part (no LLaVA-NeXT tiles)
             return len({t.num_tokens for t, _ in frames}) == 1 and all(len(set(t.coords[:, 0].tolist())) == 1
                                                                       for t, _ in frames)  # fmt: skip

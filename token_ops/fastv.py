@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-
 from vlm_efficient.method import AttentionRequest, Method, Selection
 from vlm_efficient.registry import register_method
 from vlm_efficient.selection import check_drop_ratio, keep_top_visual

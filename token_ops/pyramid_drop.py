@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-
 from vlm_efficient.method import AttentionRequest, Method, Selection
 from vlm_efficient.registry import register_method
 from vlm_efficient.selection import check_positions, top_k_mask

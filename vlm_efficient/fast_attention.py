@@ -45,7 +45,7 @@ class GroupRoute:
         _SPECS[self.spec_id] = self.spec
 
     def tensors(self) -> dict:
-        return {"groups": self.groups, "key_bias": self.key_bias}
+        return {"groups": self.groups, "key_bias": self.key_bias, "valid": self.valid}
 
 
 def routed_attention(module, query, key, value, attention_mask, **kwargs):
@@ -212,24 +212,34 @@ def edits_key(edits: dict) -> tuple:
     return tuple((idx, first[id(layer_edits)], structure[id(layer_edits)]) for idx, layer_edits in sorted(edits.items()))
 
 
-def route_buffers(routes: dict[int, GroupRoute]) -> dict[int, GroupRoute]:
-    """Routes of the same structure as `routes` whose tensors, valid keys included, are new buffers (a captured
-    graph reads them; load_routes fills them for each call). Layers that share a route share its buffers."""
+def edit_buffers(edits: dict) -> dict:
+    """{layer: edits of the same structure as `edits`' whose tensors are new buffers}, which a captured graph reads and
+    load_edit_buffers fills for each call; layers given one edits object share one set of buffers (edits_key)."""
     made = {}
-    for route in routes.values():
-        if id(route) not in made:
-            made[id(route)] = dataclasses.replace(empty_like_edits(route), valid=route.valid.clone())
-    return {idx: made[id(route)] for idx, route in routes.items()}
+    for layer_edits in edits.values():
+        if id(layer_edits) not in made:
+            made[id(layer_edits)] = empty_like_edits(layer_edits)
+    return {idx: made[id(layer_edits)] for idx, layer_edits in edits.items()}
 
 
-def load_routes(buffers: dict[int, GroupRoute], routes: dict[int, GroupRoute]) -> None:
-    """Copy this call's routes into the buffers, once per shared buffer (`routes` share where the buffers do)."""
+def load_edit_buffers(buffers: dict, edits: dict) -> None:
+    """Copy this call's edits into the buffers edit_buffers made, once per shared set."""
     loaded = set()
-    for idx, route in routes.items():
+    for idx, layer_edits in edits.items():
         if id(buffers[idx]) in loaded:
             continue
         loaded.add(id(buffers[idx]))
-        buffers[idx].valid.copy_(route.valid)
-        for name, tensor in route.tensors().items():
-            if tensor is not None:
-                getattr(buffers[idx], name).copy_(tensor)
+        for targets, tensors in zip(edit_tensors(buffers[idx]), edit_tensors(layer_edits)):
+            for name, tensor in tensors.items():
+                if tensor is not None:
+                    targets[name].copy_(tensor)
+
+
+def shared_group_route(made: dict, parts: list, keys_at: torch.Tensor | None, capacity: int, heads: int):
+    """group_route, made once per (edit objects, keys_at object, capacity) in `made`, a dict kept for one call: layers
+    given the same edit objects over the same keys share one route. `made` holds the parts and keys, so no id is
+    reused while it lives."""
+    key = (*map(id, parts), id(keys_at), capacity)
+    if key not in made:
+        made[key] = (parts, keys_at, group_route(parts, keys_at, capacity, heads))
+    return made[key][2]

@@ -49,8 +49,8 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.generation.utils import GenerateDecoderOnlyOutput, GenerationMixin, GenerationMode
 
 from .adapters import CACHE_KWARGS, cache_kwarg
-from .fast_attention import (PACKED_VISION_ATTENTION, GroupRoute, edit_tensors, edits_key, empty_like_edits,
-                             group_route, reloadable, routed)  # fmt: skip
+from .fast_attention import (PACKED_VISION_ATTENTION, GroupRoute, edit_buffers, edits_key, load_edit_buffers,
+                             reloadable, routed, shared_group_route)  # fmt: skip
 from .fast_prefill import LeanEncoder, LeanPrefill, capture_graph
 from .method import UNSTRUCTURED, AttentionContext, Method, edits_attention
 
@@ -129,27 +129,15 @@ class StaticStep:
         if not static:
             self.edits = edits
         else:
-            made = {}  # layers given one edits object share their buffers (edits_key keeps the sharing in the step's key)
             with torch.inference_mode(False):
-                for layer_edits in edits.values():
-                    if id(layer_edits) not in made:
-                        made[id(layer_edits)] = empty_like_edits(layer_edits)
-            self.edits = {idx: made[id(layer_edits)] for idx, layer_edits in edits.items()}
+                self.edits = edit_buffers(edits)
         for idx, route in self.edits.items():
             if isinstance(route, GroupRoute):  # the kernel's valid keys: the layer's mask, updated in place per step
                 mask = self.masks[self.group_of[idx]]
                 route.valid = mask.view(mask.shape[0], mask.shape[-1])
 
     def load_edits(self, edits: dict) -> None:
-        loaded = set()  # shared buffers are loaded once
-        for idx, layer_edits in edits.items():
-            if id(self.edits[idx]) in loaded:
-                continue
-            loaded.add(id(self.edits[idx]))
-            for buffers, tensors in zip(edit_tensors(self.edits[idx]), edit_tensors(layer_edits)):
-                for name, tensor in tensors.items():
-                    if tensor is not None:
-                        buffers[name].copy_(tensor)
+        load_edit_buffers(self.edits, edits)
 
     def kv_bytes(self) -> list[int]:
         return [k.nbytes + v.nbytes for k, v in zip(self.keys, self.values)]
@@ -521,15 +509,10 @@ class FastPath:
         batch, heads = run.layout.batch_size, engine.text_config.num_attention_heads
         queries = torch.full((batch, 1), run.fed, device=device)
         found: dict[int, list] = {}
-        # layers given the same edit objects over the same keys share one route (the parts are kept referenced, so
-        # their ids are not reused within the loop)
-        routes = {}
+        made = {}  # layers given the same edit objects over the same keys share one route
         for idx, (kept, capacity) in enumerate(zip(prompt_keys, capacities)):
             parts = [method.kernel_edit(idx, run, False) for method in editing]
-            key = (*map(id, parts), id(kept), capacity)
-            if key not in routes:
-                routes[key] = (parts, group_route(parts, kept, capacity, heads))
-            route = routes[key][1]
+            route = shared_group_route(made, parts, kept, capacity, heads)
             if route is not None:
                 found[idx] = route
                 continue

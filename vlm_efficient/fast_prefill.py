@@ -43,7 +43,7 @@ from torch.nn.modules import module as global_hooks
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
 
 from .adapters import CACHE_KWARGS
-from .fast_attention import GroupRoute, edits_key, group_route, load_routes, route_buffers, routed
+from .fast_attention import GroupRoute, edit_buffers, edits_key, load_edit_buffers, routed, shared_group_route
 from .method import PerThread, edits_attention
 
 MAX_SEGMENT_GRAPHS = 4  # captured segments kept per model (least recently used dropped; each holds its KV)
@@ -149,16 +149,16 @@ class Segment:
         return hidden
 
     def capture(self, hidden: torch.Tensor, kwargs: dict, routes: dict[int, GroupRoute]) -> Segment:
-        self.inputs = (hidden.clone(), _buffers(kwargs), route_buffers(routes))
-        load_routes(self.inputs[2], routes)  # filled before the warm-up runs (kernel 3 reads its groups)
+        self.inputs = (hidden.clone(), _buffers(kwargs), edit_buffers(routes))
+        load_edit_buffers(self.inputs[2], routes)  # filled before the warm-up runs (kernel 3 reads its groups)
         self.graph, self.output = capture_graph(lambda: self.forward(*self.inputs), hidden.device)
         return self
 
     def replay(self, hidden: torch.Tensor, kwargs: dict, routes: dict[int, GroupRoute]) -> torch.Tensor:
-        hidden_buffer, buffers, route_buffers_ = self.inputs
+        hidden_buffer, buffers, route_buffers = self.inputs
         hidden_buffer.copy_(hidden)
         _load(buffers, kwargs)
-        load_routes(route_buffers_, routes)
+        load_edit_buffers(route_buffers, routes)
         self.graph.replay()
         return self.output
 
@@ -438,19 +438,15 @@ class LeanPrefill:
         engine = self.engine
         editing = [m for m in engine.methods if edits_attention(m)]
         heads, valid = engine.text_config.num_attention_heads, run.attention_mask_2d.to(device).bool()
-        # made: layers given the same edit objects share one route (the parts stay referenced: no id is reused)
         routes, made = {}, {}
         for idx in range(engine.num_layers):
             parts = [method.kernel_edit(idx, run, True) for method in editing]
             if all(part is None for part in parts):
                 continue
-            key = tuple(map(id, parts))
-            if key not in made:
-                made[key] = (parts, group_route(parts, None, run.prompt_length, heads))
-                if made[key][1] is None:
-                    return None
-                made[key][1].valid = valid
-            routes[idx] = made[key][1]
+            routes[idx] = shared_group_route(made, parts, None, run.prompt_length, heads)
+            if routes[idx] is None:
+                return None
+            routes[idx].valid = valid
         return routes
 
     def _segment(self, start: int, end: int, hidden: torch.Tensor, kwargs: dict,

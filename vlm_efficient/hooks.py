@@ -45,11 +45,12 @@ def _new_tokens_only(kwargs: dict, fed: int) -> None:
     kwargs.pop("mm_encoder_outputs", None)
 
 
-def _identity(*tensors) -> tuple:
+def _identity(tensor: torch.Tensor | None) -> tuple | None:
     """What tells tensors apart without reading them: storage pointer, shape, strides, device and the version counter
     (which views share with their base and every in-place write advances)."""
-    return tuple(None if t is None else (t.data_ptr(), tuple(t.shape), t.stride(), t.device, t._version)
-                 for t in tensors)  # fmt: skip
+    if tensor is None:
+        return None
+    return tensor.data_ptr(), tuple(tensor.shape), tensor.stride(), tensor.device, tensor._version
 
 
 class ModelHooks:
@@ -58,7 +59,7 @@ class ModelHooks:
     to shrinking.py, attention_stats.py and pre_rotary.py."""
 
     captured_grids: list[torch.Tensor] = PerThread(list)  # grid_thw of vision-tower calls made before prefill
-    prebuilt_layout: tuple | None = PerThread()  # (the inputs' identity, their layout): prebuild_layout
+    prebuilt_layout: tuple | None = PerThread()  # (input_ids' and the mask's identity, layout): prebuild_layout
     confirmed_layout: ModalityLayout | None = PerThread()  # the next prefill's layout: confirm_prebuilt_layout
 
     def __init__(self, engine):
@@ -107,7 +108,7 @@ class ModelHooks:
         engine = self.engine
         layout = build_layout(engine.adapter, engine.model, input_ids, padding_mask(attention_mask, prefill=True),
                               {**inputs, "captured_grid_thw": {}})  # fmt: skip
-        self.prebuilt_layout = (_identity(input_ids, attention_mask), layout)
+        self.prebuilt_layout = (_identity(input_ids), _identity(attention_mask), layout)
 
     def confirm_prebuilt_layout(self, input_ids: torch.Tensor, attention_mask) -> None:
         """The prefill's forward takes the prebuilt layout where generate() hands its decoding loop the tensors it was
@@ -117,9 +118,9 @@ class ModelHooks:
         prebuilt, self.prebuilt_layout = self.prebuilt_layout, None
         if prebuilt is None:
             return
-        (ids, mask), layout = prebuilt
-        if ids == _identity(input_ids)[0] and (mask == _identity(attention_mask)[0]
-                                               or (attention_mask is None and not layout.padded)):  # fmt: skip
+        ids, mask, layout = prebuilt
+        if ids == _identity(input_ids) and (mask == _identity(attention_mask)
+                                            or (attention_mask is None and not layout.padded)):  # fmt: skip
             self.confirmed_layout = layout
 
     def before_prefill(self, fn) -> None:

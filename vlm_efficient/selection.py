@@ -54,7 +54,7 @@ def unit_rows(run, image_index: torch.Tensor, frame: torch.Tensor) -> list[tuple
     in_unit = (image_index >= 0) & ~(video & (frame < 0))
     key = torch.where(in_unit, image_index * stride + frame + 1, torch.iinfo(torch.long).max)
     grouped = key.sort(dim=1, stable=True).indices
-    found, start = [], dict.fromkeys(range(len(run.layout.images)), 0)
+    found, start = [], [0] * len(run.layout.images)
     for b, item, tokens, unit in units:
         size = tokens.num_tokens if not tokens.video else int((tokens.coords[:, 0] == unit).sum())
         found.append((b, item, grouped[b, start[b] : start[b] + size]))
