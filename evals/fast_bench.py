@@ -204,9 +204,12 @@ class Bench:
             row["rounds"] = {"prefill_ms": prefill, "total_ms": total}
             tokens = self.generate(model, inputs, path, n)
             section.setdefault("tokens", {})[(path, label)] = tokens
-            if path == "fast-compiled" and ("fast", label) in section["tokens"]:  # the same greedy tokens compiled?
-                differ = (tokens != section["tokens"][("fast", label)]).any(0).nonzero().flatten()
-                row["tokens_equal_fast"] = differ.numel() == 0
+            # the same greedy tokens as the same model uncompiled (fast-compiled), on the dynamic cache (hf-static)?
+            reference = {"fast-compiled": "fast", "hf-static": "dynamic" if spec else "hf-dynamic"}.get(path)
+            if (reference, label) in section["tokens"]:
+                differ = (tokens != section["tokens"][(reference, label)]).any(0).nonzero().flatten()
+                row["tokens_equal_path"] = reference
+                row["tokens_equal"] = differ.numel() == 0
                 row["first_mismatch_position"] = int(differ[0]) - inputs["input_ids"].shape[1] if differ.numel() else None
             if ve.is_wrapped(model):
                 row["kv_cache_mib"] = ve.stats(model).kv_cache_bytes / 2**20
@@ -468,12 +471,12 @@ def _fmt(value, spec: str = ".1f") -> str:
 
 
 def _tokens_note(row: dict) -> str:
-    equal = row.get("tokens_equal_fast")
+    equal, path = row.get("tokens_equal"), row.get("tokens_equal_path")
     if equal is None:
         return ""
     if equal:
-        return "tokens equal the fast path's"
-    return f"tokens differ from the fast path's from new token {row['first_mismatch_position']}"
+        return f"tokens equal the {path} path's"
+    return f"tokens differ from the {path} path's from new token {row['first_mismatch_position']}"
 
 
 def format_markdown(result: dict) -> str:

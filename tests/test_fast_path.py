@@ -244,7 +244,7 @@ def test_fast_takes_true_false_or_compile():
 
 def test_fast_bench_runs_on_the_tiny_models(tmp_path):
     """The GPU benchmark script's CPU smoke run: every configuration of its first section runs, and its checks find
-    the fast path's tokens equal to the dynamic path's."""
+    the fast path's tokens equal to the dynamic path's and HF's static route's equal to the dynamic cache's."""
     import json
 
     from vlm_efficient.evals import fast_bench
@@ -258,6 +258,10 @@ def test_fast_bench_runs_on_the_tiny_models(tmp_path):
     assert {("hf-dynamic", ""), ("fast", ""), ("hf-static", ""), ("fast", "FastV 75%"), ("dynamic", "DART 75%"),
             ("hf-static", "FastV 75%"), ("hf-static", "PAI")} <= paths  # fmt: skip
     assert all(row["decode_ms_per_token"] is not None for row in section["rows"])
+    # HF's static route: the unwrapped model against itself on the dynamic cache, the wrapped one against the dynamic path
+    static = [row for row in section["rows"] if row["path"] == "hf-static"]
+    assert [(row["tokens_equal_path"], row["tokens_equal"]) for row in static] == [
+        ("hf-dynamic", True)] + [("dynamic", True)] * (len(static) - 1)  # fmt: skip
     assert [check["tokens_equal"] for check in section["checks"]] == [True] * (1 + len(fast_bench.SECTIONS[0].methods))
     assert "| fast | FastV 50% |" in (tmp_path / "fast_bench.md").read_text()
     assert len(result["family_checks"]) == (1 + len(fast_bench.FAMILY_CHECKS)) * len(FAMILIES)
@@ -279,7 +283,8 @@ def test_fast_bench_filters_methods_and_profiles_the_prefill(tmp_path):
         ("hf-dynamic", ""), ("dynamic", ""), ("fast", ""), ("fast", "PAI"), ("dynamic", "PAI"), ("fast-compiled", ""),
         ("fast-compiled", "PAI")}  # fmt: skip
     assert [row["compiled"] for row in section["rows"] if row["path"].startswith("fast")] == [False, False, True, True]
-    assert [row["tokens_equal_fast"] for row in section["rows"] if row["path"] == "fast-compiled"] == [True, True]
+    assert [(row["tokens_equal_path"], row["tokens_equal"]) for row in section["rows"]
+            if row["path"] == "fast-compiled"] == [("fast", True)] * 2
     assert section["checks"] == [] and "family_checks" not in result
     for name in ("hf-dynamic", "dynamic", "fast", "fast_PAI"):
         text = (tmp_path / f"profile_{name}.txt").read_text()

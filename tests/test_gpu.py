@@ -211,3 +211,20 @@ def test_fast_prefill_segment_graphs_replay_as_eager(family, spec, exact_fp32):
     ve.unwrap(model)
     reference = SimpleNamespace(sequences=dynamic.sequences.cpu(), logits=[step.cpu() for step in dynamic.logits])
     assert_same_up_to_near_ties(reference, calls[2])
+
+
+@pytest.mark.parametrize("spec", ["fastv:layer=2,ratio=0.5", "pai:alpha=0.5"])
+def test_static_cache_on_the_gpu_decodes_uncompiled_with_the_dynamic_tokens(spec, exact_fp32):
+    """On a GPU generate() would compile the decoding forward on a static cache (CUDA graphs); the wrapped model is
+    not compiled there (hooks.STATIC_UNCOMPILED, said in a warning) and gives the dynamic cache's tokens. Compiled,
+    FastV and PAI failed at LLaVA-1.5-7B shapes on an H100 (run 10: a CUDA graph's overwritten output, an inductor
+    C++ compile error)."""
+    model, processor = tiny_model("llava")
+    model.cuda()
+    batch = two_samples(processor).to("cuda")
+    ve.wrap(model, spec)
+    dynamic = greedy(model, batch)
+    with pytest.warns(RuntimeWarning, match="decodes uncompiled"):
+        static = greedy(model, batch, cache_implementation="static")
+    ve.unwrap(model)
+    assert torch.equal(static.sequences, dynamic.sequences)

@@ -4,6 +4,8 @@ static buffers, generate()'s other modes, compiled decoding (dynamo tracing the 
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from transformers import CompileConfig
@@ -96,18 +98,55 @@ def test_generate_modes_on_static_cache(mode):
     ve.unwrap(model)
 
 
+def compile_everywhere(backend) -> CompileConfig:
+    """generate() compiles the decoding forward on a static cache where the device is a GPU; _compile_all_devices
+    does it on CPU too."""
+    config = CompileConfig(backend=backend)
+    config._compile_all_devices = True
+    return config
+
+
+def test_wrapped_model_is_not_compiled_on_static_cache():
+    """wrap() sets generation_config.disable_compile (hooks.STATIC_UNCOMPILED): generate() compiles nothing for the
+    wrapped model, which gives the dynamic cache's tokens; unwrap() and a deep copy give the setting back, and
+    generate() compiles the unwrapped model's decoding again."""
+    model, processor = tiny_model("llava")
+    batch = two_samples(processor)
+    graphs = []
+
+    def counting(graph, example_inputs, **options):
+        graphs.append(graph)
+        return graph.forward
+
+    ve.wrap(model, "fastv:layer=2,ratio=0.5")
+    assert model.generation_config.disable_compile
+    copied = copy.deepcopy(model)  # wrapped again: the copy's own engine sets it, and its unwrap gives it back
+    assert copied.generation_config.disable_compile
+    assert not ve.unwrap(copied).generation_config.disable_compile
+    torch._dynamo.reset()
+    dynamic = generate(model, batch, max_new_tokens=3)
+    static = generate(model, batch, max_new_tokens=3, cache_implementation="static",
+                      compile_config=compile_everywhere(counting))  # fmt: skip
+    assert graphs == []
+    assert_same(dynamic, static)
+    ve.unwrap(model)
+    assert not model.generation_config.disable_compile
+    generate(model, batch, max_new_tokens=3, cache_implementation="static", compile_config=compile_everywhere(counting))
+    torch._dynamo.reset()
+    assert graphs
+
+
 def test_compiled_decoding_on_static_cache():
-    """generate() compiles the decoding forward on a static cache where the device is a GPU; CompileConfig's
-    _compile_all_devices does it on CPU too. The eager backend runs dynamo over the engine's hooks (graph breaks,
-    recompiles as the trimmed lengths change) without a C++ compiler; the tokens stay the dynamic cache's."""
+    """Asked for (disable_compile=False), generate() compiles a wrapped model's decoding forward: dynamo's eager
+    backend runs over the engine's hooks (graph breaks, recompiles as the trimmed lengths change) without a C++
+    compiler; the tokens stay the dynamic cache's."""
     model, processor = tiny_model("llava")
     batch = two_samples(processor)
     ve.wrap(model, "fastv:layer=2,ratio=0.5")
-    compile_config = CompileConfig(backend="eager")
-    compile_config._compile_all_devices = True
     torch._dynamo.reset()
     dynamic = generate(model, batch, max_new_tokens=3)
-    compiled = generate(model, batch, max_new_tokens=3, cache_implementation="static", compile_config=compile_config)
+    compiled = generate(model, batch, max_new_tokens=3, cache_implementation="static", disable_compile=False,
+                        compile_config=compile_everywhere("eager"))  # fmt: skip
     torch._dynamo.reset()
     assert torch.equal(compiled.sequences, dynamic.sequences)
     torch.testing.assert_close(torch.stack(compiled.logits, 1), torch.stack(dynamic.logits, 1), atol=1e-4, rtol=1e-4)

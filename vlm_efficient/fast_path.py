@@ -52,6 +52,7 @@ from .adapters import CACHE_KWARGS, cache_kwarg
 from .fast_attention import (PACKED_VISION_ATTENTION, GroupRoute, edit_buffers, edits_key, load_edit_buffers,
                              reloadable, routed, shared_group_route)  # fmt: skip
 from .fast_prefill import LeanEncoder, LeanPrefill, capture_graph
+from .hooks import AttributeUndo
 from .method import UNSTRUCTURED, AttentionContext, Method, edits_attention
 
 BUCKET = 64  # buffer lengths round up to this: calls whose prompts keep similar numbers of keys share one graph
@@ -192,20 +193,6 @@ class StaticStep:
             self.step()
 
 
-class _ConfigUndo:
-    """Undoes a config attribute the fast path set, with a hook handle's interface: remove() at unwrap,
-    remove_from_copy(memo) on a deep copy of the wrapped model (the copy's config is memo's copy of this one)."""
-
-    def __init__(self, config, name: str, original):
-        self.config, self.name, self.original = config, name, original
-
-    def remove(self) -> None:
-        setattr(self.config, self.name, self.original)
-
-    def remove_from_copy(self, memo: dict) -> None:
-        setattr(memo[id(self.config)], self.name, self.original)
-
-
 class FastPath:
     """The fast path of one wrapped model: its generate(), the positions it records at prefill, its captured steps."""
 
@@ -257,7 +244,7 @@ class FastPath:
         if engine.adapter.packed_vision_tower and vision is not None and vision._attn_implementation == "sdpa":
             # set on the config: set_attn_implementation refuses a "flash" name that is not a hub kernel
             vision._attn_implementation = PACKED_VISION_ATTENTION
-            engine.add_handle(_ConfigUndo(vision, "_attn_implementation", "sdpa"))
+            engine.add_handle(AttributeUndo(vision, "_attn_implementation", "sdpa"))
         model.generate = self.generate
 
     def graphs_on(self, device: torch.device) -> bool:

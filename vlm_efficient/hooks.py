@@ -19,6 +19,7 @@ The attention calls themselves go through the attention implementation the engin
 from __future__ import annotations
 
 import copy
+import warnings
 
 import torch
 from torch import nn
@@ -32,6 +33,14 @@ from .placement import execution_device
 from .ragged_cache import store_per_head
 from .run_state import RunState
 from .static_cache import allocated_bytes, on_static_cache, padding_mask
+
+
+STATIC_UNCOMPILED = (
+    "a wrapped model decodes uncompiled on generate()'s static cache: wrap() sets generation_config.disable_compile "
+    "(unwrap() restores it), because the engine's hooks keep per-call state in Python that torch.compile's traced, "
+    "CUDA-graphed decoding step does not keep. For graph-captured decoding of a wrapped model use "
+    "vlm_efficient.wrap(model, spec, fast=True) and the default cache"
+)
 
 
 def _new_tokens_only(kwargs: dict, fed: int) -> None:
@@ -51,6 +60,21 @@ def _identity(tensor: torch.Tensor | None) -> tuple | None:
     if tensor is None:
         return None
     return tensor.data_ptr(), tuple(tensor.shape), tensor.stride(), tensor.device, tensor._version
+
+
+class AttributeUndo:
+    """Undoes an attribute the engine set on a config (the model's config or generation_config), with a hook handle's
+    interface: remove() at unwrap, remove_from_copy(memo) on a deep copy of the wrapped model (the copy's config is
+    memo's copy of this one)."""
+
+    def __init__(self, config, name: str, original):
+        self.config, self.name, self.original = config, name, original
+
+    def remove(self) -> None:
+        setattr(self.config, self.name, self.original)
+
+    def remove_from_copy(self, memo: dict) -> None:
+        setattr(memo[id(self.config)], self.name, self.original)
 
 
 class ModelHooks:
@@ -92,6 +116,11 @@ class ModelHooks:
                     capture = engine.pre_rotary_capture.hook(idx, part, lambda: engine.run)
                     self.add(module.register_forward_hook(capture))
         self.own_ids = {h.id for h in self.handles[first:] if isinstance(h, RemovableHandle)}
+        generation = getattr(model, "generation_config", None)
+        if generation is not None and not generation.disable_compile:
+            # generate() compiles the decoding forward on a static cache (GPU) unless told not to: see STATIC_UNCOMPILED
+            self.add(AttributeUndo(generation, "disable_compile", generation.disable_compile))
+            generation.disable_compile = True
 
     def add(self, handle) -> None:
         """Keep a hook handle (or anything with .remove()): remove() removes it."""
@@ -199,6 +228,8 @@ class ModelHooks:
             self.captured_grids.clear()
             inputs = {**kwargs, "captured_grid_thw": grids}
             static = on_static_cache(cache)
+            if static and input_ids.device.type != "cpu":
+                warnings.warn(STATIC_UNCOMPILED, RuntimeWarning, stacklevel=2)
             if static and engine.shrinks and any(engine.adapter.mask_group(engine.model, i)
                                                  for i in range(engine.num_layers)):  # fmt: skip
                 raise ValueError(

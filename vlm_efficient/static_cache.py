@@ -9,9 +9,17 @@ values and mask to the slots the layer has written (`written_keys`), so it atten
 on a dynamic cache, and the methods' masks and attention edits, expressed over those keys, apply unchanged.
 
 generate() hands the model, on a static cache, a 4-D mask sized to the cache instead of the 2-D padding mask
-(`padding_mask` gets that back at the prefill; decoding steps feed real tokens only). It compiles the decoding
-forward where the device is a GPU: the engine's hooks then run under torch.compile, with graph breaks where they
-read the host and recompiles as the trimmed lengths grow (past dynamo's recompile limit a frame runs eagerly).
+(`padding_mask` gets that back at the prefill; decoding steps feed real tokens only).
+
+generate() compiles the decoding forward on a static cache where the device is a GPU (torch.compile,
+"reduce-overhead": CUDA graphs). A wrapped model is not compiled there: wrap() sets generation_config.disable_compile
+(hooks.STATIC_UNCOMPILED). Traced by dynamo, the engine's hooks keep tensors across steps that the next graph replay
+overwrites (LLaVA-1.5-7B on an H100: "accessing tensor output of CUDAGraphs that has been overwritten" with FastV)
+and put host-side work in the graph (PAI: an inductor C++ compile error); with the hooks run eagerly between compiled
+pieces, dynamo (torch 2.13) reuses one layer's compiled code for every layer without guarding on the layer's hooks or
+modules (a method's FFN hook skipped, the first layer's attention module passed to the engine for every layer). A user
+who passes disable_compile=False gets the traced hooks (correct under dynamo's eager backend: the tests; not on a GPU
+with CUDA graphs). The graph-captured route for a wrapped model is the fast path (fast_path.py).
 
 Not supported: a per-head pruned cache (plphp:cache=ragged replaces layers of a DynamicCache by per-head buffers),
 refused at the first decoding step (ragged_cache.store_per_head).
