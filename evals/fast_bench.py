@@ -15,8 +15,9 @@ first N; --only 1,4: those). What is measured, per (path, method):
   median of --repeats alternating rounds after the warm-up calls (one generate() of N tokens, then one of 1 token:
   the fast path captures its decoding graph and its prefill segments there, HF's static route compiles there:
   reported as warm-up seconds); min_new_tokens = N so every call decodes N tokens;
-- paths: "hf-dynamic" (the unwrapped model, DynamicCache), "hf-static" (cache_implementation="static", which
-  generate() compiles: the unwrapped model, then, where that worked, wrap(spec) on the same route), "fast"
+- paths: "hf-dynamic" (the unwrapped model, DynamicCache), "hf-static" (cache_implementation="static": the unwrapped
+  model, whose decoding generate() compiles, then, where that worked, wrap(spec) on the same route, which decodes
+  uncompiled: hooks.STATIC_UNCOMPILED), "fast"
   (wrap(spec, fast=True); spec "" = the unwrapped model on the fast path), with --compiled also "fast-compiled"
   (wrap(spec, fast="compile"): the step compiled before its capture; its compile time is in the warm-up column) and
   "dynamic" (wrap(spec));
@@ -128,7 +129,8 @@ class Bench:
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() and not args.tiny else "cpu",
             "torch": torch.__version__, "transformers": transformers.__version__,
             "kernels_env": os.environ.get("VLM_EFFICIENT_KERNELS"), "new_tokens": args.new_tokens,
-            "repeats": args.repeats, "budget_s": args.budget, "sections": [], "errors": [],
+            "repeats": args.repeats, "budget_s": args.budget, "inductor_config": args.inductor, "sections": [],
+            "errors": [],
         }  # fmt: skip
 
     def left(self) -> float:
@@ -489,6 +491,8 @@ def format_markdown(result: dict) -> str:
         "- generate 1 token) / (tokens - 1); prefill = generate 1 token. Ratios against the fast-path base and the "
         "HF dynamic base of the same section.",
     ]
+    if result.get("inductor_config"):
+        lines += ["", f"torch._inductor.config for the compiled paths: {result['inductor_config']}."]
     for section in result["sections"]:
         rows = section["rows"]
         by = {(r["path"], r["method"]): r for r in rows if "error" not in r}
@@ -540,6 +544,26 @@ def format_markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+def _inductor_settings(parser, text: str) -> dict:
+    """--inductor "name=value,...": set on torch._inductor.config (values are Python literals); the settings made."""
+    import ast
+
+    import torch._inductor.config as inductor
+
+    settings = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, _, value = item.partition("=")
+        if not hasattr(inductor, name.strip()):
+            parser.error(f"--inductor {item}: torch._inductor.config has no setting {name.strip()!r}")
+        try:
+            settings[name.strip()] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            parser.error(f"--inductor {item}: the value must be a Python literal (True, 4, 'name')")
+    for name, value in settings.items():
+        setattr(inductor, name, value)
+    return settings
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="folder for fast_bench.json and fast_bench.md")
@@ -555,6 +579,9 @@ def main(argv=None) -> int:
     parser.add_argument("--no-checks", dest="checks", action="store_false", help="skip the exactness checks")
     parser.add_argument("--compiled", action="store_true",
                         help='also time wrap(spec, fast="compile") for the base and every method (path fast-compiled)')
+    parser.add_argument("--inductor", default="",
+                        help="comma-separated torch._inductor.config settings for the compiled paths, e.g. "
+                             "coordinate_descent_tuning=True,max_autotune=True (recorded in the results)")
     parser.add_argument("--profile", action="store_true",
                         help="profile one prefill of the unwrapped, wrapped and fast-path model (profile_<path>.txt)")
     args = parser.parse_args(argv)
@@ -568,6 +595,7 @@ def main(argv=None) -> int:
         if not all(n.isdigit() and 1 <= int(n) <= len(SECTIONS) for n in numbers):
             parser.error(f"--only {args.only}: comma-separated section numbers from 1 to {len(SECTIONS)}")
         args.only = [int(n) for n in numbers]
+    args.inductor = _inductor_settings(parser, args.inductor)
     if args.new_tokens < 2 or args.repeats < 1:
         parser.error("--new-tokens must be >= 2 and --repeats >= 1")
     if not args.tiny and not torch.cuda.is_available():

@@ -270,14 +270,17 @@ def test_fast_bench_runs_on_the_tiny_models(tmp_path):
 
 def test_fast_bench_filters_methods_and_profiles_the_prefill(tmp_path):
     """--methods runs only the labels named, --no-checks skips every check, --profile writes one operator table and one
-    Python profile per path and fast-path method; an unknown label is refused with the known ones."""
+    Python profile per path and fast-path method, --inductor settings are recorded; an unknown label, an unknown
+    inductor setting and a value that is no Python literal are refused."""
     import json
 
     from vlm_efficient.evals import fast_bench
 
     assert fast_bench.main(["--tiny", "--out", str(tmp_path), "--new-tokens", "2", "--repeats", "1", "--sections", "1",
-                            "--methods", "PAI", "--no-checks", "--profile", "--compiled"]) == 0  # fmt: skip
+                            "--methods", "PAI", "--no-checks", "--profile", "--compiled",
+                            "--inductor", "coordinate_descent_tuning=False"]) == 0  # fmt: skip
     result = json.loads((tmp_path / "fast_bench.json").read_text())
+    assert result["inductor_config"] == {"coordinate_descent_tuning": False}
     (section,) = result["sections"]
     assert {(row["path"], row["method"]) for row in section["rows"]} == {
         ("hf-dynamic", ""), ("dynamic", ""), ("fast", ""), ("fast", "PAI"), ("dynamic", "PAI"), ("fast-compiled", ""),
@@ -289,8 +292,9 @@ def test_fast_bench_filters_methods_and_profiles_the_prefill(tmp_path):
     for name in ("hf-dynamic", "dynamic", "fast", "fast_PAI"):
         text = (tmp_path / f"profile_{name}.txt").read_text()
         assert "Self CPU" in text and "cProfile" in text and "tottime" in text
-    with pytest.raises(SystemExit):
-        fast_bench.main(["--tiny", "--out", str(tmp_path), "--methods", "FastW"])
+    for bad in (["--methods", "FastW"], ["--inductor", "no_such_setting=1"], ["--inductor", "max_autotune=yes"]):
+        with pytest.raises(SystemExit):
+            fast_bench.main(["--tiny", "--out", str(tmp_path), *bad])
 
 
 def test_fast_bench_runs_the_sections_named(tmp_path):
