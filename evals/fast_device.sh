@@ -2,7 +2,8 @@
 # The fast path on the device tool's GPU in one call (from the repository root): transformers 5.25 from wheels in
 # .whl/tf525 where present (the device has 5.17, whose generate() does not encode the images before the prefill),
 # the package, then the fast path's benchmark with per-method profiles and the CUDA tests.
-# SECTIONS (fast_bench --only, default 1), METHODS and PROFILE (default --profile; PROFILE= for none) choose the bench.
+# SECTIONS (fast_bench --only, default 1), METHODS and PROFILE (default --profile; PROFILE= for none) choose the bench;
+# BENCH_ARGS adds fast_bench arguments (e.g. "--compiled --inductor coordinate_descent_tuning=True").
 # The wheels (the device reaches no registry; carry .whl/tf525, under 64 MiB): transformers 5.25.0, huggingface_hub
 # 2.4.0, tokenizers 0.23.3 and hub 2's own new dependencies (httpx2, httpcore2, h11, anyio, idna, truststore, click,
 # hf_xet), for the device's Python 3.12:
@@ -24,7 +25,7 @@ python3 -m pip install -q --no-deps --no-build-isolation -e . > /dev/null
 python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)"
 if [ "${BENCH_S:-250}" -gt 0 ]; then
   timeout "${BENCH_S:-250}" python3 -m vlm_efficient.evals.fast_bench --out "$OUT/fast_bench" --only "${SECTIONS:-1}" \
-    --methods "${METHODS:-FastV 75%,VisionZip 75%,PAI}" ${PROFILE---profile} --budget $(( ${BENCH_S:-250} - 40 )) \
+    --methods "${METHODS:-FastV 75%,VisionZip 75%,PAI}" ${PROFILE---profile} --budget $(( ${BENCH_S:-250} - 40 )) ${BENCH_ARGS:-} \
     > "$OUT/fast_bench/log.txt" 2>&1
   cp "$OUT/fast_bench/fast_bench.md" "$OUT/" 2>/dev/null || tail -20 "$OUT/fast_bench/log.txt"
 fi
