@@ -93,6 +93,9 @@ class VHR(Method):
     summary = "x alpha on heads whose output diverges most with vs without the image (later half)"
     reported = "CHAIR_S ~49 -> 33.3, CHAIR_I -> 9.71 (LLaVA-1.5-7B); POPE up"
     pending = PerThread()  # the head factors of the calling thread's next prefill
+    # the prefill scales the last row's head outputs only, as every decoding step does (head_output_scale): the fast
+    # path may run that row as a first decoding step
+    prefill_edits_last_row_as_decoding = True
 
     alpha: float = 2.0
     layers: str = ""  # default: the later half

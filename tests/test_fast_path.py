@@ -156,8 +156,26 @@ def test_decoding_edits_equal_dynamic_path(family, spec):
     ve.unwrap(model)
 
 
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+@pytest.mark.parametrize("spec", ["vhr", "vhr+pai"])
+def test_head_output_scales_equal_dynamic_path(family, spec):
+    """VHR scales head outputs (the o_proj input) at every decoding step: asked once after the prefill, applied by the
+    engine's head-output hook inside the step from buffers that a kept step reloads per call
+    (test_captured_prefill_reloads_each_calls_inputs alternates prompts)."""
+    model, processor = tiny_model(family)
+    dynamic, fast = dynamic_then_fast(model, two_samples(processor), spec)
+    step = ve.engine_of(model).fast_path.last_step
+    chosen = range(len(step.parts["layers"]) // 2, len(step.parts["layers"]))  # VHR's default: the later half
+    assert sorted(step.head_scales) == list(chosen)
+    assert any(bool((scale != 1).any()) for scale in step.head_scales.values())  # some heads really are scaled
+    # the prompt ran as segments and its last row as the first decoding step (a head scale is no group edit)
+    prefill = ve.engine_of(model).fast_path.prefill
+    assert prefill.deferred_last_row and prefill.last_segments
+    assert_same(dynamic, fast, exact_prefill=False)
+    ve.unwrap(model)
+
+
 @pytest.mark.parametrize("spec, why", [
-    ("vhr", "scales head outputs"),  # the o_proj input, through a hook the step does not run
     ("gift:words=all", "no form that stays the same"),  # edits recomputed at every step
     ("avl", "no form that stays the same"),
     ("equal_distance", "no form that stays the same"),  # pre-rotary logits
@@ -495,6 +513,7 @@ def _stand_in_capture(fn, device, warmups=2):
     ("paint", False),  # hooks the tower's layers with no EncoderRecord: the encoding stays eager
     # the last prompt row's edits in the segments (their key groups reloaded per call), or deferred to the first step
     ("pai", True), ("adaptvis", True), ("pai+adaptvis", True),
+    ("vhr", True),  # head-output scales of the decoding step, reloaded per call
 ])  # fmt: skip
 def test_captured_prefill_reloads_each_calls_inputs(spec, vision_plain, monkeypatch):
     """The capture logic of the lean prefill and of the image encoding (transformers 5.25), with a CPU stand-in for CUDA
@@ -528,7 +547,8 @@ def test_captured_prefill_reloads_each_calls_inputs(spec, vision_plain, monkeypa
         prefill = fast_path.prefill
         assert_same(expected[which], out, exact_prefill=not (prefill.deferred_last_row or prefill.routed_last_row))
         assert prefill.routed_last_row == (spec in ("pai", "adaptvis", "paint"))
-        assert prefill.deferred_last_row == (spec == "pai+adaptvis")  # two group edits: no one route
+        # two group edits, or a head scale (no group edit): no one route
+        assert prefill.deferred_last_row == (spec in ("pai+adaptvis", "vhr"))
         replayed = [flag for *_, flag in fast_path.prefill.last_segments]
         assert replayed and all(flag == (call >= 1) for flag in replayed)
         assert fast_path.encoder.last_replayed == (encodes and vision_plain and call >= 1)

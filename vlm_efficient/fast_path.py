@@ -32,8 +32,9 @@ kept step at each call; a step with post-softmax functions (ACT: they hold this 
 Refused, with a pointer to the dynamic path: at wrap, methods that cache per head (PLPHP), sliding-window layers, a
 model spread over devices; at generate, beams and other decoding modes, a cache passed in or cache_implementation,
 streamers and assistant models, attentions or hidden states in the output; after the prefill, decoding edits with no
-step-invariant form or on pre-rotary logits (GIFT, A-VL, YOPO, Vista-LLaMA, VAR's code variant) and head-output
-scales (VHR). Methods' observe_hidden is not called while decoding.
+step-invariant form or on pre-rotary logits (GIFT, A-VL, YOPO, Vista-LLaMA, VAR's code variant). Head-output scales
+(VHR) are asked once after the prefill and applied at every step by the engine's head-output hook (buffers reloaded
+per call). Methods' observe_hidden is not called while decoding.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ from .adapters import CACHE_KWARGS, cache_kwarg
 from .fast_attention import (PACKED_VISION_ATTENTION, GroupRoute, edit_buffers, edits_key, load_edit_buffers,
                              reloadable, routed, shared_group_route)  # fmt: skip
 from .fast_prefill import LeanEncoder, LeanPrefill, capture_graph
-from .hooks import AttributeUndo
+from .hooks import AttributeUndo, head_output_scale
 from .method import UNSTRUCTURED, AttentionContext, Method, edits_attention
 
 BUCKET = 64  # buffer lengths round up to this: calls whose prompts keep similar numbers of keys share one graph
@@ -122,6 +123,7 @@ class StaticStep:
                                    for k, v, g in zip(self.keys, self.values, group_of)])  # fmt: skip
         self.graph = None
         self.edits: dict[int, list] = {}  # layer -> its decoding AttentionEdits over the whole buffer (set_edits)
+        self.head_scales: dict[int, torch.Tensor] = {}  # layer -> its head-output scale [B, H] (set_head_scales)
 
     def set_edits(self, edits: dict, static: bool) -> None:
         """The decoding edits the step runs: with `static`, edits of the same structure whose tensors are buffers of
@@ -140,12 +142,24 @@ class StaticStep:
     def load_edits(self, edits: dict) -> None:
         load_edit_buffers(self.edits, edits)
 
+    def set_head_scales(self, layers) -> None:
+        """Buffers [B, H] of the head-output scales of these layers (VHR), which load_head_scales fills per call."""
+        heads = self.parts["config"].num_attention_heads
+        with torch.inference_mode(False):
+            self.head_scales = {idx: torch.ones(self.tokens.shape[0], heads, device=self.tokens.device) for idx in layers}
+
+    def load_head_scales(self, scales: dict) -> None:
+        for idx, scale in scales.items():
+            self.head_scales[idx].copy_(scale.expand_as(self.head_scales[idx]))
+
     def kv_bytes(self) -> list[int]:
         return [k.nbytes + v.nbytes for k, v in zip(self.keys, self.values)]
 
     def step(self) -> None:
         """One decoding step on the buffers: the same calls every time, no host read."""
-        with routed(self.parts["config"], self.parts["layers"], self.edits):
+        with routed(self.parts["config"], self.parts["layers"], self.edits), self.parts["hooks"].scaled_heads(
+            self.head_scales
+        ):
             self.forward()
 
     def _forward(self) -> None:
@@ -224,7 +238,7 @@ class FastPath:
             "embed": model.get_input_embeddings(), "lm_head": model.get_output_embeddings(),
             "norm": text_model.norm, "rotary": text_model.rotary_emb, "layers": list(engine.layers),
             "cache_name": cache_kwarg(engine.layers[0]), "vocab": model.get_output_embeddings().out_features,
-            "config": engine.text_config,
+            "config": engine.text_config, "hooks": engine.hooks,
         }  # fmt: skip
         self.steps: collections.OrderedDict = collections.OrderedDict()
         self._lock = threading.Lock()  # one static step and one set of buffers: concurrent calls take turns
@@ -407,7 +421,7 @@ class FastPath:
         if run is None or "rotary" not in self._recorded:
             raise RuntimeError("the fast path saw no prefill through the wrapped model")
         self._enter_decoding(run)
-        self._refuse_head_scales(run)
+        head_scales = self._head_scales(run)
         prompt_kv, prompt_keys, group_of, sets, group_keys, group_valid = [], [], [], {}, [], []
         for idx in range(engine.num_layers):
             layer = cache.layers[idx]
@@ -437,7 +451,7 @@ class FastPath:
         layer_position = self._recorded.get("layer")
         key = (keys.shape[0], tuple(capacities), tuple(group_of), keys.shape[1], keys.shape[3], keys.dtype, device,
                tuple(self._recorded["rotary"].shape), None if layer_position is None else tuple(layer_position.shape),
-               self.use_graph, structure)  # fmt: skip
+               self.use_graph, structure, tuple(head_scales))  # fmt: skip
         step = self.steps.pop(key, None) if kept else None
         if step is None:
             started = time.perf_counter()
@@ -449,8 +463,10 @@ class FastPath:
                                   None if layer_position is None else layer_position.shape,
                                   compiled=self.compiled and kept)  # a step for one call is not worth compiling
             step.set_edits(edits, static=kept)
+            step.set_head_scales(head_scales)
             if kept:
                 step.load_edits(edits)
+            step.load_head_scales(head_scales)  # before a capture's warm-up runs (they scale by these)
             if step.compiled and not self.graphs_on(device):
                 with engine.plain():
                     step.step()  # compiles here, not in the first decoding step (load() then resets the buffers)
@@ -464,8 +480,9 @@ class FastPath:
                                   "decoding runs the same step eagerly", RuntimeWarning, stacklevel=2)  # fmt: skip
                     step.graph = None
             self.last_build_s = time.perf_counter() - started
-        elif edits:
+        else:
             step.load_edits(edits)
+            step.load_head_scales(head_scales)
         if kept:
             self.steps[key] = step
         self.last_step = step
@@ -529,13 +546,12 @@ class FastPath:
                 found.setdefault(idx, []).append(edit)
         return found
 
-    def _refuse_head_scales(self, run) -> None:
-        """Head-output scales (VHR) act on the o_proj input through a hook that the fast step does not run."""
-        engine = self.engine
-        for method in (m for m in engine.methods if m.edits_head_outputs()):
-            for idx in range(engine.num_layers):
-                if method.head_output_scale(idx, run) is not None:
-                    raise ValueError(
-                        f"{method.name} scales head outputs of layer {idx} while decoding; the fast path runs the "
-                        f"layers unchanged. {DYNAMIC_PATH[0].upper()}{DYNAMIC_PATH[1:]}."
-                    )
+    def _head_scales(self, run) -> dict[int, torch.Tensor]:
+        """{layer: the methods' head-output scale [B, H] or [H] of a decoding step} (VHR), asked once per call as at
+        the first decoding step: the step applies them at every step (hooks.ModelHooks.scaled_heads), as the dynamic
+        path's hook does, whose methods give the same scale at every step."""
+        methods = [m for m in self.engine.methods if m.edits_head_outputs()]
+        if not methods:
+            return {}
+        scales = {idx: head_output_scale(methods, idx, run) for idx in range(self.engine.num_layers)}
+        return {idx: scale for idx, scale in scales.items() if scale is not None}

@@ -485,7 +485,7 @@ class LeanPrefill:
         engine, methods = self.engine, self.engine.methods
         if idx in engine.probe_layers or engine.shards is not None or run.static_cache or engine.per_head_cache:
             return False
-        if any(m.observes_hidden(idx) or m.edits_head_outputs() or m.uses_unrotated(idx)
+        if any(m.observes_hidden(idx) or m.head_output_scale(idx, run) is not None or m.uses_unrotated(idx)
                or m.attention_request(idx) is not None for m in methods):  # fmt: skip
             return False
         # a method may edit attention: plain where every editing method's structured edit of this prefill's layer is

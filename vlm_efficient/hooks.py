@@ -18,6 +18,7 @@ The attention calls themselves go through the attention implementation the engin
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
 
@@ -62,6 +63,16 @@ def _identity(tensor: torch.Tensor | None) -> tuple | None:
     return tensor.data_ptr(), tuple(tensor.shape), tensor.stride(), tensor.device, tensor._version
 
 
+def head_output_scale(methods, idx: int, run) -> torch.Tensor | None:
+    """The product of the methods' head-output scales of layer idx in this call ([B, H] or [H]), or None."""
+    scale = None
+    for method in methods:
+        factors = method.head_output_scale(idx, run)
+        if factors is not None:
+            scale = factors if scale is None else scale * factors
+    return scale
+
+
 class AttributeUndo:
     """Undoes an attribute the engine set on a config (the model's config or generation_config), with a hook handle's
     interface: remove() at unwrap, remove_from_copy(memo) on a deep copy of the wrapped model (the copy's config is
@@ -85,6 +96,9 @@ class ModelHooks:
     captured_grids: list[torch.Tensor] = PerThread(list)  # grid_thw of vision-tower calls made before prefill
     prebuilt_layout: tuple | None = PerThread()  # (input_ids' and the mask's identity, layout): prebuild_layout
     confirmed_layout: ModalityLayout | None = PerThread()  # the next prefill's layout: confirm_prebuilt_layout
+    # {layer: head-output scale [B, H]} that the fast path's decoding step applies (scaled_heads): the step runs the
+    # layers with no call in progress, where the methods are not asked
+    step_head_scales: dict = PerThread(dict)
 
     def __init__(self, engine):
         self.engine = engine
@@ -324,13 +338,7 @@ class ModelHooks:
 
         def hook(module, args):
             run = engine.run
-            if run is None:
-                return None
-            scale = None
-            for method in engine.methods:
-                factors = method.head_output_scale(idx, run)
-                if factors is not None:
-                    scale = factors if scale is None else scale * factors
+            scale = self.step_head_scales.get(idx) if run is None else head_output_scale(engine.methods, idx, run)
             if scale is None:
                 return None
             heads_out = args[0]
@@ -341,6 +349,16 @@ class ModelHooks:
             return ((per_head * scale).view_as(heads_out), *args[1:])
 
         return hook
+
+    @contextlib.contextmanager
+    def scaled_heads(self, scales: dict):
+        """While it lasts, calls with no call in progress (the fast path's decoding step) scale layer idx's head
+        outputs by scales[idx] [B, H] (the methods' head_output_scale, asked once per call)."""
+        saved, self.step_head_scales = self.step_head_scales, scales
+        try:
+            yield
+        finally:
+            self.step_head_scales = saved
 
     def layer_post_hook(self, idx: int):
         engine = self.engine

@@ -237,8 +237,9 @@ class Method:
     summary: ClassVar[str] = ""
     reported: ClassVar[str] = ""  # the effect its paper reports on the benchmarks it targets (evals' reports show it)
     # Its prefill edits the last prompt row only, with the edit it makes at every decoding step (the same structured
-    # kernel_edit, text keys in group 0), and does nothing else there: the last prompt token's row is then a first
-    # decoding step, and the fast path may run the rest of the prompt as the plain model does (PAI, PAINT, AdaptVis)
+    # kernel_edit, text keys in group 0; or the same head-output scale, head_output_scale), and does nothing else
+    # there: the last prompt token's row is then a first decoding step, and the fast path may run the rest of the
+    # prompt as the plain model does (PAI, PAINT, AdaptVis, VHR)
     prefill_edits_last_row_as_decoding: ClassVar[bool] = False
 
     def bind(self, engine) -> None:
