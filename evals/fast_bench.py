@@ -54,6 +54,7 @@ METHODS = {
     "VAF": "vaf",
     "VAR": "var:tau=3,sink_dims=0/1/2/3",  # random weights have no massive dims: tau=3 (as evals/gpu_bench.sh)
     "ACT": "act",
+    "VHR": "vhr",  # head-output scales; two side prefills (with and without the image) before each prefill
     "DyCoke 75%": "dycoke:ratio=0.75",  # video: temporal merging of each frame pair
     "DivPrune 90%": "divprune:ratio=0.9",  # per frame on a video
 }
@@ -75,7 +76,7 @@ class Section(NamedTuple):
 VIDEO_IMAGE_SIZE = 336  # 32 frames at 336 px: 2,304 video tokens on Qwen2-VL (README, video token reduction)
 SECTIONS = [
     Section("llava-1.5-7b", 1, ["FastV 50%", "FastV 75%", "VisionZip 75%", "DART 75%", "PyramidDrop", "PAI", "VAF", "VAR",
-                                "ACT"], True),
+                                "ACT", "VHR"], True),
     Section("llava-1.5-7b", 8, ["FastV 75%", "VisionZip 75%"], False),
     Section("llava-next-7b", 1, ["FastV 75%", "VisionZip 75%", "DART 75%"], False),
     Section("llava-next-7b", 8, ["FastV 75%"], False),
