@@ -374,7 +374,9 @@ class Bench:
         """Where the prefill's time goes: one generate() of one token for the unwrapped model, the wrapped one (no
         method), the fast path with no method and the fast path with each of the section's methods. torch.profiler's top
         operators by host and by device time, cProfile's top Python functions by own time over a second call and, on
-        CUDA, the synchronizing calls of a third by Python line (host_reads) go to profile_<path>[_<method>].txt."""
+        CUDA, the synchronizing calls of a third by Python line (host_reads) go to profile_<path>[_<method>].txt; on
+        CUDA the fast path's files also get the device-time table of one generate() of --new-tokens tokens (its
+        decoding steps' kernels)."""
         import cProfile
         import io
         import pstats
@@ -409,6 +411,13 @@ class Bench:
                     text += [table.table(sort_by="self_device_time_total", row_limit=25)]
                 text += [f"cProfile, one more call ({python_wall:.1f} ms wall under cProfile), by own time:",
                          stream.getvalue()]
+                if path == "fast" and torch.cuda.is_available():  # where a decoding step's GPU time goes
+                    tokens = self.args.new_tokens
+                    with profile(activities=activities) as decoding:
+                        decode_wall = self.timed(model, inputs, path, tokens)
+                    text += [f"One generate() of {tokens} tokens ({decode_wall:.1f} ms wall, profiled): a prefill as "
+                             f"above and {tokens - 1} replays of the captured decoding step, by device time:",
+                             decoding.key_averages().table(sort_by="self_device_time_total", row_limit=30)]
                 if host_reads is not None:
                     section.setdefault("prefill_host_reads", {})[name] = sum(host_reads.values())
                     text += [f"Host reads (synchronizing calls) in one more call: {sum(host_reads.values())}, by the "
