@@ -157,6 +157,21 @@ def test_decoding_edits_equal_dynamic_path(family, spec):
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+@pytest.mark.parametrize("spec", ["knockout:edges=question-image/image-last", "naavit", "window", "frame_causal", "aki",
+                                  "ee_mllm", "fastv+naavit"])  # fmt: skip
+def test_masks_equal_dynamic_path(family, spec):
+    """Cross-modal masks on the fast path: the prefill layers they mask run through the wrapped model, the decoding
+    step masks its row as the dynamic path does (or, where a mask leaves decoding rows alone, runs plain attention)."""
+    model, processor = tiny_model(family)
+    batch = two_samples(processor)
+    plain = generate(model, batch)
+    dynamic, fast = dynamic_then_fast(model, batch, spec)
+    assert_same(dynamic, fast)
+    assert not torch.allclose(torch.stack(fast.logits, 1), torch.stack(plain.logits, 1))  # the mask acted
+    ve.unwrap(model)
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
 @pytest.mark.parametrize("spec", ["vhr", "vhr+pai"])
 def test_head_output_scales_equal_dynamic_path(family, spec):
     """VHR scales head outputs (the o_proj input) at every decoding step: asked once after the prefill, applied by the
