@@ -157,9 +157,8 @@ class StaticStep:
 
     def step(self) -> None:
         """One decoding step on the buffers: the same calls every time, no host read."""
-        with routed(self.parts["config"], self.parts["layers"], self.edits), self.parts["hooks"].scaled_heads(
-            self.head_scales
-        ):
+        hooks = self.parts["hooks"]
+        with routed(self.parts["config"], self.parts["layers"], self.edits), hooks.scaled_heads(self.head_scales):
             self.forward()
 
     def _forward(self) -> None:

@@ -37,8 +37,8 @@ from .static_cache import allocated_bytes, on_static_cache, padding_mask
 
 
 STATIC_UNCOMPILED = (
-    "a wrapped model decodes uncompiled on generate()'s static cache: wrap() sets generation_config.disable_compile "
-    "(unwrap() restores it), because the engine's hooks keep per-call state in Python that torch.compile's traced, "
+    "a wrapped model decodes uncompiled on generate()'s static cache (unless the call passes disable_compile=False): "
+    "wrap() sets generation_config.disable_compile (unwrap() restores it), because the engine's hooks keep per-call state in Python that torch.compile's traced, "
     "CUDA-graphed decoding step does not keep. For graph-captured decoding of a wrapped model use "
     "vlm_efficient.wrap(model, spec, fast=True) and the default cache"
 )
