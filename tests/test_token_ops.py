@@ -240,3 +240,23 @@ def test_pool_averages_each_block_into_its_top_left_token(family):
         assert sorted(got) == sorted(expected)
         for p, value in expected.items():
             torch.testing.assert_close(got[p], value)
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next"])
+@pytest.mark.parametrize("tower", ["visionzip:ratio=0.75", "fastervlm:ratio=0.5", "vmtc:ratio=0.75"])
+def test_vision_tower_methods_keep_their_tokens_beside_side_passes(family, tower):
+    """VHR runs two plain side prefills before each prefill (with and without the image), which run the vision tower
+    again after generate() encoded the images for the real prefill. The tower method's record of that encoding
+    survives them (they erased it: "the vision tower did not run before this prefill"), and it keeps the positions it
+    keeps alone; on the fast path too."""
+    model, processor = tiny_model(family)
+    batch = two_samples(processor)
+    ve.wrap(model, tower)
+    greedy(model, batch)
+    alone = ve.engine_of(model).run.layer_positions[0]
+    ve.unwrap(model)
+    for fast in (False, True):
+        ve.wrap(model, f"{tower}+vhr", fast=fast)
+        greedy(model, batch)
+        assert torch.equal(ve.engine_of(model).run.layer_positions[0], alone)
+        ve.unwrap(model)

@@ -70,6 +70,7 @@ class VisionCapture:
     def __init__(self, engine, method, merge_in_vit: bool):
         model, adapter = engine.model, engine.adapter
         self.model, self.adapter, self.method = model, adapter, method
+        self._engine = weakref.ref(engine)
         self.vision = vision = adapter.vision_tower_attention(model, method.name)
         self.attention = vision.attention
 
@@ -82,7 +83,7 @@ class VisionCapture:
             _Handle(lambda target: adapter.set_vision_attention_implementation(target, original), model),
             _Handle(lambda _: _CAPTURE_OF.pop(self.attention, None)),
             vision.tower.register_forward_pre_hook(self._on_tower_call, with_kwargs=True),
-            model.register_forward_hook(lambda *_: self.reset(), always_call=True),  # also after a raise
+            model.register_forward_hook(lambda *_: self._after_forward(), always_call=True),  # also after a raise
         ]
         vision_hooks = [handles[2]]  # the hooks on vision-side modules (EncoderRecord.hook_ids)
         self.merge_in_vit = merge_in_vit and vision.projector is not None  # else merged on the LLM-side features
@@ -95,6 +96,16 @@ class VisionCapture:
         self.vision_hook_ids = frozenset(handle.id for handle in vision_hooks)
 
     # ---- recording ---------------------------------------------------------------------------------------------
+    def _side_pass(self) -> bool:
+        """Inside a plain block (a method's side pass, e.g. VHR's prefills with and without the image): the model runs
+        as unwrapped, and the calls recorded for the coming prefill (generate() encodes the images before it) stay."""
+        engine = self._engine()
+        return engine is not None and engine.in_plain_block
+
+    def _after_forward(self) -> None:
+        if not self._side_pass():
+            self.reset()
+
     def reset(self) -> None:
         """Vision calls belong to the next prefill (generate() encodes images before it) or to the current forward."""
         self.calls.clear()
@@ -112,11 +123,13 @@ class VisionCapture:
         return EncoderRecord(self.vision_hook_ids, self.reset, lambda: copied(self.calls), restore)
 
     def _on_tower_call(self, module, args, kwargs):
+        if self._side_pass():
+            return
         grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
         self.calls.append({"records": [], "grid": grid})
 
     def record(self, query, key, scaling) -> None:
-        if not self.calls:
+        if not self.calls or self._side_pass():
             return
         records = self.calls[-1]["records"]
         metric = key.float().mean(1)  # [B, n, d]: head-averaged keys
@@ -145,11 +158,11 @@ class VisionCapture:
         })  # fmt: skip
 
     def _on_projector_output(self, module, args, output):
-        if self.calls:
+        if self.calls and not self._side_pass():
             self.calls[-1]["tiles"] = output  # [T, n, c]: the call's tiles as LLM features
 
     def _on_projector_call(self, module, args):
-        if not self.calls:
+        if not self.calls or self._side_pass():
             return None
         features = args[0]
         call = self.calls[-1]

@@ -302,8 +302,7 @@ class LeanEncoder:
                     def encode_once():  # the methods' records of this call alone, taken after it
                         for record in records:
                             record.clear()
-                        with engine.plain():
-                            output = encode(**buffers, return_dict=True)
+                        output = encode(**buffers, return_dict=True)
                         return output, [record.take() for record in records]
 
                     graph, (output, states) = capture_graph(encode_once, kwargs["pixel_values"].device)
