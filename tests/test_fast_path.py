@@ -437,7 +437,7 @@ def test_layout_is_built_before_the_image_encoding(family, monkeypatch):
     """The layout is built from generate()'s inputs before the images' encoding is queued (by the fast path itself on
     LLaVA-style families, by generate() on Qwen's with transformers 5.25, by the prefill's forward on 5.17) and the
     prefill takes it instead of building its own; on every family it is the dynamic path's layout."""
-    from vlm_efficient import fast_prefill, hooks
+    from vlm_efficient import hooks
 
     model, processor = tiny_model(family)
     batch = two_samples(processor)
