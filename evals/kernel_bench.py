@@ -22,6 +22,9 @@ Sections (--sections; default all, in this order):
            Python profile of the bound calls (DIR/launch_profile.txt)
   wrapper  the Python part of that host time with every launch stubbed (host_cost.py; runs without a GPU too)
   k4       ragged per-head decode (CUDA-graph replay, rotating caches)
+  k5       masked decode over a static buffer (the fast path's step) vs transformers' SDPA route with the step's
+           boolean mask, and vs SDPA default without a mask (the dynamic cache at batch 1): CUDA-graph replay over
+           rotating caches (a step's layers), and back-to-back eager calls; a config sweep, the best kept
 Every call is timed three ways:
   kernel   GPU time of the kernels it launches (torch profiler, CUDA activity; mean over 10 calls)
   b2b      back-to-back calls as a model makes them: median of 3 x 30 per-call CUDA-event intervals (where the host
@@ -58,12 +61,14 @@ from ..kernels.api import (
     flash_attention,
     group_attention,
     masked_attention,
+    masked_decode_attention,
     ragged_decode_attention,
     received_attention,
 )
 
 MA = sys.modules["vlm_efficient.kernels.masked_attention"]
 RD = sys.modules["vlm_efficient.kernels.ragged_decode"]
+SD = sys.modules["vlm_efficient.kernels.split_decode"]
 
 SIZES = (651, 2955, 8267)
 TEXT_BEFORE, TEXT_AFTER = 35, 40
@@ -539,6 +544,97 @@ class Bench:
                 torch.cuda.empty_cache()
 
 
+    def k5(self):
+        """Kernel 5 where the fast path's step runs it: one query row per sample over a static buffer of `kept` valid
+        keys plus 64 free slots (rounded up to 64), samples of a batch keeping different numbers, against
+        transformers' sdpa_attention_forward with that boolean mask [B, 1, 1, capacity] (what the step ran before)
+        and SDPA default on the valid keys without a mask (the best a user's dynamic cache gets). Each timed as a
+        CUDA graph replaying one call per cache over caches larger than L2 together (as a step's layers), per call."""
+        from types import SimpleNamespace
+
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        d = self.hd
+        cases = [("Qwen2-VL-7B, 32-frame clip", 1, 28, 4, 2329), ("LLaVA-1.5-7B", 1, 32, 32, 640),
+                 ("LLaVA-1.5-7B, batch 8", 8, 32, 32, 640), ("LLaVA-NeXT-7B, batch 8", 8, 32, 32, 2900)]
+        sweep = [(64, 4, 4, 256, 528), (64, 4, 4, 128, 528), (32, 4, 4, 128, 528), (64, 3, 4, 256, 264),
+                 (128, 3, 8, 256, 528), (64, 4, 4, 512, 264)]
+        if self.smoke:
+            cases, sweep = [("tiny", 2, 4, 2, 50)], sweep[:1]
+        saved = dict(SD.DECODE_CONFIG)
+        for name, b, hq, hkv, kept in cases:
+            capacity = -(-(kept + 64) // 64) * 64
+            per_cache = b * hkv * capacity * d * 2 * 2
+            reps = 1 if self.smoke else max(2, min(32, math.ceil(4 * 50e6 / per_cache)))
+            caches = [(torch.randn(b, hkv, capacity, d, device=self.dev, dtype=torch.bfloat16),
+                       torch.randn(b, hkv, capacity, d, device=self.dev, dtype=torch.bfloat16)) for _ in range(reps)]
+            valid = torch.zeros(b, 1, 1, capacity, dtype=torch.bool, device=self.dev)
+            for i in range(b):  # sample i keeps kept - 8 i keys (a ragged batch), then 8 generated tokens
+                valid[i, ..., : kept - 8 * i] = True
+                valid[i, ..., kept: kept + 8] = True
+            key_valid = valid.view(b, capacity)
+            q = torch.randn(b, 1, hq, d, device=self.dev, dtype=torch.bfloat16).transpose(1, 2)
+            module = SimpleNamespace(num_key_value_groups=hq // hkv, is_causal=True, training=False)
+
+            def ours(k, v):
+                return masked_decode_attention(q, k, v, key_valid=key_valid)
+
+            def hf_masked(k, v):
+                return sdpa_attention_forward(module, q, k, v, valid, scaling=d ** -0.5)[0]
+
+            unmasked = [(k[:, :, :kept], v[:, :, :kept]) for k, v in caches]
+
+            def sdpa_unmasked(k, v):
+                return F.scaled_dot_product_attention(q, k, v, enable_gqa=hq != hkv)
+
+            best = None
+            for config in sweep:
+                SD.DECODE_CONFIG.update(zip(("block_n", "num_stages", "num_warps", "min_split", "target_programs"),
+                                            config))
+                try:
+                    t = self.graph_time([lambda k=k, v=v: ours(k, v) for k, v in caches])
+                except Exception as err:
+                    self.res["errors"].append(f"k5 {config}: {type(err).__name__}: {str(err)[:300]}")
+                    continue
+                self.res.setdefault("k5_sweep", []).append(dict(case=name, config=config, ms=t))
+                if best is None or t < best[0]:
+                    best = (t, config)
+            if best is None:
+                continue
+            SD.DECODE_CONFIG.update(zip(("block_n", "num_stages", "num_warps", "min_split", "target_programs"),
+                                        best[1]))
+            t_hf = self.graph_time([lambda k=k, v=v: hf_masked(k, v) for k, v in caches])
+            t_sdpa = self.graph_time([lambda k=k, v=v: sdpa_unmasked(k, v) for k, v in unmasked])
+            err = rel_err(ours(*caches[0]), masked_decode_attention(q, *caches[0], key_valid=key_valid,
+                                                                     backend="reference"))
+            err_hf = rel_err(hf_masked(*caches[0]), masked_decode_attention(q, *caches[0], key_valid=key_valid,
+                                                                            backend="reference"))
+            eager = self.measure(lambda: ours(*caches[0]))
+            eager_hf = self.measure(lambda: hf_masked(*caches[0]))
+            read = int(key_valid.sum()) * hkv * d * 2 * 2
+            self.row(section="k5", case=f"{name}: B={b} Hq={hq} Hkv={hkv}, {kept} kept of {capacity}",
+                     graph_ms=best[0], hf_masked_graph_ms=t_hf, sdpa_unmasked_graph_ms=t_sdpa,
+                     speedup_vs_hf_masked=t_hf / best[0] if best[0] == best[0] else NAN,
+                     TBps=read / best[0] / 1e9, config=list(best[1]), rel_err=err, hf_rel_err=err_hf,
+                     eager=eager, hf_masked_eager=eager_hf)
+            del caches, unmasked
+            if self.dev.type == "cuda":
+                torch.cuda.empty_cache()
+        SD.DECODE_CONFIG.update(saved)
+
+    def graph_time(self, calls) -> float:
+        """ms per call of `calls` (one per cache) captured in one CUDA graph and replayed (smoke: run once, NaN)."""
+        for call in calls:
+            call()
+        self.sync()
+        if self.smoke or self.warm:
+            return NAN
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for call in calls:
+                call()
+        return self.time(graph.replay) / len(calls)
+
 
 # ------------------------------------------------------------------ markdown
 
@@ -637,6 +733,15 @@ def write_markdown(res, path, command):
                     [f"| {r['case']} | {_fmt(r['graph_ms'], 4)} | {_fmt(r['TBps'], 2)} | >= 2.0 | "
                      f"{_fmt(r['eager_ms'], 4)} | {r['splits']} | {r['config']} | {_fmt(r['sdpa_TBps'], 2)} |"
                      for r in section("k4")])
+    lines += _table("### Kernel 5: masked decode over a static buffer (bf16, d=128; CUDA-graph replay over caches > L2)",
+                    "| case | ours ms | HF SDPA + bool mask ms | speed-up | SDPA default, no mask ms | KV TB/s | "
+                    "ours b2b eager ms (host us) | HF masked b2b eager ms (host us) | config (BN, stages, warps, "
+                    "min split, programs) | rel err |",
+                    [f"| {r['case']} | {_fmt(r['graph_ms'], 4)} | {_fmt(r['hf_masked_graph_ms'], 4)} | "
+                     f"{_fmt(r['speedup_vs_hf_masked'], 2)}x | {_fmt(r['sdpa_unmasked_graph_ms'], 4)} | "
+                     f"{_fmt(r['TBps'], 2)} | {_fmt(r['eager']['b2b_ms'], 4)} ({_fmt(r['eager']['host_us'], 1)}) | "
+                     f"{_fmt(r['hf_masked_eager']['b2b_ms'], 4)} ({_fmt(r['hf_masked_eager']['host_us'], 1)}) | "
+                     f"{r['config']} | {_fmt(r['rel_err'], 4)} |" for r in section("k5")])
     lines += _table("### Launch-config sweep (kernel 1, largest N; winners in kernel_configs.json)",
                     "| head_dim | mode | (BM, BN, warps, stages) | ms |",
                     [f"| {r['head_dim']} | {r['mode']} | {r['config']} | {_fmt(r['ms'])} |" for r in section("sweep")])
@@ -646,7 +751,7 @@ def write_markdown(res, path, command):
         f.write("\n".join(lines) + "\n")
 
 
-SECTIONS = ["ceil", "sweep", "k1", "k2", "k3", "host", "launch", "wrapper", "k4"]
+SECTIONS = ["ceil", "sweep", "k1", "k2", "k3", "host", "launch", "wrapper", "k4", "k5"]
 
 
 def main(argv=None):

@@ -30,6 +30,7 @@ from ..kernels.api import (
     group_attention,
     group_decode_attention,
     masked_attention,
+    masked_decode_attention,
     ragged_decode_attention,
     received_attention,
 )
@@ -343,6 +344,40 @@ class Checks:
                             e < TOL[dt] and ep > 3 * e and not torch.isnan(o).any(),
                             f"rel={e:.2e} (plain differs by {ep:.2e})")
 
+    # ------------------------------------------------------------------ kernel 5
+    def masked_decode(self):
+        """One row per sample over a static buffer as the fast path's step holds it: keys a strided slice of a longer
+        buffer, the mask a strided bool view longer than the keys (the layer's [B, 1, 1, capacity] mask), the query a
+        transposed view; samples with padding, holes and (one) no valid key at all; one split and several."""
+        tiny = self.size == "tiny"
+        cfgs = [(2, 8, 2, 60, 64, torch.bfloat16), (3, 4, 4, 45, 80, torch.float16),
+                (1, 8, 1, 70, 128, torch.float32), (2, 4, 2, 10, 64, torch.bfloat16)] if tiny else \
+            [(1, 28, 4, 2393, 128, torch.bfloat16), (8, 32, 32, 700, 128, torch.bfloat16),
+             (2, 32, 8, 5000, 64, torch.float16), (4, 16, 16, 40, 128, torch.bfloat16)]
+        for i, (b, hq, hkv, n, d, dt) in enumerate(cfgs):
+            capacity = n + 7
+            _, k, v = _qkv(b, 1, hkv, 1, capacity, d, dt, self.device, self.gen)
+            k, v = k[:, :, :n], v[:, :, :n]
+            q = torch.randn(b, 1, hq, d, generator=self.gen).to(self.device, dt).transpose(1, 2) * 2
+            mask = torch.rand(b, 1, 1, capacity + 5, generator=self.gen) < 0.7
+            mask[0, ..., :4] = False  # left padding
+            if b > 2:
+                mask[2] = False  # a sample with no valid key: zeros, as SDPA
+            key_valid = mask.to(self.device)[:, 0, 0, :]
+            for label, kv_arg in (("mask", key_valid), ("no mask", None)):
+                o = masked_decode_attention(q, k, v, key_valid=kv_arg, backend=self.backend)
+                r = masked_decode_attention(q, k, v, key_valid=kv_arg, backend="reference")
+                e = rel(o, r)
+                ok = e < TOL[dt] and not torch.isnan(o).any()
+                if kv_arg is not None and b > 2:
+                    ok = ok and bool((o[2] == 0).all())
+                self.record(f"masked_decode {label} {b}x{hq}/{hkv}x{n}x{d} {str(dt)[6:]}", ok, f"rel={e:.2e}")
+            o = masked_decode_attention(q, k, v, key_valid=key_valid, backend=self.backend)
+            wrong = masked_decode_attention(q, k, v, key_valid=torch.roll(key_valid, 1, 1), backend="reference")
+            e = rel(o, wrong)
+            self.record(f"masked_decode (negative) shifted mask {b}x{hq}/{hkv}x{n}", e > 3 * TOL[dt],
+                        f"rel to the shifted mask's reference {e:.2e}")
+
     # ------------------------------------------------------------------ kernel 4
     def ragged(self):
         tiny = self.size == "tiny"
@@ -414,8 +449,8 @@ class Checks:
         self.record("ragged cuda-graph replay (append + attention)", worst < TOL[dt], f"rel={worst:.2e}")
 
     def run(self, only=None):
-        for fn in (self.plain, self.masked, self.stats, self.group, self.group_decode, self.ragged,
-                   self.ragged_graph):
+        for fn in (self.plain, self.masked, self.stats, self.group, self.group_decode, self.masked_decode,
+                   self.ragged, self.ragged_graph):
             if only and fn.__name__ not in only:
                 continue
             t = time.time()

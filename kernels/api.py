@@ -70,6 +70,12 @@ group_decode_attention(query [B, Hq, 1, d], key, value, *, key_group, spec: Grou
     key_group [B, >= Nk] int32 and key_bias [B, >= Nk] may be longer than the cache (a buffer for the coming steps:
     the first Nk entries are read). group_decode.py docstring.
 
+masked_decode_attention(query [B, Hq, 1, d], key, value, *, key_valid=None, scaling=None) -> [B, 1, Hq, d]
+    One decoding row per sample over a dense cache [B, Hkv, N, d] whose valid keys are key_valid [B, >= N] bool (the
+    first N entries are read; a strided view is fine): split-KV with the mask applied to the loads, one launch plus a
+    merge, no host work beyond the launches. The fast path's static decoding step runs it in every layer without a
+    decoding edit. split_decode.py docstring.
+
 ragged_decode_attention(query [B, Hq, 1, d], cache: RaggedKVCache, *, scaling=None, out=None) -> [B, 1, Hq, d]
     Decode over per-(batch, kv head) token subsets (PLPHP). Build once per layer after prefill pruning:
         cache = RaggedKVCache.from_dense(key, value, keep, max_new_tokens=T, key_valid=valid)
@@ -105,13 +111,14 @@ from .layout import (
 from .masked_attention import attention_reference, default_scaling, masked_attention_reference
 from .ragged_decode import (RaggedKVCache, dense_masked_decode, ragged_decode_attention_reference,
                             ragged_decode_attention_torch)
+from .split_decode import masked_decode_reference
 
 __all__ = [
     "ROLE_IMAGE", "ROLE_LAST", "ROLE_MIDDLE", "ROLE_PAD", "ROLE_PREFIX", "ROLE_QUESTION",
     "BlockLists", "GroupSpec", "MaskSpec", "RaggedKVCache", "StructuredMask", "TokenLayout",
     "attention_reference", "attention_with_received_stats", "attention_with_received_stats_reference",
     "build_block_lists", "build_mask", "dense_allowed", "dense_masked_decode", "flash_attention", "group_attention",
-    "group_attention_reference", "group_decode_attention", "received_attention", "received_attention_reference", "group_decode_reference", "MAX_DECODE_GROUPS", "masked_attention", "masked_attention_reference", "ragged_decode_attention",
+    "group_attention_reference", "group_decode_attention", "received_attention", "received_attention_reference", "group_decode_reference", "MAX_DECODE_GROUPS", "masked_attention", "masked_attention_reference", "masked_decode_attention", "masked_decode_reference", "ragged_decode_attention",
     "ragged_decode_attention_reference", "ragged_decode_attention_torch", "triton_available",
 ]
 
@@ -188,6 +195,15 @@ def group_decode_attention(query, key, value, *, key_group, spec: GroupSpec, key
         from .group_decode import group_decode_triton
         return group_decode_triton(query, key, value, **kw)
     return group_decode_reference(query, key, value, **kw)
+
+
+def masked_decode_attention(query, key, value, *, key_valid=None, scaling=None, backend="auto",
+                            force_reference=False):
+    scaling = default_scaling(query) if scaling is None else scaling
+    if use_triton(_backend(backend, force_reference), query, key, value):
+        from .split_decode import masked_decode_triton
+        return masked_decode_triton(query, key, value, key_valid=key_valid, scaling=scaling)
+    return masked_decode_reference(query, key, value, key_valid=key_valid, scaling=scaling)
 
 
 def ragged_decode_attention(query, cache: RaggedKVCache, *, scaling=None, out=None, backend="auto",

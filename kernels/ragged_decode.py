@@ -8,25 +8,25 @@ graph. Token order inside a segment is irrelevant to attention (RoPE is already 
 
 Kernel: grid (B * Hkv, n_split); each program loads the G = Hq / Hkv query heads of its group as one tile (padded to
 16 rows for the tensor cores), walks its slice of the segment in BLOCK_N-token tiles (split-KV, flash-decoding)
-and writes a partial (output, LSE); a second small kernel merges the splits. n_split and the slice size are fixed
-when the cache is built (from the largest capacity), so the launch grid never changes between steps; programs past
-a segment's length write an empty partial. With one split the first kernel writes the output directly.
+and writes a partial (output, LSE); a second small kernel merges the splits (the loop, the stores and the merge are
+kernel 5's, split_decode.py). n_split and the slice size are fixed when the cache is built (from the largest
+capacity), so the launch grid never changes between steps; programs past a segment's length write an empty partial. With one split the first kernel writes the output directly.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ._common import block_d, cdiv, next_pow2, repeat_kv, triton_available
+from ._common import repeat_kv, triton_available
 from .launch import launch
-
-LOG2E = 1.4426950408889634
+from .split_decode import LOG2E, decode_blocks, split_combine, split_geometry, split_workspace
 
 if triton_available():
     import triton
     import triton.language as tl
 
-    from .masked_attention import _load_rows, mma, pv_dot
+    from .masked_attention import _load_rows
+    from .split_decode import split_attend, split_finish
 
     @triton.jit
     def _ragged_split_kernel(
@@ -40,74 +40,15 @@ if triton_available():
         b = pid // Hkv
         h = pid % Hkv
         offs_g = tl.arange(0, BLOCK_G)
-        offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
-        g_ok = offs_g < G
-        q = _load_rows(Q + b.to(tl.int64) * sqb, h * G + offs_g, sqh, offs_d, g_ok, HEAD_D, BLOCK_D, True)
+        q = _load_rows(Q + b.to(tl.int64) * sqb, h * G + offs_g, sqh, offs_d, offs_g < G, HEAD_D, BLOCK_D, True)
         seg = tl.load(OFFS + pid).to(tl.int64)
-        length = tl.load(LENS + pid)
         start = sp * split_len
-        end = tl.minimum(start + split_len, length)
-        k_base = KB + seg * HEAD_D
-        v_base = VB + seg * HEAD_D
-        m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_G], tl.float32)
-        acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-        for n in range(start, end, BLOCK_N):
-            cols = n + offs_n
-            ok = cols < end
-            k = _load_rows(k_base, cols, HEAD_D, offs_d, ok, HEAD_D, BLOCK_D, True)
-            s = mma(q, tl.trans(k), None)
-            s = tl.where(ok[None, :], s * qk_scale, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.math.exp2(s - m_use[:, None])
-            alpha = tl.math.exp2(m_i - m_use)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v = _load_rows(v_base, cols, HEAD_D, offs_d, ok, HEAD_D, BLOCK_D, True)
-            acc = pv_dot(p, v, acc * alpha[:, None])
-            m_i = m_new
-        has = l_i > 0.0
-        inv = tl.where(has, 1.0 / tl.where(has, l_i, 1.0), 0.0)
-        out = acc * inv[:, None]
-        if DIRECT:
-            o_ptrs = O + b.to(tl.int64) * sob + (h * G + offs_g)[:, None].to(tl.int64) * soh + offs_d[None, :]
-            tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=g_ok[:, None] & (offs_d < HEAD_D)[None, :])
-        else:
-            part = pid.to(tl.int64) * n_split + sp
-            tl.store(PO + (part * BLOCK_G + offs_g)[:, None] * BLOCK_D + offs_d[None, :], out)
-            lse = tl.where(has, m_i + tl.math.log2(tl.where(has, l_i, 1.0)), float("-inf"))
-            tl.store(PL + part * BLOCK_G + offs_g, lse)
-
-    @triton.jit
-    def _ragged_combine_kernel(
-        PO, PL, O, sob, soh, Hkv, G, n_split,
-        HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr,
-    ):
-        pid = tl.program_id(0)
-        b = pid // Hkv
-        h = pid % Hkv
-        offs_g = tl.arange(0, BLOCK_G)
-        offs_d = tl.arange(0, BLOCK_D)
-        m = tl.full([BLOCK_G], float("-inf"), tl.float32)
-        den = tl.zeros([BLOCK_G], tl.float32)
-        acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-        for s in range(0, n_split):
-            part = pid.to(tl.int64) * n_split + s
-            ls = tl.load(PL + part * BLOCK_G + offs_g)
-            os_ = tl.load(PO + (part * BLOCK_G + offs_g)[:, None] * BLOCK_D + offs_d[None, :])
-            m_new = tl.maximum(m, ls)
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            a = tl.math.exp2(m - m_use)
-            w = tl.math.exp2(ls - m_use)
-            den = den * a + w
-            acc = acc * a[:, None] + os_ * w[:, None]
-            m = m_new
-        has = den > 0.0
-        out = acc * tl.where(has, 1.0 / tl.where(has, den, 1.0), 0.0)[:, None]
-        g_ok = offs_g < G
-        o_ptrs = O + b.to(tl.int64) * sob + (h * G + offs_g)[:, None].to(tl.int64) * soh + offs_d[None, :]
-        tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=g_ok[:, None] & (offs_d < HEAD_D)[None, :])
+        end = tl.minimum(start + split_len, tl.load(LENS + pid))
+        acc, m_i, l_i = split_attend(q, KB + seg * HEAD_D, VB + seg * HEAD_D, HEAD_D, HEAD_D, start, end, LENS,
+                                     qk_scale, HEAD_D, BLOCK_D, BLOCK_G, BLOCK_N, False)
+        split_finish(acc, m_i, l_i, O, b, h, G, sob, soh, PO, PL, pid.to(tl.int64) * n_split + sp,
+                     HEAD_D, BLOCK_D, BLOCK_G, DIRECT)
 
 
 class RaggedKVCache:
@@ -133,11 +74,9 @@ class RaggedKVCache:
         self._slack_host = int(capacity.min()) if capacity.numel() else 0  # room left in the fullest segment
         self.max_capacity = int(capacity.max()) if capacity.numel() else 0
         # fixed split geometry (CUDA-graph friendly)
-        bh = batch * num_kv_heads
-        want = max(1, cdiv(target_programs, bh))
-        split = max(min_split, cdiv(cdiv(max(self.max_capacity, 1), want), split_multiple) * split_multiple)
-        self.split_len = split
-        self.n_split = max(1, cdiv(max(self.max_capacity, 1), split))
+        self.split_len, self.n_split = split_geometry(self.max_capacity, batch * num_kv_heads,
+                                                      target_programs=target_programs, min_split=min_split,
+                                                      split_multiple=split_multiple)  # fmt: skip
         self._work: dict = {}
 
     @property
@@ -211,14 +150,11 @@ class RaggedKVCache:
         return int(self.lengths.sum()) * self.head_dim * self.k_buf.element_size() * 2
 
     def _workspace(self, hq: int):
-        g = hq // self.num_kv_heads
-        bg = max(16, next_pow2(g))
+        block_d_, block_g = decode_blocks(self.head_dim, hq, self.num_kv_heads)
         key = (hq, str(self.device))
         if key not in self._work:
-            bh = self.batch * self.num_kv_heads
-            po = torch.empty(bh * self.n_split * bg * block_d(self.head_dim), dtype=torch.float32, device=self.device)
-            pl = torch.empty(bh * self.n_split * bg, dtype=torch.float32, device=self.device)
-            self._work[key] = (po, pl, bg)
+            po, pl = split_workspace(self.batch * self.num_kv_heads, self.n_split, block_g, block_d_, self.device)
+            self._work[key] = (po, pl, block_g)
         return self._work[key]
 
 
@@ -238,7 +174,7 @@ def ragged_decode_attention_triton(query: torch.Tensor, cache: RaggedKVCache, *,
     po, pl, bg = cache._workspace(hq)
     if out is None:
         out = torch.empty(batch, 1, hq, d, dtype=query.dtype, device=query.device)
-    bd = block_d(d)
+    bd, _ = decode_blocks(d, hq, cache.num_kv_heads)
     bh = batch * cache.num_kv_heads
     direct = cache.n_split == 1
     interp = query.device.type != "cuda"
@@ -250,10 +186,7 @@ def ragged_decode_attention_triton(query: torch.Tensor, cache: RaggedKVCache, *,
         num_warps=DECODE_CONFIG["num_warps"], num_stages=1 if interp else DECODE_CONFIG["num_stages"],
     )
     if not direct:
-        launch(_ragged_combine_kernel, (bh,),
-            po, pl, out, out.stride(0), out.stride(2), cache.num_kv_heads, g, cache.n_split,
-            HEAD_D=d, BLOCK_D=bd, BLOCK_G=bg, num_warps=4,
-        )
+        split_combine(po, pl, out, cache.num_kv_heads, g, cache.n_split, d, bg)
     return out
 
 

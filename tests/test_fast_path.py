@@ -156,6 +156,41 @@ def test_decoding_edits_equal_dynamic_path(family, spec):
     ve.unwrap(model)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("spec", ["", "fastv:layer=2,ratio=0.5", "fastv+pai"])
+def test_layers_without_edits_decode_through_kernel_5(family, spec, monkeypatch):
+    """Where the kernels run, every layer of the decoding step without a decoding edit attends through kernel 5 (the
+    masked split-KV decode) over the whole buffer, its mask hiding slot padding, left padding, pruned keys and the
+    slots not written yet: on CPU its torch reference (VLM_EFFICIENT_KERNELS=reference; the Triton kernel under the
+    interpreter: tests/test_kernel_routing.py) against the dynamic path's SDPA."""
+    from vlm_efficient.fast_attention import MaskedDecodeRoute
+    from vlm_efficient.kernels import api
+
+    calls = []
+    monkeypatch.setattr(api, "masked_decode_attention",
+                        functools.partial(_counted, api.masked_decode_attention, calls))  # fmt: skip
+    model, processor = tiny_model(family)
+    batch = two_samples(processor)
+    dynamic, _ = dynamic_then_fast(model, batch, spec)
+    fast_path = ve.engine_of(model).fast_path
+    assert not any(isinstance(route, MaskedDecodeRoute) for route in fast_path.last_step.routes.values())  # CPU: SDPA
+    assert not calls
+    monkeypatch.setenv("VLM_EFFICIENT_KERNELS", "reference")
+    fast = generate(model, batch)
+    step = fast_path.last_step
+    masked = [idx for idx, route in step.routes.items() if isinstance(route, MaskedDecodeRoute)]
+    assert sorted(masked) == [idx for idx in range(len(step.group_of)) if idx not in step.edits]
+    assert masked and (spec != "fastv+pai" or step.edits)
+    assert len(calls) == len(masked) * (NEW_TOKENS - 1)
+    assert_same(dynamic, fast, exact_prefill=spec != "fastv+pai")
+    ve.unwrap(model)
+
+
+def _counted(function, calls, *args, **kwargs):
+    calls.append(1)
+    return function(*args, **kwargs)
+
+
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
 @pytest.mark.parametrize("spec", ["knockout:edges=question-image/image-last", "naavit", "window", "frame_causal", "aki",
                                   "ee_mllm", "fastv+naavit"])  # fmt: skip

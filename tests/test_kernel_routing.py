@@ -314,6 +314,18 @@ def interpreted():
     return json.loads(lines[-1][5:])
 
 
+# the fast path's decoding step: kernel 5 in its layers without edits, kernel 3's decoding form in PAI's
+FAST_INTERPRETED = [("llava", ""), ("qwen2_vl", "fastv:layer=2,ratio=0.5+pai:alpha=0.5")]
+
+
+@pytest.mark.parametrize("family,spec", FAST_INTERPRETED)
+def test_triton_interpreter_fast_path_equals_sdpa_step(interpreted, family, spec):
+    result = interpreted[f"fast {family} {spec}"]
+    assert result["error"] is None, result["error"]
+    assert result["same_tokens"] and result["max_diff"] < 1e-4, result
+    assert result["kernel_5_layers"] > 0, result
+
+
 @pytest.mark.parametrize("family,spec", INTERPRETED)
 def test_triton_interpreter_equals_dense(interpreted, family, spec):
     result = interpreted[f"{family} {spec}"]
@@ -333,7 +345,33 @@ def _interpreter_main() -> None:
                                            "max_diff": diff, "routes": sorted(set(routes.values()))}
         except Exception as error:  # reported by the test
             results[f"{family} {spec}"] = {"error": f"{type(error).__name__}: {error}"}
+    for family, spec in FAST_INTERPRETED:
+        try:
+            results[f"fast {family} {spec}"] = _fast_both(family, spec)
+        except Exception as error:  # reported by the test
+            results[f"fast {family} {spec}"] = {"error": f"{type(error).__name__}: {error}"}
     print("JSON:" + json.dumps(results))
+
+
+def _fast_both(family, spec) -> dict:
+    """The fast path with the kernels off (SDPA in the step) and on (Triton under the interpreter)."""
+    from vlm_efficient.fast_attention import MaskedDecodeRoute
+
+    model, processor = tiny_model(family)
+    batch = two_samples(processor)
+    ve.wrap(model, spec, fast=True)
+    try:
+        os.environ[ENV] = "off"
+        sdpa = greedy(model, batch)
+        os.environ[ENV] = "triton"
+        routed = greedy(model, batch)
+        routes = ve.engine_of(model).fast_path.last_step.routes.values()
+    finally:
+        os.environ.pop(ENV, None)
+        ve.unwrap(model)
+    diff = float((torch.stack(routed.logits) - torch.stack(sdpa.logits)).abs().max())
+    return {"error": None, "same_tokens": torch.equal(sdpa.sequences, routed.sequences), "max_diff": diff,
+            "kernel_5_layers": sum(isinstance(route, MaskedDecodeRoute) for route in routes)}
 
 
 if __name__ == "__main__":

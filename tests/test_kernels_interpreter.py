@@ -14,7 +14,7 @@ import pytest
 
 pytest.importorskip("triton")
 
-SECTIONS = ["plain", "masked", "stats", "group", "group_decode", "ragged"]
+SECTIONS = ["plain", "masked", "stats", "group", "group_decode", "masked_decode", "ragged"]
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +37,7 @@ def _section(results, prefixes):
     ("stats", ["stats"]),
     ("group", ["group "]),
     ("group_decode", ["group_decode"]),
+    ("masked_decode", ["masked_decode"]),
     ("ragged", ["ragged"]),
 ])
 def test_kernel_matches_reference_in_interpreter(results, section, prefixes):
@@ -51,3 +52,18 @@ def test_negative_checks_ran(results):
     names = [r[0] for r in results]
     assert any("(negative)" in n for n in names if n.startswith("masked"))
     assert any("(negative)" in n for n in names if n.startswith("stats"))
+
+
+def test_kernel_bench_compares_the_masked_decode_with_transformers_sdpa_route(tmp_path):
+    """kernel_bench's k5 section (--smoke: the interpreter, tiny shapes, no timing): each row reports the kernel,
+    transformers' SDPA route with the boolean mask and SDPA without a mask, and both routes' errors."""
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONWARNINGS="ignore")
+    proc = subprocess.run([sys.executable, "-m", "vlm_efficient.evals.kernel_bench", "--smoke", "--sections", "k5",
+                           "--out", str(tmp_path)], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [r for r in json.loads((tmp_path / "bench.json").read_text())["rows"] if r["section"] == "k5"]
+    assert rows
+    for row in rows:
+        assert {"graph_ms", "hf_masked_graph_ms", "sdpa_unmasked_graph_ms", "eager", "hf_masked_eager"} <= set(row)
+        assert row["rel_err"] < 1.5e-2 and row["hf_rel_err"] < 1.5e-2, row
+    assert "Kernel 5: masked decode" in (tmp_path / "bench.md").read_text()

@@ -12,8 +12,9 @@ One generate() call:
   the same prompt keys share one boolean mask and one device-side write index; a device-side offset continues each
   sample's positions from its last prompt token (pruned tokens keep their original positions);
 - a decoding step embeds the last token, runs the decoder layers directly (no text-model forward, so no mask building
-  and no engine routing: it runs inside Engine.plain()), SDPA over the static buffers with the masks, the final norm
-  and the LM head, and advances the write indices and the offset on the device. It makes no decision that depends on
+  and no engine routing: it runs inside Engine.plain()), attention over the static buffers with the masks (where the
+  kernels run, kernel 5 in every layer without a decoding edit: split-KV with the mask applied to its loads; else
+  SDPA), the final norm and the LM head, and advances the write indices and the offset on the device. It makes no decision that depends on
   the step and reads nothing back to the host. On CUDA the step is captured once per (batch size, buffer sizes) in a
   torch.cuda.CUDAGraph and replayed per token; on CPU the same step runs eagerly;
 - between steps the logits processors, greedy or sampled choice and the stopping criteria run as in generate(). The
@@ -50,10 +51,11 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.generation.utils import GenerateDecoderOnlyOutput, GenerationMixin, GenerationMode
 
 from .adapters import CACHE_KWARGS, cache_kwarg
-from .fast_attention import (PACKED_VISION_ATTENTION, GroupRoute, edit_buffers, edits_key, load_edit_buffers,
-                             reloadable, routed, shared_group_route)  # fmt: skip
+from .fast_attention import (PACKED_VISION_ATTENTION, GroupRoute, MaskedDecodeRoute, edit_buffers, edits_key,
+                             load_edit_buffers, reloadable, routed, shared_group_route)  # fmt: skip
 from .fast_prefill import LeanEncoder, LeanPrefill, capture_graph
 from .hooks import AttributeUndo, head_output_scale
+from .kernel_plan import kernel_backend
 from .method import UNSTRUCTURED, AttentionContext, Method, edits_attention
 
 BUCKET = 64  # buffer lengths round up to this: calls whose prompts keep similar numbers of keys share one graph
@@ -99,8 +101,10 @@ class StaticStep:
     """The buffers and the decoding step of one (batch size, buffer sizes) combination, and on CUDA its graph."""
 
     def __init__(self, parts: dict, batch: int, capacities: list[int], group_of: list[int], kv_shape, dtype,
-                 device, rotary_shape, layer_position_shape, compiled: bool = False):  # fmt: skip
+                 device, rotary_shape, layer_position_shape, compiled: bool = False,
+                 masked_decode: bool = False):  # fmt: skip
         self.parts, self.group_of = parts, group_of
+        self.masked_decode = masked_decode  # layers without edits run kernel 5 (MaskedDecodeRoute), else SDPA
         # compiled: torch.compile fuses the step's small kernels (norms, rotary, activations, residuals); the CUDA
         # graph then records the fused kernels. Compiled on the first run (the warm-up of capture() on CUDA)
         self.forward = torch.compile(self._forward, dynamic=False) if compiled else self._forward
@@ -123,6 +127,7 @@ class StaticStep:
                                    for k, v, g in zip(self.keys, self.values, group_of)])  # fmt: skip
         self.graph = None
         self.edits: dict[int, list] = {}  # layer -> its decoding AttentionEdits over the whole buffer (set_edits)
+        self.routes: dict = {}  # layer -> what its attention runs where that is not SDPA: the edits, kernel 5
         self.head_scales: dict[int, torch.Tensor] = {}  # layer -> its head-output scale [B, H] (set_head_scales)
 
     def set_edits(self, edits: dict, static: bool) -> None:
@@ -136,8 +141,16 @@ class StaticStep:
                 self.edits = edit_buffers(edits)
         for idx, route in self.edits.items():
             if isinstance(route, GroupRoute):  # the kernel's valid keys: the layer's mask, updated in place per step
-                mask = self.masks[self.group_of[idx]]
-                route.valid = mask.view(mask.shape[0], mask.shape[-1])
+                route.valid = self.valid_keys(idx)
+        self.routes = dict(self.edits)
+        if self.masked_decode:
+            self.routes.update({idx: MaskedDecodeRoute(self.valid_keys(idx))
+                                for idx in range(len(self.group_of)) if idx not in self.edits})  # fmt: skip
+
+    def valid_keys(self, layer: int) -> torch.Tensor:
+        """[B, capacity]: a view of the step's mask of the layer (the keys it attends to)."""
+        mask = self.masks[self.group_of[layer]]
+        return mask.view(mask.shape[0], mask.shape[-1])
 
     def load_edits(self, edits: dict) -> None:
         load_edit_buffers(self.edits, edits)
@@ -158,7 +171,7 @@ class StaticStep:
     def step(self) -> None:
         """One decoding step on the buffers: the same calls every time, no host read."""
         hooks = self.parts["hooks"]
-        with routed(self.parts["config"], self.parts["layers"], self.edits), hooks.scaled_heads(self.head_scales):
+        with routed(self.parts["config"], self.parts["layers"], self.routes), hooks.scaled_heads(self.head_scales):
             self.forward()
 
     def _forward(self) -> None:
@@ -448,9 +461,10 @@ class FastPath:
         structure = edits_key(edits) if kept else None
         keys = prompt_kv[0][0]
         layer_position = self._recorded.get("layer")
+        masked_decode = kernel_backend(device) is not None  # kernel 5 in the layers without edits (where kernels run)
         key = (keys.shape[0], tuple(capacities), tuple(group_of), keys.shape[1], keys.shape[3], keys.dtype, device,
                tuple(self._recorded["rotary"].shape), None if layer_position is None else tuple(layer_position.shape),
-               self.use_graph, structure, tuple(head_scales))  # fmt: skip
+               self.use_graph, structure, tuple(head_scales), masked_decode)  # fmt: skip
         step = self.steps.pop(key, None) if kept else None
         if step is None:
             started = time.perf_counter()
@@ -460,7 +474,8 @@ class FastPath:
                 step = StaticStep(self.parts, keys.shape[0], capacities, group_of, (keys.shape[1], keys.shape[3]),
                                   keys.dtype, device, self._recorded["rotary"].shape,
                                   None if layer_position is None else layer_position.shape,
-                                  compiled=self.compiled and kept)  # a step for one call is not worth compiling
+                                  compiled=self.compiled and kept,  # a step for one call is not worth compiling
+                                  masked_decode=masked_decode)
             step.set_edits(edits, static=kept)
             step.set_head_scales(head_scales)
             if kept:
