@@ -60,6 +60,7 @@ from ..kernels.api import (
     attention_with_received_stats,
     flash_attention,
     group_attention,
+    group_decode_attention,
     masked_attention,
     masked_decode_attention,
     ragged_decode_attention,
@@ -604,6 +605,12 @@ class Bench:
             SD.DECODE_CONFIG.update(zip(("block_n", "num_stages", "num_warps", "min_split", "target_programs"),
                                         best[1]))
             t_hf = self.graph_time([lambda k=k, v=v: hf_masked(k, v) for k, v in caches])
+            # kernel 3's decoding form on the same buffers (PAI's edit: 3 key groups, |logit| scaled on images), for
+            # context: one program per (sample, KV head), no split
+            spec = GroupSpec(hq, 3, logit_abs=[0.0, 0.5, 0.0])
+            groups = torch.randint(0, 3, (b, capacity), device=self.dev, dtype=torch.int32)
+            t_group = self.graph_time([lambda k=k, v=v: group_decode_attention(
+                q, k, v, key_group=groups, spec=spec, key_valid=key_valid) for k, v in caches])
             t_sdpa = self.graph_time([lambda k=k, v=v: sdpa_unmasked(k, v) for k, v in unmasked])
             err = rel_err(ours(*caches[0]), masked_decode_attention(q, *caches[0], key_valid=key_valid,
                                                                      backend="reference"))
@@ -614,6 +621,7 @@ class Bench:
             read = int(key_valid.sum()) * hkv * d * 2 * 2
             self.row(section="k5", case=f"{name}: B={b} Hq={hq} Hkv={hkv}, {kept} kept of {capacity}",
                      graph_ms=best[0], hf_masked_graph_ms=t_hf, sdpa_unmasked_graph_ms=t_sdpa,
+                     group_decode_graph_ms=t_group,
                      speedup_vs_hf_masked=t_hf / best[0] if best[0] == best[0] else NAN,
                      TBps=read / best[0] / 1e9, config=list(best[1]), rel_err=err, hf_rel_err=err_hf,
                      eager=eager, hf_masked_eager=eager_hf)
@@ -734,11 +742,13 @@ def write_markdown(res, path, command):
                      f"{_fmt(r['eager_ms'], 4)} | {r['splits']} | {r['config']} | {_fmt(r['sdpa_TBps'], 2)} |"
                      for r in section("k4")])
     lines += _table("### Kernel 5: masked decode over a static buffer (bf16, d=128; CUDA-graph replay over caches > L2)",
-                    "| case | ours ms | HF SDPA + bool mask ms | speed-up | SDPA default, no mask ms | KV TB/s | "
+                    "| case | ours ms | HF SDPA + bool mask ms | speed-up | SDPA default, no mask ms | kernel 3 decode "
+                    "(PAI) ms | KV TB/s | "
                     "ours b2b eager ms (host us) | HF masked b2b eager ms (host us) | config (BN, stages, warps, "
                     "min split, programs) | rel err |",
                     [f"| {r['case']} | {_fmt(r['graph_ms'], 4)} | {_fmt(r['hf_masked_graph_ms'], 4)} | "
                      f"{_fmt(r['speedup_vs_hf_masked'], 2)}x | {_fmt(r['sdpa_unmasked_graph_ms'], 4)} | "
+                     f"{_fmt(r['group_decode_graph_ms'], 4)} | "
                      f"{_fmt(r['TBps'], 2)} | {_fmt(r['eager']['b2b_ms'], 4)} ({_fmt(r['eager']['host_us'], 1)}) | "
                      f"{_fmt(r['hf_masked_eager']['b2b_ms'], 4)} ({_fmt(r['hf_masked_eager']['host_us'], 1)}) | "
                      f"{r['config']} | {_fmt(r['rel_err'], 4)} |" for r in section("k5")])
