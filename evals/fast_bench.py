@@ -57,8 +57,10 @@ METHODS = {
     "VHR": "vhr",  # head-output scales; two side prefills (with and without the image) before each prefill
     "DyCoke 75%": "dycoke:ratio=0.75",  # video: temporal merging of each frame pair
     "DivPrune 90%": "divprune:ratio=0.9",  # per frame on a video
+    "PLPHP": "plphp",  # per-head pruned KV cache from layer 2 (kernel 4 on the fast path)
 }
 FAMILY_CHECKS = ["FastV 50%", "VisionZip 75%", "ACT"]
+PER_HEAD = {"PLPHP"}  # methods on a per-head pruned cache
 
 
 class Section(NamedTuple):
@@ -76,10 +78,10 @@ class Section(NamedTuple):
 VIDEO_IMAGE_SIZE = 336  # 32 frames at 336 px: 2,304 video tokens on Qwen2-VL (README, video token reduction)
 SECTIONS = [
     Section("llava-1.5-7b", 1, ["FastV 50%", "FastV 75%", "VisionZip 75%", "DART 75%", "PyramidDrop", "PAI", "VAF", "VAR",
-                                "ACT", "VHR"], True),
+                                "ACT", "VHR", "PLPHP"], True),
     Section("llava-1.5-7b", 8, ["FastV 75%", "VisionZip 75%"], False),
     Section("llava-next-7b", 1, ["FastV 75%", "VisionZip 75%", "DART 75%"], False),
-    Section("llava-next-7b", 8, ["FastV 75%"], False),
+    Section("llava-next-7b", 8, ["FastV 75%", "PLPHP"], False),
     Section("qwen2-vl-7b", 1, ["DyCoke 75%", "FastV 75%", "DivPrune 90%"], False, video_frames=32),
 ]
 FAST = {"fast": True, "fast-compiled": "compile"}  # the fast path's bench paths -> wrap(..., fast=)
@@ -361,7 +363,8 @@ class Bench:
                 if self.left() > 20:
                     self.check(section, model, inputs, label, spec)
             # HF's static route, the unwrapped model, then the wrapped one for each method where the base worked
-            for label, spec in [("", ""), *[(label, METHODS[label]) for label in methods]]:
+            # (not a per-head cache, which replaces layers of a dynamic cache: refused there, ragged_cache.py)
+            for label, spec in [("", ""), *[(label, METHODS[label]) for label in methods if label not in PER_HEAD]]:
                 if self.left() < (30 if self.args.tiny else 150):
                     section["hf_static"] = "skipped: budget"
                     break

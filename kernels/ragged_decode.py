@@ -58,21 +58,24 @@ class RaggedKVCache:
 
     def __init__(self, batch: int, num_kv_heads: int, head_dim: int, capacity: torch.Tensor, *,
                  dtype=torch.bfloat16, device=None, split_multiple: int = 128, target_programs: int = 528,
-                 min_split: int = 256):
+                 min_split: int = 256, rows: int | None = None, longest: int | None = None):
+        """`capacity` [B * Hkv]: each segment's rows. `rows` / `longest` (a layout made per call, `refill`): the
+        buffers' rows and the longest segment the split geometry must cover, instead of capacity's sum and max."""
         capacity = torch.as_tensor(capacity, dtype=torch.int64).reshape(batch * num_kv_heads).cpu()
         self.batch, self.num_kv_heads, self.head_dim = batch, num_kv_heads, head_dim
         self.dtype = dtype
         device = torch.device(device) if device is not None else torch.device("cpu")
-        total = int(capacity.sum())
-        self.k_buf = torch.zeros(max(total, 1), head_dim, dtype=dtype, device=device)
-        self.v_buf = torch.zeros(max(total, 1), head_dim, dtype=dtype, device=device)
+        total = int(capacity.sum()) if rows is None else rows
+        # one row past the segments: where refill() sends the keys a head does not keep (no host read to drop them)
+        self.k_buf = torch.zeros(total + 1, head_dim, dtype=dtype, device=device)
+        self.v_buf = torch.zeros(total + 1, head_dim, dtype=dtype, device=device)
         offsets = torch.cumsum(capacity, 0) - capacity
         self.offsets = offsets.to(torch.int32).to(device)
         self.capacity = capacity.to(torch.int32).to(device)
         self.lengths = torch.zeros(batch * num_kv_heads, dtype=torch.int32, device=device)
         self._capacity_host = capacity
         self._slack_host = int(capacity.min()) if capacity.numel() else 0  # room left in the fullest segment
-        self.max_capacity = int(capacity.max()) if capacity.numel() else 0
+        self.max_capacity = (int(capacity.max()) if capacity.numel() else 0) if longest is None else longest
         # fixed split geometry (CUDA-graph friendly)
         self.split_len, self.n_split = split_geometry(self.max_capacity, batch * num_kv_heads,
                                                       target_programs=target_programs, min_split=min_split,
@@ -98,24 +101,42 @@ class RaggedKVCache:
             keep = keep & key_valid.bool()[:, None, :]
         lengths = keep.sum(-1).reshape(-1)
         cache = cls(batch, hkv, d, (lengths + max_new_tokens).cpu(), dtype=key.dtype, device=key.device, **kwargs)
-        rank = keep.long().cumsum(-1) - 1
-        dest = cache.offsets.long().view(batch, hkv, 1) + rank
-        sel = keep.reshape(-1)
-        cache.k_buf.index_copy_(0, dest.reshape(-1)[sel], key.reshape(-1, d)[sel])
-        cache.v_buf.index_copy_(0, dest.reshape(-1)[sel], value.reshape(-1, d)[sel])
-        cache.lengths.copy_(lengths.to(torch.int32))
+        cache._place(key, value, keep, cache.capacity)
         cache._slack_host = int((cache._capacity_host - lengths.cpu()).min())
         return cache
+
+    def refill(self, key: torch.Tensor, value: torch.Tensor, keep: torch.Tensor, room: int) -> None:
+        """Lay the buffers out anew for keep (bool [B, Hkv, N], padding False) with `room` free rows per segment,
+        on the device (no host read): a cache made with `rows` >= kept keys + B * Hkv * room and `longest` >=
+        N + room (the caller knows both). The fast path's decoding step reloads its per-head caches so per call."""
+        self._place(key, value, keep, keep.sum(-1).reshape(-1).to(torch.int32) + room)
+
+    def _place(self, key, value, keep, capacity) -> None:
+        """Segments of `capacity` [B * Hkv] rows from row 0, each (b, h)'s kept keys copied to the start of its own
+        (the others to the spare last row)."""
+        batch, hkv, n, d = key.shape
+        self.capacity.copy_(capacity)
+        self.offsets.copy_(torch.cumsum(capacity, 0) - capacity)
+        self.lengths.copy_(keep.sum(-1).reshape(-1))
+        rank = keep.long().cumsum(-1) - 1
+        dest = torch.where(keep, self.offsets.long().view(batch, hkv, 1) + rank, self.k_buf.shape[0] - 1)
+        self.k_buf.index_copy_(0, dest.reshape(-1), key.reshape(-1, d).to(self.dtype))
+        self.v_buf.index_copy_(0, dest.reshape(-1), value.reshape(-1, d).to(self.dtype))
 
     def append(self, key: torch.Tensor, value: torch.Tensor) -> None:
         """key/value [B, Hkv, 1, d] (or [B, Hkv, d]): one new token for every (b, h). Device-side only."""
         if self._slack_host <= 0:
             raise RuntimeError("RaggedKVCache is full: build it with a larger max_new_tokens")
+        self.write(key, value)
+        self._slack_host -= 1
+
+    def write(self, key: torch.Tensor, value: torch.Tensor) -> None:
+        """append() without its host-side count of the room left (the caller made room for every token it writes):
+        device work only, the same in a captured graph at every replay."""
         rows = (self.offsets + self.lengths).long()
         self.k_buf.index_copy_(0, rows, key.reshape(-1, self.head_dim).to(self.dtype))
         self.v_buf.index_copy_(0, rows, value.reshape(-1, self.head_dim).to(self.dtype))
         self.lengths += 1
-        self._slack_host -= 1
 
     def grow(self, extra: int) -> None:
         """Give every segment `extra` more rows: new buffers, each segment's rows (used or not) copied to its new

@@ -13,7 +13,7 @@ from torch._dynamo.utils import counters
 
 import vlm_efficient as ve
 from test_engine import two_samples
-from vlm_efficient.fast_path import BUCKET, GroupRoute
+from vlm_efficient.fast_path import BUCKET, SEGMENT_BUCKET, GroupRoute
 from vlm_efficient.testing import FAMILIES, image_placeholder, tiny_batch, tiny_image, tiny_model
 
 NEW_TOKENS = 6
@@ -246,12 +246,62 @@ def test_sliding_window_layers_are_refused_at_wrap():
     assert not ve.is_wrapped(model)
 
 
-def test_per_head_cache_is_refused_at_wrap():
-    model, _ = tiny_model("llava")
-    with pytest.raises(ValueError, match="plphp.*dynamic path"):
-        ve.wrap(model, "plphp", fast=True)
-    assert not ve.is_wrapped(model) and "generate" not in vars(model)
-    assert not any(layer._forward_pre_hooks for layer in model.model.language_model.layers)
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("spec", ["plphp", "fastv:layer=1,ratio=0.5+plphp:layer=2", "streaming:sinks=2,window=6"])
+def test_per_head_cache_equals_dynamic_path(family, spec):
+    """Per-head pruned caches (PLPHP, streaming) on the fast path: each such layer's buffer holds only its KV heads'
+    kept keys and room for the generated ones, and decoding attends per head (kernel 4's torch form on CPU) with the
+    dynamic path's tokens and logits; its bytes are what stats reports, fewer than the dense buffers of the base."""
+    from vlm_efficient.fast_attention import RaggedRoute
+
+    model, processor = tiny_model(family)
+    batch = two_samples(processor)
+    dynamic, fast = dynamic_then_fast(model, batch, spec)
+    assert_same(dynamic, fast)
+    step = ve.engine_of(model).fast_path.last_step
+    assert step.ragged and all(isinstance(step.routes[idx], RaggedRoute) for idx in step.ragged)
+    assert all(step.keys[idx] is None for idx in step.ragged)  # no dense buffer beside the per-head one
+    assert ve.stats(model).kv_cache_bytes_per_layer == step.kv_bytes()
+    for idx, ragged in step.ragged.items():
+        # the rows: each head's kept keys (fewer than the layer's prompt keys) and its room for the new tokens,
+        # rounded up per segment; one spare row
+        segments, prompt_keys = ragged.lengths.numel(), ve.engine_of(model).run.prompt_keys(idx, "cpu").shape[1]
+        kept = int(ragged.lengths.sum()) - segments * (NEW_TOKENS - 1)
+        assert kept < segments * prompt_keys
+        room = step.capacities[idx] - prompt_keys
+        assert 0 <= ragged.k_buf.shape[0] - 1 - (kept + segments * room) < segments * SEGMENT_BUCKET
+        assert step.kv_bytes()[idx] == 2 * ragged.k_buf.nbytes
+    ve.unwrap(model)
+
+
+def test_per_head_cache_is_laid_out_anew_for_each_call():
+    """Two batches of the same shapes with other images, in turn on one kept step: each call's kept keys per head
+    are placed again (a step holding the previous call's layout would give the other batch's tokens)."""
+    model, processor = tiny_model("qwen2_vl")
+    first = two_samples(processor)
+    ph = image_placeholder(processor)
+    second = tiny_batch(processor, [(f"what is {ph} this", [tiny_image(5)]),
+                                    (f"a much longer prompt with {ph} and then {ph} compare them",
+                                     [tiny_image(3), tiny_image(4)])])  # fmt: skip
+    ve.wrap(model, "plphp")
+    expected = [generate(model, batch) for batch in (first, second)]
+    ve.unwrap(model)
+    ve.wrap(model, "plphp", fast=True)
+    fast_path = ve.engine_of(model).fast_path
+    for _ in range(2):
+        for batch, dynamic in zip((first, second), expected):
+            assert_same(dynamic, generate(model, batch))
+    assert len(fast_path.steps) == 1
+    assert not torch.equal(expected[0].sequences, expected[1].sequences)
+    ve.unwrap(model)
+
+
+def test_per_head_cache_refuses_decoding_edits_on_its_layers():
+    model, processor = tiny_model("llava")
+    ve.wrap(model, "plphp:layer=2+pai", fast=True)
+    with pytest.raises(ValueError, match="per-head pruned KV cache.*dynamic path.*plphp:cache=mask"):
+        generate(model, two_samples(processor))
+    ve.unwrap(model)
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -377,7 +427,8 @@ def test_fast_bench_runs_the_sections_named(tmp_path):
     (section,) = json.loads((tmp_path / "fast_bench.json").read_text())["sections"]
     assert (section["arch"], section["batch_size"]) == ("llava-next-7b", 8)
     assert {(row["path"], row["method"]) for row in section["rows"]} == {
-        ("hf-dynamic", ""), ("dynamic", ""), ("fast", ""), ("fast", "FastV 75%"), ("dynamic", "FastV 75%")}
+        ("hf-dynamic", ""), ("dynamic", ""), ("fast", ""), ("fast", "FastV 75%"), ("dynamic", "FastV 75%"),
+        ("fast", "PLPHP"), ("dynamic", "PLPHP")}
     for bad in ("0", str(len(fast_bench.SECTIONS) + 1), "1,x"):
         with pytest.raises(SystemExit):
             fast_bench.main(["--tiny", "--out", str(tmp_path), "--only", bad])

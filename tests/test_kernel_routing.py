@@ -314,8 +314,9 @@ def interpreted():
     return json.loads(lines[-1][5:])
 
 
-# the fast path's decoding step: kernel 5 in its layers without edits, kernel 3's decoding form in PAI's
-FAST_INTERPRETED = [("llava", ""), ("qwen2_vl", "fastv:layer=2,ratio=0.5+pai:alpha=0.5")]
+# the fast path's decoding step: kernel 5 in its layers without edits, kernel 3's decoding form in PAI's, kernel 4 on
+# PLPHP's per-head caches
+FAST_INTERPRETED = [("llava", ""), ("qwen2_vl", "fastv:layer=2,ratio=0.5+pai:alpha=0.5"), ("qwen2_vl", "plphp")]
 
 
 @pytest.mark.parametrize("family,spec", FAST_INTERPRETED)
@@ -324,6 +325,7 @@ def test_triton_interpreter_fast_path_equals_sdpa_step(interpreted, family, spec
     assert result["error"] is None, result["error"]
     assert result["same_tokens"] and result["max_diff"] < 1e-4, result
     assert result["kernel_5_layers"] > 0, result
+    assert result["kernel_4_layers"] == (2 if "plphp" in spec else 0), result
 
 
 @pytest.mark.parametrize("family,spec", INTERPRETED)
@@ -355,7 +357,7 @@ def _interpreter_main() -> None:
 
 def _fast_both(family, spec) -> dict:
     """The fast path with the kernels off (SDPA in the step) and on (Triton under the interpreter)."""
-    from vlm_efficient.fast_attention import MaskedDecodeRoute
+    from vlm_efficient.fast_attention import MaskedDecodeRoute, RaggedRoute
 
     model, processor = tiny_model(family)
     batch = two_samples(processor)
@@ -371,7 +373,8 @@ def _fast_both(family, spec) -> dict:
         ve.unwrap(model)
     diff = float((torch.stack(routed.logits) - torch.stack(sdpa.logits)).abs().max())
     return {"error": None, "same_tokens": torch.equal(sdpa.sequences, routed.sequences), "max_diff": diff,
-            "kernel_5_layers": sum(isinstance(route, MaskedDecodeRoute) for route in routes)}
+            "kernel_5_layers": sum(isinstance(route, MaskedDecodeRoute) for route in routes),
+            "kernel_4_layers": sum(isinstance(route, RaggedRoute) and route.kernel for route in routes)}
 
 
 if __name__ == "__main__":

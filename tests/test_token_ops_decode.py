@@ -202,7 +202,8 @@ def test_plphp_ragged_cache_frees_the_dropped_keys_and_refuses_what_it_cannot_do
             prompt = batch["input_ids"].shape[1]
             for layer, stored in layers.items():
                 ragged = stored.ragged
-                assert stored.keys.numel() == 0 and ragged.k_buf.shape[0] == int(ragged._capacity_host.sum())
+                # the segments and one spare row (kernels/ragged_decode.py: where the keys a head drops are sent)
+                assert stored.keys.numel() == 0 and ragged.k_buf.shape[0] == int(ragged._capacity_host.sum()) + 1
                 assert int(ragged._capacity_host.max()) < prompt + GENERATED_SLACK  # some visual keys dropped
                 assert sizes[cache][layer] == 2 * ragged.k_buf.numel() * ragged.k_buf.element_size()
             with pytest.raises(NotImplementedError, match="num_beams=1"):

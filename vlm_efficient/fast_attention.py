@@ -1,6 +1,6 @@
 """The fast path's attention: SDPA, or where a layer has decoding edits, kernel 3's decoding form (a GroupRoute: the
 layer's structured edits composed into one group edit) or the dense edited attention, and in the static decoding
-step's other layers kernel 5 (a MaskedDecodeRoute); and the helpers that keep a captured graph's edits in buffers
+step's other layers kernel 5 (a MaskedDecodeRoute), or kernel 4 on a per-head pruned cache (a RaggedRoute); and the helpers that keep a captured graph's edits in buffers
 reloaded per call. Used by the static decoding step (fast_path.py) and by the prefill
 segments whose last row is edited as a decoding row (fast_prefill.py)."""
 
@@ -60,6 +60,21 @@ class MaskedDecodeRoute:
     valid: torch.Tensor
 
 
+@dataclasses.dataclass
+class RaggedRoute:
+    """A layer of the static decoding step on a per-head pruned cache (PLPHP; `cache` a kernels.RaggedKVCache laid
+    out per call): each query head attends to its KV head's kept keys and the generated ones, kernel 4 where the
+    kernels run (`kernel`), else the same computation in torch ops."""
+
+    cache: object
+    kernel: bool
+    cache_id: int = dataclasses.field(init=False, default=-1)  # the cache's number for the operator (ragged_decode)
+
+    def __post_init__(self):
+        self.cache_id = next(_cache_ids)
+        _RAGGED[self.cache_id] = self.cache
+
+
 def routed_attention(module, query, key, value, attention_mask, **kwargs):
     """SDPA, or where the layer is routed (`routed`): kernel 3 (a GroupRoute) or the dense edited attention for its
     decoding edits, kernel 5 for a decoding step's layer without edits (a MaskedDecodeRoute). A GroupRoute in a call
@@ -71,6 +86,9 @@ def routed_attention(module, query, key, value, attention_mask, **kwargs):
     scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
     if isinstance(edits, MaskedDecodeRoute):
         return masked_decode(query, key, value, edits.valid, scaling), None
+    if isinstance(edits, RaggedRoute):
+        cache = edits.cache
+        return ragged_decode(query, cache.k_buf, cache.v_buf, cache.lengths, edits.cache_id, scaling, edits.kernel), None
     if not isinstance(edits, GroupRoute):
         return edited_attention(query, key, value, attention_mask, scaling, edits), None
     if query.shape[2] == 1:
@@ -97,6 +115,29 @@ def group_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, va
 
 @group_decode.register_fake
 def _(query, key, value, valid, groups, key_bias, scaling, spec_id):
+    batch, heads, rows, head_dim = query.shape
+    return query.new_empty(batch, rows, heads, head_dim)
+
+
+# a RaggedKVCache is found by number as a GroupSpec is; the operator takes the buffers it reads (the step's write
+# to them comes first in a compiled graph)
+_RAGGED: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+_cache_ids = itertools.count()
+
+
+@torch.library.custom_op("vlm_efficient::fast_ragged_decode", mutates_args=())
+def ragged_decode(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor, cache_id: int,
+                  scaling: float, kernel: bool) -> torch.Tensor:
+    from .kernels import api as kernels
+
+    cache = _RAGGED[cache_id]
+    if kernel:
+        return kernels.ragged_decode_attention(query, cache, scaling=scaling, backend="triton")
+    return kernels.ragged_decode_attention_torch(query, cache, scaling=scaling)
+
+
+@ragged_decode.register_fake
+def _(query, keys, values, lengths, cache_id, scaling, kernel):
     batch, heads, rows, head_dim = query.shape
     return query.new_empty(batch, rows, heads, head_dim)
 

@@ -30,8 +30,13 @@ runs kernel 3's decoding form inside the step, as the dynamic path's router does
 edited attention (ACT, PAINT). Edits made of tensors (and the group kernel's key groups) are copied into buffers of a
 kept step at each call; a step with post-softmax functions (ACT: they hold this call's tensors) serves its call only.
 
-Refused, with a pointer to the dynamic path: at wrap, methods that cache per head (PLPHP), sliding-window layers, a
-model spread over devices; at generate, beams and other decoding modes, a cache passed in or cache_implementation,
+Per-head pruned caches (Method.decode_cache_keep: PLPHP's cache=ragged, streaming): such a layer's buffer is a
+kernels.RaggedKVCache holding only each KV head's kept prompt keys plus room for the generated tokens (its rows
+rounded up to SEGMENT_BUCKET per segment, so calls keeping similar numbers share a step), laid out anew per call on the
+device, appended to at every step and attended by kernel 4 (its torch form where the kernels do not run); a decoding
+edit on such a layer is refused (the dynamic path runs them with plphp:cache=mask).
+
+Refused, with a pointer to the dynamic path: at wrap, sliding-window layers, a model spread over devices; at generate, beams and other decoding modes, a cache passed in or cache_implementation,
 streamers and assistant models, attentions or hidden states in the output; after the prefill, decoding edits with no
 step-invariant form or on pre-rotary logits (GIFT, A-VL, YOPO, Vista-LLaMA, VAR's code variant). Head-output scales
 (VHR) are asked once after the prefill and applied at every step by the engine's head-output hook (buffers reloaded
@@ -51,14 +56,16 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.generation.utils import GenerateDecoderOnlyOutput, GenerationMixin, GenerationMode
 
 from .adapters import CACHE_KWARGS, cache_kwarg
-from .fast_attention import (PACKED_VISION_ATTENTION, GroupRoute, MaskedDecodeRoute, edit_buffers, edits_key,
-                             load_edit_buffers, reloadable, routed, shared_group_route)  # fmt: skip
+from .fast_attention import (PACKED_VISION_ATTENTION, GroupRoute, MaskedDecodeRoute, RaggedRoute, edit_buffers,
+                             edits_key, load_edit_buffers, reloadable, routed, shared_group_route)  # fmt: skip
 from .fast_prefill import LeanEncoder, LeanPrefill, capture_graph
 from .hooks import AttributeUndo, head_output_scale
 from .kernel_plan import kernel_backend
-from .method import UNSTRUCTURED, AttentionContext, Method, edits_attention
+from .ragged_cache import per_head_keep
+from .method import UNSTRUCTURED, AttentionContext, edits_attention
 
 BUCKET = 64  # buffer lengths round up to this: calls whose prompts keep similar numbers of keys share one graph
+SEGMENT_BUCKET = 16  # a per-head cache's rows round up to this many per (sample, KV head) segment, for the same reason
 MAX_GRAPHS = 4  # captured steps (graphs and their buffers) kept per model; the least recently used is dropped
 DYNAMIC_PATH = "use the dynamic path: vlm_efficient.wrap(model, spec) without fast=True"
 
@@ -97,22 +104,59 @@ class StaticKVLayer(CacheLayerMixin):
         return self.keys.shape[2]
 
 
+class StaticRaggedLayer(CacheLayerMixin):
+    """A layer's per-head pruned storage (kernels.RaggedKVCache, laid out per call by StaticStep.load): update()
+    appends the step's key and value to every (sample, KV head) segment on the device and returns them; the attention
+    reads the segments (fast_attention.RaggedRoute)."""
+
+    is_compileable = True
+
+    def __init__(self, ragged):
+        super().__init__()
+        self.ragged = ragged
+        self.is_initialized = True
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        pass
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        self.ragged.write(key_states, value_states)
+        return key_states, value_states
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.ragged.max_capacity, 0
+
+    def get_seq_length(self) -> int:
+        return self.ragged.max_capacity
+
+    def get_max_length(self) -> int:
+        return self.ragged.max_capacity
+
+
 class StaticStep:
     """The buffers and the decoding step of one (batch size, buffer sizes) combination, and on CUDA its graph."""
 
     def __init__(self, parts: dict, batch: int, capacities: list[int], group_of: list[int], kv_shape, dtype,
-                 device, rotary_shape, layer_position_shape, compiled: bool = False,
-                 masked_decode: bool = False):  # fmt: skip
-        self.parts, self.group_of = parts, group_of
-        self.masked_decode = masked_decode  # layers without edits run kernel 5 (MaskedDecodeRoute), else SDPA
+                 device, rotary_shape, layer_position_shape, compiled: bool = False, kernels: str | None = None,
+                 per_head: dict | None = None):  # fmt: skip
+        """`kernels`: the kernels' backend (kernel_plan.kernel_backend; None: SDPA in the layers without edits);
+        `per_head` {layer: rows}: layers on a per-head pruned cache of that many rows (refilled per call)."""
+        from .kernels.api import RaggedKVCache
+
+        self.parts, self.group_of, self.capacities, self.kernels = parts, group_of, capacities, kernels
         # compiled: torch.compile fuses the step's small kernels (norms, rotary, activations, residuals); the CUDA
         # graph then records the fused kernels. Compiled on the first run (the warm-up of capture() on CUDA)
         self.forward = torch.compile(self._forward, dynamic=False) if compiled else self._forward
         self.compiled = compiled
         kv_heads, head_dim = kv_shape
         new = dict(device=device)
-        self.keys = [torch.zeros(batch, kv_heads, c, head_dim, dtype=dtype, **new) for c in capacities]
-        self.values = [torch.zeros_like(k) for k in self.keys]
+        per_head = per_head or {}
+        self.ragged = {idx: RaggedKVCache(batch, kv_heads, head_dim, torch.zeros(batch * kv_heads), dtype=dtype,
+                                          device=device, rows=rows, longest=capacities[idx])
+                       for idx, rows in per_head.items()}  # fmt: skip
+        self.keys = [None if idx in per_head else torch.zeros(batch, kv_heads, c, head_dim, dtype=dtype, **new)
+                     for idx, c in enumerate(capacities)]  # fmt: skip
+        self.values = [None if k is None else torch.zeros_like(k) for k in self.keys]
         group_capacity = [capacities[group_of.index(g)] for g in range(max(group_of) + 1)]
         self.masks = [torch.zeros(batch, 1, 1, c, dtype=torch.bool, **new) for c in group_capacity]
         self.write_index = [torch.zeros(1, dtype=torch.long, **new) for _ in group_capacity]
@@ -123,11 +167,12 @@ class StaticStep:
         if layer_position_shape is not None:
             self.last_layer_position = torch.zeros(layer_position_shape, dtype=torch.long, **new)
         self.logits = torch.zeros(batch, parts["vocab"], dtype=torch.float32, **new)
-        self.cache = Cache(layers=[StaticKVLayer(k, v, self.write_index[g])
-                                   for k, v, g in zip(self.keys, self.values, group_of)])  # fmt: skip
+        self.cache = Cache(layers=[StaticRaggedLayer(self.ragged[idx]) if idx in self.ragged
+                                   else StaticKVLayer(k, v, self.write_index[g])
+                                   for idx, (k, v, g) in enumerate(zip(self.keys, self.values, group_of))])  # fmt: skip
         self.graph = None
         self.edits: dict[int, list] = {}  # layer -> its decoding AttentionEdits over the whole buffer (set_edits)
-        self.routes: dict = {}  # layer -> what its attention runs where that is not SDPA: the edits, kernel 5
+        self.routes: dict = {}  # layer -> what its attention runs where that is not SDPA: the edits, kernels 4 and 5
         self.head_scales: dict[int, torch.Tensor] = {}  # layer -> its head-output scale [B, H] (set_head_scales)
 
     def set_edits(self, edits: dict, static: bool) -> None:
@@ -143,9 +188,10 @@ class StaticStep:
             if isinstance(route, GroupRoute):  # the kernel's valid keys: the layer's mask, updated in place per step
                 route.valid = self.valid_keys(idx)
         self.routes = dict(self.edits)
-        if self.masked_decode:
+        self.routes.update({idx: RaggedRoute(ragged, self.kernels == "triton") for idx, ragged in self.ragged.items()})
+        if self.kernels is not None:
             self.routes.update({idx: MaskedDecodeRoute(self.valid_keys(idx))
-                                for idx in range(len(self.group_of)) if idx not in self.edits})  # fmt: skip
+                                for idx in range(len(self.group_of)) if idx not in self.routes})  # fmt: skip
 
     def valid_keys(self, layer: int) -> torch.Tensor:
         """[B, capacity]: a view of the step's mask of the layer (the keys it attends to)."""
@@ -166,7 +212,8 @@ class StaticStep:
             self.head_scales[idx].copy_(scale.expand_as(self.head_scales[idx]))
 
     def kv_bytes(self) -> list[int]:
-        return [k.nbytes + v.nbytes for k, v in zip(self.keys, self.values)]
+        return [2 * self.ragged[idx].k_buf.nbytes if k is None else k.nbytes + v.nbytes
+                for idx, (k, v) in enumerate(zip(self.keys, self.values))]  # fmt: skip
 
     def step(self) -> None:
         """One decoding step on the buffers: the same calls every time, no host read."""
@@ -196,11 +243,15 @@ class StaticStep:
         capture). The buffers' contents are loaded after this: warm-up and capture leave them undefined."""
         self.graph, _ = capture_graph(self.step, self.logits.device)
 
-    def load(self, prompt_kv: list, group_valid: list, last_rotary, last_layer_position, offset: int = 1) -> None:
-        """Fill the buffers for one call: the kept prompt keys and values, the masks (the valid kept keys), write
-        indices after each key set, and the last prompt positions; the first step's positions are those + `offset`
-        (0: that step is the last prompt row)."""
-        for keys, values, (k, v) in zip(self.keys, self.values, prompt_kv):
+    def load(self, prompt_kv: list, group_valid: list, last_rotary, last_layer_position, offset: int = 1,
+             per_head_keep: dict | None = None) -> None:
+        """Fill the buffers for one call: the kept prompt keys and values (per head where `per_head_keep` {layer:
+        bool [B, Hkv, n]} says), the masks (the valid kept keys), write indices after each key set, and the last
+        prompt positions; the first step's positions are those + `offset` (0: that step is the last prompt row)."""
+        for idx, (keys, values, (k, v)) in enumerate(zip(self.keys, self.values, prompt_kv)):
+            if keys is None:
+                self.ragged[idx].refill(k, v, per_head_keep[idx], room=self.capacities[idx] - k.shape[2])
+                continue
             keys[:, :, : k.shape[2]].copy_(k)
             values[:, :, : v.shape[2]].copy_(v)
         for mask, index, valid in zip(self.masks, self.write_index, group_valid):
@@ -227,12 +278,6 @@ class FastPath:
             raise RuntimeError(
                 "fast=True needs a transformers whose generate() takes custom_generate=<callable> (5.17 and later); "
                 f"this one does not: {DYNAMIC_PATH}"
-            )
-        per_head = [m.name for m in engine.methods if type(m).decode_cache_keep is not Method.decode_cache_keep]
-        if per_head:
-            raise ValueError(
-                f"{', '.join(per_head)}: a per-head KV cache decodes with its own kernel, which the fast path does not "
-                f"run; {DYNAMIC_PATH}"
             )
         model = engine.model
         layer_types = set(getattr(engine.text_config, "layer_types", None) or ["full_attention"])
@@ -455,16 +500,17 @@ class FastPath:
             prompt_keys.append(keys_at)
         capacities = [-(-(k.shape[1] + steps) // BUCKET) * BUCKET for k in prompt_keys]
         edits = self._decode_edits(run, device, prompt_keys, capacities)
+        keeps, per_head = self._per_head(run, device, prompt_kv, capacities, edits)
         # edits made of tensors only are reloaded into a kept step's buffers; a post-softmax function holds this
         # call's tensors, so its step serves this call only
         kept = all(reloadable(layer_edits) for layer_edits in edits.values())
         structure = edits_key(edits) if kept else None
         keys = prompt_kv[0][0]
         layer_position = self._recorded.get("layer")
-        masked_decode = kernel_backend(device) is not None  # kernel 5 in the layers without edits (where kernels run)
+        kernels = kernel_backend(device)  # kernel 5 in the layers without edits, kernel 4 per head (where they run)
         key = (keys.shape[0], tuple(capacities), tuple(group_of), keys.shape[1], keys.shape[3], keys.dtype, device,
                tuple(self._recorded["rotary"].shape), None if layer_position is None else tuple(layer_position.shape),
-               self.use_graph, structure, tuple(head_scales), masked_decode)  # fmt: skip
+               self.use_graph, structure, tuple(head_scales), kernels, tuple(per_head.items()))  # fmt: skip
         step = self.steps.pop(key, None) if kept else None
         if step is None:
             started = time.perf_counter()
@@ -475,7 +521,7 @@ class FastPath:
                                   keys.dtype, device, self._recorded["rotary"].shape,
                                   None if layer_position is None else layer_position.shape,
                                   compiled=self.compiled and kept,  # a step for one call is not worth compiling
-                                  masked_decode=masked_decode)
+                                  kernels=kernels, per_head=per_head)
             step.set_edits(edits, static=kept)
             step.set_head_scales(head_scales)
             if kept:
@@ -500,7 +546,8 @@ class FastPath:
         if kept:
             self.steps[key] = step
         self.last_step = step
-        step.load(prompt_kv, group_valid, self._recorded["rotary"], layer_position, offset=0 if last_row else 1)
+        step.load(prompt_kv, group_valid, self._recorded["rotary"], layer_position, offset=0 if last_row else 1,
+                  per_head_keep=keeps)
         return step
 
     @staticmethod
@@ -514,6 +561,35 @@ class FastPath:
         run.layer_kwargs_cache.clear()
         mask = run.attention_mask_2d
         run.attention_mask_2d = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+
+    def _per_head(self, run, device, prompt_kv: list, capacities: list, edits: dict) -> tuple[dict, dict]:
+        """({layer: bool [B, Hkv, n]} the prompt keys each KV head keeps (ragged_cache.per_head_keep), {layer: rows}
+        its per-head cache's rows): the kept keys plus each segment's room for the generated tokens, rounded up to
+        SEGMENT_BUCKET rows per segment so that calls keeping similar numbers share a step. One host read for all
+        layers."""
+        if not self.engine.per_head_cache:
+            return {}, {}
+        keeps = {}
+        for idx, (k, _) in enumerate(prompt_kv):
+            keep = per_head_keep(self.engine, run, idx, device)
+            if keep is not None:
+                keeps[idx] = keep[..., : k.shape[2]]  # without the last prompt key where the step runs that row
+        edited = sorted(set(keeps) & set(edits))
+        if edited:
+            raise ValueError(
+                f"layers {edited} decode on a per-head pruned KV cache (kernel 4, which applies no attention edit) and "
+                f"a method edits their decoding attention: {DYNAMIC_PATH}, with plphp:cache=mask (a dense cache and a "
+                "decode mask)"
+            )
+        if not keeps:
+            return {}, {}
+        segments = prompt_kv[0][0].shape[0] * prompt_kv[0][0].shape[1]
+        kept = torch.stack([keep.sum() for keep in keeps.values()]).tolist()
+        rows = {}
+        for (idx, keep), count in zip(keeps.items(), kept):
+            needed = count + segments * (capacities[idx] - keep.shape[2])
+            rows[idx] = -(-needed // (segments * SEGMENT_BUCKET)) * segments * SEGMENT_BUCKET
+        return keeps, rows
 
     def _decode_edits(self, run, device, prompt_keys: list, capacities: list) -> dict:
         """{layer: [AttentionEdit]}: every method's edit of a decoding step's attention, asked once per layer over the

@@ -64,13 +64,25 @@ class RaggedCacheLayer(DynamicLayer):
     reorder_cache = batch_repeat_interleave = batch_select_indices = crop = _refuse
 
 
+def per_head_keep(engine, run, layer: int, device) -> torch.Tensor | None:
+    """bool [B, Hkv, m]: the prompt keys each KV head of `layer` keeps for decoding, the intersection of the methods'
+    decode_cache_keep without padding keys; None where no method keeps keys per head there."""
+    keeps = [k for m in engine.methods if (k := m.decode_cache_keep(layer, run)) is not None]
+    if not keeps:
+        return None
+    keep = keeps[0]
+    for other in keeps[1:]:
+        keep = keep & other
+    return keep.to(device) & run.valid_keys(run.prompt_keys(layer, device))[:, None, :]
+
+
 def store_per_head(engine, run, cache) -> None:
     """At the first decoding step: every layer where methods return a decode_cache_keep gets a RaggedCacheLayer
     holding the intersection of their keeps (and no padding key)."""
     layers = getattr(cache, "layers", None)
     for idx in range(engine.num_layers):
-        keeps = [k for m in engine.methods if (k := m.decode_cache_keep(idx, run)) is not None]
-        if not keeps:
+        keep = per_head_keep(engine, run, idx, run.layout.kind.device)
+        if keep is None:
             continue
         if engine.adapter.mask_group(engine.model, idx) is not None:
             raise ValueError(
@@ -84,10 +96,5 @@ def store_per_head(engine, run, cache) -> None:
                 "slots for every head), or use plphp:cache=mask, which keeps a dense cache."
             )
         dense = layers[idx]
-        keep = keeps[0]
-        for other in keeps[1:]:
-            keep = keep & other
-        device = dense.keys.device
-        keep = keep.to(device) & run.valid_keys(run.prompt_keys(idx, device))[:, None, :]
-        layers[idx] = RaggedCacheLayer(dense, keep)
+        layers[idx] = RaggedCacheLayer(dense, keep.to(dense.keys.device))
         run.ragged[idx] = layers[idx]
