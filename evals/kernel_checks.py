@@ -307,10 +307,11 @@ class Checks:
 
     def group_decode(self):
         """The decoding form: one row per sample against the reference, group / bias buffers longer than the cache,
-        key padding given as a strided bool view (as the engine passes the attention mask's last row)."""
+        key padding given as a strided bool view (as the engine passes the attention mask's last row); several key
+        splits (one with no valid key) and one."""
         tiny = self.size == "tiny"
-        cfgs = [(2, 8, 2, 40, 64), (2, 4, 4, 37, 80), (1, 8, 1, 50, 128)] if tiny else \
-            [(2, 32, 32, 700, 128), (2, 28, 4, 3000, 128), (1, 32, 8, 1200, 64)]
+        cfgs = [(2, 8, 2, 40, 64), (2, 4, 4, 37, 80), (1, 8, 1, 50, 128), (2, 4, 2, 12, 64)] if tiny else \
+            [(2, 32, 32, 700, 128), (2, 28, 4, 3000, 128), (1, 32, 8, 1200, 64), (1, 28, 4, 120, 128)]
         presets = lambda hq: {  # noqa: E731
             "pai": GroupSpec(hq, 3, logit_abs=[0.0, 0.5, 0.0]),
             "vaf": GroupSpec(hq, 4, logit_scale=[0.95, 1.15, 1.0, 1.3]).on_heads([0, 2]),
@@ -331,7 +332,7 @@ class Checks:
                 groups[:, 2:5] = spec.num_groups - 1  # a few sinks in the last group (var / act)
                 groups[:, n:] = 0  # the buffer beyond the cache: generated keys
                 mask = torch.ones(b, 1, 1, n, dtype=torch.bool)
-                mask[-1, ..., :3] = False
+                mask[-1, ..., : min(18, n // 2)] = False  # left padding: a whole split of keys where it is short
                 key_valid = mask.to(self.device)[:, 0, -1, :]  # a strided view, as the engine passes it
                 kbias = torch.randn(b, n + 9, generator=self.gen) if "key_bias" in name else None
                 kw = dict(key_group=groups.to(self.device), spec=spec, key_valid=key_valid,

@@ -66,7 +66,8 @@ group_attention(query, key, value, *, key_group, spec: GroupSpec, key_valid=None
 
 group_decode_attention(query [B, Hq, 1, d], key, value, *, key_group, spec: GroupSpec, key_valid=None, scaling=None,
                        key_bias=None) -> [B, 1, Hq, d]
-    group_attention for one decoding row per sample (every row selected), up to 4 key groups, one launch.
+    group_attention for one decoding row per sample (every row selected), up to 4 key groups: split over the keys,
+    one launch and a merge (one launch where the keys fit one split).
     key_group [B, >= Nk] int32 and key_bias [B, >= Nk] may be longer than the cache (a buffer for the coming steps:
     the first Nk entries are read). group_decode.py docstring.
 

@@ -6,10 +6,12 @@ row selected, up to MAX_GROUPS key groups. Built for the per-step cost: the engi
 buffer longer than the cache (the generated keys are group 0) and passes it whole, so a step costs one launch and no
 host work (the tables are folded once per spec and device).
 
-Grid (B * Hkv,): a program loads the Hq / Hkv query heads of one KV head as one tile (padded to 16 rows for the tensor
-cores), walks every key in BLOCK_N tiles with one running max and a (sum, accumulator) per key group, and applies
-the coefficients in the epilogue. No split-KV: B * Hkv programs (32 for LLaVA-1.5-7B at batch 1) each read the whole
-cache, which is enough at the cache lengths of these models (hundreds to a few thousand keys).
+Grid (B * Hkv, n_split): a program loads the Hq / Hkv query heads of one KV head as one tile (padded to 16 rows for
+the tensor cores), walks its slice of the keys in BLOCK_N tiles with one running max and a (sum, accumulator) per key
+group (split-KV as kernel 5, split_decode.py: B * Hkv alone is 4 programs for Qwen2-VL-7B at batch 1). With one split
+it applies the coefficients in its epilogue; with several, each split stores its max and per-group partials and a
+merge kernel brings them to one max, sums them and runs the same epilogue (the redistribution needs every key's
+group masses).
 
 The torch reference is group_attention_reference on the single row (key_group / key_bias cut to the cache length).
 """
@@ -21,6 +23,7 @@ import torch
 from ._common import block_d, check_qkv, last_dim_contiguous, next_pow2, triton_available
 from .group_attention import LOG2E, GroupSpec, group_attention_reference
 from .launch import launch
+from .split_decode import split_geometry
 
 MAX_GROUPS = 4
 
@@ -67,16 +70,70 @@ if triton_available():
         return l_g * alpha + tl.sum(p_g, 1), pv_dot(p_g, v, acc_g * alpha[:, None])
 
     @triton.jit
+    def _group_epilogue(l0, l1, l2, l3, acc0, acc1, acc2, acc3, TAB, heads, row_ok, mass_min, ratio_min,
+                        HAS_POST: tl.constexpr, MASS_BITS: tl.constexpr, HAS_RATIO: tl.constexpr,
+                        NUM_BITS: tl.constexpr, DEN_BITS: tl.constexpr):
+        """The output rows from the per-group sums and accumulators (one max): normalised, and where the spec
+        redistributes (HAS_POST) each group's share scaled by keep + receive * freed / received."""
+        total = l0 + l1 + l2 + l3
+        has = total > 0.0
+        inv = tl.where(has, 1.0 / tl.where(has, total, 1.0), 0.0)
+        if HAS_POST:
+            m0, m1, m2, m3 = l0 * inv, l1 * inv, l2 * inv, l3 * inv
+            k0 = _column(TAB, heads, row_ok, 3, 0)
+            k1 = _column(TAB, heads, row_ok, 3, 1)
+            k2 = _column(TAB, heads, row_ok, 3, 2)
+            k3 = _column(TAB, heads, row_ok, 3, 3)
+            r0 = _column(TAB, heads, row_ok, 4, 0)
+            r1 = _column(TAB, heads, row_ok, 4, 1)
+            r2 = _column(TAB, heads, row_ok, 4, 2)
+            r3 = _column(TAB, heads, row_ok, 4, 3)
+            freed = (1 - k0) * m0 + (1 - k1) * m1 + (1 - k2) * m2 + (1 - k3) * m3
+            received = r0 * m0 + r1 * m1 + r2 * m2 + r3 * m3
+            active = received > 0.0
+            if MASS_BITS != 0:
+                active = active & (_mass(m0, m1, m2, m3, MASS_BITS) >= mass_min)
+            if HAS_RATIO:
+                active = active & (_mass(m0, m1, m2, m3, NUM_BITS) >= ratio_min * _mass(m0, m1, m2, m3, DEN_BITS))
+            share = freed / tl.where(received > 0.0, received, 1.0)
+            acc = (acc0 * tl.where(active, k0 + r0 * share, 1.0)[:, None]
+                   + acc1 * tl.where(active, k1 + r1 * share, 1.0)[:, None]
+                   + acc2 * tl.where(active, k2 + r2 * share, 1.0)[:, None]
+                   + acc3 * tl.where(active, k3 + r3 * share, 1.0)[:, None])
+        else:
+            acc = acc0 + acc1 + acc2 + acc3
+        return acc * inv[:, None]
+
+    @triton.jit
+    def _store_group(PO, PL, part, g, l_g, acc_g, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, NG: tl.constexpr):
+        offs_r = tl.arange(0, BLOCK_R)
+        offs_d = tl.arange(0, BLOCK_D)
+        row = (part * NG + g) * BLOCK_R + offs_r
+        tl.store(PO + row[:, None] * BLOCK_D + offs_d[None, :], acc_g)
+        tl.store(PL + row, l_g)
+
+    @triton.jit
+    def _load_group(PO, PL, part, g, scale, l_g, acc_g, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+                    NG: tl.constexpr):
+        offs_r = tl.arange(0, BLOCK_R)
+        offs_d = tl.arange(0, BLOCK_D)
+        row = (part * NG + g) * BLOCK_R + offs_r
+        acc_g += tl.load(PO + row[:, None] * BLOCK_D + offs_d[None, :]) * scale[:, None]
+        l_g += tl.load(PL + row) * scale
+        return l_g, acc_g
+
+    @triton.jit
     def _group_decode_kernel(
-        Q, K, V, O, GRP, KBIAS, KVALID, TAB,
+        Q, K, V, O, GRP, KBIAS, KVALID, TAB, PO, PL, PM,
         sqb, sqh, skb, skh, skn, svb, svh, svn, sob, soh, sgb, skbb, skvb, skvn,
-        Hkv, KVG, NK, mass_min, ratio_min,
+        Hkv, KVG, NK, mass_min, ratio_min, n_split, split_len,
         HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
         NG: tl.constexpr, HAS_KBIAS: tl.constexpr, HAS_KVALID: tl.constexpr, PRE_ABS: tl.constexpr,
         HAS_POST: tl.constexpr, MASS_BITS: tl.constexpr, HAS_RATIO: tl.constexpr, NUM_BITS: tl.constexpr,
-        DEN_BITS: tl.constexpr,
+        DEN_BITS: tl.constexpr, DIRECT: tl.constexpr,
     ):
         pid = tl.program_id(0)
+        sp = tl.program_id(1)
         b = (pid // Hkv).to(tl.int64)
         h = pid % Hkv
         offs_r = tl.arange(0, BLOCK_R)
@@ -108,9 +165,11 @@ if triton_available():
         acc1 = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
         acc2 = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
         acc3 = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
-        for n in range(0, NK, BLOCK_N):
+        start = sp * split_len
+        end = tl.minimum(start + split_len, NK)
+        for n in range(start, end, BLOCK_N):
             cols = n + offs_n
-            ok = cols < NK
+            ok = cols < end
             if HAS_KVALID:
                 ok = ok & (tl.load(KVALID + b * skvb + cols * skvn, mask=ok, other=0) != 0)
             group = tl.load(GRP + b * sgb + cols, mask=ok, other=0)
@@ -135,34 +194,62 @@ if triton_available():
             if NG > 3:
                 l3, acc3 = _accumulate(p, group, v, l3, acc3, alpha, 3)
             m_i = m_new
-        total = l0 + l1 + l2 + l3
-        has = total > 0.0
-        inv = tl.where(has, 1.0 / tl.where(has, total, 1.0), 0.0)
-        if HAS_POST:
-            m0, m1, m2, m3 = l0 * inv, l1 * inv, l2 * inv, l3 * inv
-            k0 = _column(TAB, heads, row_ok, 3, 0)
-            k1 = _column(TAB, heads, row_ok, 3, 1)
-            k2 = _column(TAB, heads, row_ok, 3, 2)
-            k3 = _column(TAB, heads, row_ok, 3, 3)
-            r0 = _column(TAB, heads, row_ok, 4, 0)
-            r1 = _column(TAB, heads, row_ok, 4, 1)
-            r2 = _column(TAB, heads, row_ok, 4, 2)
-            r3 = _column(TAB, heads, row_ok, 4, 3)
-            freed = (1 - k0) * m0 + (1 - k1) * m1 + (1 - k2) * m2 + (1 - k3) * m3
-            received = r0 * m0 + r1 * m1 + r2 * m2 + r3 * m3
-            active = received > 0.0
-            if MASS_BITS != 0:
-                active = active & (_mass(m0, m1, m2, m3, MASS_BITS) >= mass_min)
-            if HAS_RATIO:
-                active = active & (_mass(m0, m1, m2, m3, NUM_BITS) >= ratio_min * _mass(m0, m1, m2, m3, DEN_BITS))
-            share = freed / tl.where(received > 0.0, received, 1.0)
-            acc = (acc0 * tl.where(active, k0 + r0 * share, 1.0)[:, None]
-                   + acc1 * tl.where(active, k1 + r1 * share, 1.0)[:, None]
-                   + acc2 * tl.where(active, k2 + r2 * share, 1.0)[:, None]
-                   + acc3 * tl.where(active, k3 + r3 * share, 1.0)[:, None])
-        else:
-            acc = acc0 + acc1 + acc2 + acc3
-        out = acc * inv[:, None]
+        if DIRECT:
+            out = _group_epilogue(l0, l1, l2, l3, acc0, acc1, acc2, acc3, TAB, heads, row_ok, mass_min, ratio_min,
+                                  HAS_POST, MASS_BITS, HAS_RATIO, NUM_BITS, DEN_BITS)
+            o_ptrs = O + b * sob + heads[:, None].to(tl.int64) * soh + offs_d[None, :]
+            tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_d < HEAD_D)[None, :])
+        else:  # this split's running max and per-group sums and accumulators (relative to it), for the merge
+            part = pid.to(tl.int64) * n_split + sp
+            tl.store(PM + part * BLOCK_R + offs_r, m_i)
+            _store_group(PO, PL, part, 0, l0, acc0, BLOCK_R, BLOCK_D, NG)
+            if NG > 1:
+                _store_group(PO, PL, part, 1, l1, acc1, BLOCK_R, BLOCK_D, NG)
+            if NG > 2:
+                _store_group(PO, PL, part, 2, l2, acc2, BLOCK_R, BLOCK_D, NG)
+            if NG > 3:
+                _store_group(PO, PL, part, 3, l3, acc3, BLOCK_R, BLOCK_D, NG)
+
+    @triton.jit
+    def _group_merge_kernel(
+        O, TAB, PO, PL, PM, sob, soh, Hkv, KVG, mass_min, ratio_min, n_split,
+        HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, NG: tl.constexpr,
+        HAS_POST: tl.constexpr, MASS_BITS: tl.constexpr, HAS_RATIO: tl.constexpr, NUM_BITS: tl.constexpr,
+        DEN_BITS: tl.constexpr,
+    ):
+        """The splits' per-group partials brought to one max and summed, then the epilogue (the redistribution
+        needs every key's group masses, so it runs after the merge)."""
+        pid = tl.program_id(0)
+        b = (pid // Hkv).to(tl.int64)
+        h = pid % Hkv
+        offs_r = tl.arange(0, BLOCK_R)
+        offs_d = tl.arange(0, BLOCK_D)
+        row_ok = offs_r < KVG
+        heads = h * KVG + offs_r
+        m = tl.full([BLOCK_R], float("-inf"), tl.float32)
+        for s in range(0, n_split):
+            m = tl.maximum(m, tl.load(PM + (pid.to(tl.int64) * n_split + s) * BLOCK_R + offs_r))
+        m_use = tl.where(m == float("-inf"), 0.0, m)
+        l0 = tl.zeros([BLOCK_R], tl.float32)
+        l1 = tl.zeros([BLOCK_R], tl.float32)
+        l2 = tl.zeros([BLOCK_R], tl.float32)
+        l3 = tl.zeros([BLOCK_R], tl.float32)
+        acc0 = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
+        acc1 = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
+        acc2 = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
+        acc3 = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
+        for s in range(0, n_split):
+            part = pid.to(tl.int64) * n_split + s
+            scale = tl.math.exp2(tl.load(PM + part * BLOCK_R + offs_r) - m_use)  # 0 for a split with no key
+            l0, acc0 = _load_group(PO, PL, part, 0, scale, l0, acc0, BLOCK_R, BLOCK_D, NG)
+            if NG > 1:
+                l1, acc1 = _load_group(PO, PL, part, 1, scale, l1, acc1, BLOCK_R, BLOCK_D, NG)
+            if NG > 2:
+                l2, acc2 = _load_group(PO, PL, part, 2, scale, l2, acc2, BLOCK_R, BLOCK_D, NG)
+            if NG > 3:
+                l3, acc3 = _load_group(PO, PL, part, 3, scale, l3, acc3, BLOCK_R, BLOCK_D, NG)
+        out = _group_epilogue(l0, l1, l2, l3, acc0, acc1, acc2, acc3, TAB, heads, row_ok, mass_min, ratio_min,
+                              HAS_POST, MASS_BITS, HAS_RATIO, NUM_BITS, DEN_BITS)
         o_ptrs = O + b * sob + heads[:, None].to(tl.int64) * soh + offs_d[None, :]
         tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_d < HEAD_D)[None, :])
 
@@ -195,7 +282,8 @@ def decode_tables(spec: GroupSpec, scaling: float, device) -> dict:
     return spec._cache[key]
 
 
-DECODE_CONFIG = {"block_n": 64, "num_warps": 4, "num_stages": 3}
+# min_split / target_programs: the split geometry (split_decode.split_geometry), as kernel 5's; not tuned on a GPU yet
+DECODE_CONFIG = {"block_n": 64, "num_warps": 4, "num_stages": 3, "min_split": 256, "target_programs": 528}
 
 
 def group_decode_triton(query, key, value, *, key_group, spec: GroupSpec, key_valid=None, scaling: float,
@@ -213,21 +301,38 @@ def group_decode_triton(query, key, value, *, key_group, spec: GroupSpec, key_va
     out = torch.empty(batch, 1, hq, d, dtype=query.dtype, device=query.device)
     valid = key_valid.view(torch.uint8) if key_valid is not None and key_valid.dtype == torch.bool else key_valid
     interp = query.device.type != "cuda"
-    launch(_group_decode_kernel, (batch * hkv,),
+    block_n = 16 if interp else DECODE_CONFIG["block_n"]
+    split_len, n_split = split_geometry(
+        nk, batch * hkv, target_programs=DECODE_CONFIG["target_programs"],
+        min_split=block_n if interp else DECODE_CONFIG["min_split"], split_multiple=block_n)
+    block_r, ng, programs = max(16, next_pow2(hq // hkv)), prep["groups"], batch * hkv
+    direct = n_split == 1
+    if direct:
+        po = pl = pm = out
+    else:
+        po = torch.empty(programs * n_split * ng * block_r * block_d(d), dtype=torch.float32, device=out.device)
+        pl = torch.empty(programs * n_split * ng * block_r, dtype=torch.float32, device=out.device)
+        pm = torch.empty(programs * n_split * block_r, dtype=torch.float32, device=out.device)
+    flags = dict(HAS_POST=prep["has_post"], MASS_BITS=prep["mass_bits"], HAS_RATIO=prep["has_ratio"],
+                 NUM_BITS=prep["num_bits"], DEN_BITS=prep["den_bits"])
+    launch(_group_decode_kernel, (programs, n_split),
         query, key, value, out, group, key_bias if key_bias is not None else group,
-        valid if valid is not None else group, prep["table"],
+        valid if valid is not None else group, prep["table"], po, pl, pm,
         query.stride(0), query.stride(1), key.stride(0), key.stride(1), key.stride(2),
         value.stride(0), value.stride(1), value.stride(2), out.stride(0), out.stride(2), group.stride(0),
         key_bias.stride(0) if key_bias is not None else 0,
         valid.stride(0) if valid is not None else 0, valid.stride(1) if valid is not None else 0,
-        hkv, hq // hkv, nk, float(spec.cond_mass_min), float(spec.cond_ratio_min),
-        HEAD_D=d, BLOCK_D=block_d(d), BLOCK_R=max(16, next_pow2(hq // hkv)),
-        BLOCK_N=16 if interp else DECODE_CONFIG["block_n"], NG=prep["groups"], HAS_KBIAS=key_bias is not None,
-        HAS_KVALID=valid is not None, PRE_ABS=prep["pre_abs"], HAS_POST=prep["has_post"],
-        MASS_BITS=prep["mass_bits"], HAS_RATIO=prep["has_ratio"], NUM_BITS=prep["num_bits"],
-        DEN_BITS=prep["den_bits"], num_warps=DECODE_CONFIG["num_warps"],
-        num_stages=1 if interp else DECODE_CONFIG["num_stages"],
-    )
+        hkv, hq // hkv, nk, float(spec.cond_mass_min), float(spec.cond_ratio_min), n_split, split_len,
+        HEAD_D=d, BLOCK_D=block_d(d), BLOCK_R=block_r, BLOCK_N=block_n, NG=ng, HAS_KBIAS=key_bias is not None,
+        HAS_KVALID=valid is not None, PRE_ABS=prep["pre_abs"], DIRECT=direct, **flags,
+        num_warps=DECODE_CONFIG["num_warps"], num_stages=1 if interp else DECODE_CONFIG["num_stages"],
+    )  # fmt: skip
+    if not direct:
+        launch(_group_merge_kernel, (programs,),
+            out, prep["table"], po, pl, pm, out.stride(0), out.stride(2), hkv, hq // hkv,
+            float(spec.cond_mass_min), float(spec.cond_ratio_min), n_split,
+            HEAD_D=d, BLOCK_D=block_d(d), BLOCK_R=block_r, NG=ng, **flags, num_warps=4,
+        )  # fmt: skip
     return out
 
 
