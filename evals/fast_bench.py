@@ -222,6 +222,10 @@ class Bench:
             if fast_path is not None:
                 row["graph"] = fast_path.last_step is not None and fast_path.last_step.graph is not None
                 row["compiled"] = fast_path.last_step is not None and fast_path.last_step.compiled
+                if fast_path.last_step is not None:  # what each layer's attention runs in the decoding step
+                    routes = [type(route).__name__ for route in fast_path.last_step.routes.values()]
+                    row["step_routes"] = {name: routes.count(name) for name in sorted(set(routes))}
+                    row["step_routes"]["SDPA"] = len(fast_path.last_step.group_of) - len(routes)
                 row["capture_error"] = fast_path.capture_error
                 prefill = fast_path.prefill
                 row["prefill_segments"] = [list(segment) for segment in prefill.last_segments]  # (start, end, graph)

@@ -376,6 +376,11 @@ def test_fast_bench_runs_on_the_tiny_models(tmp_path):
     assert {("hf-dynamic", ""), ("fast", ""), ("hf-static", ""), ("fast", "FastV 75%"), ("dynamic", "DART 75%"),
             ("hf-static", "FastV 75%"), ("hf-static", "PAI")} <= paths  # fmt: skip
     assert all(row["decode_ms_per_token"] is not None for row in section["rows"])
+    # each fast row names what the decoding step's layers ran (CPU: SDPA, kernel 3's torch form for PAI, kernel 4's for
+    # PLPHP's per-head layers)
+    routes = {row["method"]: row["step_routes"] for row in section["rows"] if row["path"] == "fast"}
+    assert all(sum(counts.values()) == 4 for counts in routes.values()) and routes[""] == {"SDPA": 4}
+    assert routes["PAI"]["GroupRoute"] > 0 and routes["PLPHP"]["RaggedRoute"] == 2
     # HF's static route: the unwrapped model against itself on the dynamic cache, the wrapped one against the dynamic path
     static = [row for row in section["rows"] if row["path"] == "hf-static"]
     assert [(row["tokens_equal_path"], row["tokens_equal"]) for row in static] == [

@@ -178,12 +178,14 @@ def test_triton_routes_on_7b_shapes_bf16(llava_7b_shapes, spec, monkeypatch):
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl", "qwen3_vl"])
-@pytest.mark.parametrize("spec", ["", "fastv:layer=2,ratio=0.5", "vaf", "pai", "visionzip:ratio=0.75", "vmtc:ratio=0.75"])
+@pytest.mark.parametrize("spec", ["", "fastv:layer=2,ratio=0.5", "vaf", "pai", "visionzip:ratio=0.75", "vmtc:ratio=0.75",
+                                  "plphp"])
 def test_fast_prefill_segment_graphs_replay_as_eager(family, spec, exact_fp32):
     """The fast path's prefill segments (and image encoding): eager on the first sighting of their shapes, captured
     on the second, replayed after; the same tokens and first logits each time, and the dynamic path's tokens. The
     vision-tower methods' recording, choosing and merging are inside the encoding's graph on LLaVA; PAI's prompt is
-    one segment whose edited layers run its last row through kernel 3's decoding form inside the graph."""
+    one segment whose edited layers run its last row through kernel 3's decoding form inside the graph. The decoding
+    step's graph runs kernel 5 in its layers without edits, and PLPHP's per-head caches on kernel 4."""
     model, processor = tiny_model(family)
     model.cuda()
     batch = two_samples(processor).to("cuda")
