@@ -24,7 +24,7 @@ import torch
 from transformers import LogitsProcessor
 
 from vlm_efficient.adapters import cache_kwarg
-from vlm_efficient.engine import plain_calls
+from vlm_efficient.engine import plain_calls, wrapped_engine
 from vlm_efficient.kernels.api import GroupSpec
 from vlm_efficient.method import KernelEdit, Method, PerThread
 from vlm_efficient.registry import register_method
@@ -68,7 +68,8 @@ class PAIContrastive(LogitsProcessor):
 
     A call that does not continue the previous call's sequence by one token starts a new text-only stream, so one
     instance can serve several generate() calls, each thread its own stream. The prompt's left padding is read off
-    the pad token."""
+    the pad token. On a model wrapped with fast=True the stream, after its prefill, decodes on a static step of its
+    own beside the call's (FastPath.plain_stream: on CUDA a captured graph, no host work per layer)."""
 
     _state = PerThread()  # the calling thread's text-only stream
 
@@ -89,8 +90,20 @@ class PAIContrastive(LogitsProcessor):
             # left padding: everything before a sample's first non-pad token is padding
             prompt_mask = (input_ids != pad_token_id(self.model)).long().cummax(1).values
             inputs = text_only_inputs(self.model, input_ids, prompt_mask)
+            fast_path = getattr(wrapped_engine(self.model), "fast_path", None)
+            if fast_path is not None and fast_path.in_call:
+                logits, step = fast_path.plain_stream(inputs)
+                self._state = {"step": step, "ids": input_ids}
+                return logits.log_softmax(-1)
             state = self._state = {"run": None, "cache": None, "mask": inputs["attention_mask"]}
             kwargs = inputs
+        elif "step" in state:
+            step = state["step"]
+            with plain_calls(self.model):
+                step.tokens.copy_(input_ids[:, -1:])
+                step.run()
+            state["ids"] = input_ids
+            return step.logits.log_softmax(-1)
         else:
             state["mask"] = torch.cat([state["mask"], state["mask"].new_ones(input_ids.shape[0], 1)], dim=1)
             positions = state["mask"].sum(1, keepdim=True) - 1

@@ -247,6 +247,52 @@ def test_sliding_window_layers_are_refused_at_wrap():
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_pai_contrastive_stream_decodes_on_a_static_step(family, monkeypatch):
+    """PAI with its contrastive term (PAIContrastive): on the fast path the text-only stream decodes on a static step
+    of its own beside the call's (FastPath.plain_stream), with the dynamic path's scores (the processed logits: the
+    stream's log-probabilities enter them) and tokens; its step is kept for the next call."""
+    from transformers import LogitsProcessorList
+
+    from vlm_efficient.fast_path import FastPath
+    from vlm_efficient.heads.pai import PAIContrastive
+
+    model, processor = tiny_model(family)
+    batch = two_samples(processor)
+    streams = []
+    plain_stream = FastPath.plain_stream
+    monkeypatch.setattr(FastPath, "plain_stream", lambda self, inputs: streams.append(plain_stream(self, inputs))
+                        or streams[-1])  # fmt: skip
+
+    def run(fast):
+        ve.wrap(model, "pai", fast=fast)
+        out = generate(model, batch, output_scores=True, logits_processor=LogitsProcessorList([PAIContrastive(model)]))
+        return out
+
+    dynamic = run(False)
+    ve.unwrap(model)
+    fast = run(True)
+    assert len(streams) == 1  # the stream's prefill, then its static step for every later token
+    assert torch.equal(fast.sequences, dynamic.sequences)
+    for fast_scores, dynamic_scores in zip(fast.scores, dynamic.scores):
+        assert torch.equal(fast_scores.isinf(), dynamic_scores.isinf())
+        finite = ~dynamic_scores.isinf()
+        torch.testing.assert_close(fast_scores[finite], dynamic_scores[finite], atol=1e-4, rtol=1e-4)
+    stream_step = streams[0][1]
+    again = generate(model, batch, output_scores=True, logits_processor=LogitsProcessorList([PAIContrastive(model)]))
+    assert streams[1][1] is stream_step and torch.equal(again.sequences, fast.sequences)
+    assert ve.engine_of(model).fast_path.last_step is not stream_step  # the call's own step is another
+    ve.unwrap(model)
+
+
+def test_plain_stream_needs_a_call_in_progress():
+    model, processor = tiny_model("llava")
+    ve.wrap(model, "pai", fast=True)
+    with pytest.raises(RuntimeError, match="beside a fast-path generate"):
+        ve.engine_of(model).fast_path.plain_stream({})
+    ve.unwrap(model)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("spec", ["plphp", "fastv:layer=1,ratio=0.5+plphp:layer=2", "streaming:sinks=2,window=6"])
 def test_per_head_cache_equals_dynamic_path(family, spec):
     """Per-head pruned caches (PLPHP, streaming) on the fast path: each such layer's buffer holds only its KV heads'

@@ -308,6 +308,7 @@ class FastPath:
         self._recording = False
         self._finished: list = [None, None]  # see _note_finished
         self._pinned = None
+        self._call_steps: int | None = None  # tokens the generate() call in progress may still add (plain_stream)
         engine.add_handle(text_model.rotary_emb.register_forward_pre_hook(self._record_rotary, with_kwargs=True))
         self.prefill = LeanPrefill(engine, self.parts, self.graphs_on, self._record_first_layer_inputs)
         self.encoder = LeanEncoder(engine, self.graphs_on)
@@ -376,6 +377,13 @@ class FastPath:
         drops them for a callable, and generate() above refuses a streamer)."""
         config = generation_config
         self._check_config(config, model_kwargs)
+        self._call_steps = config.max_length - input_ids.shape[1]
+        try:
+            return self._decode(model, input_ids, logits_processor, stopping_criteria, config, model_kwargs)
+        finally:
+            self._call_steps = None
+
+    def _decode(self, model, input_ids, logits_processor, stopping_criteria, config, model_kwargs):
         self.engine.hooks.confirm_prebuilt_layout(input_ids, model_kwargs.get("attention_mask"))
         self._recorded.clear()
         self._recording = True
@@ -447,6 +455,37 @@ class FastPath:
         as_tuple = {k: tuple(v) if v is not None else None for k, v in history.items()}
         return GenerateDecoderOnlyOutput(sequences=input_ids, **as_tuple)
 
+    @property
+    def in_call(self) -> bool:
+        """Whether a generate() call of the fast path is decoding (in this thread: calls take turns)."""
+        return self._call_steps is not None
+
+    def plain_stream(self, inputs: dict) -> tuple[torch.Tensor, StaticStep]:
+        """A second sequence decoded beside the generate() call in progress, with no method acting (PAI's text-only
+        stream, heads/pai.py): its prompt `inputs` (input_ids, attention_mask, position_ids) runs once through the
+        model in a plain block, then a static step of its own continues it: the same step as the call's (kernel 5 or
+        SDPA over its buffers, on CUDA a captured graph), kept across calls. Returns (its prompt's last-row logits
+        [B, vocab] float32, the step), to be fed as the call's own step is: step.tokens.copy_(last tokens),
+        step.run(), step.logits."""
+        if self._call_steps is None:
+            raise RuntimeError("a plain stream decodes beside a fast-path generate() call; none is in progress")
+        saved, self._recorded = self._recorded, {}  # the stream's own last prompt positions
+        self._recording = True
+        try:
+            with self.engine.plain():
+                out = self.model(**inputs, use_cache=True)
+        finally:
+            self._recording = False
+            recorded, self._recorded = self._recorded, saved
+        cache = getattr(out, cache_kwarg(self.model))
+        prompt_kv = [(layer.keys, layer.values) for layer in cache.layers]
+        layers = len(prompt_kv)
+        capacity = -(-(prompt_kv[0][0].shape[2] + self._call_steps) // BUCKET) * BUCKET
+        valid = inputs["attention_mask"].bool()
+        step = self._static_step(prompt_kv, [0] * layers, [valid], [capacity] * layers, {}, {}, {}, {}, recorded,
+                                 valid.device, offset=1, stream=True)  # fmt: skip
+        return out.logits[:, -1].float(), step
+
     def _note_finished(self, step: int, unfinished: torch.Tensor) -> None:
         """Record whether every sample has finished after decoding step `step` chose its token, without a host wait:
         on CUDA a copy into pinned memory and an event (two slots: step s's flag is read while step s + 1 runs)."""
@@ -501,16 +540,28 @@ class FastPath:
         capacities = [-(-(k.shape[1] + steps) // BUCKET) * BUCKET for k in prompt_keys]
         edits = self._decode_edits(run, device, prompt_keys, capacities)
         keeps, per_head = self._per_head(run, device, prompt_kv, capacities, edits)
+        step = self._static_step(prompt_kv, group_of, group_valid, capacities, edits, head_scales, keeps, per_head,
+                                 self._recorded, device, offset=0 if last_row else 1)  # fmt: skip
+        self.last_step = step
+        return step
+
+    def _static_step(self, prompt_kv: list, group_of: list, group_valid: list, capacities: list, edits: dict,
+                     head_scales: dict, keeps: dict, per_head: dict, recorded: dict, device, offset: int,
+                     stream: bool = False) -> StaticStep:
+        """The step of these buffer sizes, decoding edits, head scales and per-head caches: a kept one (reloaded) or a
+        new one (captured on CUDA), loaded with this call's prompt keys; `recorded` holds the last prompt positions;
+        `stream`: a plain stream beside the call's own decoding (plain_stream), never the call's own step."""
+        engine = self.engine
         # edits made of tensors only are reloaded into a kept step's buffers; a post-softmax function holds this
         # call's tensors, so its step serves this call only
         kept = all(reloadable(layer_edits) for layer_edits in edits.values())
         structure = edits_key(edits) if kept else None
         keys = prompt_kv[0][0]
-        layer_position = self._recorded.get("layer")
+        layer_position = recorded.get("layer")
         kernels = kernel_backend(device)  # kernel 5 in the layers without edits, kernel 4 per head (where they run)
         key = (keys.shape[0], tuple(capacities), tuple(group_of), keys.shape[1], keys.shape[3], keys.dtype, device,
-               tuple(self._recorded["rotary"].shape), None if layer_position is None else tuple(layer_position.shape),
-               self.use_graph, structure, tuple(head_scales), kernels, tuple(per_head.items()))  # fmt: skip
+               tuple(recorded["rotary"].shape), None if layer_position is None else tuple(layer_position.shape),
+               self.use_graph, structure, tuple(head_scales), kernels, tuple(per_head.items()), stream)  # fmt: skip
         step = self.steps.pop(key, None) if kept else None
         if step is None:
             started = time.perf_counter()
@@ -518,7 +569,7 @@ class FastPath:
                 self.steps.popitem(last=False)
             with torch.inference_mode(False):  # plain tensors: later calls may run outside inference mode
                 step = StaticStep(self.parts, keys.shape[0], capacities, group_of, (keys.shape[1], keys.shape[3]),
-                                  keys.dtype, device, self._recorded["rotary"].shape,
+                                  keys.dtype, device, recorded["rotary"].shape,
                                   None if layer_position is None else layer_position.shape,
                                   compiled=self.compiled and kept,  # a step for one call is not worth compiling
                                   kernels=kernels, per_head=per_head)
@@ -545,9 +596,7 @@ class FastPath:
             step.load_head_scales(head_scales)
         if kept:
             self.steps[key] = step
-        self.last_step = step
-        step.load(prompt_kv, group_valid, self._recorded["rotary"], layer_position, offset=0 if last_row else 1,
-                  per_head_keep=keeps)
+        step.load(prompt_kv, group_valid, recorded["rotary"], layer_position, offset=offset, per_head_keep=keeps)
         return step
 
     @staticmethod
