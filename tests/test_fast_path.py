@@ -377,10 +377,14 @@ def test_unwrap_restores_generate():
     assert torch.equal(generate(model, batch).sequences, reference)
 
 
-@pytest.mark.parametrize("family,spec", [("llava", "fastv:layer=2,ratio=0.5"), ("qwen2_vl", "pai")])
-def test_compiled_step_equals_dynamic_path(family, spec):
-    """fast="compile": the step compiled by torch.compile (PAI's group kernel an operator in the graph) gives the
-    dynamic path's tokens; the step is built (compiled) once and kept for the next call, which gives the same."""
+@pytest.mark.parametrize("family,spec,kernels", [("llava", "fastv:layer=2,ratio=0.5", None), ("qwen2_vl", "pai", None),
+                                                 ("qwen2_vl", "fastv:layer=1,ratio=0.5+plphp:layer=2", "reference")])
+def test_compiled_step_equals_dynamic_path(family, spec, kernels, monkeypatch):
+    """fast="compile": the step compiled by torch.compile (PAI's group kernel an operator in the graph; with the kernels
+    routed, kernel 5 and PLPHP's kernel 4 operators too) gives the dynamic path's tokens; the step is built (compiled)
+    once and kept for the next call, which gives the same."""
+    if kernels:
+        monkeypatch.setenv("VLM_EFFICIENT_KERNELS", kernels)
     model, processor = tiny_model(family)
     batch = two_samples(processor)
     ve.wrap(model, spec)
@@ -393,6 +397,10 @@ def test_compiled_step_equals_dynamic_path(family, spec):
     step, build_s = fast_path.last_step, fast_path.last_build_s
     assert step.compiled and build_s > 0
     assert dict(counters["graph_break"]) == {}  # one graph: the group kernel is an operator, not a break
+    if kernels:
+        from vlm_efficient.fast_attention import MaskedDecodeRoute, RaggedRoute
+
+        assert {type(route) for route in step.routes.values()} == {MaskedDecodeRoute, RaggedRoute}
     assert_same(dynamic, compiled, exact_prefill=not fast_path.prefill.deferred_last_row)
     assert torch.equal(generate(model, batch).sequences, dynamic.sequences)
     assert fast_path.last_step is step and fast_path.last_build_s == build_s
