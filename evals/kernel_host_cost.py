@@ -17,10 +17,10 @@ import time
 import torch
 import torch.nn.functional as F
 
-from ..kernels import attention_stats, group_attention, masked_attention
+from ..kernels import attention_stats, group_attention, group_decode, masked_attention, split_decode
 from ..kernels.api import GroupSpec, MaskSpec, StructuredMask, TokenLayout
 
-KERNEL_MODULES = (masked_attention, attention_stats, group_attention)
+KERNEL_MODULES = (masked_attention, attention_stats, group_attention, group_decode, split_decode)
 
 
 class _StubKernel:
@@ -37,7 +37,7 @@ class _StubKernel:
 
 @contextlib.contextmanager
 def stubbed_launches(stub_sdpa: bool = False):
-    """Every Triton kernel of kernels 1-3 replaced by a stub; yields the launch log. stub_sdpa: SDPA returns an empty
+    """Every Triton kernel of kernels 1-3 and 5 (and kernel 3's decoding form) replaced by a stub; yields the launch log. stub_sdpa: SDPA returns an empty
     tensor of its output's shape (meta tensors, or when only the host side is of interest)."""
     log: list = []
     saved = []
@@ -94,7 +94,9 @@ def entry_point_calls(n: int, *, device="cpu", heads: int = 32, head_dim: int = 
     way a model's layer calls it (per-layout inputs built before: masks, key groups, selected rows)."""
     from ..kernels.attention_stats import attention_with_received_stats_triton, received_attention_triton
     from ..kernels.group_attention import group_attention_triton
+    from ..kernels.group_decode import group_decode_triton
     from ..kernels.masked_attention import flash_attention_triton, masked_attention_triton
+    from ..kernels.split_decode import masked_decode_triton
 
     naavit = naavit or prompt_mask(n)
     layout = naavit.layout
@@ -109,6 +111,8 @@ def entry_point_calls(n: int, *, device="cpu", heads: int = 32, head_dim: int = 
         rows = group_attention._ROW_LISTS
         rows[id(last_row)] = (weakref.ref(last_row), last_row._version,
                               torch.empty(1, 1, dtype=torch.int32, device=device))
+    key_valid = torch.ones(1, n, dtype=torch.bool, device=device)
+    groups32 = groups.to(torch.int32)  # the step keeps its key groups as int32 buffers
     pai = GroupSpec(heads, 2, logit_abs=[0.0, 0.5])  # PAI's tables (heads/pai.py): image keys a + 0.5|a|
     vaf = GroupSpec(heads, 2, logit_scale=[0.95, 1.15])  # VAF's (heads/vaf.py): text x0.95, image x1.15
     return {
@@ -120,6 +124,10 @@ def entry_point_calls(n: int, *, device="cpu", heads: int = 32, head_dim: int = 
         "K3 PAI last row (SDPA + rows pass)": lambda: group_attention_triton(
             q, k, v, key_group=groups, spec=pai, scaling=scaling, query_select=last_row),
         "K3 VAF all rows": lambda: group_attention_triton(q, k, v, key_group=groups, spec=vaf, scaling=scaling),
+        # a decoding step's calls: one row per sample over a static buffer of n slots and its key mask
+        "K5 masked decode": lambda: masked_decode_triton(q[:, :, -1:], k, v, key_valid=key_valid, scaling=scaling),
+        "K3 decoding form (PAI)": lambda: group_decode_triton(q[:, :, -1:], k, v, key_group=groups32, spec=pai,
+                                                              key_valid=key_valid, scaling=scaling),
     }
 
 
