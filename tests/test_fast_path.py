@@ -320,6 +320,26 @@ def test_per_head_cache_equals_dynamic_path(family, spec):
     ve.unwrap(model)
 
 
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_per_head_cache_beside_head_scales_and_a_text_only_sample(family):
+    """PLPHP with VHR (head-output scales in the same decoding step as the per-head caches), and PLPHP on a batch
+    whose first sample has no image (its heads keep every key)."""
+    model, processor = tiny_model(family)
+    dynamic, fast = dynamic_then_fast(model, two_samples(processor), "plphp+vhr")
+    assert ve.engine_of(model).fast_path.last_step.head_scales
+    assert_same(dynamic, fast, exact_prefill=False)
+    ve.unwrap(model)
+    ph = image_placeholder(processor)
+    batch = tiny_batch(processor, [("just text here please", []), (f"look {ph} at this", [tiny_image(1)])])
+    dynamic, fast = dynamic_then_fast(model, batch, "plphp")
+    assert_same(dynamic, fast)
+    ragged = ve.engine_of(model).fast_path.last_step.ragged
+    heads = ragged[2].num_kv_heads
+    lengths = ragged[2].lengths.view(2, heads) - (NEW_TOKENS - 1)  # the kept prompt keys per (sample, KV head)
+    assert (lengths[0] == int(batch["attention_mask"][0].sum())).all()  # the text-only sample keeps every key
+    ve.unwrap(model)
+
+
 def test_per_head_cache_is_laid_out_anew_for_each_call():
     """Two batches of the same shapes with other images, in turn on one kept step: each call's kept keys per head
     are placed again (a step holding the previous call's layout would give the other batch's tokens)."""
