@@ -311,7 +311,8 @@ class Checks:
         splits (one with no valid key) and one."""
         tiny = self.size == "tiny"
         cfgs = [(2, 8, 2, 40, 64), (2, 4, 4, 37, 80), (1, 8, 1, 50, 128), (2, 4, 2, 12, 64)] if tiny else \
-            [(2, 32, 32, 700, 128), (2, 28, 4, 3000, 128), (1, 32, 8, 1200, 64), (1, 28, 4, 120, 128)]
+            [(2, 32, 32, 700, 128), (2, 28, 4, 3000, 128), (1, 32, 8, 1200, 64), (1, 28, 4, 120, 128),
+             (2, 8, 4, 1500, 256)]
         presets = lambda hq: {  # noqa: E731
             "pai": GroupSpec(hq, 3, logit_abs=[0.0, 0.5, 0.0]),
             "vaf": GroupSpec(hq, 4, logit_scale=[0.95, 1.15, 1.0, 1.3]).on_heads([0, 2]),
@@ -354,7 +355,8 @@ class Checks:
         cfgs = [(2, 8, 2, 60, 64, torch.bfloat16), (3, 4, 4, 45, 80, torch.float16),
                 (1, 8, 1, 70, 128, torch.float32), (2, 4, 2, 10, 64, torch.bfloat16)] if tiny else \
             [(1, 28, 4, 2393, 128, torch.bfloat16), (8, 32, 32, 700, 128, torch.bfloat16),
-             (2, 32, 8, 5000, 64, torch.float16), (4, 16, 16, 40, 128, torch.bfloat16)]
+             (2, 32, 8, 5000, 64, torch.float16), (4, 16, 16, 40, 128, torch.bfloat16),
+             (2, 8, 4, 1500, 256, torch.bfloat16)]  # head_dim 256: Gemma3
         for i, (b, hq, hkv, n, d, dt) in enumerate(cfgs):
             capacity = n + 7
             _, k, v = _qkv(b, 1, hkv, 1, capacity, d, dt, self.device, self.gen)

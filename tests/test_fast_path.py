@@ -246,7 +246,7 @@ def test_sliding_window_layers_are_refused_at_wrap():
     assert not ve.is_wrapped(model)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", [*FAMILIES, "gemma3"])  # gemma3: the stream's sliding-window layers too
 def test_pai_contrastive_stream_decodes_on_a_static_step(family, monkeypatch):
     """PAI with its contrastive term (PAIContrastive): on the fast path the text-only stream decodes on a static step
     of its own beside the call's (FastPath.plain_stream), with the dynamic path's scores (the processed logits: the

@@ -36,7 +36,14 @@ rounded up to SEGMENT_BUCKET per segment, so calls keeping similar numbers share
 device, appended to at every step and attended by kernel 4 (its torch form where the kernels do not run); a decoding
 edit on such a layer is refused (the dynamic path runs them with plphp:cache=mask).
 
-Refused, with a pointer to the dynamic path: at wrap, sliding-window layers, a model spread over devices; at generate, beams and other decoding modes, a cache passed in or cache_implementation,
+Layers of several types (Gemma3's sliding-window and full layers): the prefill runs the text model's own loop (each
+type's mask and rotary table are the model's to make); in the step each type gets its rotary table
+(adapter.rotary_tables) and a sliding layer's key set its own mask, made on the device at every step from the set's
+mask, the slots its cache keeps (the last window - 1 and the step's) and the window over original positions, as the
+dynamic path's sliding cache and the engine's mask have them.
+
+Refused, with a pointer to the dynamic path: at wrap, sliding-window layers of a family whose adapter gives them no
+mask of their own, attention or final logit soft-capping, a model spread over devices; at generate, beams and other decoding modes, a cache passed in or cache_implementation,
 streamers and assistant models, attentions or hidden states in the output; after the prefill, decoding edits with no
 step-invariant form or on pre-rotary logits (GIFT, A-VL, YOPO, Vista-LLaMA, VAR's code variant). Head-output scales
 (VHR) are asked once after the prefill and applied at every step by the engine's head-output hook (buffers reloaded
@@ -61,7 +68,7 @@ from .fast_attention import (PACKED_VISION_ATTENTION, GroupRoute, MaskedDecodeRo
 from .fast_prefill import LeanEncoder, LeanPrefill, capture_graph
 from .hooks import AttributeUndo, head_output_scale
 from .kernel_plan import kernel_backend
-from .ragged_cache import per_head_keep
+from .ragged_cache import per_head_keep, refuse_own_mask
 from .method import UNSTRUCTURED, AttentionContext, edits_attention
 
 BUCKET = 64  # buffer lengths round up to this: calls whose prompts keep similar numbers of keys share one graph
@@ -133,6 +140,20 @@ class StaticRaggedLayer(CacheLayerMixin):
         return self.ragged.max_capacity
 
 
+def layer_rotary(parts: dict, hidden: torch.Tensor, positions: torch.Tensor) -> list:
+    """Each decoder layer's rotary tables (cos, sin) at `positions`: the text model's, or where its layers are of
+    several types one table per type (Gemma3's sliding and full layers rotate with their own bases,
+    adapter.rotary_tables)."""
+    types = parts["layer_types"]
+    if len(set(types)) == 1:
+        return [parts["rotary"](hidden, positions)] * len(types)
+    tables = {}
+    for idx, layer_type in enumerate(types):
+        if layer_type not in tables:
+            tables[layer_type] = parts["adapter"].rotary_tables(parts["model"], idx, hidden, positions)
+    return [tables[layer_type] for layer_type in types]
+
+
 class StaticStep:
     """The buffers and the decoding step of one (batch size, buffer sizes) combination, and on CUDA its graph."""
 
@@ -160,6 +181,14 @@ class StaticStep:
         group_capacity = [capacities[group_of.index(g)] for g in range(max(group_of) + 1)]
         self.masks = [torch.zeros(batch, 1, 1, c, dtype=torch.bool, **new) for c in group_capacity]
         self.write_index = [torch.zeros(1, dtype=torch.long, **new) for _ in group_capacity]
+        # sliding-window layers (their own key sets): the keys they see at a step, made from the set's mask, the
+        # slots (its cache keeps the last window - 1 and the step's) and the keys' original positions (the window)
+        self.windows = {g: w for g, w in zip(group_of, parts["windows"]) if w}
+        self.window_masks = {g: torch.zeros_like(self.masks[g]) for g in self.windows}
+        self.key_positions = {g: torch.zeros(batch, group_capacity[g], dtype=torch.long, **new) for g in self.windows}
+        self.slots = {g: torch.arange(group_capacity[g], **new) for g in self.windows}
+        self.query_origin = torch.zeros(1, dtype=torch.long, **new)  # original position of the step at offset 0
+        self.layer_masks = [self.window_masks.get(g, self.masks[g]) for g in group_of]
         self.offset = torch.zeros(1, dtype=torch.long, **new)  # positions of this step = last prompt ones + offset
         self.tokens = torch.zeros(batch, 1, dtype=torch.long, **new)
         self.last_rotary = torch.zeros(rotary_shape, dtype=torch.long, **new)
@@ -195,7 +224,7 @@ class StaticStep:
 
     def valid_keys(self, layer: int) -> torch.Tensor:
         """[B, capacity]: a view of the step's mask of the layer (the keys it attends to)."""
-        mask = self.masks[self.group_of[layer]]
+        mask = self.layer_masks[layer]
         return mask.view(mask.shape[0], mask.shape[-1])
 
     def load_edits(self, edits: dict) -> None:
@@ -225,13 +254,17 @@ class StaticStep:
         parts = self.parts
         for mask, index in zip(self.masks, self.write_index):
             mask.index_fill_(3, index, True)  # the step's own key joins the keys it attends to
+        for group, window in self.windows.items():
+            seen = ((self.slots[group] > self.write_index[group] - window)
+                    & (self.key_positions[group] > self.query_origin + self.offset - window))  # fmt: skip
+            torch.logical_and(self.masks[group], seen[:, None, None, :], out=self.window_masks[group])
         hidden = parts["embed"](self.tokens)
-        position_embeddings = parts["rotary"](hidden, self.last_rotary + self.offset)
+        tables = layer_rotary(parts, hidden, self.last_rotary + self.offset)
         positions = None if self.last_layer_position is None else self.last_layer_position + self.offset
         cache = {parts["cache_name"]: self.cache}
-        for layer, group in zip(parts["layers"], self.group_of):
-            out = layer(hidden, attention_mask=self.masks[group], position_ids=positions,
-                        position_embeddings=position_embeddings, use_cache=True, **cache)  # fmt: skip
+        for layer, mask, position_embeddings in zip(parts["layers"], self.layer_masks, tables):
+            out = layer(hidden, attention_mask=mask, position_ids=positions, position_embeddings=position_embeddings,
+                        use_cache=True, **cache)  # fmt: skip
             hidden = out[0] if isinstance(out, tuple) else out
         self.logits.copy_(parts["lm_head"](parts["norm"](hidden[:, -1:]))[:, -1].float())
         for index in self.write_index:
@@ -244,10 +277,12 @@ class StaticStep:
         self.graph, _ = capture_graph(self.step, self.logits.device)
 
     def load(self, prompt_kv: list, group_valid: list, last_rotary, last_layer_position, offset: int = 1,
-             per_head_keep: dict | None = None) -> None:
+             per_head_keep: dict | None = None, group_keys: list | None = None, prompt_length: int = 0) -> None:
         """Fill the buffers for one call: the kept prompt keys and values (per head where `per_head_keep` {layer:
         bool [B, Hkv, n]} says), the masks (the valid kept keys), write indices after each key set, and the last
-        prompt positions; the first step's positions are those + `offset` (0: that step is the last prompt row)."""
+        prompt positions; the first step's positions are those + `offset` (0: that step is the last prompt row).
+        Sliding-window key sets also take their keys' original positions `group_keys` [B, n] and the prompt's
+        length."""
         for idx, (keys, values, (k, v)) in enumerate(zip(self.keys, self.values, prompt_kv)):
             if keys is None:
                 self.ragged[idx].refill(k, v, per_head_keep[idx], room=self.capacities[idx] - k.shape[2])
@@ -259,6 +294,12 @@ class StaticStep:
             mask[:, 0, 0, : valid.shape[1]].copy_(valid)
             index.fill_(valid.shape[1])
         self.offset.fill_(offset)
+        self.query_origin.fill_(prompt_length - 1)
+        for group, key_positions in self.key_positions.items():
+            kept = group_keys[group].shape[1]
+            key_positions[:, :kept].copy_(group_keys[group])
+            generated = torch.arange(key_positions.shape[1] - kept, device=key_positions.device)
+            key_positions[:, kept:].copy_(prompt_length - 1 + offset + generated)
         self.last_rotary.copy_(last_rotary)
         if self.last_layer_position is not None:
             self.last_layer_position.copy_(last_layer_position)
@@ -280,10 +321,17 @@ class FastPath:
                 f"this one does not: {DYNAMIC_PATH}"
             )
         model = engine.model
-        layer_types = set(getattr(engine.text_config, "layer_types", None) or ["full_attention"])
-        if layer_types != {"full_attention"}:
-            raise ValueError(f"the fast path runs full attention in every layer; this model has {sorted(layer_types)} "
-                             f"layers: {DYNAMIC_PATH}")  # fmt: skip
+        config = engine.text_config
+        layer_types = list(getattr(config, "layer_types", None) or ["full_attention"] * engine.num_layers)
+        # sliding-window layers where the family's adapter gives them their own mask (Gemma3): the step slides it
+        unknown = sorted({t for idx, t in enumerate(layer_types) if t != "full_attention"
+                          and not (t == "sliding_attention" and engine.adapter.mask_group(model, idx) == t)})
+        if unknown:
+            raise ValueError(f"the fast path runs full attention and its families' sliding windows; this model has "
+                             f"{unknown} layers: {DYNAMIC_PATH}")  # fmt: skip
+        for name in ("attn_logit_softcapping", "final_logit_softcapping"):
+            if getattr(config, name, None) is not None:
+                raise ValueError(f"the fast path's step does not apply {name}: {DYNAMIC_PATH}")
         if len({p.device for p in model.parameters()}) > 1:
             raise ValueError(f"the fast path runs the model on one device; this one is spread over several: {DYNAMIC_PATH}")
         if "generate" in vars(model):
@@ -295,7 +343,9 @@ class FastPath:
             "embed": model.get_input_embeddings(), "lm_head": model.get_output_embeddings(),
             "norm": text_model.norm, "rotary": text_model.rotary_emb, "layers": list(engine.layers),
             "cache_name": cache_kwarg(engine.layers[0]), "vocab": model.get_output_embeddings().out_features,
-            "config": engine.text_config, "hooks": engine.hooks,
+            "config": engine.text_config, "hooks": engine.hooks, "adapter": engine.adapter, "model": model,
+            "layer_types": layer_types,
+            "windows": [config.sliding_window if t == "sliding_attention" else None for t in layer_types],
         }  # fmt: skip
         self.steps: collections.OrderedDict = collections.OrderedDict()
         self._lock = threading.Lock()  # one static step and one set of buffers: concurrent calls take turns
@@ -479,11 +529,20 @@ class FastPath:
             recorded, self._recorded = self._recorded, saved
         cache = getattr(out, cache_kwarg(self.model))
         prompt_kv = [(layer.keys, layer.values) for layer in cache.layers]
-        layers = len(prompt_kv)
-        capacity = -(-(prompt_kv[0][0].shape[2] + self._call_steps) // BUCKET) * BUCKET
         valid = inputs["attention_mask"].bool()
-        step = self._static_step(prompt_kv, [0] * layers, [valid], [capacity] * layers, {}, {}, {}, {}, recorded,
-                                 valid.device, offset=1, stream=True)  # fmt: skip
+        length = valid.shape[1]
+        columns = torch.arange(length, device=valid.device).expand(valid.shape[0], -1)
+        sets, group_of, group_valid, group_keys = {}, [], [], []
+        for (keys, _), window in zip(prompt_kv, self.parts["windows"]):
+            cached = keys.shape[2]  # a sliding-window layer caches the last window - 1 keys
+            if (cached, window) not in sets:
+                sets[cached, window] = len(sets)
+                group_valid.append(valid[:, length - cached:])
+                group_keys.append(columns[:, length - cached:])
+            group_of.append(sets[cached, window])
+        capacities = [-(-(keys.shape[2] + self._call_steps) // BUCKET) * BUCKET for keys, _ in prompt_kv]
+        step = self._static_step(prompt_kv, group_of, group_valid, capacities, {}, {}, {}, {}, recorded, valid.device,
+                                 offset=1, stream=True, group_keys=group_keys, prompt_length=length)  # fmt: skip
         return out.logits[:, -1].float(), step
 
     def _note_finished(self, step: int, unfinished: torch.Tensor) -> None:
@@ -521,10 +580,14 @@ class FastPath:
         prompt_kv, prompt_keys, group_of, sets, group_keys, group_valid = [], [], [], {}, [], []
         for idx in range(engine.num_layers):
             layer = cache.layers[idx]
-            identity = id(run.layer_positions.get(idx))  # layers that cache the same prompt keys share a mask
-            if identity not in sets:  # and one tensor of their keys' positions (their edits can then share a route)
+            window = self.parts["windows"][idx]
+            # layers that cache the same prompt keys share a mask and one tensor of their keys' positions (their
+            # edits can then share a route); a sliding-window layer caches the last window - 1 of them
+            identity = (id(run.layer_positions.get(idx)), layer.keys.shape[2] if window else None, window)
+            if identity not in sets:
                 sets[identity] = len(sets)
                 keys_at = run.prompt_keys(idx, device)
+                keys_at = keys_at[:, -layer.keys.shape[2]:] if window else keys_at
                 group_keys.append(keys_at[:, :-1] if last_row else keys_at)
                 group_valid.append(run.valid_keys(group_keys[-1]))
             group_of.append(sets[identity])
@@ -541,13 +604,14 @@ class FastPath:
         edits = self._decode_edits(run, device, prompt_keys, capacities)
         keeps, per_head = self._per_head(run, device, prompt_kv, capacities, edits)
         step = self._static_step(prompt_kv, group_of, group_valid, capacities, edits, head_scales, keeps, per_head,
-                                 self._recorded, device, offset=0 if last_row else 1)  # fmt: skip
+                                 self._recorded, device, offset=0 if last_row else 1, group_keys=group_keys,
+                                 prompt_length=run.prompt_length)  # fmt: skip
         self.last_step = step
         return step
 
     def _static_step(self, prompt_kv: list, group_of: list, group_valid: list, capacities: list, edits: dict,
                      head_scales: dict, keeps: dict, per_head: dict, recorded: dict, device, offset: int,
-                     stream: bool = False) -> StaticStep:
+                     stream: bool = False, group_keys: list | None = None, prompt_length: int = 0) -> StaticStep:
         """The step of these buffer sizes, decoding edits, head scales and per-head caches: a kept one (reloaded) or a
         new one (captured on CUDA), loaded with this call's prompt keys; `recorded` holds the last prompt positions;
         `stream`: a plain stream beside the call's own decoding (plain_stream), never the call's own step."""
@@ -596,7 +660,8 @@ class FastPath:
             step.load_head_scales(head_scales)
         if kept:
             self.steps[key] = step
-        step.load(prompt_kv, group_valid, recorded["rotary"], layer_position, offset=offset, per_head_keep=keeps)
+        step.load(prompt_kv, group_valid, recorded["rotary"], layer_position, offset=offset, per_head_keep=keeps,
+                  group_keys=group_keys, prompt_length=prompt_length)
         return step
 
     @staticmethod
@@ -622,6 +687,7 @@ class FastPath:
         for idx, (k, _) in enumerate(prompt_kv):
             keep = per_head_keep(self.engine, run, idx, device)
             if keep is not None:
+                refuse_own_mask(self.engine, idx)
                 keeps[idx] = keep[..., : k.shape[2]]  # without the last prompt key where the step runs that row
         edited = sorted(set(keeps) & set(edits))
         if edited:

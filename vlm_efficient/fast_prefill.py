@@ -379,6 +379,12 @@ class LeanPrefill:
         `deferred_last_row`: the layers run as the plain model runs them, and the caller drops the last row's keys and
         runs that row as a first decoding step with the edits (rows before it are the same either way: nothing edits
         them, and they do not see the last row)."""
+        if len(set(self.parts["layer_types"])) > 1:
+            # layers of several types (Gemma3's sliding and full layers): each type's mask and rotary tables are the
+            # text model's to make, so its own loop runs the layers, as on the dynamic path
+            self.last_segments, self.routed_last_row, self.deferred_last_row = [], False, False
+            out = model._prefill(input_ids, config, model_kwargs)
+            return out.logits[:, -1].to(copy=True, dtype=torch.float32), getattr(out, cache_name)
         methods = self.engine.methods
         self.last_row_only = bool(methods) and all(m.prefill_edits_last_row_as_decoding for m in methods)
         self._active = True

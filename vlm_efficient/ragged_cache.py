@@ -76,6 +76,15 @@ def per_head_keep(engine, run, layer: int, device) -> torch.Tensor | None:
     return keep.to(device) & run.valid_keys(run.prompt_keys(layer, device))[:, None, :]
 
 
+def refuse_own_mask(engine, layer: int) -> None:
+    """A per-head pruned cache has no mask of its own: refused where the family gives the layer one."""
+    if engine.adapter.mask_group(engine.model, layer) is not None:
+        raise ValueError(
+            f"a per-head pruned KV cache decodes without layer {layer}'s own mask ({engine.model.config.model_type}: "
+            "sliding windows, image blocks): use plphp:cache=mask, which keeps a dense cache."
+        )
+
+
 def store_per_head(engine, run, cache) -> None:
     """At the first decoding step: every layer where methods return a decode_cache_keep gets a RaggedCacheLayer
     holding the intersection of their keeps (and no padding key)."""
@@ -84,11 +93,7 @@ def store_per_head(engine, run, cache) -> None:
         keep = per_head_keep(engine, run, idx, run.layout.kind.device)
         if keep is None:
             continue
-        if engine.adapter.mask_group(engine.model, idx) is not None:
-            raise ValueError(
-                f"a per-head pruned KV cache decodes without layer {idx}'s own mask ({engine.model.config.model_type}: "
-                "sliding windows, image blocks): use plphp:cache=mask, which keeps a dense cache."
-            )
+        refuse_own_mask(engine, idx)
         if layers is None or not isinstance(layers[idx], DynamicLayer) or layers[idx].keys is None:
             raise ValueError(
                 f"{type(cache).__name__}: a per-head pruned KV cache replaces layers of a DynamicCache (the default "
