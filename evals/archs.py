@@ -73,15 +73,48 @@ def _qwen(v25: bool, layers):
     return cls, config, proc_cls(image_processor, tok)
 
 
+_GEMMA3_4B_TEXT = dict(hidden_size=2560, intermediate_size=10240, num_attention_heads=8, num_key_value_heads=4,
+                       head_dim=256, vocab_size=262208, max_position_embeddings=131072, rms_norm_eps=1e-6,
+                       sliding_window=1024, query_pre_attn_scalar=256,
+                       rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                                        "full_attention": {"rope_type": "linear", "factor": 8.0,
+                                                           "rope_theta": 1000000.0}})  # fmt: skip
+
+
+def _gemma3(layers):
+    """Gemma3-4B: five sliding-window layers (1,024 tokens) to one full layer, head_dim 256; SigLIP at 896 px pooled to
+    256 tokens per image."""
+    from transformers import (Gemma3Config, Gemma3ForConditionalGeneration, Gemma3ImageProcessor, Gemma3Processor,
+                              Gemma3TextConfig, SiglipVisionConfig)  # fmt: skip
+
+    from vlm_efficient.testing import tiny_tokenizer
+
+    tok = tiny_tokenizer("gemma3")
+    depth = layers or 34
+    text = Gemma3TextConfig(**_GEMMA3_4B_TEXT, num_hidden_layers=depth, bos_token_id=tok.bos_token_id,
+                            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                            layer_types=["full_attention" if (i + 1) % 6 == 0 else "sliding_attention"
+                                         for i in range(depth)])  # fmt: skip
+    vision = SiglipVisionConfig(hidden_size=1152, intermediate_size=4304, num_hidden_layers=layers or 27,
+                                num_attention_heads=16, image_size=896, patch_size=14)  # fmt: skip
+    config = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=256,
+                          image_token_id=tok.image_token_id, boi_token_id=tok.boi_token_id,
+                          eoi_token_id=tok.eoi_token_id)  # fmt: skip
+    image_processor = Gemma3ImageProcessor(size={"height": 896, "width": 896}, do_pan_and_scan=False)
+    return Gemma3ForConditionalGeneration, config, Gemma3Processor(image_processor, tok, image_seq_length=256)
+
+
 ARCHS = {
     "llava-1.5-7b": lambda layers: _llava(False, layers),
     "llava-next-7b": lambda layers: _llava(True, layers),
     "qwen2-vl-7b": lambda layers: _qwen(False, layers),
     "qwen2.5-vl-7b": lambda layers: _qwen(True, layers),
+    "gemma3-4b": _gemma3,
 }
 # Image side giving 576 LLM image tokens (LLaVA-1.5's count) where the resolution is free; LLaVA-NeXT at 672 px
 # uses its 2x2 high-resolution grid.
-DEFAULT_IMAGE_SIZE = {"llava-1.5-7b": 336, "llava-next-7b": 672, "qwen2-vl-7b": 672, "qwen2.5-vl-7b": 672}
+DEFAULT_IMAGE_SIZE = {"llava-1.5-7b": 336, "llava-next-7b": 672, "qwen2-vl-7b": 672, "qwen2.5-vl-7b": 672,
+                      "gemma3-4b": 896}
 
 
 def arch_on_meta(name: str, layers: int | None = None, dtype: torch.dtype = torch.bfloat16, configure=None):

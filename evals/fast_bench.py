@@ -6,8 +6,8 @@ process, plus its exactness checks at 7B shapes.
 
 Sections, in order, each started only while the time budget (--budget seconds) lasts: LLaVA-1.5-7B batch 1 (every
 path and image method, then the exactness checks, then Hugging Face's static cache), LLaVA-1.5-7B batch 8,
-LLaVA-NeXT-7B batch 1, LLaVA-NeXT-7B batch 8, Qwen2-VL-7B batch 1 on a 32-frame clip at 336 px (--sections N: the
-first N; --only 1,4: those). What is measured, per (path, method):
+LLaVA-NeXT-7B batch 1, LLaVA-NeXT-7B batch 8, Qwen2-VL-7B batch 1 on a 32-frame clip at 336 px, Gemma3-4B batch 1
+(sliding-window layers) (--sections N: the first N; --only 1,4: those). What is measured, per (path, method):
 - the copy bandwidth of the device (a 1 GiB device-to-device copy, read + write bytes / time) and the HBM limit of one
   decoding step = the language model's weight bytes / that bandwidth;
 - prefill ms = one generate() with max_new_tokens=1 (vision tower, prefill, first token) and decode ms/token =
@@ -86,9 +86,11 @@ SECTIONS = [
     Section("llava-next-7b", 1, ["FastV 75%", "VisionZip 75%", "DART 75%"], False),
     Section("llava-next-7b", 8, ["FastV 75%", "PLPHP"], False),
     Section("qwen2-vl-7b", 1, ["DyCoke 75%", "FastV 75%", "DivPrune 90%"], False, video_frames=32),
+    Section("gemma3-4b", 1, ["FastV 75%", "PAI"], False),  # sliding-window layers: the prefill is the model's loop
 ]
 FAST = {"fast": True, "fast-compiled": "compile"}  # the fast path's bench paths -> wrap(..., fast=)
-TINY = {"llava-1.5-7b": "tiny:llava", "llava-next-7b": "tiny:llava_next", "qwen2-vl-7b": "tiny:qwen2_vl"}
+TINY = {"llava-1.5-7b": "tiny:llava", "llava-next-7b": "tiny:llava_next", "qwen2-vl-7b": "tiny:qwen2_vl",
+        "gemma3-4b": "tiny:gemma3"}
 CHECK_TOKENS = 8
 
 

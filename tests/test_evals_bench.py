@@ -11,10 +11,12 @@ from vlm_efficient.evals.archs import ARCHS, DEFAULT_IMAGE_SIZE, arch_on_meta, b
 from vlm_efficient.evals.sweep import specs_for
 
 # Parameter counts of the released checkpoints (vision tower + projector + language model).
-PARAMS_B = {"llava-1.5-7b": 7.063, "llava-next-7b": 7.063, "qwen2-vl-7b": 8.291, "qwen2.5-vl-7b": 8.292}
+PARAMS_B = {"llava-1.5-7b": 7.063, "llava-next-7b": 7.063, "qwen2-vl-7b": 8.291, "qwen2.5-vl-7b": 8.292,
+            "gemma3-4b": 4.315}  # gemma3-4b: counted from the published config's shapes (its card rounds to 4.3 B)
 # LLM image tokens of one image at DEFAULT_IMAGE_SIZE (LLaVA-NeXT at 672 px: 576 base + 2x2 tiles of 576 cropped
 # to the image and 48 row newlines)
-IMAGE_TOKENS = {"llava-1.5-7b": 576, "llava-next-7b": 2928, "qwen2-vl-7b": 576, "qwen2.5-vl-7b": 576}
+IMAGE_TOKENS = {"llava-1.5-7b": 576, "llava-next-7b": 2928, "qwen2-vl-7b": 576, "qwen2.5-vl-7b": 576,
+                "gemma3-4b": 256}
 
 
 @pytest.mark.parametrize("name", ARCHS)

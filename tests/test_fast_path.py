@@ -513,6 +513,24 @@ def test_fast_bench_runs_the_sections_named(tmp_path):
             fast_bench.main(["--tiny", "--out", str(tmp_path), "--only", bad])
 
 
+def test_fast_bench_times_gemma3(tmp_path):
+    """Section 6: Gemma3 (its tiny model here; on a GPU the 4B shape of evals/archs.py), whose sliding-window layers
+    run on the fast path with the text model's own prefill."""
+    import json
+
+    from vlm_efficient.evals import fast_bench
+
+    assert fast_bench.main(["--tiny", "--out", str(tmp_path), "--new-tokens", "3", "--repeats", "1", "--only", "6",
+                            "--no-checks"]) == 0  # fmt: skip
+    result = json.loads((tmp_path / "fast_bench.json").read_text())
+    assert result["errors"] == []
+    (section,) = result["sections"]
+    assert section["arch"] == "gemma3-4b"
+    fast = [row for row in section["rows"] if row["path"] == "fast"]
+    assert {row["method"] for row in fast} == {"", "FastV 75%", "PAI"} and all(row["graph"] is False for row in fast)
+    assert all(row["prefill_segments"] == [] for row in fast)  # the model's own loop
+
+
 def test_fast_bench_times_the_video_section(tmp_path):
     """Section 5: Qwen2-VL on a 32-frame clip per sample (its tiny model here), the video methods on the fast path and
     the dynamic path, each reducing the clip's tokens."""
