@@ -140,12 +140,6 @@ def split_geometry(length: int, programs: int, *, target_programs: int, min_spli
     return split, max(1, cdiv(max(length, 1), split))
 
 
-def decode_block_n(head_dim: int, configured: int) -> int:
-    """Keys per tile: the configured count up to head_dim 128; 32 above (Gemma3's 256: a K and a V tile per pipeline
-    stage would otherwise pass the 228 KB of shared memory an H100 SM has)."""
-    return configured if head_dim <= 128 else min(configured, 32)
-
-
 def decode_blocks(head_dim: int, query_heads: int, kv_heads: int) -> tuple[int, int]:
     """(BLOCK_D, BLOCK_G): the padded head dim and the query-head tile (at least 16 rows for the tensor cores)."""
     return block_d(head_dim), max(16, next_pow2(query_heads // kv_heads))
@@ -176,7 +170,7 @@ def masked_decode_triton(query: torch.Tensor, key: torch.Tensor, value: torch.Te
         raise ValueError(f"key_valid {tuple(key_valid.shape)} does not cover {batch} samples x {n} keys")
     bd, bg = decode_blocks(d, hq, hkv)
     interp = query.device.type != "cuda"
-    block_n = 16 if interp else decode_block_n(d, DECODE_CONFIG["block_n"])
+    block_n = 16 if interp else DECODE_CONFIG["block_n"]
     split_len, n_split = split_geometry(
         n, batch * hkv, target_programs=DECODE_CONFIG["target_programs"],
         min_split=block_n if interp else DECODE_CONFIG["min_split"], split_multiple=block_n)

@@ -1,0 +1,83 @@
+"""The decoding kernels compiled for an H100 (sm_90) without a GPU: Triton's compiler down to ptxas, for the
+specializations their wrappers launch (dtype, head_dim, one split or several, a key mask or none, kernel 3's group
+counts and redistribution flags). The interpreter checks (kernel_checks.py) run the kernels' arithmetic on the CPU but
+not the compiler; this catches what only the compiler refuses.
+
+    python -m vlm_efficient.evals.kernel_compile_check      # one line per specialization; exit status 1 on a failure
+"""
+
+from __future__ import annotations
+
+import sys
+
+from ..kernels import group_decode, ragged_decode, split_decode
+
+TARGET = ("cuda", 90, 32)  # backend, compute capability, warp size
+
+
+def _signature(fn, types: dict, consts: dict) -> dict:
+    """Triton's signature of `fn`: `types` for the named arguments, i32 for the other runtime ones."""
+    return {name: "constexpr" if name in consts else types.get(name, "i32") for name in fn.arg_names}
+
+
+def compile_for_hopper(fn, types: dict, consts: dict, options: dict) -> int:
+    """Compile one specialization; its shared memory in bytes."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    source = ASTSource(fn=fn, signature=_signature(fn, types, consts),
+                       constexprs={(fn.arg_names.index(name),): value for name, value in consts.items()})  # fmt: skip
+    return triton.compile(source, target=GPUTarget(*TARGET), options=options).metadata.shared
+
+
+def cases():
+    """(name, kernel, argument types, constexprs, launch options) of every checked specialization."""
+    decode = dict(num_warps=4, num_stages=4)
+    for head_dim, direct, masked in [(128, False, True), (128, True, True), (64, False, False), (80, False, True),
+                                     (256, False, True)]:  # fmt: skip
+        block_d = max(16, 1 << (head_dim - 1).bit_length())
+        out = "*bf16" if direct else "*fp32"
+        yield (f"kernel 5 d={head_dim} {'one split' if direct else 'splits'} {'mask' if masked else 'no mask'}",
+               split_decode._masked_decode_kernel,
+               dict(Q="*bf16", K="*bf16", V="*bf16", VALID="*i8" if masked else "*bf16", O="*bf16", PO=out, PL=out,
+                    qk_scale="fp32"),
+               dict(HEAD_D=head_dim, BLOCK_D=block_d, BLOCK_G=16, BLOCK_N=64, HAS_VALID=masked, DIRECT=direct), decode)
+    yield ("split merge d=128", split_decode._split_combine_kernel, dict(PO="*fp32", PL="*fp32", O="*bf16"),
+           dict(HEAD_D=128, BLOCK_D=128, BLOCK_G=16), dict(num_warps=4))
+    for direct in (True, False):
+        yield (f"kernel 4 {'one split' if direct else 'splits'}", ragged_decode._ragged_split_kernel,
+               dict(Q="*bf16", KB="*bf16", VB="*bf16", OFFS="*i32", LENS="*i32", O="*bf16", PO="*fp32", PL="*fp32",
+                    qk_scale="fp32"),
+               dict(HEAD_D=128, BLOCK_D=128, BLOCK_G=16, BLOCK_N=64, DIRECT=direct), decode)
+    types = dict(Q="*bf16", K="*bf16", V="*bf16", O="*bf16", GRP="*i32", KBIAS="*fp32", KVALID="*u8", TAB="*fp32",
+                 PO="*fp32", PL="*fp32", PM="*fp32", mass_min="fp32", ratio_min="fp32")
+    for groups, post, direct, head_dim in [(3, False, False, 128), (3, True, False, 128), (4, True, True, 128),
+                                           (2, False, False, 256), (3, True, False, 64)]:  # fmt: skip
+        flags = dict(HAS_POST=post, MASS_BITS=6 if post else 0, HAS_RATIO=post, NUM_BITS=2 if post else 0,
+                     DEN_BITS=6 if post else 0)
+        shape = dict(HEAD_D=head_dim, BLOCK_D=head_dim, BLOCK_R=16, NG=groups)
+        label = f"{groups} groups d={head_dim}{' redistributing' if post else ''}"
+        yield (f"kernel 3 decoding form, {label}, {'one split' if direct else 'splits'}",
+               group_decode._group_decode_kernel, types,
+               dict(**shape, **flags, BLOCK_N=64, HAS_KBIAS=False, HAS_KVALID=True, PRE_ABS=not post, DIRECT=direct),
+               dict(num_warps=4, num_stages=3))
+        if not direct:
+            yield (f"kernel 3 decoding merge, {label}", group_decode._group_merge_kernel,
+                   dict(O="*bf16", TAB="*fp32", PO="*fp32", PL="*fp32", PM="*fp32", mass_min="fp32",
+                        ratio_min="fp32"), dict(**shape, **flags), dict(num_warps=4))
+
+
+def main() -> int:
+    failed = 0
+    for name, fn, types, consts, options in cases():
+        try:
+            print(f"ok    {name}: {compile_for_hopper(fn, types, consts, options)} bytes of shared memory", flush=True)
+        except Exception as error:  # every specialization reports its own failure
+            failed += 1
+            print(f"FAIL  {name}: {type(error).__name__}: {str(error)[:800]}", flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
