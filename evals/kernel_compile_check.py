@@ -1,7 +1,11 @@
-"""The decoding kernels compiled for an H100 (sm_90) without a GPU: Triton's compiler down to ptxas, for the
-specializations their wrappers launch (dtype, head_dim, one split or several, a key mask or none, kernel 3's group
-counts and redistribution flags). The interpreter checks (kernel_checks.py) run the kernels' arithmetic on the CPU but
-not the compiler; this catches what only the compiler refuses.
+"""The kernels compiled for an H100 (sm_90) without a GPU: Triton's compiler down to ptxas. Two sets: every launch
+the kernel entry points make on a 651-token prompt (kernel_host_cost.entry_point_calls on meta tensors, each launch
+recorded with its arguments and constexprs instead of run: kernels 1-3 and 5 and kernel 3's decoding form, with the
+flags their wrappers choose but the small tiles they pick off a GPU, so every kernel's code is compiled, not its GPU
+tile sizes), and the decoding kernels at their GPU tiles (head_dim 64-256, one split or several, a key mask or none,
+kernel 3's group counts and redistribution flags, kernel 4). The interpreter checks
+(kernel_checks.py) run the kernels' arithmetic on the CPU but not the compiler; this catches what only the compiler
+refuses.
 
     python -m vlm_efficient.evals.kernel_compile_check      # one line per specialization; exit status 1 on a failure
 """
@@ -9,6 +13,8 @@ not the compiler; this catches what only the compiler refuses.
 from __future__ import annotations
 
 import sys
+
+import torch
 
 from ..kernels import group_decode, ragged_decode, split_decode
 
@@ -31,8 +37,53 @@ def compile_for_hopper(fn, types: dict, consts: dict, options: dict) -> int:
     return triton.compile(source, target=GPUTarget(*TARGET), options=options).metadata.shared
 
 
+_POINTER = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int32: "i32",
+            torch.int64: "i64", torch.int8: "i8", torch.uint8: "u8", torch.bool: "i1"}
+_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
+
+
+def _type_of(value) -> str:
+    """Triton's signature type of a runtime argument."""
+    if isinstance(value, torch.Tensor):
+        return "*" + _POINTER[value.dtype]
+    if isinstance(value, bool):
+        return "i1"
+    if isinstance(value, int):
+        return "i32" if -(2**31) <= value < 2**31 else "i64"
+    if isinstance(value, float):
+        return "fp32"
+    raise TypeError(f"no Triton type for an argument of type {type(value).__name__}")
+
+
+def launched_cases(n: int = 651, heads: int = 8, head_dim: int = 128):
+    """(name, kernel, types, constexprs, options) of every distinct launch the kernel entry points make on one prompt of
+    n tokens, recorded on meta tensors (kernel_host_cost: the launches stubbed)."""
+    from . import kernel_host_cost as host_cost
+
+    kernels = {name: value for module in host_cost.KERNEL_MODULES for name, value in vars(module).items()
+               if name.endswith("_kernel") and type(value).__module__.startswith("triton.")}  # fmt: skip
+    seen = set()
+    with host_cost.stubbed_launches(stub_sdpa=True) as log:
+        for entry, call in host_cost._meta_ready(n, heads, head_dim).items():
+            log.clear()
+            call()
+            for name, _, args, meta in log:
+                fn = kernels[name]
+                names = fn.arg_names
+                types = {names[i]: _type_of(arg) for i, arg in enumerate(args) if arg is not None}
+                consts = {names[i]: None for i, arg in enumerate(args) if arg is None}
+                consts.update({k: v for k, v in meta.items() if k not in _OPTIONS})
+                options = {k: v for k, v in meta.items() if k in _OPTIONS}
+                key = (name, tuple(sorted(types.items())), tuple(sorted(consts.items(), key=str)),
+                       tuple(sorted(options.items())))  # fmt: skip
+                if key not in seen:
+                    seen.add(key)
+                    yield f"{entry}: {name}", fn, types, consts, options
+
+
 def cases():
     """(name, kernel, argument types, constexprs, launch options) of every checked specialization."""
+    yield from launched_cases()
     decode = dict(num_warps=4, num_stages=4)
     for head_dim, direct, masked in [(128, False, True), (128, True, True), (64, False, False), (80, False, True),
                                      (256, False, True)]:  # fmt: skip

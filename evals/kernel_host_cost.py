@@ -24,20 +24,22 @@ KERNEL_MODULES = (masked_attention, attention_stats, group_attention, group_deco
 
 
 class _StubKernel:
-    """Stands in for a @triton.jit kernel: kernel[grid](*args, **meta) records (name, grid) and computes nothing."""
+    """Stands in for a @triton.jit kernel: kernel[grid](*args, **meta) records (name, grid, args, meta) and computes
+    nothing."""
 
     def __init__(self, name: str, log: list):
         self.name, self.log = name, log
 
     def __getitem__(self, grid):
         def launch(*args, **meta):
-            self.log.append((self.name, tuple(grid)))
+            self.log.append((self.name, tuple(grid), args, meta))
         return launch
 
 
 @contextlib.contextmanager
 def stubbed_launches(stub_sdpa: bool = False):
-    """Every Triton kernel of kernels 1-3 and 5 (and kernel 3's decoding form) replaced by a stub; yields the launch log. stub_sdpa: SDPA returns an empty
+    """Every Triton kernel of kernels 1-3 and 5 (and kernel 3's decoding form) replaced by a stub; yields the launch
+    log. stub_sdpa: SDPA returns an empty
     tensor of its output's shape (meta tensors, or when only the host side is of interest)."""
     log: list = []
     saved = []
