@@ -23,7 +23,7 @@ import torch
 from ._common import block_d, check_qkv, last_dim_contiguous, next_pow2, triton_available
 from .group_attention import LOG2E, GroupSpec, group_attention_reference
 from .launch import launch
-from .split_decode import split_geometry
+from .split_decode import decode_block_n, split_geometry
 
 MAX_GROUPS = 4
 
@@ -301,7 +301,8 @@ def group_decode_triton(query, key, value, *, key_group, spec: GroupSpec, key_va
     out = torch.empty(batch, 1, hq, d, dtype=query.dtype, device=query.device)
     valid = key_valid.view(torch.uint8) if key_valid is not None and key_valid.dtype == torch.bool else key_valid
     interp = query.device.type != "cuda"
-    block_n = 16 if interp else DECODE_CONFIG["block_n"]
+    block_n = 16 if interp else decode_block_n(DECODE_CONFIG["block_n"], block_d(d), query.element_size(),
+                                               DECODE_CONFIG["num_stages"])  # fmt: skip
     split_len, n_split = split_geometry(
         nk, batch * hkv, target_programs=DECODE_CONFIG["target_programs"],
         min_split=block_n if interp else DECODE_CONFIG["min_split"], split_multiple=block_n)

@@ -23,8 +23,12 @@ from ._common import block_d, byte_flags, cdiv, check_qkv, last_dim_contiguous, 
 from .launch import launch
 
 LOG2E = 1.4426950408889634
-# H100, measured by kernel_bench's k5 section; min_split / target_programs set the split geometry (split_geometry)
-DECODE_CONFIG = {"block_n": 64, "num_warps": 4, "num_stages": 4, "min_split": 256, "target_programs": 528}
+# (BLOCK_N, num_stages, num_warps, min_split, target_programs): min_split / target_programs set the split geometry
+# (split_geometry). H100, kernel_bench's k5 sweep (results/fast_bench_h100_run12/kernels): with few (sample, KV head)
+# programs (batch 1) 128-key tiles and 8 warps won (Qwen2-VL clip 13.7 us against 14.6, LLaVA-1.5 12.1 against
+# 13.7); at batch 8 they lost (53.3 / 178.8 us against 44.7 / 146.9 for the second row)
+DECODE_CONFIGS = [(32, (128, 3, 8, 256, 528)), (None, (64, 4, 4, 512, 264))]  # (up to this many programs, config)
+SHARED_BUDGET = 200 * 1024  # bytes of K and V tiles over the pipeline stages (decode_block_n)
 
 if triton_available():
     import triton
@@ -132,6 +136,21 @@ if triton_available():
                      HEAD_D, BLOCK_D, BLOCK_G, DIRECT)
 
 
+def decode_config(programs: int) -> tuple[int, int, int, int, int]:
+    """The DECODE_CONFIGS row for this many (sample, KV head) programs."""
+    return next(config for limit, config in DECODE_CONFIGS if limit is None or programs <= limit)
+
+
+def decode_block_n(configured: int, block_d: int, element_size: int, stages: int) -> int:
+    """Keys per tile: the configured count, halved while the K and V tiles of every pipeline stage would pass
+    SHARED_BUDGET (an H100 SM has 227 KB; Triton 3.6 asked 283 KB for kernel 3's decoding form at head_dim 256 in
+    fp32 with 64-key tiles over 3 stages and failed to launch)."""
+    block_n = configured
+    while block_n > 16 and 2 * stages * block_n * block_d * element_size > SHARED_BUDGET:
+        block_n //= 2
+    return block_n
+
+
 def split_geometry(length: int, programs: int, *, target_programs: int, min_split: int, split_multiple: int):
     """(split_len, n_split) for `programs` (batch x KV heads) walking `length` keys: enough splits to fill about
     `target_programs` programs, each at least `min_split` keys, a multiple of `split_multiple`."""
@@ -170,10 +189,10 @@ def masked_decode_triton(query: torch.Tensor, key: torch.Tensor, value: torch.Te
         raise ValueError(f"key_valid {tuple(key_valid.shape)} does not cover {batch} samples x {n} keys")
     bd, bg = decode_blocks(d, hq, hkv)
     interp = query.device.type != "cuda"
-    block_n = 16 if interp else DECODE_CONFIG["block_n"]
-    split_len, n_split = split_geometry(
-        n, batch * hkv, target_programs=DECODE_CONFIG["target_programs"],
-        min_split=block_n if interp else DECODE_CONFIG["min_split"], split_multiple=block_n)
+    block_n, stages, warps, min_split, target = decode_config(batch * hkv)
+    block_n = 16 if interp else decode_block_n(block_n, bd, query.element_size(), stages)
+    split_len, n_split = split_geometry(n, batch * hkv, target_programs=target,
+                                        min_split=block_n if interp else min_split, split_multiple=block_n)
     out = torch.empty(batch, 1, hq, d, dtype=query.dtype, device=query.device)
     direct = n_split == 1
     po, pl = (out, out) if direct else split_workspace(batch * hkv, n_split, bg, bd, query.device)
@@ -183,7 +202,7 @@ def masked_decode_triton(query: torch.Tensor, key: torch.Tensor, value: torch.Te
         value.stride(0), value.stride(1), value.stride(2), 0 if valid is None else valid.stride(0),
         out.stride(0), out.stride(2), hkv, hq // hkv, n, float(scaling) * LOG2E, n_split, split_len,
         HEAD_D=d, BLOCK_D=bd, BLOCK_G=bg, BLOCK_N=block_n, HAS_VALID=valid is not None, DIRECT=direct,
-        num_warps=DECODE_CONFIG["num_warps"], num_stages=1 if interp else DECODE_CONFIG["num_stages"],
+        num_warps=warps, num_stages=1 if interp else stages,
     )  # fmt: skip
     if not direct:
         split_combine(po, pl, out, hkv, hq // hkv, n_split, d, bg)
