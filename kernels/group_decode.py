@@ -20,10 +20,10 @@ from __future__ import annotations
 
 import torch
 
-from ._common import block_d, check_qkv, last_dim_contiguous, next_pow2, triton_available
+from ._common import check_qkv, last_dim_contiguous, triton_available
 from .group_attention import LOG2E, GroupSpec, group_attention_reference
 from .launch import launch
-from .split_decode import decode_block_n, split_geometry
+from .split_decode import decode_blocks, decode_tiles, split_geometry
 
 MAX_GROUPS = 4
 
@@ -68,6 +68,14 @@ if triton_available():
     def _accumulate(p, group, v, l_g, acc_g, alpha, GROUP: tl.constexpr):
         p_g = tl.where(group[None, :] == GROUP, p, 0.0)
         return l_g * alpha + tl.sum(p_g, 1), pv_dot(p_g, v, acc_g * alpha[:, None])
+
+    @triton.jit
+    def _zero_groups(BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+        """Per key group (up to MAX_GROUPS) an empty sum [BLOCK_R] and accumulator [BLOCK_R, BLOCK_D]."""
+        return (tl.zeros([BLOCK_R], tl.float32), tl.zeros([BLOCK_R], tl.float32), tl.zeros([BLOCK_R], tl.float32),
+                tl.zeros([BLOCK_R], tl.float32), tl.zeros([BLOCK_R, BLOCK_D], tl.float32),
+                tl.zeros([BLOCK_R, BLOCK_D], tl.float32), tl.zeros([BLOCK_R, BLOCK_D], tl.float32),
+                tl.zeros([BLOCK_R, BLOCK_D], tl.float32))
 
     @triton.jit
     def _group_epilogue(l0, l1, l2, l3, acc0, acc1, acc2, acc3, TAB, heads, row_ok, mass_min, ratio_min,
@@ -157,14 +165,7 @@ if triton_available():
         k_base = K + b * skb + h.to(tl.int64) * skh
         v_base = V + b * svb + h.to(tl.int64) * svh
         m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
-        l0 = tl.zeros([BLOCK_R], tl.float32)
-        l1 = tl.zeros([BLOCK_R], tl.float32)
-        l2 = tl.zeros([BLOCK_R], tl.float32)
-        l3 = tl.zeros([BLOCK_R], tl.float32)
-        acc0 = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
-        acc1 = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
-        acc2 = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
-        acc3 = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
+        l0, l1, l2, l3, acc0, acc1, acc2, acc3 = _zero_groups(BLOCK_R, BLOCK_D)
         start = sp * split_len
         end = tl.minimum(start + split_len, NK)
         for n in range(start, end, BLOCK_N):
@@ -230,14 +231,7 @@ if triton_available():
         for s in range(0, n_split):
             m = tl.maximum(m, tl.load(PM + (pid.to(tl.int64) * n_split + s) * BLOCK_R + offs_r))
         m_use = tl.where(m == float("-inf"), 0.0, m)
-        l0 = tl.zeros([BLOCK_R], tl.float32)
-        l1 = tl.zeros([BLOCK_R], tl.float32)
-        l2 = tl.zeros([BLOCK_R], tl.float32)
-        l3 = tl.zeros([BLOCK_R], tl.float32)
-        acc0 = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
-        acc1 = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
-        acc2 = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
-        acc3 = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
+        l0, l1, l2, l3, acc0, acc1, acc2, acc3 = _zero_groups(BLOCK_R, BLOCK_D)
         for s in range(0, n_split):
             part = pid.to(tl.int64) * n_split + s
             scale = tl.math.exp2(tl.load(PM + part * BLOCK_R + offs_r) - m_use)  # 0 for a split with no key
@@ -300,18 +294,17 @@ def group_decode_triton(query, key, value, *, key_group, spec: GroupSpec, key_va
     group = key_group if key_group.stride(-1) == 1 else key_group.contiguous()
     out = torch.empty(batch, 1, hq, d, dtype=query.dtype, device=query.device)
     valid = key_valid.view(torch.uint8) if key_valid is not None and key_valid.dtype == torch.bool else key_valid
-    interp = query.device.type != "cuda"
-    block_n = 16 if interp else decode_block_n(DECODE_CONFIG["block_n"], block_d(d), query.element_size(),
-                                               DECODE_CONFIG["num_stages"])  # fmt: skip
-    split_len, n_split = split_geometry(
-        nk, batch * hkv, target_programs=DECODE_CONFIG["target_programs"],
-        min_split=block_n if interp else DECODE_CONFIG["min_split"], split_multiple=block_n)
-    block_r, ng, programs = max(16, next_pow2(hq // hkv)), prep["groups"], batch * hkv
+    bd, block_r = decode_blocks(d, hq, hkv)
+    block_n, stages, min_split = decode_tiles(DECODE_CONFIG["block_n"], DECODE_CONFIG["num_stages"],
+                                              DECODE_CONFIG["min_split"], bd, query.element_size(), query.device)
+    split_len, n_split = split_geometry(nk, batch * hkv, target_programs=DECODE_CONFIG["target_programs"],
+                                        min_split=min_split, split_multiple=block_n)
+    ng, programs = prep["groups"], batch * hkv
     direct = n_split == 1
     if direct:
         po = pl = pm = out
     else:
-        po = torch.empty(programs * n_split * ng * block_r * block_d(d), dtype=torch.float32, device=out.device)
+        po = torch.empty(programs * n_split * ng * block_r * bd, dtype=torch.float32, device=out.device)
         pl = torch.empty(programs * n_split * ng * block_r, dtype=torch.float32, device=out.device)
         pm = torch.empty(programs * n_split * block_r, dtype=torch.float32, device=out.device)
     flags = dict(HAS_POST=prep["has_post"], MASS_BITS=prep["mass_bits"], HAS_RATIO=prep["has_ratio"],
@@ -324,15 +317,15 @@ def group_decode_triton(query, key, value, *, key_group, spec: GroupSpec, key_va
         key_bias.stride(0) if key_bias is not None else 0,
         valid.stride(0) if valid is not None else 0, valid.stride(1) if valid is not None else 0,
         hkv, hq // hkv, nk, float(spec.cond_mass_min), float(spec.cond_ratio_min), n_split, split_len,
-        HEAD_D=d, BLOCK_D=block_d(d), BLOCK_R=block_r, BLOCK_N=block_n, NG=ng, HAS_KBIAS=key_bias is not None,
+        HEAD_D=d, BLOCK_D=bd, BLOCK_R=block_r, BLOCK_N=block_n, NG=ng, HAS_KBIAS=key_bias is not None,
         HAS_KVALID=valid is not None, PRE_ABS=prep["pre_abs"], DIRECT=direct, **flags,
-        num_warps=DECODE_CONFIG["num_warps"], num_stages=1 if interp else DECODE_CONFIG["num_stages"],
+        num_warps=DECODE_CONFIG["num_warps"], num_stages=stages,
     )  # fmt: skip
     if not direct:
         launch(_group_merge_kernel, (programs,),
             out, prep["table"], po, pl, pm, out.stride(0), out.stride(2), hkv, hq // hkv,
             float(spec.cond_mass_min), float(spec.cond_ratio_min), n_split,
-            HEAD_D=d, BLOCK_D=block_d(d), BLOCK_R=block_r, NG=ng, **flags, num_warps=4,
+            HEAD_D=d, BLOCK_D=bd, BLOCK_R=block_r, NG=ng, **flags, num_warps=4,
         )  # fmt: skip
     return out
 

@@ -10,7 +10,8 @@ Kernel: grid (B * Hkv, n_split); each program loads the G = Hq / Hkv query heads
 16 rows for the tensor cores), walks its slice of the segment in BLOCK_N-token tiles (split-KV, flash-decoding)
 and writes a partial (output, LSE); a second small kernel merges the splits (the loop, the stores and the merge are
 kernel 5's, split_decode.py). n_split and the slice size are fixed when the cache is built (from the largest
-capacity), so the launch grid never changes between steps; programs past a segment's length write an empty partial. With one split the first kernel writes the output directly.
+capacity), so the launch grid never changes between steps; programs past a segment's length write an empty partial.
+With one split the first kernel writes the output directly.
 """
 
 from __future__ import annotations
@@ -19,14 +20,13 @@ import torch
 
 from ._common import repeat_kv, triton_available
 from .launch import launch
-from .split_decode import LOG2E, decode_blocks, split_combine, split_geometry, split_workspace
+from .split_decode import LOG2E, decode_blocks, decode_tiles, split_combine, split_geometry, split_workspace
 
 if triton_available():
     import triton
     import triton.language as tl
 
-    from .masked_attention import _load_rows
-    from .split_decode import split_attend, split_finish
+    from .split_decode import split_attend, split_finish, split_program
 
     @triton.jit
     def _ragged_split_kernel(
@@ -35,13 +35,7 @@ if triton_available():
         HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
         DIRECT: tl.constexpr,
     ):
-        pid = tl.program_id(0)
-        sp = tl.program_id(1)
-        b = pid // Hkv
-        h = pid % Hkv
-        offs_g = tl.arange(0, BLOCK_G)
-        offs_d = tl.arange(0, BLOCK_D)
-        q = _load_rows(Q + b.to(tl.int64) * sqb, h * G + offs_g, sqh, offs_d, offs_g < G, HEAD_D, BLOCK_D, True)
+        pid, sp, b, h, q = split_program(Q, sqb, sqh, Hkv, G, HEAD_D, BLOCK_D, BLOCK_G)
         seg = tl.load(OFFS + pid).to(tl.int64)
         start = sp * split_len
         end = tl.minimum(start + split_len, tl.load(LENS + pid))
@@ -101,7 +95,7 @@ class RaggedKVCache:
             keep = keep & key_valid.bool()[:, None, :]
         lengths = keep.sum(-1).reshape(-1)
         cache = cls(batch, hkv, d, (lengths + max_new_tokens).cpu(), dtype=key.dtype, device=key.device, **kwargs)
-        cache._place(key, value, keep, cache.capacity)
+        cache._place(key, value, keep, lengths, cache.capacity)
         cache._slack_host = int((cache._capacity_host - lengths.cpu()).min())
         return cache
 
@@ -109,15 +103,16 @@ class RaggedKVCache:
         """Lay the buffers out anew for keep (bool [B, Hkv, N], padding False) with `room` free rows per segment,
         on the device (no host read): a cache made with `rows` >= kept keys + B * Hkv * room and `longest` >=
         N + room (the caller knows both). The fast path's decoding step reloads its per-head caches so per call."""
-        self._place(key, value, keep, keep.sum(-1).reshape(-1).to(torch.int32) + room)
+        lengths = keep.sum(-1).reshape(-1)
+        self._place(key, value, keep, lengths, lengths + room)
 
-    def _place(self, key, value, keep, capacity) -> None:
-        """Segments of `capacity` [B * Hkv] rows from row 0, each (b, h)'s kept keys copied to the start of its own
-        (the others to the spare last row)."""
+    def _place(self, key, value, keep, lengths, capacity) -> None:
+        """Segments of `capacity` [B * Hkv] rows from row 0, each (b, h)'s `lengths` kept keys (keep [B, Hkv, N])
+        copied to the start of its own (the others to the spare last row)."""
         batch, hkv, n, d = key.shape
         self.capacity.copy_(capacity)
         self.offsets.copy_(torch.cumsum(capacity, 0) - capacity)
-        self.lengths.copy_(keep.sum(-1).reshape(-1))
+        self.lengths.copy_(lengths)
         rank = keep.long().cumsum(-1) - 1
         dest = torch.where(keep, self.offsets.long().view(batch, hkv, 1) + rank, self.k_buf.shape[0] - 1)
         self.k_buf.index_copy_(0, dest.reshape(-1), key.reshape(-1, d).to(self.dtype))
@@ -198,13 +193,15 @@ def ragged_decode_attention_triton(query: torch.Tensor, cache: RaggedKVCache, *,
     bd, _ = decode_blocks(d, hq, cache.num_kv_heads)
     bh = batch * cache.num_kv_heads
     direct = cache.n_split == 1
-    interp = query.device.type != "cuda"
+    # the split geometry is the cache's (fixed when it is built): the tiles only
+    block_n, stages, _ = decode_tiles(DECODE_CONFIG["block_n"], DECODE_CONFIG["num_stages"], 0, bd,
+                                      query.element_size(), query.device)  # fmt: skip
     launch(_ragged_split_kernel, (bh, cache.n_split),
         query, cache.k_buf, cache.v_buf, cache.offsets, cache.lengths, out, po, pl,
         query.stride(0), query.stride(1), out.stride(0), out.stride(2),
         cache.num_kv_heads, g, float(scaling) * LOG2E, cache.n_split, cache.split_len,
-        HEAD_D=d, BLOCK_D=bd, BLOCK_G=bg, BLOCK_N=16 if interp else DECODE_CONFIG["block_n"], DIRECT=direct,
-        num_warps=DECODE_CONFIG["num_warps"], num_stages=1 if interp else DECODE_CONFIG["num_stages"],
+        HEAD_D=d, BLOCK_D=bd, BLOCK_G=bg, BLOCK_N=block_n, DIRECT=direct, num_warps=DECODE_CONFIG["num_warps"],
+        num_stages=stages,
     )
     if not direct:
         split_combine(po, pl, out, cache.num_kv_heads, g, cache.n_split, d, bg)

@@ -28,13 +28,25 @@ LOG2E = 1.4426950408889634
 # programs (batch 1) 128-key tiles and 8 warps won (Qwen2-VL clip 13.7 us against 14.6, LLaVA-1.5 12.1 against
 # 13.7); at batch 8 they lost (53.3 / 178.8 us against 44.7 / 146.9 for the second row)
 DECODE_CONFIGS = [(32, (128, 3, 8, 256, 528)), (None, (64, 4, 4, 512, 264))]  # (up to this many programs, config)
-SHARED_BUDGET = 200 * 1024  # bytes of K and V tiles over the pipeline stages (decode_block_n)
+SHARED_BUDGET = 200 * 1024  # bytes of K and V tiles over the pipeline stages (decode_tiles)
 
 if triton_available():
     import triton
     import triton.language as tl
 
     from .masked_attention import _load_rows, mma, pv_dot
+
+    @triton.jit
+    def split_program(Q, sqb, sqh, Hkv, G, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr):
+        """(sample, KV head, split, and the tile of the G query heads of that KV head) of a split-KV decoding program,
+        on grid (B * Hkv, n_split)."""
+        pid = tl.program_id(0)
+        b = pid // Hkv
+        h = pid % Hkv
+        offs_g = tl.arange(0, BLOCK_G)
+        offs_d = tl.arange(0, BLOCK_D)
+        q = _load_rows(Q + b.to(tl.int64) * sqb, h * G + offs_g, sqh, offs_d, offs_g < G, HEAD_D, BLOCK_D, True)
+        return pid, tl.program_id(1), b, h, q
 
     @triton.jit
     def split_attend(q, k_base, v_base, stride_kn, stride_vn, start, end, valid_base, qk_scale,
@@ -119,14 +131,8 @@ if triton_available():
         HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
         HAS_VALID: tl.constexpr, DIRECT: tl.constexpr,
     ):
-        pid = tl.program_id(0)
-        sp = tl.program_id(1)
-        b = pid // Hkv
-        h = pid % Hkv
-        offs_g = tl.arange(0, BLOCK_G)
-        offs_d = tl.arange(0, BLOCK_D)
+        pid, sp, b, h, q = split_program(Q, sqb, sqh, Hkv, G, HEAD_D, BLOCK_D, BLOCK_G)
         b64 = b.to(tl.int64)
-        q = _load_rows(Q + b64 * sqb, h * G + offs_g, sqh, offs_d, offs_g < G, HEAD_D, BLOCK_D, True)
         start = sp * split_len
         end = tl.minimum(start + split_len, N)
         acc, m_i, l_i = split_attend(q, K + b64 * skb + h.to(tl.int64) * skh, V + b64 * svb + h.to(tl.int64) * svh,
@@ -141,14 +147,17 @@ def decode_config(programs: int) -> tuple[int, int, int, int, int]:
     return next(config for limit, config in DECODE_CONFIGS if limit is None or programs <= limit)
 
 
-def decode_block_n(configured: int, block_d: int, element_size: int, stages: int) -> int:
-    """Keys per tile: the configured count, halved while the K and V tiles of every pipeline stage would pass
-    SHARED_BUDGET (an H100 SM has 227 KB; Triton 3.6 asked 283 KB for kernel 3's decoding form at head_dim 256 in
-    fp32 with 64-key tiles over 3 stages and failed to launch)."""
-    block_n = configured
-    while block_n > 16 and 2 * stages * block_n * block_d * element_size > SHARED_BUDGET:
+def decode_tiles(block_n: int, stages: int, min_split: int, block_d_: int, element_size: int, device):
+    """(BLOCK_N, num_stages, min_split) a split-KV decoding kernel launches with on `device`: off a GPU the
+    interpreter's (16-key tiles, one stage, splits of one tile: many blocks and splits on tiny shapes); on a GPU the
+    configured ones, the tile halved while the K and V tiles over the pipeline stages would pass SHARED_BUDGET (an
+    H100 SM has 227 KB; Triton 3.6 asked 283 KB for kernel 3's decoding form at head_dim 256 in fp32 with 64-key
+    tiles over 3 stages and failed to launch)."""
+    if device.type != "cuda":
+        return 16, 1, 16
+    while block_n > 16 and 2 * stages * block_n * block_d_ * element_size > SHARED_BUDGET:
         block_n //= 2
-    return block_n
+    return block_n, stages, min_split
 
 
 def split_geometry(length: int, programs: int, *, target_programs: int, min_split: int, split_multiple: int):
@@ -188,11 +197,10 @@ def masked_decode_triton(query: torch.Tensor, key: torch.Tensor, value: torch.Te
     if valid is not None and (valid.shape[0] != batch or valid.shape[1] < n):
         raise ValueError(f"key_valid {tuple(key_valid.shape)} does not cover {batch} samples x {n} keys")
     bd, bg = decode_blocks(d, hq, hkv)
-    interp = query.device.type != "cuda"
     block_n, stages, warps, min_split, target = decode_config(batch * hkv)
-    block_n = 16 if interp else decode_block_n(block_n, bd, query.element_size(), stages)
-    split_len, n_split = split_geometry(n, batch * hkv, target_programs=target,
-                                        min_split=block_n if interp else min_split, split_multiple=block_n)
+    block_n, stages, min_split = decode_tiles(block_n, stages, min_split, bd, query.element_size(), query.device)
+    split_len, n_split = split_geometry(n, batch * hkv, target_programs=target, min_split=min_split,
+                                        split_multiple=block_n)
     out = torch.empty(batch, 1, hq, d, dtype=query.dtype, device=query.device)
     direct = n_split == 1
     po, pl = (out, out) if direct else split_workspace(batch * hkv, n_split, bg, bd, query.device)
@@ -202,7 +210,7 @@ def masked_decode_triton(query: torch.Tensor, key: torch.Tensor, value: torch.Te
         value.stride(0), value.stride(1), value.stride(2), 0 if valid is None else valid.stride(0),
         out.stride(0), out.stride(2), hkv, hq // hkv, n, float(scaling) * LOG2E, n_split, split_len,
         HEAD_D=d, BLOCK_D=bd, BLOCK_G=bg, BLOCK_N=block_n, HAS_VALID=valid is not None, DIRECT=direct,
-        num_warps=warps, num_stages=1 if interp else stages,
+        num_warps=warps, num_stages=stages,
     )  # fmt: skip
     if not direct:
         split_combine(po, pl, out, hkv, hq // hkv, n_split, d, bg)

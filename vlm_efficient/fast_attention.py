@@ -1,8 +1,8 @@
 """The fast path's attention: SDPA, or where a layer has decoding edits, kernel 3's decoding form (a GroupRoute: the
 layer's structured edits composed into one group edit) or the dense edited attention, and in the static decoding
-step's other layers kernel 5 (a MaskedDecodeRoute), or kernel 4 on a per-head pruned cache (a RaggedRoute); and the helpers that keep a captured graph's edits in buffers
-reloaded per call. Used by the static decoding step (fast_path.py) and by the prefill
-segments whose last row is edited as a decoding row (fast_prefill.py)."""
+step's other layers kernel 5 (a MaskedDecodeRoute) or kernel 4 on a per-head pruned cache (a RaggedRoute); and the
+helpers that keep a captured graph's edits in buffers reloaded per call. Used by the static decoding step
+(fast_path.py) and by the prefill segments whose last row is edited as a decoding row (fast_prefill.py)."""
 
 from __future__ import annotations
 
@@ -77,7 +77,8 @@ class RaggedRoute:
 
 def routed_attention(module, query, key, value, attention_mask, **kwargs):
     """SDPA, or where the layer is routed (`routed`): kernel 3 (a GroupRoute) or the dense edited attention for its
-    decoding edits, kernel 5 for a decoding step's layer without edits (a MaskedDecodeRoute). A GroupRoute in a call
+    decoding edits, kernel 5 for a decoding step's layer without edits (a MaskedDecodeRoute), kernel 4 for one on a
+    per-head pruned cache (a RaggedRoute). A GroupRoute in a call
     of several rows (a prefill whose edits act on its last row only, Method.prefill_edits_last_row_as_decoding) runs
     SDPA for all rows and kernel 3's decoding form for the last."""
     edits = _DECODE_EDITS.get(module)
@@ -88,7 +89,8 @@ def routed_attention(module, query, key, value, attention_mask, **kwargs):
         return masked_decode(query, key, value, edits.valid, scaling), None
     if isinstance(edits, RaggedRoute):
         cache = edits.cache
-        return ragged_decode(query, cache.k_buf, cache.v_buf, cache.lengths, edits.cache_id, scaling, edits.kernel), None
+        output = ragged_decode(query, cache.k_buf, cache.v_buf, cache.lengths, edits.cache_id, scaling, edits.kernel)
+        return output, None
     if not isinstance(edits, GroupRoute):
         return edited_attention(query, key, value, attention_mask, scaling, edits), None
     if query.shape[2] == 1:
@@ -104,6 +106,12 @@ _SPECS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 _spec_ids = itertools.count()
 
 
+def decode_output_like(query: torch.Tensor) -> torch.Tensor:
+    """The decoding operators' output for a compiled step's tracing: [B, rows, H, d] for query [B, H, rows, d]."""
+    batch, heads, rows, head_dim = query.shape
+    return query.new_empty(batch, rows, heads, head_dim)
+
+
 @torch.library.custom_op("vlm_efficient::fast_group_decode", mutates_args=())
 def group_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, valid: torch.Tensor | None,
                  groups: torch.Tensor, key_bias: torch.Tensor | None, scaling: float, spec_id: int) -> torch.Tensor:
@@ -115,8 +123,7 @@ def group_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, va
 
 @group_decode.register_fake
 def _(query, key, value, valid, groups, key_bias, scaling, spec_id):
-    batch, heads, rows, head_dim = query.shape
-    return query.new_empty(batch, rows, heads, head_dim)
+    return decode_output_like(query)
 
 
 # a RaggedKVCache is found by number as a GroupSpec is; the operator takes the buffers it reads (the step's write
@@ -138,8 +145,7 @@ def ragged_decode(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
 
 @ragged_decode.register_fake
 def _(query, keys, values, lengths, cache_id, scaling, kernel):
-    batch, heads, rows, head_dim = query.shape
-    return query.new_empty(batch, rows, heads, head_dim)
+    return decode_output_like(query)
 
 
 @torch.library.custom_op("vlm_efficient::fast_masked_decode", mutates_args=())
@@ -152,8 +158,7 @@ def masked_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, v
 
 @masked_decode.register_fake
 def _(query, key, value, valid, scaling):
-    batch, heads, rows, head_dim = query.shape
-    return query.new_empty(batch, rows, heads, head_dim)
+    return decode_output_like(query)
 
 
 AttentionInterface.register(ATTENTION_NAME, routed_attention)

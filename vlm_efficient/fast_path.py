@@ -14,9 +14,9 @@ One generate() call:
 - a decoding step embeds the last token, runs the decoder layers directly (no text-model forward, so no mask building
   and no engine routing: it runs inside Engine.plain()), attention over the static buffers with the masks (where the
   kernels run, kernel 5 in every layer without a decoding edit: split-KV with the mask applied to its loads; else
-  SDPA), the final norm and the LM head, and advances the write indices and the offset on the device. It makes no decision that depends on
-  the step and reads nothing back to the host. On CUDA the step is captured once per (batch size, buffer sizes) in a
-  torch.cuda.CUDAGraph and replayed per token; on CPU the same step runs eagerly;
+  SDPA), the final norm and the LM head, and advances the write indices and the offset on the device. It makes no
+  decision that depends on the step and reads nothing back to the host. On CUDA the step is captured once per (batch
+  size, buffer sizes) in a torch.cuda.CUDAGraph and replayed per token; on CPU the same step runs eagerly;
 - between steps the logits processors, greedy or sampled choice and the stopping criteria run as in generate(). The
   "all finished" flag is read one step late (on CUDA through pinned memory), so the host never waits for the step it
   just launched.
@@ -43,11 +43,11 @@ mask, the slots its cache keeps (the last window - 1 and the step's) and the win
 dynamic path's sliding cache and the engine's mask have them.
 
 Refused, with a pointer to the dynamic path: at wrap, sliding-window layers of a family whose adapter gives them no
-mask of their own, attention or final logit soft-capping, a model spread over devices; at generate, beams and other decoding modes, a cache passed in or cache_implementation,
-streamers and assistant models, attentions or hidden states in the output; after the prefill, decoding edits with no
-step-invariant form or on pre-rotary logits (GIFT, A-VL, YOPO, Vista-LLaMA, VAR's code variant). Head-output scales
-(VHR) are asked once after the prefill and applied at every step by the engine's head-output hook (buffers reloaded
-per call). Methods' observe_hidden is not called while decoding.
+mask of their own, attention or final logit soft-capping, a model spread over devices; at generate, beams and other
+decoding modes, a cache passed in or cache_implementation, streamers and assistant models, attentions or hidden states
+in the output; after the prefill, decoding edits with no step-invariant form or on pre-rotary logits (GIFT, A-VL, YOPO,
+Vista-LLaMA, VAR's code variant). Head-output scales (VHR) are asked once after the prefill and applied at every step
+by the engine's head-output hook (buffers reloaded per call). Methods' observe_hidden is not called while decoding.
 """
 
 from __future__ import annotations
@@ -75,6 +75,10 @@ BUCKET = 64  # buffer lengths round up to this: calls whose prompts keep similar
 SEGMENT_BUCKET = 16  # a per-head cache's rows round up to this many per (sample, KV head) segment, for the same reason
 MAX_GRAPHS = 4  # captured steps (graphs and their buffers) kept per model; the least recently used is dropped
 DYNAMIC_PATH = "use the dynamic path: vlm_efficient.wrap(model, spec) without fast=True"
+
+
+def round_up(length: int, multiple: int) -> int:
+    return -(-length // multiple) * multiple
 
 
 def supported() -> bool:
@@ -540,7 +544,7 @@ class FastPath:
                 group_valid.append(valid[:, length - cached:])
                 group_keys.append(columns[:, length - cached:])
             group_of.append(sets[cached, window])
-        capacities = [-(-(keys.shape[2] + self._call_steps) // BUCKET) * BUCKET for keys, _ in prompt_kv]
+        capacities = [round_up(keys.shape[2] + self._call_steps, BUCKET) for keys, _ in prompt_kv]
         step = self._static_step(prompt_kv, group_of, group_valid, capacities, {}, {}, {}, {}, recorded, valid.device,
                                  offset=1, stream=True, group_keys=group_keys, prompt_length=length)  # fmt: skip
         return out.logits[:, -1].float(), step
@@ -600,7 +604,7 @@ class FastPath:
             else:
                 prompt_kv.append((layer.keys, layer.values))
             prompt_keys.append(keys_at)
-        capacities = [-(-(k.shape[1] + steps) // BUCKET) * BUCKET for k in prompt_keys]
+        capacities = [round_up(k.shape[1] + steps, BUCKET) for k in prompt_keys]
         edits = self._decode_edits(run, device, prompt_keys, capacities)
         keeps, per_head = self._per_head(run, device, prompt_kv, capacities, edits)
         step = self._static_step(prompt_kv, group_of, group_valid, capacities, edits, head_scales, keeps, per_head,
@@ -703,7 +707,7 @@ class FastPath:
         rows = {}
         for (idx, keep), count in zip(keeps.items(), kept):
             needed = count + segments * (capacities[idx] - keep.shape[2])
-            rows[idx] = -(-needed // (segments * SEGMENT_BUCKET)) * segments * SEGMENT_BUCKET
+            rows[idx] = round_up(needed, segments * SEGMENT_BUCKET)
         return keeps, rows
 
     def _decode_edits(self, run, device, prompt_keys: list, capacities: list) -> dict:
