@@ -59,6 +59,7 @@ METHODS = {
     "DyCoke 75%": "dycoke:ratio=0.75",  # video: temporal merging of each frame pair
     "DivPrune 90%": "divprune:ratio=0.9",  # per frame on a video
     "PLPHP": "plphp",  # per-head pruned KV cache from layer 2 (kernel 4 on the fast path)
+    "A-VL": "avl",  # decode masks that change per step: its state on the device, a step captured per call
     "PAI+contrastive": "pai",  # with PAIContrastive as a logits processor: its text-only stream decodes beside
 }
 CONTRASTIVE = {"PAI+contrastive"}  # labels whose generate() calls pass PAIContrastive
@@ -81,7 +82,7 @@ class Section(NamedTuple):
 VIDEO_IMAGE_SIZE = 336  # 32 frames at 336 px: 2,304 video tokens on Qwen2-VL (README, video token reduction)
 SECTIONS = [
     Section("llava-1.5-7b", 1, ["FastV 50%", "FastV 75%", "VisionZip 75%", "DART 75%", "PyramidDrop", "PAI", "VAF", "VAR",
-                                "ACT", "VHR", "PLPHP", "PAI+contrastive"], True),
+                                "ACT", "VHR", "PLPHP", "A-VL", "PAI+contrastive"], True),
     Section("llava-1.5-7b", 8, ["FastV 75%", "VisionZip 75%"], False),
     Section("llava-next-7b", 1, ["FastV 75%", "VisionZip 75%", "DART 75%"], False),
     Section("llava-next-7b", 8, ["FastV 75%", "PLPHP"], False),

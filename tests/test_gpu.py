@@ -215,6 +215,28 @@ def test_fast_prefill_segment_graphs_replay_as_eager(family, spec, exact_fp32):
     assert_same_up_to_near_ties(reference, calls[2])
 
 
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_stepping_decode_edits_in_the_step_graph_give_the_dynamic_tokens(family, exact_fp32):
+    """A-VL on the fast path: its decode mask's state (core re-picks, H2O eviction) is updated in place inside the
+    step's CUDA graph, captured for each call after warm-up runs whose updates are undone; the dynamic path's tokens,
+    and the same tokens again on a second call (a new capture from that call's state)."""
+    model, processor = tiny_model(family)
+    model.cuda()
+    batch = two_samples(processor).to("cuda")
+    ve.wrap(model, "avl:interval=2")
+    dynamic = greedy(model, batch)
+    ve.unwrap(model)
+    ve.wrap(model, "avl:interval=2", fast=True)
+    fast_path = ve.engine_of(model).fast_path
+    calls = [greedy(model, batch) for _ in range(2)]
+    assert fast_path.capture_error is None and fast_path.last_step.graph is not None
+    assert all(edit.state for edits in fast_path.last_step.edits.values() for edit in edits)
+    ve.unwrap(model)
+    reference = SimpleNamespace(sequences=dynamic.sequences.cpu(), logits=[step.cpu() for step in dynamic.logits])
+    for call in calls:
+        assert_same_up_to_near_ties(reference, call)
+
+
 @pytest.mark.parametrize("spec", ["fastv:layer=2,ratio=0.5", "pai:alpha=0.5"])
 def test_static_cache_on_the_gpu_decodes_uncompiled_with_the_dynamic_tokens(spec, exact_fp32):
     """On a GPU generate() would compile the decoding forward on a static cache (CUDA graphs); the wrapped model is

@@ -10,6 +10,9 @@ Decoding attends to a part of each cache, per modality, per layer:
   every query row; here over the last prompt row and every decoding row (the rows the engine computes anyway).
 - the optional prefill filter of the paper (drop P% of image tokens after layer 2) is FastV: compose "fastv+avl".
 
+On the fast path (wrap(..., fast=True)) the same state lives on the device over the static buffer and a captured
+step updates it (static_decode_edit): no host decision per step.
+
 The public code's flags (vision_adaptive_attention_rate, _compute_rate, _update_interval, text_pruning_rate) match
 `rate`, `compute`, `interval`, `text_rate`; the values here are its README's examples. Deleted and non-core keys are
 masked, not freed: the paper's memory savings need a cache that drops them per layer (and its custom kernel).
@@ -85,28 +88,77 @@ class AVL(Method):
         self._extend(state, keys, run)
         update = run.decode_steps % self.interval == 0
         visual = context.keys_where(run.layout.visual)
-        allowed = torch.where(visual, state["secondary"] if update else state["core"], ~state["evicted"])
+        allowed = self._allowed(state, visual, update)
         if self.record_masks:
             memory.setdefault("masks", {}).setdefault(layer, []).append((keys.clone(), allowed.clone()))
 
         def post_softmax(probs):
-            attention = probs.mean(1)[:, -1]  # the decoding row, head average [B, kv]
-            if update:
-                state["core"] = top_k_mask(attention, state["secondary"], state["core"].sum(1))
-            if self.text_rate:
-                self._evict(state, attention)
+            self._after_step(state, probs, update, state["text"])
             return probs
 
         return AttentionEdit(mask=allowed[:, None, None, :], post_softmax=post_softmax)
 
-    def _evict(self, state, attention: torch.Tensor) -> None:
+    def static_decode_edit(self, layer, run, context):
+        """Every step of a fast-path call (Method.static_decode_edit): the state over the whole static buffer (the
+        layer's cached prompt keys, then the generated slots, written one per step), a device-side step counter for
+        the core's update, and the mask rewritten in place for the next step; the same updates as attention_edit."""
+        memory = run.memory(self)
+        if layer not in memory or not run.layout.has_visual:
+            return None
+        prompt = memory[layer]
+        cached, capacity = prompt["positions"].shape[1], context.key_positions.shape[1]
+        columns = torch.arange(capacity, device=context.key_positions.device)
+
+        def widened(name):
+            return torch.nn.functional.pad(prompt[name], (0, capacity - cached))
+
+        state = {name: widened(name) for name in ("secondary", "core", "score", "evicted")}
+        prompt_text = widened("text")
+        step = torch.ones(1, dtype=torch.long, device=columns.device)  # run.decode_steps, on the device
+        visual = context.keys_where(run.layout.visual)
+        mask = self._allowed(state, visual, step % self.interval == 0)[:, None, None, :]
+
+        def post_softmax(probs):
+            written = (columns >= cached) & (columns < cached + step)  # the generated keys so far, this step's too
+            text = prompt_text | written
+            self._after_step(state, probs, step % self.interval == 0, text)
+            step.add_(1)
+            mask.copy_(self._allowed(state, visual, step % self.interval == 0)[:, None, None, :])
+            return probs
+
+        return AttentionEdit(mask=mask, post_softmax=post_softmax, state=(mask, step, *state.values()))
+
+    @staticmethod
+    def _allowed(state, visual: torch.Tensor, update) -> torch.Tensor:
+        """[B, kv] the keys a step attends to: the secondary set at an update step, else the core, and the text keys
+        not evicted. `update`: a host bool (dynamic path) or a device one (the fast path's step)."""
+        if isinstance(update, bool):
+            attended = state["secondary"] if update else state["core"]
+        else:
+            attended = torch.where(update, state["secondary"], state["core"])
+        return torch.where(visual, attended, ~state["evicted"])
+
+    def _after_step(self, state, probs: torch.Tensor, update, text: torch.Tensor) -> None:
+        """After a step's softmax: a new core from the step's attention at an update step, then H2O's eviction.
+        The state's tensors change in place (the fast path's graph reads the same ones at every step)."""
+        attention = probs.mean(1)[:, -1]  # the decoding row, head average [B, kv]
+        if isinstance(update, bool):
+            if update:
+                state["core"].copy_(top_k_mask(attention, state["secondary"], state["core"].sum(1)))
+        else:
+            state["core"].copy_(torch.where(update, top_k_mask(attention, state["secondary"], state["core"].sum(1)),
+                                            state["core"]))  # fmt: skip
+        if self.text_rate:
+            self._evict(state, attention, text)
+
+    def _evict(self, state, attention: torch.Tensor, text: torch.Tensor) -> None:
         """H2O: keep the most recent half of the text budget and the heaviest accumulated attention for the rest."""
-        text, evicted = state["text"], state["evicted"]
-        state["score"] = state["score"] + attention * text
+        evicted = state["evicted"]
+        state["score"].add_(attention * text)
         live = text & ~evicted
         count = text.sum(1)
         budget = count - torch.floor(count.double() * self.text_rate).long()
-        order = torch.arange(text.shape[1], device=text.device).expand_as(text).float()
-        recent = top_k_mask(order, live, budget // 2)
+        live_from_here = live.flip(1).cumsum(1).flip(1)  # live keys at or after each column: the last k have <= k
+        recent = live & (live_from_here <= (budget // 2)[:, None])
         heavy = top_k_mask(state["score"], live & ~recent, budget - budget // 2)
-        state["evicted"] = evicted | (live & ~recent & ~heavy)
+        evicted |= live & ~recent & ~heavy

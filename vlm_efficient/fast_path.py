@@ -45,9 +45,11 @@ dynamic path's sliding cache and the engine's mask have them.
 Refused, with a pointer to the dynamic path: at wrap, sliding-window layers of a family whose adapter gives them no
 mask of their own, attention or final logit soft-capping, a model spread over devices; at generate, beams and other
 decoding modes, a cache passed in or cache_implementation, streamers and assistant models, attentions or hidden states
-in the output; after the prefill, decoding edits with no step-invariant form or on pre-rotary logits (GIFT, A-VL, YOPO,
-Vista-LLaMA, VAR's code variant). Head-output scales (VHR) are asked once after the prefill and applied at every step
-by the engine's head-output hook (buffers reloaded per call). Methods' observe_hidden is not called while decoding.
+in the output; after the prefill, decoding edits with no step-invariant form or on pre-rotary logits (GIFT, YOPO,
+Vista-LLaMA, VAR's code variant), unless the method keeps its step-to-step changes on the device
+(Method.static_decode_edit: A-VL's core updates and H2O eviction run inside the step; a capture's warm-up runs are
+undone). Head-output scales (VHR) are asked once after the prefill and applied at every step by the engine's
+head-output hook (buffers reloaded per call). Methods' observe_hidden is not called while decoding.
 """
 
 from __future__ import annotations
@@ -646,6 +648,10 @@ class FastPath:
             if kept:
                 step.load_edits(edits)
             step.load_head_scales(head_scales)  # before a capture's warm-up runs (they scale by these)
+            # the runs below (compiling, a capture's warm-up) advance the edits' step-to-step state: put it back
+            states = [t for layer_edits in edits.values() if isinstance(layer_edits, list)
+                      for edit in layer_edits for t in edit.state]  # fmt: skip
+            saved = [t.clone() for t in states]
             if step.compiled and not self.graphs_on(device):
                 with engine.plain():
                     step.step()  # compiles here, not in the first decoding step (load() then resets the buffers)
@@ -658,6 +664,8 @@ class FastPath:
                     warnings.warn(f"fast path: capturing the decoding step in a CUDA graph failed ({self.capture_error}); "
                                   "decoding runs the same step eagerly", RuntimeWarning, stacklevel=2)  # fmt: skip
                     step.graph = None
+            for tensor, value in zip(states, saved):
+                tensor.copy_(value)
             self.last_build_s = time.perf_counter() - started
         else:
             step.load_edits(edits)
@@ -713,8 +721,9 @@ class FastPath:
     def _decode_edits(self, run, device, prompt_keys: list, capacities: list) -> dict:
         """{layer: [AttentionEdit]}: every method's edit of a decoding step's attention, asked once per layer over the
         whole static buffer (the kept prompt keys, then the slots of the generated ones). Only edits that stay the
-        same at every step run here: the method gives a structured decoding form (Method.kernel_edit, which the
-        engine too reuses at every step), on rotated logits, adding no pairs. Others are refused."""
+        same at every step run here (the method gives a structured decoding form, Method.kernel_edit, which the
+        engine too reuses at every step, on rotated logits, adding no pairs), and unstructured ones that change only
+        through device tensors (Method.static_decode_edit). Others are refused."""
         engine = self.engine
         editing = [m for m in engine.methods if edits_attention(m)]
         if not editing:
@@ -733,14 +742,18 @@ class FastPath:
             generated = torch.arange(run.prompt_length, run.prompt_length + capacity - kept.shape[1], device=device)
             context = AttentionContext(queries, torch.cat([kept, generated.expand(batch, -1)], dim=1), False, heads)
             for method in editing:
-                # asked first as at the first decoding step (what the dynamic path would ask), then, for an edit
-                # that stays the same at every step, over the whole buffer
-                if engine.method_edit(method, idx, first_step) is None:
+                unstructured = method.kernel_edit(idx, run, False) is UNSTRUCTURED
+                # an edit kept on the device is made before anything asks the method about a step (asking advances
+                # a stepping method's state); others are asked first as at the first decoding step (what the dynamic
+                # path would ask), then, for an edit that stays the same at every step, over the whole buffer
+                edit = method.static_decode_edit(idx, run, context) if unstructured else None
+                if edit is None and engine.method_edit(method, idx, first_step) is None:
                     continue
-                why, edit = None, None
-                if method.kernel_edit(idx, run, False) is UNSTRUCTURED:
-                    why = "with no form that stays the same at every step (Method.kernel_edit)"
-                else:
+                why = None
+                if unstructured and edit is None:
+                    why = ("with no form that stays the same at every step (Method.kernel_edit) nor one that keeps "
+                           "its changes on the device (Method.static_decode_edit)")  # fmt: skip
+                elif not unstructured:
                     edit = engine.method_edit(method, idx, context)
                     if edit is not None and (edit.unrotated is not None or edit.allow is not None):
                         why = "on pre-rotary logits or by adding pairs"
@@ -749,7 +762,8 @@ class FastPath:
                 if why is not None:
                     raise ValueError(
                         f"{method.name} edits the attention of layer {idx} while decoding {why}; the fast path runs "
-                        f"only decoding edits that stay the same at every step. {DYNAMIC_PATH[0].upper()}"
+                        f"only decoding edits that stay the same at every step or change on the device. "
+                        f"{DYNAMIC_PATH[0].upper()}"
                         f"{DYNAMIC_PATH[1:]}."
                     )
                 found.setdefault(idx, []).append(edit)

@@ -17,6 +17,8 @@ Callbacks (all optional; the engine only calls what a method declares):
 - `head_output_scale(layer, run)`: per-head factors on the attention output before o_proj (VHR-style).
 - `observe_hidden(layer, run, hidden)`: the hidden states entering a layer (sink detection), when
   `observes_hidden(layer)` says so.
+- `static_decode_edit(layer, run, context)`: for an unstructured decoding edit whose step-to-step changes are device
+  tensors, the edit of every step of a fast-path call at once (the static decoding step runs it).
 - `decode_cache_keep(layer, run)`: per KV head, the prompt keys a layer keeps for decoding (PLPHP): the engine then
   keeps only those in the KV cache (a per-head ragged cache) and decodes that layer with kernel 4.
 - `prune_layers()`: stages at which `select_tokens` may drop or merge tokens: decoder layer indices (at the layer's
@@ -175,6 +177,9 @@ class AttentionEdit:
     # post_softmax treats each query row on its own (it may be given only some rows): then, where every edit of a
     # prefill call limits itself to a few `rows`, the engine computes only those rows densely and the others by SDPA
     rowwise_post: bool = False
+    # the tensors post_softmax changes in place from one decoding step to the next (Method.static_decode_edit): the
+    # fast path puts them back after the warm-up runs and the capture of its CUDA graph
+    state: tuple[torch.Tensor, ...] = ()
 
 
 class _Unstructured:
@@ -270,6 +275,15 @@ class Method:
         every step); the dense path may ask at every call. UNSTRUCTURED (the default) says the edit has no
         structured form: the engine then calls attention_edit and runs that layer's dense path."""
         return UNSTRUCTURED
+
+    def static_decode_edit(self, layer: int, run: RunState, context: AttentionContext) -> AttentionEdit | None:
+        """For a decoding edit with no structured form that changes from step to step only through tensors it keeps
+        on the device (A-VL): the edit of EVERY decoding step of a fast-path call, made once after the prefill over
+        the whole static buffer (`context`: the layer's cached prompt keys, then one generated slot per step, written
+        in order). The step's graph reads the same tensors at every step, so post_softmax updates them in place
+        (the `mask` for the next step included) and names them in AttentionEdit.state. None: the fast path refuses
+        the method's decoding edits."""
+        return None
 
     def decode_cache_keep(self, layer: int, run: RunState) -> torch.Tensor | None:
         """bool [B, Hkv, m] over the m prompt keys layer `layer` cached (run.layer_positions order): the keys each KV
