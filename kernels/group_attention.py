@@ -55,7 +55,7 @@ if triton_available():
     import triton
     import triton.language as tl
 
-    from .masked_attention import _fwd_step, _load_rows, mma, pv_dot
+    from .masked_attention import _fwd_step, _load_rows, mma, pv_dot, softmax_step
 
     @triton.jit
     def _premod(s, sel, FPOS_H, FNEG_H, BIAS_H, idx, idx_ok, scaling,
@@ -99,10 +99,7 @@ if triton_available():
         if KVALID_ROW is not None:
             kv = tl.load(KVALID_ROW + cols, mask=col_ok, other=0)
             x = tl.where((kv != 0)[None, :], x, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(x, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(x - m_use[:, None])
-        alpha = tl.math.exp2(m_i - m_use)
+        p, alpha, m_new = softmax_step(x, m_i)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = _load_rows(v_base, cols, svn, offs_d, col_ok, HEAD_D, BLOCK_D, MASKED)
         acc = acc * alpha[:, None]
@@ -134,10 +131,7 @@ if triton_available():
         if KVALID_ROW is not None:
             kv = tl.load(KVALID_ROW + cols, mask=col_ok, other=0)
             x = tl.where((kv != 0)[None, :], x, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(x, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(x - m_use[:, None])
-        alpha = tl.math.exp2(m_i - m_use)
+        p, alpha, m_new = softmax_step(x, m_i)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = _load_rows(v_base, cols, svn, offs_d, col_ok, HEAD_D, BLOCK_D, MASKED)
         acc = acc * alpha[:, None]
@@ -180,11 +174,7 @@ if triton_available():
                 if KVALID_ROW is not None:
                     kv = tl.load(KVALID_ROW + sidx, mask=jok, other=0)
                     ok = ok & (kv != 0)[None, :]
-                x = tl.where(ok, x, float("-inf"))
-                m_new = tl.maximum(m_s, tl.max(x, 1))
-                m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-                p = tl.math.exp2(x - m_use[:, None])
-                alpha = tl.math.exp2(m_s - m_use)
+                p, alpha, m_new = softmax_step(tl.where(ok, x, float("-inf")), m_s)
                 l_s = l_s * alpha + tl.sum(p, 1)
                 vs = _load_rows(v_base, sidx, svn, offs_d, jok, HEAD_D, BLOCK_D, True)
                 acc_s = pv_dot(p, vs, acc_s * alpha[:, None])

@@ -31,7 +31,7 @@ if triton_available():
     import triton
     import triton.language as tl
 
-    from .masked_attention import _load_rows, mma, pv_dot
+    from .masked_attention import _load_rows, mma, pv_dot, softmax_step
 
     @triton.jit
     def _column(TAB, heads, row_ok, FIELD: tl.constexpr, GROUP: tl.constexpr):
@@ -181,11 +181,7 @@ if triton_available():
                 s += _per_key(group, a0, a1, a2, a3, NG) * tl.abs(dot)
             if HAS_KBIAS:
                 s += tl.load(KBIAS + b * skbb + cols, mask=ok, other=0.0)[None, :] * 1.4426950408889634
-            s = tl.where(ok[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.math.exp2(s - m_use[:, None])
-            alpha = tl.math.exp2(m_i - m_use)
+            p, alpha, m_new = softmax_step(tl.where(ok[None, :], s, float("-inf")), m_i)
             v = _load_rows(v_base, cols, svn, offs_d, ok, HEAD_D, BLOCK_D, True)
             l0, acc0 = _accumulate(p, group, v, l0, acc0, alpha, 0)
             if NG > 1:

@@ -58,6 +58,15 @@ if triton_available():
         return mma(p.to(v.dtype), v, acc)
 
     @triton.jit
+    def softmax_step(x, m_i):
+        """One key tile of an online softmax over base-2 logits x [rows, keys] (-inf where masked): (p, alpha, m_new),
+        m_new the new running row max, p = exp2(x - m) and alpha = exp2(m_i - m) with m = m_new, or 0 in a row with no
+        allowed key so far (its p stays 0, not NaN). The caller rescales its sums and accumulators by alpha."""
+        m_new = tl.maximum(m_i, tl.max(x, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        return tl.math.exp2(x - m_use[:, None]), tl.math.exp2(m_i - m_use), m_new
+
+    @triton.jit
     def _rule(qpos, kpos, qinfo, kinfo, qgrid, kgrid, qknock, wr, wc, mutual_bits,
               CAUSAL: tl.constexpr, IMG_RULE: tl.constexpr, WINDOW_CAUSAL: tl.constexpr,
               MUTUAL: tl.constexpr, KNOCK: tl.constexpr):
@@ -127,10 +136,10 @@ if triton_available():
         cols = start_n + offs_n
         col_ok = cols < Nk
         qk = mma(q, tl.trans(k), None)
-        if MODE == 0:
+        if MODE == 0:  # a tile with nothing masked: no -inf to guard against, the scale applied after the max
             m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-            m_use = m_new
-            qk = qk * qk_scale - m_use[:, None]
+            p = tl.math.exp2(qk * qk_scale - m_new[:, None])
+            alpha = tl.math.exp2(m_i - m_new)
         else:
             if MODE == 1:
                 kv = tl.load(KVALID_ROW + cols)
@@ -151,12 +160,7 @@ if triton_available():
                 if KVALID_ROW is not None:
                     kv = tl.load(KVALID_ROW + cols, mask=col_ok, other=0)
                     ok = ok & (kv != 0)[None, :]
-            qk = tl.where(ok, qk * qk_scale, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            qk = qk - m_use[:, None]
-        p = tl.math.exp2(qk)
-        alpha = tl.math.exp2(m_i - m_use)
+            p, alpha, m_new = softmax_step(tl.where(ok, qk * qk_scale, float("-inf")), m_i)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = _load_rows(v_base, cols, stride_vn, offs_d, col_ok, HEAD_D, BLOCK_D, MODE >= 2)
         acc = acc * alpha[:, None]

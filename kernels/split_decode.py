@@ -34,7 +34,7 @@ if triton_available():
     import triton
     import triton.language as tl
 
-    from .masked_attention import _load_rows, mma, pv_dot
+    from .masked_attention import _load_rows, mma, pv_dot, softmax_step
 
     @triton.jit
     def split_program(Q, sqb, sqh, Hkv, G, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr):
@@ -66,11 +66,7 @@ if triton_available():
                 ok = ok & (tl.load(valid_base + cols, mask=ok, other=0) != 0)
             k = _load_rows(k_base, cols, stride_kn, offs_d, ok, HEAD_D, BLOCK_D, True)
             s = mma(q, tl.trans(k), None)
-            s = tl.where(ok[None, :], s * qk_scale, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.math.exp2(s - m_use[:, None])
-            alpha = tl.math.exp2(m_i - m_use)
+            p, alpha, m_new = softmax_step(tl.where(ok[None, :], s * qk_scale, float("-inf")), m_i)
             l_i = l_i * alpha + tl.sum(p, 1)
             v = _load_rows(v_base, cols, stride_vn, offs_d, ok, HEAD_D, BLOCK_D, True)
             acc = pv_dot(p, v, acc * alpha[:, None])
