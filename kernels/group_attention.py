@@ -55,7 +55,7 @@ if triton_available():
     import triton
     import triton.language as tl
 
-    from .masked_attention import _fwd_step, _load_rows, mma, pv_dot, softmax_step
+    from .masked_attention import _load_rows, mma, pv_dot, softmax_step
 
     @triton.jit
     def _premod(s, sel, FPOS_H, FNEG_H, BIAS_H, idx, idx_ok, scaling,
