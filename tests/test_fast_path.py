@@ -231,7 +231,8 @@ def test_stepping_decode_edits_equal_dynamic_path(family, spec):
     """A-VL changes its decode mask at every step (the core re-picked every `interval` steps from the step's own
     attention, text keys evicted by H2O): on the fast path that state lives on the device over the static buffer and
     the step updates it (Method.static_decode_edit), with the dynamic path's tokens and logits; its step serves one
-    call (its post-softmax holds the call's state), and a second call starts from its own prefill's state."""
+    call (its post-softmax holds the call's state), and a second call starts from its own prefill's state. Its prefill
+    statistics are computed inside the lean prefill's segments and delivered after them."""
     from vlm_efficient.token_ops.avl import AVL
 
     model, processor = tiny_model(family)
@@ -241,6 +242,11 @@ def test_stepping_decode_edits_equal_dynamic_path(family, spec):
     method = next(m for m in ve.engine_of(model).methods if isinstance(m, AVL))
     edits = fast_path.last_step.edits
     assert sorted(edits) == sorted(k for k in ve.engine_of(model).run.memory(method) if isinstance(k, int))
+    # its prefill statistics (the last row's, for decoding only) come out of the segments (StatsRoute): one segment to
+    # the last layer, from layer 0, or 1 (FastV's statistics at layer 0 run it as a module), or 2 (Qwen3-VL's
+    # deepstack injections after layers 0 and 1)
+    first = 2 if family == "qwen3_vl" else int(spec.startswith("fastv"))
+    assert fast_path.prefill.last_segments == [(first, len(fast_path.parts["layers"]), False)]
     assert all(edit.state for layer_edits in edits.values() for edit in layer_edits)
     assert not fast_path.steps  # not kept for the next call
     assert_same(dynamic, fast)
@@ -343,7 +349,11 @@ def test_per_head_cache_equals_dynamic_path(family, spec):
     batch = two_samples(processor)
     dynamic, fast = dynamic_then_fast(model, batch, spec)
     assert_same(dynamic, fast)
-    step = ve.engine_of(model).fast_path.last_step
+    fast_path = ve.engine_of(model).fast_path
+    step = fast_path.last_step
+    if spec == "plphp":  # its statistics (decoding only) come out of the prefill's segment, from layer 0 (2 where
+        # Qwen3-VL's deepstack injections run its first two layers as modules)
+        assert fast_path.prefill.last_segments == [(2 if family == "qwen3_vl" else 0, len(step.group_of), False)]
     assert step.ragged and all(isinstance(step.routes[idx], RaggedRoute) for idx in step.ragged)
     assert all(step.keys[idx] is None for idx in step.ragged)  # no dense buffer beside the per-head one
     assert ve.stats(model).kv_cache_bytes_per_layer == step.kv_bytes()

@@ -25,7 +25,7 @@ from typing import ClassVar
 
 import torch
 
-from vlm_efficient.method import AttentionEdit, AttentionRequest, Method, refuse_layers_with_own_mask
+from vlm_efficient.method import UNSTRUCTURED, AttentionEdit, AttentionRequest, Method, refuse_layers_with_own_mask
 from vlm_efficient.registry import register_method
 from vlm_efficient.selection import keep_count, top_k_mask
 
@@ -52,7 +52,10 @@ class AVL(Method):
                                     "avl keeps per-key states over every prompt key while decoding")  # fmt: skip
 
     def attention_request(self, layer: int) -> AttentionRequest | None:
-        return AttentionRequest(queries="last")
+        return AttentionRequest(queries="last", decoding_only=True)
+
+    def kernel_edit(self, layer, run, prefill):
+        return None if prefill else UNSTRUCTURED  # the prefill is not edited; decoding masks change per step
 
     def observe_attention(self, layer, run, stats) -> None:
         received = stats.received.float()  # [B, n]

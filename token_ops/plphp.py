@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vlm_efficient.method import AttentionEdit, AttentionRequest, Method, at_positions
+from vlm_efficient.method import UNSTRUCTURED, AttentionEdit, AttentionRequest, Method, at_positions
 from vlm_efficient.registry import register_method
 from vlm_efficient.selection import keep_count, top_k_mask
 
@@ -53,7 +53,10 @@ class PLPHP(Method):
         self.groups = engine.text_config.num_attention_heads // engine.text_config.num_key_value_heads
 
     def attention_request(self, layer: int) -> AttentionRequest | None:
-        return AttentionRequest(queries="last", per_head=True) if layer >= self.layer else None
+        return AttentionRequest(queries="last", per_head=True, decoding_only=True) if layer >= self.layer else None
+
+    def kernel_edit(self, layer, run, prefill):
+        return None if prefill else UNSTRUCTURED  # the prefill is computed in full; cache=mask edits decoding only
 
     def retention(self, gamma: torch.Tensor) -> torch.Tensor:
         rate = torch.full_like(gamma, self.retain)

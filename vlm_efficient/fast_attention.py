@@ -16,7 +16,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from .attention import edited_attention
+from .attention import edited_attention, received_attention
 from .kernel_plan import compose
 from .method import UNSTRUCTURED, at_positions
 
@@ -75,16 +75,34 @@ class RaggedRoute:
         _RAGGED[self.cache_id] = self.cache
 
 
+@dataclasses.dataclass
+class StatsRoute:
+    """A layer of a lean prefill's segment whose methods asked for the last row's attention statistics for their
+    decoding choices only (AttentionRequest.decoding_only): SDPA for the layer, and the attention each key receives
+    from the last row (attention.received_attention, as attention_stats.deliver_stats computes it), per head and / or
+    head-averaged as `per_head` lists; the layer's call leaves them in `received` {per_head: tensor} (inside a
+    captured graph: its outputs, which every replay rewrites)."""
+
+    per_head: tuple[bool, ...]
+    received: dict = dataclasses.field(default_factory=dict)
+
+
 def routed_attention(module, query, key, value, attention_mask, **kwargs):
     """SDPA, or where the layer is routed (`routed`): kernel 3 (a GroupRoute) or the dense edited attention for its
     decoding edits, kernel 5 for a decoding step's layer without edits (a MaskedDecodeRoute), kernel 4 for one on a
-    per-head pruned cache (a RaggedRoute). A GroupRoute in a call
-    of several rows (a prefill whose edits act on its last row only, Method.prefill_edits_last_row_as_decoding) runs
-    SDPA for all rows and kernel 3's decoding form for the last."""
+    per-head pruned cache (a RaggedRoute), SDPA and the last row's statistics for a lean prefill's layer (a
+    StatsRoute). A GroupRoute in a call of several rows (a prefill whose edits act on its last row only,
+    Method.prefill_edits_last_row_as_decoding) runs SDPA for all rows and kernel 3's decoding form for the last."""
     edits = _DECODE_EDITS.get(module)
     if not edits:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
+    if isinstance(edits, StatsRoute):
+        last = torch.full((query.shape[0], 1), query.shape[2] - 1, device=query.device)
+        for per_head in edits.per_head:
+            edits.received[per_head] = received_attention(query, key, attention_mask, scaling, last,
+                                                          per_head=per_head)  # fmt: skip
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     if isinstance(edits, MaskedDecodeRoute):
         return masked_decode(query, key, value, edits.valid, scaling), None
     if isinstance(edits, RaggedRoute):
@@ -198,6 +216,8 @@ def edit_tensors(layer_edits) -> list[dict]:
     """The tensors a kept step reloads at each call: per AttentionEdit its EDIT_TENSORS, or a GroupRoute's buffers."""
     if isinstance(layer_edits, GroupRoute):
         return [layer_edits.tensors()]
+    if isinstance(layer_edits, StatsRoute):
+        return []
     return [{name: getattr(edit, name) for name in EDIT_TENSORS} for edit in layer_edits]
 
 
@@ -208,13 +228,15 @@ def empty_like_edits(layer_edits):
 
     if isinstance(layer_edits, GroupRoute):
         return dataclasses.replace(layer_edits, **empty(layer_edits.tensors()))
+    if isinstance(layer_edits, StatsRoute):
+        return StatsRoute(layer_edits.per_head)
     return [dataclasses.replace(edit, **empty(tensors)) for edit, tensors in zip(layer_edits, edit_tensors(layer_edits))]
 
 
 def reloadable(layer_edits) -> bool:
     """Whether a kept step can serve these edits by reloading tensors: no post-softmax function (it holds this call's
     tensors) and every edit field a tensor."""
-    if isinstance(layer_edits, GroupRoute):
+    if isinstance(layer_edits, (GroupRoute, StatsRoute)):
         return True
     return all(edit.post_softmax is None and all(isinstance(t, (torch.Tensor, type(None))) for t in tensors.values())
                for edit, tensors in zip(layer_edits, edit_tensors(layer_edits)))  # fmt: skip
@@ -225,6 +247,8 @@ def edit_structure(layer_edits) -> tuple:
     values (the graph reads the folded tables of the spec it was captured with)."""
     shapes = tuple(tuple((name, tuple(t.shape), t.dtype) for name, t in tensors.items() if t is not None)
                    for tensors in edit_tensors(layer_edits))  # fmt: skip
+    if isinstance(layer_edits, StatsRoute):
+        return "stats", layer_edits.per_head
     if not isinstance(layer_edits, GroupRoute):
         return shapes
     spec = layer_edits.spec

@@ -43,8 +43,9 @@ from torch.nn.modules import module as global_hooks
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
 
 from .adapters import CACHE_KWARGS
-from .fast_attention import GroupRoute, edit_buffers, edits_key, load_edit_buffers, routed, shared_group_route
-from .method import PerThread, edits_attention
+from .fast_attention import (GroupRoute, StatsRoute, edit_buffers, edits_key, load_edit_buffers, routed,
+                             shared_group_route)
+from .method import AttentionStats, PerThread, edits_attention
 
 MAX_SEGMENT_GRAPHS = 4  # captured segments kept per model (least recently used dropped; each holds its KV)
 MAX_ENCODER_GRAPHS = 4  # captured image encodings kept per model
@@ -191,6 +192,12 @@ def _foreign_hooks(modules, own_ids: set) -> bool:
                 if handle_id not in own_ids and getattr(hook, "__module__", None) != TRANSFORMERS_RECORDER:
                     return True
     return False
+
+
+def _served_in_segments(request) -> bool:
+    """No request, or one a segment computes (StatsRoute): the last row's, for decoding only, without keys."""
+    return request is None or (request.decoding_only and request.queries == "last" and not request.keys
+                               and not request.probe)  # fmt: skip
 
 
 def capture_graph(fn, device: torch.device, warmups: int = 2):
@@ -428,13 +435,37 @@ class LeanPrefill:
             if start == 0:
                 self.on_first_layer(layer_kwargs)
             in_segment = {idx: route for idx, route in (routes or {}).items() if start <= idx < end}
+            in_segment.update(self._stats_routes(start, end))
             segment, replayed = self._segment(start, end, hidden, layer_kwargs, in_segment)
             run_segment = segment.replay if replayed else segment.forward
             hidden = run_segment(hidden, layer_kwargs, in_segment)
             for idx in range(start, end):
                 _adopt(cache, idx, *segment.kv(idx))
+            self._deliver_stats(segment.inputs[2] if replayed else in_segment, run)
             self.last_segments.append((start, end, replayed))
         return hidden
+
+    def _stats_routes(self, start: int, end: int) -> dict[int, StatsRoute]:
+        """{layer: its StatsRoute} for the segment's layers whose methods ask for decoding-only statistics."""
+        routes = {}
+        for idx in range(start, end):
+            requests = [m.attention_request(idx) for m in self.engine.methods]
+            per_head = tuple(sorted({r.per_head for r in requests if r is not None}))
+            if per_head:
+                routes[idx] = StatsRoute(per_head)
+        return routes
+
+    def _deliver_stats(self, routes: dict, run) -> None:
+        """Each method's decoding-only statistics of the segment just run, as attention_stats.deliver_stats hands them
+        (copies: a replay rewrites the graph's outputs)."""
+        for idx, route in routes.items():
+            if not isinstance(route, StatsRoute):
+                continue
+            for method in self.engine.methods:
+                request = method.attention_request(idx)
+                if request is not None:
+                    received = route.received[request.per_head].clone()
+                    method.observe_attention(idx, run, AttentionStats(received=received, keys=None))
 
     def _last_row_routes(self, run, device) -> dict[int, GroupRoute] | None:
         """{layer: its edits of this prefill as kernel 3's decoding form over every prompt key} for the layers the
@@ -484,14 +515,15 @@ class LeanPrefill:
 
     def _plain(self, idx: int, run) -> bool:
         """Nothing acts in layer `idx` at this prefill but a selection before it (plan()): no probe, attention edit (a
-        structured one that is None here) or statistics, observed hidden state, head-output scale, pre-rotary capture
+        structured one that is None here) or statistics (but the last row's for decoding only: the segment computes
+        them, StatsRoute, and _layers delivers them after it), observed hidden state, head-output scale, pre-rotary capture
         or injection after it, and no hook on its modules but the engine's own (a method's or a user's hook must run:
         the layer is then called as a module). An edit of the last row only is run by the segments or deferred (__call__)."""
         engine, methods = self.engine, self.engine.methods
-        if idx in engine.probe_layers or engine.shards is not None or run.static_cache or engine.per_head_cache:
+        if idx in engine.probe_layers or engine.shards is not None or run.static_cache:
             return False
         if any(m.observes_hidden(idx) or m.head_output_scale(idx, run) is not None or m.uses_unrotated(idx)
-               or m.attention_request(idx) is not None for m in methods):  # fmt: skip
+               or not _served_in_segments(m.attention_request(idx)) for m in methods):  # fmt: skip
             return False
         # a method may edit attention: plain where every editing method's structured edit of this prefill's layer is
         # None (UNSTRUCTURED: only a call can tell), so that the dynamic path too runs SDPA here, routed or not
