@@ -20,6 +20,9 @@ the GPU's work (README, "The prefill, explained"), so pruning shortens only the 
   layers run in the segments too: SDPA for every row, then the last row again through kernel 3's decoding form with
   the layer's composed group edit (fast_attention.routed_attention; the key groups are buffers reloaded per call).
   Edits that do not compose into one group edit defer the last row to the first decoding step instead;
+- statistics a method uses only for its decoding choices (AttentionRequest.decoding_only: the last row's attention,
+  A-VL, PLPHP) do not stop a segment: its layers compute them (fast_attention.StatsRoute, inside the graph) and the
+  methods get them after the segment, as attention_stats.deliver_stats hands them on the dynamic path;
 - the final norm and the LM head run on the last row only (the logits generate() reads).
 
 The image encoder (LeanEncoder): generate() calls the model's get_image_features before the prefill. Where nothing
