@@ -81,13 +81,10 @@ if triton_available():
         return x
 
     @triton.jit
-    def _gstep(acc, acc1, l_i, l1, m_i, q, sel, qpos, k_base, v_base, skn, svn, start_n, offs_n, offs_d, scaling,
-               FPOS_H, FNEG_H, BIAS_H, KVALID_ROW, CLS_ROW, Nk,
-               MASKED: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
-               HAS_PRE: tl.constexpr, PRE_ABS: tl.constexpr, PRE_BIAS: tl.constexpr, SEL_ALL: tl.constexpr,
-               TWO_CLASS: tl.constexpr):
-        cols = start_n + offs_n
-        col_ok = cols < Nk
+    def _glogits(q, sel, qpos, k_base, skn, cols, col_ok, offs_d, scaling, FPOS_H, FNEG_H, BIAS_H, KVALID_ROW,
+                 MASKED: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
+                 HAS_PRE: tl.constexpr, PRE_ABS: tl.constexpr, PRE_BIAS: tl.constexpr, SEL_ALL: tl.constexpr):
+        """One key tile's log2-domain logits with the group edit's terms before the softmax, -inf where masked."""
         k = _load_rows(k_base, cols, skn, offs_d, col_ok, HEAD_D, BLOCK_D, MASKED)
         s = mma(q, tl.trans(k), None)
         x = _premod(s, sel, FPOS_H, FNEG_H, BIAS_H, cols, col_ok, scaling, HAS_PRE, PRE_ABS, PRE_BIAS, SEL_ALL)
@@ -99,17 +96,25 @@ if triton_available():
         if KVALID_ROW is not None:
             kv = tl.load(KVALID_ROW + cols, mask=col_ok, other=0)
             x = tl.where((kv != 0)[None, :], x, float("-inf"))
+        return x
+
+    @triton.jit
+    def _gstep(acc, acc1, l_i, l1, m_i, q, sel, qpos, k_base, v_base, skn, svn, start_n, offs_n, offs_d, scaling,
+               FPOS_H, FNEG_H, BIAS_H, KVALID_ROW, CLS_ROW, Nk,
+               MASKED: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
+               HAS_PRE: tl.constexpr, PRE_ABS: tl.constexpr, PRE_BIAS: tl.constexpr, SEL_ALL: tl.constexpr):
+        """One key tile of the two-class form: every allowed key's mass and output, and class 1's apart."""
+        cols = start_n + offs_n
+        col_ok = cols < Nk
+        x = _glogits(q, sel, qpos, k_base, skn, cols, col_ok, offs_d, scaling, FPOS_H, FNEG_H, BIAS_H, KVALID_ROW,
+                     MASKED, HEAD_D, BLOCK_D, CAUSAL, HAS_PRE, PRE_ABS, PRE_BIAS, SEL_ALL)
         p, alpha, m_new = softmax_step(x, m_i)
-        l_i = l_i * alpha + tl.sum(p, 1)
         v = _load_rows(v_base, cols, svn, offs_d, col_ok, HEAD_D, BLOCK_D, MASKED)
-        acc = acc * alpha[:, None]
-        acc = pv_dot(p, v, acc)
-        if TWO_CLASS:
-            is1 = tl.load(CLS_ROW + cols, mask=col_ok, other=0) != 0
-            p1 = tl.where(is1[None, :], p, 0.0)
-            l1 = l1 * alpha + tl.sum(p1, 1)
-            acc1 = acc1 * alpha[:, None]
-            acc1 = pv_dot(p1, v, acc1)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = pv_dot(p, v, acc * alpha[:, None])
+        p1 = tl.where((tl.load(CLS_ROW + cols, mask=col_ok, other=0) != 0)[None, :], p, 0.0)
+        l1 = l1 * alpha + tl.sum(p1, 1)
+        acc1 = pv_dot(p1, v, acc1 * alpha[:, None])
         return acc, acc1, l_i, l1, m_new
 
     @triton.jit
@@ -117,26 +122,16 @@ if triton_available():
                 FPOS_H, FNEG_H, BIAS_H, KVALID_ROW, Nk,
                 MASKED: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
                 HAS_PRE: tl.constexpr, PRE_ABS: tl.constexpr, PRE_BIAS: tl.constexpr, SEL_ALL: tl.constexpr):
-        """_gstep with a single class (one accumulator)."""
+        """_gstep with a single class (one accumulator, nothing else loop-carried: keeps the wgmma pipeline as in the
+        plain kernel)."""
         cols = start_n + offs_n
         col_ok = cols < Nk
-        k = _load_rows(k_base, cols, skn, offs_d, col_ok, HEAD_D, BLOCK_D, MASKED)
-        s = mma(q, tl.trans(k), None)
-        x = _premod(s, sel, FPOS_H, FNEG_H, BIAS_H, cols, col_ok, scaling, HAS_PRE, PRE_ABS, PRE_BIAS, SEL_ALL)
-        if MASKED:
-            if CAUSAL:
-                x = tl.where((cols[None, :] <= qpos[:, None]) & col_ok[None, :], x, float("-inf"))
-            else:
-                x = tl.where(col_ok[None, :], x, float("-inf"))
-        if KVALID_ROW is not None:
-            kv = tl.load(KVALID_ROW + cols, mask=col_ok, other=0)
-            x = tl.where((kv != 0)[None, :], x, float("-inf"))
+        x = _glogits(q, sel, qpos, k_base, skn, cols, col_ok, offs_d, scaling, FPOS_H, FNEG_H, BIAS_H, KVALID_ROW,
+                     MASKED, HEAD_D, BLOCK_D, CAUSAL, HAS_PRE, PRE_ABS, PRE_BIAS, SEL_ALL)
         p, alpha, m_new = softmax_step(x, m_i)
-        l_i = l_i * alpha + tl.sum(p, 1)
         v = _load_rows(v_base, cols, svn, offs_d, col_ok, HEAD_D, BLOCK_D, MASKED)
-        acc = acc * alpha[:, None]
-        acc = pv_dot(p, v, acc)
-        return acc, l_i, m_new
+        l_i = l_i * alpha + tl.sum(p, 1)
+        return pv_dot(p, v, acc * alpha[:, None]), l_i, m_new
 
     @triton.jit
     def _unit_mass(bits, m0, m1, ms):
@@ -286,12 +281,12 @@ if triton_available():
                 acc, acc1, l_i, l1, m_i = _gstep(acc, acc1, l_i, l1, m_i, q, sel, qpos, k_base, v_base, skn, svn,
                                                  kb * BLOCK_N, offs_n, offs_d, scaling, FPOS_H, FNEG_H, BIAS_H,
                                                  KVALID_ROW, CLS_ROW, Nk, False, HEAD_D, BLOCK_D, CAUSAL,
-                                                 HAS_PRE, PRE_ABS, PRE_BIAS, SEL_ALL, TWO_CLASS)
+                                                 HAS_PRE, PRE_ABS, PRE_BIAS, SEL_ALL)
             for kb in range(n_full, tl.cdiv(hi, BLOCK_N)):
                 acc, acc1, l_i, l1, m_i = _gstep(acc, acc1, l_i, l1, m_i, q, sel, qpos, k_base, v_base, skn, svn,
                                                  kb * BLOCK_N, offs_n, offs_d, scaling, FPOS_H, FNEG_H, BIAS_H,
                                                  KVALID_ROW, CLS_ROW, Nk, True, HEAD_D, BLOCK_D, CAUSAL,
-                                                 HAS_PRE, PRE_ABS, PRE_BIAS, SEL_ALL, TWO_CLASS)
+                                                 HAS_PRE, PRE_ABS, PRE_BIAS, SEL_ALL)
         else:  # one accumulator only (nothing else loop-carried: keeps the wgmma pipeline as in the plain kernel)
             for kb in range(0, n_full):
                 acc, l_i, m_i = _gstep1(acc, l_i, m_i, q, sel, qpos, k_base, v_base, skn, svn,
@@ -361,7 +356,7 @@ if triton_available():
                     acc, acc1, l_i, l1, m_i = _gstep(acc, acc1, l_i, l1, m_i, q, row_ok, qpos, k_base, v_base, skn,
                                                      svn, kb * BLOCK_N, offs_n, offs_d, scaling, FPOS_H, FNEG_H,
                                                      BIAS_H, KVALID_ROW, CLS_ROW, Nk, True, HEAD_D, BLOCK_D, CAUSAL,
-                                                     HAS_PRE, PRE_ABS, PRE_BIAS, True, TWO_CLASS)
+                                                     HAS_PRE, PRE_ABS, PRE_BIAS, True)
                 else:
                     acc, l_i, m_i = _gstep1(acc, l_i, m_i, q, row_ok, qpos, k_base, v_base, skn, svn,
                                             kb * BLOCK_N, offs_n, offs_d, scaling, FPOS_H, FNEG_H, BIAS_H,

@@ -168,6 +168,27 @@ if triton_available():
         return acc, l_i, m_new
 
     @triton.jit
+    def _rule_rows(qpos, row_ok, cols, col_ok, INFO_ROW, GRID_ROW, KNOCK_T, wr, wc, mutual_bits,
+                   CAUSAL: tl.constexpr, IMG_RULE: tl.constexpr, WINDOW_CAUSAL: tl.constexpr, MUTUAL: tl.constexpr,
+                   KNOCK: tl.constexpr):
+        """_rule for query rows at token positions qpos (row_ok: used) against keys cols (col_ok: in range), with both
+        sides' layout entries (info, grid, knockout table) loaded here."""
+        kinfo = tl.load(INFO_ROW + cols, mask=col_ok, other=0)
+        qinfo = tl.load(INFO_ROW + qpos, mask=row_ok, other=0)
+        if IMG_RULE == 2:
+            kgrid = tl.load(GRID_ROW + cols, mask=col_ok, other=0)
+            qgrid = tl.load(GRID_ROW + qpos, mask=row_ok, other=0)
+        else:
+            kgrid = kinfo
+            qgrid = qinfo
+        if KNOCK:
+            qknock = tl.load(KNOCK_T + (qinfo & 15))
+        else:
+            qknock = qinfo
+        return _rule(qpos, cols, qinfo, kinfo, qgrid, kgrid, qknock, wr, wc, mutual_bits,
+                     CAUSAL, IMG_RULE, WINDOW_CAUSAL, MUTUAL, KNOCK)
+
+    @triton.jit
     def _rows_allowed(rows, row_ok, cols, col_ok, q_off, KVALID_ROW, INFO_ROW, GRID_ROW, KNOCK_T, wr, wc, mutual_bits,
                       LISTS: tl.constexpr, CAUSAL: tl.constexpr, IMG_RULE: tl.constexpr,
                       WINDOW_CAUSAL: tl.constexpr, MUTUAL: tl.constexpr, KNOCK: tl.constexpr):
@@ -175,20 +196,8 @@ if triton_available():
         LISTS, else causal / full + key padding). False on unused rows and out-of-range keys."""
         qpos = tl.where(row_ok, rows + q_off, -1)
         if LISTS:
-            kinfo = tl.load(INFO_ROW + cols, mask=col_ok, other=0)
-            qinfo = tl.load(INFO_ROW + qpos, mask=row_ok, other=0)
-            if IMG_RULE == 2:
-                kgrid = tl.load(GRID_ROW + cols, mask=col_ok, other=0)
-                qgrid = tl.load(GRID_ROW + qpos, mask=row_ok, other=0)
-            else:
-                kgrid = kinfo
-                qgrid = qinfo
-            if KNOCK:
-                qknock = tl.load(KNOCK_T + (qinfo & 15))
-            else:
-                qknock = qinfo
-            ok = _rule(qpos, cols, qinfo, kinfo, qgrid, kgrid, qknock, wr, wc, mutual_bits,
-                       CAUSAL, IMG_RULE, WINDOW_CAUSAL, MUTUAL, KNOCK)
+            ok = _rule_rows(qpos, row_ok, cols, col_ok, INFO_ROW, GRID_ROW, KNOCK_T, wr, wc, mutual_bits,
+                            CAUSAL, IMG_RULE, WINDOW_CAUSAL, MUTUAL, KNOCK)
         else:
             if CAUSAL:
                 ok = cols[None, :] <= qpos[:, None]
@@ -247,20 +256,8 @@ if triton_available():
             if MODE == 0:
                 ok = use[:, None] & col_ok[None, :]
             elif MODE == 2:
-                kinfo = tl.load(INFO_ROW + cols, mask=col_ok, other=0)
-                qinfo = tl.load(INFO_ROW + qpos, mask=row_ok, other=0)
-                if IMG_RULE == 2:
-                    kgrid = tl.load(GRID_ROW + cols, mask=col_ok, other=0)
-                    qgrid = tl.load(GRID_ROW + qpos, mask=row_ok, other=0)
-                else:
-                    kgrid = kinfo
-                    qgrid = qinfo
-                if KNOCK:
-                    qknock = tl.load(KNOCK_T + (qinfo & 15))
-                else:
-                    qknock = qinfo
-                ok = _rule(qpos, cols, qinfo, kinfo, qgrid, kgrid, qknock, wr, wc, mutual_bits,
-                           CAUSAL, IMG_RULE, WINDOW_CAUSAL, MUTUAL, KNOCK) & use[:, None] & col_ok[None, :]
+                ok = _rule_rows(qpos, row_ok, cols, col_ok, INFO_ROW, GRID_ROW, KNOCK_T, wr, wc, mutual_bits,
+                                CAUSAL, IMG_RULE, WINDOW_CAUSAL, MUTUAL, KNOCK) & use[:, None] & col_ok[None, :]
             else:
                 if CAUSAL:
                     ok = (cols[None, :] <= qpos[:, None]) & col_ok[None, :] & use[:, None]
