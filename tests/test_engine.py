@@ -35,9 +35,9 @@ def family(request):
     return request.param
 
 
-def test_noop_wrap_and_unwrap_are_exact(family):
-    model, processor = tiny_model(family)
-    batch = two_samples(processor)
+def assert_noop_wrap_is_exact(model, batch) -> None:
+    """A wrap that does nothing ("", or FastV dropping 0%) gives the unwrapped model's logits and greedy tokens
+    bit for bit, and so does the model after unwrap."""
     with torch.no_grad():
         logits = model(**batch).logits
     tokens = greedy(model, batch).sequences
@@ -47,11 +47,16 @@ def test_noop_wrap_and_unwrap_are_exact(family):
             assert torch.equal(model(**batch).logits, logits), spec
         assert torch.equal(greedy(model, batch).sequences, tokens), spec
         ve.unwrap(model)
-    assert model.config.get_text_config()._attn_implementation == "sdpa"
-    assert not any(layer._forward_pre_hooks for layer in model.model.language_model.layers)
     with torch.no_grad():
         assert torch.equal(model(**batch).logits, logits)
     assert torch.equal(greedy(model, batch).sequences, tokens)
+
+
+def test_noop_wrap_and_unwrap_are_exact(family):
+    model, processor = tiny_model(family)
+    assert_noop_wrap_is_exact(model, two_samples(processor))
+    assert model.config.get_text_config()._attn_implementation == "sdpa"
+    assert not any(layer._forward_pre_hooks for layer in model.model.language_model.layers)
 
 
 @pytest.mark.parametrize("scoring", ["last", "all", "text"])

@@ -13,7 +13,7 @@ import test_heads_frame_causal
 import test_heads_interventions
 import test_heads_masks
 import vlm_efficient as ve
-from test_engine import greedy
+from test_engine import assert_noop_wrap_is_exact, greedy
 from test_token_ops_helpers import ATOL, assert_close_logits, generate_and_reference
 from vlm_efficient.layout import VIDEO
 from vlm_efficient.testing import NEW_FAMILIES, VIDEO_FAMILIES, image_placeholder, tiny_batch, tiny_image, tiny_model, tiny_video, \
@@ -117,19 +117,7 @@ def test_generate_sees_the_same_layout_as_a_forward(family):
 def test_noop_wrap_and_unwrap_are_exact(family):
     model, processor = tiny_model(family)
     for _, samples, videos in batches(family, processor):
-        batch = tiny_batch(processor, samples, videos=videos)
-        with torch.no_grad():
-            logits = model(**batch).logits
-        tokens = greedy(model, batch).sequences
-        for spec in ("", "fastv:layer=2,ratio=0"):
-            ve.wrap(model, spec)
-            with torch.no_grad():
-                assert torch.equal(model(**batch).logits, logits), spec
-            assert torch.equal(greedy(model, batch).sequences, tokens), spec
-            ve.unwrap(model)
-        with torch.no_grad():
-            assert torch.equal(model(**batch).logits, logits)
-        assert torch.equal(greedy(model, batch).sequences, tokens)
+        assert_noop_wrap_is_exact(model, tiny_batch(processor, samples, videos=videos))
 
 
 SPECS = ["fastv:layer=2,ratio=0.5", "pdrop:layers=1/2/3,ratio=0.5", "dart:layer=2,ratio=0.5", "divprune:ratio=0.5",

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import vlm_efficient as ve
-from test_engine import greedy
+from test_engine import assert_noop_wrap_is_exact, greedy
 from test_token_ops_helpers import ATOL, assert_close_logits, generate_and_reference
 from test_token_ops_vision import _changed_rows, _expected, _plain_inputs
 from vlm_efficient.layout import VIDEO
@@ -91,19 +91,7 @@ def test_video_layout_has_a_frame_index_and_per_frame_grid_cells(family):
 
 def test_noop_wrap_and_unwrap_are_exact_with_videos(family):
     model, processor = tiny_model(family)
-    batch = video_batch(processor)
-    with torch.no_grad():
-        logits = model(**batch).logits
-    tokens = greedy(model, batch).sequences
-    for spec in ("", "fastv:layer=2,ratio=0"):
-        ve.wrap(model, spec)
-        with torch.no_grad():
-            assert torch.equal(model(**batch).logits, logits), spec
-        assert torch.equal(greedy(model, batch).sequences, tokens), spec
-        ve.unwrap(model)
-    with torch.no_grad():
-        assert torch.equal(model(**batch).logits, logits)
-    assert torch.equal(greedy(model, batch).sequences, tokens)
+    assert_noop_wrap_is_exact(model, video_batch(processor))
 
 
 VIDEO_SPECS = ["fastv:layer=2,ratio=0.5", "dart:layer=2,ratio=0.5", "visionzip:ratio=0.5,contextual=0.4",
