@@ -58,17 +58,33 @@ class AVL(Method):
         return None if prefill else UNSTRUCTURED  # the prefill is not edited; decoding masks change per step
 
     def observe_attention(self, layer, run, stats) -> None:
-        received = stats.received.float()  # [B, n]
-        positions = run.current_positions().to(received.device)
-        visual = run.current(run.layout.visual, fill=False).to(received.device)
-        text = run.current(run.layout.text, fill=False).to(received.device)
-        count = visual.sum(1)
-        secondary = top_k_mask(received, visual, keep_count(count, self.rate))
-        core = top_k_mask(received, visual, keep_count(count, self.compute))
-        run.memory(self)[layer] = {
-            "positions": positions, "secondary": secondary, "core": core,
-            "score": torch.where(text, received, 0.0), "text": text, "evicted": torch.zeros_like(text),
-        }  # fmt: skip
+        # The choices act in decoding only: each layer's statistics wait, and _states() makes every layer's core and
+        # secondary sets in one batch (two top-k selections per layer are host work that a batch-1 prefill pays)
+        rows = (id(run.rows), id(run.input_positions))  # the row set: layers on the same rows stack
+        pending = run.memory(self).setdefault("pending", {})
+        if rows not in pending:
+            pending[rows] = {"positions": run.current_positions(), "visual": run.current(run.layout.visual, fill=False),
+                             "text": run.current(run.layout.text, fill=False), "received": {}}  # fmt: skip
+        pending[rows]["received"][layer] = stats.received
+
+    def _states(self, run) -> dict:
+        """run.memory(self): {layer: its decoding state} for every observed layer, the pending ones made now: the
+        secondary and core image keys by the last prompt row's attention, the text keys' H2O scores."""
+        memory = run.memory(self)
+        for group in memory.pop("pending", {}).values():
+            received = torch.stack(list(group["received"].values())).float()  # [L, B, n]
+            layers, batch, n = received.shape
+            positions = group["positions"].to(received.device)
+            visual, text = group["visual"].to(received.device), group["text"].to(received.device)
+            count = visual.sum(1).repeat(layers)
+            flat, candidates = received.view(layers * batch, n), visual.repeat(layers, 1)
+            secondary = top_k_mask(flat, candidates, keep_count(count, self.rate)).view(layers, batch, n)
+            core = top_k_mask(flat, candidates, keep_count(count, self.compute)).view(layers, batch, n)
+            score = torch.where(text, received, 0.0)
+            for index, layer in enumerate(group["received"]):
+                memory[layer] = {"positions": positions, "secondary": secondary[index], "core": core[index],
+                                 "score": score[index], "text": text, "evicted": torch.zeros_like(text)}  # fmt: skip
+        return memory
 
     def _extend(self, state, keys: torch.Tensor, run) -> None:
         """Append the generated tokens that joined the cache since the last step: state columns = cache columns."""
@@ -83,8 +99,10 @@ class AVL(Method):
         state["score"] = torch.cat([state["score"], torch.zeros_like(new, dtype=state["score"].dtype)], 1)
 
     def attention_edit(self, layer, run, context):
-        memory = run.memory(self)
-        if context.prefill or layer not in memory or not run.layout.has_visual:
+        if context.prefill:
+            return None
+        memory = self._states(run)
+        if layer not in memory or not run.layout.has_visual:
             return None
         state = memory[layer]
         keys = context.key_positions
@@ -105,7 +123,7 @@ class AVL(Method):
         """Every step of a fast-path call (Method.static_decode_edit): the state over the whole static buffer (the
         layer's cached prompt keys, then the generated slots, written one per step), a device-side step counter for
         the core's update, and the mask rewritten in place for the next step; the same updates as attention_edit."""
-        memory = run.memory(self)
+        memory = self._states(run)
         if layer not in memory or not run.layout.has_visual:
             return None
         prompt = memory[layer]
