@@ -232,7 +232,8 @@ def test_stepping_decode_edits_equal_dynamic_path(family, spec):
     attention, text keys evicted by H2O): on the fast path that state lives on the device over the static buffer and
     the step updates it (Method.static_decode_edit), with the dynamic path's tokens and logits; its step serves one
     call (its post-softmax holds the call's state), and a second call starts from its own prefill's state. Its prefill
-    statistics are computed inside the lean prefill's segments and delivered after them."""
+    statistics are computed inside the lean prefill's segments and delivered after them; the image keys it deletes are
+    left out of the step's buffers."""
     from vlm_efficient.token_ops.avl import AVL
 
     model, processor = tiny_model(family)
@@ -250,8 +251,27 @@ def test_stepping_decode_edits_equal_dynamic_path(family, spec):
     assert all(edit.state for layer_edits in edits.values() for edit in layer_edits)
     assert not fast_path.steps  # not kept for the next call
     assert_same(dynamic, fast)
+    # its deleted image keys (outside the secondary set) are not in the buffers (Method.decode_prompt_keep): every
+    # edited layer holds fewer keys than the base's, and the step allocates less
+    step = fast_path.last_step
+    ve.unwrap(model)
+    ve.wrap(model, "", fast=True)
+    generate(model, batch)
+    base = ve.engine_of(model).fast_path.last_step
+    assert all(step.valid_keys(idx).sum() < base.valid_keys(idx).sum() for idx in edits)
+    assert sum(step.kv_bytes()) < sum(base.kv_bytes())
+    ve.unwrap(model)
+    ve.wrap(model, spec, fast=True)
     again = generate(model, batch)
     assert_same(dynamic, again)
+    ve.unwrap(model)
+
+
+def test_freed_prompt_keys_and_a_per_head_cache_are_refused_together():
+    model, processor = tiny_model("llava")
+    ve.wrap(model, "plphp+avl", fast=True)
+    with pytest.raises(ValueError, match="avl frees prompt keys.*per-head pruned cache.*use one of them"):
+        generate(model, two_samples(processor))
     ve.unwrap(model)
 
 

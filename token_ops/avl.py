@@ -11,11 +11,13 @@ Decoding attends to a part of each cache, per modality, per layer:
 - the optional prefill filter of the paper (drop P% of image tokens after layer 2) is FastV: compose "fastv+avl".
 
 On the fast path (wrap(..., fast=True)) the same state lives on the device over the static buffer and a captured
-step updates it (static_decode_edit): no host decision per step.
+step updates it (static_decode_edit): no host decision per step. Each layer's choices are made in one batch at the
+first decoding step (_states), not during the prefill.
 
 The public code's flags (vision_adaptive_attention_rate, _compute_rate, _update_interval, text_pruning_rate) match
-`rate`, `compute`, `interval`, `text_rate`; the values here are its README's examples. Deleted and non-core keys are
-masked, not freed: the paper's memory savings need a cache that drops them per layer (and its custom kernel).
+`rate`, `compute`, `interval`, `text_rate`; the values here are its README's examples. On the dynamic path deleted and
+non-core keys are masked, not freed. On the fast path the deleted image keys are left out of each layer's static
+buffer (decode_prompt_keep); non-core and evicted keys stay masked (they may return, or are evicted step by step).
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from typing import ClassVar
 
 import torch
 
-from vlm_efficient.method import UNSTRUCTURED, AttentionEdit, AttentionRequest, Method, refuse_layers_with_own_mask
+from vlm_efficient.method import (UNSTRUCTURED, AttentionEdit, AttentionRequest, Method, at_positions,
+                                  refuse_layers_with_own_mask)
 from vlm_efficient.registry import register_method
 from vlm_efficient.selection import keep_count, top_k_mask
 
@@ -83,7 +86,8 @@ class AVL(Method):
             score = torch.where(text, received, 0.0)
             for index, layer in enumerate(group["received"]):
                 memory[layer] = {"positions": positions, "secondary": secondary[index], "core": core[index],
-                                 "score": score[index], "text": text, "evicted": torch.zeros_like(text)}  # fmt: skip
+                                 "score": score[index], "text": text, "visual": visual,
+                                 "evicted": torch.zeros_like(text)}  # fmt: skip
         return memory
 
     def _extend(self, state, keys: torch.Tensor, run) -> None:
@@ -94,7 +98,7 @@ class AVL(Method):
         no = torch.zeros_like(new, dtype=torch.bool)
         valid = run.attention_mask_2d.to(new.device).gather(1, new)
         state["positions"] = torch.cat([state["positions"], new], 1)
-        for name, extra in (("secondary", no), ("core", no), ("evicted", no), ("text", valid)):
+        for name, extra in (("secondary", no), ("core", no), ("evicted", no), ("text", valid), ("visual", no)):
             state[name] = torch.cat([state[name], extra], 1)
         state["score"] = torch.cat([state["score"], torch.zeros_like(new, dtype=state["score"].dtype)], 1)
 
@@ -119,28 +123,36 @@ class AVL(Method):
 
         return AttentionEdit(mask=allowed[:, None, None, :], post_softmax=post_softmax)
 
+    def decode_prompt_keep(self, layer, run):
+        """The minor image keys (outside the secondary set) are deleted: never attended again."""
+        state = self._states(run).get(layer)
+        return None if state is None or not run.layout.has_visual else ~state["visual"] | state["secondary"]
+
     def static_decode_edit(self, layer, run, context):
         """Every step of a fast-path call (Method.static_decode_edit): the state over the whole static buffer (the
-        layer's cached prompt keys, then the generated slots, written one per step), a device-side step counter for
-        the core's update, and the mask rewritten in place for the next step; the same updates as attention_edit."""
+        prompt keys the layer keeps, decode_prompt_keep, then the generated slots, written one per step), a
+        device-side step counter for the core's update, and the mask rewritten in place for the next step; the same
+        updates as attention_edit."""
         memory = self._states(run)
         if layer not in memory or not run.layout.has_visual:
             return None
-        prompt = memory[layer]
-        cached, capacity = prompt["positions"].shape[1], context.key_positions.shape[1]
-        columns = torch.arange(capacity, device=context.key_positions.device)
+        prompt, keys = memory[layer], context.key_positions
+        length = run.prompt_length
 
-        def widened(name):
-            return torch.nn.functional.pad(prompt[name], (0, capacity - cached))
+        def on_buffer(name):  # the state's columns (the layer's cached keys) at the buffer's keys, by position
+            values, positions = prompt[name].to(keys.device), prompt["positions"].to(keys.device)
+            by_position = values.new_zeros(values.shape[0], length + 1)  # the last column takes slot padding
+            by_position.scatter_(1, torch.where(positions >= 0, positions, length), values)
+            return at_positions(by_position[:, :length], keys, False if values.dtype == torch.bool else 0.0)
 
-        state = {name: widened(name) for name in ("secondary", "core", "score", "evicted")}
-        prompt_text = widened("text")
-        step = torch.ones(1, dtype=torch.long, device=columns.device)  # run.decode_steps, on the device
+        state = {name: on_buffer(name) for name in ("secondary", "core", "score", "evicted")}
+        prompt_text = on_buffer("text")
+        step = torch.ones(1, dtype=torch.long, device=keys.device)  # run.decode_steps, on the device
         visual = context.keys_where(run.layout.visual)
         mask = self._allowed(state, visual, step % self.interval == 0)[:, None, None, :]
 
         def post_softmax(probs):
-            written = (columns >= cached) & (columns < cached + step)  # the generated keys so far, this step's too
+            written = (keys >= length) & (keys < length + step)  # the generated keys so far, this step's too
             text = prompt_text | written
             self._after_step(state, probs, step % self.interval == 0, text)
             step.add_(1)

@@ -71,7 +71,7 @@ from .fast_prefill import LeanEncoder, LeanPrefill, capture_graph
 from .hooks import AttributeUndo, head_output_scale
 from .kernel_plan import kernel_backend
 from .ragged_cache import per_head_keep, refuse_own_mask
-from .method import UNSTRUCTURED, AttentionContext, edits_attention
+from .method import UNSTRUCTURED, AttentionContext, Method, edits_attention
 
 BUCKET = 64  # buffer lengths round up to this: calls whose prompts keep similar numbers of keys share one graph
 SEGMENT_BUCKET = 16  # a per-head cache's rows round up to this many per (sample, KV head) segment, for the same reason
@@ -606,6 +606,7 @@ class FastPath:
             else:
                 prompt_kv.append((layer.keys, layer.values))
             prompt_keys.append(keys_at)
+        self._drop_unattended(run, device, prompt_kv, prompt_keys, group_of, group_keys, group_valid)
         capacities = [round_up(k.shape[1] + steps, BUCKET) for k in prompt_keys]
         edits = self._decode_edits(run, device, prompt_keys, capacities)
         keeps, per_head = self._per_head(run, device, prompt_kv, capacities, edits)
@@ -614,6 +615,41 @@ class FastPath:
                                  prompt_length=run.prompt_length)  # fmt: skip
         self.last_step = step
         return step
+
+    def _drop_unattended(self, run, device, prompt_kv: list, prompt_keys: list, group_of: list, group_keys: list,
+                         group_valid: list) -> None:
+        """Where the methods say a layer's decoding never attends some of its cached prompt keys again
+        (Method.decode_prompt_keep: A-VL's deleted image keys), that layer's buffer holds only the others: they move
+        to the front in their order, per sample (the shorter samples padded and masked), as a key set of the layer's
+        own. Changes the lists in place; one host read for all such layers."""
+        methods = [m for m in self.engine.methods if type(m).decode_prompt_keep is not Method.decode_prompt_keep]
+        keeps = {}
+        for idx, keys_at in enumerate(prompt_keys):
+            for method in methods:
+                keep = method.decode_prompt_keep(idx, run)
+                if keep is not None:
+                    keep = keep.to(device)[:, : keys_at.shape[1]] & group_valid[group_of[idx]]
+                    keeps[idx] = keep if idx not in keeps else keeps[idx] & keep
+        if not keeps:
+            return
+        if self.engine.per_head_cache:
+            raise ValueError(f"{', '.join(m.name for m in methods)} frees prompt keys of the fast path's buffers and a "
+                             "per-head pruned cache (plphp, streaming) frees others: use one of them")  # fmt: skip
+        widths = torch.stack([keep.sum(1).max() for keep in keeps.values()]).tolist()
+        for (idx, keep), width in zip(keeps.items(), widths):
+            order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, : max(int(width), 1)]
+            kept = keep.gather(1, order)
+            keys, values = prompt_kv[idx]
+            index = order[:, None, :, None].expand(-1, keys.shape[1], -1, keys.shape[3])
+            prompt_kv[idx] = (keys.gather(2, index), values.gather(2, index))
+            prompt_keys[idx] = torch.where(kept, prompt_keys[idx].gather(1, order), -1)
+            group_of[idx] = len(group_keys)
+            group_keys.append(prompt_keys[idx])
+            group_valid.append(kept)
+        used = sorted(set(group_of))  # key sets no layer uses any more go
+        group_of[:] = [used.index(group) for group in group_of]
+        group_keys[:] = [group_keys[group] for group in used]
+        group_valid[:] = [group_valid[group] for group in used]
 
     def _static_step(self, prompt_kv: list, group_of: list, group_valid: list, capacities: list, edits: dict,
                      head_scales: dict, keeps: dict, per_head: dict, recorded: dict, device, offset: int,

@@ -19,6 +19,8 @@ Callbacks (all optional; the engine only calls what a method declares):
   `observes_hidden(layer)` says so.
 - `static_decode_edit(layer, run, context)`: for an unstructured decoding edit whose step-to-step changes are device
   tensors, the edit of every step of a fast-path call at once (the static decoding step runs it).
+- `decode_prompt_keep(layer, run)`: the prompt keys a layer's decoding may still attend to (the fast path's static
+  buffer holds only those).
 - `decode_cache_keep(layer, run)`: per KV head, the prompt keys a layer keeps for decoding (PLPHP): the engine then
   keeps only those in the KV cache (a per-head ragged cache) and decodes that layer with kernel 4.
 - `prune_layers()`: stages at which `select_tokens` may drop or merge tokens: decoder layer indices (at the layer's
@@ -287,6 +289,12 @@ class Method:
         in order). The step's graph reads the same tensors at every step, so post_softmax updates them in place
         (the `mask` for the next step included) and names them in AttentionEdit.state. None: the fast path refuses
         the method's decoding edits."""
+        return None
+
+    def decode_prompt_keep(self, layer: int, run: RunState) -> torch.Tensor | None:
+        """bool [B, m] over the m prompt keys layer `layer` cached (run.layer_positions order): the keys its decoding
+        may still attend to, or None (all). Asked after the prefill by the fast path, whose static buffer of that
+        layer then holds only these (A-VL's deleted image keys are freed); the dynamic path keeps its cache."""
         return None
 
     def decode_cache_keep(self, layer: int, run: RunState) -> torch.Tensor | None:
