@@ -8,7 +8,8 @@ One generate() call:
   generate() cache; but layers where nothing acts run as captured segments, and on transformers 5.25 the image
   encoding too (vlm_efficient/fast_prefill.py);
 - the plan: each layer's kept prompt keys and values are copied into static buffers [B, Hkv, kept + new tokens
-  (rounded up to BUCKET), d]; samples that keep different numbers of keys are padded and masked. Layers that cache
+  (rounded up to BUCKET), d]; samples that keep different numbers of keys are padded and masked. Keys a method says
+  decoding never attends again (Method.decode_prompt_keep: A-VL's deleted image keys) are left out. Layers that cache
   the same prompt keys share one boolean mask and one device-side write index; a device-side offset continues each
   sample's positions from its last prompt token (pruned tokens keep their original positions);
 - a decoding step embeds the last token, runs the decoder layers directly (no text-model forward, so no mask building
