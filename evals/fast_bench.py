@@ -87,7 +87,7 @@ SECTIONS = [
     Section("llava-next-7b", 1, ["FastV 75%", "VisionZip 75%", "DART 75%"], False),
     Section("llava-next-7b", 8, ["FastV 75%", "PLPHP"], False),
     Section("qwen2-vl-7b", 1, ["DyCoke 75%", "FastV 75%", "DivPrune 90%"], False, video_frames=32),
-    Section("gemma3-4b", 1, ["FastV 75%", "PAI"], False),  # sliding-window layers: the prefill is the model's loop
+    Section("gemma3-4b", 1, ["FastV 75%", "PAI"], False),  # sliding-window layers: segments of one layer type
 ]
 FAST = {"fast": True, "fast-compiled": "compile"}  # the fast path's bench paths -> wrap(..., fast=)
 TINY = {"llava-1.5-7b": "tiny:llava", "llava-next-7b": "tiny:llava_next", "qwen2-vl-7b": "tiny:qwen2_vl",

@@ -583,8 +583,8 @@ def test_fast_bench_runs_the_sections_named(tmp_path):
 
 
 def test_fast_bench_times_gemma3(tmp_path):
-    """Section 6: Gemma3 (its tiny model here; on a GPU the 4B shape of evals/archs.py), whose sliding-window layers
-    run on the fast path with the text model's own prefill."""
+    """Section 6: Gemma3 (its tiny model here; on a GPU the 4B shape of evals/archs.py), whose sliding-window and
+    full layers run on the fast path as segments of one layer type each (the tiny model alternates them)."""
     import json
 
     from vlm_efficient.evals import fast_bench
@@ -597,7 +597,10 @@ def test_fast_bench_times_gemma3(tmp_path):
     assert section["arch"] == "gemma3-4b"
     fast = [row for row in section["rows"] if row["path"] == "fast"]
     assert {row["method"] for row in fast} == {"", "FastV 75%", "PAI"} and all(row["graph"] is False for row in fast)
-    assert all(row["prefill_segments"] == [] for row in fast)  # the model's own loop
+    segments = {row["method"]: [(start, end) for start, end, _ in row["prefill_segments"]] for row in fast}
+    assert segments[""] == [(0, 1), (1, 2), (2, 3), (3, 4)]
+    assert segments["FastV 75%"] == [(0, 1), (2, 3), (3, 4)]  # its statistics at layer 1 run that layer as a module
+    assert segments["PAI"] == [(0, 1), (1, 2)]  # its edited layers (2 and 3) run as modules beside sliding windows
 
 
 def test_fast_bench_times_the_video_section(tmp_path):

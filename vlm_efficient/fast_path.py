@@ -37,8 +37,8 @@ rounded up to SEGMENT_BUCKET per segment, so calls keeping similar numbers share
 device, appended to at every step and attended by kernel 4 (its torch form where the kernels do not run); a decoding
 edit on such a layer is refused (the dynamic path runs them with plphp:cache=mask).
 
-Layers of several types (Gemma3's sliding-window and full layers): the prefill runs the text model's own loop (each
-type's mask and rotary table are the model's to make); in the step each type gets its rotary table
+Layers of several types (Gemma3's sliding-window and full layers): the prefill's segments hold layers of one type, on
+that type's mask and rotary tables (fast_prefill.LeanPrefill._typed_kwargs); in the step each type gets its rotary table
 (adapter.rotary_tables) and a sliding layer's key set its own mask, made on the device at every step from the set's
 mask, the slots its cache keeps (the last window - 1 and the step's) and the window over original positions, as the
 dynamic path's sliding cache and the engine's mask have them.

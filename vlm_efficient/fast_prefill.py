@@ -50,7 +50,7 @@ from .fast_attention import (GroupRoute, StatsRoute, edit_buffers, edits_key, lo
                              shared_group_route)
 from .method import AttentionStats, PerThread, edits_attention
 
-MAX_SEGMENT_GRAPHS = 4  # captured segments kept per model (least recently used dropped; each holds its KV)
+MAX_SEGMENT_GRAPHS = 4  # captured segments kept per model and run of one layer type (least recently used dropped)
 MAX_ENCODER_GRAPHS = 4  # captured image encodings kept per model
 CAPTURE_AFTER = 2  # a segment's input shapes are captured the second time they are seen
 MAX_SIGHTINGS = 256  # input signatures counted per model (the least recently seen forgotten)
@@ -357,7 +357,8 @@ class LeanPrefill:
         first decoder layer's inputs as the engine's hook leaves them (from its pre-hook where the layer runs as a
         module, from the segment's inputs where it does not)."""
         self.engine, self.parts, self.graphs_on, self.on_first_layer = engine, parts, graphs_on, on_first_layer
-        self.graphs = _Sightings(keep=MAX_SEGMENT_GRAPHS)
+        types = parts["layer_types"]  # a prefill's segments split where the layer type changes (plan)
+        self.graphs = _Sightings(keep=MAX_SEGMENT_GRAPHS * (1 + sum(a != b for a, b in zip(types, types[1:]))))
         self.last_segments: list[tuple[int, int, bool]] = []  # (start, end, replayed from a graph) of the last call
         self.deferred_last_row = False  # the last call left its last prompt row to the first decoding step
         self.routed_last_row = False  # the last call ran its last prompt row's edits in its segments (_last_row_routes)
@@ -369,9 +370,20 @@ class LeanPrefill:
         handles = [first.register_forward_pre_hook(self._stop, with_kwargs=True, prepend=True),
                    first.register_forward_pre_hook(lambda module, args, kwargs: on_first_layer(kwargs),
                                                    with_kwargs=True)]  # fmt: skip
+        self.mixed = len(set(parts["layer_types"])) > 1  # layers of several types (Gemma3's sliding and full layers)
+        self._type_masks = None  # {layer type: its mask} the text model was given in this prefill (mixed types)
+        if self.mixed:
+            text_model = engine.adapter.text_model(parts["model"])
+            handles.append(text_model.register_forward_pre_hook(self._record_type_masks, with_kwargs=True))
         for handle in handles:
             engine.add_handle(handle)
         self.own_ids = {h.id for h in handles}  # with ModelHooks.own_ids: the hooks that leave a layer plain
+
+    def _record_type_masks(self, module, args, kwargs):
+        # Gemma3's model hands its text model one mask per layer type (image blocks and windows included)
+        if self._active:
+            masks = kwargs.get("attention_mask")
+            self._type_masks = masks if isinstance(masks, dict) else None
 
     def _stop(self, module, args, kwargs):
         if self._active and not self.engine.in_plain_block:  # not a method's side pass (Engine.plain)
@@ -389,14 +401,10 @@ class LeanPrefill:
         `deferred_last_row`: the layers run as the plain model runs them, and the caller drops the last row's keys and
         runs that row as a first decoding step with the edits (rows before it are the same either way: nothing edits
         them, and they do not see the last row)."""
-        if len(set(self.parts["layer_types"])) > 1:
-            # layers of several types (Gemma3's sliding and full layers): each type's mask and rotary tables are the
-            # text model's to make, so its own loop runs the layers, as on the dynamic path
-            self.last_segments, self.routed_last_row, self.deferred_last_row = [], False, False
-            out = model._prefill(input_ids, config, model_kwargs)
-            return out.logits[:, -1].to(copy=True, dtype=torch.float32), getattr(out, cache_name)
         methods = self.engine.methods
-        self.last_row_only = bool(methods) and all(m.prefill_edits_last_row_as_decoding for m in methods)
+        # (not with sliding-window layers: kernel 3's last-row form takes no window; their edited layers run as modules)
+        self.last_row_only = (bool(methods) and all(m.prefill_edits_last_row_as_decoding for m in methods)
+                              and not any(self.parts["windows"]))  # fmt: skip
         self._active = True
         try:
             model._prefill(input_ids, config, model_kwargs)
@@ -422,17 +430,18 @@ class LeanPrefill:
         routes = self._last_row_routes(run, hidden.device) if self.last_row_only else None
         self.routed_last_row = bool(routes)
         self.deferred_last_row = self.last_row_only and routes is None
+        typed = self._typed_kwargs(kwargs, hidden, run)
         for start, end, plain in self.plan(run):
             if not plain:
                 for idx in range(start, end):
-                    out = layers[idx](hidden, **kwargs)
+                    out = layers[idx](hidden, **typed(idx))
                     hidden = out[0] if isinstance(out, tuple) else out
                 continue
             hidden = engine.select_before(start, hidden, run)  # as the layer hook does (plan(): a segment's start)
             layer_kwargs = None
             for idx in range(start, end):  # what the engine's layer hook records for each layer
                 run.enter_layer(idx)
-                inputs = engine.layer_inputs(idx, kwargs, run, hidden.device)
+                inputs = engine.layer_inputs(idx, typed(idx), run, hidden.device)
                 if layer_kwargs is None:  # the segment's own cache replaces generate()'s
                     layer_kwargs = {k: v for k, v in inputs.items() if k not in CACHE_KWARGS}
             if start == 0:
@@ -447,6 +456,26 @@ class LeanPrefill:
             self._deliver_stats(segment.inputs[2] if replayed else in_segment, run)
             self.last_segments.append((start, end, replayed))
         return hidden
+
+    def _typed_kwargs(self, kwargs: dict, hidden: torch.Tensor, run):
+        """idx -> the keyword arguments the text model's own loop gives layer idx: the first layer's, or with layers of
+        several types that type's mask (as the model handed them to its text model) and rotary tables (the text
+        model's rotary module for that type, at the same positions). A text model given one mask (the rows were
+        shrunk before it: BEFORE_LLM) made its per-type masks itself; every layer then gets the engine's mask
+        (ShrunkLayerInputs), so the first layer's stands in until then."""
+        if not self.mixed:
+            return lambda idx: kwargs
+        parts, types, masks = self.parts, self.parts["layer_types"], self._type_masks
+        if masks is None and run.input_positions is None:
+            raise RuntimeError("the text model was given one mask for layers of several types and nothing replaces "
+                               f"it: {', '.join(sorted(set(types)))} layers would share it")  # fmt: skip
+        by_type = {}
+        for idx, layer_type in enumerate(types):
+            if layer_type not in by_type:
+                tables = parts["adapter"].rotary_tables(parts["model"], idx, hidden, kwargs["position_ids"])
+                mask = kwargs["attention_mask"] if masks is None else masks[layer_type]
+                by_type[layer_type] = {**kwargs, "attention_mask": mask, "position_embeddings": tables}
+        return lambda idx: by_type[types[idx]]
 
     def _stats_routes(self, start: int, end: int) -> dict[int, StatsRoute]:
         """{layer: its StatsRoute} for the segment's layers whose methods ask for decoding-only statistics."""
@@ -510,8 +539,10 @@ class LeanPrefill:
         flags = [self._plain(idx, run) for idx in range(self.engine.num_layers)]
         prunes = self.engine.prune_layers
         runs, start = [], 0
+        types = self.parts["layer_types"]  # a segment runs on one set of layer inputs: layers of one type
         for idx in range(1, len(flags) + 1):
-            if idx == len(flags) or flags[idx] != flags[start] or (flags[idx] and idx in prunes):
+            if (idx == len(flags) or flags[idx] != flags[start] or (flags[idx] and idx in prunes)
+                    or (flags[idx] and types[idx] != types[idx - 1])):  # fmt: skip
                 runs.append((start, idx, flags[start]))
                 start = idx
         return runs
