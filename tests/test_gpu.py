@@ -215,6 +215,32 @@ def test_fast_prefill_segment_graphs_replay_as_eager(family, spec, exact_fp32):
     assert_same_up_to_near_ties(reference, calls[2])
 
 
+@pytest.mark.parametrize("spec", ["", "fastv:layer=2,ratio=0.5"])
+def test_gemma3_segments_of_one_layer_type_replay_as_eager(spec, exact_fp32):
+    """Gemma3's prefill segments (one layer type each, on that type's mask and rotary tables): eager on the first
+    sighting, captured on the second, replayed after; the same tokens and first logits, and the dynamic path's."""
+    model, processor = tiny_model("gemma3")
+    model.cuda()
+    batch = two_samples(processor).to("cuda")
+    ve.wrap(model, spec)
+    dynamic = greedy(model, batch)
+    ve.unwrap(model)
+    ve.wrap(model, spec, fast=True)
+    prefill = ve.engine_of(model).fast_path.prefill
+    calls = []
+    for _ in range(3):
+        calls.append(greedy(model, batch))
+        calls[-1].segments = list(prefill.last_segments)
+    assert prefill.graphs.capture_error is None
+    assert len(calls[0].segments) > 1 and all(replayed for *_, replayed in calls[2].segments)
+    for call in calls[1:]:
+        assert torch.equal(call.sequences, calls[0].sequences)
+        torch.testing.assert_close(call.logits[0], calls[0].logits[0], atol=1e-5, rtol=1e-5)
+    ve.unwrap(model)
+    reference = SimpleNamespace(sequences=dynamic.sequences.cpu(), logits=[step.cpu() for step in dynamic.logits])
+    assert_same_up_to_near_ties(reference, calls[2])
+
+
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
 def test_stepping_decode_edits_in_the_step_graph_give_the_dynamic_tokens(family, exact_fp32):
     """A-VL on the fast path: its decode mask's state (core re-picks, H2O eviction) is updated in place inside the
