@@ -243,11 +243,13 @@ def test_stepping_decode_edits_equal_dynamic_path(family, spec):
     method = next(m for m in ve.engine_of(model).methods if isinstance(m, AVL))
     edits = fast_path.last_step.edits
     assert sorted(edits) == sorted(k for k in ve.engine_of(model).run.memory(method) if isinstance(k, int))
-    # its prefill statistics (the last row's, for decoding only) come out of the segments (StatsRoute): one segment to
-    # the last layer, from layer 0, or 1 (FastV's statistics at layer 0 run it as a module), or 2 (Qwen3-VL's
-    # deepstack injections after layers 0 and 1)
-    first = 2 if family == "qwen3_vl" else int(spec.startswith("fastv"))
-    assert fast_path.prefill.last_segments == [(first, len(fast_path.parts["layers"]), False)]
+    # its prefill statistics (the last row's) come out of the segments (StatsRoute): segments to the last layer, from
+    # layer 0, or 2 (Qwen3-VL's deepstack injections after layers 0 and 1); FastV's selection at layer 1 splits them
+    first = 2 if family == "qwen3_vl" else 0
+    starts = [first] + ([1] if spec.startswith("fastv") and first < 1 else [])
+    layers = len(fast_path.parts["layers"])
+    assert [start for start, _, _ in fast_path.prefill.last_segments] == starts
+    assert fast_path.prefill.last_segments[-1][1] == layers
     assert all(edit.state for layer_edits in edits.values() for edit in layer_edits)
     assert not fast_path.steps  # not kept for the next call
     assert_same(dynamic, fast)
@@ -599,7 +601,7 @@ def test_fast_bench_times_gemma3(tmp_path):
     assert {row["method"] for row in fast} == {"", "FastV 75%", "PAI"} and all(row["graph"] is False for row in fast)
     segments = {row["method"]: [(start, end) for start, end, _ in row["prefill_segments"]] for row in fast}
     assert segments[""] == [(0, 1), (1, 2), (2, 3), (3, 4)]
-    assert segments["FastV 75%"] == [(0, 1), (2, 3), (3, 4)]  # its statistics at layer 1 run that layer as a module
+    assert segments["FastV 75%"] == [(0, 1), (1, 2), (2, 3), (3, 4)]  # its statistics at layer 1 in a segment
     assert segments["PAI"] == [(0, 1), (1, 2)]  # its edited layers (2 and 3) run as modules beside sliding windows
 
 
@@ -625,7 +627,7 @@ def test_fast_bench_times_the_video_section(tmp_path):
 
 @pytest.mark.parametrize("family,spec,module_layers", [
     ("llava", "", set()),
-    ("llava", "fastv:layer=2,ratio=0.5", {1}),  # scores in layer 1; its selection before layer 2 starts a segment
+    ("llava", "fastv:layer=2,ratio=0.5", set()),  # scores in layer 1's segment; its selection starts the next one
     ("qwen2_vl", "pdrop:layers=1/3,ratio=0.5", {1, 3}),
     ("qwen3_vl", "", {0, 1}),  # deepstack adds visual features after the first layers (adapter.acts_after_layer)
     ("llava", "vaf", {1, 2}),  # VAF edits the middle layers' attention; its other layers are plain
@@ -669,10 +671,10 @@ def test_segments_keys_and_values_become_the_cache_uncopied(monkeypatch):
 
     monkeypatch.setattr(fast_prefill.Segment, "kv", recording_kv)
     monkeypatch.setattr(FastPath, "_plan", recording_plan)
-    dynamic, fast = dynamic_then_fast(model, two_samples(processor), "fastv:layer=2,ratio=0.5")
+    dynamic, fast = dynamic_then_fast(model, two_samples(processor), "vaf")  # its edited layers run as modules
     assert_same(dynamic, fast)
     layers = ve.engine_of(model).num_layers
-    assert sorted(planned) == list(range(layers)) and 0 < len(computed) < layers  # a module layer, then segments
+    assert sorted(planned) == list(range(layers)) and 0 < len(computed) < layers  # segments and module layers
     for idx, (keys, values) in computed.items():
         assert planned[idx][0] is keys and planned[idx][1] is values
     ve.unwrap(model)

@@ -55,7 +55,7 @@ class AVL(Method):
                                     "avl keeps per-key states over every prompt key while decoding")  # fmt: skip
 
     def attention_request(self, layer: int) -> AttentionRequest | None:
-        return AttentionRequest(queries="last", decoding_only=True)
+        return AttentionRequest(queries="last")
 
     def kernel_edit(self, layer, run, prefill):
         return None if prefill else UNSTRUCTURED  # the prefill is not edited; decoding masks change per step

@@ -53,7 +53,7 @@ class PLPHP(Method):
         self.groups = engine.text_config.num_attention_heads // engine.text_config.num_key_value_heads
 
     def attention_request(self, layer: int) -> AttentionRequest | None:
-        return AttentionRequest(queries="last", per_head=True, decoding_only=True) if layer >= self.layer else None
+        return AttentionRequest(queries="last", per_head=True) if layer >= self.layer else None
 
     def kernel_edit(self, layer, run, prefill):
         return None if prefill else UNSTRUCTURED  # the prefill is computed in full; cache=mask edits decoding only

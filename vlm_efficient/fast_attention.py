@@ -77,11 +77,11 @@ class RaggedRoute:
 
 @dataclasses.dataclass
 class StatsRoute:
-    """A layer of a lean prefill's segment whose methods asked for the last row's attention statistics for their
-    decoding choices only (AttentionRequest.decoding_only): SDPA for the layer, and the attention each key receives
-    from the last row (attention.received_attention, as attention_stats.deliver_stats computes it), per head and / or
-    head-averaged as `per_head` lists; the layer's call leaves them in `received` {per_head: tensor} (inside a
-    captured graph: its outputs, which every replay rewrites)."""
+    """A layer of a lean prefill's segment whose methods asked for the last row's attention statistics: SDPA for the
+    layer, and the attention each key receives from the last row (attention.received_attention, as
+    attention_stats.deliver_stats computes it), per head and / or head-averaged as `per_head` lists; the layer's call
+    leaves them in `received` {per_head: tensor} (inside a captured graph: its outputs, which every replay
+    rewrites)."""
 
     per_head: tuple[bool, ...]
     received: dict = dataclasses.field(default_factory=dict)

@@ -20,9 +20,9 @@ the GPU's work (README, "The prefill, explained"), so pruning shortens only the 
   layers run in the segments too: SDPA for every row, then the last row again through kernel 3's decoding form with
   the layer's composed group edit (fast_attention.routed_attention; the key groups are buffers reloaded per call).
   Edits that do not compose into one group edit defer the last row to the first decoding step instead;
-- statistics a method uses only for its decoding choices (AttentionRequest.decoding_only: the last row's attention,
-  A-VL, PLPHP) do not stop a segment: its layers compute them (fast_attention.StatsRoute, inside the graph) and the
-  methods get them after the segment, as attention_stats.deliver_stats hands them on the dynamic path;
+- the last row's attention statistics (FastV's, A-VL's, PLPHP's, DyVTE's requests) do not stop a segment: its layers
+  compute them (fast_attention.StatsRoute, inside the graph) and the methods get them after the segment, as
+  attention_stats.deliver_stats hands them on the dynamic path, before any selection or edit that may use them;
 - the final norm and the LM head run on the last row only (the logits generate() reads).
 
 The image encoder (LeanEncoder): generate() calls the model's get_image_features before the prefill. Where nothing
@@ -198,9 +198,10 @@ def _foreign_hooks(modules, own_ids: set) -> bool:
 
 
 def _served_in_segments(request) -> bool:
-    """No request, or one a segment computes (StatsRoute): the last row's, for decoding only, without keys."""
-    return request is None or (request.decoding_only and request.queries == "last" and not request.keys
-                               and not request.probe)  # fmt: skip
+    """No request, or one a segment computes (StatsRoute): the last row's, without keys, not a probe. Delivered after
+    the segment, they still come before anything that may use them: a selection starts the next segment, and a layer
+    where a method acts (an edit, a hook) is not in a segment."""
+    return request is None or (request.queries == "last" and not request.keys and not request.probe)
 
 
 def capture_graph(fn, device: torch.device, warmups: int = 2):
@@ -478,7 +479,7 @@ class LeanPrefill:
         return lambda idx: by_type[types[idx]]
 
     def _stats_routes(self, start: int, end: int) -> dict[int, StatsRoute]:
-        """{layer: its StatsRoute} for the segment's layers whose methods ask for decoding-only statistics."""
+        """{layer: its StatsRoute} for the segment's layers whose methods ask for the last row's statistics."""
         routes = {}
         for idx in range(start, end):
             requests = [m.attention_request(idx) for m in self.engine.methods]
@@ -488,8 +489,8 @@ class LeanPrefill:
         return routes
 
     def _deliver_stats(self, routes: dict, run) -> None:
-        """Each method's decoding-only statistics of the segment just run, as attention_stats.deliver_stats hands them
-        (copies: a replay rewrites the graph's outputs)."""
+        """Each method's statistics of the segment just run, as attention_stats.deliver_stats hands them (copies: a
+        replay rewrites the graph's outputs)."""
         for idx, route in routes.items():
             if not isinstance(route, StatsRoute):
                 continue
@@ -549,8 +550,8 @@ class LeanPrefill:
 
     def _plain(self, idx: int, run) -> bool:
         """Nothing acts in layer `idx` at this prefill but a selection before it (plan()): no probe, attention edit (a
-        structured one that is None here) or statistics (but the last row's for decoding only: the segment computes
-        them, StatsRoute, and _layers delivers them after it), observed hidden state, head-output scale, pre-rotary capture
+        structured one that is None here) or statistics (but the last row's: the segment computes them, StatsRoute, and
+        _layers delivers them after it), observed hidden state, head-output scale, pre-rotary capture
         or injection after it, and no hook on its modules but the engine's own (a method's or a user's hook must run:
         the layer is then called as a module). An edit of the last row only is run by the segments or deferred (__call__)."""
         engine, methods = self.engine, self.engine.methods

@@ -94,16 +94,12 @@ class AttentionRequest:
     queries: the rows whose attention is averaged into "received" per key: "last" (the last prompt token), "text"
     (every valid text token), "all" (every valid token), "question" (text after the last visual token), or None.
     keys: also hand over the layer's keys [B, Hkv, n, d] (after rotary). probe: compute at the layer's start, on its
-    input, before the layer's pruning (PyramidDrop ranks with the attention of the layer it prunes before).
-    decoding_only: the method uses these statistics only after the prefill (A-VL's and PLPHP's decoding choices);
-    nothing in the prefill waits for them, so the fast path's lean prefill may compute them inside a captured run of
-    layers and deliver them after it (for the last row, without keys)."""
+    input, before the layer's pruning (PyramidDrop ranks with the attention of the layer it prunes before)."""
 
     queries: str | None = "last"
     per_head: bool = False
     keys: bool = False
     probe: bool = False
-    decoding_only: bool = False
 
     def __post_init__(self):
         if self.queries not in ("last", "text", "all", "question", None):
