@@ -177,6 +177,37 @@ def test_triton_routes_on_7b_shapes_bf16(llava_7b_shapes, spec, monkeypatch):
     assert error < 3e-2, f"{spec}: relative error {error:.2e}, routes {routes}"
 
 
+def fast_calls(family: str, spec: str, count: int):
+    """(model, reference, calls): the dynamic path's greedy output of `spec` on two samples, on the CPU as
+    assert_same_up_to_near_ties takes it; then the model wrapped with fast=True (left wrapped) and `count` greedy calls
+    on the same batch, each with the prefill segments it ran (`segments`)."""
+    model, processor = tiny_model(family)
+    model.cuda()
+    batch = two_samples(processor).to("cuda")
+    ve.wrap(model, spec)
+    dynamic = greedy(model, batch)
+    ve.unwrap(model)
+    ve.wrap(model, spec, fast=True)
+    prefill = ve.engine_of(model).fast_path.prefill
+    calls = []
+    for _ in range(count):
+        calls.append(greedy(model, batch))
+        calls[-1].segments = list(prefill.last_segments)
+    reference = SimpleNamespace(sequences=dynamic.sequences.cpu(), logits=[step.cpu() for step in dynamic.logits])
+    return model, reference, calls
+
+
+def assert_segments_replay_as_eager(prefill, calls) -> None:
+    """Three calls: segments eager at the first sighting, captured at the second, replayed at the third; the same
+    tokens and first logits each time."""
+    assert prefill.graphs.capture_error is None
+    assert calls[0].segments and not any(replayed for *_, replayed in calls[0].segments)
+    assert all(replayed for *_, replayed in calls[2].segments)
+    for call in calls[1:]:
+        assert torch.equal(call.sequences, calls[0].sequences)
+        torch.testing.assert_close(call.logits[0], calls[0].logits[0], atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl", "qwen3_vl"])
 @pytest.mark.parametrize("spec", ["", "fastv:layer=2,ratio=0.5", "vaf", "pai", "visionzip:ratio=0.75", "vmtc:ratio=0.75",
                                   "plphp"])
@@ -186,32 +217,17 @@ def test_fast_prefill_segment_graphs_replay_as_eager(family, spec, exact_fp32):
     vision-tower methods' recording, choosing and merging are inside the encoding's graph on LLaVA; PAI's prompt is
     one segment whose edited layers run its last row through kernel 3's decoding form inside the graph. The decoding
     step's graph runs kernel 5 in its layers without edits, and PLPHP's per-head caches on kernel 4."""
-    model, processor = tiny_model(family)
-    model.cuda()
-    batch = two_samples(processor).to("cuda")
-    ve.wrap(model, spec)
-    dynamic = greedy(model, batch)
-    ve.unwrap(model)
-    ve.wrap(model, spec, fast=True)
-    prefill = ve.engine_of(model).fast_path.prefill
-    calls = []
-    for _ in range(3):
-        calls.append(greedy(model, batch))
-        calls[-1].segments = list(prefill.last_segments)
-    encoder = ve.engine_of(model).fast_path.encoder
-    assert prefill.graphs.capture_error is None and encoder.graphs.capture_error is None
-    assert calls[0].segments and not any(replayed for *_, replayed in calls[0].segments)
-    assert all(replayed for *_, replayed in calls[2].segments)
+    model, reference, calls = fast_calls(family, spec, 3)
+    fast_path = ve.engine_of(model).fast_path
+    prefill, encoder = fast_path.prefill, fast_path.encoder
+    assert_segments_replay_as_eager(prefill, calls)
+    assert encoder.graphs.capture_error is None
     assert prefill.routed_last_row == (spec == "pai") and not prefill.deferred_last_row
     # transformers 5.25 encodes the images before the prefill: LLaVA's encoding is captured too (Qwen's engine reads
     # the grids from its vision tower's calls, so its encoding stays eager)
     encodes_first = getattr(model, "_supports_mm_encoder_outputs", lambda: False)()
     assert encoder.last_replayed == (family == "llava" and encodes_first)
-    for call in calls[1:]:
-        assert torch.equal(call.sequences, calls[0].sequences)
-        torch.testing.assert_close(call.logits[0], calls[0].logits[0], atol=1e-5, rtol=1e-5)
     ve.unwrap(model)
-    reference = SimpleNamespace(sequences=dynamic.sequences.cpu(), logits=[step.cpu() for step in dynamic.logits])
     assert_same_up_to_near_ties(reference, calls[2])
 
 
@@ -219,25 +235,10 @@ def test_fast_prefill_segment_graphs_replay_as_eager(family, spec, exact_fp32):
 def test_gemma3_segments_of_one_layer_type_replay_as_eager(spec, exact_fp32):
     """Gemma3's prefill segments (one layer type each, on that type's mask and rotary tables): eager on the first
     sighting, captured on the second, replayed after; the same tokens and first logits, and the dynamic path's."""
-    model, processor = tiny_model("gemma3")
-    model.cuda()
-    batch = two_samples(processor).to("cuda")
-    ve.wrap(model, spec)
-    dynamic = greedy(model, batch)
+    model, reference, calls = fast_calls("gemma3", spec, 3)
+    assert_segments_replay_as_eager(ve.engine_of(model).fast_path.prefill, calls)
+    assert len(calls[0].segments) > 1
     ve.unwrap(model)
-    ve.wrap(model, spec, fast=True)
-    prefill = ve.engine_of(model).fast_path.prefill
-    calls = []
-    for _ in range(3):
-        calls.append(greedy(model, batch))
-        calls[-1].segments = list(prefill.last_segments)
-    assert prefill.graphs.capture_error is None
-    assert len(calls[0].segments) > 1 and all(replayed for *_, replayed in calls[2].segments)
-    for call in calls[1:]:
-        assert torch.equal(call.sequences, calls[0].sequences)
-        torch.testing.assert_close(call.logits[0], calls[0].logits[0], atol=1e-5, rtol=1e-5)
-    ve.unwrap(model)
-    reference = SimpleNamespace(sequences=dynamic.sequences.cpu(), logits=[step.cpu() for step in dynamic.logits])
     assert_same_up_to_near_ties(reference, calls[2])
 
 
@@ -246,19 +247,11 @@ def test_stepping_decode_edits_in_the_step_graph_give_the_dynamic_tokens(family,
     """A-VL on the fast path: its decode mask's state (core re-picks, H2O eviction) is updated in place inside the
     step's CUDA graph, captured for each call after warm-up runs whose updates are undone; the dynamic path's tokens,
     and the same tokens again on a second call (a new capture from that call's state)."""
-    model, processor = tiny_model(family)
-    model.cuda()
-    batch = two_samples(processor).to("cuda")
-    ve.wrap(model, "avl:interval=2")
-    dynamic = greedy(model, batch)
-    ve.unwrap(model)
-    ve.wrap(model, "avl:interval=2", fast=True)
+    model, reference, calls = fast_calls(family, "avl:interval=2", 2)
     fast_path = ve.engine_of(model).fast_path
-    calls = [greedy(model, batch) for _ in range(2)]
     assert fast_path.capture_error is None and fast_path.last_step.graph is not None
     assert all(edit.state for edits in fast_path.last_step.edits.values() for edit in edits)
     ve.unwrap(model)
-    reference = SimpleNamespace(sequences=dynamic.sequences.cpu(), logits=[step.cpu() for step in dynamic.logits])
     for call in calls:
         assert_same_up_to_near_ties(reference, call)
 
