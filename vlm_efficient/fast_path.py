@@ -72,6 +72,7 @@ from .fast_prefill import LeanEncoder, LeanPrefill, capture_graph
 from .hooks import AttributeUndo, head_output_scale
 from .kernel_plan import kernel_backend
 from .ragged_cache import per_head_keep, refuse_own_mask
+from .shrinking import left_aligned_index
 from .method import UNSTRUCTURED, AttentionContext, Method, edits_attention
 
 BUCKET = 64  # buffer lengths round up to this: calls whose prompts keep similar numbers of keys share one graph
@@ -620,9 +621,10 @@ class FastPath:
     def _drop_unattended(self, run, device, prompt_kv: list, prompt_keys: list, group_of: list, group_keys: list,
                          group_valid: list) -> None:
         """Where the methods say a layer's decoding never attends some of its cached prompt keys again
-        (Method.decode_prompt_keep: A-VL's deleted image keys), that layer's buffer holds only the others: they move
-        to the front in their order, per sample (the shorter samples padded and masked), as a key set of the layer's
-        own. Changes the lists in place; one host read for all such layers."""
+        (Method.decode_prompt_keep: A-VL's deleted image keys), that layer's buffer holds only the others, packed per
+        sample in their order as the engine packs kept rows (shrinking.left_aligned_index: the shorter samples padded
+        in front and masked), as a key set of the layer's own. Changes the lists in place; one host read for all
+        such layers."""
         methods = [m for m in self.engine.methods if type(m).decode_prompt_keep is not Method.decode_prompt_keep]
         keeps = {}
         for idx, keys_at in enumerate(prompt_keys):
@@ -636,10 +638,12 @@ class FastPath:
         if self.engine.per_head_cache:
             raise ValueError(f"{', '.join(m.name for m in methods)} frees prompt keys of the fast path's buffers and a "
                              "per-head pruned cache (plphp, streaming) frees others: use one of them")  # fmt: skip
-        widths = torch.stack([keep.sum(1).max() for keep in keeps.values()]).tolist()
-        for (idx, keep), width in zip(keeps.items(), widths):
-            order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, : max(int(width), 1)]
-            kept = keep.gather(1, order)
+        counts = torch.stack([keep.sum(1) for keep in keeps.values()]).tolist()
+        for (idx, keep), host_counts in zip(keeps.items(), counts):
+            index, _ = left_aligned_index(keep, host_counts)
+            if index is None:  # every key kept
+                continue
+            kept, order = index >= 0, index.clamp(min=0)
             keys, values = prompt_kv[idx]
             index = order[:, None, :, None].expand(-1, keys.shape[1], -1, keys.shape[3])
             prompt_kv[idx] = (keys.gather(2, index), values.gather(2, index))

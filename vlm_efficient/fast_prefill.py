@@ -371,7 +371,7 @@ class LeanPrefill:
         handles = [first.register_forward_pre_hook(self._stop, with_kwargs=True, prepend=True),
                    first.register_forward_pre_hook(lambda module, args, kwargs: on_first_layer(kwargs),
                                                    with_kwargs=True)]  # fmt: skip
-        self.mixed = len(set(parts["layer_types"])) > 1  # layers of several types (Gemma3's sliding and full layers)
+        self.mixed = len(set(types)) > 1  # layers of several types (Gemma3's sliding and full layers)
         self._type_masks = None  # {layer type: its mask} the text model was given in this prefill (mixed types)
         if self.mixed:
             text_model = engine.adapter.text_model(parts["model"])
