@@ -269,14 +269,6 @@ def test_stepping_decode_edits_equal_dynamic_path(family, spec):
     ve.unwrap(model)
 
 
-def test_freed_prompt_keys_and_a_per_head_cache_are_refused_together():
-    model, processor = tiny_model("llava")
-    ve.wrap(model, "plphp+avl", fast=True)
-    with pytest.raises(ValueError, match="avl frees prompt keys.*per-head pruned cache.*use one of them"):
-        generate(model, two_samples(processor))
-    ve.unwrap(model)
-
-
 def test_stepping_state_survives_the_capture_warm_up(monkeypatch):
     """On CUDA the step runs before its first token (a capture's warm-up runs, the capture itself), advancing A-VL's
     state; the fast path puts the state back. Here the capture is stood in for by two eager runs of the step."""
@@ -433,10 +425,14 @@ def test_per_head_cache_is_laid_out_anew_for_each_call():
     ve.unwrap(model)
 
 
-def test_per_head_cache_refuses_decoding_edits_on_its_layers():
+@pytest.mark.parametrize("spec, message", [
+    ("plphp:layer=2+pai", "per-head pruned KV cache.*dynamic path.*plphp:cache=mask"),  # decoding edits on its layers
+    ("plphp+avl", "avl frees prompt keys.*per-head pruned cache.*use one of them"),  # keys freed by both
+])  # fmt: skip
+def test_per_head_cache_refuses_what_its_layers_cannot_serve(spec, message):
     model, processor = tiny_model("llava")
-    ve.wrap(model, "plphp:layer=2+pai", fast=True)
-    with pytest.raises(ValueError, match="per-head pruned KV cache.*dynamic path.*plphp:cache=mask"):
+    ve.wrap(model, spec, fast=True)
+    with pytest.raises(ValueError, match=message):
         generate(model, two_samples(processor))
     ve.unwrap(model)
 
