@@ -380,6 +380,75 @@ class Checks:
             e = rel(o, wrong)
             self.record(f"masked_decode (negative) shifted mask {b}x{hq}/{hkv}x{n}", e > 3 * TOL[dt],
                         f"rel to the shifted mask's reference {e:.2e}")
+            # the head-averaged probabilities (A-VL's decoding reads them): the same output, and probabilities that
+            # sum to 1 over the valid keys (0 for a sample with none), against the reference's
+            o, mean = masked_decode_attention(q, k, v, key_valid=key_valid, head_mean=True, backend=self.backend)
+            r, mean_r = masked_decode_attention(q, k, v, key_valid=key_valid, head_mean=True, backend="reference")
+            e, em = rel(o, r), rel(mean, mean_r)
+            sums = mean.sum(1)
+            ok = (e < TOL[dt] and em < TOL[dt] and mean.dtype == torch.float32 and tuple(mean.shape) == (b, n)
+                  and bool((mean[~key_valid[:, :n]] == 0).all())
+                  and bool(torch.allclose(sums, key_valid[:, :n].any(1).float(), atol=1e-4)))
+            self.record(f"masked_decode head_mean {b}x{hq}/{hkv}x{n}x{d} {str(dt)[6:]}", ok,
+                        f"rel={e:.2e} probabilities rel={em:.2e}")
+            wrong_mean = masked_decode_attention(q, k, v, key_valid=key_valid, head_mean=True,
+                                                 backend="reference", scaling=0.5 * d ** -0.5)[1]
+            self.record(f"masked_decode (negative) head_mean at half the scale {b}x{hq}/{hkv}x{n}",
+                        rel(mean, wrong_mean) > 3 * TOL[dt], f"rel {rel(mean, wrong_mean):.2e}")
+
+    # ------------------------------------------------------------------ kernel 6
+    def key_sets(self):
+        """A-VL's step over a static buffer: four steps in a row, kernel and reference from the same state, every set
+        and score bit-equal after each step. Attention and scores take few distinct values, so the top-k selections
+        meet many ties (the earlier position wins in both); padded samples, a sample without text to evict, generated
+        slots written one per step."""
+        from ..kernels import key_sets
+
+        sizes = [37, 70, 130] if self.size == "tiny" else [700, 3000, 9000]
+        for n in sizes:
+            for interval, text_rate in ((2, 0.3), (3, 0.5), (1, 0.0)):
+                b, length, generated = 3, n + 50, 6
+                m = n - generated  # prompt slots, then the generated ones
+                keys = torch.cat([torch.sort(torch.randperm(length, generator=self.gen)[:m]).values.expand(b, m),
+                                  length + torch.arange(generated).expand(b, generated)], 1)
+                visual = torch.zeros(b, n, dtype=torch.bool)
+                visual[:, 4:4 + m // 2] = True
+                valid = torch.ones(b, n, dtype=torch.bool)
+                valid[1, :3] = False  # left padding
+                prompt_text = ~visual & valid & (keys < length)
+                prompt_text[2] = False  # no text keys at all
+                secondary = visual & (torch.rand(b, n, generator=self.gen) < 0.6)
+                core = secondary & (torch.rand(b, n, generator=self.gen) < 0.6)
+                evicted = prompt_text & (torch.rand(b, n, generator=self.gen) < 0.1)
+                score = torch.randint(0, 4, (b, n), generator=self.gen).float() / 8 * prompt_text
+                state = {name: t.to(self.device) for name, t in dict(
+                    secondary=secondary, core=core, score=score, evicted=evicted, prompt_text=prompt_text,
+                    visual=visual, keys=keys).items()}  # fmt: skip
+                mine = {name: t.clone() for name, t in state.items()}
+                mask_mine, mask_ref = (torch.zeros(b, n, dtype=torch.bool, device=self.device) for _ in range(2))
+                step_mine, step_ref = (torch.ones(1, dtype=torch.long, device=self.device) for _ in range(2))
+                budgets = key_sets.text_budget(torch.arange(n + 1, device=self.device), text_rate)
+                order = ("secondary", "core", "score", "evicted", "prompt_text", "visual", "keys")
+                equal, ties = True, False
+                for _ in range(4):
+                    attention = (torch.randint(0, 5, (b, n), generator=self.gen).float() / 16).to(self.device)
+                    before = state["core"].clone()
+                    key_sets.step_triton(attention, *(mine[k] for k in order), mask_mine, step_mine, length=length,
+                                         interval=interval, budgets=budgets if text_rate else None)
+                    key_sets.step_reference(attention, *(state[k] for k in order), mask_ref, step_ref, length=length,
+                                            interval=interval, text_rate=text_rate)
+                    if int(step_ref) % interval == 0:  # the core re-picked: would later positions winning ties differ?
+                        later = key_sets.top_k_mask(attention.flip(1), state["secondary"].flip(1),
+                                                    before.sum(1)).flip(1)  # fmt: skip
+                        ties = ties or not torch.equal(later, state["core"])
+                    equal = equal and torch.equal(mask_mine, mask_ref) and all(
+                        torch.equal(mine[k], state[k]) for k in order)
+                    step_mine.add_(1)
+                    step_ref.add_(1)
+                name = f"key_sets {b}x{n} interval {interval} text_rate {text_rate}"
+                self.record(name, equal, "every set, score and mask equal over 4 steps")
+                self.record(f"key_sets (negative) ties to the later position differ {b}x{n} interval {interval}",
+                            ties, "the checks meet ties")
 
     # ------------------------------------------------------------------ kernel 4
     def ragged(self):
@@ -453,7 +522,7 @@ class Checks:
 
     def run(self, only=None):
         for fn in (self.plain, self.masked, self.stats, self.group, self.group_decode, self.masked_decode,
-                   self.ragged, self.ragged_graph):
+                   self.key_sets, self.ragged, self.ragged_graph):
             if only and fn.__name__ not in only:
                 continue
             t = time.time()

@@ -16,7 +16,7 @@ import sys
 
 import torch
 
-from ..kernels import group_decode, ragged_decode, split_decode
+from ..kernels import group_decode, key_sets, ragged_decode, split_decode
 
 TARGET = ("cuda", 90, 32)  # backend, compute capability, warp size
 
@@ -85,17 +85,28 @@ def cases():
     """(name, kernel, argument types, constexprs, launch options) of every checked specialization."""
     yield from launched_cases()
     decode = dict(num_warps=4, num_stages=4)
-    for head_dim, direct, masked in [(128, False, True), (128, True, True), (64, False, False), (80, False, True),
-                                     (256, False, True)]:  # fmt: skip
+    for head_dim, direct, masked, logits in [(128, False, True, False), (128, True, True, False),
+                                             (64, False, False, False), (80, False, True, False),
+                                             (256, False, True, False), (128, False, True, True)]:  # fmt: skip
         block_d = max(16, 1 << (head_dim - 1).bit_length())
         out = "*bf16" if direct else "*fp32"
-        yield (f"kernel 5 d={head_dim} {'one split' if direct else 'splits'} {'mask' if masked else 'no mask'}",
-               split_decode._masked_decode_kernel,
+        yield (f"kernel 5 d={head_dim} {'one split' if direct else 'splits'} {'mask' if masked else 'no mask'}"
+               f"{' logits kept' if logits else ''}", split_decode._masked_decode_kernel,
                dict(Q="*bf16", K="*bf16", V="*bf16", VALID="*i8" if masked else "*bf16", O="*bf16", PO=out, PL=out,
-                    qk_scale="fp32"),
-               dict(HEAD_D=head_dim, BLOCK_D=block_d, BLOCK_G=16, BLOCK_N=64, HAS_VALID=masked, DIRECT=direct), decode)
-    yield ("split merge d=128", split_decode._split_combine_kernel, dict(PO="*fp32", PL="*fp32", O="*bf16"),
-           dict(HEAD_D=128, BLOCK_D=128, BLOCK_G=16), dict(num_warps=4))
+                    LG="*fp32" if logits else "*bf16", qk_scale="fp32"),
+               dict(HEAD_D=head_dim, BLOCK_D=block_d, BLOCK_G=16, BLOCK_N=64, HAS_VALID=masked, DIRECT=direct,
+                    KEEP_LOGITS=logits), decode)  # fmt: skip
+    for lse in (False, True):
+        yield (f"split merge d=128{' with LSE' if lse else ''}", split_decode._split_combine_kernel,
+               dict(PO="*fp32", PL="*fp32", O="*bf16", LSE="*fp32" if lse else "*bf16"),
+               dict(HEAD_D=128, BLOCK_D=128, BLOCK_G=16, WRITE_LSE=lse), dict(num_warps=4))
+    yield ("kernel 5 head mean", split_decode._head_mean_kernel, dict(LG="*fp32", LSE="*fp32", OUT="*fp32"),
+           dict(BLOCK_N=256), dict(num_warps=4))
+    for block, evict in ((1024, True), (4096, True), (16384, False)):
+        yield (f"kernel 6 A-VL key sets, {block} keys{' with eviction' if evict else ''}", key_sets._avl_step_kernel,
+               dict(ATT="*fp32", SEC="*u8", CORE="*u8", SCORE="*fp32", EVICTED="*u8", PTEXT="*u8", VISUAL="*u8",
+                    KEYS="*i64", MASK="*u8", STEP="*i64", BUDGET="*i64"),
+               dict(EVICT=evict, BLOCK=block), dict(num_warps=8 if block > 2048 else 4))
     for direct in (True, False):
         yield (f"kernel 4 {'one split' if direct else 'splits'}", ragged_decode._ragged_split_kernel,
                dict(Q="*bf16", KB="*bf16", VB="*bf16", OFFS="*i32", LENS="*i32", O="*bf16", PO="*fp32", PL="*fp32",

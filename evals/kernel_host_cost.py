@@ -17,10 +17,10 @@ import time
 import torch
 import torch.nn.functional as F
 
-from ..kernels import attention_stats, group_attention, group_decode, masked_attention, split_decode
+from ..kernels import attention_stats, group_attention, group_decode, key_sets, masked_attention, split_decode
 from ..kernels.api import GroupSpec, MaskSpec, StructuredMask, TokenLayout
 
-KERNEL_MODULES = (masked_attention, attention_stats, group_attention, group_decode, split_decode)
+KERNEL_MODULES = (masked_attention, attention_stats, group_attention, group_decode, split_decode, key_sets)
 
 
 class _StubKernel:
@@ -38,7 +38,7 @@ class _StubKernel:
 
 @contextlib.contextmanager
 def stubbed_launches(stub_sdpa: bool = False):
-    """Every Triton kernel of kernels 1-3 and 5 (and kernel 3's decoding form) replaced by a stub; yields the launch
+    """Every Triton kernel of kernels 1-3, 5 and 6 (and kernel 3's decoding form) replaced by a stub; yields the launch
     log. stub_sdpa: SDPA returns an empty
     tensor of its output's shape (meta tensors, or when only the host side is of interest)."""
     log: list = []
@@ -105,7 +105,8 @@ def entry_point_calls(n: int, *, device="cpu", heads: int = 32, head_dim: int = 
     q, k, v = (torch.empty(1, heads, n, head_dim, dtype=dtype, device=device) for _ in range(3))
     scaling = head_dim ** -0.5
     last = torch.tensor([[n - 1]], device=device)
-    groups = layout.is_image.long().to(device)  # meta: the group kernel's per-key tables are shapes only
+    groups = layout.is_image.long().to(device)
+    layout_visual = layout.is_image.to(device)  # meta: the group kernel's per-key tables are shapes only
     last_row = torch.zeros(1, n, dtype=torch.bool, device=device)
     last_row[0, -1] = True
     if str(device) == "meta":  # meta tensors hold no values to list the selected rows from: file the list (row n-1)
@@ -115,6 +116,11 @@ def entry_point_calls(n: int, *, device="cpu", heads: int = 32, head_dim: int = 
                               torch.empty(1, 1, dtype=torch.int32, device=device))
     key_valid = torch.ones(1, n, dtype=torch.bool, device=device)
     groups32 = groups.to(torch.int32)  # the step keeps its key groups as int32 buffers
+    secondary, core, evicted, prompt_text, avl_mask = (torch.zeros(1, n, dtype=torch.bool, device=device)
+                                                       for _ in range(5))  # fmt: skip
+    attention, score = torch.zeros(1, n, device=device), torch.zeros(1, n, device=device)
+    positions, step = torch.zeros(1, n, dtype=torch.long, device=device), torch.ones(1, dtype=torch.long, device=device)
+    budgets = torch.zeros(n + 1, dtype=torch.long, device=device)
     pai = GroupSpec(heads, 2, logit_abs=[0.0, 0.5])  # PAI's tables (heads/pai.py): image keys a + 0.5|a|
     vaf = GroupSpec(heads, 2, logit_scale=[0.95, 1.15])  # VAF's (heads/vaf.py): text x0.95, image x1.15
     return {
@@ -130,6 +136,12 @@ def entry_point_calls(n: int, *, device="cpu", heads: int = 32, head_dim: int = 
         "K5 masked decode": lambda: masked_decode_triton(q[:, :, -1:], k, v, key_valid=key_valid, scaling=scaling),
         "K3 decoding form (PAI)": lambda: group_decode_triton(q[:, :, -1:], k, v, key_group=groups32, spec=pai,
                                                               key_valid=key_valid, scaling=scaling),
+        # A-VL's decoding step: kernel 5 with the head-averaged probabilities, then its key-set update
+        "K5 masked decode, head mean": lambda: masked_decode_triton(q[:, :, -1:], k, v, key_valid=key_valid,
+                                                                    scaling=scaling, head_mean=True),
+        "K6 A-VL key sets": lambda: key_sets.step_triton(attention, secondary, core, score, evicted, prompt_text,
+                                                         layout_visual, positions, avl_mask, step, length=n,
+                                                         interval=3, budgets=budgets),
     }
 
 

@@ -71,11 +71,19 @@ group_decode_attention(query [B, Hq, 1, d], key, value, *, key_group, spec: Grou
     key_group [B, >= Nk] int32 and key_bias [B, >= Nk] may be longer than the cache (a buffer for the coming steps:
     the first Nk entries are read). group_decode.py docstring.
 
-masked_decode_attention(query [B, Hq, 1, d], key, value, *, key_valid=None, scaling=None) -> [B, 1, Hq, d]
+masked_decode_attention(query [B, Hq, 1, d], key, value, *, key_valid=None, scaling=None, head_mean=False)
+        -> [B, 1, Hq, d] (with head_mean: and [B, N] fp32, the probabilities averaged over the Hq heads)
     One decoding row per sample over a dense cache [B, Hkv, N, d] whose valid keys are key_valid [B, >= N] bool (the
     first N entries are read; a strided view is fine): split-KV with the mask applied to the loads, one launch plus a
     merge, no host work beyond the launches. The fast path's static decoding step runs it in every layer without a
-    decoding edit. split_decode.py docstring.
+    decoding edit, and with head_mean (one more launch over the stored logits) in the layers whose edits only mask
+    keys and read the head-averaged attention (A-VL). split_decode.py docstring.
+
+key_sets_step(attention [B, n], secondary, core, score, evicted, prompt_text, visual, keys, mask, step, *, length,
+              interval, text_rate, budgets=None) -> None
+    A-VL's update of one layer's key sets after a decoding step, in place, over a static buffer of n slots: the core
+    re-picked at an update step, H2O's eviction, the next step's mask. One launch; `budgets` [n + 1] (text_budget of
+    every count, made once) spares its making per call. key_sets.py docstring.
 
 ragged_decode_attention(query [B, Hq, 1, d], cache: RaggedKVCache, *, scaling=None, out=None) -> [B, 1, Hq, d]
     Decode over per-(batch, kv head) token subsets (PLPHP). Build once per layer after prefill pruning:
@@ -88,6 +96,8 @@ ragged_decode_attention(query [B, Hq, 1, d], cache: RaggedKVCache, *, scaling=No
 from __future__ import annotations
 
 import warnings
+
+import torch
 
 from ._common import triton_available, use_triton
 from .attention_stats import attention_with_received_stats_reference, received_attention_reference
@@ -115,12 +125,14 @@ from .ragged_decode import (RaggedKVCache, dense_masked_decode, ragged_decode_at
 from .split_decode import masked_decode_reference
 
 __all__ = [
-    "ROLE_IMAGE", "ROLE_LAST", "ROLE_MIDDLE", "ROLE_PAD", "ROLE_PREFIX", "ROLE_QUESTION",
-    "BlockLists", "GroupSpec", "MaskSpec", "RaggedKVCache", "StructuredMask", "TokenLayout",
-    "attention_reference", "attention_with_received_stats", "attention_with_received_stats_reference",
+    "attention_reference", "attention_with_received_stats", "attention_with_received_stats_reference", "BlockLists",
     "build_block_lists", "build_mask", "dense_allowed", "dense_masked_decode", "flash_attention", "group_attention",
-    "group_attention_reference", "group_decode_attention", "received_attention", "received_attention_reference", "group_decode_reference", "MAX_DECODE_GROUPS", "masked_attention", "masked_attention_reference", "masked_decode_attention", "masked_decode_reference", "ragged_decode_attention",
-    "ragged_decode_attention_reference", "ragged_decode_attention_torch", "triton_available",
+    "group_attention_reference", "group_decode_attention", "group_decode_reference", "GroupSpec", "key_sets_step",
+    "masked_attention", "masked_attention_reference", "masked_decode_attention", "masked_decode_reference", "MaskSpec",
+    "MAX_DECODE_GROUPS", "ragged_decode_attention", "ragged_decode_attention_reference",
+    "ragged_decode_attention_torch", "RaggedKVCache", "received_attention", "received_attention_reference",
+    "ROLE_IMAGE", "ROLE_LAST", "ROLE_MIDDLE", "ROLE_PAD", "ROLE_PREFIX", "ROLE_QUESTION", "StructuredMask",
+    "TokenLayout", "triton_available",
 ]
 
 
@@ -198,13 +210,26 @@ def group_decode_attention(query, key, value, *, key_group, spec: GroupSpec, key
     return group_decode_reference(query, key, value, **kw)
 
 
-def masked_decode_attention(query, key, value, *, key_valid=None, scaling=None, backend="auto",
+def masked_decode_attention(query, key, value, *, key_valid=None, scaling=None, head_mean=False, backend="auto",
                             force_reference=False):
     scaling = default_scaling(query) if scaling is None else scaling
+    kw = dict(key_valid=key_valid, scaling=scaling, head_mean=head_mean)
     if use_triton(_backend(backend, force_reference), query, key, value):
         from .split_decode import masked_decode_triton
-        return masked_decode_triton(query, key, value, key_valid=key_valid, scaling=scaling)
-    return masked_decode_reference(query, key, value, key_valid=key_valid, scaling=scaling)
+        return masked_decode_triton(query, key, value, **kw)
+    return masked_decode_reference(query, key, value, **kw)
+
+
+def key_sets_step(attention, secondary, core, score, evicted, prompt_text, visual, keys, mask, step, *, length: int,
+                  interval: int, text_rate: float, budgets=None, backend="auto", force_reference=False) -> None:
+    from . import key_sets
+
+    args = (attention, secondary, core, score, evicted, prompt_text, visual, keys, mask, step)
+    if attention.shape[1] <= key_sets.MAX_KEYS and use_triton(_backend(backend, force_reference), attention):
+        if text_rate and budgets is None:
+            budgets = key_sets.text_budget(torch.arange(attention.shape[1] + 1, device=attention.device), text_rate)
+        return key_sets.step_triton(*args, length=length, interval=interval, budgets=budgets if text_rate else None)
+    return key_sets.step_reference(*args, length=length, interval=interval, text_rate=text_rate)
 
 
 def ragged_decode_attention(query, cache: RaggedKVCache, *, scaling=None, out=None, backend="auto",

@@ -223,6 +223,15 @@ if triton_available():
             tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None])
 
     @triton.jit
+    def _group_bases(Q, K, V, FPOS, FNEG, BIAS, CLS1, b, h, kvh, sqb, sqh, skb, skh, svb, svh, sfb, sfh, Nk):
+        """The pointers of sample b, query head h (KV head kvh) that kernel 3's programs read: its query, key and
+        value rows, its per-key factor and bias rows, the sample's class-1 flags."""
+        b64, h64, kv64 = b.to(tl.int64), h.to(tl.int64), kvh.to(tl.int64)
+        return (Q + b64 * sqb + h64 * sqh, K + b64 * skb + kv64 * skh, V + b64 * svb + kv64 * svh,
+                FPOS + b64 * sfb + h64 * sfh, FNEG + b64 * sfb + h64 * sfh, BIAS + b64 * sfb + h64 * sfh,
+                CLS1 + b64 * Nk)
+
+    @triton.jit
     def _group_fwd_kernel(
         Q, K, V, O, KVALID, QSEL, FPOS, FNEG, BIAS, CLS1, HEAD_ON, POST, SINK_IDX, SINK_CNT,
         sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, som, soh, sfb, sfh, skvb, sselb,
@@ -238,7 +247,6 @@ if triton_available():
         qb = n_qblocks - 1 - tl.program_id(1)
         b = pid_bh // Hq
         h = pid_bh % Hq
-        kvh = h // G
         offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
@@ -248,20 +256,15 @@ if triton_available():
         else:
             sel = row_ok
         special = (tl.load(HEAD_ON + h) != 0) & (tl.max(sel.to(tl.int32), 0) > 0)
-        q_base = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
+        q_base, k_base, v_base, FPOS_H, FNEG_H, BIAS_H, CLS_ROW = _group_bases(
+            Q, K, V, FPOS, FNEG, BIAS, CLS1, b, h, h // G, sqb, sqh, skb, skh, svb, svh, sfb, sfh, Nk)
         q = _load_rows(q_base, offs_m, sqm, offs_d, row_ok, HEAD_D, BLOCK_D, True)
         row_ok = (row_ok.to(tl.int32) * special.to(tl.int32)) != 0
-        k_base = K + b.to(tl.int64) * skb + kvh.to(tl.int64) * skh
-        v_base = V + b.to(tl.int64) * svb + kvh.to(tl.int64) * svh
         qpos = tl.where(row_ok, offs_m + q_off, -1)
-        FPOS_H = FPOS + b.to(tl.int64) * sfb + h.to(tl.int64) * sfh
-        FNEG_H = FNEG + b.to(tl.int64) * sfb + h.to(tl.int64) * sfh
-        BIAS_H = BIAS + b.to(tl.int64) * sfb + h.to(tl.int64) * sfh
         if HAS_KVALID:
             KVALID_ROW = KVALID + b.to(tl.int64) * skvb
         else:
             KVALID_ROW = None
-        CLS_ROW = CLS1 + b.to(tl.int64) * Nk
         if CAUSAL:
             hi = tl.minimum(Nk, q_off + (qb + 1) * BLOCK_M)
             n_full = tl.minimum(tl.maximum((q_off + qb * BLOCK_M + 1) // BLOCK_N, 0), Nk // BLOCK_N)
@@ -328,17 +331,12 @@ if triton_available():
         offs_r = tl.arange(0, ROW_BLOCK)
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
-        q_base = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
-        k_base = K + b.to(tl.int64) * skb + (h // G).to(tl.int64) * skh
-        v_base = V + b.to(tl.int64) * svb + (h // G).to(tl.int64) * svh
-        FPOS_H = FPOS + b.to(tl.int64) * sfb + h.to(tl.int64) * sfh
-        FNEG_H = FNEG + b.to(tl.int64) * sfb + h.to(tl.int64) * sfh
-        BIAS_H = BIAS + b.to(tl.int64) * sfb + h.to(tl.int64) * sfh
+        q_base, k_base, v_base, FPOS_H, FNEG_H, BIAS_H, CLS_ROW = _group_bases(
+            Q, K, V, FPOS, FNEG, BIAS, CLS1, b, h, h // G, sqb, sqh, skb, skh, svb, svh, sfb, sfh, Nk)
         if HAS_KVALID:
             KVALID_ROW = KVALID + b.to(tl.int64) * skvb
         else:
             KVALID_ROW = None
-        CLS_ROW = CLS1 + b.to(tl.int64) * Nk
         plane = tl.num_programs(0) * R * n_chunks  # one [B, Hq, R, chunks] plane
         for c in range(0, tl.cdiv(R, ROW_BLOCK)):
             ridx = c * ROW_BLOCK + offs_r

@@ -40,7 +40,7 @@ if triton_available():
         start = sp * split_len
         end = tl.minimum(start + split_len, tl.load(LENS + pid))
         acc, m_i, l_i = split_attend(q, KB + seg * HEAD_D, VB + seg * HEAD_D, HEAD_D, HEAD_D, start, end, LENS,
-                                     qk_scale, HEAD_D, BLOCK_D, BLOCK_G, BLOCK_N, False)
+                                     qk_scale, LENS, 0, G, HEAD_D, BLOCK_D, BLOCK_G, BLOCK_N, False, False)
         split_finish(acc, m_i, l_i, O, b, h, G, sob, soh, PO, PL, pid.to(tl.int64) * n_split + sp,
                      HEAD_D, BLOCK_D, BLOCK_G, DIRECT)
 

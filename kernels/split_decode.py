@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import block_d, byte_flags, cdiv, check_qkv, last_dim_contiguous, next_pow2, triton_available
+from ._common import block_d, byte_flags, cdiv, check_qkv, last_dim_contiguous, next_pow2, repeat_kv, triton_available
 from .launch import launch
 
 LOG2E = 1.4426950408889634
@@ -49,11 +49,13 @@ if triton_available():
         return pid, tl.program_id(1), b, h, q
 
     @triton.jit
-    def split_attend(q, k_base, v_base, stride_kn, stride_vn, start, end, valid_base, qk_scale,
-                     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
-                     HAS_VALID: tl.constexpr):
+    def split_attend(q, k_base, v_base, stride_kn, stride_vn, start, end, valid_base, qk_scale, logits_base,
+                     stride_lg, G, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr,
+                     BLOCK_N: tl.constexpr, HAS_VALID: tl.constexpr, KEEP_LOGITS: tl.constexpr):
         """Online softmax of the query tile q [BLOCK_G, BLOCK_D] over keys start..end-1 (rows of k_base / v_base),
-        those with a zero byte at valid_base skipped when HAS_VALID: (acc, running max, sum), base-2 logits."""
+        those with a zero byte at valid_base skipped when HAS_VALID: (acc, running max, sum), base-2 logits.
+        KEEP_LOGITS: the tile's G heads also store their base-2 logits (-inf at skipped keys) in rows of stride_lg
+        from logits_base, for the probabilities' second pass (head_mean)."""
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
         m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
@@ -65,8 +67,12 @@ if triton_available():
             if HAS_VALID:
                 ok = ok & (tl.load(valid_base + cols, mask=ok, other=0) != 0)
             k = _load_rows(k_base, cols, stride_kn, offs_d, ok, HEAD_D, BLOCK_D, True)
-            s = mma(q, tl.trans(k), None)
-            p, alpha, m_new = softmax_step(tl.where(ok[None, :], s * qk_scale, float("-inf")), m_i)
+            s = tl.where(ok[None, :], mma(q, tl.trans(k), None) * qk_scale, float("-inf"))
+            if KEEP_LOGITS:
+                offs_g = tl.arange(0, BLOCK_G)
+                tl.store(logits_base + offs_g[:, None].to(tl.int64) * stride_lg + cols[None, :], s,
+                         mask=(offs_g < G)[:, None] & (cols < end)[None, :])
+            p, alpha, m_new = softmax_step(s, m_i)
             l_i = l_i * alpha + tl.sum(p, 1)
             v = _load_rows(v_base, cols, stride_vn, offs_d, ok, HEAD_D, BLOCK_D, True)
             acc = pv_dot(p, v, acc * alpha[:, None])
@@ -92,8 +98,8 @@ if triton_available():
 
     @triton.jit
     def _split_combine_kernel(
-        PO, PL, O, sob, soh, Hkv, G, n_split,
-        HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr,
+        PO, PL, O, LSE, sob, soh, Hkv, G, n_split,
+        HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr, WRITE_LSE: tl.constexpr,
     ):
         pid = tl.program_id(0)
         b = pid // Hkv
@@ -118,22 +124,39 @@ if triton_available():
         out = acc * tl.where(has, 1.0 / tl.where(has, den, 1.0), 0.0)[:, None]
         o_ptrs = O + b.to(tl.int64) * sob + (h * G + offs_g)[:, None].to(tl.int64) * soh + offs_d[None, :]
         tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=(offs_g < G)[:, None] & (offs_d < HEAD_D)[None, :])
+        if WRITE_LSE:  # base 2, [B, Hq]; -inf for a row with no valid key
+            lse = tl.where(has, m + tl.math.log2(tl.where(has, den, 1.0)), float("-inf"))
+            tl.store(LSE + pid.to(tl.int64) * G + offs_g, lse, mask=offs_g < G)
+
+    @triton.jit
+    def _head_mean_kernel(LG, LSE, OUT, Hq, N, BLOCK_N: tl.constexpr):
+        """OUT [B, N] = the probabilities of the Hq heads averaged: exp2(logit - LSE) from the logits LG [B, Hq, N]
+        and the LSEs [B, Hq] the first pass wrote (base 2)."""
+        b = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        ok = cols < N
+        total = tl.zeros([BLOCK_N], tl.float32)
+        for h in range(0, Hq):
+            lse = tl.load(LSE + b * Hq + h)
+            logits = tl.load(LG + (b * Hq + h) * N + cols, mask=ok, other=float("-inf"))
+            total += tl.where(lse == float("-inf"), 0.0, tl.math.exp2(logits - lse))
+        tl.store(OUT + b * N + cols, total / Hq, mask=ok)
 
     @triton.jit
     def _masked_decode_kernel(
-        Q, K, V, VALID, O, PO, PL,
+        Q, K, V, VALID, O, PO, PL, LG,
         sqb, sqh, skb, skh, skn, svb, svh, svn, sab, sob, soh,
         Hkv, G, N, qk_scale, n_split, split_len,
         HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
-        HAS_VALID: tl.constexpr, DIRECT: tl.constexpr,
+        HAS_VALID: tl.constexpr, DIRECT: tl.constexpr, KEEP_LOGITS: tl.constexpr,
     ):
         pid, sp, b, h, q = split_program(Q, sqb, sqh, Hkv, G, HEAD_D, BLOCK_D, BLOCK_G)
         b64 = b.to(tl.int64)
         start = sp * split_len
         end = tl.minimum(start + split_len, N)
         acc, m_i, l_i = split_attend(q, K + b64 * skb + h.to(tl.int64) * skh, V + b64 * svb + h.to(tl.int64) * svh,
-                                     skn, svn, start, end, VALID + b64 * sab, qk_scale,
-                                     HEAD_D, BLOCK_D, BLOCK_G, BLOCK_N, HAS_VALID)
+                                     skn, svn, start, end, VALID + b64 * sab, qk_scale, LG + pid.to(tl.int64) * G * N,
+                                     N, G, HEAD_D, BLOCK_D, BLOCK_G, BLOCK_N, HAS_VALID, KEEP_LOGITS)
         split_finish(acc, m_i, l_i, O, b, h, G, sob, soh, PO, PL, pid.to(tl.int64) * n_split + sp,
                      HEAD_D, BLOCK_D, BLOCK_G, DIRECT)
 
@@ -175,16 +198,20 @@ def split_workspace(programs: int, n_split: int, block_g: int, block_d_: int, de
             torch.empty(programs * n_split * block_g, dtype=torch.float32, device=device))
 
 
-def split_combine(po, pl, out, kv_heads: int, group: int, n_split: int, head_dim: int, block_g: int) -> None:
+def split_combine(po, pl, out, kv_heads: int, group: int, n_split: int, head_dim: int, block_g: int,
+                  lse: torch.Tensor | None = None) -> None:
+    """Merge the splits' partials into `out`; and, given `lse` [B, Hq] fp32, each row's base-2 LSE into it."""
     launch(_split_combine_kernel, (out.shape[0] * kv_heads,),
-           po, pl, out, out.stride(0), out.stride(2), kv_heads, group, n_split,
-           HEAD_D=head_dim, BLOCK_D=block_d(head_dim), BLOCK_G=block_g, num_warps=4)  # fmt: skip
+           po, pl, out, out if lse is None else lse, out.stride(0), out.stride(2), kv_heads, group, n_split,
+           HEAD_D=head_dim, BLOCK_D=block_d(head_dim), BLOCK_G=block_g, WRITE_LSE=lse is not None,
+           num_warps=4)  # fmt: skip
 
 
 def masked_decode_triton(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,
-                         key_valid: torch.Tensor | None, scaling: float) -> torch.Tensor:
+                         key_valid: torch.Tensor | None, scaling: float, head_mean: bool = False):
     """query [B, Hq, 1, d]; key / value [B, Hkv, N, d] (any strides with a unit last one); key_valid [B, >= N] bool
-    (the first N entries are read; None: every key) -> [B, 1, Hq, d]."""
+    (the first N entries are read; None: every key) -> [B, 1, Hq, d]; with `head_mean` also [B, N] fp32, the
+    attention probabilities averaged over the Hq heads (a second pass over the logits the first one stores)."""
     batch, hq, hkv, nq, n, d = check_qkv(query, key, value)
     if nq != 1:
         raise ValueError(f"masked decode takes one query row per sample, got {nq}")
@@ -198,25 +225,40 @@ def masked_decode_triton(query: torch.Tensor, key: torch.Tensor, value: torch.Te
     split_len, n_split = split_geometry(n, batch * hkv, target_programs=target, min_split=min_split,
                                         split_multiple=block_n)
     out = torch.empty(batch, 1, hq, d, dtype=query.dtype, device=query.device)
-    direct = n_split == 1
+    direct = n_split == 1 and not head_mean  # the probabilities need the LSE that split_combine writes
     po, pl = (out, out) if direct else split_workspace(batch * hkv, n_split, bg, bd, query.device)
+    logits = torch.empty(batch, hq, n, dtype=torch.float32, device=query.device) if head_mean else out
     launch(_masked_decode_kernel, (batch * hkv, n_split),
-        query, key, value, key if valid is None else valid, out, po, pl,
+        query, key, value, key if valid is None else valid, out, po, pl, logits,
         query.stride(0), query.stride(1), key.stride(0), key.stride(1), key.stride(2),
         value.stride(0), value.stride(1), value.stride(2), 0 if valid is None else valid.stride(0),
         out.stride(0), out.stride(2), hkv, hq // hkv, n, float(scaling) * LOG2E, n_split, split_len,
         HEAD_D=d, BLOCK_D=bd, BLOCK_G=bg, BLOCK_N=block_n, HAS_VALID=valid is not None, DIRECT=direct,
-        num_warps=warps, num_stages=stages,
+        KEEP_LOGITS=head_mean, num_warps=warps, num_stages=stages,
     )  # fmt: skip
-    if not direct:
-        split_combine(po, pl, out, hkv, hq // hkv, n_split, d, bg)
-    return out
+    if direct:
+        return out
+    lse = torch.empty(batch, hq, dtype=torch.float32, device=query.device) if head_mean else None
+    split_combine(po, pl, out, hkv, hq // hkv, n_split, d, bg, lse)
+    if not head_mean:
+        return out
+    mean = torch.empty(batch, n, dtype=torch.float32, device=query.device)
+    block = 16 if query.device.type != "cuda" else 256
+    launch(_head_mean_kernel, (batch, cdiv(n, block)), logits, lse, mean, hq, n, BLOCK_N=block, num_warps=4)
+    return out, mean
 
 
-def masked_decode_reference(query, key, value, *, key_valid=None, scaling: float) -> torch.Tensor:
-    """fp32 softmax over the valid keys of one row per sample (kernel 1's reference, not causal)."""
-    from .masked_attention import attention_reference
+def masked_decode_reference(query, key, value, *, key_valid=None, scaling: float, head_mean: bool = False):
+    """fp32 softmax over the valid keys of one row per sample (kernel 1's reference, not causal); with `head_mean`
+    also the probabilities averaged over the heads [B, N] (0 where no key is valid)."""
+    from .masked_attention import attention_reference, dense_mask
 
     n = key.shape[2]
     valid = None if key_valid is None else key_valid[:, :n].bool()
-    return attention_reference(query, key, value, scaling=scaling, causal=False, key_valid=valid)
+    out = attention_reference(query, key, value, scaling=scaling, causal=False, key_valid=valid)
+    if not head_mean:
+        return out
+    allowed = dense_mask(1, n, causal=False, key_valid=valid, device=query.device)[:, None]
+    logits = (query.float() @ repeat_kv(key, query.shape[1] // key.shape[1]).float().transpose(-1, -2)) * scaling
+    probs = logits.masked_fill(~allowed, float("-inf")).softmax(-1).nan_to_num(0.0)
+    return out, probs.mean(1)[:, 0]

@@ -13,6 +13,7 @@ from torch._dynamo.utils import counters
 
 import vlm_efficient as ve
 from test_engine import two_samples
+from vlm_efficient.fast_attention import MaskedDecodeRoute
 from vlm_efficient.fast_path import BUCKET, SEGMENT_BUCKET, GroupRoute
 from vlm_efficient.testing import FAMILIES, image_placeholder, tiny_batch, tiny_image, tiny_model
 
@@ -251,6 +252,9 @@ def test_stepping_decode_edits_equal_dynamic_path(family, spec):
     assert [start for start, _, _ in fast_path.prefill.last_segments] == starts
     assert fast_path.prefill.last_segments[-1][1] == layers
     assert all(edit.state for layer_edits in edits.values() for edit in layer_edits)
+    # its edits only mask and observe: kernel 5 runs those layers and hands A-VL the head-averaged probabilities
+    routes = fast_path.last_step.routes
+    assert all(isinstance(routes[idx], MaskedDecodeRoute) and routes[idx].observers for idx in edits)
     assert not fast_path.steps  # not kept for the next call
     assert_same(dynamic, fast)
     # its deleted image keys (outside the secondary set) are not in the buffers (Method.decode_prompt_keep): every

@@ -315,8 +315,9 @@ def interpreted():
 
 
 # the fast path's decoding step: kernel 5 in its layers without edits, kernel 3's decoding form in PAI's, kernel 4 on
-# PLPHP's per-head caches
-FAST_INTERPRETED = [("llava", ""), ("qwen2_vl", "fastv:layer=2,ratio=0.5+pai:alpha=0.5"), ("qwen2_vl", "plphp")]
+# PLPHP's per-head caches, kernel 5 with the head-averaged probabilities and kernel 6 in A-VL's
+FAST_INTERPRETED = [("llava", ""), ("qwen2_vl", "fastv:layer=2,ratio=0.5+pai:alpha=0.5"), ("qwen2_vl", "plphp"),
+                    ("llava", "avl:interval=2"), ("qwen2_vl", "fastv:layer=1+avl:interval=3,text_rate=0.5")]
 
 
 @pytest.mark.parametrize("family,spec", FAST_INTERPRETED)
@@ -326,6 +327,7 @@ def test_triton_interpreter_fast_path_equals_sdpa_step(interpreted, family, spec
     assert result["same_tokens"] and result["max_diff"] < 1e-4, result
     assert result["kernel_5_layers"] > 0, result
     assert result["kernel_4_layers"] == (2 if "plphp" in spec else 0), result
+    assert (result["observed_layers"] > 0) == ("avl" in spec), result
 
 
 @pytest.mark.parametrize("family,spec", INTERPRETED)
@@ -374,7 +376,8 @@ def _fast_both(family, spec) -> dict:
     diff = float((torch.stack(routed.logits) - torch.stack(sdpa.logits)).abs().max())
     return {"error": None, "same_tokens": torch.equal(sdpa.sequences, routed.sequences), "max_diff": diff,
             "kernel_5_layers": sum(isinstance(route, MaskedDecodeRoute) for route in routes),
-            "kernel_4_layers": sum(isinstance(route, RaggedRoute) and route.kernel for route in routes)}
+            "kernel_4_layers": sum(isinstance(route, RaggedRoute) and route.kernel for route in routes),
+            "observed_layers": sum(isinstance(route, MaskedDecodeRoute) and bool(route.observers) for route in routes)}
 
 
 if __name__ == "__main__":

@@ -9,8 +9,8 @@ import torch
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-@pytest.mark.parametrize("section", ["plain", "masked", "stats", "group", "group_decode", "masked_decode", "ragged",
-                                     "ragged_graph"])
+@pytest.mark.parametrize("section", ["plain", "masked", "stats", "group", "group_decode", "masked_decode", "key_sets",
+                                     "ragged", "ragged_graph"])
 def test_kernel_matches_reference_on_gpu(section):
     pytest.importorskip("triton")
     from vlm_efficient.evals.kernel_checks import Checks

@@ -14,7 +14,7 @@ import pytest
 
 pytest.importorskip("triton")
 
-SECTIONS = ["plain", "masked", "stats", "group", "group_decode", "masked_decode", "ragged"]
+SECTIONS = ["plain", "masked", "stats", "group", "group_decode", "masked_decode", "key_sets", "ragged"]
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +38,7 @@ def _section(results, prefixes):
     ("group", ["group "]),
     ("group_decode", ["group_decode"]),
     ("masked_decode", ["masked_decode"]),
+    ("key_sets", ["key_sets"]),
     ("ragged", ["ragged"]),
 ])
 def test_kernel_matches_reference_in_interpreter(results, section, prefixes):
@@ -52,6 +53,8 @@ def test_negative_checks_ran(results):
     names = [r[0] for r in results]
     assert any("(negative)" in n for n in names if n.startswith("masked"))
     assert any("(negative)" in n for n in names if n.startswith("stats"))
+    assert any(n.startswith("masked_decode (negative) head_mean") for n in names)
+    assert any("(negative)" in n for n in names if n.startswith("key_sets"))
 
 
 def test_kernel_bench_compares_the_masked_decode_with_transformers_sdpa_route(tmp_path):

@@ -10,8 +10,11 @@ Decoding attends to a part of each cache, per modality, per layer:
   every query row; here over the last prompt row and every decoding row (the rows the engine computes anyway).
 - the optional prefill filter of the paper (drop P% of image tokens after layer 2) is FastV: compose "fastv+avl".
 
-On the fast path (wrap(..., fast=True)) the same state lives on the device over the static buffer and a captured
-step updates it (static_decode_edit): no host decision per step. Each layer's choices are made in one batch at the
+The edit masks keys and observes the step's head-averaged attention (AttentionEdit.observe); the update is
+kernels/key_sets.py's torch form. On the fast path (wrap(..., fast=True)) the same state lives on the device over the
+static buffer and a captured step updates it (static_decode_edit): no host decision per step, and on the GPU each
+edited layer runs kernel 5 with the head-averaged probabilities and kernel 6 (the whole update in one launch)
+instead of the dense attention and some fifty small operators. Each layer's choices are made in one batch at the
 first decoding step (_states), not during the prefill.
 
 The public code's flags (vision_adaptive_attention_rate, _compute_rate, _update_interval, text_pruning_rate) match
@@ -30,6 +33,8 @@ import torch
 from vlm_efficient.method import (UNSTRUCTURED, AttentionEdit, AttentionRequest, Method, at_positions,
                                   refuse_layers_with_own_mask)
 from vlm_efficient.registry import register_method
+from vlm_efficient.kernels import api as kernels
+from vlm_efficient.kernels import key_sets
 from vlm_efficient.selection import keep_count, top_k_mask
 
 
@@ -113,15 +118,15 @@ class AVL(Method):
         self._extend(state, keys, run)
         update = run.decode_steps % self.interval == 0
         visual = context.keys_where(run.layout.visual)
-        allowed = self._allowed(state, visual, update)
+        allowed = key_sets.allowed_keys(state["secondary"], state["core"], state["evicted"], visual, update)
         if self.record_masks:
             memory.setdefault("masks", {}).setdefault(layer, []).append((keys.clone(), allowed.clone()))
 
-        def post_softmax(probs):
-            self._after_step(state, probs, update, state["text"])
-            return probs
+        def observe(attention):  # the step's head-averaged probabilities [B, 1, kv]
+            key_sets.update_reference(attention[:, -1], state["secondary"], state["core"], state["score"],
+                                      state["evicted"], state["text"], update, self.text_rate)  # fmt: skip
 
-        return AttentionEdit(mask=allowed[:, None, None, :], post_softmax=post_softmax)
+        return AttentionEdit(mask=allowed[:, None, None, :], observe=observe)
 
     def decode_prompt_keep(self, layer, run):
         """The minor image keys (outside the secondary set) are deleted: never attended again."""
@@ -131,8 +136,9 @@ class AVL(Method):
     def static_decode_edit(self, layer, run, context):
         """Every step of a fast-path call (Method.static_decode_edit): the state over the whole static buffer (the
         prompt keys the layer keeps, decode_prompt_keep, then the generated slots, written one per step), a
-        device-side step counter for the core's update, and the mask rewritten in place for the next step; the same
-        updates as attention_edit."""
+        device-side step counter for the core's update, and the mask rewritten in place for the next step: the same
+        update as attention_edit's, in one launch per layer and step on the GPU (kernels/key_sets.py). The edit only
+        masks and observes, so the step runs the layer on kernel 5 with its head-averaged probabilities."""
         memory = self._states(run)
         if layer not in memory or not run.layout.has_visual:
             return None
@@ -145,53 +151,19 @@ class AVL(Method):
             by_position.scatter_(1, torch.where(positions >= 0, positions, length), values)
             return at_positions(by_position[:, :length], keys, False if values.dtype == torch.bool else 0.0)
 
-        state = {name: on_buffer(name) for name in ("secondary", "core", "score", "evicted")}
-        prompt_text = on_buffer("text")
+        secondary, core, score, evicted, prompt_text = (on_buffer(name) for name in
+                                                        ("secondary", "core", "score", "evicted", "text"))
         step = torch.ones(1, dtype=torch.long, device=keys.device)  # run.decode_steps, on the device
         visual = context.keys_where(run.layout.visual)
-        mask = self._allowed(state, visual, step % self.interval == 0)[:, None, None, :]
+        mask = key_sets.allowed_keys(secondary, core, evicted, visual, step % self.interval == 0)
+        budgets = key_sets.text_budget(torch.arange(keys.shape[1] + 1, device=keys.device), self.text_rate)
 
-        def post_softmax(probs):
-            written = (keys >= length) & (keys < length + step)  # the generated keys so far, this step's too
-            text = prompt_text | written
-            self._after_step(state, probs, step % self.interval == 0, text)
+        def observe(attention):  # [B, 1, kv]
+            kernels.key_sets_step(attention[:, -1], secondary, core, score, evicted, prompt_text, visual, keys, mask,
+                                  step, length=length, interval=self.interval, text_rate=self.text_rate,
+                                  budgets=budgets)  # fmt: skip
             step.add_(1)
-            mask.copy_(self._allowed(state, visual, step % self.interval == 0)[:, None, None, :])
-            return probs
 
-        return AttentionEdit(mask=mask, post_softmax=post_softmax, state=(mask, step, *state.values()))
+        return AttentionEdit(mask=mask[:, None, None, :], observe=observe,
+                             state=(mask, step, secondary, core, score, evicted))
 
-    @staticmethod
-    def _allowed(state, visual: torch.Tensor, update) -> torch.Tensor:
-        """[B, kv] the keys a step attends to: the secondary set at an update step, else the core, and the text keys
-        not evicted. `update`: a host bool (dynamic path) or a device one (the fast path's step)."""
-        if isinstance(update, bool):
-            attended = state["secondary"] if update else state["core"]
-        else:
-            attended = torch.where(update, state["secondary"], state["core"])
-        return torch.where(visual, attended, ~state["evicted"])
-
-    def _after_step(self, state, probs: torch.Tensor, update, text: torch.Tensor) -> None:
-        """After a step's softmax: a new core from the step's attention at an update step, then H2O's eviction.
-        The state's tensors change in place (the fast path's graph reads the same ones at every step)."""
-        attention = probs.mean(1)[:, -1]  # the decoding row, head average [B, kv]
-        if isinstance(update, bool):
-            if update:
-                state["core"].copy_(top_k_mask(attention, state["secondary"], state["core"].sum(1)))
-        else:
-            state["core"].copy_(torch.where(update, top_k_mask(attention, state["secondary"], state["core"].sum(1)),
-                                            state["core"]))  # fmt: skip
-        if self.text_rate:
-            self._evict(state, attention, text)
-
-    def _evict(self, state, attention: torch.Tensor, text: torch.Tensor) -> None:
-        """H2O: keep the most recent half of the text budget and the heaviest accumulated attention for the rest."""
-        evicted = state["evicted"]
-        state["score"].add_(attention * text)
-        live = text & ~evicted
-        count = text.sum(1)
-        budget = count - torch.floor(count.double() * self.text_rate).long()
-        live_from_here = live.flip(1).cumsum(1).flip(1)  # live keys at or after each column: the last k have <= k
-        recent = live & (live_from_here <= (budget // 2)[:, None])
-        heavy = top_k_mask(state["score"], live & ~recent, budget - budget // 2)
-        evicted |= live & ~recent & ~heavy

@@ -80,8 +80,8 @@ def edited_attention(query, key, value, attention_mask, scaling: float, edits, u
     this call's query rows and of the FIRST m keys (the engine's: the prompt's keys in decoding). Pairs an edit marks
     `unrotated` take their base logit from them; marked pairs on keys beyond m keep the rotated logit.
     Order (AttentionEdit's docstring): base logits (unrotated pairs), scale / |a| / bias per edit, allowed =
-    (causal & padding | any `allow`) & every `mask`, fp32 softmax, post_softmax per edit. `allow` is trusted to name
-    valid keys only (the engine ANDs it with them). `query_rows` [B, q] with `q_total`: the given query rows are these
+    (causal & padding | any `allow`) & every `mask`, fp32 softmax, post_softmax per edit, observe. `allow` is trusted
+    to name valid keys only (the engine ANDs it with them). `query_rows` [B, q] with `q_total`: the given query rows are these
     rows of a call of q_total rows (edited_rows_attention), for the causal and padding mask."""
     batch, heads, q_len, _ = query.shape
     kv_len = key.shape[2]
@@ -124,6 +124,11 @@ def edited_attention(query, key, value, attention_mask, scaling: float, edits, u
         if edit.post_softmax is not None:
             changed = edit.post_softmax(probs)
             probs = changed if edit.rows is None else torch.where(edit.rows[:, None, :, None], changed, probs)
+    observers = [edit.observe for edit in edits if edit.observe is not None]
+    if observers:
+        head_mean = probs.mean(1)
+        for observe in observers:
+            observe(head_mean)
     out = (probs @ repeat_kv(value, groups).float()).to(query.dtype).transpose(1, 2).contiguous()
     return (out, probs.to(query.dtype)) if weights else out
 
@@ -133,7 +138,7 @@ def rows_edited(edits) -> torch.Tensor | None:
     pairs, and any post_softmax works row by row); else None."""
     union = None
     for edit in edits:
-        if (edit.rows is None or edit.allow is not None or edit.unrotated is not None
+        if (edit.rows is None or edit.allow is not None or edit.unrotated is not None or edit.observe is not None
                 or (edit.post_softmax is not None and not edit.rowwise_post)):  # fmt: skip
             return None
         union = edit.rows if union is None else union | edit.rows

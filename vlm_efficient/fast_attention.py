@@ -55,9 +55,24 @@ class MaskedDecodeRoute:
     the key mask applied to its loads) over the whole buffer. SDPA with the step's boolean mask is transformers' slow
     case: it repeats the KV heads for grouped-query attention and runs SDPA's memory-efficient backend (Qwen2-VL-7B
     at 2,329 keys on an H100: 55 us per call, for under 2 us of key and value reads). `valid` [B, capacity]: a view
-    of the step's mask of the layer, updated in place per step."""
+    of the step's mask of the layer, updated in place per step. A layer whose decoding edits only mask keys and
+    observe the attention (observed_mask_route) runs here too: its edits' `masks` [B, 1, 1, capacity] are ANDed with
+    `valid`, and the `observers` are handed kernel 5's head-averaged probabilities."""
 
     valid: torch.Tensor
+    masks: tuple = ()
+    observers: tuple = ()
+
+
+def observed_mask_route(layer_edits, valid: torch.Tensor) -> MaskedDecodeRoute | None:
+    """A MaskedDecodeRoute for decoding edits (a list of AttentionEdits) that only mask keys and observe, else None."""
+    if not isinstance(layer_edits, list) or not any(edit.observe is not None for edit in layer_edits):
+        return None
+    others = ("logit_scale", "logit_abs", "logit_bias", "post_softmax", "rows", "allow", "unrotated")
+    if any(getattr(edit, name) is not None for edit in layer_edits for name in others):
+        return None
+    return MaskedDecodeRoute(valid, masks=tuple(edit.mask for edit in layer_edits if edit.mask is not None),
+                             observers=tuple(edit.observe for edit in layer_edits if edit.observe is not None))
 
 
 @dataclasses.dataclass
@@ -104,7 +119,15 @@ def routed_attention(module, query, key, value, attention_mask, **kwargs):
                                                           per_head=per_head)  # fmt: skip
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     if isinstance(edits, MaskedDecodeRoute):
-        return masked_decode(query, key, value, edits.valid, scaling), None
+        valid = edits.valid
+        for mask in edits.masks:
+            valid = valid & mask.view(valid.shape)
+        if not edits.observers:
+            return masked_decode(query, key, value, valid, scaling), None
+        output, head_mean = masked_decode_head_mean(query, key, value, valid, scaling)
+        for observe in edits.observers:
+            observe(head_mean[:, None])
+        return output, None
     if isinstance(edits, RaggedRoute):
         cache = edits.cache
         output = ragged_decode(query, cache.k_buf, cache.v_buf, cache.lengths, edits.cache_id, scaling, edits.kernel)
@@ -179,6 +202,19 @@ def _(query, key, value, valid, scaling):
     return decode_output_like(query)
 
 
+@torch.library.custom_op("vlm_efficient::fast_masked_decode_head_mean", mutates_args=())
+def masked_decode_head_mean(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, valid: torch.Tensor,
+                            scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    from .kernels import api as kernels
+
+    return kernels.masked_decode_attention(query, key, value, key_valid=valid, scaling=scaling, head_mean=True)
+
+
+@masked_decode_head_mean.register_fake
+def _(query, key, value, valid, scaling):
+    return decode_output_like(query), query.new_empty(query.shape[0], key.shape[2], dtype=torch.float32)
+
+
 AttentionInterface.register(ATTENTION_NAME, routed_attention)
 AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
 
@@ -234,11 +270,12 @@ def empty_like_edits(layer_edits):
 
 
 def reloadable(layer_edits) -> bool:
-    """Whether a kept step can serve these edits by reloading tensors: no post-softmax function (it holds this call's
-    tensors) and every edit field a tensor."""
+    """Whether a kept step can serve these edits by reloading tensors: no post-softmax or observing function (it
+    holds this call's tensors) and every edit field a tensor."""
     if isinstance(layer_edits, (GroupRoute, StatsRoute)):
         return True
-    return all(edit.post_softmax is None and all(isinstance(t, (torch.Tensor, type(None))) for t in tensors.values())
+    return all(edit.post_softmax is None and edit.observe is None
+               and all(isinstance(t, (torch.Tensor, type(None))) for t in tensors.values())
                for edit, tensors in zip(layer_edits, edit_tensors(layer_edits)))  # fmt: skip
 
 

@@ -67,7 +67,8 @@ from transformers.generation.utils import GenerateDecoderOnlyOutput, GenerationM
 
 from .adapters import CACHE_KWARGS, cache_kwarg
 from .fast_attention import (PACKED_VISION_ATTENTION, GroupRoute, MaskedDecodeRoute, RaggedRoute, edit_buffers,
-                             edits_key, load_edit_buffers, reloadable, routed, shared_group_route)  # fmt: skip
+                             edits_key, load_edit_buffers, observed_mask_route, reloadable, routed,
+                             shared_group_route)  # fmt: skip
 from .fast_prefill import LeanEncoder, LeanPrefill, capture_graph
 from .hooks import AttributeUndo, head_output_scale
 from .kernel_plan import kernel_backend
@@ -225,6 +226,10 @@ class StaticStep:
             if isinstance(route, GroupRoute):  # the kernel's valid keys: the layer's mask, updated in place per step
                 route.valid = self.valid_keys(idx)
         self.routes = dict(self.edits)
+        for idx, layer_edits in self.edits.items():  # edits that only mask and observe: kernel 5 with probabilities
+            route = observed_mask_route(layer_edits, self.valid_keys(idx))
+            if route is not None:
+                self.routes[idx] = route
         self.routes.update({idx: RaggedRoute(ragged, self.kernels == "triton") for idx, ragged in self.ragged.items()})
         if self.kernels is not None:
             self.routes.update({idx: MaskedDecodeRoute(self.valid_keys(idx))

@@ -166,21 +166,25 @@ class AttentionEdit:
     Composition over all edits of a layer, in this order: (1) base logits, unrotated where ANY edit marks the pair;
     (2) each edit's scale / |a| / bias, in the methods' order; (3) allowed = (causal & padding | any edit's `allow`)
     & every edit's `mask`: a mask removes a pair even if another edit allows it, whatever the order of the methods;
-    (4) fp32 softmax; (5) each edit's `post_softmax`, in order."""
+    (4) fp32 softmax; (5) each edit's `post_softmax`, in order; (6) each edit's `observe` is handed the head average of
+    the probabilities the layer then uses, [B, q, kv] fp32, and changes nothing: an edit that only masks and observes
+    runs on kernel 5 in the fast path's decoding step (kernels/split_decode.py, head_mean), where a post_softmax needs
+    the dense attention."""
 
     logit_scale: torch.Tensor | None = None
     logit_abs: torch.Tensor | None = None
     logit_bias: torch.Tensor | None = None
     mask: torch.Tensor | None = None
     post_softmax: typing.Callable[[torch.Tensor], torch.Tensor] | None = None
+    observe: typing.Callable[[torch.Tensor], None] | None = None
     rows: torch.Tensor | None = None
     allow: torch.Tensor | None = None
     unrotated: torch.Tensor | None = None
     # post_softmax treats each query row on its own (it may be given only some rows): then, where every edit of a
     # prefill call limits itself to a few `rows`, the engine computes only those rows densely and the others by SDPA
     rowwise_post: bool = False
-    # the tensors post_softmax changes in place from one decoding step to the next (Method.static_decode_edit): the
-    # fast path puts them back after the warm-up runs and the capture of its CUDA graph
+    # the tensors post_softmax or observe changes in place from one decoding step to the next
+    # (Method.static_decode_edit): the fast path puts them back after the warm-up runs and the capture of its CUDA graph
     state: tuple[torch.Tensor, ...] = ()
 
 
@@ -282,8 +286,8 @@ class Method:
         """For a decoding edit with no structured form that changes from step to step only through tensors it keeps
         on the device (A-VL): the edit of EVERY decoding step of a fast-path call, made once after the prefill over
         the whole static buffer (`context`: the layer's cached prompt keys, then one generated slot per step, written
-        in order). The step's graph reads the same tensors at every step, so post_softmax updates them in place
-        (the `mask` for the next step included) and names them in AttentionEdit.state. None: the fast path refuses
+        in order). The step's graph reads the same tensors at every step, so post_softmax or observe updates them in
+        place (the `mask` for the next step included) and names them in AttentionEdit.state. None: the fast path refuses
         the method's decoding edits."""
         return None
 

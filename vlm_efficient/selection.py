@@ -7,6 +7,7 @@ import math
 
 import torch
 
+from .kernels.key_sets import top_k_mask  # noqa: F401  (the stable top-k every selecting method uses)
 from .layout import VIDEO, host_to
 from .method import Selection
 
@@ -94,16 +95,6 @@ def keep_count(available, ratio: float):
     if isinstance(available, int):
         return math.floor(available * (1.0 - ratio) + 0.5)
     return torch.floor(available.double() * (1.0 - ratio) + 0.5).long()
-
-
-def top_k_mask(scores: torch.Tensor, candidates: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """Boolean [B, n]: the k[b] highest-scoring candidates of each row. Ties go to the earlier position (a stable
-    sort), so the choice is the same on every device."""
-    masked = scores.float().masked_fill(~candidates, float("-inf"))
-    order = masked.sort(dim=1, descending=True, stable=True).indices
-    rank = torch.empty_like(order)
-    rank.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
-    return candidates & (rank < k.to(rank.device)[:, None])
 
 
 def keep_top_visual(run, scores: torch.Tensor, ratio: float) -> Selection:
