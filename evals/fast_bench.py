@@ -29,7 +29,6 @@ Every configuration runs in its own try/except; the JSON and the markdown table 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import json
 import os
@@ -60,9 +59,9 @@ METHODS = {
     "DivPrune 90%": "divprune:ratio=0.9",  # per frame on a video
     "PLPHP": "plphp",  # per-head pruned KV cache from layer 2 (kernel 4 on the fast path)
     "A-VL": "avl",  # decode masks that change per step: its state on the device, a step captured per call
-    "PAI+contrastive": "pai",  # with PAIContrastive as a logits processor: its text-only stream decodes beside
+    # the paper's full PAI: generate() adds PAIContrastive, whose text-only stream decodes on a step of its own
+    "PAI+contrastive": "pai:contrastive=1.1",
 }
-CONTRASTIVE = {"PAI+contrastive"}  # labels whose generate() calls pass PAIContrastive
 FAMILY_CHECKS = ["FastV 50%", "VisionZip 75%", "ACT"]
 PER_HEAD = {"PLPHP"}  # methods on a per-head pruned cache
 
@@ -132,7 +131,6 @@ class Bench:
         self.out.mkdir(parents=True, exist_ok=True)
         self.start = time.perf_counter()
         self.built = None  # (architecture, model, processor) of the last section
-        self.contrastive = False  # generate() passes PAIContrastive (a CONTRASTIVE label being measured)
         import transformers
 
         self.result = {
@@ -177,12 +175,6 @@ class Bench:
 
     def generate(self, model, inputs, path: str, new_tokens: int, **kw):
         kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, **kw)
-        if self.contrastive:
-            from transformers import LogitsProcessorList
-
-            from vlm_efficient.heads.pai import PAIContrastive
-
-            kw["logits_processor"] = LogitsProcessorList([PAIContrastive(model)])
         if path == "hf-static":
             kw["cache_implementation"] = "static"
         with torch.no_grad():
@@ -196,20 +188,7 @@ class Bench:
         sync(device)
         return 1e3 * (time.perf_counter() - start)
 
-    @contextlib.contextmanager
-    def processors_of(self, label: str):
-        """While it lasts, generate() passes the logits processors the method `label` runs with (CONTRASTIVE)."""
-        self.contrastive = label in CONTRASTIVE
-        try:
-            yield
-        finally:
-            self.contrastive = False
-
     def measure(self, section: dict, model, inputs, path: str, label: str, spec: str) -> None:
-        with self.processors_of(label):
-            self._measure(section, model, inputs, path, label, spec)
-
-    def _measure(self, section: dict, model, inputs, path: str, label: str, spec: str) -> None:
         row = {"path": path, "method": label, "spec": spec}
         section["rows"].append(row)
         log(f"  {path:10s} {label or 'base':14s}", end="")
@@ -284,10 +263,6 @@ class Bench:
     def check(self, section: dict, model, inputs, label: str, spec: str) -> None:
         """Fast-path greedy tokens against the dynamic path (the unwrapped model for the base), and on CUDA the graph
         replay against the same step run eagerly."""
-        with self.processors_of(label):
-            self._check(section, model, inputs, label, spec)
-
-    def _check(self, section: dict, model, inputs, label: str, spec: str) -> None:
         row = {"method": label or "base", "spec": spec}
         section["checks"].append(row)
         kw = dict(output_logits=True, return_dict_in_generate=True)

@@ -5,13 +5,16 @@ Attention term (the `pai` method): in layers 2..L-1 (public code: range(2, 32) o
 that predicts the next token (the last prompt row in prefill, every row in decoding), all heads, the scaled logits
 of image keys become a + alpha |a|, alpha = 0.2 (0.5 in later work). Other rows are untouched, as in the code.
 
-Contrastive term (`PAIContrastive`, a LogitsProcessor; not part of the spec string because it needs a second,
-text-only forward per step): with log-probabilities s (with image, attention term applied) and u (the same prompt
-without its image tokens, plain model), the scores are gamma (s - u) + u, gamma = 1.1, and tokens with
-s < log(0.1) + max(s) are removed. The text-only stream keeps its own KV cache and runs with every method switched
-off (the public code disables its attention change for that pass too).
+Contrastive term (`PAIContrastive`, a LogitsProcessor that needs a second, text-only forward per step; the paper's
+full method, off unless `contrastive` > 0): with log-probabilities s (with image, attention term applied) and u (the
+same prompt without its image tokens, plain model), the scores are gamma (s - u) + u, gamma = `contrastive` (1.1 in
+the paper and code), and tokens with s < log(`cutoff`) + max(s) are removed (cutoff 0.1). The text-only stream keeps
+its own KV cache and runs with every method switched off (the public code disables its attention change for that
+pass too). The wrapped model's generate() adds it (Method.logits_processors):
 
-    model = vlm_efficient.wrap(model, "pai:alpha=0.2")
+    model = vlm_efficient.wrap(model, "pai:alpha=0.2,contrastive=1.1")   # attention and contrastive terms
+    model.generate(**inputs, do_sample=False)
+    # the same by hand: wrap(model, "pai:alpha=0.2"), then
     model.generate(**inputs, logits_processor=LogitsProcessorList([PAIContrastive(model)]), do_sample=False)
 """
 
@@ -49,10 +52,15 @@ class PAI(Method):
 
     alpha: float = 0.2
     layers: str = ""  # e.g. 2-31; default 2..L-1
+    contrastive: float = 0.0  # gamma of the contrastive term (the paper's full method: 1.1); 0: the attention term only
+    cutoff: float = 0.1  # the contrastive term's plausibility cutoff
 
     def bind(self, engine) -> None:
         if self.alpha < 0:
             raise ValueError(f"pai: alpha={self.alpha} must be >= 0")
+        if self.contrastive < 0 or not 0 < self.cutoff <= 1:
+            raise ValueError(f"pai: contrastive={self.contrastive} must be >= 0 (0: off; the paper's 1.1) and "
+                             f"cutoff={self.cutoff} in (0, 1]")
         self.chosen = parse_layers("pai", self.layers, engine.num_layers, range(2, engine.num_layers))
         self.groups = pai_groups(engine.text_config.num_attention_heads, self.alpha, image_group=1)
 
@@ -61,6 +69,9 @@ class PAI(Method):
             return None
         return per_run(self, run, "kernel_edit", lambda: KernelEdit(spec=self.groups, groups=run.layout.visual.long(),
                                                                    rows=last_position(run.layout)))  # fmt: skip
+
+    def logits_processors(self, model) -> list:
+        return [PAIContrastive(model, self.contrastive, self.cutoff)] if self.contrastive else []
 
 
 class PAIContrastive(LogitsProcessor):

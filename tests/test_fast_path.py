@@ -311,9 +311,10 @@ def test_sliding_window_layers_are_refused_at_wrap():
 
 @pytest.mark.parametrize("family", [*FAMILIES, "gemma3"])  # gemma3: the stream's sliding-window layers too
 def test_pai_contrastive_stream_decodes_on_a_static_step(family, monkeypatch):
-    """PAI with its contrastive term (PAIContrastive): on the fast path the text-only stream decodes on a static step
-    of its own beside the call's (FastPath.plain_stream), with the dynamic path's scores (the processed logits: the
-    stream's log-probabilities enter them) and tokens; its step is kept for the next call."""
+    """PAI with its contrastive term (`pai:contrastive=1.1`: the fast path's generate() adds PAIContrastive): the
+    text-only stream decodes on a static step of its own beside the call's (FastPath.plain_stream), with the scores
+    (the processed logits: the stream's log-probabilities enter them) and tokens of the dynamic path given the
+    processor by hand; its step is kept for the next call."""
     from transformers import LogitsProcessorList
 
     from vlm_efficient.fast_path import FastPath
@@ -326,14 +327,11 @@ def test_pai_contrastive_stream_decodes_on_a_static_step(family, monkeypatch):
     monkeypatch.setattr(FastPath, "plain_stream", lambda self, inputs: streams.append(plain_stream(self, inputs))
                         or streams[-1])  # fmt: skip
 
-    def run(fast):
-        ve.wrap(model, "pai", fast=fast)
-        out = generate(model, batch, output_scores=True, logits_processor=LogitsProcessorList([PAIContrastive(model)]))
-        return out
-
-    dynamic = run(False)
+    ve.wrap(model, "pai")  # the dynamic path with the processor passed by hand
+    dynamic = generate(model, batch, output_scores=True, logits_processor=LogitsProcessorList([PAIContrastive(model)]))
     ve.unwrap(model)
-    fast = run(True)
+    ve.wrap(model, "pai:contrastive=1.1", fast=True)  # the fast path's generate() adding it (Method.logits_processors)
+    fast = generate(model, batch, output_scores=True)
     assert len(streams) == 1  # the stream's prefill, then its static step for every later token
     assert torch.equal(fast.sequences, dynamic.sequences)
     for fast_scores, dynamic_scores in zip(fast.scores, dynamic.scores):
@@ -341,7 +339,7 @@ def test_pai_contrastive_stream_decodes_on_a_static_step(family, monkeypatch):
         finite = ~dynamic_scores.isinf()
         torch.testing.assert_close(fast_scores[finite], dynamic_scores[finite], atol=1e-4, rtol=1e-4)
     stream_step = streams[0][1]
-    again = generate(model, batch, output_scores=True, logits_processor=LogitsProcessorList([PAIContrastive(model)]))
+    again = generate(model, batch, output_scores=True)
     assert streams[1][1] is stream_step and torch.equal(again.sequences, fast.sequences)
     assert ve.engine_of(model).fast_path.last_step is not stream_step  # the call's own step is another
     ve.unwrap(model)

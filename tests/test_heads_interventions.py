@@ -3,6 +3,8 @@ prompt with two images) against a dense, cache-free forward that applies each pa
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -364,6 +366,45 @@ def test_bad_parameters_are_clear_errors(spec, message):
     model, _ = tiny_model("llava")
     with pytest.raises(ValueError, match=message):
         ve.wrap(model, spec)
+    assert not ve.is_wrapped(model)
+
+
+def test_pai_contrastive_from_the_spec_string(family):
+    """`pai:contrastive=1.1` is PAI with its contrastive term: the wrapped model's generate() adds PAIContrastive
+    (Method.logits_processors) before the call's own processors, with the scores and tokens of the processor passed
+    by hand; vlm_efficient.logits_processors lists it; unwrap restores the class's generate(); contrastive=0 (the
+    default) adds nothing; a negative gamma is refused."""
+    model, processor = tiny_model(family)
+    batch = two_samples(processor)
+    kw = dict(max_new_tokens=5, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    seen = []
+
+    def own(input_ids, scores):  # the call's own processor: it sees the contrastive scores
+        seen.append(scores.clone())
+        return scores
+
+    ve.wrap(model, "pai:alpha=0.5")
+    assert ve.logits_processors(model) == [] and "generate" not in vars(model)
+    with torch.no_grad():
+        by_hand = model.generate(**batch, **kw, logits_processor=LogitsProcessorList([PAIContrastive(model, 1.1)]))
+    ve.unwrap(model)
+    ve.wrap(model, "pai:alpha=0.5,contrastive=1.1")
+    [processor_] = ve.logits_processors(model)
+    assert isinstance(processor_, PAIContrastive) and processor_.gamma == 1.1
+    with torch.no_grad():
+        from_spec = model.generate(**batch, **kw, logits_processor=LogitsProcessorList([own]))
+    copied = copy.deepcopy(model)  # its own processor, on the copy
+    [copied_processor] = ve.logits_processors(copied)
+    assert copied_processor is not processor_ and copied_processor.model is copied
+    with torch.no_grad():
+        assert torch.equal(copied.generate(**batch, **kw).sequences, from_spec.sequences)
+    ve.unwrap(model)
+    assert "generate" not in vars(model)
+    assert torch.equal(from_spec.sequences, by_hand.sequences)
+    for mine, theirs, passed in zip(from_spec.scores, by_hand.scores, seen):
+        assert torch.equal(mine, theirs) and torch.equal(passed, theirs)
+    with pytest.raises(ValueError, match="contrastive=-1.0 must be >= 0"):
+        ve.wrap(model, "pai:contrastive=-1")
     assert not ve.is_wrapped(model)
 
 

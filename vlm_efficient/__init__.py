@@ -31,6 +31,7 @@ __all__ = [
     "RunStats",
     "get_adapter",
     "is_wrapped",
+    "logits_processors",
     "parse_methods",
     "stats",
     "to_spec",
@@ -63,9 +64,32 @@ def wrap(model: nn.Module, methods="", fast: bool | str = False) -> nn.Module:
         except Exception:
             engine.uninstall()
             raise
+    engine.logits_processors = [p for method in engine.methods for p in method.logits_processors(model)]
+    if engine.logits_processors:
+        model.generate = _GenerateWithProcessors(model.generate, engine.logits_processors)
     WRAPPED[model] = engine
     model.__deepcopy__ = _CopyWrapped(model)  # copy.deepcopy looks the copier up on the instance
     return model
+
+
+class _GenerateWithProcessors:
+    """model.generate of a model whose methods score tokens too (Method.logits_processors): the methods' processors,
+    then the call's own `logits_processor`, on top of the model's generate (the fast path's where it has one)."""
+
+    def __init__(self, generate, processors: list):
+        self.generate, self.processors = generate, processors
+
+    def __call__(self, *args, **kwargs):
+        from transformers import LogitsProcessorList
+
+        own = kwargs.pop("logits_processor", None) or []
+        return self.generate(*args, logits_processor=LogitsProcessorList([*self.processors, *own]), **kwargs)
+
+
+def logits_processors(model: nn.Module) -> list:
+    """The logits processors the wrapped methods add to generate() (PAI's contrastive term with `contrastive` > 0);
+    the wrapped model's generate() already applies them: pass them only to a decoding loop of your own."""
+    return list(engine_of(model).logits_processors)
 
 
 class _CopyWrapped:
@@ -80,8 +104,8 @@ class _CopyWrapped:
         engine = engine_of(model)
         memo[id(self)] = None  # the copy's own copier is set by wrap()
         fast = engine.fast_path is not None and ("compile" if engine.fast_path.compiled else True)
-        if fast:  # the fast path's generate() holds this model's graphs and buffers: the copy gets its own
-            memo[id(vars(model)["generate"])] = None
+        if "generate" in vars(model):  # the fast path's (its graphs, buffers) or the methods' processors: the copy
+            memo[id(vars(model)["generate"])] = None  # gets its own from wrap()
         copied = engine.copy_unwrapped(memo)
         copied.__dict__.pop("__deepcopy__", None)
         copied.__dict__.pop("generate", None)
@@ -97,6 +121,8 @@ def unwrap(model: nn.Module) -> nn.Module:
         engine.fast_path.uninstall()
     engine.uninstall()
     model.__dict__.pop("__deepcopy__", None)
+    if isinstance(vars(model).get("generate"), _GenerateWithProcessors):  # (the fast path's went with it)
+        del model.generate
     return model
 
 

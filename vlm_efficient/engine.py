@@ -136,6 +136,7 @@ class Engine:
         self.pre_rotary_capture = PreRotaryCapture()
         self._original_attention = self.text_config._attn_implementation
         self.fast_path = None  # vlm_efficient.fast_path.FastPath where wrap(..., fast=True)
+        self.logits_processors: list = []  # the methods' (Method.logits_processors), which wrap() adds to generate()
         try:
             for method in methods:
                 method.bind(self)

@@ -319,6 +319,12 @@ class Method:
     def observes_hidden(self, layer: int) -> bool:
         return False
 
+    def logits_processors(self, model) -> list:
+        """Processors of generate()'s scores that this method's decoding needs beside its attention edits (PAI's
+        contrastive term): the wrapped model's generate() appends them to the call's own (`logits_processor=`), and
+        `vlm_efficient.logits_processors(model)` lists them. Asked once, at wrap."""
+        return []
+
     def observe_hidden(self, layer: int, run: RunState, hidden: torch.Tensor) -> None:
         """The hidden states entering `layer` (prefill and decode), for methods that declared observes_hidden."""
 
