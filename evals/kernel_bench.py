@@ -25,6 +25,9 @@ Sections (--sections; default all, in this order):
   k5       masked decode over a static buffer (the fast path's step) vs transformers' SDPA route with the step's
            boolean mask, and vs SDPA default without a mask (the dynamic cache at batch 1): CUDA-graph replay over
            rotating caches (a step's layers), and back-to-back eager calls; a config sweep, the best kept
+  k6       A-VL's decoding layer on the fast path (kernel 5 with the head-averaged probabilities + kernel 6's key-set
+           update) against plain kernel 5 (a layer without edits) and against its previous form (the dense edited
+           attention + the update in torch operators): CUDA-graph replay over rotating caches, per layer
 Every call is timed three ways:
   kernel   GPU time of the kernels it launches (torch profiler, CUDA activity; mean over 10 calls)
   b2b      back-to-back calls as a model makes them: median of 3 x 30 per-call CUDA-event intervals (where the host
@@ -51,6 +54,7 @@ import traceback
 import torch
 import torch.nn.functional as F
 
+from ..kernels import api as kernels_api
 from ..kernels.api import (
     GroupSpec,
     MaskSpec,
@@ -630,6 +634,84 @@ class Bench:
                 torch.cuda.empty_cache()
         SD.DECODE_CONFIGS[:] = saved
 
+    def k6(self):
+        """A-VL's decoding layer where the fast path's step runs it, per layer call (CUDA-graph replay over caches
+        larger than L2, as a step's layers): plain kernel 5 (the base's layer), kernel 5 with the head-averaged
+        probabilities then kernel 6 (A-VL's layer now), and the dense edited attention with the update in torch
+        operators (A-VL's layer before kernel 6). The key sets are A-VL's at its README values (secondary half the
+        image keys, core 30% of them, text budget 70%); the update changes them at every replay, as decoding does."""
+        from vlm_efficient.attention import edited_attention
+        from vlm_efficient.kernels import key_sets
+        from vlm_efficient.method import AttentionEdit
+
+        d = self.hd
+        cases = [("LLaVA-1.5-7B", 1, 32, 32, 640, 576), ("LLaVA-NeXT-7B", 1, 32, 32, 2990, 2880),
+                 ("LLaVA-1.5-7B, batch 8", 8, 32, 32, 640, 576)]
+        if self.smoke:
+            cases = [("tiny", 2, 4, 2, 50, 30)]
+        for name, b, hq, hkv, capacity, n_image in cases:
+            per_cache = b * hkv * capacity * d * 2 * 2
+            reps = 1 if self.smoke else max(2, min(32, math.ceil(4 * 50e6 / per_cache)))
+            caches = [(torch.randn(b, hkv, capacity, d, device=self.dev, dtype=torch.bfloat16),
+                       torch.randn(b, hkv, capacity, d, device=self.dev, dtype=torch.bfloat16)) for _ in range(reps)]
+            q = torch.randn(b, 1, hq, d, device=self.dev, dtype=torch.bfloat16).transpose(1, 2)
+            gen = torch.Generator().manual_seed(0)
+            prompt = capacity - 32  # the kept prompt keys, then 32 slots for generated tokens
+            keys = torch.cat([torch.arange(prompt), prompt + 64 + torch.arange(32)]).repeat(b, 1)
+            visual = torch.zeros(b, capacity, dtype=torch.bool)
+            visual[:, 5:5 + n_image // 2] = True  # the secondary half of the image keys is what the buffer keeps
+            secondary = visual.clone()
+            core = visual & (torch.rand(b, capacity, generator=gen) < 0.6)
+            prompt_text = ~visual & (keys < prompt + 64)
+            score = torch.rand(b, capacity, generator=gen) * prompt_text
+            state = [t.to(self.dev) for t in (secondary, core, score, torch.zeros_like(visual), prompt_text, visual,
+                                              keys)]  # fmt: skip
+            mask = torch.ones(b, capacity, dtype=torch.bool, device=self.dev)
+            step = torch.ones(1, dtype=torch.long, device=self.dev)
+            valid = torch.ones(b, 1, 1, capacity, dtype=torch.bool, device=self.dev)
+            valid[..., prompt + 8:] = False  # 8 tokens generated so far
+            key_valid = valid.view(b, capacity)
+            budgets = key_sets.text_budget(torch.arange(capacity + 1, device=self.dev), 0.3)
+            scaling = d ** -0.5
+            common = dict(length=prompt + 64, interval=3)
+
+            def update(attention, backend):
+                kw = dict(common, text_rate=0.3, budgets=budgets, backend=backend)
+                kernels_api.key_sets_step(attention, *state, mask, step, **kw)
+
+            def now(k, v):  # A-VL's layer on the fast path
+                out, mean = masked_decode_attention(q, k, v, key_valid=key_valid & mask, scaling=scaling,
+                                                    head_mean=True)  # fmt: skip
+                update(mean, "auto")
+                return out
+
+            def before(k, v):  # its previous form: the dense edited attention, the update in torch operators
+                edit = AttentionEdit(mask=mask[:, None, None, :], observe=lambda m: update(m[:, -1], "reference"))
+                return edited_attention(q, k, v, valid, scaling, [edit])
+
+            # both forms from the same state: outputs within bf16 error, the same key sets after the step (the H2O
+            # scores within float error)
+            saved = [t.clone() for t in (*state, mask, step)]
+            out_now = now(*caches[0])
+            sets_now = [t.clone() for t in (*state, mask)]
+            for t, value in zip((*state, mask, step), saved):
+                t.copy_(value)
+            out_before = before(*caches[0])
+            same_sets = all(torch.equal(a, b) if a.dtype == torch.bool else torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+                            for a, b in zip(sets_now, (*state, mask)))  # the scores add each form's attention
+            err = rel_err(out_now, out_before)
+            t_base = self.graph_time([lambda k=k, v=v: masked_decode_attention(q, k, v, key_valid=key_valid)
+                                      for k, v in caches])  # fmt: skip
+            t_now = self.graph_time([lambda k=k, v=v: now(k, v) for k, v in caches])
+            t_before = self.graph_time([lambda k=k, v=v: before(k, v) for k, v in caches])
+            self.row(section="k6", case=f"{name}: B={b} Hq={hq} Hkv={hkv}, {capacity} slots",
+                     base_graph_ms=t_base, avl_graph_ms=t_now, avl_before_graph_ms=t_before,
+                     overhead_ms=t_now - t_base, speedup_vs_before=t_before / t_now if t_now == t_now else NAN,
+                     rel_err=err, same_sets=same_sets)
+            del caches
+            if self.dev.type == "cuda":
+                torch.cuda.empty_cache()
+
     def graph_time(self, calls) -> float:
         """ms per call of `calls` (one per cache) captured in one CUDA graph and replayed (smoke: run once, NaN)."""
         for call in calls:
@@ -754,6 +836,13 @@ def write_markdown(res, path, command):
                      f"{_fmt(r['TBps'], 2)} | {_fmt(r['eager']['b2b_ms'], 4)} ({_fmt(r['eager']['host_us'], 1)}) | "
                      f"{_fmt(r['hf_masked_eager']['b2b_ms'], 4)} ({_fmt(r['hf_masked_eager']['host_us'], 1)}) | "
                      f"{r['config']} | {_fmt(r['rel_err'], 4)} |" for r in section("k5")])
+    lines += _table("### A-VL's decoding layer on the fast path (bf16, d=128; CUDA-graph replay over caches > L2, per layer)",
+                    "| case | kernel 5 alone (a layer without edits) ms | A-VL: kernel 5 + head mean + kernel 6 ms | "
+                    "overhead ms | A-VL before: dense attention + torch update ms | speed-up | rel err | same sets |",
+                    [f"| {r['case']} | {_fmt(r['base_graph_ms'], 4)} | {_fmt(r['avl_graph_ms'], 4)} | "
+                     f"{_fmt(r['overhead_ms'], 4)} | {_fmt(r['avl_before_graph_ms'], 4)} | "
+                     f"{_fmt(r['speedup_vs_before'], 2)}x | {_fmt(r['rel_err'], 4)} | {r['same_sets']} |"
+                     for r in section("k6")])
     lines += _table("### Launch-config sweep (kernel 1, largest N; winners in kernel_configs.json)",
                     "| head_dim | mode | (BM, BN, warps, stages) | ms |",
                     [f"| {r['head_dim']} | {r['mode']} | {r['config']} | {_fmt(r['ms'])} |" for r in section("sweep")])
@@ -763,7 +852,7 @@ def write_markdown(res, path, command):
         f.write("\n".join(lines) + "\n")
 
 
-SECTIONS = ["ceil", "sweep", "k1", "k2", "k3", "host", "launch", "wrapper", "k4", "k5"]
+SECTIONS = ["ceil", "sweep", "k1", "k2", "k3", "host", "launch", "wrapper", "k4", "k5", "k6"]
 
 
 def main(argv=None):

@@ -70,3 +70,18 @@ def test_kernel_bench_compares_the_masked_decode_with_transformers_sdpa_route(tm
         assert {"graph_ms", "hf_masked_graph_ms", "sdpa_unmasked_graph_ms", "eager", "hf_masked_eager"} <= set(row)
         assert row["rel_err"] < 1.5e-2 and row["hf_rel_err"] < 1.5e-2, row
     assert "Kernel 5: masked decode" in (tmp_path / "bench.md").read_text()
+
+
+def test_kernel_bench_times_avl_decoding_layer_three_ways(tmp_path):
+    """kernel_bench's k6 section (--smoke): A-VL's layer on kernel 5 with probabilities and kernel 6 against plain
+    kernel 5 and its previous dense form; from the same state both forms give the same output (bf16) and key sets."""
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONWARNINGS="ignore")
+    proc = subprocess.run([sys.executable, "-m", "vlm_efficient.evals.kernel_bench", "--smoke", "--sections", "k6",
+                           "--out", str(tmp_path)], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [r for r in json.loads((tmp_path / "bench.json").read_text())["rows"] if r["section"] == "k6"]
+    assert rows
+    for row in rows:
+        assert {"base_graph_ms", "avl_graph_ms", "avl_before_graph_ms", "overhead_ms"} <= set(row)
+        assert row["rel_err"] < 1.5e-2 and row["same_sets"], row
+    assert "A-VL's decoding layer on the fast path" in (tmp_path / "bench.md").read_text()
