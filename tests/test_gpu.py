@@ -245,12 +245,17 @@ def test_gemma3_segments_of_one_layer_type_replay_as_eager(spec, exact_fp32):
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
 def test_stepping_decode_edits_in_the_step_graph_give_the_dynamic_tokens(family, exact_fp32):
     """A-VL on the fast path: its decode mask's state (core re-picks, H2O eviction) is updated in place inside the
-    step's CUDA graph, captured for each call after warm-up runs whose updates are undone; the dynamic path's tokens,
-    and the same tokens again on a second call (a new capture from that call's state)."""
+    step's CUDA graph (by kernel 6, from kernel 5's head-averaged probabilities), captured for each call after warm-up
+    runs whose updates are undone; the dynamic path's tokens, and the same tokens again on a second call (a new
+    capture from that call's state)."""
     model, reference, calls = fast_calls(family, "avl:interval=2", 2)
     fast_path = ve.engine_of(model).fast_path
     assert fast_path.capture_error is None and fast_path.last_step.graph is not None
     assert all(edit.state for edits in fast_path.last_step.edits.values() for edit in edits)
+    from vlm_efficient.fast_attention import MaskedDecodeRoute
+
+    step = fast_path.last_step  # A-VL's layers: kernel 5 with the head-averaged probabilities, then kernel 6
+    assert all(isinstance(step.routes[idx], MaskedDecodeRoute) and step.routes[idx].observers for idx in step.edits)
     ve.unwrap(model)
     for call in calls:
         assert_same_up_to_near_ties(reference, call)

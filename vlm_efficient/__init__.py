@@ -44,7 +44,8 @@ def wrap(model: nn.Module, methods="", fast: bool | str = False) -> nn.Module:
     place and return it. Wrapping an already wrapped model is an error: call `unwrap(model)` first.
     `fast=True`: model.generate decodes on static buffers, in a CUDA graph on CUDA (vlm_efficient/fast_path.py);
     with no methods it is the unwrapped model on the same path. `fast="compile"`: the same, with the decoding step
-    compiled by torch.compile before its capture (fused kernels; the first call with new buffer sizes compiles)."""
+    compiled by torch.compile before its capture (fused kernels; the first call with new buffer sizes compiles).
+    Methods that also score tokens (PAI with `contrastive`) get their logits processors added by model.generate."""
     if fast not in (False, True, "compile"):
         raise ValueError(f"wrap(..., fast={fast!r}): fast takes False, True or 'compile'")
     if model in WRAPPED:
