@@ -647,9 +647,11 @@ def dense_mask(nq: int, nk: int, *, causal: bool, key_valid: torch.Tensor | None
     return allowed
 
 
-def attention_from_mask(query, key, value, allowed: torch.Tensor, scaling: float, return_lse: bool = False):
+def attention_from_mask(query, key, value, allowed: torch.Tensor, scaling: float, return_lse: bool = False,
+                        return_probs: bool = False):
     """fp32 softmax attention with a boolean mask [B or 1, (H or 1,) Nq, Nk]; fully masked rows give 0, LSE -inf.
-    Returns [B, Nq, Hq, d] in the input dtype."""
+    Returns [B, Nq, Hq, d] in the input dtype, then the LSE [B, Hq, Nq] and the fp32 probabilities [B, Hq, Nq, Nk]
+    where asked."""
     batch, hq, hkv, nq, nk, d = check_qkv(query, key, value)
     k = repeat_kv(key, hq // hkv).float()
     v = repeat_kv(value, hq // hkv).float()
@@ -663,7 +665,8 @@ def attention_from_mask(query, key, value, allowed: torch.Tensor, scaling: float
     any_ok = allowed.any(-1)
     lse = torch.where(any_ok, lse, float("-inf"))
     out = (probs @ v).to(query.dtype).transpose(1, 2).contiguous()
-    return (out, lse) if return_lse else out
+    extra = [lse] * return_lse + [probs] * return_probs
+    return (out, *extra) if extra else out
 
 
 def attention_reference(query, key, value, *, scaling: float, causal: bool = True, key_valid=None,

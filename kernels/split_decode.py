@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import block_d, byte_flags, cdiv, check_qkv, last_dim_contiguous, next_pow2, repeat_kv, triton_available
+from ._common import block_d, byte_flags, cdiv, check_qkv, last_dim_contiguous, next_pow2, triton_available
 from .launch import launch
 
 LOG2E = 1.4426950408889634
@@ -251,14 +251,12 @@ def masked_decode_triton(query: torch.Tensor, key: torch.Tensor, value: torch.Te
 def masked_decode_reference(query, key, value, *, key_valid=None, scaling: float, head_mean: bool = False):
     """fp32 softmax over the valid keys of one row per sample (kernel 1's reference, not causal); with `head_mean`
     also the probabilities averaged over the heads [B, N] (0 where no key is valid)."""
-    from .masked_attention import attention_reference, dense_mask
+    from .masked_attention import attention_from_mask, dense_mask
 
     n = key.shape[2]
     valid = None if key_valid is None else key_valid[:, :n].bool()
-    out = attention_reference(query, key, value, scaling=scaling, causal=False, key_valid=valid)
+    allowed = dense_mask(1, n, causal=False, key_valid=valid, device=query.device)
     if not head_mean:
-        return out
-    allowed = dense_mask(1, n, causal=False, key_valid=valid, device=query.device)[:, None]
-    logits = (query.float() @ repeat_kv(key, query.shape[1] // key.shape[1]).float().transpose(-1, -2)) * scaling
-    probs = logits.masked_fill(~allowed, float("-inf")).softmax(-1).nan_to_num(0.0)
+        return attention_from_mask(query, key, value, allowed, scaling)
+    out, probs = attention_from_mask(query, key, value, allowed, scaling, return_probs=True)
     return out, probs.mean(1)[:, 0]

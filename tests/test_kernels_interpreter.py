@@ -57,16 +57,21 @@ def test_negative_checks_ran(results):
     assert any("(negative)" in n for n in names if n.startswith("key_sets"))
 
 
+def smoke_bench_rows(tmp_path, section: str) -> list[dict]:
+    """The rows of one kernel_bench section run with --smoke (the interpreter, tiny shapes, no timing)."""
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONWARNINGS="ignore")
+    proc = subprocess.run([sys.executable, "-m", "vlm_efficient.evals.kernel_bench", "--smoke", "--sections", section,
+                           "--out", str(tmp_path)], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [r for r in json.loads((tmp_path / "bench.json").read_text())["rows"] if r["section"] == section]
+    assert rows
+    return rows
+
+
 def test_kernel_bench_compares_the_masked_decode_with_transformers_sdpa_route(tmp_path):
     """kernel_bench's k5 section (--smoke: the interpreter, tiny shapes, no timing): each row reports the kernel,
     transformers' SDPA route with the boolean mask and SDPA without a mask, and both routes' errors."""
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.run([sys.executable, "-m", "vlm_efficient.evals.kernel_bench", "--smoke", "--sections", "k5",
-                           "--out", str(tmp_path)], capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    rows = [r for r in json.loads((tmp_path / "bench.json").read_text())["rows"] if r["section"] == "k5"]
-    assert rows
-    for row in rows:
+    for row in smoke_bench_rows(tmp_path, "k5"):
         assert {"graph_ms", "hf_masked_graph_ms", "sdpa_unmasked_graph_ms", "eager", "hf_masked_eager"} <= set(row)
         assert row["rel_err"] < 1.5e-2 and row["hf_rel_err"] < 1.5e-2, row
     assert "Kernel 5: masked decode" in (tmp_path / "bench.md").read_text()
@@ -75,13 +80,7 @@ def test_kernel_bench_compares_the_masked_decode_with_transformers_sdpa_route(tm
 def test_kernel_bench_times_avl_decoding_layer_three_ways(tmp_path):
     """kernel_bench's k6 section (--smoke): A-VL's layer on kernel 5 with probabilities and kernel 6 against plain
     kernel 5 and its previous dense form; from the same state both forms give the same output (bf16) and key sets."""
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.run([sys.executable, "-m", "vlm_efficient.evals.kernel_bench", "--smoke", "--sections", "k6",
-                           "--out", str(tmp_path)], capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    rows = [r for r in json.loads((tmp_path / "bench.json").read_text())["rows"] if r["section"] == "k6"]
-    assert rows
-    for row in rows:
+    for row in smoke_bench_rows(tmp_path, "k6"):
         assert {"base_graph_ms", "avl_graph_ms", "avl_before_graph_ms", "overhead_ms"} <= set(row)
         assert row["rel_err"] < 1.5e-2 and row["same_sets"], row
     assert "A-VL's decoding layer on the fast path" in (tmp_path / "bench.md").read_text()
